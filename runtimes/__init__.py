@@ -1,0 +1,1 @@
+"""Inference runtimes (PyTorch, ONNX Runtime, TensorRT); never imports the compression core."""

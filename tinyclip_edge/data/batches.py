@@ -1,0 +1,73 @@
+"""Deterministic training batches: batch `step` is a pure function of (source, seed, step).
+
+That makes resume exact (restart at the saved step, get the same batches) and lets a DataLoader build
+whole batches in worker processes. Unreadable images are dropped from their batch and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..common.preprocess import Preprocess
+from ..common.tokenizers import Tokenizer
+from .sources import PairSource, UnreadableImage
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer,
+                 batch_size: int, seed: int = 0):
+        self.source, self.preprocess, self.tokenizer = source, preprocess, tokenizer
+        self.batch_size, self.seed = batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        if not self.source.finite:
+            return list(range(start, start + self.batch_size))
+        n = len(self.source)
+        out = []
+        for p in range(start, start + self.batch_size):
+            epoch, pos = divmod(p, n)
+            if epoch != self._perm_epoch:  # a fresh shuffle every epoch, reproducible from the seed
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm, self._perm_epoch = torch.randperm(n, generator=g).numpy(), epoch
+            out.append(int(self._perm[pos]))
+        return out
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        return collate(self.source, self.indices(step), self.preprocess, self.tokenizer)
+
+
+def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
+    images, captions, keys, skipped = [], [], [], []
+    for i in indices:
+        try:
+            pair = source[i]
+        except UnreadableImage as e:
+            skipped.append(str(e))
+            continue
+        images.append(preprocess(pair.image))
+        captions.append(pair.caption)
+        keys.append(pair.key)
+    if images:
+        image_t = torch.from_numpy(np.stack(images))
+        ids = torch.from_numpy(tokenizer(captions))
+    else:
+        image_t = torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
+        ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
+    return {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
+            "skipped": len(skipped), "skip_examples": skipped[:3]}
+
+
+def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Batches start..stop-1 in order; with workers, built in parallel processes."""
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    yield from loader

@@ -1,0 +1,182 @@
+"""Image-caption sources behind one spec string.
+
+- ``scenes:train`` (unlimited), ``scenes:val`` (fixed 1,000 pairs), ``scenes:val:500``, ``scenes:calib``
+- ``path/to/pairs.csv`` or ``.tsv``: open_clip-style, one row per pair, image path + caption columns
+- ``path/to/captions.json``: COCO captions (``images`` + ``annotations``)
+
+An unreadable image raises ``UnreadableImage``; batch builders skip it and count it, so one bad file never
+stops a long run. ``check_readable`` fails fast (one clear line) when none of a sample of images can be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ..common.errors import UserError
+from . import scenes as sc
+
+SCENES_VAL_SIZE = 1000
+UNLIMITED = 2**62
+
+
+class UnreadableImage(Exception):
+    """An image file is missing or corrupt; the pair is skipped."""
+
+
+@dataclass
+class Pair:
+    image: Image.Image
+    caption: str
+    key: str                                   # identifies the image (several captions may share it)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PairSource(Protocol):
+    name: str
+    finite: bool
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Pair: ...
+
+
+@dataclass
+class ScenesSource:
+    split: str
+    size: int
+    image_size: int = 64
+    name: str = ""
+    finite: bool = True
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"scenes:{self.split}"
+        self.seed = sc.SPLIT_SEEDS[self.split]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Pair:
+        scene = sc.make_scene(self.seed, i)
+        extra = {"negative": scene.negative, "label": scene.label, "boxes": scene.boxes,
+                 "objects": [f"{s.colour} {s.kind}" for s in scene.shapes], **scene.meta}
+        return Pair(sc.render(scene, self.image_size), scene.caption, f"{self.name}/{i}", extra)
+
+    def class_names(self) -> list[str]:
+        return list(sc.CLASSES)
+
+    def templates(self) -> list[str]:
+        return list(sc.TEMPLATES)
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(f"'{path}': file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"'{path}': {e}") from None
+
+
+@dataclass
+class FileSource:
+    """Pairs listed in a CSV/TSV or COCO captions file; images are read lazily."""
+
+    name: str
+    rows: list[tuple[str, str]]  # (image path, caption)
+    root: Path
+    finite: bool = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Pair:
+        path, caption = self.rows[i]
+        full = Path(path) if os.path.isabs(path) else self.root / path
+        return Pair(load_image(full), caption, path)
+
+
+def _read_csv(path: Path, image_key: str, caption_key: str, sep: str | None) -> list[tuple[str, str]]:
+    if sep is None:
+        sep = "\t" if path.suffix == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            cols = reader.fieldnames or []
+            for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
+                if key not in cols:
+                    raise UserError(f"{path} has no column '{key}' (columns: {', '.join(cols) or 'none'}); "
+                                    f"set data.{what}=<column>" + ("" if sep != "," else " or data.csv_separator"))
+            rows = [(r[image_key], r[caption_key]) for r in reader if r.get(image_key) and r.get(caption_key)]
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text CSV") from None
+    return rows
+
+
+def _read_coco(path: Path) -> list[tuple[str, str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        return [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a COCO captions file (missing {e}); expected 'images' and 'annotations'") from None
+
+
+def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepath",
+                csv_caption_key: str = "title", csv_separator: str | None = None,
+                image_root: str | None = None) -> PairSource:
+    if spec.startswith("scenes:"):
+        parts = spec.split(":")
+        split = parts[1] if len(parts) > 1 else "train"
+        if split not in sc.SPLIT_SEEDS:
+            raise UserError(f"unknown scenes split '{split}' in '{spec}'; use scenes:train, scenes:val or scenes:calib")
+        default = UNLIMITED if split == "train" else SCENES_VAL_SIZE
+        try:
+            size = int(parts[2]) if len(parts) > 2 else default
+        except ValueError:
+            raise UserError(f"bad scenes size in '{spec}'; use e.g. scenes:val:500") from None
+        src = ScenesSource(split, size, image_size)
+        src.finite = size != UNLIMITED
+        return src
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"data file not found: {spec} (use a CSV/TSV, a COCO captions JSON, or scenes:train / scenes:val)")
+    if path.is_dir():
+        raise UserError(f"data path {spec} is a directory; pass the CSV/TSV or COCO captions JSON that lists the pairs")
+    if path.suffix.lower() == ".json":
+        rows = _read_coco(path)
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        rows = _read_csv(path, csv_image_key, csv_caption_key, csv_separator)
+    else:
+        raise UserError(f"unsupported data file {spec}: expected .csv, .tsv or a COCO captions .json")
+    if not rows:
+        raise UserError(f"{spec} lists no image-caption pairs")
+    root = Path(image_root) if image_root else path.parent
+    return FileSource(str(path), rows, root)
+
+
+def check_readable(src: PairSource, probe: int = 16) -> None:
+    """Fail fast when none of `probe` evenly spaced images can be read (wrong paths, wrong column)."""
+    if isinstance(src, ScenesSource):
+        return
+    n = len(src)
+    idx = sorted({round(i * (n - 1) / max(1, probe - 1)) for i in range(min(probe, n))})
+    errors = []
+    for i in idx:
+        try:
+            src[i]
+            return
+        except UnreadableImage as e:
+            errors.append(str(e))
+    raise UserError(f"none of the {len(idx)} images checked in {src.name} could be read (first: {errors[0]}); "
+                    "check the image paths, data.image_root and data.csv_image_key")
