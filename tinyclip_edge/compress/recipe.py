@@ -54,7 +54,7 @@ class StageCfg:
     shape: Any = None                    # explicit shape: {image: {layers, heads, mlp, width}, text: ...} or a preset
     shape_policy: str = "balanced"       # balanced | width | depth
     layer_selection: str = "even"        # even | importance
-    importance: str = "activation"       # activation | magnitude
+    importance: str = "magnitude"        # magnitude | activation (see compress/importance.py)
     calib_batches: int = 4
     teacher: str = "original"            # original | previous | none
     steps: int = 1000
