@@ -37,8 +37,8 @@ class PruneCfg:
     """Automatic inheritance: learnable hard-concrete masks (method: prune)."""
 
     target: float | dict | None = None   # fraction of parameters to keep; default: the stage's target
-    mask_lr: float = 0.01                # learning rate of the mask parameters (log-alpha)
-    lambda_lr: float = 0.01              # learning rate of the Lagrange multipliers (gradient ascent)
+    mask_lr: float = 0.05                # learning rate of the mask parameters (log-alpha); short runs want more
+    lambda_lr: float = 0.1               # learning rate of the Lagrange multipliers (gradient ascent)
     warmup: float = 0.5                  # fraction of mask-learning steps over which the target ramps in
     mask_steps: float = 0.7              # fraction of the stage spent learning masks; then materialise
     layers: bool = False                 # also gate whole attention / MLP sub-layers
