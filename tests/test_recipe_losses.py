@@ -12,7 +12,8 @@ from tinyclip_edge.losses import DistillOutputs, get_loss
 from tinyclip_edge.losses.registry import combine, parse_losses
 
 
-@pytest.mark.parametrize("name", ["quickstart", "scenes-teacher", "vit-b-32-to-50pct", "vit-b-16-to-8m"])
+@pytest.mark.parametrize("name", ["quickstart", "quickstart-auto", "scenes-teacher", "vit-b-32-to-50pct",
+                                  "vit-b-16-to-8m", "vit-b-32-auto-50pct", "vit-b-16-progressive"])
 def test_packaged_recipes_load(name):
     assert name in packaged_recipes()
     r = load_recipe(name)

@@ -93,6 +93,10 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
     if st.target is None:
         raise UserError(f"stage {st.name}: give a target (fraction of the teacher's parameters) or a shape")
     targets = tower_targets(st.target)
+    if source != teacher:  # a later stage: the shape a one-shot run would pick, if the source can hold it
+        direct = shape_for_ratio(teacher, targets, st.shape_policy)
+        if _holds(source, direct):
+            return direct
     src_p, t_p = source.params(), teacher.params()
     relative: dict[str, float | None] = {}
     for tower, r in targets.items():
@@ -108,6 +112,17 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
                             f"the previous stage's {src_p[tower] / t_p[tower]:.2f}; stage targets must shrink")
         relative[tower] = rel
     return shape_for_ratio(source, relative, st.shape_policy)
+
+
+def _holds(source: ClipShape, target: ClipShape) -> bool:
+    """Whether every layer of `target` fits inside the layers it would inherit from `source`."""
+    for t in ("image", "text"):
+        s, d = source.tower(t), target.tower(t)
+        if d.layers > s.layers or d.width > s.width or d.head_dim != s.head_dim:
+            return False
+        if any(h > min(s.heads) for h in d.heads) or any(m > min(s.mlp) for m in d.mlp):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ stage builders

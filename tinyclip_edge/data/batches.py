@@ -29,7 +29,8 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def indices(self, step: int) -> list[int]:
         start = step * self.batch_size
-        if not self.source.finite:
+        if not self.source.finite:  # unlimited (procedural) data: the seed picks a far-away stretch of it
+            start += self.seed * 2**40
             return list(range(start, start + self.batch_size))
         n = len(self.source)
         out = []
