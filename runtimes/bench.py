@@ -19,7 +19,7 @@ import numpy as np
 
 from ..common.errors import UserError
 from .artifacts import ArtifactInfo, inspect_artifact
-from .base import Runtime, open_runtime
+from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
 from .measure import MemoryProbe, Timer
 from .report import BenchReport, latency_stats
@@ -51,7 +51,9 @@ def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: s
     """
     towers = _check_args(targets, batches, tower, iters, seconds, warmup, device)
     iters = DEFAULT_ITERS if iters is None and seconds is None else iters
-    infos = [inspect_artifact(t, backend) for t in targets]
+    picked = [split_backend(t, backend) for t in targets]
+    targets = [t for t, _ in picked]
+    infos = [inspect_artifact(t, b) for t, b in picked]
     _name_uniquely(infos)
     for info in infos:
         for t in towers:
@@ -139,11 +141,29 @@ def _set_threads(threads: int | None) -> None:
         pass
 
 
+def split_backend(target: Any, default: str | None = None) -> tuple[Any, str | None]:
+    """'trt:artifacts/s2' -> ('artifacts/s2', 'trt'): one run can time a bundle's engines against its ONNX."""
+    if isinstance(target, str):
+        head, sep, rest = target.partition(":")
+        if sep and head in BACKEND_MODULES and rest:
+            return rest, head
+    return target, default
+
+
 def _name_uniquely(infos: list[ArtifactInfo]) -> None:
-    """Two artifacts called 'teacher' in different runs get their parent folder in the name."""
+    """Two artifacts called 'teacher' in different runs get their parent folder in the name; the same artifact
+    under two backends gets the backend as a prefix."""
+    from collections import Counter
+
+    paths = Counter(i.path for i in infos)
+    names = Counter(i.name for i in infos)
     for info in infos:
-        if info.path is not None and sum(i.name == info.name for i in infos) > 1:
+        if info.path is not None and names[info.name] > 1 and paths[info.path] == 1:
             info.name = f"{info.path.parent.name}/{info.path.name}"
+    names = Counter(i.name for i in infos)
+    for info in infos:
+        if names[info.name] > 1:
+            info.name = f"{info.backend}:{info.name}"
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -40,9 +40,12 @@ class BenchReport:
     artifacts: list[dict[str, Any]] = field(default_factory=list)   # name, path, backend, precision, size, params
     rows: list[dict[str, Any]] = field(default_factory=list)        # one per artifact x tower x batch
     notes: list[str] = field(default_factory=list)
+    written: dict[str, Path] = field(default_factory=dict, repr=False)   # set by save(); not serialised
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": BENCH_FORMAT, "format_version": 1, **asdict(self)}
+        d = asdict(self)
+        d.pop("written")
+        return {"format": BENCH_FORMAT, "format_version": 1, **d}
 
     def add_speedups(self) -> None:
         """speedup = the first artifact's p50 / this row's p50, for the same tower and batch (>1: faster)."""
@@ -141,4 +144,5 @@ class BenchReport:
         atomic_write_json(files["json"], self.to_dict())
         atomic_write_text(files["csv"], self.to_csv())
         atomic_write_text(files["md"], self.to_markdown())
+        self.written = files
         return files
