@@ -1,1 +1,10 @@
-"""Export to ONNX and TensorRT, and parity checks."""
+"""Export to ONNX (fp32 / fp16 / int8 bundles) and parity checks; TensorRT engines in `tensorrt.py`.
+
+Entry points: ``export_bundle`` (bundle.py) and ``run_parity`` (parity.py). This package may import
+``runtimes``, ``tinyclip_edge.models``, ``common`` and ``data``, never the training core.
+"""
+
+from .bundle import DEFAULT_CALIB_COUNT, export_bundle
+from .precision import PRECISIONS
+
+__all__ = ["DEFAULT_CALIB_COUNT", "PRECISIONS", "export_bundle"]
