@@ -23,11 +23,11 @@ from typing import Any
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json
+from ..common.io import atomic_path, atomic_write_bytes, atomic_write_json
+from ..runtimes.bundle import read_manifest, tower_file, write_manifest
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BUNDLE_FORMAT = "tinyclip-edge/bundle"
 ENGINE_FORMAT = "tinyclip-edge/engine"
 
 
@@ -49,7 +49,7 @@ def build_engines(bundle_dir: str | Path, *, precision: str | None = None, batch
     ``calib``/``calib_count``/``calib_cache`` only matter for implicit int8 from an fp32 bundle (TensorRT proper).
     """
     bundle = Path(bundle_dir)
-    manifest = _read_manifest(bundle)
+    manifest = read_manifest(bundle)
     batch = _check_batch(batch)
     _check_towers(towers, manifest, bundle)
     if workspace_mb is not None and workspace_mb <= 0:
@@ -76,19 +76,6 @@ def build_engines(bundle_dir: str | Path, *, precision: str | None = None, batch
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _read_manifest(bundle: Path) -> dict[str, Any]:
-    if not bundle.exists():
-        raise UserError(f"bundle not found: {bundle}")
-    if not (bundle / "manifest.json").is_file():
-        raise UserError(f"{bundle} is not an export bundle (no manifest.json); export one first with "
-                        "`tinyclip-edge export MODEL --format onnx --out DIR`, then build engines from DIR")
-    manifest = read_json(bundle / "manifest.json", what="bundle manifest")
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{bundle / 'manifest.json'} is not a tinyclip-edge bundle manifest "
-                        f"(format={manifest.get('format')!r})")
-    return manifest
-
-
 def _check_batch(batch: Any) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(b) for b in batch)
@@ -100,16 +87,12 @@ def _check_batch(batch: Any) -> tuple[int, int, int]:
 
 
 def _check_towers(towers: tuple[str, ...], manifest: dict[str, Any], bundle: Path) -> None:
-    have = manifest.get("towers", {})
     if not towers:
         raise UserError("no towers to build; pass image, text or both")
     for t in towers:
         if t not in ("image", "text"):
             raise UserError(f"unknown tower {t!r}; choose image or text")
-        if t not in have:
-            raise UserError(f"{bundle} has no {t} tower (it holds: {', '.join(have) or 'none'})")
-        if not (bundle / have[t]["file"]).is_file():
-            raise UserError(f"{bundle / have[t]['file']} is missing; the bundle is incomplete, re-export it")
+        tower_file(bundle, manifest, t)
 
 
 def _plan(lib: TrtLib, bundle_precision: str, requested: str | None, dla_core: int | None,
@@ -164,7 +147,7 @@ class _Job:
     calib_cache: Path | None
 
     def build(self, tower: str) -> dict[str, Any]:
-        onnx_path = self.bundle / self.manifest["towers"][tower]["file"]
+        onnx_path = tower_file(self.bundle, self.manifest, tower)
         logger = self.lib.logger("ERROR")
         builder, network, parser = self._parse(onnx_path, logger)
         inputs, outputs = _io(network), _io(network, outputs=True)
@@ -196,6 +179,9 @@ class _Job:
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             raise UserError(f"{self.lib.name} cannot parse {onnx_path}: {_parser_errors(parser, logger)}")
+        if network.num_inputs == 0 or network.num_outputs == 0:  # junk bytes can decode as an empty protobuf
+            raise UserError(f"{self.lib.name} cannot parse {onnx_path}: it holds no graph inputs/outputs; the file is "
+                            "corrupt or not ONNX, re-export the bundle")
         return builder, network, parser
 
     def _config(self, builder: Any, tower: str, inputs: list[dict]) -> Any:
@@ -337,4 +323,4 @@ def _record_in_manifest(bundle: Path, manifest: dict[str, Any], entries: list[di
         engines[e["tower"]] = {"file": e["engine"], "sidecar": f"{e['engine']}.json", "library": e["library"],
                                "library_version": e["library_version"], "precision": e["precision"],
                                "profile": e["profile"], "size_bytes": e["size_bytes"]}
-    atomic_write_json(bundle / "manifest.json", {**manifest, "engines": engines})
+    write_manifest(bundle, {**manifest, "engines": engines})

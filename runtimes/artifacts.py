@@ -14,6 +14,7 @@ from typing import Any
 from ..common.errors import UserError
 from ..common.io import read_json
 from .base import TOWERS, detect_backend
+from .bundle import is_bundle, read_manifest
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -64,7 +65,7 @@ def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
     backend = backend or detect_backend(path)
     if path.suffix in ENGINE_SUFFIXES:
         return _engine_info(path)
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if is_bundle(path):
         return _bundle_info(path, backend)
     if path.suffix == ".onnx":
         return _onnx_info(path, backend)
@@ -98,12 +99,9 @@ def _engine_info(path: Path, name: str | None = None) -> ArtifactInfo:
 
 
 def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
-    manifest = read_json(path / "manifest.json", what="bundle manifest")
+    manifest = read_manifest(path)
     if backend == "trt":
-        engines = manifest.get("engines") or {}
-        if not engines:
-            raise UserError(f"{path} has no TensorRT engines; build them on this device with "
-                            f"`tinyclip-edge export {path} --format engine`")
+        engines = bundle_engines(path, manifest)
         parts = [_engine_info(path / e["file"]) for e in engines.values()]
         return ArtifactInfo(path.name, path, "trt", "bundle", tuple(t for p in parts for t in p.towers),
                             {t: r for p in parts for t, r in p.batch_range.items()}, [f for p in parts for f in p.files],
@@ -113,6 +111,15 @@ def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
     files += [f.with_name(f.name + ".data") for f in files if f.with_name(f.name + ".data").is_file()]
     return ArtifactInfo(path.name, path, backend, "bundle", tuple(t for t in TOWERS if t in towers), {}, files,
                         _bundle_params(manifest), manifest.get("precision"))
+
+
+def bundle_engines(path: Path, manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The manifest's engine entries (tower -> {file, sidecar, ...}); an error when none were built."""
+    engines = (manifest or read_manifest(path)).get("engines") or {}
+    if not engines:
+        raise UserError(f"{path} has no TensorRT engines; build them on this device with "
+                        f"`tinyclip-edge export {path} --format engine`")
+    return engines
 
 
 def _bundle_params(manifest: dict[str, Any]) -> dict[str, int] | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.io import read_json
-from .artifacts import ENGINE_SUFFIXES, read_sidecar
+from .artifacts import ENGINE_SUFFIXES, bundle_engines, read_sidecar
 from .base import InputSpec, Runtime, register_backend
+from .bundle import is_bundle
 from .trtlib import TrtLib, dtype_name, load_tensorrt
 
 _TOWER_OF_INPUT = {"images": "image", "tokens": "text"}
@@ -125,11 +125,8 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
         side = read_sidecar(path)
         t = (side or {}).get("tower") or tower or "unknown"
         found = {t: (path, side)}
-    elif (path / "manifest.json").is_file():
-        engines = read_json(path / "manifest.json", what="bundle manifest").get("engines") or {}
-        if not engines:
-            raise UserError(f"{path} has no TensorRT engines; build them on this device with "
-                            f"`tinyclip-edge export {path} --format engine`")
+    elif is_bundle(path):
+        engines = bundle_engines(path)
         found = {t: (path / e["file"], read_sidecar(path / e["file"])) for t, e in engines.items()}
     else:
         raise UserError(f"{path} is neither a TensorRT engine (.engine/.plan) nor a bundle with engines")
