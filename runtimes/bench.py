@@ -75,6 +75,7 @@ def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: s
     if use_power and not TegraStats.available():
         raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")
     with ExitStack() as stack:
+        _preload({i.backend for i in infos})
         probe = MemoryProbe(cuda)
         entries = [_open(stack, info, t, device, precision, threads, probe) for info, t in zip(infos, targets)]
         sampler = stack.enter_context(TegraStats(power_interval_ms)) if use_power else None
@@ -151,22 +152,42 @@ def split_backend(target: Any, default: str | None = None) -> tuple[Any, str | N
 
 
 def _name_uniquely(infos: list[ArtifactInfo]) -> None:
-    """Two artifacts called 'teacher' in different runs get their parent folder in the name; the same artifact
-    under two backends gets the backend as a prefix."""
+    """Rows are keyed by artifact name, so names must differ: two 'teacher' dirs from different runs get their
+    parent folder, one artifact under two backends gets the backend, a repeated artifact gets #2, #3..."""
     from collections import Counter
 
+    def clashes() -> Counter:
+        return Counter(i.name for i in infos)
+
     paths = Counter(i.path for i in infos)
-    names = Counter(i.name for i in infos)
     for info in infos:
-        if info.path is not None and names[info.name] > 1 and paths[info.path] == 1:
+        if info.path is not None and clashes()[info.name] > 1 and paths[info.path] == 1:
             info.name = f"{info.path.parent.name}/{info.path.name}"
-    names = Counter(i.name for i in infos)
-    for info in infos:
-        if names[info.name] > 1:
-            info.name = f"{info.backend}:{info.name}"
+    for name in [n for n, c in clashes().items() if c > 1]:
+        same = [i for i in infos if i.name == name]
+        if len({i.backend for i in same}) > 1:
+            for info in same:
+                info.name = f"{info.backend}:{info.name}"
+    for name in [n for n, c in clashes().items() if c > 1]:
+        for k, info in enumerate([i for i in infos if i.name == name][1:], start=2):
+            info.name = f"{name} #{k}"
 
 
 # ---------------------------------------------------------------------------------------------- running
+def _preload(backends: set[str]) -> None:
+    """Import the runtime libraries before memory is measured, so the first artifact is not charged for them."""
+    import importlib
+
+    libs = {"pyt": ("torch",), "onnxrt": ("onnxruntime",), "trt": ("torch",)}
+    for backend in backends:
+        for lib in libs.get(backend, ()):
+            try:
+                importlib.import_module(lib)
+            except ImportError:
+                pass  # open_runtime reports the missing library with its install hint
+        importlib.import_module(BACKEND_MODULES[backend], __package__)
+
+
 def _open(stack: ExitStack, info: ArtifactInfo, target: Any, device: str, precision: str | None,
           threads: int | None, probe: MemoryProbe) -> _Entry:
     options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
