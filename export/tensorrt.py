@@ -62,6 +62,9 @@ def build_engines(bundle_dir: str | Path, *, precision: str | None = None, batch
     job = _Job(lib, bundle, manifest, _plan(lib, str(manifest.get("precision", "fp32")), precision, dla_core, calib),
                batch, workspace_mb, dla_core, _TimingCache(Path(timing_cache)) if timing_cache else None,
                calib, calib_count, Path(calib_cache) if calib_cache else None)
+    if dla_core is not None and batch[0] != batch[2] and verbose:
+        print("note: DLA runs static shapes only; with a dynamic batch range most layers fall back to the GPU. "
+              "Build DLA engines with one batch size, e.g. --batch 1,1,1")
     entries = []
     for tower in towers:
         entry = job.build(tower)

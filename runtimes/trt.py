@@ -130,9 +130,11 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
         found = {t: (path / e["file"], read_sidecar(path / e["file"])) for t, e in engines.items()}
     else:
         raise UserError(f"{path} is neither a TensorRT engine (.engine/.plan) nor a bundle with engines")
-    if tower is not None and tower in found:
-        return {tower: found[tower]}
-    return found
+    if tower is None or "unknown" in found:
+        return found
+    if tower not in found:
+        raise UserError(f"{path} has no {tower} engine (it holds: {', '.join(found)})")
+    return {tower: found[tower]}
 
 
 @register_backend("trt")
