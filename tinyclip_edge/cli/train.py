@@ -1,7 +1,130 @@
-"""Commands of the compression core: compress, run, quickstart, eval, info."""
+"""Commands of the compression core: compress, quickstart, eval, info."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
 
+from ..common.errors import UserError
+
 COMMANDS: list[click.Command] = []
+
+
+def _command(fn: click.Command) -> click.Command:
+    COMMANDS.append(fn)
+    return fn
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@_command
+@click.command()
+@click.argument("recipe", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory (uses the recipe saved there).")
+@click.option("--run-dir", help="Where to write the run (default: runs/<recipe name>).")
+def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None,
+             run_dir: str | None) -> None:
+    """Compress a teacher with RECIPE (a YAML file or a packaged recipe name), stage by stage.
+
+    OVERRIDES are dotted key=value pairs, e.g. stages.0.steps=200 data.train=pairs.csv.
+    """
+    from ..compress.recipe import load_recipe
+    from ..compress.runner import RUN_STATE, run_compress
+
+    _logging()
+    if resume_dir:
+        saved = Path(resume_dir) / "recipe.yaml"
+        if not (Path(resume_dir) / RUN_STATE).is_file() or not saved.is_file():
+            raise UserError(f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
+                            "start one with `tinyclip-edge compress RECIPE run_dir=DIR`")
+        if recipe and recipe.count("=") and not overrides:  # `compress key=value --resume DIR`
+            overrides, recipe = (recipe, *overrides), None
+        if recipe or overrides or teacher:
+            click.echo(f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher "
+                       "are ignored", err=True)
+        rec = load_recipe(str(saved), [f"run_dir={resume_dir}"])
+        result = run_compress(rec, resume=True)
+    else:
+        if not recipe:
+            raise UserError("give a RECIPE (a YAML file or one of the packaged recipes) or --resume DIR")
+        extra = [f"teacher={teacher}"] if teacher else []
+        extra += [f"run_dir={run_dir}"] if run_dir else []
+        rec = load_recipe(recipe, [*overrides, *extra])
+        result = run_compress(rec)
+    click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
+
+
+@_command
+@click.command()
+@click.option("--run-dir", default="runs/quickstart", show_default=True)
+@click.option("--resume/--fresh", default=True, show_default=True,
+              help="Continue an unfinished quick start in --run-dir, or start over.")
+def quickstart(run_dir: str, resume: bool) -> None:
+    """Train a small teacher on built-in data, compress it twice, compare with scratch, report (CPU)."""
+    from ..pipeline import run_quickstart
+
+    _logging()
+    result = run_quickstart(run_dir, resume=resume)
+    click.echo(f"report: {result.run_dir / 'report.md'} and report.json")
+
+
+@_command
+@click.command("eval")
+@click.argument("model")
+@click.option("--data", default="scenes:val", show_default=True, help="scenes:val, a CSV/TSV or a COCO captions JSON.")
+@click.option("--teacher", help="Also report agreement with this teacher (model dir or open_clip spec).")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--max-pairs", type=int, help="Evaluate on the first N pairs only.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
+def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pairs: int | None, device: str,
+             out: str | None) -> None:
+    """Evaluate MODEL (a model directory or an open_clip spec): retrieval, zero-shot, compositional."""
+    from ..common.io import atomic_write_json
+    from ..compress.teacher import resolve_teacher
+    from ..evaluation import evaluate, markdown_table, table_row
+
+    _logging()
+    pkg = resolve_teacher(model)
+    tpkg = resolve_teacher(teacher) if teacher else None
+    res = evaluate(pkg, data, teacher=tpkg, batch_size=batch_size, max_pairs=max_pairs, device=device)
+    rows = [table_row(Path(model).name or model, res, tpkg.model.num_params()["total"] if tpkg else None)]
+    if tpkg:
+        rows.insert(0, table_row("teacher", res["teacher"]))
+    click.echo(markdown_table(rows))
+    if out:
+        atomic_write_json(out, res)
+        click.echo(f"wrote {out}")
+
+
+@_command
+@click.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(model: str, as_json: bool) -> None:
+    """Show a model directory: parameters per tower, shapes, preprocessing, provenance."""
+    from ..models import read_config
+
+    cfg = read_config(model)
+    if as_json:
+        click.echo(json.dumps(cfg, indent=2))
+        return
+    p, shape = cfg["params"], cfg["shape"]
+    click.echo(f"{model}: {p['total']:,} parameters (image {p['image']:,}, text {p['text']:,}), "
+               f"embedding dim {shape['embed_dim']}")
+    for tower in ("vision", "text"):
+        s = shape[tower]
+        click.echo(f"  {tower:6s} width {s['width']}, {len(s['heads'])} layers, heads {s['heads']}, mlp {s['mlp']}")
+    v = shape["vision"]
+    click.echo(f"  image  {v['image_size']}px, patch {v['patch_size']}; text context {shape['text']['context_length']}, "
+               f"tokenizer {cfg['tokenizer'].get('kind')} {cfg['tokenizer'].get('model', '')}".rstrip())
+    prov = cfg.get("provenance", {})
+    click.echo("  provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if v is not None))

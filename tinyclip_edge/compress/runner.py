@@ -1,0 +1,286 @@
+"""Run a recipe: resolve the teacher, run the stages in order (each inheriting from the previous
+stage's student), optionally train scratch baselines of the same shapes, evaluate, and report.
+
+Layout of a run directory:
+    recipe.yaml          the resolved recipe
+    run.json             which stages are done (what --resume reads)
+    metrics.jsonl        training metrics of every stage
+    teacher/             the teacher as a model directory (for eval / parity later)
+    <stage name>/        each stage's student (model directory)
+    baselines/<name>/    scratch baselines (when baselines.scratch)
+    checkpoints/<name>/  the latest checkpoint of the stage in progress
+    report.json, report.md
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..common.errors import UserError
+from ..common.io import atomic_write_json, atomic_write_text, read_json
+from ..common.preprocess import Preprocess
+from ..data import check_readable, open_source
+from ..data import scenes as scenes_data
+from ..data.batches import TrainBatches
+from ..losses.registry import parse_losses
+from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
+from ..models.presets import PRESETS, preset_shape
+from .recipe import Recipe, StageCfg, dump_recipe
+from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
+from .tasks import DistillTask, StageTask
+from .teacher import resolve_teacher
+from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
+
+log = logging.getLogger("tinyclip_edge")
+RUN_STATE = "run.json"
+STAGE_BUILDERS: dict[str, Callable[..., StageTask]] = {}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    teacher_dir: Path | None
+    stage_dirs: list[Path] = field(default_factory=list)
+    baseline_dirs: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but no CUDA GPU is available; use device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+def register_stage(method: str) -> Callable[[Callable[..., StageTask]], Callable[..., StageTask]]:
+    def deco(fn: Callable[..., StageTask]) -> Callable[..., StageTask]:
+        STAGE_BUILDERS[method] = fn
+        return fn
+    return deco
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShape:
+    """The student shape of a stage: explicit (preset name, per-tower dict, or a full shape), or the
+    stage's target (a fraction of the ORIGINAL teacher's parameters) applied to the source model."""
+    if isinstance(st.shape, str):
+        return preset_shape(st.shape)
+    if isinstance(st.shape, dict):
+        if "embed_dim" in st.shape:
+            return ClipShape.from_dict(st.shape)
+        unknown = set(st.shape) - {"image", "text"}
+        if unknown:
+            raise UserError(f"stage {st.name}: shape has unknown towers {sorted(unknown)}; use image and text, "
+                            f"or a preset name ({', '.join(PRESETS)})")
+        out = source
+        for tower, spec in st.shape.items():
+            out = out.with_tower(tower, explicit_tower(source, tower, spec or {}))
+        return out.validate()
+    if st.target is None:
+        raise UserError(f"stage {st.name}: give a target (fraction of the teacher's parameters) or a shape")
+    targets = tower_targets(st.target)
+    src_p, t_p = source.params(), teacher.params()
+    relative: dict[str, float | None] = {}
+    for tower, r in targets.items():
+        if r is None:
+            relative[tower] = None
+            continue
+        rel = r * t_p[tower] / src_p[tower]
+        if rel >= 1.0:
+            if abs(src_p[tower] - r * t_p[tower]) / t_p[tower] < 0.01:
+                relative[tower] = None  # already at the target
+                continue
+            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
+                            f"the previous stage's {src_p[tower] / t_p[tower]:.2f}; stage targets must shrink")
+        relative[tower] = rel
+    return shape_for_ratio(source, relative, st.shape_policy)
+
+
+# ------------------------------------------------------------------------------ stage builders
+
+
+@register_stage("inherit")
+def _inherit(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
+    from .inherit import manual_inherit
+
+    target = stage_shape(st, source.shape, teacher.shape)
+    check_fits(source.shape, target)
+    student, _ = manual_inherit(source.model, target, importance=st.importance,
+                                layer_selection=st.layer_selection, calib=calib)
+    return DistillTask(student)
+
+
+@register_stage("scratch")
+def _scratch(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
+    target = stage_shape(st, source.shape, teacher.shape)
+    torch.manual_seed(seed)
+    return DistillTask(ClipModel(target))
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _scenes_package(recipe: Recipe) -> ClipPackage:
+    """Reference package for teacher-less runs: the scenes tokenizer and preprocessing."""
+    if not recipe.data.train.startswith("scenes:"):
+        raise UserError("a recipe without a teacher trains from scratch on the built-in scenes data only; "
+                        "set teacher: to an open_clip model or a model directory")
+    st = recipe.stages[0]
+    if not isinstance(st.shape, str):
+        raise UserError("a recipe without a teacher needs stages.0.shape: <preset> "
+                        f"({', '.join(PRESETS)})")
+    shape = preset_shape(st.shape)
+    pre = Preprocess.from_dict(scenes_data.preprocess_config(shape.vision.image_size))
+    tok = scenes_data.tokenizer_config(shape.text.context_length)
+    return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    for st in recipe.stages:
+        if st.method not in STAGE_BUILDERS:
+            from ..common.errors import closest
+
+            raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
+                            f"choose from {', '.join(STAGE_BUILDERS)}")
+        if st.teacher not in ("original", "previous", "none"):
+            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
+        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
+            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
+        if st.batch_size % st.grad_accum:
+            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
+        if st.shape is None and st.target is not None:
+            tower_targets(st.target)
+        parse_losses(st.losses)
+        if st.teacher == "none" and any(n != "clip" for n in st.losses):
+            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
+
+
+class Run:
+    """One run directory: state on disk, stages executed in order, resumable at any point."""
+
+    def __init__(self, recipe: Recipe, resume: bool, on_step: Callable[[TrainState], None] | None = None):
+        self.recipe, self.on_step = recipe, on_step
+        self.dir = Path(recipe.run_dir)
+        state_file = self.dir / RUN_STATE
+        if resume and not state_file.is_file():
+            raise UserError(f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
+                            f"`tinyclip-edge compress RECIPE run_dir={self.dir}`")
+        if not resume and state_file.is_file():
+            raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
+                            "or pick another run_dir=...")
+        _check_recipe(recipe)
+        self.device = resolve_device(recipe.device)
+        self.state = read_json(state_file, "run state") if resume else {"stages": {}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe))
+        self._save_state()
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.dir / RUN_STATE, self.state)
+
+    def teacher(self) -> ClipPackage | None:
+        tdir = self.dir / "teacher"
+        if self.recipe.teacher in ("", "none"):
+            return None
+        if is_model_dir(tdir):
+            return load_model_dir(tdir)
+        pkg = resolve_teacher(self.recipe.teacher)
+        pkg.provenance.setdefault("teacher", self.recipe.teacher)
+        save_model_dir(pkg, tdir)
+        return load_model_dir(tdir)
+
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+        d = self.recipe.data
+        src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
+                          csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
+        check_readable(src)
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+
+    def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
+                  original: ClipPackage) -> ClipPackage:
+        status = self.state["stages"].get(st.name)
+        if status == "done" and is_model_dir(out_dir):
+            log.info("%s: done, skipping", st.name)
+            return load_model_dir(out_dir)
+        ckpt = self.dir / "checkpoints" / st.name
+        micro = st.batch_size // st.grad_accum
+        workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
+            6 if self.device.type == "cuda" else 0)
+        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
+        resume = None
+        if read_checkpoint_meta(ckpt) is not None:
+            task, opt_state, tstate = load_checkpoint(ckpt, st)
+            resume = (opt_state, tstate)
+            log.warning("%s: resuming from step %d", st.name, tstate.step)
+        else:
+            calib: list[dict] = []
+            if st.method != "scratch" and st.importance == "activation":
+                cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
+                                  self.recipe.seed + 1_000_003)
+                calib = [cb[i] for i in range(st.calib_batches)]
+            task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
+        self.state["stages"][st.name] = "running"
+        self._save_state()
+        tstate = train_stage(task, teacher.model if teacher else None, batches, st, parse_losses(st.losses),
+                             device=self.device, ckpt_dir=ckpt, metrics_path=self.dir / "metrics.jsonl",
+                             label=st.name, resume=resume, workers=workers, on_step=self.on_step)
+        model = task.finalize().cpu().eval()
+        pkg = source.with_model(model, teacher=self.recipe.teacher or None, recipe=self.recipe.name, stage=st.name,
+                                method=st.method, steps=tstate.step, samples=tstate.samples,
+                                skipped_images=tstate.skipped)
+        save_model_dir(pkg, out_dir)
+        self.state["stages"][st.name] = "done"
+        self._save_state()
+        shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+        return load_model_dir(out_dir)
+
+    def execute(self) -> RunResult:
+        original = self.teacher()
+        result = RunResult(self.dir, self.dir / "teacher" if original else None)
+        prev = original or _scenes_package(self.recipe)
+        reference = original or prev
+        for i, st in enumerate(self.recipe.stages):
+            teacher = {"original": original, "previous": prev, "none": None}[st.teacher]
+            if st.teacher == "previous" and i == 0:
+                teacher = original
+            prev = self.run_stage(st, i, self.dir / st.name, prev, teacher, reference)
+            result.stage_dirs.append(self.dir / st.name)
+        if self.recipe.baselines.scratch:
+            result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
+        if self.recipe.eval.data:
+            from .report import write_report
+
+            result.report = write_report(self, result)
+        return result
+
+    def run_baselines(self, reference: ClipPackage, stage_dirs: list[Path]) -> dict[str, Path]:
+        """Each stage's student shape trained from scratch with as many steps as the student saw in total."""
+        out, total = {}, 0
+        for i, (st, sdir) in enumerate(zip(self.recipe.stages, stage_dirs)):
+            total += st.steps
+            if st.method == "scratch":
+                continue
+            shape = load_model_dir(sdir).shape.to_dict()
+            bl = replace(st, name=f"scratch-{st.name}", method="scratch", shape=shape, teacher="none",
+                         losses={self.recipe.baselines.scratch_loss: 1.0}, steps=total)
+            path = self.dir / "baselines" / bl.name
+            self.run_stage(bl, 100 + i, path, reference, None, reference)
+            out[st.name] = path
+        return out
+
+
+def run_compress(recipe: Recipe, *, resume: bool = False,
+                 on_step: Callable[[TrainState], None] | None = None) -> RunResult:
+    return Run(recipe, resume, on_step).execute()

@@ -1,0 +1,129 @@
+"""Student shapes: derived from a parameter-ratio target, or given explicitly, and checked against the teacher.
+
+Manual students keep the attention width equal to the hidden width (heads x head_dim), so uniform
+students convert back to a plain open_clip model. Among all (layers, heads, MLP width) that fit the
+budget, the default policy picks the most *balanced* one (depth, width and MLP width shrunk by
+similar factors); ``width`` keeps every layer and shrinks widths, ``depth`` keeps the widths and drops layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from ..common.errors import UserError
+from ..models.shape import TOWERS, ClipShape, TowerShape
+
+POLICIES = ("balanced", "width", "depth")
+MLP_MULTIPLE = 8
+
+
+def check_ratio(ratio: Any, what: str = "target") -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number between 0 and 1 (a fraction of the teacher's parameters), "
+                        f"got {ratio!r}") from None
+    if not 0.0 < r < 1.0:
+        raise UserError(f"{what} must be between 0 and 1 exclusive (a fraction of the teacher's parameters), got {r}")
+    return r
+
+
+def tower_targets(target: Any) -> dict[str, float | None]:
+    """A float (both towers) or {image: r, text: r}; None / missing keeps a tower as it is."""
+    if isinstance(target, dict):
+        unknown = set(target) - set(TOWERS)
+        if unknown:
+            raise UserError(f"target has unknown towers {sorted(unknown)}; use 'image' and 'text'")
+        return {t: None if target.get(t) is None else check_ratio(target[t], f"target.{t}") for t in TOWERS}
+    r = check_ratio(target)
+    return {t: r for t in TOWERS}
+
+
+def _tower_params(shape: ClipShape, tower: str, ts: TowerShape) -> int:
+    return shape.with_tower(tower, ts).params()[tower]
+
+
+def _candidate(ts: TowerShape, layers: int, heads: int, mlp: int) -> TowerShape:
+    return replace(ts, width=heads * ts.head_dim, heads=[heads] * layers, mlp=[mlp] * layers)
+
+
+def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "balanced") -> TowerShape:
+    if policy not in POLICIES:
+        raise UserError(f"unknown shape policy '{policy}'; choose from {', '.join(POLICIES)}")
+    ts = shape.tower(tower)
+    full = _tower_params(shape, tower, ts)
+    budget = ratio * full
+    layers0, heads0, mlp0 = ts.layers, max(ts.heads), max(ts.mlp)
+    width0 = ts.width
+    cands: list[tuple[TowerShape, float, float]] = []  # (shape, fraction of budget used, imbalance)
+    layer_range = [layers0] if policy == "width" else range(1, layers0 + 1)
+    head_range = [heads0] if policy == "depth" else range(1, heads0 + 1)
+    for n_layers in layer_range:
+        for n_heads in head_range:
+            # parameters are linear in the MLP width: solve for the largest one that fits the budget
+            # (an MLP also brings a LayerNorm and a bias, so measure the slope between two non-zero widths)
+            m1, m2 = MLP_MULTIPLE, 2 * MLP_MULTIPLE
+            p1 = _tower_params(shape, tower, _candidate(ts, n_layers, n_heads, m1))
+            p2 = _tower_params(shape, tower, _candidate(ts, n_layers, n_heads, m2))
+            if p1 > budget:
+                continue
+            mlp = m1 + int((budget - p1) / ((p2 - p1) / (m2 - m1)))
+            mlp = min(mlp0, mlp // MLP_MULTIPLE * MLP_MULTIPLE)
+            cand = _candidate(ts, n_layers, n_heads, mlp)
+            fr = (n_layers / layers0, n_heads * ts.head_dim / width0, mlp / mlp0)
+            cands.append((cand, _tower_params(shape, tower, cand) / budget, sum(math.log(f) ** 2 for f in fr)))
+    if not cands:
+        other = "" if policy == "balanced" else " or use shape_policy: balanced"
+        raise UserError(f"no {tower} student fits {ratio:.1%} of the teacher's {tower} parameters "
+                        f"({full:,}) with shape_policy '{policy}'; raise the target{other}")
+    # Use (nearly) the whole budget, then prefer the most balanced shape.
+    best_fill = max(c[1] for c in cands)
+    return min((c for c in cands if c[1] >= best_fill - 0.03), key=lambda c: c[2])[0]
+
+
+def shape_for_ratio(shape: ClipShape, ratio: float | dict[str, float | None], policy: str = "balanced") -> ClipShape:
+    """The student shape whose towers each hold at most `ratio` of the teacher tower's parameters."""
+    out = shape
+    for tower, r in tower_targets(ratio).items():
+        if r is not None:
+            out = out.with_tower(tower, shape_for_tower(shape, tower, r, policy))
+    return out.validate()
+
+
+def explicit_tower(teacher: ClipShape, tower: str, spec: dict[str, Any]) -> TowerShape:
+    """A tower shape from {layers, heads, mlp, width}: ints (uniform) or per-layer lists."""
+    ts = teacher.tower(tower)
+    allowed = {"layers", "heads", "mlp", "width"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise UserError(f"shape.{tower} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    heads, mlp = spec.get("heads", max(ts.heads)), spec.get("mlp", max(ts.mlp))
+    layers = spec.get("layers", len(heads) if isinstance(heads, list) else ts.layers)
+    heads = heads if isinstance(heads, list) else [int(heads)] * int(layers)
+    mlp = mlp if isinstance(mlp, list) else [int(mlp)] * int(layers)
+    if len(heads) != layers or len(mlp) != layers:
+        raise UserError(f"shape.{tower}: per-layer heads/mlp lists must have {layers} entries")
+    width = int(spec.get("width", max(heads) * ts.head_dim))
+    return replace(ts, width=width, heads=[int(h) for h in heads], mlp=[int(m) for m in mlp])
+
+
+def check_fits(teacher: ClipShape, student: ClipShape) -> None:
+    """A student must be a sub-network of its teacher: never more layers, heads, neurons or channels."""
+    for tower in TOWERS:
+        t, s = teacher.tower(tower), student.tower(tower)
+        problems = []
+        if s.layers > t.layers:
+            problems.append(f"{s.layers} layers > {t.layers}")
+        if s.width > t.width:
+            problems.append(f"width {s.width} > {t.width}")
+        if max(s.heads, default=0) > max(t.heads, default=0):
+            problems.append(f"{max(s.heads)} heads > {max(t.heads)}")
+        if max(s.mlp, default=0) > max(t.mlp, default=0):
+            problems.append(f"MLP width {max(s.mlp)} > {max(t.mlp)}")
+        if s.head_dim != t.head_dim:
+            problems.append(f"head_dim {s.head_dim} != {t.head_dim}")
+        if problems:
+            raise UserError(f"the {tower} student is larger than its teacher ({'; '.join(problems)}); "
+                            "a student inherits a subset of the teacher's weights, so shrink the shape or the target")

@@ -1,0 +1,225 @@
+"""The training loop of one stage: AdamW, warm-up + cosine, bf16 autocast on GPU, gradient
+accumulation, a frozen teacher, atomic checkpoints every N steps, exact resume, JSONL metrics.
+
+Exact resume works because batch ``k`` is a pure function of (data, seed, k) and every piece of
+state (weights, masks, optimiser moments, step) is checkpointed: an interrupted and resumed run ends
+with the same weights as an uninterrupted one (tested on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..common.errors import UserError
+from ..common.io import atomic_path, atomic_write_json, read_json
+from ..data.batches import TrainBatches, batch_loader
+from ..losses import DistillOutputs
+from ..losses.registry import LossSpec, combine
+from ..models.clip import ClipModel
+from .recipe import StageCfg
+from .tasks import TASKS, StageTask
+
+log = logging.getLogger("tinyclip_edge")
+
+
+class Interrupted(UserError):
+    """Ctrl-C: the run saved a checkpoint and can be resumed."""
+
+
+class Diverged(UserError):
+    """NaN/inf in the loss or the task's state; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples: int = 0
+    skipped: int = 0
+
+
+def lr_at(step: int, cfg: StageCfg) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine decay to min_lr."""
+    warm = cfg.warmup * cfg.steps if cfg.warmup < 1 else cfg.warmup
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1.0, cfg.steps - warm)
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32" or device.type != "cuda":
+        if precision == "bf16" and device.type != "cuda":
+            log.warning("precision bf16 requested on %s: training in fp32", device)
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+CKPT_META, CKPT_TENSORS, CKPT_OPT = "checkpoint.json", "task.safetensors", "optimizer.pt"
+
+
+def save_checkpoint(path: Path, task: StageTask, optimizers: list[torch.optim.Optimizer], state: TrainState,
+                    extra: dict[str, Any] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()}
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / CKPT_TENSORS))
+        torch.save({"optimizers": [o.state_dict() for o in optimizers]}, tmp / CKPT_OPT)
+        atomic_write_json(tmp / CKPT_META, {**task.checkpoint_meta(), "step": state.step, "samples": state.samples,
+                                            "skipped": state.skipped, **(extra or {})})
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    return read_json(path / CKPT_META, "checkpoint") if (path / CKPT_META).is_file() else None
+
+
+def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any], TrainState]:
+    meta = read_json(path / CKPT_META, "checkpoint")
+    kind = meta.get("task")
+    if kind not in TASKS:
+        raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
+    task = TASKS[kind].from_checkpoint(meta, cfg)
+    try:
+        tensors = load_file(str(path / CKPT_TENSORS))
+        opt = torch.load(path / CKPT_OPT, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors / torch raise several types on truncation
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
+                        "delete it to restart the stage") from None
+    task.load_state_dict(tensors)
+    state = TrainState(meta["step"], meta.get("samples", 0), meta.get("skipped", 0))
+    return task, opt, state
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old = None
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, *_: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatches, cfg: StageCfg,
+                losses: list[LossSpec], *, device: torch.device, ckpt_dir: Path, metrics_path: Path, label: str,
+                resume: tuple[dict[str, Any], TrainState] | None = None, workers: int = 0,
+                on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+    task.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    optimizers = task.optimizers(cfg, device)
+    state = TrainState()
+    if resume is not None:
+        opt_state, state = resume
+        for o, s in zip(optimizers, opt_state["optimizers"]):
+            o.load_state_dict(s)
+    accum = cfg.grad_accum
+    amp = autocast_for(device, cfg.precision)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers)
+    # in a log file (CI, nohup) a bar redrawn every step would bury everything else
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=label, unit="step", dynamic_ncols=True, leave=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    t0, samples0 = time.perf_counter(), state.samples
+    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as mlog:
+        while state.step < cfg.steps:
+            step = state.step
+            for o in optimizers:
+                for g in o.param_groups:
+                    g["lr"] = g["base_lr"] * lr_at(step, cfg)
+            logs: dict[str, float] = {}
+            n_micro = 0
+            for _ in range(accum):
+                batch = next(loader)
+                state.skipped += batch["skipped"]
+                if batch["skipped"]:
+                    log.warning("skipped %d unreadable image(s) (e.g. %s); %d so far",
+                                batch["skipped"], batch["skip_examples"][0], state.skipped)
+                if len(batch["images"]) < 2:  # a contrastive batch needs at least two pairs
+                    continue
+                images = batch["images"].to(device, non_blocking=True)
+                ids = batch["ids"].to(device, non_blocking=True)
+                with amp:
+                    s_img, s_txt, s_scale = task.encode(images, ids, step)
+                    out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_img, t_txt, t_scale = teacher(images, ids)
+                        out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
+                            t_img.float(), t_txt.float(), t_scale.float())
+                loss, part = combine(losses, out)
+                for k, v in task.extra_losses(step).items():
+                    loss = loss + v
+                    part[k] = float(v.detach())
+                if not torch.isfinite(loss):
+                    raise Diverged(f"{label}: the loss became {float(loss)} at step {step}; the last good "
+                                   f"checkpoint is kept in {ckpt_dir} — lower the learning rate and resume")
+                (loss / accum).backward()
+                n_micro += 1
+                state.samples += len(images)
+                for k, v in part.items():
+                    logs[k] = logs.get(k, 0.0) + v / accum
+            if n_micro:
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(task.clip_parameters(), cfg.grad_clip)
+                for o in optimizers:
+                    o.step()
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            logs.update(task.after_step(step))
+            bad = task.check_finite()
+            if bad:
+                raise Diverged(f"{label}: {bad} at step {step}; the last good checkpoint is kept in {ckpt_dir} "
+                               "— lower the learning rates (e.g. prune.lambda_lr) and resume")
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                rate = (state.samples - samples0) / max(1e-9, time.perf_counter() - t0)
+                rec = {"stage": label, "step": state.step, "lr": optimizers[0].param_groups[0]["lr"],
+                       "samples_per_s": round(rate, 1), "skipped": state.skipped,
+                       **{k: round(v, 5) for k, v in logs.items()}}
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop.set:
+                save_checkpoint(ckpt_dir, task, optimizers, state)
+            if on_step is not None:
+                on_step(state)
+            if stop.set:
+                bar.close()
+                raise Interrupted(f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; "
+                                  "continue with --resume")
+    bar.close()
+    return state

@@ -1,0 +1,96 @@
+"""The loss registry and the embeddings every loss reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..common.errors import UserError, closest
+
+
+@dataclass
+class DistillOutputs:
+    """What one training step computed. Embeddings are L2-normalised, [B, E]."""
+
+    student_image: Tensor
+    student_text: Tensor
+    student_logit_scale: Tensor          # exp'd, scalar
+    teacher_image: Tensor | None = None  # None when a stage trains without a teacher
+    teacher_text: Tensor | None = None
+    teacher_logit_scale: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. region features for later objectives
+
+    def require_teacher(self, loss: str) -> None:
+        if self.teacher_image is None:
+            raise UserError(f"loss '{loss}' needs a teacher, but this stage has none (teacher: none)")
+
+
+LossFn = Callable[[DistillOutputs, dict[str, Any]], dict[str, Tensor]]
+LOSSES: dict[str, LossFn] = {}
+LOSS_OPTIONS: dict[str, set[str]] = {}
+
+
+def register_loss(name: str, options: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
+    """Register a loss; `options` are the keys it accepts from the recipe (validated up front)."""
+
+    def deco(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        LOSS_OPTIONS[name] = {"weight", *options}
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossFn:
+    if name not in LOSSES:
+        raise UserError(f"unknown loss '{name}'{closest(name, LOSSES)}; registered: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+@dataclass
+class LossSpec:
+    name: str
+    weight: float
+    options: dict[str, Any]
+
+
+def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
+    """Recipe form: ``{affinity: 1.0, clip: {weight: 0.5, ...}}``; unknown names and options are errors."""
+    if not isinstance(cfg, dict) or not cfg:
+        raise UserError("losses must be a mapping of loss name to weight, e.g. {affinity: 1.0}")
+    specs = []
+    for name, v in cfg.items():
+        get_loss(name)
+        opts = dict(v) if isinstance(v, dict) else {"weight": v}
+        unknown = set(opts) - LOSS_OPTIONS[name]
+        if unknown:
+            bad = sorted(unknown)[0]
+            raise UserError(f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
+                            f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}")
+        try:
+            weight = float(opts.pop("weight", 1.0))
+        except (TypeError, ValueError):
+            raise UserError(f"losses.{name}: weight must be a number") from None
+        specs.append(LossSpec(name, weight, opts))
+    return specs
+
+
+def combine(specs: list[LossSpec], out: DistillOutputs) -> tuple[Tensor, dict[str, float]]:
+    """The weighted total and every named term (as floats, for logging)."""
+    total: Tensor | None = None
+    logs: dict[str, float] = {}
+    for spec in specs:
+        if spec.weight == 0:
+            continue
+        terms = LOSSES[spec.name](out, spec.options)
+        for term, value in terms.items():
+            logs[f"{spec.name}/{term}" if term != spec.name else spec.name] = float(value.detach())
+        part = sum(terms.values()) * spec.weight
+        total = part if total is None else total + part
+    if total is None:
+        total = torch.zeros((), device=out.student_image.device, requires_grad=True)
+    logs["total"] = float(total.detach())
+    return total, logs
