@@ -13,7 +13,7 @@ from typing import Any
 
 from ..common.errors import UserError
 from ..common.io import read_json
-from .base import TOWERS, detect_backend
+from .base import TOWERS, Runtime, detect_backend
 from .bundle import is_bundle, read_manifest
 
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -57,6 +57,9 @@ class ArtifactInfo:
 
 
 def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
+    """`target`: a path, an nn.Module / ClipPackage (opened with pyt), or an already opened Runtime."""
+    if isinstance(target, Runtime):
+        return _runtime_info(target)
     if not isinstance(target, (str, os.PathLike)):
         return _module_info(target)
     path = Path(target)
@@ -75,12 +78,23 @@ def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
 
 
 def _module_info(module: Any) -> ArtifactInfo:
-    params = None
+    return ArtifactInfo(type(module).__name__, None, "pyt", "module", TOWERS, params=_params(module))
+
+
+def _runtime_info(rt: Runtime) -> ArtifactInfo:
+    spec = rt.input_spec()
+    return ArtifactInfo(rt.name, None, rt.backend, "runtime", tuple(rt.towers),
+                        {t: (spec.min_batch, spec.max_batch) for t in rt.towers},
+                        params=_params(getattr(rt, "model", None)), precision=rt.precision)
+
+
+def _params(module: Any) -> dict[str, int] | None:
+    module = getattr(module, "model", module)   # a ClipPackage holds its model
     if hasattr(module, "num_params"):
-        params = module.num_params()
-    elif hasattr(module, "parameters"):
-        params = {"total": sum(p.numel() for p in module.parameters())}
-    return ArtifactInfo(type(module).__name__, None, "pyt", "module", TOWERS, params=params)
+        return module.num_params()
+    if hasattr(module, "parameters"):
+        return {"total": sum(p.numel() for p in module.parameters())}
+    return None
 
 
 def read_sidecar(engine: Path) -> dict[str, Any] | None:

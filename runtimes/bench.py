@@ -44,7 +44,11 @@ def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: s
               out_dir: str | os.PathLike | None = None, backend: str | None = None, threads: int | None = None,
               precision: str | None = None, power: bool | None = None, power_interval_ms: int = 100,
               progress: bool = True) -> BenchReport:
-    """Benchmark `targets` (paths or nn.Modules); write bench.json/.csv/.md/.png into `out_dir` when given.
+    """Benchmark `targets`; write bench.json/.csv/.md/.png into `out_dir` when given.
+
+    A target is a path (model dir, bundle, .onnx, .engine; 'trt:PATH' picks the backend), an nn.Module or
+    ClipPackage (PyTorch), or an opened Runtime (for per-artifact options such as pyt's compile/cudagraph modes;
+    its memory at open time is then unknown).
 
     `iters`: timed repetitions per cell; `seconds`: at least this much timed work per artifact and cell (both:
     whichever ends later; neither: 20 repetitions). `power`: None = sample tegrastats when it exists.
@@ -190,6 +194,8 @@ def _preload(backends: set[str]) -> None:
 
 def _open(stack: ExitStack, info: ArtifactInfo, target: Any, device: str, precision: str | None,
           threads: int | None, probe: MemoryProbe) -> _Entry:
+    if isinstance(target, Runtime):   # opened by the caller with its own options; the caller closes it
+        return _Entry(info, target, None)
     options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
     probe.mark()
     rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision,

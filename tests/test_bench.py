@@ -152,3 +152,19 @@ def test_cli_bench_bad_input(artifacts, tmp_path, args, message):
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_opened_runtimes_and_modules_as_targets(artifacts):
+    from tinyclip_edge.models import load_model_dir
+    from tinyclip_edge.runtimes import open_runtime
+
+    pkg = load_model_dir(artifacts["model"])
+    with open_runtime(artifacts["fp32"], intra_op_threads=1) as rt:
+        rt.name = "ort (opened by caller)"
+        report = run_bench([pkg.model, rt], batches=(2,), tower="both", **FAST)
+        rt.encode_image(__import__("numpy").zeros((1, 3, 32, 32), "float32"))   # still open: the caller owns it
+    names = [a["name"] for a in report.artifacts]
+    assert names == ["ClipModel", "ort (opened by caller)"]
+    assert report.artifacts[0]["params"] == pkg.model.num_params()["total"]
+    assert report.artifacts[1]["kind"] == "runtime" and len(report.rows) == 4
+    assert all(r["iters"] == 3 for r in report.rows)
