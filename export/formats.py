@@ -26,7 +26,8 @@ FORMATS = {
                    frozenset({"out", "precision", "opset", "raw", "calib", "calib-count", "calib-method",
                               "int8-keep", "int8-min-cosine", "exporter"}), PRECISIONS),
     "engine": Format("engine", "TensorRT engines built from an ONNX bundle, written into it", "bundle",
-                     frozenset({"precision", "batch", "workspace", "dla", "timing-cache"}), ("fp32", "fp16", "int8")),
+                     frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
+                     ("fp32", "fp16", "int8")),
 }
 
 

@@ -37,8 +37,9 @@ def _io(spec: list[dict[str, Any]]) -> str:
               "(default: the bundle's)")
 @click.option("--opset", type=int, default=17, show_default=True, help="[onnx] ONNX opset")
 @click.option("--raw", is_flag=True, help="[onnx] output raw embeddings instead of L2-normalised ones")
-@click.option("--calib", help="[onnx] calibration data for int8 (e.g. scenes:calib or a CSV of real images)")
-@click.option("--calib-count", type=int, default=512, show_default=True, help="[onnx] calibration images")
+@click.option("--calib", help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
+              "for implicit int8 from an fp32 bundle with TensorRT proper")
+@click.option("--calib-count", type=int, default=512, show_default=True, help="calibration images")
 @click.option("--calib-method", default="minmax", show_default=True, help="[onnx] minmax | percentile | entropy")
 @click.option("--int8-keep", default="auto", show_default=True,
               help="[onnx] nodes kept float: auto (sensitivity search), none, or comma-separated name parts")
@@ -63,7 +64,7 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
     if precision is not None and precision not in f.precisions:
         raise UserError(f"--precision {precision} is not available for --format {fmt}; choose from {', '.join(f.precisions)}")
     if fmt == "engine":
-        _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache)
+        _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache, calib, calib_count)
         return
     if out is None:
         raise UserError("--format onnx needs --out DIR (the bundle directory to write)")
@@ -87,8 +88,11 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
     click.echo(f"\n{m['precision']} bundle (opset {m['opset']}, normalized={m['normalized']}) written to {bundle}")
 
 
+_ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]
+
+
 def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], workspace: int | None,
-            dla: int | None, timing_cache: Path | None) -> None:
+            dla: int | None, timing_cache: Path | None, calib: str | None, calib_count: int) -> None:
     from ..runtimes.bundle import read_manifest
 
     read_manifest(bundle)  # a clear error when SOURCE is not a bundle
@@ -99,10 +103,21 @@ def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], wo
             raise
         raise UserError("TensorRT engine building is not part of this installation (tinyclip_edge.export.tensorrt "
                         "is missing)") from None
+    # calibration is only for implicit int8 from an fp32 bundle (TensorRT proper); passed only when given
+    extra = {"calib": calib, "calib_count": calib_count} if calib else {}
     engines = build_engines(bundle, precision=precision, batch=batch, workspace_mb=workspace, dla_core=dla,
-                            timing_cache=timing_cache)
-    columns = list(dict.fromkeys(k for e in engines for k in e))
-    click.echo(_table(engines, columns))
+                            timing_cache=timing_cache, **extra)
+    rows = []
+    for e in engines:
+        row = dict(e)
+        if isinstance(e.get("profile"), dict):
+            row["profile"] = "/".join(str(e["profile"].get(k)) for k in ("min", "opt", "max"))
+        if "size_bytes" in e:
+            row["MiB"] = f"{e['size_bytes'] / 2**20:.1f}"
+        rows.append(row)
+    columns = [c for c in _ENGINE_COLUMNS if any(c in r for r in rows)] or list(dict.fromkeys(k for r in rows for k in r))
+    click.echo(_table(rows, columns))
+    click.echo(f"\n{len(engines)} engine(s) written into {bundle}")
 
 
 @click.command("parity")
