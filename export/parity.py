@@ -114,6 +114,7 @@ def _resolve_reference(reference: Any, manifest: dict[str, Any]) -> tuple[Any, s
     """(ClipPackage, its name, whether its weights are the bundle's source weights)."""
     from .source import resolve_source
 
+    given = reference
     if reference is None:
         src = manifest.get("source", {})
         if src.get("kind") == "package" or not src.get("spec"):
@@ -122,7 +123,13 @@ def _resolve_reference(reference: Any, manifest: dict[str, Any]) -> tuple[Any, s
         if src.get("kind") == "model_dir" and not Path(reference).exists():
             raise UserError(f"the bundle's source model {reference} no longer exists; pass --reference MODEL_DIR")
     ref = resolve_source(reference)
-    return ref.package, ref.spec, ref.sha256 == manifest.get("source", {}).get("sha256")
+    same = ref.sha256 == manifest.get("source", {}).get("sha256")
+    if not same and given is None:
+        why = (" (a randomly initialised open_clip model cannot be re-created)" if ref.kind == "open_clip"
+               and ref.weights is None else "")
+        raise UserError(f"the bundle's source {ref.spec} no longer has the exported weights{why}; "
+                        "pass --reference with the model the bundle was exported from")
+    return ref.package, ref.spec, same
 
 
 def _artifact_runtimes(bundle: Path, manifest: dict[str, Any], device: str, providers: list[str] | None,

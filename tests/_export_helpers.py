@@ -35,6 +35,16 @@ def clip_tokens(n: int, context: int, vocab: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def open_clip_text_reference(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, normalised text embeddings) of conftest's tiny open_clip model, computed by open_clip."""
+    import torch
+    from conftest import tiny_open_clip
+
+    ids = clip_tokens(n, 24, 35)
+    with torch.no_grad():
+        return ids, tiny_open_clip().encode_text(torch.from_numpy(ids), normalize=True).numpy()
+
+
 def open_clip_dir(tmp_path: Path) -> Path:
     """A plain open_clip teacher saved as a model directory with the scenes word tokenizer
     (its vocabulary matches the tiny open_clip model's 35 embeddings)."""

@@ -12,8 +12,8 @@ import onnx
 import pytest
 import torch
 
-from _export_helpers import CAPTIONS, clip_tokens, images
-from conftest import make_package, tiny_open_clip
+from _export_helpers import CAPTIONS, clip_tokens, images, open_clip_text_reference
+from conftest import make_package
 from tinyclip_edge import __version__
 from tinyclip_edge.export import export_bundle
 from tinyclip_edge.models import save_model_dir
@@ -90,10 +90,7 @@ def test_open_clip_spec_source(tmp_path, open_clip_checkpoint):
     ckpt = open_clip_checkpoint.split(":", 1)[1]
     assert m["source"]["kind"] == "open_clip" and m["source"]["sha256"] == _sha256(Path(ckpt))
     assert m["tokenizer"]["kind"] == "bpe" and (out / m["tokenizer"]["file"]).is_file()
-    oc = tiny_open_clip()
-    ids = clip_tokens(7, 24, 35)
-    with torch.no_grad():
-        want = oc.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+    ids, want = open_clip_text_reference(7)
     with open_runtime(out) as rt:
         np.testing.assert_allclose(rt.encode_text(ids), want, atol=2e-5)
         assert rt.tokenize(["a photo of a cat"]).shape == (1, 24)  # the bundled BPE vocabulary works

@@ -84,6 +84,13 @@ def test_parity_random_fallback_and_reference_mismatch(tmp_path, tiny_model_dir)
     assert not mismatch and any("differ from the bundle's source" in n for n in mismatch.notes)
 
 
+def test_parity_source_changed_since_export(tmp_path, tiny_model_dir):
+    bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
+    save_model_dir(make_package(seed=9), tiny_model_dir)  # retrained in place after the export
+    with pytest.raises(UserError, match="no longer has the exported weights; pass --reference"):
+        run_parity(bundle, data=None, progress=False)
+
+
 def test_parity_reference_errors(tmp_path, tiny_package):
     bundle = export_bundle(tiny_package, tmp_path / "mem", progress=False)
     with pytest.raises(UserError, match="exported from a model in memory; pass --reference"):

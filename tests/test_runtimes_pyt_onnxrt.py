@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _export_helpers import CAPTIONS, clip_tokens, images, open_clip_dir
+from _export_helpers import CAPTIONS, clip_tokens, images, open_clip_dir, open_clip_text_reference
 from conftest import tiny_open_clip
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import export_bundle
@@ -39,11 +39,8 @@ def test_pyt_opens_model_dir_package_and_modules(tiny_model_dir, tiny_package):
 
 
 def test_pyt_open_clip_model_matches_open_clip():
-    oc = tiny_open_clip()
-    ids = clip_tokens(5, 24, 35)
-    with torch.no_grad():
-        want = oc.encode_text(torch.from_numpy(ids), normalize=True).numpy()
-    with open_runtime(oc) as rt:
+    ids, want = open_clip_text_reference(5)
+    with open_runtime(tiny_open_clip()) as rt:
         np.testing.assert_allclose(rt.encode_text(ids), want, atol=1e-5)
 
 
