@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from .. import __version__
@@ -21,6 +22,7 @@ from ..common.io import atomic_path, atomic_write_json
 from ..common.tokenizers import export_tokenizer
 from ..runtimes.base import TOWERS
 from ..runtimes.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, is_bundle
+from ..runtimes.pyt import placed_model
 from .graphs import (EXPORTERS, EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
                      sample_input, save_graph, set_metadata, sha256_file, tower_module)
 from .precision import CALIB_METHODS, PRECISIONS, QuantOptions, quantize, to_fp16
@@ -87,8 +89,6 @@ def _verify(model: Any, tower: str, path: Path, normalize: bool) -> dict[str, fl
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    import torch
-
     from .metrics import compare
 
     x = sample_input(model, tower, batch=3, seed=1)
@@ -129,7 +129,7 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
     out = Path(out)
     _check_out(out, src)
     pkg = src.package
-    model = pkg.model.float().cpu().eval()
+    model = placed_model(pkg.model, "cpu", torch.float32)  # a copy when it is elsewhere: the caller's stays put
     calib_inputs, calib_info = (_calibration(pkg, calib, calib_count, towers, progress)
                                 if calib and precision.startswith("int8") else ({}, None))
     shape = model.shape
@@ -212,7 +212,6 @@ def _bundle_tokenizer(cfg: dict[str, Any], bundle: Path) -> dict[str, Any]:
 
 def _exporter_info(exporter: str) -> dict[str, str]:
     import onnx
-    import torch
 
     info = {"name": exporter, "torch": torch.__version__, "onnx": onnx.__version__}
     try:

@@ -46,7 +46,7 @@ def _load(target: Any) -> tuple[Any, dict | None, dict | None, Path | None, str]
                     "a ClipModel or an open_clip model")
 
 
-def _placed(model: Any, device: str, dtype: torch.dtype) -> Any:
+def placed_model(model: Any, device: str, dtype: torch.dtype) -> Any:
     """The model on `device` in `dtype`; a copy when that changes it (``.to`` would alter the caller's model)."""
     p = next(model.parameters())
     if p.dtype != dtype or p.device != torch.device(device):
@@ -90,7 +90,7 @@ class PytRuntime(Runtime):
                          tokenizer=tokenizer, base_dir=base_dir)
         self.dtype, self.mode, self.normalize, self.batch = DTYPES[precision], mode, normalize, batch
         self.compile_mode, self.compile_backend = compile_mode, compile_backend
-        self.model = _placed(model, device, self.dtype)
+        self.model = placed_model(model, device, self.dtype)
         self._fns: dict[str, Callable[[Tensor], Tensor]] = {}
 
     def _forward(self, tower: str) -> Callable[[Tensor], Tensor]:

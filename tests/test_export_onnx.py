@@ -120,3 +120,12 @@ def test_dynamo_exporter(tmp_path, pruned_model_dir):
         for n in (1, 7):
             np.testing.assert_allclose(rt.encode_text(ids[:n]), ref.encode_text(ids[:n]), atol=2e-5)
             np.testing.assert_allclose(rt.encode_image(images(n)), ref.encode_image(images(n)), atol=2e-5)
+
+
+def test_export_from_package_in_memory(tmp_path, tiny_package):
+    tiny_package.model.half()  # e.g. straight out of mixed-precision training
+    out = export_bundle(tiny_package, tmp_path / "mem", progress=False)
+    assert next(tiny_package.model.parameters()).dtype == torch.float16  # the caller's model is untouched
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"]["kind"] == "package" and len(m["source"]["sha256"]) == 64
+    assert m["towers"]["image"]["verified_fp32"]["min_cosine"] > 0.9999
