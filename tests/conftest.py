@@ -95,3 +95,16 @@ def open_clip_checkpoint(tmp_path: Path) -> str:
     ckpt = tmp_path / "tiny_open_clip.pt"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     return f"{cfg_path}:{ckpt}"
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_dir(tmp_path_factory) -> Path:
+    """A scenes-tiny CLIP really trained on scenes (about 30 s on 2 cores), through the packaged
+    teacher recipe and the real runner. Shared by every test that needs a teacher that knows something."""
+    from tinyclip_edge.compress.recipe import load_recipe
+    from tinyclip_edge.compress.runner import run_compress
+
+    run_dir = tmp_path_factory.mktemp("trained-teacher") / "run"
+    recipe = load_recipe("scenes-teacher", [f"run_dir={run_dir}", "stages.0.shape=scenes-tiny", "stages.0.steps=150",
+                                             "stages.0.batch_size=64", "stages.0.lr=0.003", "stages.0.log_every=50"])
+    return run_compress(recipe).stage_dirs[0]

@@ -15,8 +15,9 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> RunResult:
     return run_compress(recipe, resume=resume)
 
 
-def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True) -> RunResult:
-    recipe = load_recipe("quickstart", [f"run_dir={run_dir}"])
+def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True,
+                   overrides: list[str] | None = None) -> RunResult:
+    recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
     exists = (Path(run_dir) / RUN_STATE).is_file()
     if exists and not resume:
         import shutil

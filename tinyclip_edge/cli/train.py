@@ -64,15 +64,19 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
 
 @_command
 @click.command()
+@click.argument("overrides", nargs=-1)
 @click.option("--run-dir", default="runs/quickstart", show_default=True)
 @click.option("--resume/--fresh", default=True, show_default=True,
               help="Continue an unfinished quick start in --run-dir, or start over.")
-def quickstart(run_dir: str, resume: bool) -> None:
-    """Train a small teacher on built-in data, compress it twice, compare with scratch, report (CPU)."""
+def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
+    """Train a small teacher on built-in data, compress it twice, compare with scratch, report (CPU).
+
+    OVERRIDES (key=value) change the packaged quickstart recipe, e.g. teacher=runs/x/teacher.
+    """
     from ..pipeline import run_quickstart
 
     _logging()
-    result = run_quickstart(run_dir, resume=resume)
+    result = run_quickstart(run_dir, resume=resume, overrides=list(overrides))
     click.echo(f"report: {result.run_dir / 'report.md'} and report.json")
 
 

@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
     return Path(name)
 
 
@@ -55,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    shutil.rmtree(tmp)  # callers decide whether it becomes a file or a directory
+    shutil.rmtree(tmp)  # callers decide whether it becomes a file or a directory (made with normal modes)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

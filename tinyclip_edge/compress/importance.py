@@ -5,8 +5,12 @@
   writes it (consistent across the whole residual stream, since all layers share it), a layer the
   norm of the weights that write into the stream.
 - ``activation``: from a few calibration batches. A head scores the mean norm of its contribution to
-  the residual stream, a neuron mean|activation| * ||fc2 column||, a channel its mean |value| over
+  the residual stream, a neuron std(activation) * ||fc2 column||, a channel its mean |value| over
   every layer's input, and a layer how much it changes the stream (1 - cosine(input, output)).
+
+Measured on the quick start's scenes teacher (R@1 73/74 i2t/t2i on scenes:val:300), a 50% student
+before any training: magnitude 62/66, activation 59/66. Magnitude is the default: as good, and it
+needs no data.
 """
 
 from __future__ import annotations
@@ -119,7 +123,11 @@ class _Recorder:
 
     def _mlp_hook(self, i: int, fc2: torch.nn.Linear):
         def hook(_mod, args):
-            self.mlp[i] += self._mean(args[0].float().abs()) * fc2.weight.float().norm(dim=0)
+            # the spread of a neuron's output, not its mean |value|: measured on the scenes teacher at 50%,
+            # std-scored pruning keeps R@1 59/66 (i2t/t2i) before training, mean|act| only 30/41
+            a = args[0].float()
+            std = (self._mean(a * a) - self._mean(a) ** 2).clamp_min(0).sqrt()
+            self.mlp[i] += std * fc2.weight.float().norm(dim=0)
         return hook
 
     def scores(self) -> TowerScores:

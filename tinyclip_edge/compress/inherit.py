@@ -51,7 +51,7 @@ def tower_plan(src: TowerShape, dst: TowerShape, scores: TowerScores, layer_sele
     return TowerPlan(layers, _top(scores.hidden, dst.width), heads, mlp)
 
 
-def manual_inherit(source: ClipModel, target: ClipShape, *, importance: str = "activation",
+def manual_inherit(source: ClipModel, target: ClipShape, *, importance: str = "magnitude",
                    layer_selection: str = "even", calib: Iterable[dict[str, Tensor]] | None = None,
                    ) -> tuple[ClipModel, KeepPlan]:
     """Cut `target` out of `source`; returns the student and the plan (which units it kept)."""

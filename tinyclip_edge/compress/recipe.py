@@ -37,8 +37,8 @@ class PruneCfg:
     """Automatic inheritance: learnable hard-concrete masks (method: prune)."""
 
     target: float | dict | None = None   # fraction of parameters to keep; default: the stage's target
-    mask_lr: float = 0.01                # learning rate of the mask parameters (log-alpha)
-    lambda_lr: float = 0.01              # learning rate of the Lagrange multipliers (gradient ascent)
+    mask_lr: float = 0.05                # learning rate of the mask parameters (log-alpha); short runs want more
+    lambda_lr: float = 0.1               # learning rate of the Lagrange multipliers (gradient ascent)
     warmup: float = 0.5                  # fraction of mask-learning steps over which the target ramps in
     mask_steps: float = 0.7              # fraction of the stage spent learning masks; then materialise
     layers: bool = False                 # also gate whole attention / MLP sub-layers
@@ -54,7 +54,7 @@ class StageCfg:
     shape: Any = None                    # explicit shape: {image: {layers, heads, mlp, width}, text: ...} or a preset
     shape_policy: str = "balanced"       # balanced | width | depth
     layer_selection: str = "even"        # even | importance
-    importance: str = "activation"       # activation | magnitude
+    importance: str = "magnitude"        # magnitude | activation (see compress/importance.py)
     calib_batches: int = 4
     teacher: str = "original"            # original | previous | none
     steps: int = 1000
@@ -153,6 +153,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise UserError(f"recipe key '{path}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"recipe key '{path}' must be a number, got {value!r}")
         return float(value)

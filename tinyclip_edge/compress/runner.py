@@ -14,6 +14,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model
 from ..models.presets import PRESETS, preset_shape
 from .recipe import Recipe, StageCfg, dump_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
+from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
 from .teacher import resolve_teacher
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
@@ -122,6 +124,35 @@ def _inherit(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: lis
     return DistillTask(student)
 
 
+@register_stage("prune")
+def _prune(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
+    from .prune import PruneTask
+
+    spec = st.prune.target if st.prune.target is not None else st.target
+    if spec is None:
+        raise UserError(f"stage {st.name}: a prune stage needs a target (stages.N.target or prune.target)")
+    src_p, t_p = source.shape.params(), teacher.shape.params()
+    budget = {}
+    for tower, r in tower_targets(spec).items():
+        if r is None:
+            continue
+        budget[tower] = r * t_p[tower]
+        if budget[tower] >= src_p[tower]:
+            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
+                            f"the model it prunes ({src_p[tower] / t_p[tower]:.2f}); stage targets must shrink")
+    mask_steps = max(1, round(st.steps * st.prune.mask_steps))
+    # a copy: the source may be the teacher itself, which must stay frozen and untouched
+    task = PruneTask(copy.deepcopy(source.model), st.prune, budget, mask_steps, seed)
+    task.plan()  # fail now, not after training, if the budget cannot be met at all
+    return task
+
+
+@register_stage("continue")
+def _continue(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
+    """Keep distilling the source model as it is (the second half of a prune stage)."""
+    return DistillTask(copy.deepcopy(source.model))
+
+
 @register_stage("scratch")
 def _scratch(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
     target = stage_shape(st, source.shape, teacher.shape)
@@ -153,7 +184,7 @@ def _check_recipe(recipe: Recipe) -> None:
             from ..common.errors import closest
 
             raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
-                            f"choose from {', '.join(STAGE_BUILDERS)}")
+                            "choose from inherit, prune, scratch")
         if st.teacher not in ("original", "previous", "none"):
             raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
         if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
@@ -209,7 +240,7 @@ class Run:
         return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
-                  original: ClipPackage) -> ClipPackage:
+                  original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
         status = self.state["stages"].get(st.name)
         if status == "done" and is_model_dir(out_dir):
             log.info("%s: done, skipping", st.name)
@@ -237,9 +268,10 @@ class Run:
                              device=self.device, ckpt_dir=ckpt, metrics_path=self.dir / "metrics.jsonl",
                              label=st.name, resume=resume, workers=workers, on_step=self.on_step)
         model = task.finalize().cpu().eval()
-        pkg = source.with_model(model, teacher=self.recipe.teacher or None, recipe=self.recipe.name, stage=st.name,
-                                method=st.method, steps=tstate.step, samples=tstate.samples,
-                                skipped_images=tstate.skipped)
+        prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": st.name,
+                "method": st.method, "steps": tstate.step, "samples": tstate.samples,
+                "skipped_images": tstate.skipped, **(provenance or {})}
+        pkg = source.with_model(model, **prov)
         save_model_dir(pkg, out_dir)
         self.state["stages"][st.name] = "done"
         self._save_state()
@@ -255,7 +287,10 @@ class Run:
             teacher = {"original": original, "previous": prev, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
                 teacher = original
-            prev = self.run_stage(st, i, self.dir / st.name, prev, teacher, reference)
+            if st.method == "prune":
+                prev = self.run_prune_stage(st, i, prev, teacher, reference)
+            else:
+                prev = self.run_stage(st, i, self.dir / st.name, prev, teacher, reference)
             result.stage_dirs.append(self.dir / st.name)
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
@@ -264,6 +299,17 @@ class Run:
 
             result.report = write_report(self, result)
         return result
+
+    def run_prune_stage(self, st: StageCfg, index: int, source: ClipPackage, teacher: ClipPackage | None,
+                        original: ClipPackage) -> ClipPackage:
+        """Learn masks for prune.mask_steps of the steps (`<name>.masks`: the materialised student right after),
+        then keep distilling the materialised student for the rest (`<name>`)."""
+        mask_steps = max(1, round(st.steps * st.prune.mask_steps))
+        masks = replace(st, name=f"{st.name}.masks", steps=mask_steps)
+        pruned = self.run_stage(masks, index, self.dir / masks.name, source, teacher, original)
+        rest = replace(st, method="continue", steps=max(1, st.steps - mask_steps))
+        return self.run_stage(rest, index, self.dir / st.name, pruned, teacher, original,
+                              {"method": "prune", "steps": mask_steps + rest.steps, "mask_steps": mask_steps})
 
     def run_baselines(self, reference: ClipPackage, stage_dirs: list[Path]) -> dict[str, Path]:
         """Each stage's student shape trained from scratch with as many steps as the student saw in total."""

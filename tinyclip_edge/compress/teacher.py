@@ -20,11 +20,13 @@ log = logging.getLogger("tinyclip_edge")
 
 
 def builtin_teacher_dir(name: str) -> Path:
-    from .recipe import _read_yaml, dump_recipe, load_recipe
+    import json
 
-    _read_yaml(name)  # a clear error for unknown names
-    recipe = load_recipe(name)
-    digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:10]  # a changed recipe retrains
+    from .recipe import _read_yaml
+
+    data, _ = _read_yaml(name)  # a clear error for unknown names
+    # an edited recipe trains a new teacher; code defaults do not enter the key
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / "teachers" / f"{name}-{digest}"
 
 

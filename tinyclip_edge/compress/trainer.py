@@ -108,6 +108,13 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
 # ------------------------------------------------------------------------------ the loop
 
 
+def _kept(ckpt_dir: Path) -> str:
+    meta = read_checkpoint_meta(ckpt_dir)
+    if meta is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}"
+
+
 class _StopFlag:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary."""
 
@@ -157,8 +164,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
         while state.step < cfg.steps:
             step = state.step
             for o in optimizers:
-                for g in o.param_groups:
-                    g["lr"] = g["base_lr"] * lr_at(step, cfg)
+                for g in o.param_groups:  # masks and Lagrange multipliers keep a constant rate
+                    g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
             logs: dict[str, float] = {}
             n_micro = 0
             for _ in range(accum):
@@ -184,8 +191,9 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                     loss = loss + v
                     part[k] = float(v.detach())
                 if not torch.isfinite(loss):
-                    raise Diverged(f"{label}: the loss became {float(loss)} at step {step}; the last good "
-                                   f"checkpoint is kept in {ckpt_dir} — lower the learning rate and resume")
+                    what = task.check_finite() or f"the loss became {float(loss.detach())}"
+                    raise Diverged(f"{label}: {what} at step {step}; {_kept(ckpt_dir)} — lower the learning "
+                                   "rates (lr, prune.lambda_lr) and resume")
                 (loss / accum).backward()
                 n_micro += 1
                 state.samples += len(images)
@@ -195,14 +203,20 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(task.clip_parameters(), cfg.grad_clip)
                 for o in optimizers:
-                    o.step()
+                    try:
+                        o.step()
+                    except RuntimeError as e:  # Adam raises this when lr/moments leave float32's range
+                        if "overflow" not in str(e):
+                            raise
+                        raise Diverged(f"{label}: an optimiser step overflowed at step {step} ({e}); "
+                                       f"{_kept(ckpt_dir)} — lower the learning rates") from None
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             logs.update(task.after_step(step))
             bad = task.check_finite()
             if bad:
-                raise Diverged(f"{label}: {bad} at step {step}; the last good checkpoint is kept in {ckpt_dir} "
-                               "— lower the learning rates (e.g. prune.lambda_lr) and resume")
+                raise Diverged(f"{label}: {bad} at step {step}; {_kept(ckpt_dir)} — lower the learning rates "
+                               "(lr, prune.lambda_lr) and resume")
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:

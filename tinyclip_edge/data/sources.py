@@ -170,7 +170,8 @@ def check_readable(src: PairSource, probe: int = 16) -> None:
     if isinstance(src, ScenesSource):
         return
     n = len(src)
-    idx = sorted({round(i * (n - 1) / max(1, probe - 1)) for i in range(min(probe, n))})
+    k = min(probe, n)
+    idx = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
     errors = []
     for i in idx:
         try:

@@ -38,13 +38,22 @@ class TowerShape:
             raise UserError(f"{tower}: act must be 'gelu' or 'quick_gelu', not {self.act!r}")
 
     def block_params(self) -> int:
-        w, d, n = self.width, self.head_dim, 0
-        for h, m in zip(self.heads, self.mlp):
-            if h:
-                n += 2 * w + (w * 3 * h * d + 3 * h * d) + (h * d * w + w) + (w if self.layer_scale else 0)
-            if m:
-                n += 2 * w + (w * m + m) + (m * w + w) + (w if self.layer_scale else 0)
-        return n
+        return block_param_count(self, self.width, self.heads, self.mlp)
+
+
+def block_param_count(s: TowerShape, width: Any, heads: list[Any], mlp: list[Any],
+                      attn_on: list[Any] | None = None, mlp_on: list[Any] | None = None) -> Any:
+    """Parameters of a tower's blocks. Works on ints (an exact shape) and on tensors (expected counts
+    under independent keep-probabilities: E[W*h] = E[W]*E[h]), so a pruning budget and the materialised
+    model are counted by the same formula. `attn_on`/`mlp_on`: whether each sub-layer exists."""
+    d, ls = s.head_dim, 1 if s.layer_scale else 0
+    n: Any = 0
+    for i, (h, m) in enumerate(zip(heads, mlp)):
+        a = (1 if h else 0) if attn_on is None else attn_on[i]
+        f = (1 if m else 0) if mlp_on is None else mlp_on[i]
+        n = n + a * ((3 + ls) * width + 3 * h * d + 4 * width * h * d)
+        n = n + f * ((3 + ls) * width + m + 2 * width * m)
+    return n
 
 
 @dataclass
@@ -67,10 +76,12 @@ class VisionShape(TowerShape):
             raise UserError(f"image: pool must be 'tok' or 'avg', not {self.pool!r}")
 
     def params(self, embed_dim: int) -> int:
-        w = self.width
-        n = 3 * self.patch_size**2 * w + w + (self.grid**2 + 1) * w
-        n += 2 * w if self.ln_pre else 0
-        return n + self.block_params() + 2 * w + w * embed_dim
+        return self.embedding_params(self.width, embed_dim) + self.block_params()
+
+    def embedding_params(self, width: Any, embed_dim: int) -> Any:
+        """Everything outside the blocks: patch embedding, class/positional embeddings, norms, projection."""
+        per_channel = 3 * self.patch_size**2 + 1 + (self.grid**2 + 1) + (2 if self.ln_pre else 0) + 2 + embed_dim
+        return per_channel * width
 
 
 @dataclass
@@ -88,9 +99,11 @@ class TextShape(TowerShape):
             raise UserError(f"text: pool must be argmax/eos/first/last, not {self.pool!r}")
 
     def params(self, embed_dim: int) -> int:
-        w = self.width
-        n = self.vocab_size * w + self.context_length * w + self.block_params() + 2 * w
-        return n + w * embed_dim + (embed_dim if self.proj_bias else 0)
+        return self.embedding_params(self.width, embed_dim) + self.block_params()
+
+    def embedding_params(self, width: Any, embed_dim: int) -> Any:
+        """Token and positional embeddings, the final norm and the projection."""
+        return (self.vocab_size + self.context_length + 2 + embed_dim) * width + (embed_dim if self.proj_bias else 0)
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""CLI commands of the compression core, and every bad-input path of issue 2 (one line, non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tinyclip_edge.cli import main
+from tinyclip_edge.models import save_model_dir
+
+TINY = ["baselines.scratch=false", "stages.0.steps=2", "stages.0.batch_size=8", "stages.1.steps=2",
+        "stages.1.batch_size=8", "eval.max_pairs=40", "eval.data=scenes:val"]
+
+
+@pytest.fixture
+def teacher_dir(tmp_path, tiny_package):
+    return save_model_dir(tiny_package, tmp_path / "teacher")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_compress_eval_info_and_resume(tmp_path, teacher_dir):
+    run = tmp_path / "run"
+    r = invoke("compress", "quickstart", *TINY, f"run_dir={run}", "--teacher", teacher_dir)
+    assert r.exit_code == 0, r.output
+    report = json.loads((run / "report.json").read_text())
+    assert [s["name"] for s in report["students"]] == ["stage-1", "stage-2"]
+    assert "R@1" in report["students"][0]["i2t"] and "agreement" in report["students"][1]
+    assert "| teacher |" in (run / "report.md").read_text()
+
+    r = invoke("compress", "--resume", run)  # everything done: resumes to the end at once
+    assert r.exit_code == 0 and "done: students in" in r.output
+
+    out = tmp_path / "eval.json"
+    r = invoke("eval", run / "stage-2", "--data", "scenes:val:40", "--teacher", run / "teacher", "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["pairs"] == 40 and "zero_shot" in res and "compositional_acc" in res and "agreement" in res
+    assert "| teacher |" in r.output
+
+    r = invoke("info", run / "stage-2")
+    assert r.exit_code == 0 and "parameters (image" in r.output and "stage=stage-2" in r.output
+    cfg = json.loads(invoke("info", run / "stage-2", "--json").output)
+    assert cfg["provenance"]["method"] == "inherit"
+
+
+def test_quickstart_command_writes_its_report(tmp_path, teacher_dir):
+    run = tmp_path / "qs"
+    r = invoke("quickstart", "--run-dir", run, f"teacher={teacher_dir}", *TINY, "baselines.scratch=true")
+    assert r.exit_code == 0, r.output
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["comparison"]) == 2 and {"distilled_R@1", "scratch_R@1"} <= set(report["comparison"][0])
+    assert report["baselines"][1]["steps"] == 4  # scratch gets the student's cumulative steps
+    assert "Weight inheritance + distillation vs. training from scratch" in (run / "report.md").read_text()
+
+
+def test_unknown_recipe_key(tmp_path, teacher_dir):
+    assert_one_line_error(invoke("compress", "quickstart", "stages.0.stpes=3", "--teacher", teacher_dir),
+                          "unknown recipe key 'stages.0.stpes'", "did you mean 'steps'")
+
+
+def test_missing_data_path(tmp_path, teacher_dir):
+    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
+                                 "data.train=nowhere/train.csv", "--teacher", teacher_dir),
+                          "data file not found: nowhere/train.csv")
+
+
+def test_csv_with_all_images_unreadable(tmp_path, teacher_dir):
+    (tmp_path / "bad.jpg").write_bytes(b"\x00garbage")
+    (tmp_path / "pairs.csv").write_text("filepath,title\nbad.jpg,a red circle\nmissing.png,a blue square\n")
+    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
+                                 f"data.train={tmp_path / 'pairs.csv'}", "--teacher", teacher_dir),
+                          "could be read")
+
+
+def test_truncated_checkpoint(tmp_path, open_clip_checkpoint):
+    ckpt = open_clip_checkpoint.split(":", 1)[1]
+    with open(ckpt, "r+b") as f:
+        f.truncate(2000)
+    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
+                                 "--teacher", open_clip_checkpoint), "truncated or corrupt")
+
+
+def test_truncated_model_dir(tmp_path, teacher_dir):
+    w = teacher_dir / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    assert_one_line_error(invoke("eval", teacher_dir, "--data", "scenes:val:8"), "truncated or corrupt")
+
+
+def test_student_larger_than_teacher(tmp_path, teacher_dir):
+    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
+                                 "stages.0.shape={image: {layers: 5}}", "--teacher", teacher_dir),
+                          "larger than its teacher")
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.2", "-0.5"])
+def test_ratio_outside_zero_one(tmp_path, teacher_dir, ratio):
+    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
+                                 f"stages.0.target={ratio}", "--teacher", teacher_dir), "between 0 and 1")
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("compress", "--resume", tmp_path / "empty"), "holds no run")
+
+
+def test_missing_model_dir():
+    assert_one_line_error(invoke("info", "does/not/exist"), "model directory not found")

@@ -1,0 +1,138 @@
+"""Automatic weight inheritance: learn which heads, neurons, channels (and sub-layers) to keep with
+hard-concrete masks trained jointly with distillation, under a Lagrangian parameter budget.
+
+    L = distillation losses(student under sampled masks) + lambda1 * (s - t) + lambda2 * (s - t)^2
+
+s is the expected sparsity (1 - E[kept params] / params of the model being pruned), t the target
+sparsity, ramped linearly from 0 over the warm-up. The masks' log-alphas descend on L with their own
+learning rate; lambda1 and lambda2 *ascend* on L (a separate optimiser with maximize=True), so a
+violated budget makes them grow until the masks comply. At the end the gates become deterministic and
+the model is materialised (``finalize``) to a smaller dense student with per-layer widths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models.clip import ClipModel
+from ..models.shape import TOWERS, ClipShape
+from .masks import TowerGates, budget_plans, masks_for_plan
+from .recipe import PruneCfg
+from .slicing import KeepPlan, TowerPlan, slice_model
+from .tasks import StageTask, register_task
+
+
+def _embedding_terms(shape: ClipShape, tower: str) -> tuple[float, float]:
+    """(parameters per residual channel outside the blocks, constant parameters) of a tower."""
+    ts = shape.tower(tower)
+    per = ts.embedding_params(1, shape.embed_dim) - ts.embedding_params(0, shape.embed_dim)
+    return float(per), float(ts.embedding_params(0, shape.embed_dim))
+
+
+@register_task("prune")
+class PruneTask(StageTask):
+    def __init__(self, model: ClipModel, cfg: PruneCfg, budget: dict[str, float], mask_steps: int, seed: int = 0):
+        super().__init__(model)
+        self.cfg, self.budget, self.mask_steps, self.seed = cfg, dict(budget), mask_steps, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.gates = nn.ModuleDict({t: TowerGates(model.shape.tower(t), cfg.hidden, cfg.layers, gen) for t in TOWERS})
+        groups = [list(TOWERS)] if cfg.joint else [[t] for t in TOWERS if t in budget]
+        self.groups = groups
+        self.lambdas = nn.Parameter(torch.zeros(len(groups), 2))
+        self._full = {t: float(model.shape.params()[t]) for t in TOWERS}
+        self._last: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- forward
+    def _generator(self, step: int) -> torch.Generator:
+        # mask noise is a pure function of (seed, step), so a resumed run samples the same masks
+        dev = self.lambdas.device
+        return torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + step)
+
+    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        g = self._generator(step)
+        img = self.model.encode_image(images, True, self.gates["image"].sample(g))
+        txt = self.model.encode_text(ids, True, self.gates["text"].sample(g))
+        return img, txt, self.model.logit_scale.exp()
+
+    def expected_params(self) -> dict[str, Tensor]:
+        out = {}
+        for t in TOWERS:
+            per, const = _embedding_terms(self.model.shape, t)
+            out[t] = self.gates[t].expected_params(per, const)
+        return out
+
+    def target_sparsity(self, step: int, towers: list[str]) -> float:
+        final = 1 - sum(self.budget[t] for t in towers) / sum(self._full[t] for t in towers)
+        ramp = max(1.0, self.cfg.warmup * self.mask_steps)
+        return final * min(1.0, (step + 1) / ramp)
+
+    def extra_losses(self, step: int) -> dict[str, Tensor]:
+        expected = self.expected_params()
+        total = torch.zeros((), device=self.lambdas.device)
+        for gi, towers in enumerate(self.groups):
+            s = 1 - sum(expected[t] for t in towers) / sum(self._full[t] for t in towers)
+            gap = s - self.target_sparsity(step, towers)
+            total = total + self.lambdas[gi, 0] * gap + self.lambdas[gi, 1] * gap**2
+            self._last[f"sparsity/{'+'.join(towers)}"] = float(s.detach())
+        return {"lagrangian": total}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        logs = super().after_step(step)
+        logs.update(self._last)
+        for gi, towers in enumerate(self.groups):
+            logs[f"lambda1/{'+'.join(towers)}"] = float(self.lambdas[gi, 0].detach())
+            logs[f"target/{'+'.join(towers)}"] = self.target_sparsity(step, towers)
+        return logs
+
+    def check_finite(self) -> str | None:
+        # |lambda| > 1e20 is divergence in all but name: the next Adam step overflows float32
+        if not torch.isfinite(self.lambdas).all() or self.lambdas.detach().abs().max() > 1e20:
+            return f"the Lagrange multipliers diverged (lambda = {self.lambdas.detach().flatten().tolist()})"
+        if any(g.diverged() for g in self.gates.values()):
+            return "the mask parameters diverged (NaN/inf log-alpha)"
+        return None
+
+    # ---------------------------------------------------------------- optimisation
+    def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
+        opts = super().optimizers(cfg, device)
+        masks = [p for g in self.gates.values() for p in g.parameters()]
+        opts.append(torch.optim.Adam([{"params": masks, "base_lr": self.cfg.mask_lr, "constant_lr": True}],
+                                     lr=self.cfg.mask_lr))
+        opts.append(torch.optim.Adam([{"params": [self.lambdas], "base_lr": self.cfg.lambda_lr, "constant_lr": True}],
+                                     lr=self.cfg.lambda_lr, maximize=True))
+        return opts
+
+    # ---------------------------------------------------------------- materialise
+    def plan(self) -> KeepPlan:
+        shape = self.model.shape
+
+        def count(tower: str, plan: TowerPlan) -> int:
+            return shape.with_tower(tower, plan.shape(shape.tower(tower))).params()[tower]
+
+        plans = budget_plans(dict(self.gates.items()), count, self._budgets(), self.cfg.joint, self.cfg.layers)
+        return KeepPlan(plans["image"], plans["text"])
+
+    def _budgets(self) -> dict[str, float]:
+        return {t: self.budget.get(t, self._full[t]) for t in TOWERS}
+
+    def deterministic_masks(self, plan: KeepPlan) -> dict[str, Any]:
+        dev = self.lambdas.device
+        return {t: masks_for_plan(plan.tower(t), self.model.shape.tower(t), dev) for t in TOWERS}
+
+    def finalize(self) -> ClipModel:
+        return slice_model(self.model, self.plan()).eval()
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**super().checkpoint_meta(), "prune": asdict(self.cfg), "budget": self.budget,
+                "mask_steps": self.mask_steps, "seed": self.seed}
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> "PruneTask":
+        model = ClipModel(ClipShape.from_dict(meta["shape"]))
+        return cls(model, PruneCfg(**meta["prune"]), meta["budget"], meta["mask_steps"], meta["seed"])
