@@ -1,1 +1,13 @@
-"""Export to ONNX and TensorRT, and parity checks."""
+"""Export to ONNX (fp32 / fp16 / int8 bundles) and parity checks; TensorRT engines in `tensorrt.py`.
+
+Entry points: ``export_bundle`` (bundle.py) and ``run_parity`` (parity.py). This package may import
+``runtimes``, ``tinyclip_edge.models``, ``common`` and ``data``, never the training core.
+"""
+
+from .bundle import DEFAULT_CALIB_COUNT, export_bundle
+from .parity import run_parity
+from .precision import PRECISIONS
+from .report import DEFAULT_TOLERANCES, ParityReport, Tolerance
+
+__all__ = ["DEFAULT_CALIB_COUNT", "DEFAULT_TOLERANCES", "PRECISIONS", "ParityReport", "Tolerance", "export_bundle",
+           "run_parity"]

@@ -1,0 +1,223 @@
+"""``export_bundle``: a model directory (or open_clip spec) -> a self-contained ONNX bundle directory.
+
+The bundle holds one graph per tower, the tokenizer files, ``preprocess.json`` and ``manifest.json``
+(docs/FORMATS.md). It is written to a temporary sibling and renamed into place, so a failed export
+leaves no bundle (and an older bundle at the same path stays intact).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..common.errors import UserError
+from ..common.io import atomic_path, atomic_write_json
+from ..common.tokenizers import export_tokenizer
+from ..runtimes.base import TOWERS
+from ..runtimes.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, is_bundle
+from ..runtimes.pyt import placed_model
+from .graphs import (EXPORTERS, EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
+                     sample_input, save_graph, set_metadata, sha256_file, tower_module)
+from .precision import CALIB_METHODS, PRECISIONS, QuantOptions, quantize, to_fp16
+from .source import Source, resolve_source
+
+DEFAULT_CALIB_COUNT = 512
+VERIFY_MIN_COSINE = 0.9999
+
+
+def check_export_options(precision: str, opset: int, calib: str | None, calib_count: int, exporter: str,
+                         calib_method: str, towers: Sequence[str]) -> None:
+    """Reject bad options before any work is done."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    if precision == "int8" and not calib:
+        raise UserError("--precision int8 needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
+                        "or a CSV of real images); use --precision int8-dynamic for uncalibrated CPU int8")
+    if calib_count < 1:
+        raise UserError(f"--calib-count must be positive, got {calib_count}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset < 18:
+        raise UserError("the dynamo exporter writes opset 18 or newer; pass --opset 18 (or use the torchscript exporter)")
+    if calib_method not in CALIB_METHODS:
+        raise UserError(f"unknown calibration method '{calib_method}'; choose from {', '.join(CALIB_METHODS)}")
+    bad = [t for t in towers if t not in TOWERS]
+    if bad or not towers:
+        raise UserError(f"unknown tower(s) {bad or '(none)'}; choose from {', '.join(TOWERS)}")
+
+
+def _check_out(out: Path, source: Source) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is a file; choose a directory path for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not is_bundle(out):
+        raise UserError(f"--out {out} exists and is not an export bundle; refusing to replace it, choose a new directory")
+    if source.kind == "model_dir" and out.resolve() == Path(source.spec):
+        raise UserError("--out is the model directory itself; choose a different directory for the bundle")
+
+
+def _calibration(pkg: Any, spec: str, count: int, towers: Sequence[str], progress: bool) -> tuple[dict, dict]:
+    """Calibration inputs per tower, read from real data, and what the manifest says about them."""
+    import numpy as np
+
+    from .data import load_pairs
+
+    pairs = load_pairs(spec, count, pkg.preprocess, progress=progress, what="calibration images")
+    inputs: dict[str, Any] = {"image": pairs.images}
+    if "text" in towers:
+        ids = pkg.tokenizer()(pairs.captions)
+        vocab = pkg.shape.text.vocab_size
+        if ids.max() >= vocab:
+            raise UserError(f"the model's tokenizer produces ids up to {int(ids.max())} but its text tower has only "
+                            f"{vocab} token embeddings; the model directory's tokenizer does not match the model")
+        inputs["text"] = ids.astype(np.int32)
+    info = {"source": spec, "images": len(pairs), "captions": len(pairs), "skipped": pairs.skipped,
+            "requested": count}
+    return inputs, info
+
+
+def _verify(model: Any, tower: str, path: Path, normalize: bool) -> dict[str, float] | None:
+    """The fp32 graph against PyTorch on a random batch of 3; None when onnxruntime is not installed."""
+    try:
+        from ..runtimes.onnxrt import create_session, run_session
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    from .metrics import compare
+
+    x = sample_input(model, tower, batch=3, seed=1)
+    with torch.no_grad():
+        ref = tower_module(model, tower, normalize)(x).numpy()
+    diff = compare(run_session(create_session(path), x.numpy()), ref)
+    if diff.min_cosine < VERIFY_MIN_COSINE:
+        raise UserError(f"the exported {tower} graph disagrees with PyTorch (min cosine {diff.min_cosine:.6f}); "
+                        "try --exporter dynamo --opset 18, and report this model")
+    return {"min_cosine": diff.min_cosine, "max_abs": diff.max_abs}
+
+
+def _metadata(manifest: dict[str, Any], tower: str) -> dict[str, Any]:
+    pre = manifest["preprocess"]
+    return {"tower": tower, "format": BUNDLE_FORMAT, "precision": manifest["precision"],
+            "normalized": manifest["normalized"], "embed_dim": manifest["embed_dim"],
+            "image_size": pre["image_size"], "mean": pre["mean"], "std": pre["std"],
+            "interpolation": pre["interpolation"], "resize_mode": pre["resize_mode"], "preprocess": pre,
+            "context_length": manifest["context_length"], "tokenizer": manifest["tokenizer"],
+            "toolkit_version": __version__, "source_sha256": manifest["source"]["sha256"]}
+
+
+def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32", opset: int = 17,
+                  raw: bool = False, calib: str | None = None, calib_count: int = DEFAULT_CALIB_COUNT,
+                  int8_keep: str | Sequence[str] = "auto", int8_min_cosine: float = 0.995,
+                  calib_method: str = "minmax", exporter: str = "torchscript",
+                  towers: Sequence[str] = TOWERS, verify: bool = True, progress: bool = True,
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Export `source` (model dir, open_clip spec or ClipPackage) to an ONNX bundle at `out`; returns `out`.
+
+    precision: fp32 | fp16 | int8 (static QDQ, needs `calib`) | int8-dynamic (CPU). `raw`: unnormalised
+    embeddings. `int8_keep`: "auto" (sensitivity search to `int8_min_cosine`), "none", or node-name
+    substrings to keep float. `calib_count` images (and their captions) are read from `calib`.
+    """
+    towers = tuple(towers)
+    check_export_options(precision, opset, calib, calib_count, exporter, calib_method, towers)
+    src = resolve_source(source)
+    out = Path(out)
+    _check_out(out, src)
+    pkg = src.package
+    model = placed_model(pkg.model, "cpu", torch.float32)  # a copy when it is elsewhere: the caller's stays put
+    calib_inputs, calib_info = (_calibration(pkg, calib, calib_count, towers, progress)
+                                if calib and precision.startswith("int8") else ({}, None))
+    shape = model.shape
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "toolkit_version": __version__,
+        "precision": precision, "opset": opset, "normalized": not raw, "embed_dim": shape.embed_dim,
+        "image_size": shape.vision.image_size, "context_length": shape.text.context_length,
+        "preprocess": pkg.preprocess.to_dict(), "tokenizer": None, "towers": {}, "engines": {},
+        "calibration": calib_info, "precision_details": {}, "source": src.to_dict(),
+        "exporter": _exporter_info(exporter), "params": model.num_params(),
+    }
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            work = tmp / ".work"
+            work.mkdir()
+            manifest["tokenizer"] = _bundle_tokenizer(pkg.tokenizer_cfg, tmp)
+            steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
+            for tower in towers:
+                fp32 = work / f"{tower}.fp32.onnx"
+                steps.set_postfix_str(f"{tower}: torch -> onnx")
+                export_tower(model, tower, fp32, opset=opset, normalize=not raw, exporter=exporter)
+                check_graph(fp32)
+                verified = _verify(model, tower, fp32, not raw) if verify else None
+                steps.update()
+                steps.set_postfix_str(f"{tower}: {precision}")
+                graph, details = _convert(fp32, work, tower, precision, calib_inputs.get(tower),
+                                          QuantOptions(int8_keep, int8_min_cosine, calib_method), progress)
+                steps.update()
+                steps.set_postfix_str(f"{tower}: save + check")
+                manifest["towers"][tower] = _finish(graph, tmp / f"{tower}.onnx", manifest, tower,
+                                                    external_data_threshold, verified)
+                if details:
+                    manifest["precision_details"][tower] = details
+                steps.update()
+            steps.close()
+            shutil.rmtree(work)
+            manifest["opset"] = manifest["towers"][towers[0]]["opset"]
+            atomic_write_json(tmp / "preprocess.json", manifest["preprocess"])
+            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    except OSError as e:
+        raise UserError(f"cannot write the bundle to {out}: {e.strerror or e}") from None
+    return out
+
+
+def _convert(fp32: Path, work: Path, tower: str, precision: str, data: Any, opts: QuantOptions,
+             progress: bool) -> tuple[Path, dict[str, Any] | None]:
+    if precision == "fp32":
+        return fp32, None
+    target = work / f"{tower}.{precision}.onnx"
+    if precision == "fp16":
+        return target, to_fp16(fp32, target)
+    return target, quantize(fp32, target, work, tower, precision, data, opts, progress)
+
+
+def _finish(graph: Path, final: Path, manifest: dict[str, Any], tower: str, threshold: int,
+            verified: dict[str, float] | None) -> dict[str, Any]:
+    """Stamp metadata, save (external data when large), run the full checker; the manifest's tower entry."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    set_metadata(model, _metadata(manifest, tower))
+    data = save_graph(model, final, threshold)
+    check_graph(final)
+    entry = {"file": final.name, **graph_io(model), "opset": graph_opset(model), "external_data": data,
+             "sha256": sha256_file(final), "bytes": final.stat().st_size + ((final.parent / data).stat().st_size if data else 0),
+             "params": manifest["params"][tower]}
+    if verified is not None:
+        entry["verified_fp32"] = verified
+    return entry
+
+
+def _bundle_tokenizer(cfg: dict[str, Any], bundle: Path) -> dict[str, Any]:
+    """Copy vocabulary files into ``tokenizer/``; paths in the returned config are bundle-relative."""
+    out = export_tokenizer(cfg, bundle / "tokenizer")
+    if "file" in out:
+        out["file"] = f"tokenizer/{out['file']}"
+    return out
+
+
+def _exporter_info(exporter: str) -> dict[str, str]:
+    import onnx
+
+    info = {"name": exporter, "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info

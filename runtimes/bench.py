@@ -1,0 +1,320 @@
+"""Latency benchmark over several artifacts at once (PyTorch model dirs, ONNX bundles, TensorRT engines).
+
+Per tower and batch ("cell"): each artifact warms up alone (its memory is measured then), then the timed
+repetitions run round-robin over the artifacts, rotating who goes first, so thermal or clock drift hits
+all of them alike; ratios are against the first artifact. On a Jetson, tegrastats runs alongside and a
+separate short window per artifact gives energy per item (power cannot be attributed inside interleaved runs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..common.errors import UserError
+from .artifacts import ArtifactInfo, inspect_artifact
+from .base import BACKEND_MODULES, Runtime, open_runtime
+from .devices import device_facts
+from .measure import MemoryProbe, Timer
+from .report import BenchReport, latency_stats
+from .tegrastats import TegraStats
+
+TOWER_CHOICES = ("image", "text", "both")
+DEFAULT_ITERS = 20
+E2E_IMAGE_SIZE = (640, 480)   # a VGA camera frame: what preprocessing resizes and crops
+CAPTIONS = ["a photo of a red car parked on a street", "two dogs playing in the snow", "a bowl of fruit on a table",
+            "a person riding a bicycle at sunset", "an aerial view of a city at night", "a cat sleeping on a sofa"]
+
+
+@dataclass
+class _Entry:
+    info: ArtifactInfo
+    runtime: Runtime
+    open_mb: float | None
+
+
+def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: str = "both", device: str = "cpu",
+              iters: int | None = None, seconds: float | None = None, warmup: int = 5, end_to_end: bool = False,
+              out_dir: str | os.PathLike | None = None, backend: str | None = None, threads: int | None = None,
+              precision: str | None = None, power: bool | None = None, power_interval_ms: int = 100,
+              progress: bool = True) -> BenchReport:
+    """Benchmark `targets`; write bench.json/.csv/.md/.png into `out_dir` when given.
+
+    A target is a path (model dir, bundle, .onnx, .engine; 'trt:PATH' picks the backend), an nn.Module or
+    ClipPackage (PyTorch), or an opened Runtime (for per-artifact options such as pyt's compile/cudagraph modes;
+    its memory at open time is then unknown).
+
+    `iters`: timed repetitions per cell; `seconds`: at least this much timed work per artifact and cell (both:
+    whichever ends later; neither: 20 repetitions). `power`: None = sample tegrastats when it exists.
+    """
+    towers = _check_args(targets, batches, tower, iters, seconds, warmup, device)
+    iters = DEFAULT_ITERS if iters is None and seconds is None else iters
+    picked = [split_backend(t, backend) for t in targets]
+    targets = [t for t, _ in picked]
+    infos = [inspect_artifact(t, b) for t, b in picked]
+    _name_uniquely(infos)
+    for info in infos:
+        for t in towers:
+            info.check(t, list(batches))
+        if info.backend == "trt" and not device.startswith("cuda"):
+            raise UserError(f"{info.name} is a TensorRT engine; engines run on a CUDA GPU: pass --device cuda")
+    cuda = device.startswith("cuda")
+    _check_device(device)
+    _set_threads(threads)
+    settings = {"batches": list(batches), "tower": tower, "device": device, "iters": iters, "seconds": seconds,
+                "warmup": warmup, "end_to_end": end_to_end, "backend": backend, "threads": threads,
+                "precision": precision, "timer": "cuda-events" if cuda else "perf_counter",
+                "memory": ("torch CUDA allocator: growth when opened + peak above that while warming up "
+                           "(+ TensorRT's own execution memory)" if cuda else
+                           "process RSS: growth when opened + peak above that while warming up"),
+                "e2e_image_size": list(E2E_IMAGE_SIZE) if end_to_end else None}
+    report = BenchReport(device_facts(device), settings)
+    use_power = TegraStats.available() if power is None else power
+    if use_power and not TegraStats.available():
+        raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")
+    with ExitStack() as stack:
+        _preload({i.backend for i in infos})
+        probe = MemoryProbe(cuda)
+        entries = [_open(stack, info, t, device, precision, threads, probe) for info, t in zip(infos, targets)]
+        sampler = stack.enter_context(TegraStats(power_interval_ms)) if use_power else None
+        idle_w = _idle_power(sampler)
+        timer = Timer(cuda)
+        for t in towers:
+            for b in batches:
+                calls = [_call(e.runtime, t, b, end_to_end, device) for e in entries]
+                report.rows += _run_cell(entries, calls, t, b, timer, probe, iters, seconds, warmup, progress)
+                if sampler is not None:
+                    _add_energy(report.rows[-len(entries):], calls, b, sampler, idle_w, power_interval_ms)
+        report.artifacts = [{**e.info.to_dict(), "open_mb": e.open_mb, "runtime": e.runtime.describe()}
+                            for e in entries]
+    if idle_w is not None:
+        report.settings["idle_power_w"] = idle_w
+    report.add_speedups()
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_args(targets: Sequence[Any], batches: Sequence[int], tower: str, iters: int | None,
+                seconds: float | None, warmup: int, device: str) -> tuple[str, ...]:
+    if not targets:
+        raise UserError("nothing to benchmark: pass one or more artifacts (model dirs, bundles, engines)")
+    if tower not in TOWER_CHOICES:
+        raise UserError(f"--tower must be one of {', '.join(TOWER_CHOICES)}, not {tower!r}")
+    if not batches or any(int(b) < 1 for b in batches):
+        raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
+    if iters is not None and iters < 2:
+        raise UserError("--iters must be at least 2 (percentiles need several samples)")
+    if seconds is not None and seconds <= 0:
+        raise UserError("--seconds must be positive")
+    if warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    return ("image", "text") if tower == "both" else (tower,)
+
+
+def _check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--device cuda needs PyTorch with CUDA (for buffers and CUDA-event timing)") from None
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                        "use --device cpu")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError("--threads must be >= 1")
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def split_backend(target: Any, default: str | None = None) -> tuple[Any, str | None]:
+    """'trt:artifacts/s2' -> ('artifacts/s2', 'trt'): one run can time a bundle's engines against its ONNX."""
+    if isinstance(target, str):
+        head, sep, rest = target.partition(":")
+        if sep and head in BACKEND_MODULES and rest:
+            return rest, head
+    return target, default
+
+
+def _name_uniquely(infos: list[ArtifactInfo]) -> None:
+    """Rows are keyed by artifact name, so names must differ: two 'teacher' dirs from different runs get their
+    parent folder, one artifact under two backends gets the backend, a repeated artifact gets #2, #3..."""
+    from collections import Counter
+
+    def clashes() -> Counter:
+        return Counter(i.name for i in infos)
+
+    paths = Counter(i.path for i in infos)
+    for info in infos:
+        if info.path is not None and clashes()[info.name] > 1 and paths[info.path] == 1:
+            info.name = f"{info.path.parent.name}/{info.path.name}"
+    for name in [n for n, c in clashes().items() if c > 1]:
+        same = [i for i in infos if i.name == name]
+        if len({i.backend for i in same}) > 1:
+            for info in same:
+                info.name = f"{info.backend}:{info.name}"
+    for name in [n for n, c in clashes().items() if c > 1]:
+        for k, info in enumerate([i for i in infos if i.name == name][1:], start=2):
+            info.name = f"{name} #{k}"
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _preload(backends: set[str]) -> None:
+    """Import the runtime libraries before memory is measured, so the first artifact is not charged for them."""
+    import importlib
+
+    libs = {"pyt": ("torch",), "onnxrt": ("onnxruntime",), "trt": ("torch",)}
+    for backend in backends:
+        for lib in libs.get(backend, ()):
+            try:
+                importlib.import_module(lib)
+            except ImportError:
+                pass  # open_runtime reports the missing library with its install hint
+        importlib.import_module(BACKEND_MODULES[backend], __package__)
+
+
+def _open(stack: ExitStack, info: ArtifactInfo, target: Any, device: str, precision: str | None,
+          threads: int | None, probe: MemoryProbe) -> _Entry:
+    if isinstance(target, Runtime):   # opened by the caller with its own options; the caller closes it
+        return _Entry(info, target, None)
+    options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
+    probe.mark()
+    rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision,
+                                          **options))
+    used = probe.used_mb() if probe.available else None
+    extra = rt.describe().get("device_memory_bytes")  # TensorRT allocates its execution memory itself
+    return _Entry(info, rt, None if used is None else used + (extra or 0) / 2**20)
+
+
+def _call(rt: Runtime, tower: str, batch: int, end_to_end: bool, device: str) -> Callable[[], Any]:
+    rng = np.random.default_rng(batch)
+    if tower == "image":
+        if end_to_end:
+            from PIL import Image
+
+            w, h = E2E_IMAGE_SIZE
+            images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(batch)]
+            return lambda: rt.encode_image(rt.preprocess(images))
+        s = rt.input_spec().image_size
+        x = _on_device(rng.standard_normal((batch, 3, s, s)).astype(np.float32), rt, device)
+        return lambda: rt.encode_image(x)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    if end_to_end:
+        return lambda: rt.encode_text(rt.tokenize(captions))
+    ids = _on_device(_token_ids(rt, captions), rt, device)
+    return lambda: rt.encode_text(ids)
+
+
+def _token_ids(rt: Runtime, captions: list[str]) -> np.ndarray:
+    try:
+        return rt.tokenize(captions)
+    except UserError:  # no tokenizer (a bare nn.Module): start token, a few words, end-of-text as the largest id
+        ids = np.zeros((len(captions), rt.input_spec().context_length), dtype=np.int64)
+        ids[:, 0], ids[:, 1:6], ids[:, 6] = 1, 2, 3
+        return ids
+
+
+def _on_device(x: np.ndarray, rt: Runtime, device: str) -> Any:
+    """Inputs already on the GPU for GPU runtimes, so a model-only run does not time a host-to-device copy."""
+    if not device.startswith("cuda") or rt.backend not in ("pyt", "trt"):
+        return x
+    import torch
+
+    return torch.from_numpy(x).to(device)
+
+
+def _run_cell(entries: list[_Entry], calls: list[Callable[[], Any]], tower: str, batch: int, timer: Timer,
+              probe: MemoryProbe, iters: int | None, seconds: float | None, warmup: int,
+              progress: bool) -> list[dict[str, Any]]:
+    memory: list[float | None] = []
+    for e, call in zip(entries, calls):
+        probe.reset_peak()
+        for _ in range(max(1, warmup)):
+            call()
+        memory.append(e.open_mb + probe.peak_mb() if probe.available and e.open_mb is not None else None)
+    samples: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
+    bar = _progress(progress, iters, f"{tower} batch {batch}")
+    with bar:
+        rounds = 0
+        while _more(rounds, samples, iters, seconds):
+            for k in range(n):
+                i = (rounds + k) % n
+                samples[i].append(timer(calls[i]))
+            rounds += 1
+            bar.update(1)
+    rows = []
+    for e, s, mem in zip(entries, samples, memory):
+        rows.append({"artifact": e.info.name, "tower": tower, "batch": batch, "backend": e.info.backend,
+                     "precision": e.runtime.precision, **latency_stats(s, batch), "memory_mb": mem})
+    return rows
+
+
+def _more(rounds: int, samples: list[list[float]], iters: int | None, seconds: float | None) -> bool:
+    if iters is not None and rounds < iters:
+        return True
+    if seconds is not None:
+        return rounds < 3 or min(sum(s) for s in samples) < seconds * 1000
+    return False
+
+
+def _progress(enabled: bool, total: int | None, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="round", leave=False, disable=not enabled)
+
+
+# ---------------------------------------------------------------------------------------------- energy
+def _idle_power(sampler: TegraStats | None, seconds: float = 1.0) -> float | None:
+    if sampler is None:
+        return None
+    if not sampler.wait_for_samples(2):
+        raise UserError("tegrastats started but printed no power rails; run it by hand to check (sudo may be needed)")
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    idle = sampler.mean_power_w(t0, time.perf_counter())
+    return round(idle[0], 3) if idle else None
+
+
+def _add_energy(rows: list[dict[str, Any]], calls: list[Callable[[], Any]], batch: int, sampler: TegraStats,
+                idle_w: float | None, interval_ms: int) -> None:
+    """A window of back-to-back calls per artifact, long enough for several tegrastats samples."""
+    window = max(1.0, 5 * interval_ms / 1000)
+    for row, call in zip(rows, calls):
+        t0 = time.perf_counter()
+        items = 0
+        while time.perf_counter() - t0 < window:
+            call()
+            items += batch
+        t1 = time.perf_counter()
+        got = sampler.mean_power_w(t0, t1)
+        if got is None:
+            continue
+        watts, n, rail = got
+        row.update(power_w=round(watts, 3), power_samples=n, power_rail=rail,
+                   energy_mj_per_item=watts * (t1 - t0) / items * 1000)
+        if idle_w is not None:
+            row["dynamic_energy_mj_per_item"] = max(0.0, watts - idle_w) * (t1 - t0) / items * 1000
+
+
+def default_out_dir() -> Path:
+    return Path("bench") / time.strftime("%Y%m%d-%H%M%S")

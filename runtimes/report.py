@@ -1,0 +1,148 @@
+"""The latency benchmark's report: statistics, JSON / CSV / markdown / text table, and a plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..common.io import atomic_path, atomic_write_json, atomic_write_text
+
+BENCH_FORMAT = "tinyclip-edge/bench"
+
+# (column, header, format) for the human tables; the JSON and CSV hold every field
+COLUMNS = [
+    ("artifact", "artifact", "{}"), ("tower", "tower", "{}"), ("batch", "batch", "{}"),
+    ("p50_ms", "p50 ms", "{:.3f}"), ("p90_ms", "p90 ms", "{:.3f}"), ("p99_ms", "p99 ms", "{:.3f}"),
+    ("mean_ms", "mean ms", "{:.3f}"), ("std_ms", "std ms", "{:.3f}"), ("throughput", "items/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("memory_mb", "mem MB", "{:.1f}"), ("energy_mj_per_item", "mJ/item", "{:.2f}"),
+]
+
+
+def latency_stats(samples_ms: list[float], batch: int) -> dict[str, float]:
+    x = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+    return {"iters": int(x.size), "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(x.mean()), "std_ms": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+            "min_ms": float(x.min()), "max_ms": float(x.max()),
+            "throughput": float(batch * x.size / (x.sum() / 1000.0))}
+
+
+@dataclass
+class BenchReport:
+    device: dict[str, Any]                               # devices.device_facts()
+    settings: dict[str, Any]                             # batches, tower, iters/seconds, warm-up, end_to_end, ...
+    artifacts: list[dict[str, Any]] = field(default_factory=list)   # name, path, backend, precision, size, params
+    rows: list[dict[str, Any]] = field(default_factory=list)        # one per artifact x tower x batch
+    notes: list[str] = field(default_factory=list)
+    written: dict[str, Path] = field(default_factory=dict, repr=False)   # set by save(); not serialised
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("written")
+        return {"format": BENCH_FORMAT, "format_version": 1, **d}
+
+    def add_speedups(self) -> None:
+        """speedup = the first artifact's p50 / this row's p50, for the same tower and batch (>1: faster)."""
+        if not self.artifacts:
+            return
+        first = self.artifacts[0]["name"]
+        base = {(r["tower"], r["batch"]): r["p50_ms"] for r in self.rows if r["artifact"] == first}
+        for r in self.rows:
+            ref = base.get((r["tower"], r["batch"]))
+            r["speedup"] = ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None
+
+    # ------------------------------------------------------------------ renderings
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in self.rows)]
+        body = [[("-" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in cols] for r in self.rows]
+        return [h for _, h, _ in cols], body
+
+    def table(self) -> str:
+        """Aligned plain text for a terminal."""
+        head, body = self._cells()
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                  for row in body]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        head, body = self._cells()
+        gpu, cpu = self.device.get("gpu") or {}, self.device.get("cpu") or {}
+        where = gpu.get("name") or cpu.get("model") or "unknown device"
+        if self.device.get("jetson"):
+            j = self.device["jetson"]
+            where = f"{j.get('module', 'Jetson')} (JetPack {j.get('jetpack')}, power mode " \
+                    f"{(j.get('nvpmodel') or {}).get('name', '?')})"
+        lines = [f"Latency on {where}; {self._settings_line()}", "",
+                 "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        sizes = [f"{a['name']}: {a['size_bytes'] / 2**20:.1f} MiB on disk"
+                 + (f", {a['params'] / 1e6:.2f} M params" if a.get("params") else "") for a in self.artifacts]
+        lines += ["", *[f"- {s}" for s in sizes], *[f"- note: {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
+
+    def _settings_line(self) -> str:
+        s = self.settings
+        count = f"{s['iters']} iterations" if s.get("iters") else f">= {s.get('seconds')} s"
+        mode = "end to end (preprocessing/tokenising included)" if s.get("end_to_end") else "model only"
+        return f"device {s.get('device')}, {count} per cell after {s.get('warmup')} warm-up, {mode}."
+
+    def to_csv(self) -> str:
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+    def plot(self, path: str | os.PathLike) -> bool:
+        """Latency (p50) against batch, one line per artifact, one panel per tower; False without matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        towers = sorted({r["tower"] for r in self.rows})
+        fig, axes = plt.subplots(1, len(towers), figsize=(5.5 * len(towers), 4), squeeze=False)
+        for ax, tower in zip(axes[0], towers):
+            for a in self.artifacts:
+                pts = sorted((r["batch"], r["p50_ms"]) for r in self.rows
+                             if r["artifact"] == a["name"] and r["tower"] == tower)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=a["name"])
+            ax.set(title=f"{tower} tower", xlabel="batch", ylabel="p50 latency (ms)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        return True
+
+    def save(self, out_dir: str | os.PathLike, stem: str = "bench") -> dict[str, Path]:
+        """Write <stem>.json, .csv, .md and .png (when matplotlib is there) into out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
+        if not self.plot(out / f"{stem}.png"):
+            self.notes.append("no plot: matplotlib is not installed (pip install 'tinyclip-edge[plot]')")
+        else:
+            files["png"] = out / f"{stem}.png"
+        atomic_write_json(files["json"], self.to_dict())
+        atomic_write_text(files["csv"], self.to_csv())
+        atomic_write_text(files["md"], self.to_markdown())
+        self.written = files
+        return files

@@ -1,0 +1,169 @@
+"""The `trt` backend: TensorRT engines (`tensorrt` or `tensorrt_rtx`) with torch CUDA buffers.
+
+Opens one ``.engine``/``.plan`` (its ``.json`` sidecar gives the tower, preprocessing and tokenizer) or every
+engine a bundle's manifest lists. Inputs are cast to the engine's input dtype (int32 tokens, fp16 images for
+fp16 engines), the batch shape is set on the optimization profile, and the engine runs asynchronously on
+torch's current CUDA stream, so torch ops before and after are ordered with it; fp16 outputs become fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..common.errors import UserError
+from .artifacts import ENGINE_SUFFIXES, bundle_engines, read_sidecar
+from .base import InputSpec, Runtime, register_backend
+from .bundle import is_bundle
+from .trtlib import TrtLib, dtype_name, load_tensorrt
+
+_TOWER_OF_INPUT = {"images": "image", "tokens": "text"}
+
+
+class _Engine:
+    """One deserialized engine, its execution context, and the names of its input and output."""
+
+    def __init__(self, lib: TrtLib, path: Path, device: Any):
+        import torch
+
+        trt = lib.module
+        self.path, self.device = path, device
+        self.logger = lib.logger("ERROR")
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{lib.name} {lib.version} cannot open {path}: {'; '.join(self.logger.errors[-2:])}. "
+                            "An engine only runs with the library version and GPU family that built it: rebuild it "
+                            "on this device from the ONNX bundle (`tinyclip-edge export BUNDLE --format engine`)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or not outputs:
+            raise UserError(f"{path} has inputs {inputs} and outputs {outputs}; expected one CLIP tower "
+                            "(images or tokens -> embeddings)")
+        self.input = inputs[0]
+        self.output = "embeddings" if "embeddings" in outputs else outputs[0]
+        self.in_dtype = getattr(torch, dtype_name(self.engine.get_tensor_dtype(self.input)))
+        self.out_dtype = getattr(torch, dtype_name(self.engine.get_tensor_dtype(self.output)))
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.input, 0)
+        self.batch_range = (int(lo[0]), int(hi[0]))
+        self.shape = [int(d) for d in self.engine.get_tensor_shape(self.input)]
+        self.embed_dim = int(self.engine.get_tensor_shape(self.output)[-1])
+        self._set_shape: tuple[int, ...] | None = None
+
+    @property
+    def device_memory_bytes(self) -> int:
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        return int(size if size is not None else self.engine.device_memory_size)
+
+    def run(self, x: Any) -> Any:
+        import torch
+
+        x = torch.as_tensor(x).to(self.device, self.in_dtype).contiguous()
+        if tuple(x.shape) != self._set_shape:
+            if not self.context.set_input_shape(self.input, tuple(x.shape)):
+                raise UserError(f"{self.path.name}: input shape {list(x.shape)} is outside the engine's profile")
+            self._set_shape = tuple(x.shape)
+        y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device=self.device)
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        self.context.set_tensor_address(self.output, y.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise UserError(f"{self.path.name}: TensorRT execution failed: {'; '.join(self.logger.errors[-2:])}")
+        return y.float()
+
+
+class TrtRuntime(Runtime):
+    backend = "trt"
+
+    def __init__(self, engines: dict[str, _Engine], sidecars: dict[str, dict[str, Any]], *, name: str,
+                 device: str, base_dir: Path, lib: TrtLib):
+        first = next(iter(sidecars.values()))
+        image, text = engines.get("image"), engines.get("text")
+        spec = InputSpec(
+            image_size=image.shape[-1] if image else 0,
+            context_length=text.shape[-1] if text else 0,
+            embed_dim=next(iter(engines.values())).embed_dim,
+            image_dtype=_dtype_str(image.in_dtype) if image else "float32",
+            token_dtype="int32",
+            min_batch=max(e.batch_range[0] for e in engines.values()),
+            max_batch=min(e.batch_range[1] for e in engines.values()),
+        )
+        super().__init__(name=name, device=device, precision=first.get("precision", "unknown"), spec=spec,
+                         preprocess=(sidecars.get("image") or {}).get("preprocess"),
+                         tokenizer=(sidecars.get("text") or {}).get("tokenizer"), base_dir=base_dir,
+                         towers=tuple(t for t in ("image", "text") if t in engines))
+        self._engines, self._sidecars, self._lib = engines, sidecars, lib
+
+    def _encode_image(self, images: Any) -> Any:
+        return self._engines["image"].run(images)
+
+    def _encode_text(self, tokens: Any) -> Any:
+        return self._engines["text"].run(tokens)
+
+    def close(self) -> None:
+        self._engines = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "library": self._lib.name, "library_version": self._lib.version,
+                "engines": {t: str(e.path) for t, e in self._engines.items()},
+                "profile": {t: list(e.batch_range) for t, e in self._engines.items()},
+                "device_memory_bytes": sum(e.device_memory_bytes for e in self._engines.values())}
+
+
+def _dtype_str(torch_dtype: Any) -> str:
+    return str(torch_dtype).replace("torch.", "")
+
+
+def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[str, tuple[Path, dict | None]]:
+    """tower -> (engine path, sidecar or None) for an engine file or a bundle with engines."""
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"engine not found: {path}")
+    if path.suffix in ENGINE_SUFFIXES:
+        side = read_sidecar(path)
+        t = (side or {}).get("tower") or tower or "unknown"
+        found = {t: (path, side)}
+    elif is_bundle(path):
+        engines = bundle_engines(path)
+        found = {t: (path / e["file"], read_sidecar(path / e["file"])) for t, e in engines.items()}
+    else:
+        raise UserError(f"{path} is neither a TensorRT engine (.engine/.plan) nor a bundle with engines")
+    if tower is None or "unknown" in found:
+        return found
+    if tower not in found:
+        raise UserError(f"{path} has no {tower} engine (it holds: {', '.join(found)})")
+    return {tower: found[tower]}
+
+
+@register_backend("trt")
+def open_trt(target: Any, *, device: str = "cuda", precision: str | None = None, tower: str | None = None,
+             **options: Any) -> TrtRuntime:
+    if options:
+        raise UserError(f"the trt backend takes no options {sorted(options)}; precision and batch range are "
+                        "fixed when the engine is built")
+    files = engine_files(target, tower)
+    sidecars = {t: s for t, (_, s) in files.items() if s}
+    built = {s.get("precision") for s in sidecars.values()}
+    if precision is not None and built and precision not in built:
+        raise UserError(f"{target} was built as {'/'.join(sorted(built))}; an engine's precision is fixed at build "
+                        f"time: build another engine from a {precision} bundle")
+    libs = {s.get("library") for s in sidecars.values()} - {None}
+    if len(libs) > 1:
+        raise UserError(f"{target} mixes engines built with {sorted(libs)}; rebuild them with one library")
+    lib = load_tensorrt(prefer=next(iter(libs)) if libs else None)
+    if not str(device).startswith("cuda"):
+        raise UserError("TensorRT engines run on a CUDA GPU: pass device='cuda' (--device cuda)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines need one")
+    dev = torch.device(device)
+    engines: dict[str, _Engine] = {}
+    for t, (path, _) in files.items():
+        eng = _Engine(lib, path, dev)
+        engines[_TOWER_OF_INPUT.get(eng.input, t)] = eng
+    base = Path(target) if Path(target).is_dir() else Path(target).parent
+    sidecars = {_TOWER_OF_INPUT.get(e.input, t): sidecars.get(t, {}) for t, e in zip(files, engines.values())}
+    return TrtRuntime(engines, sidecars, name=Path(target).name, device=str(dev), base_dir=base, lib=lib)

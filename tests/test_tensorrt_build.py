@@ -1,0 +1,224 @@
+"""TensorRT engine building from tiny bundles (TensorRT-RTX builds on this CPU-only machine; running needs a GPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, unsupported_onnx
+from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
+from tinyclip_edge.runtimes.artifacts import inspect_artifact
+from tinyclip_edge.runtimes.trtlib import TrtLib, load_tensorrt
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    """fp32 / fp16 / int8 (QDQ) bundles of one tiny student, exported once for the module."""
+    from conftest import make_package
+    from tinyclip_edge.models import save_model_dir
+
+    root = tmp_path_factory.mktemp("trt")
+    model_dir = save_model_dir(make_package(jitter=0.02), root / "tiny")
+    return {p: export_tiny(model_dir, root / f"bundle-{p}", p) for p in ("fp32", "fp16", "int8")}
+
+
+def _graph_io(path: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    g = onnx.load(str(path), load_external_data=False).graph
+    return ([(i.name, i.type.tensor_type.elem_type) for i in g.input],
+            [(o.name, o.type.tensor_type.elem_type) for o in g.output])
+
+
+_ONNX_DTYPE = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+               "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engines_for_both_towers(bundles, tmp_path, precision):
+    bundle = copy_bundle(bundles[precision], tmp_path / precision)
+    entries = build_engines(bundle, batch=(1, 4, 16), workspace_mb=256)
+    lib = load_tensorrt()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [e["tower"] for e in entries] == ["image", "text"]
+    for e in entries:
+        engine = bundle / e["engine"]
+        data = engine.read_bytes()
+        assert len(data) > 1000 and len(data) == e["size_bytes"]
+        sidecar = json.loads((bundle / f"{e['engine']}.json").read_text())
+        assert sidecar == e
+        assert sidecar["format"] == "tinyclip-edge/engine"
+        assert (sidecar["library"], sidecar["library_version"]) == (lib.name, lib.version)
+        assert sidecar["precision"] == precision
+        assert sidecar["profile"] == {"min": 1, "opt": 4, "max": 16}
+        assert sidecar["flags"]["workspace_mb"] == 256
+        onnx_file = bundle / manifest["towers"][e["tower"]]["file"]
+        assert sidecar["onnx_sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+        ins, outs = _graph_io(onnx_file)
+        assert [(t["name"], _ONNX_DTYPE[t["dtype"]]) for t in sidecar["inputs"]] == ins
+        assert [(t["name"], _ONNX_DTYPE[t["dtype"]]) for t in sidecar["outputs"]] == outs
+        assert sidecar["outputs"][0]["shape"] == [-1, manifest["embed_dim"]]
+        assert manifest["engines"][e["tower"]]["file"] == e["engine"]
+        assert manifest["engines"][e["tower"]]["profile"] == sidecar["profile"]
+        shapes = "x".join(str(d) for d in sidecar["inputs"][0]["shape"][1:])
+        assert f"--maxShapes={sidecar['inputs'][0]['name']}:16x{shapes}" in e["trtexec"]
+    image, text = entries
+    assert image["preprocess"] == manifest["preprocess"] and image["tokenizer"] is None
+    assert text["tokenizer"] == manifest["tokenizer"] and text["inputs"][0]["dtype"] == "int32"
+    if precision == "fp16":
+        assert image["inputs"][0]["dtype"] == "float16"
+    info = inspect_artifact(bundle, "trt")
+    assert info.towers == ("image", "text") and info.batch_range == {"image": (1, 16), "text": (1, 16)}
+    assert info.size_bytes == sum(e["size_bytes"] for e in entries)
+
+
+def test_build_prints_the_equivalent_command(bundles, tmp_path, capsys):
+    bundle = copy_bundle(bundles["fp32"], tmp_path / "b")
+    [entry] = build_engines(bundle, towers=("text",))
+    out = capsys.readouterr().out
+    assert entry["trtexec"] in out and "--onnx=text.onnx" in entry["trtexec"]
+    assert not (bundle / "image.engine").exists()
+    assert set(json.loads((bundle / "manifest.json").read_text())["engines"]) == {"text"}
+
+
+def test_int8_engine_from_qdq_bundle(bundles, tmp_path):
+    bundle = copy_bundle(bundles["int8"], tmp_path / "int8")
+    entries = build_engines(bundle, batch=(1, 2, 8))
+    assert {e["build_mode"] for e in entries} == {"explicit-int8"}
+    assert all((bundle / e["engine"]).stat().st_size > 0 for e in entries)
+
+
+def test_parser_errors_are_one_readable_user_error(bundles, tmp_path):
+    bundle = copy_bundle(bundles["fp32"], tmp_path / "bad")
+    unsupported_onnx(bundle / "image.onnx")
+    before = (bundle / "manifest.json").read_text()
+    with pytest.raises(UserError) as err:
+        build_engines(bundle)
+    msg = str(err.value)
+    assert "cannot parse" in msg and "image.onnx" in msg and "FancyPool" in msg and "\n" not in msg
+    assert not (bundle / "image.engine").exists() and not (bundle / "text.engine").exists()
+    assert (bundle / "manifest.json").read_text() == before
+    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]   # no temporary leftovers
+
+
+def test_corrupt_onnx_is_reported(bundles, tmp_path):
+    bundle = copy_bundle(bundles["fp32"], tmp_path / "corrupt")
+    (bundle / "text.onnx").write_bytes(b"this is not a protobuf")
+    with pytest.raises(UserError, match="cannot parse .*text.onnx"):
+        build_engines(bundle, towers=("text",))
+
+
+def test_no_tensorrt_library_says_how_to_get_one(bundles, monkeypatch):
+    for name in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, name, None)   # makes `import name` fail as if not installed
+    with pytest.raises(UserError) as err:
+        build_engines(bundles["fp32"])
+    msg = str(err.value)
+    assert "JetPack" in msg and "tinyclip-edge[rtx]" in msg and "pypi.nvidia.com" in msg
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch=(4, 2, 8)), "1 <= min <= opt <= max"),
+    (dict(batch=(0, 1, 1)), "1 <= min <= opt <= max"),
+    (dict(batch=("a", 1, 2)), "three integers"),
+    (dict(towers=("audio",)), "unknown tower 'audio'"),
+    (dict(workspace_mb=0), "--workspace must be a positive"),
+    (dict(precision="int4"), "unknown precision 'int4'"),
+])
+def test_bad_options(bundles, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        build_engines(bundles["fp32"], **kwargs)
+
+
+def test_not_a_bundle(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError, match="not found"):
+        build_engines(tmp_path / "missing")
+    with pytest.raises(UserError, match="not an export bundle"):
+        build_engines(tiny_model_dir)
+
+
+rtx_only = pytest.mark.skipif(not load_tensorrt().is_rtx, reason="checks TensorRT-RTX's limits")
+
+
+@rtx_only
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dla_core=0), "TensorRT for RTX has no DLA"),
+    (dict(precision="fp16"), "export a bundle with --precision fp16"),
+    (dict(precision="int8"), "no int8 calibration"),
+])
+def test_rtx_limits_are_clear_errors(bundles, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        build_engines(bundles["fp32"], **kwargs)
+
+
+@rtx_only
+def test_rtx_ignores_timing_cache_with_a_note(bundles, tmp_path, capsys):
+    bundle = copy_bundle(bundles["fp16"], tmp_path / "tc")
+    cache = tmp_path / "timing.cache"
+    entries = build_engines(bundle, timing_cache=cache, towers=("image",))
+    assert "ignores timing caches" in capsys.readouterr().out
+    assert not cache.exists() and entries[0]["flags"]["timing_cache"] is None
+
+
+def test_dynamic_int8_bundle_is_refused(tmp_path, tiny_model_dir):
+    from tinyclip_edge.export import export_bundle
+
+    bundle = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", progress=False,
+                           towers=("text",))
+    with pytest.raises(UserError, match="static QDQ int8"):
+        build_engines(bundle, towers=("text",))
+
+
+# ---- TensorRT proper's build plans (no such library here: the planning logic is pure and tested directly)
+TRT = TrtLib(module=None, name="tensorrt", version="10.3.0")
+
+
+def test_tensorrt_proper_plans():
+    assert _plan(TRT, "fp32", None, None, None).mode == "fp32"
+    assert _plan(TRT, "fp32", "fp16", None, None).flags == ["FP16"]
+    assert _plan(TRT, "int8", None, None, None).mode == "explicit-int8"
+    plan = _plan(TRT, "fp32", "int8", None, "scenes:calib")
+    assert plan.mode == "calibrated-int8" and "INT8" in plan.flags
+    with pytest.raises(UserError, match="needs calibration data"):
+        _plan(TRT, "fp32", "int8", None, None)
+    with pytest.raises(UserError, match="DLA runs fp16 or int8 only"):
+        _plan(TRT, "fp32", None, 0, None)
+    with pytest.raises(UserError, match="cannot build a fp32 engine from this fp16 bundle"):
+        _plan(TRT, "fp16", "fp32", None, None)
+
+
+def test_tensorrt_proper_command_line():
+    job = _Job(TRT, Path("b"), {}, _plan(TRT, "fp32", "int8", 1, "scenes:calib"), (1, 8, 32), 1024, 1, None,
+               "scenes:calib", 64, None)
+    cmd = job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 224, 224]}])
+    assert cmd.startswith("trtexec --onnx=image.onnx --saveEngine=image.engine")
+    for part in ("--minShapes=images:1x3x224x224", "--optShapes=images:8x3x224x224", "--maxShapes=images:32x3x224x224",
+                 "--int8", "--fp16", "--calib=image.calib.cache", "--memPoolSize=workspace:1024", "--useDLACore=1",
+                 "--allowGPUFallback"):
+        assert part in cmd
+
+
+# ---- running engines: needs a GPU the library supports
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@requires_engine_execution
+@pytest.mark.parametrize("precision, min_cos", [("fp32", 0.9999), ("fp16", 0.999)])
+def test_engine_matches_onnxruntime(bundles, tmp_path, precision, min_cos):
+    from tinyclip_edge.runtimes import open_runtime
+
+    bundle = copy_bundle(bundles[precision], tmp_path / precision)
+    build_engines(bundle, batch=(1, 4, 8))
+    rng = np.random.default_rng(0)
+    with open_runtime(bundle, backend="onnxrt") as ref, open_runtime(bundle, backend="trt", device="cuda") as rt:
+        images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+        tokens = ref.tokenize(["a red circle", "a small blue square on the left", "a green cross"])
+        for a, b in ((ref.encode_image(images), rt.encode_image(images)), (ref.encode_text(tokens), rt.encode_text(tokens))):
+            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+            assert cos.min() >= min_cos
+        with pytest.raises(UserError, match="outside"):
+            rt.encode_image(rng.standard_normal((9, 3, 32, 32)).astype(np.float32))
