@@ -5,6 +5,9 @@ Entry points: ``export_bundle`` (bundle.py) and ``run_parity`` (parity.py). This
 """
 
 from .bundle import DEFAULT_CALIB_COUNT, export_bundle
+from .parity import run_parity
 from .precision import PRECISIONS
+from .report import DEFAULT_TOLERANCES, ParityReport, Tolerance
 
-__all__ = ["DEFAULT_CALIB_COUNT", "PRECISIONS", "export_bundle"]
+__all__ = ["DEFAULT_CALIB_COUNT", "DEFAULT_TOLERANCES", "PRECISIONS", "ParityReport", "Tolerance", "export_bundle",
+           "run_parity"]

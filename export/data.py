@@ -18,7 +18,8 @@ from ..common.preprocess import Preprocess
 @dataclass
 class PairData:
     source: str
-    images: np.ndarray                 # [N, 3, S, S] float32, preprocessed
+    images: np.ndarray                 # [N, 3, S, S] float32, through the first preprocess
+    other_images: list[np.ndarray]     # the same images through each further preprocess (e.g. a teacher's)
     captions: list[str]
     labels: np.ndarray                 # [N] class index, -1 where the pair has no label
     keys: list[str] = field(default_factory=list)
@@ -30,29 +31,34 @@ class PairData:
         return len(self.captions)
 
 
-def load_pairs(spec: str, count: int, preprocess: Preprocess, *, progress: bool = True,
+def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preprocess, progress: bool = True,
                what: str = "data") -> PairData:
-    """The first `count` readable pairs of `spec` (fewer when the source is smaller)."""
+    """The first `count` readable pairs of `spec` (fewer when the source is smaller), each image
+    preprocessed by `preprocess` and by every one of `others`."""
     from ..data import UnreadableImage, open_source
 
     if count <= 0:
         raise UserError(f"the {what} count must be positive, got {count}")
-    src = open_source(spec, image_size=max(64, preprocess.image_size))
+    pres = (preprocess, *others)
+    src = open_source(spec, image_size=max(64, *(p.image_size for p in pres)))
     n = min(count, len(src))
-    images, captions, labels, keys, skipped = [], [], [], [], 0
+    images: list[list[np.ndarray]] = [[] for _ in pres]
+    captions, labels, keys, skipped = [], [], [], 0
     for i in tqdm(range(n), desc=f"read {what}", unit="img", disable=not progress, leave=False):
         try:
             pair = src[i]
         except UnreadableImage:
             skipped += 1
             continue
-        images.append(preprocess(pair.image))
+        for out, pre in zip(images, pres):
+            out.append(pre(pair.image))
         captions.append(pair.caption)
         labels.append(int(pair.extra.get("label", -1)))
         keys.append(pair.key)
-    if not images:
+    if not captions:
         raise UserError(f"none of the {n} images of {spec} could be read; check the image paths in the {what} file")
     classes = list(src.class_names()) if hasattr(src, "class_names") else []
     templates = list(src.templates()) if hasattr(src, "templates") else []
-    return PairData(spec, np.stack(images).astype(np.float32), captions, np.asarray(labels, np.int64), keys,
-                    skipped, classes, templates)
+    stacked = [np.stack(im).astype(np.float32) for im in images]
+    return PairData(spec, stacked[0], stacked[1:], captions, np.asarray(labels, np.int64), keys, skipped,
+                    classes, templates)

@@ -3,7 +3,8 @@
 - ``compare``: max/mean absolute error and min/mean row cosine between two embedding matrices.
 - ``retrieval_top1``: image->text top-1 over paired rows (caption i belongs to image i).
 - ``zero_shot_top1``: class prediction from averaged, normalised class-prompt embeddings.
-- ``agreement``: how often two top-1 predictions are the same.
+- ``agreement``: how often two top-1 predictions are the same; ``disagreement_margin``: whether the
+  disagreements are near-ties.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def compare(a: np.ndarray, b: np.ndarray) -> Diff:
 def retrieval_predictions(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     """For each image, the index of its most similar caption."""
     return np.argmax(l2_normalize(image_emb) @ l2_normalize(text_emb).T, axis=1)
+
+
+def disagreement_margin(image_emb: np.ndarray, text_emb: np.ndarray, predictions: np.ndarray) -> float:
+    """Median, over queries where `predictions` differ from this model's own top-1, of how much lower this
+    model scores the predicted caption than its own top-1 (0 when they never differ)."""
+    sim = l2_normalize(image_emb) @ l2_normalize(text_emb).T
+    own = sim.argmax(axis=1)
+    rows = np.nonzero(own != predictions)[0]
+    if not len(rows):
+        return 0.0
+    return float(np.median(sim[rows, own[rows]] - sim[rows, predictions[rows]]))
 
 
 def retrieval_top1(predictions: np.ndarray) -> float:

@@ -27,9 +27,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, train
+    from . import bench, export, train
 
-    for cmd in train.COMMANDS + bench.COMMANDS:
+    for cmd in train.COMMANDS + export.COMMANDS + bench.COMMANDS:
         main.add_command(cmd)
 
 

@@ -1,0 +1,228 @@
+"""``run_parity``: every artifact of a bundle against the PyTorch model it came from, on real data.
+
+The same preprocessed images and the same token ids go to the PyTorch reference (pyt runtime) and to
+each artifact (the ONNX towers through onnxrt; TensorRT engines through trt once the bundle has them).
+Per tower: absolute error and row cosine. Per task: image->text R@1 on the pairs and zero-shot top-1
+(when the data has class labels), each with its top-1 agreement with PyTorch. With a teacher, the same
+data also measures how far the student is from its teacher (informational, not a check).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..common.errors import UserError
+from ..runtimes import Runtime, open_runtime
+from ..runtimes.bundle import read_manifest
+from . import metrics as M
+from .report import DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores, Tolerance
+
+DEFAULT_COUNT = 256
+RANDOM_SAMPLES = 32
+
+
+class _Inputs:
+    """What every model sees: images, caption tokens, labels and the zero-shot prompts' tokens."""
+
+    def __init__(self, images: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None,
+                 prompt_tokens: np.ndarray | None, n_classes: int, paired: bool = True):
+        self.images, self.tokens, self.labels, self.paired = images, tokens, labels, paired
+        self.prompt_tokens, self.n_classes = prompt_tokens, n_classes
+
+
+class _Embeddings:
+    def __init__(self, rt: Runtime, inp: _Inputs, batch: int, label: str, progress: bool):
+        enc = lambda fn, x, what: _batched(fn, x, batch, f"{label} {what}", progress)  # noqa: E731
+        self.image = enc(rt.encode_image, inp.images, "images") if rt.has_tower("image") else None
+        self.text = enc(rt.encode_text, inp.tokens, "captions") if rt.has_tower("text") else None
+        self.classes = None
+        if inp.prompt_tokens is not None and rt.has_tower("text"):
+            self.classes = M.class_embeddings(enc(rt.encode_text, inp.prompt_tokens, "prompts"), inp.n_classes)
+
+    def retrieval(self) -> np.ndarray | None:
+        return None if self.image is None or self.text is None else M.retrieval_predictions(self.image, self.text)
+
+    def zero_shot(self, labels: np.ndarray | None) -> np.ndarray | None:
+        if self.classes is None or self.image is None or labels is None:
+            return None
+        return M.zero_shot_predictions(self.image[labels >= 0], self.classes)
+
+
+def _batched(fn: Any, x: np.ndarray, batch: int, desc: str, progress: bool) -> np.ndarray:
+    starts = range(0, len(x), batch)
+    parts = [fn(x[i:i + batch]) for i in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)]
+    return np.concatenate(parts)
+
+
+def _tasks(emb: _Embeddings, inp: _Inputs, other: tuple[np.ndarray | None, np.ndarray | None] | None) -> TaskScores:
+    """Task scores of `emb`; agreement with `other` = (retrieval preds, zero-shot preds) of another model."""
+    t = TaskScores()
+    if not inp.paired:  # random inputs: task metrics would measure noise
+        return t
+    ret, zs = emb.retrieval(), emb.zero_shot(inp.labels)
+    if ret is not None:
+        t.retrieval_r1 = M.retrieval_top1(ret)
+        if other and other[0] is not None:
+            t.retrieval_agreement = M.agreement(ret, other[0])
+    if zs is not None and len(zs):
+        t.zero_shot_top1 = M.accuracy(zs, inp.labels[inp.labels >= 0])
+        if other and other[1] is not None:
+            t.zero_shot_agreement = M.agreement(zs, other[1])
+    return t
+
+
+def _check_vocab(tokens: np.ndarray, vocab: int, who: str) -> None:
+    if tokens.size and int(tokens.max()) >= vocab:
+        raise UserError(f"the {who}'s tokenizer produces ids up to {int(tokens.max())} but its text tower has only "
+                        f"{vocab} token embeddings; the tokenizer does not match the model")
+
+
+def _load_inputs(data: str | None, count: int, bundle_rt: Runtime, preprocess: Any, vocab: int, teacher_pkg: Any,
+                 progress: bool) -> tuple[_Inputs, _Inputs | None, str, int]:
+    """(student inputs, teacher inputs, data name, pairs) from real data, or random tensors without it."""
+    from ..common.preprocess import Preprocess
+
+    spec = bundle_rt.input_spec()
+    if data is None:
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((RANDOM_SAMPLES, 3, spec.image_size, spec.image_size)).astype(np.float32)
+        tokens = rng.integers(0, vocab, (RANDOM_SAMPLES, spec.context_length))
+        return _Inputs(images, tokens, None, None, 0, paired=False), None, "random", RANDOM_SAMPLES
+    from .data import load_pairs
+
+    others = (teacher_pkg.preprocess,) if teacher_pkg is not None else ()
+    pairs = load_pairs(data, count, Preprocess.from_dict(preprocess), *others, progress=progress, what="parity data")
+    labelled = pairs.class_names and pairs.templates and (pairs.labels >= 0).any()
+    prompts = [t.format(c) for c in pairs.class_names for t in pairs.templates] if labelled else None
+
+    def inputs(images: np.ndarray, tokenize: Any) -> _Inputs:
+        return _Inputs(images, tokenize(pairs.captions), pairs.labels if labelled else None,
+                       tokenize(prompts) if prompts else None, len(pairs.class_names))
+
+    student = inputs(pairs.images, bundle_rt.tokenize)
+    teacher = inputs(pairs.other_images[0], teacher_pkg.tokenizer()) if teacher_pkg is not None else None
+    return student, teacher, data, len(pairs)
+
+
+def _resolve_reference(reference: Any, manifest: dict[str, Any]) -> tuple[Any, str, bool]:
+    """(ClipPackage, its name, whether its weights are the bundle's source weights)."""
+    from .source import resolve_source
+
+    if reference is None:
+        src = manifest.get("source", {})
+        if src.get("kind") == "package" or not src.get("spec"):
+            raise UserError("this bundle was exported from a model in memory; pass --reference MODEL_DIR")
+        reference = src["spec"]
+        if src.get("kind") == "model_dir" and not Path(reference).exists():
+            raise UserError(f"the bundle's source model {reference} no longer exists; pass --reference MODEL_DIR")
+    ref = resolve_source(reference)
+    return ref.package, ref.spec, ref.sha256 == manifest.get("source", {}).get("sha256")
+
+
+def _artifact_runtimes(bundle: Path, manifest: dict[str, Any], device: str, providers: list[str] | None,
+                       skipped: list[dict[str, str]]) -> list[tuple[str, Runtime]]:
+    out: list[tuple[str, Runtime]] = [("onnxrt", open_runtime(bundle, backend="onnxrt", device=device,
+                                                              providers=providers))]
+    if manifest.get("engines"):
+        try:
+            out.append(("trt", open_runtime(bundle, backend="trt", device="cuda")))
+        except UserError as e:  # no TensorRT runtime or no suitable GPU here: say so in the report
+            skipped.append({"artifact": "trt", "reason": str(e)})
+    return out
+
+
+def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any = None,
+               data: str | None = "scenes:val", count: int = DEFAULT_COUNT, batch_size: int = 32,
+               min_cosine: float | None = None, min_agreement: float | None = None, max_abs: float | None = None,
+               device: str = "cpu", providers: list[str] | None = None, progress: bool = True) -> ParityReport:
+    """Compare every artifact of `bundle` with the PyTorch `reference` (default: the bundle's source).
+
+    `data`: an image-caption source spec (None: random tensors, embeddings only). Tolerances default by the
+    bundle's precision (``report.DEFAULT_TOLERANCES``); `min_cosine` / `min_agreement` / `max_abs` override.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    precision = manifest.get("precision", "fp32")
+    tol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    tol = replace(tol, **{k: v for k, v in dict(min_cosine=min_cosine, min_agreement=min_agreement,
+                                                   max_abs=max_abs).items() if v is not None})
+    if count < 1 or batch_size < 1:
+        raise UserError("--count and --batch-size must be positive")
+    ref_pkg, ref_name, same_weights = _resolve_reference(reference, manifest)
+    teacher_pkg, teacher_name = None, None
+    if teacher is not None:
+        from .source import resolve_source
+
+        t = resolve_source(teacher)
+        teacher_pkg, teacher_name = t.package, t.spec
+    skipped: list[dict[str, str]] = []
+    notes = [] if same_weights else ["the reference's weights differ from the bundle's source weights (sha256)"]
+    artifacts = _artifact_runtimes(bundle, manifest, device, providers, skipped)
+    try:
+        inp, t_inp, data_name, n = _load_inputs(data, count, artifacts[0][1], manifest["preprocess"],
+                                                ref_pkg.shape.text.vocab_size, teacher_pkg, progress)
+        _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
+        with open_runtime(ref_pkg, backend="pyt", normalize=bool(manifest.get("normalized", True))) as ref_rt:
+            ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
+        ref_tasks = _tasks(ref, inp, None)
+        ref_preds = (ref.retrieval(), ref.zero_shot(inp.labels))
+        results, checks = [], []
+        for name, rt in artifacts:
+            bs = min(batch_size, rt.input_spec().max_batch or batch_size)
+            emb = _Embeddings(rt, inp, bs, name, progress)
+            result, found = _compare(name, rt, emb, ref, inp, ref_preds, tol)
+            results.append(result)
+            checks += found
+    finally:
+        for _, rt in artifacts:
+            rt.close()
+    teacher_view = (_teacher_view(teacher_pkg, teacher_name, t_inp, ref, ref_preds, batch_size, progress)
+                    if t_inp is not None else None)
+    if data_name == "random":
+        notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
+    return ParityReport(str(bundle), precision, ref_name, data_name, n, bool(manifest.get("normalized", True)), tol,
+                        ref_tasks, results, checks, teacher_view, skipped, notes)
+
+
+def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
+             ref_preds: tuple[Any, Any], tol: Tolerance) -> tuple[ArtifactResult, list[Check]]:
+    towers, checks = {}, []
+    for tower, got, want in (("image", emb.image, ref.image), ("text", emb.text, ref.text)):
+        if got is None:
+            continue
+        d = M.compare(got, want)
+        towers[tower] = d.to_dict()
+        checks.append(Check.at_least(name, tower, "min_cosine", d.min_cosine, tol.min_cosine))
+        if tol.max_abs is not None:
+            checks.append(Check.at_most(name, tower, "max_abs", d.max_abs, tol.max_abs))
+    tasks = _tasks(emb, inp, ref_preds)
+    if tasks.retrieval_agreement is not None and tasks.retrieval_agreement < 1.0:
+        tasks.retrieval_disagreement_margin = M.disagreement_margin(ref.image, ref.text, emb.retrieval())
+    if tol.min_agreement is not None:
+        for scope, value in (("retrieval", tasks.retrieval_agreement), ("zero-shot", tasks.zero_shot_agreement)):
+            if value is not None:
+                checks.append(Check.at_least(name, scope, "top1_agreement", value, tol.min_agreement))
+    return ArtifactResult(name, rt.backend, rt.precision, towers, tasks), checks
+
+
+def _teacher_view(pkg: Any, name: str, inp: _Inputs, student: _Embeddings, student_preds: tuple[Any, Any], batch: int, progress: bool) -> dict[str, Any]:
+    """Student vs teacher on the same pairs: embedding cosine where dims match, top-1 agreement."""
+    with open_runtime(pkg, backend="pyt") as rt:
+        _check_vocab(inp.tokens, pkg.shape.text.vocab_size, "teacher")
+        emb = _Embeddings(rt, inp, batch, "teacher", progress)
+    view: dict[str, Any] = {"spec": name, "tasks": _tasks(emb, inp, student_preds).__dict__}
+    if emb.image is not None and student.image is not None and emb.image.shape == student.image.shape:
+        view["cosine"] = {t: {"mean_cosine": float(c.mean()), "min_cosine": float(c.min())}
+                          for t, c in (("image", M.row_cosine(student.image, emb.image)),
+                                       ("text", M.row_cosine(student.text, emb.text)))}
+    else:
+        dims = (student.image.shape[-1], emb.image.shape[-1]) if emb.image is not None else ("?", "?")
+        view["cosine"] = None
+        view["cosine_note"] = f"student {dims[0]}-d vs teacher {dims[1]}-d embeddings"
+    return view

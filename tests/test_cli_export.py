@@ -1,0 +1,157 @@
+"""`tinyclip-edge export` and `tinyclip-edge parity` through click's CliRunner, including bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tinyclip_edge.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _error_line(result):
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_export_onnx_and_parity_pass(tmp_path, tiny_model_dir):
+    out = tmp_path / "bundle"
+    r = _run("export", tiny_model_dir, "--format", "onnx", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "image.onnx" in r.output and "tokens int32[batch,24]" in r.output
+    assert (out / "manifest.json").is_file() and (out / "image.onnx").is_file() and (out / "text.onnx").is_file()
+
+    r = _run("parity", out, "--data", "scenes:val:32", "--quiet")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["precision"] == "fp32" and report["samples"] == 32
+    assert report["reference"] == str(tiny_model_dir.resolve())
+    assert {(c["scope"], c["metric"]) for c in report["checks"]} == {("image", "min_cosine"), ("text", "min_cosine")}
+    assert report["artifacts"][0]["tasks"]["retrieval_agreement"] is not None
+    assert "| onnxrt fp32 | image |" in (out / "parity.md").read_text()
+    assert "parity passed" in r.output
+
+
+def test_engine_format_builds_into_the_bundle(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorrt_rtx", reason="needs a TensorRT builder (tensorrt-rtx builds on CPU)")
+    out = tmp_path / "b16"
+    assert _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--quiet").exit_code == 0
+    r = _run("export", out, "--format", "engine", "--batch", "1,2,4", "--workspace", "256")
+    assert r.exit_code == 0, r.output
+    assert "image.engine" in r.output and "1/2/4" in r.output and "2 engine(s) written" in r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["engines"]) == {"image", "text"} and (out / "image.engine").is_file()
+    r = _run("parity", out, "--data", "scenes:val:16", "--quiet")
+    report = json.loads((out / "parity.json").read_text())
+    import torch
+
+    if not torch.cuda.is_available():  # engines cannot run here: parity says so and checks the ONNX graphs
+        assert r.exit_code == 0 and report["skipped"][0]["artifact"] == "trt"
+        assert [a["name"] for a in report["artifacts"]] == ["onnxrt"]
+
+
+def test_parity_failing_tolerance_exits_nonzero(tmp_path, tiny_model_dir):
+    out = tmp_path / "b16"
+    assert _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--quiet").exit_code == 0
+    report_dir = tmp_path / "reports"
+    report_dir.mkdir()
+    r = _run("parity", out, "--min-cosine", "1.0001", "--out", report_dir, "--quiet")
+    assert r.exit_code == 1
+    assert "parity FAILED: 2 of 2 checks" in r.output
+    report = json.loads((report_dir / "parity.json").read_text())
+    assert report["passed"] is False and report["data"] == "random"
+    assert not (out / "parity.json").exists()
+
+
+def test_export_int8_cli_records_calibration(tmp_path, pruned_model_dir):
+    out = tmp_path / "q"
+    r = _run("export", pruned_model_dir, "--out", out, "--precision", "int8", "--calib", "scenes:calib",
+             "--calib-count", 24, "--int8-keep", "mlp,proj", "--quiet")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"]["images"] == 24 and m["precision"] == "int8"
+    assert m["precision_details"]["image"]["keep"] == ["mlp", "proj"]
+
+
+# ------------------------------------------------------------------ bad input, one line each
+def test_missing_model_dir(tmp_path):
+    line = _error_line(_run("export", tmp_path / "runs" / "nope", "--out", tmp_path / "b"))
+    assert "model directory not found" in line and "runs/nope" in line
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("option", [["--dla", "0"], ["--workspace", "2048"], ["--timing-cache", "t.cache"]])
+def test_engine_options_rejected_for_onnx(tmp_path, tiny_model_dir, option):
+    line = _error_line(_run("export", tiny_model_dir, "--format", "onnx", "--out", tmp_path / "b", *option))
+    assert line == f"Error: {option[0]} is not an option of --format onnx (it applies to --format engine)"
+
+
+def test_onnx_options_rejected_for_engine_and_bad_engine_input(tmp_path, tiny_model_dir):
+    line = _error_line(_run("export", tiny_model_dir, "--format", "engine", "--opset", "18"))
+    assert "--opset is not an option of --format engine (it applies to --format onnx)" in line
+    assert "not an export bundle" in _error_line(_run("export", tiny_model_dir, "--format", "engine"))
+    assert "MIN <= OPT <= MAX" in _error_line(_run("export", tiny_model_dir, "--format", "engine", "--batch", "8,1,32"))
+    assert "unknown format 'onx'" in _error_line(_run("export", tiny_model_dir, "--format", "onx"))
+    assert "int8-dynamic is not available for --format engine" in _error_line(
+        _run("export", tiny_model_dir, "--format", "engine", "--precision", "int8-dynamic"))
+
+
+def test_int8_without_calibration(tmp_path, tiny_model_dir):
+    line = _error_line(_run("export", tiny_model_dir, "--out", tmp_path / "b", "--precision", "int8"))
+    assert "needs calibration data: pass --calib" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_onnx_needs_out(tiny_model_dir):
+    assert "--format onnx needs --out DIR" in _error_line(_run("export", tiny_model_dir))
+
+
+def test_failed_export_leaves_no_partial_bundle(tmp_path, tiny_model_dir):
+    out = tmp_path / "artifacts" / "b"
+    # the exporter rejects the model mid-export (attention needs opset 14): no bundle, no temporary dir
+    line = _error_line(_run("export", tiny_model_dir, "--out", out, "--opset", "13", "--quiet"))
+    assert "rejected the image tower at opset 13" in line
+    assert not out.exists() and _leftovers(out.parent) == []
+    # fp16 fails after the fp32 graph was written into the temporary bundle: still nothing left behind
+    assert "fp16 export needs --opset 17" in _error_line(
+        _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--opset", "16", "--quiet"))
+    assert not out.exists() and _leftovers(out.parent) == []
+    # an existing bundle survives a failed re-export unchanged
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    _error_line(_run("export", tiny_model_dir, "--out", out, "--opset", "13", "--quiet"))
+    assert (out / "manifest.json").read_bytes() == before and _leftovers(out.parent) == []
+
+
+def test_unwritable_out(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    line = _error_line(_run("export", tiny_model_dir, "--out", blocker / "bundle", "--quiet"))
+    assert line.startswith("Error: cannot write the bundle to")
+    assert "exists and is a file" in _error_line(_run("export", tiny_model_dir, "--out", blocker))
+    assert blocker.read_text() == "not a directory"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "is not an export bundle; refusing to replace it" in _error_line(
+        _run("export", tiny_model_dir, "--out", tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_parity_bad_input(tmp_path, tiny_model_dir):
+    assert "is not an export bundle" in _error_line(_run("parity", tiny_model_dir))
+    assert "export bundle not found" in _error_line(_run("parity", tmp_path / "nope"))
+    out = tmp_path / "b"
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    assert "data file not found" in _error_line(_run("parity", out, "--data", tmp_path / "missing.csv"))
+    assert "model directory not found" in _error_line(_run("parity", out, "--reference", tmp_path / "gone" / "model"))

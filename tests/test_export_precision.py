@@ -1,0 +1,112 @@
+"""fp16 and int8 bundles through ONNX Runtime against PyTorch, for uniform, pruned and open_clip models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from _export_helpers import CAPTIONS, open_clip_dir
+from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.export import export_bundle
+from tinyclip_edge.export.metrics import row_cosine
+from tinyclip_edge.runtimes import open_runtime
+
+# What each precision must reach on real (scenes) images and captions, per row.
+MIN_COSINE = {"fp16": 0.999, "int8": 0.99, "int8-dynamic": 0.99}
+
+
+def _val_images(runtime, n):
+    from tinyclip_edge.data import open_source
+
+    src = open_source("scenes:val")
+    return runtime.preprocess([src[i].image for i in range(n)])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-dynamic"])
+@pytest.mark.parametrize("which", ["uniform", "pruned", "open_clip"])
+def test_precision_parity(which, precision, tmp_path, tiny_model_dir, pruned_model_dir):
+    model_dir = {"uniform": tiny_model_dir, "pruned": pruned_model_dir}.get(which) or open_clip_dir(tmp_path)
+    calib = "scenes:calib" if precision.startswith("int8") else None
+    out = export_bundle(model_dir, tmp_path / precision, precision=precision, calib=calib, calib_count=128,
+                        progress=False)
+    with open_runtime(model_dir) as ref, open_runtime(out) as rt:
+        assert rt.precision == precision
+        x = _val_images(ref, 7)
+        for n in (1, 7):
+            tokens = ref.tokenize(CAPTIONS[:n])
+            assert row_cosine(rt.encode_text(tokens), ref.encode_text(tokens)).min() >= MIN_COSINE[precision]
+            assert row_cosine(rt.encode_image(x[:n]), ref.encode_image(x[:n])).min() >= MIN_COSINE[precision]
+
+
+def _graph(path):
+    return onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+
+
+def test_fp16_keeps_layernorm_softmax_and_reductions_fp32(tmp_path, pruned_model_dir):
+    out = export_bundle(pruned_model_dir, tmp_path / "b", precision="fp16", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["towers"]["image"]["inputs"][0]["dtype"] == "float16"
+    assert m["towers"]["text"]["inputs"][0]["dtype"] == "int32"
+    for tower in ("image", "text"):
+        assert m["towers"][tower]["outputs"][0]["dtype"] == "float32"
+        assert {"LayerNormalization", "Softmax", "ReduceL2"} <= set(m["precision_details"][tower]["fp32_ops"])
+        g = _graph(out / f"{tower}.onnx")
+        types = {v.name: v.type.tensor_type.elem_type for v in [*g.graph.value_info, *g.graph.input]}
+        kept = [n for n in g.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+        assert kept and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in kept)
+        matmuls = [n for n in g.graph.node if n.op_type == "MatMul"]
+        assert any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in matmuls)
+
+
+def test_int8_static_graph_and_manifest(tmp_path, tiny_model_dir):
+    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=64,
+                        progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"] == {"source": "scenes:calib", "images": 64, "captions": 64, "skipped": 0, "requested": 64}
+    for tower in ("image", "text"):
+        d = m["precision_details"][tower]
+        assert d["mode"] == "static-qdq" and d["quantized_nodes"] > 0
+        assert any(n.endswith("proj/MatMul") for n in d["float_nodes"])   # the projection stays float
+        assert d["check"]["samples"] == 64
+        assert d["check"]["min_cosine"] >= d["check"]["target_min_cosine"] == 0.995
+        g = onnx.load(str(out / f"{tower}.onnx"))
+        inits = {t.name: t for t in g.graph.initializer}
+        qnodes = [n for n in g.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qnodes
+        zero_points = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in qnodes if len(n.input) > 2]
+        assert all((z == 0).all() and z.dtype == np.int8 for z in zero_points)  # symmetric int8: TensorRT reads it
+
+
+def test_int8_dynamic_and_keep_patterns(tmp_path, tiny_model_dir):
+    out = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", int8_keep=["mlp"],
+                        progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"] is None
+    d = m["precision_details"]["image"]
+    assert d["mode"] == "dynamic" and "check" not in d and "sensitivity" not in d
+    assert sum("mlp" in n for n in d["float_nodes"]) == 4  # fc1 and fc2 of both layers
+    ops = {n.op_type for n in onnx.load(str(out / "image.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "QuantizeLinear" not in ops
+
+    none = export_bundle(tiny_model_dir, tmp_path / "none", precision="int8", calib="scenes:calib",
+                         calib_count=32, int8_keep="none", progress=False)
+    d = json.loads((none / "manifest.json").read_text())["precision_details"]["text"]
+    assert "sensitivity" not in d and d["check"]["target_min_cosine"] is None
+    assert not any("mlp" in n or "qkv" in n for n in d["float_nodes"])
+
+
+def test_precision_bad_input(tmp_path, tiny_model_dir, open_clip_checkpoint):
+    with pytest.raises(UserError, match="needs calibration data: pass --calib"):
+        export_bundle(tiny_model_dir, tmp_path / "a", precision="int8", progress=False)
+    with pytest.raises(UserError, match="fp16 export needs --opset 17"):
+        export_bundle(tiny_model_dir, tmp_path / "b", precision="fp16", opset=16, progress=False)
+    with pytest.raises(UserError, match="unknown precision 'int4'"):
+        export_bundle(tiny_model_dir, tmp_path / "c", precision="int4", progress=False)
+    # open_clip's BPE ids (up to 49407) do not fit this tiny teacher's 35 embeddings
+    with pytest.raises(UserError, match="tokenizer produces ids up to .* does not match the model"):
+        export_bundle(open_clip_checkpoint, tmp_path / "d", precision="int8", calib="scenes:calib",
+                      calib_count=8, progress=False)
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("a", "b", "c", "d") or p.name.startswith(".")]

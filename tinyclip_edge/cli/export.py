@@ -1,0 +1,161 @@
+"""Commands of the edge side: export (ONNX bundles, TensorRT engines) and parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..common.errors import UserError
+
+_FORMAT_HELP = "onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle)"
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Options the user typed (not defaults), as CLI names."""
+    return {p.opts[-1].lstrip("-") for p in ctx.command.params if isinstance(p, click.Option)
+            and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
+
+
+def _io(spec: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("--format", "fmt", default="onnx", show_default=True, help=_FORMAT_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="[onnx] bundle directory to write")
+@click.option("--precision", help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 "
+              "(default: the bundle's)")
+@click.option("--opset", type=int, default=17, show_default=True, help="[onnx] ONNX opset")
+@click.option("--raw", is_flag=True, help="[onnx] output raw embeddings instead of L2-normalised ones")
+@click.option("--calib", help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
+              "for implicit int8 from an fp32 bundle with TensorRT proper")
+@click.option("--calib-count", type=int, default=512, show_default=True, help="calibration images")
+@click.option("--calib-method", default="minmax", show_default=True, help="[onnx] minmax | percentile | entropy")
+@click.option("--int8-keep", default="auto", show_default=True,
+              help="[onnx] nodes kept float: auto (sensitivity search), none, or comma-separated name parts")
+@click.option("--int8-min-cosine", type=float, default=0.995, show_default=True,
+              help="[onnx] target of the auto search (per tower, vs fp32, on calibration inputs)")
+@click.option("--exporter", default="torchscript", show_default=True, help="[onnx] torchscript | dynamo (opset >= 18)")
+@click.option("--batch", default="1,8,32", show_default=True, help="[engine] optimisation profile MIN,OPT,MAX")
+@click.option("--workspace", type=int, help="[engine] builder workspace limit in MB")
+@click.option("--dla", type=int, help="[engine] DLA core (Jetson)")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="[engine] timing cache file (read and updated)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.pass_context
+def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, precision: str | None, opset: int,
+               raw: bool, calib: str | None, calib_count: int, calib_method: str, int8_keep: str,
+               int8_min_cosine: float, exporter: str, batch: str, workspace: int | None, dla: int | None,
+               timing_cache: Path | None, quiet: bool) -> None:
+    """Export SOURCE: a model directory / open_clip spec (--format onnx) or a bundle (--format engine)."""
+    from ..export.formats import check_options, get_format, parse_batch
+
+    f = get_format(fmt)
+    check_options(f, _given(ctx) - {"format", "quiet"})
+    if precision is not None and precision not in f.precisions:
+        raise UserError(f"--precision {precision} is not available for --format {fmt}; choose from {', '.join(f.precisions)}")
+    if fmt == "engine":
+        _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache, calib, calib_count)
+        return
+    if out is None:
+        raise UserError("--format onnx needs --out DIR (the bundle directory to write)")
+    from ..export import export_bundle
+
+    keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
+    bundle = export_bundle(source, out, precision=precision or "fp32", opset=opset, raw=raw, calib=calib,
+                           calib_count=calib_count, calib_method=calib_method, int8_keep=keep,
+                           int8_min_cosine=int8_min_cosine, exporter=exporter, progress=not quiet)
+    from ..runtimes.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    rows = []
+    for tower, t in m["towers"].items():
+        d = m["precision_details"].get(tower, {})
+        note = (f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float" if "quantized_nodes" in d
+                else f"fp32 ops: {','.join(d['fp32_ops'])}" if "fp32_ops" in d else "")
+        rows.append({"tower": tower, "file": t["file"], "input": _io(t["inputs"]), "output": _io(t["outputs"]),
+                     "MB": f"{t['bytes'] / 1e6:.2f}", "notes": note})
+    click.echo(_table(rows, ["tower", "file", "input", "output", "MB", "notes"]))
+    click.echo(f"\n{m['precision']} bundle (opset {m['opset']}, normalized={m['normalized']}) written to {bundle}")
+
+
+_ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]
+
+
+def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], workspace: int | None,
+            dla: int | None, timing_cache: Path | None, calib: str | None, calib_count: int) -> None:
+    from ..runtimes.bundle import read_manifest
+
+    read_manifest(bundle)  # a clear error when SOURCE is not a bundle
+    try:
+        from ..export.tensorrt import build_engines
+    except ModuleNotFoundError as e:
+        if e.name != "tinyclip_edge.export.tensorrt":
+            raise
+        raise UserError("TensorRT engine building is not part of this installation (tinyclip_edge.export.tensorrt "
+                        "is missing)") from None
+    # calibration is only for implicit int8 from an fp32 bundle (TensorRT proper); passed only when given
+    extra = {"calib": calib, "calib_count": calib_count} if calib else {}
+    engines = build_engines(bundle, precision=precision, batch=batch, workspace_mb=workspace, dla_core=dla,
+                            timing_cache=timing_cache, **extra)
+    rows = []
+    for e in engines:
+        row = dict(e)
+        if isinstance(e.get("profile"), dict):
+            row["profile"] = "/".join(str(e["profile"].get(k)) for k in ("min", "opt", "max"))
+        if "size_bytes" in e:
+            row["MiB"] = f"{e['size_bytes'] / 2**20:.1f}"
+        rows.append(row)
+    columns = [c for c in _ENGINE_COLUMNS if any(c in r for r in rows)] or list(dict.fromkeys(k for r in rows for k in r))
+    click.echo(_table(rows, columns))
+    click.echo(f"\n{len(engines)} engine(s) written into {bundle}")
+
+
+@click.command("parity")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", help="PyTorch model to compare with (default: the bundle's source)")
+@click.option("--teacher", help="teacher model dir or open_clip spec, for the compression view")
+@click.option("--data", help="image-caption data (e.g. scenes:val or a CSV); without it, random tensors")
+@click.option("--count", type=int, default=256, show_default=True, help="pairs to read from --data")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--min-cosine", type=float, help="override the per-tower min cosine (default by precision)")
+@click.option("--min-agreement", type=float, help="override the top-1 agreement threshold (default: int8 0.97)")
+@click.option("--max-abs", type=float, help="also require max abs error <= this")
+@click.option("--device", default="cpu", show_default=True, help="ONNX Runtime device: cpu | cuda | tensorrt")
+@click.option("--out", type=click.Path(path_type=Path), help="where parity.json/.md go (default: the bundle)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.pass_context
+def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher: str | None, data: str | None,
+               count: int, batch_size: int, min_cosine: float | None, min_agreement: float | None,
+               max_abs: float | None, device: str, out: Path | None, quiet: bool) -> None:
+    """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
+    from ..common.io import atomic_write_text
+    from ..export import run_parity
+
+    report = run_parity(bundle, reference=reference, teacher=teacher, data=data, count=count,
+                        batch_size=batch_size, min_cosine=min_cosine, min_agreement=min_agreement,
+                        max_abs=max_abs, device=device, progress=not quiet)
+    out = out or bundle
+    try:
+        atomic_write_text(out / "parity.json", report.to_json())
+        atomic_write_text(out / "parity.md", report.to_markdown())
+    except OSError as e:
+        raise UserError(f"cannot write the parity report to {out}: {e.strerror or e}") from None
+    click.echo(report.to_markdown())
+    failed = report.failures()
+    if not report:
+        click.echo(f"parity FAILED: {len(failed)} of {len(report.checks)} checks ({out / 'parity.md'})", err=True)
+        ctx.exit(1)
+    click.echo(f"parity passed: {len(report.checks)} checks ({out / 'parity.json'})")
+
+
+COMMANDS: list[click.Command] = [export_cmd, parity_cmd]
