@@ -36,6 +36,8 @@ def device_facts(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": cpu_facts(),
         "libraries": library_versions(),
+        # other work on the machine skews CPU timings: keep the evidence with the numbers
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if device.startswith("cuda"):
         facts["gpu"] = gpu_facts(device)

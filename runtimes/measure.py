@@ -57,6 +57,8 @@ class MemoryProbe:
         return (_status_kb("VmRSS") or 0) / 1024
 
     def mark(self) -> None:
+        if not self.cuda:
+            _release_free_heap()
         self._mark = self._now()
 
     def used_mb(self) -> float:
@@ -74,6 +76,20 @@ class MemoryProbe:
             self._torch.cuda.synchronize()
             return max(0.0, self._torch.cuda.max_memory_allocated() / 2**20 - self._mark)
         return max(0.0, (_status_kb("VmHWM") or 0) / 1024 - self._mark)
+
+
+def _release_free_heap() -> None:
+    """Hand memory freed earlier back to the OS (glibc keeps it mapped), so RSS growth measures new allocations
+    instead of being hidden by reuse of the heap earlier work left behind."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS growth may understate when freed memory is reused
 
 
 def _status_kb(field: str) -> int | None:

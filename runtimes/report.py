@@ -92,7 +92,10 @@ class BenchReport:
         s = self.settings
         count = f"{s['iters']} iterations" if s.get("iters") else f">= {s.get('seconds')} s"
         mode = "end to end (preprocessing/tokenising included)" if s.get("end_to_end") else "model only"
-        return f"device {s.get('device')}, {count} per cell after {s.get('warmup')} warm-up, {mode}."
+        threads = f", {s['threads']} CPU thread(s)" if s.get("threads") else ""
+        load = self.device.get("load_average")
+        busy = f", load average {load[0]} at the start" if load else ""
+        return f"device {s.get('device')}{threads}, {count} per cell after {s.get('warmup')} warm-up, {mode}{busy}."
 
     def to_csv(self) -> str:
         keys: list[str] = []

@@ -4,6 +4,7 @@ stand-in, the CLI, and bad input (no timing values are asserted, only their cons
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,11 @@ def test_opened_runtimes_and_modules_as_targets(artifacts):
     assert report.artifacts[0]["params"] == pkg.model.num_params()["total"]
     assert report.artifacts[1]["kind"] == "runtime" and len(report.rows) == 4
     assert all(r["iters"] == 3 for r in report.rows)
+
+
+def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if not installed
+    report = run_bench([artifacts["fp32"]], batches=(1,), tower="image", out_dir=tmp_path, **FAST)
+    assert not (tmp_path / "bench.png").exists() and (tmp_path / "bench.md").is_file()
+    assert any("matplotlib" in n for n in report.notes)
+    assert "matplotlib" in (tmp_path / "bench.md").read_text()

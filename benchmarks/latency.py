@@ -1,0 +1,189 @@
+"""Latency of an open_clip ViT-B/32 teacher against its 50%, 25% and 10% students (random weights: latency
+does not depend on the values), through the project's runtimes and its bench.
+
+CPU (default; ~10 minutes on 2 cores):
+    python benchmarks/latency.py
+  PyTorch eager fp32 vs ONNX Runtime fp32 vs ONNX Runtime dynamic int8, batch 1 and 8, both towers.
+  Writes benchmarks/results/latency-cpu.{json,md,csv,png} and prints the table.
+
+CUDA (one self-contained command for a GPU machine):
+    python benchmarks/latency.py --device cuda --out DIR
+  PyTorch fp16 eager vs torch.compile vs CUDA graphs, batch 1 and 64. Writes DIR/latency-cuda.{json,md,...}.
+  Needs only torch + this repository on PYTHONPATH: without open_clip the teacher's shape is built in code
+  (identical to open_clip's ViT-B-32, checked when open_clip is present).
+
+Students have the shapes `tinyclip_edge.compress.shapes.shape_for_ratio(teacher, ratio)` gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable from a plain checkout (the GPU machine) as well as an install
+    sys.path.insert(0, str(ROOT))
+
+
+@functools.lru_cache(maxsize=1)
+def vit_b32_shape() -> tuple[Any, str]:
+    """The teacher's shape: from open_clip when installed, else the same numbers written out."""
+    from tinyclip_edge.models.presets import uniform_shape
+
+    shape = uniform_shape(768, 12, 12, image_size=224, patch_size=32, embed_dim=512, text_width=512,
+                          text_layers=12, text_heads=8, context_length=77, vocab_size=49408)
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        return shape, "ViT-B-32 shape written in code (open_clip not installed)"
+    from tinyclip_edge.models.openclip import shape_of_open_clip
+
+    oc = open_clip.create_model("ViT-B-32", pretrained=None)
+    if shape_of_open_clip(oc).to_dict() != shape.to_dict():
+        raise SystemExit("open_clip's ViT-B-32 no longer matches the written-out shape; update vit_b32_shape()")
+    return shape, f"open_clip {open_clip.__version__} ViT-B-32 (random weights)"
+
+
+def models(ratios: list[float]) -> Iterator[tuple[str, Any]]:
+    """(name, ClipModel) for the teacher and each student, random weights, fixed seed; one at a time, so a
+    model is freed before the next is built."""
+    import torch
+
+    from tinyclip_edge.compress.shapes import shape_for_ratio
+    from tinyclip_edge.models import ClipModel
+
+    teacher, _ = vit_b32_shape()
+    torch.manual_seed(0)
+    yield "teacher", ClipModel(teacher).eval()
+    for r in ratios:
+        yield f"student-{round(r * 100)}", ClipModel(shape_for_ratio(teacher, r)).eval()
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def run_cpu(args: argparse.Namespace) -> Any:
+    from tinyclip_edge.common.preprocess import Preprocess
+    from tinyclip_edge.export import export_bundle
+    from tinyclip_edge.models import ClipPackage, save_model_dir
+    from tinyclip_edge.runtimes.bench import run_bench
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tce-latency-"))
+    targets: list[str] = []
+    tok = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 77}
+    for name, model in models(args.ratios):
+        t0 = time.perf_counter()
+        pkg = ClipPackage(model, Preprocess(image_size=224), tok, {"teacher": "ViT-B-32 (random)", "stage": name})
+        model_dir = save_model_dir(pkg, work / name)
+        fp32 = export_bundle(model_dir, work / f"{name}-onnx-fp32", verify=False, progress=False)
+        int8 = export_bundle(model_dir, work / f"{name}-onnx-int8", precision="int8-dynamic", verify=False,
+                             progress=False)
+        targets += [str(model_dir), str(fp32), str(int8)]
+        print(f"{name}: {model.num_params()['total'] / 1e6:.1f} M params, exported in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        del model, pkg   # only the saved artifacts are benchmarked; keep the heap clean for memory readings
+    report = run_bench(targets, batches=args.batches or (1, 8), tower="both", device="cpu", iters=args.iters,
+                       warmup=args.warmup, threads=args.threads, progress=True)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+def run_cuda(args: argparse.Namespace) -> Any:
+    import torch
+
+    from tinyclip_edge.runtimes import open_runtime
+    from tinyclip_edge.runtimes.bench import run_bench
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    batches = args.batches or (1, 64)
+    opened = []
+    for name, model in models(args.ratios):
+        for mode in args.modes:
+            if mode == "cudagraph":   # a graph is captured for one batch size: one runtime per batch
+                for b in batches:
+                    opened.append((b, _named(open_runtime(model, backend="pyt", device="cuda", precision="fp16",
+                                                          mode=mode, batch=b), f"{name} {mode}")))
+            else:
+                opened.append((None, _named(open_runtime(model, backend="pyt", device="cuda", precision="fp16",
+                                                         mode=mode), f"{name} {mode}")))
+        print(f"{name}: {model.num_params()['total'] / 1e6:.1f} M params", flush=True)
+    reports = []
+    for b in batches:
+        targets = [rt for fixed, rt in opened if fixed in (None, b)]
+        reports.append(run_bench(targets, batches=(b,), tower="both", device="cuda", iters=args.iters,
+                                 warmup=args.warmup, progress=True))
+    report = reports[0]
+    for r in reports[1:]:
+        report.rows += r.rows
+    report.settings["batches"] = list(batches)
+    report.settings["modes"] = list(args.modes)
+    report.notes.append("cudagraph runtimes are captured per batch size; compile runtimes recompile for a new batch "
+                        "during warm-up")
+    return report
+
+
+def _named(rt: Any, name: str) -> Any:
+    rt.name = name
+    return rt
+
+
+# ---------------------------------------------------------------------------------------------- output
+def summary(report: Any) -> str:
+    """One line per artifact: p50 ms for each tower x batch, with the speedup over the first artifact."""
+    cells = sorted({(r["tower"], r["batch"]) for r in report.rows})
+    by = {(r["artifact"], r["tower"], r["batch"]): r for r in report.rows}
+    head = ["artifact", "runtime", "precision", "params (M)", "MB on disk"] + [f"{t} b{b} p50 ms" for t, b in cells]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in report.artifacts:
+        row = [a["name"], a["backend"], a["precision"] or "-",
+               f"{a['params'] / 1e6:.1f}" if a.get("params") else "-",
+               f"{a['size_bytes'] / 2**20:.0f}" if a.get("size_bytes") else "-"]
+        for t, b in cells:
+            r = by.get((a["name"], t, b))
+            row.append("-" if r is None else f"{r['p50_ms']:.1f} ({r['speedup']:.2f}x)")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write(report: Any, out: Path, stem: str, source: str) -> None:
+    files = report.save(out, stem=stem)
+    md = files["md"].read_text()
+    files["md"].write_text(f"# Latency: ViT-B/32 teacher vs students ({stem})\n\nTeacher: {source}. "
+                           "Cells: p50 latency in ms (speedup over the first row).\n\n"
+                           f"{summary(report)}\n\n## Every statistic\n\n{md}")
+    print(summary(report))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.25, 0.1])
+    p.add_argument("--batches", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   help="default 1,8 on cpu and 1,64 on cuda")
+    p.add_argument("--iters", type=int, default=None, help="default 10 on cpu, 100 on cuda")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 on cpu, 10 on cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (cpu mode)")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["eager", "compile", "cudagraph"],
+                   help="cuda mode: pyt modes to compare")
+    p.add_argument("--work", help="keep the model dirs and ONNX bundles here (cpu mode; default a temp dir)")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.iters = args.iters or (100 if cuda else 10)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    t0 = time.perf_counter()
+    report = run_cuda(args) if cuda else run_cpu(args)
+    report.settings["script"] = "benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report.settings["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    write(report, args.out, f"latency-{args.device}", vit_b32_shape()[1])
+
+
+if __name__ == "__main__":
+    main()
