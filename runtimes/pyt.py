@@ -75,6 +75,18 @@ class _Graphed:
         return self.static_out.clone()
 
 
+def _allow_many_compiled_models(limit: int = 64) -> None:
+    """Every runtime compiles the same `run` code object, so dynamo keeps one cache entry per model, tower
+    and batch size; past its default limit (8) it silently falls back to eager. Seen in
+    benchmarks/latency.py --device cuda with 4 models x 2 towers x 2 batch sizes."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
 class PytRuntime(Runtime):
     backend = "pyt"
 
@@ -107,6 +119,7 @@ class PytRuntime(Runtime):
         if tower not in self._fns:
             fn = self._forward(tower)
             if self.mode == "compile":
+                _allow_many_compiled_models()
                 fn = torch.compile(fn, mode=self.compile_mode, backend=self.compile_backend)
             elif self.mode == "cudagraph":
                 fn = _Graphed(fn, x)

@@ -222,6 +222,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 rate = (state.samples - samples0) / max(1e-9, time.perf_counter() - t0)
                 rec = {"stage": label, "step": state.step, "lr": optimizers[0].param_groups[0]["lr"],
+                       "samples": state.samples, "elapsed_s": round(time.perf_counter() - t0, 3),
                        "samples_per_s": round(rate, 1), "skipped": state.skipped,
                        **{k: round(v, 5) for k, v in logs.items()}}
                 mlog.write(json.dumps(rec) + "\n")
