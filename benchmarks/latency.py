@@ -134,30 +134,13 @@ def _named(rt: Any, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def summary(report: Any) -> str:
-    """One line per artifact: p50 ms for each tower x batch, with the speedup over the first artifact."""
-    cells = sorted({(r["tower"], r["batch"]) for r in report.rows})
-    by = {(r["artifact"], r["tower"], r["batch"]): r for r in report.rows}
-    head = ["artifact", "runtime", "precision", "params (M)", "MB on disk"] + [f"{t} b{b} p50 ms" for t, b in cells]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for a in report.artifacts:
-        row = [a["name"], a["backend"], a["precision"] or "-",
-               f"{a['params'] / 1e6:.1f}" if a.get("params") else "-",
-               f"{a['size_bytes'] / 2**20:.0f}" if a.get("size_bytes") else "-"]
-        for t, b in cells:
-            r = by.get((a["name"], t, b))
-            row.append("-" if r is None else f"{r['p50_ms']:.1f} ({r['speedup']:.2f}x)")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
 def write(report: Any, out: Path, stem: str, source: str) -> None:
     files = report.save(out, stem=stem)
     md = files["md"].read_text()
     files["md"].write_text(f"# Latency: ViT-B/32 teacher vs students ({stem})\n\nTeacher: {source}. "
                            "Cells: p50 latency in ms (speedup over the first row).\n\n"
-                           f"{summary(report)}\n\n## Every statistic\n\n{md}")
-    print(summary(report))
+                           f"{report.summary()}\n\n## Every statistic\n\n{md}")
+    print(report.summary())
     print("wrote " + ", ".join(str(p) for p in files.values()))
 
 

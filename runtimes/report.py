@@ -72,6 +72,23 @@ class BenchReport:
                   for row in body]
         return "\n".join(lines)
 
+    def summary(self, size_digits: int = 0) -> str:
+        """Markdown, one line per artifact: p50 ms per tower x batch with the speed-up over the first artifact."""
+        cells = sorted({(r["tower"], r["batch"]) for r in self.rows})
+        by = {(r["artifact"], r["tower"], r["batch"]): r for r in self.rows}
+        head = ["artifact", "runtime", "precision", "params (M)", "MB on disk"] + [f"{t} b{b} p50 ms" for t, b in cells]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a in self.artifacts:
+            row = [a["name"], a["backend"], a["precision"] or "-",
+                   f"{a['params'] / 1e6:.{2 if size_digits else 1}f}" if a.get("params") else "-",
+                   f"{a['size_bytes'] / 2**20:.{size_digits}f}" if a.get("size_bytes") else "-"]
+            for t, b in cells:
+                r = by.get((a["name"], t, b))
+                digits = 1 if r is None or r["p50_ms"] >= 1 else 3
+                row.append("-" if r is None else f"{r['p50_ms']:.{digits}f} ({r['speedup']:.2f}x)")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
     def to_markdown(self) -> str:
         head, body = self._cells()
         gpu, cpu = self.device.get("gpu") or {}, self.device.get("cpu") or {}

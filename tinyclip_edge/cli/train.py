@@ -22,6 +22,28 @@ def _logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
 
+def _recipe_for(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None,
+                run_dir: str | None):
+    """The recipe of a new run (RECIPE + overrides), or the one saved in a run being resumed."""
+    from ..compress.recipe import load_recipe
+    from ..compress.runner import RUN_STATE
+
+    if resume_dir:
+        saved = Path(resume_dir) / "recipe.yaml"
+        if not (Path(resume_dir) / RUN_STATE).is_file() or not saved.is_file():
+            raise UserError(f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
+                            "start one with `tinyclip-edge compress RECIPE run_dir=DIR`")
+        if recipe or overrides or teacher:
+            click.echo(f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher "
+                       "are ignored", err=True)
+        return load_recipe(str(saved), [f"run_dir={resume_dir}"])
+    if not recipe:
+        raise UserError("give a RECIPE (a YAML file or one of the packaged recipes) or --resume DIR")
+    extra = [f"teacher={teacher}"] if teacher else []
+    extra += [f"run_dir={run_dir}"] if run_dir else []
+    return load_recipe(recipe, [*overrides, *extra])
+
+
 @_command
 @click.command()
 @click.argument("recipe", required=False)
@@ -36,29 +58,11 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
 
     OVERRIDES are dotted key=value pairs, e.g. stages.0.steps=200 data.train=pairs.csv.
     """
-    from ..compress.recipe import load_recipe
-    from ..compress.runner import RUN_STATE, run_compress
+    from ..compress.runner import run_compress
 
     _logging()
-    if resume_dir:
-        saved = Path(resume_dir) / "recipe.yaml"
-        if not (Path(resume_dir) / RUN_STATE).is_file() or not saved.is_file():
-            raise UserError(f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
-                            "start one with `tinyclip-edge compress RECIPE run_dir=DIR`")
-        if recipe and recipe.count("=") and not overrides:  # `compress key=value --resume DIR`
-            overrides, recipe = (recipe, *overrides), None
-        if recipe or overrides or teacher:
-            click.echo(f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher "
-                       "are ignored", err=True)
-        rec = load_recipe(str(saved), [f"run_dir={resume_dir}"])
-        result = run_compress(rec, resume=True)
-    else:
-        if not recipe:
-            raise UserError("give a RECIPE (a YAML file or one of the packaged recipes) or --resume DIR")
-        extra = [f"teacher={teacher}"] if teacher else []
-        extra += [f"run_dir={run_dir}"] if run_dir else []
-        rec = load_recipe(recipe, [*overrides, *extra])
-        result = run_compress(rec)
+    rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
+    result = run_compress(rec, resume=bool(resume_dir))
     click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
 
 
@@ -69,15 +73,34 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
 @click.option("--resume/--fresh", default=True, show_default=True,
               help="Continue an unfinished quick start in --run-dir, or start over.")
 def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
-    """Train a small teacher on built-in data, compress it twice, compare with scratch, report (CPU).
+    """Train a small teacher on built-in data, compress it twice, compare with scratch, export to ONNX,
+    check parity and time teacher vs students; writes RUN_DIR/report.md and report.json (CPU, minutes).
 
     OVERRIDES (key=value) change the packaged quickstart recipe, e.g. teacher=runs/x/teacher.
     """
-    from ..pipeline import run_quickstart
+    from .pipeline import run_quickstart
 
     _logging()
     result = run_quickstart(run_dir, resume=resume, overrides=list(overrides))
-    click.echo(f"report: {result.run_dir / 'report.md'} and report.json")
+    click.echo(f"report: {result.run.run_dir / 'report.md'} and report.json")
+
+
+@_command
+@click.command("run")
+@click.argument("recipe", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory (uses the recipe saved there).")
+def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None) -> None:
+    """Run RECIPE end to end: compress, then export / parity / bench when the recipe has those sections."""
+    from .pipeline import run_recipe
+
+    _logging()
+    rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
+    result = run_recipe(rec, resume=bool(resume_dir))
+    click.echo(f"done: report in {result.run.run_dir / 'report.md'}"
+               + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else ""))
 
 
 @_command

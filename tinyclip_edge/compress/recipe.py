@@ -86,6 +86,35 @@ class BaselinesCfg:
 
 
 @dataclass
+class ExportCfg:
+    """After compressing: export the teacher and every stage's student to ONNX bundles, check parity."""
+
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8-dynamic"])  # fp32 fp16 int8 int8-dynamic
+    models: str = "all"                  # all (teacher + stages) | students | last
+    opset: int = 17
+    calib: str | None = None             # images for static int8; default data.calib, else scenes:calib / data.train
+    calib_count: int = 256
+    int8_keep: str = "auto"              # static int8: keep sensitive nodes float (auto search) | none
+    parity: bool = True
+    parity_data: str | None = None       # default: eval.data
+    parity_count: int = 256
+    on_parity_failure: str = "error"     # error (non-zero exit) | warn (report it, go on)
+
+
+@dataclass
+class BenchCfg:
+    """After exporting: latency of the teacher's and students' bundles (ONNX Runtime), interleaved."""
+
+    precisions: list[str] | None = None  # which exported precisions to time; default all
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    tower: str = "both"                  # image | text | both
+    device: str = "cpu"
+    iters: int = 20
+    warmup: int = 3
+    threads: int | None = None
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     description: str = ""
@@ -97,8 +126,8 @@ class Recipe:
     stages: list[StageCfg] = field(default_factory=list)
     eval: EvalCfg = field(default_factory=EvalCfg)
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
-    export: dict | None = None           # optional: export after compressing (see `tinyclip-edge run`)
-    bench: dict | None = None            # optional: benchmark the exports (see `tinyclip-edge run`)
+    export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
+    bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

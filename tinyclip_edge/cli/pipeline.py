@@ -1,0 +1,176 @@
+"""The whole path in one call: compress -> export (ONNX) -> parity -> bench, as a recipe asks.
+
+This is wiring, so it lives with the CLI: the compression core never imports `export` or `runtimes`.
+Every step is resumable: finished stages are skipped by the runner, and a bundle whose manifest
+records the same source weights is not exported again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..common.errors import UserError
+from ..common.io import atomic_write_json, atomic_write_text, read_json
+from ..compress.recipe import Recipe, load_recipe
+from ..compress.runner import RUN_STATE, RunResult, run_compress
+from ..evaluation import markdown_table
+
+log = logging.getLogger("tinyclip_edge")
+
+
+@dataclass
+class PipelineResult:
+    run: RunResult
+    bundles: dict[str, Path] = field(default_factory=dict)     # "<model>-<precision>" -> bundle dir
+    parity_failed: list[str] = field(default_factory=list)
+
+
+def _models(recipe: Recipe, run: RunResult) -> dict[str, Path]:
+    stages = {p.name: p for p in run.stage_dirs}
+    if recipe.export.models == "last":
+        return dict(list(stages.items())[-1:])
+    if recipe.export.models == "students" or run.teacher_dir is None:
+        return stages
+    if recipe.export.models != "all":
+        raise UserError(f"export.models must be all, students or last, not '{recipe.export.models}'")
+    return {"teacher": run.teacher_dir, **stages}
+
+
+def _up_to_date(bundle: Path, model_dir: Path) -> bool:
+    """A finished bundle exported from these exact weights (resume skips it)."""
+    from ..export.graphs import sha256_file
+
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file():
+        return False
+    src = json.loads(manifest.read_text()).get("source", {})
+    return src.get("sha256") == sha256_file(model_dir / "model.safetensors")
+
+
+def _calib_spec(recipe: Recipe) -> str:
+    cfg = recipe.export
+    if cfg.calib:
+        return cfg.calib
+    if recipe.data.calib:
+        return recipe.data.calib
+    return "scenes:calib" if recipe.data.train.startswith("scenes:") else recipe.data.train
+
+
+def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
+    from ..export.bundle import export_bundle
+    from ..export.parity import run_parity
+
+    cfg, out = recipe.export, PipelineResult(run)
+    rows, parity = [], {}
+    teacher = run.teacher_dir
+    for name, model_dir in _models(recipe, run).items():
+        for precision in cfg.precisions:
+            key = f"{name}-{precision}"
+            bundle = run.run_dir / "export" / key
+            if not _up_to_date(bundle, model_dir):
+                click.echo(f"export {key}", err=True)
+                export_bundle(model_dir, bundle, precision=precision, opset=cfg.opset,
+                              calib=_calib_spec(recipe) if precision == "int8" else None,
+                              calib_count=cfg.calib_count, int8_keep=cfg.int8_keep, progress=False)
+            out.bundles[key] = bundle
+            if not cfg.parity:
+                continue
+            rep = run_parity(bundle, reference=model_dir, teacher=teacher if name != "teacher" else None,
+                             data=cfg.parity_data or recipe.eval.data or "scenes:val", count=cfg.parity_count,
+                             progress=False)
+            atomic_write_json(bundle / "parity.json", rep.to_dict())
+            atomic_write_text(bundle / "parity.md", rep.to_markdown())
+            parity[key] = rep.to_dict()
+            rows.append(_parity_row(key, rep))
+            if not rep:
+                out.parity_failed.append(key)
+    if cfg.parity:
+        _add_to_report(run.run_dir, "parity", parity, "## Export and parity (ONNX Runtime vs PyTorch)",
+                       "Each bundle against its own PyTorch model on the evaluation data; full reports in "
+                       "`export/<bundle>/parity.md`.", rows)
+    return out
+
+
+def _parity_row(key: str, rep: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"bundle": key, "precision": rep.precision, "result": "PASS" if rep else "FAIL"}
+    if rep.artifacts:
+        art = rep.artifacts[0]
+        for tower, m in art.towers.items():
+            row[f"{tower} min cos"] = f"{m['min_cosine']:.5f}"
+        if art.tasks.retrieval_r1 is not None:
+            row["R@1 (i2t)"] = f"{100 * art.tasks.retrieval_r1:.1f}"
+        if art.tasks.retrieval_agreement is not None:
+            row["top-1 agree"] = f"{100 * art.tasks.retrieval_agreement:.1f}%"
+    fails = rep.failures()
+    if fails:
+        row["failed checks"] = "; ".join(f"{c.scope} {c.metric} {c.value:.4g} < {c.threshold:g}" for c in fails[:2])
+    return row
+
+
+def bench(recipe: Recipe, result: PipelineResult) -> None:
+    from ..runtimes.bench import run_bench
+
+    cfg = recipe.bench
+    keep = set(cfg.precisions or recipe.export.precisions)
+    targets = [str(p) for k, p in result.bundles.items() if k.rsplit("-", 1)[-1] in keep
+               or any(k.endswith(f"-{x}") for x in keep)]
+    if not targets:
+        raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
+    rep = run_bench(targets, batches=tuple(cfg.batches), tower=cfg.tower, device=cfg.device, iters=cfg.iters,
+                    warmup=cfg.warmup, threads=cfg.threads, out_dir=result.run.run_dir / "bench", progress=False)
+    _add_to_report(result.run.run_dir, "latency", rep.to_dict(), "## Latency (teacher vs students)",
+                   f"p50 latency in ms (speed-up over the first row), ONNX Runtime on {cfg.device}, "
+                   f"{cfg.iters} timed runs per cell, interleaved; every statistic in `bench/bench.md`.", None,
+                   rep.summary(size_digits=2))
+
+
+def _add_to_report(run_dir: Path, key: str, data: Any, title: str, caption: str,
+                   rows: list[dict[str, Any]] | None, table: str | None = None) -> None:
+    """Add a section to report.json and report.md (replacing an older one of the same title)."""
+    rj = run_dir / "report.json"
+    report = read_json(rj, "report") if rj.is_file() else {}
+    report[key] = data
+    atomic_write_json(rj, report)
+    rm = run_dir / "report.md"
+    md = rm.read_text() if rm.is_file() else ""
+    if title in md:
+        md = md[: md.index(title)].rstrip() + "\n"
+    section = "\n".join([title, "", caption, "", table or markdown_table(rows or []), ""])
+    atomic_write_text(rm, md.rstrip() + "\n\n" + section)
+    click.echo(section)
+
+
+def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
+    run = run_compress(recipe, resume=resume)
+    result = PipelineResult(run)
+    if recipe.export is not None:
+        result = export_and_check(recipe, run)
+    if recipe.bench is not None:
+        if recipe.export is None:
+            raise UserError("a bench: section needs an export: section (it times the exported bundles)")
+        bench(recipe, result)
+    if result.parity_failed:
+        msg = (f"parity failed for {', '.join(result.parity_failed)} (see report.md and "
+               f"export/<bundle>/parity.md)")
+        if recipe.export.on_parity_failure == "error":
+            raise UserError(msg + "; set export.on_parity_failure=warn to accept it")
+        click.echo(f"warning: {msg}", err=True)
+    return result
+
+
+def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True,
+                   overrides: list[str] | None = None) -> PipelineResult:
+    recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
+    exists = (Path(run_dir) / RUN_STATE).is_file()
+    if exists and not resume:
+        import shutil
+
+        shutil.rmtree(run_dir)
+        exists = False
+    return run_recipe(recipe, resume=exists)
