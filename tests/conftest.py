@@ -86,10 +86,13 @@ def open_clip_checkpoint(tmp_path: Path) -> str:
     """A teacher spec 'CONFIG.json:CKPT.pt' pointing at a random open_clip model saved to disk."""
     import json
 
+    from tinyclip_edge.data import scenes
+
     model = tiny_open_clip()
     cfg = {"embed_dim": 32,
            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-           "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34}}
+           "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34},
+           "tokenizer": scenes.tokenizer_config(24)}  # a 35-token vocabulary: the scenes word tokenizer
     cfg_path = tmp_path / "tiny_open_clip.json"
     cfg_path.write_text(json.dumps(cfg))
     ckpt = tmp_path / "tiny_open_clip.pt"

@@ -119,3 +119,34 @@ def test_resume_of_a_directory_without_a_run(tmp_path):
 
 def test_missing_model_dir():
     assert_one_line_error(invoke("info", "does/not/exist"), "model directory not found")
+
+
+def test_run_command_compresses_exports_checks_and_benches(tmp_path, teacher_dir):
+    run = tmp_path / "run"
+    r = invoke("run", "quickstart", *TINY, f"run_dir={run}", "export.parity_count=32", "bench.iters=2",
+               "bench.batches=[1]", "export.on_parity_failure=warn", "--teacher", teacher_dir)
+    assert r.exit_code == 0, r.output
+    bundles = sorted(p.name for p in (run / "export").iterdir())
+    assert bundles == [f"{m}-{p}" for m in ("stage-1", "stage-2", "teacher") for p in ("fp32", "int8-dynamic")]
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["parity"]) == set(bundles) and report["parity"]["stage-1-fp32"]["passed"] is True
+    assert {a["name"] for a in report["latency"]["artifacts"]} == set(bundles)
+    md = (run / "report.md").read_text()
+    assert "## Export and parity" in md and "## Latency (teacher vs students)" in md
+    assert (run / "bench" / "bench.json").is_file()
+    mtime = (run / "export" / "teacher-fp32" / "manifest.json").stat().st_mtime
+    r = invoke("run", "--resume", run)  # nothing to redo: bundles from the same weights are kept
+    assert r.exit_code == 0, r.output
+    assert (run / "export" / "teacher-fp32" / "manifest.json").stat().st_mtime == mtime
+
+
+def test_run_fails_on_parity_failure_when_asked(tmp_path, teacher_dir):
+    r = invoke("run", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}", "export.precisions=[fp32]",
+               "export.parity_count=16", "export.on_parity_failure=error", "bench=null",
+               "export.models=last", "--teacher", teacher_dir)
+    assert r.exit_code == 0, r.output  # fp32 passes
+    (tmp_path / "bad.yaml").write_text("name: x\nteacher: none\nstages: [{shape: scenes-tiny, method: scratch, "
+                                       "teacher: none, losses: {clip: 1}, steps: 1, batch_size: 4}]\n"
+                                       "bench: {batches: [1]}\neval: {data: null}\n")
+    assert_one_line_error(invoke("run", tmp_path / "bad.yaml", f"run_dir={tmp_path / 'b'}"),
+                          "bench: section needs an export: section")

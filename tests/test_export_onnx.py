@@ -89,11 +89,25 @@ def test_open_clip_spec_source(tmp_path, open_clip_checkpoint):
     m = json.loads((out / "manifest.json").read_text())
     ckpt = open_clip_checkpoint.split(":", 1)[1]
     assert m["source"]["kind"] == "open_clip" and m["source"]["sha256"] == _sha256(Path(ckpt))
-    assert m["tokenizer"]["kind"] == "bpe" and (out / m["tokenizer"]["file"]).is_file()
+    assert m["tokenizer"]["kind"] == "words"  # the config file's own tokenizer entry travels inline
     ids, want = open_clip_text_reference(7)
     with open_runtime(out) as rt:
         np.testing.assert_allclose(rt.encode_text(ids), want, atol=2e-5)
-        assert rt.tokenize(["a photo of a cat"]).shape == (1, 24)  # the bundled BPE vocabulary works
+        assert rt.tokenize(["a red circle"]).max() < 35
+
+
+def test_bpe_tokenizer_is_bundled(tmp_path):
+    """A model with CLIP's BPE vocabulary: the bundle carries the vocabulary file and tokenizes alone."""
+    pkg = make_package(dataclasses.replace(make_package().shape, text=dataclasses.replace(
+        make_package().shape.text, vocab_size=49408)))
+    pkg.tokenizer_cfg = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 24, "vocab_size": 49408}
+    out = export_bundle(save_model_dir(pkg, tmp_path / "bpe"), tmp_path / "b", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["kind"] == "bpe" and (out / m["tokenizer"]["file"]).is_file()
+    with open_runtime(out) as rt:
+        ids = rt.tokenize(["a photo of a cat"])
+        assert ids.shape == (1, 24) and ids[0, 0] == 49406  # CLIP's start-of-text id
+        np.testing.assert_array_equal(ids, pkg.tokenizer()(["a photo of a cat"]))
 
 
 @pytest.mark.parametrize("pool", ["eos", "first", "last"])

@@ -98,15 +98,21 @@ def test_int8_dynamic_and_keep_patterns(tmp_path, tiny_model_dir):
     assert not any("mlp" in n or "qkv" in n for n in d["float_nodes"])
 
 
-def test_precision_bad_input(tmp_path, tiny_model_dir, open_clip_checkpoint):
+def test_precision_bad_input(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="needs calibration data: pass --calib"):
         export_bundle(tiny_model_dir, tmp_path / "a", precision="int8", progress=False)
     with pytest.raises(UserError, match="fp16 export needs --opset 17"):
         export_bundle(tiny_model_dir, tmp_path / "b", precision="fp16", opset=16, progress=False)
     with pytest.raises(UserError, match="unknown precision 'int4'"):
         export_bundle(tiny_model_dir, tmp_path / "c", precision="int4", progress=False)
-    # open_clip's BPE ids (up to 49407) do not fit this tiny teacher's 35 embeddings
+    # a model directory whose tokenizer (BPE, ids up to 49407) does not fit its 35 embeddings
+    from conftest import make_package
+
+    from tinyclip_edge.models import save_model_dir
+
+    bad = make_package()
+    bad.tokenizer_cfg = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 24}
     with pytest.raises(UserError, match="tokenizer produces ids up to .* does not match the model"):
-        export_bundle(open_clip_checkpoint, tmp_path / "d", precision="int8", calib="scenes:calib",
-                      calib_count=8, progress=False)
+        export_bundle(save_model_dir(bad, tmp_path / "m" / "bad"), tmp_path / "d", precision="int8",
+                      calib="scenes:calib", calib_count=8, progress=False)
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("a", "b", "c", "d") or p.name.startswith(".")]

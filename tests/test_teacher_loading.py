@@ -28,8 +28,24 @@ def test_config_and_checkpoint_file(open_clip_checkpoint):
     with torch.no_grad():
         assert (pkg.model.encode_image(images) - reference.encode_image(images)).abs().max() <= 1e-5
         assert (pkg.model.encode_text(ids) - reference.encode_text(ids)).abs().max() <= 1e-5
-    assert pkg.tokenizer_cfg["kind"] == "open_clip"
+    assert pkg.tokenizer_cfg["kind"] == "words"  # from the config file's "tokenizer" entry
+    assert pkg.tokenizer()(["a red circle"]).max() < 35
     assert pkg.provenance["teacher"] == open_clip_checkpoint
+
+
+def test_config_without_tokenizer_and_a_small_vocabulary(tmp_path, open_clip_checkpoint):
+    cfg_path, ckpt = open_clip_checkpoint.split(":", 1)
+    cfg = json.loads(open(cfg_path).read())
+    del cfg["tokenizer"]
+    (tmp_path / "no_tok.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="too small for CLIP's BPE tokenizer"):
+        resolve_teacher(f"{tmp_path / 'no_tok.json'}:{ckpt}")
+
+
+def test_offline_hf_hub_id_is_one_clear_line():
+    with pytest.raises(UserError) as e:
+        resolve_teacher("hf-hub:timm/not-a-real-clip")
+    assert "\n" not in str(e.value) and "hf-hub:timm/not-a-real-clip" in str(e.value)
 
 
 def test_open_clip_local_dir(tmp_path):

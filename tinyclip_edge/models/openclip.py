@@ -298,6 +298,7 @@ def _model_from_config_file(cfg_path: Path, weights: str | None) -> nn.Module:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read open_clip config {cfg_path}: {e}") from None
     cfg = cfg.get("model_cfg", cfg)
+    cfg = {k: v for k, v in cfg.items() if k != "tokenizer"}
     cls = open_clip.model.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.model.CLIP
     try:
         model = cls(**cfg)
@@ -324,7 +325,7 @@ def load_checkpoint_file(model: nn.Module, path: str) -> None:
 
 
 def load_open_clip(spec: str) -> tuple[nn.Module, str]:
-    """Build an open_clip model from a spec; returns (model, tokenizer model name).
+    """Build an open_clip model from a spec; returns (model, tokenizer: an open_clip model name or a config).
 
     Specs: ``NAME`` (random init), ``NAME:TAG`` (pretrained tag), ``NAME:/path/ckpt``, ``CONFIG.json:/path/ckpt``,
     ``hf-hub:org/repo``, ``local-dir:/path`` or a directory holding ``open_clip_config.json``.
@@ -339,8 +340,10 @@ def load_open_clip(spec: str) -> tuple[nn.Module, str]:
     if name.endswith(".json"):
         if not Path(name).is_file():
             raise UserError(f"open_clip config file not found: {name}")
-        # A config file names no tokenizer; CLIP's BPE (what every non-HF open_clip model uses) it is.
-        return _model_from_config_file(Path(name), weights or None), "ViT-B-32"
+        # open_clip config files name no tokenizer: CLIP's BPE (every non-HF open_clip model's) unless the
+        # file carries a "tokenizer" entry in this project's format (docs/FORMATS.md)
+        tok = _config_tokenizer(Path(name))
+        return _model_from_config_file(Path(name), weights or None), tok
     if name not in open_clip.list_models():
         hint = closest(name, open_clip.list_models())
         raise UserError(f"unknown teacher '{spec}': not a model directory, file or open_clip model name{hint}")
@@ -351,9 +354,27 @@ def load_open_clip(spec: str) -> tuple[nn.Module, str]:
     return _create(name, weights or None), name
 
 
+def _config_tokenizer(path: Path) -> str | dict[str, Any]:
+    try:
+        tok = json.loads(path.read_text()).get("tokenizer")
+    except (OSError, json.JSONDecodeError):
+        return "ViT-B-32"  # _model_from_config_file reports the unreadable file
+    return dict(tok, context_length=tok.get("context_length", 77)) if isinstance(tok, dict) else "ViT-B-32"
+
+
+BPE_VOCAB = 49408
+
+
 def package_from_open_clip(spec: str) -> ClipPackage:
     model, tok_name = load_open_clip(spec)
     student = from_open_clip(model.eval())
-    tok = {"kind": "open_clip", "model": tok_name, "context_length": student.shape.text.context_length,
-           "vocab_size": student.shape.text.vocab_size}
+    text = student.shape.text
+    if isinstance(tok_name, dict):
+        tok = {**tok_name, "context_length": text.context_length}
+    else:
+        if text.vocab_size < BPE_VOCAB and not str(tok_name).startswith(("hf-hub:", "local-dir:")):
+            raise UserError(f"'{spec}' has a {text.vocab_size}-token vocabulary, too small for CLIP's BPE tokenizer "
+                            f"({BPE_VOCAB}); add a \"tokenizer\" entry to its config file (see docs/FORMATS.md)")
+        tok = {"kind": "open_clip", "model": tok_name, "context_length": text.context_length,
+               "vocab_size": text.vocab_size}
     return ClipPackage(student, _preprocess_of(model), tok, {"teacher": spec, "source": "open_clip"})
