@@ -181,6 +181,25 @@ def test_resume_mid_mask_learning_is_exact(tmp_path, teacher_dir):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_between_prune_stages_is_exact(tmp_path, teacher_dir):
+    straight = run_compress(_recipe(tmp_path / "a", teacher_dir))
+
+    class Crash(Exception):
+        pass
+
+    def crash(state):  # stage 1 (masks + continuation) is done; die early in stage 2's mask learning
+        if (tmp_path / "b" / "stage-1").exists() and state.step == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_compress(_recipe(tmp_path / "b", teacher_dir), on_step=crash)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["stages"]["stage-1"] == "done"
+    resumed = run_compress(_recipe(tmp_path / "b", teacher_dir), resume=True)
+    sa = load_model_dir(straight.stage_dirs[-1]).model.state_dict()
+    sb = load_model_dir(resumed.stage_dirs[-1]).model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_diverging_lagrange_multipliers_are_detected(tmp_path, teacher_dir):
     with pytest.raises(Diverged, match="Lagrange multipliers diverged.*last good checkpoint"):
         run_compress(_recipe(tmp_path / "nan", teacher_dir, "stages.0.prune.lambda_lr=4e19",

@@ -85,3 +85,13 @@ def test_learning_rate_schedule():
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
     assert lr_at(55, cfg) == pytest.approx(0.55, abs=0.01)
+
+
+def test_gradient_accumulation_and_previous_teacher(tmp_path, teacher_dir):
+    result = run_compress(_recipe(tmp_path / "acc", teacher_dir, "stages.0.grad_accum=2", "stages.1.teacher=previous"))
+    s1 = load_model_dir(result.stage_dirs[0])
+    assert s1.provenance["samples"] == 8 * 16  # every sample of every micro-batch was seen
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["samples"] % 16 == 0 for r in lines)
+    with pytest.raises(UserError, match="not divisible by grad_accum"):
+        run_compress(_recipe(tmp_path / "bad", teacher_dir, "stages.0.grad_accum=3"))
