@@ -116,46 +116,64 @@ def shape_of_open_clip(model: nn.Module) -> ClipShape:
     return ClipShape(embed_dim=embed_dim, vision=vision, text=text).validate()
 
 
-def _copy_blocks(dst: nn.ModuleList, src: nn.ModuleList) -> None:
-    for d, s in zip(dst, src):
-        d.ln_1.load_state_dict(s.ln_1.state_dict())
-        d.attn.qkv.weight.copy_(s.attn.in_proj_weight)
-        d.attn.qkv.bias.copy_(s.attn.in_proj_bias)
-        d.attn.out.weight.copy_(s.attn.out_proj.weight)
-        d.attn.out.bias.copy_(s.attn.out_proj.bias)
-        d.ln_2.load_state_dict(s.ln_2.state_dict())
-        d.mlp.fc1.load_state_dict(s.mlp.c_fc.state_dict())
-        d.mlp.fc2.load_state_dict(s.mlp.c_proj.state_dict())
-        if d.ls_1 is not None:
-            d.ls_1.copy_(s.ls_1.gamma)
-            d.ls_2.copy_(s.ls_2.gamma)
+# student block parameter -> open_clip block parameter (the same tensors, in the same layout)
+_BLOCK_PARAMS = {
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.out.weight": "attn.out_proj.weight", "attn.out.bias": "attn.out_proj.bias",
+    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
+    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
+    "ls_1": "ls_1.gamma", "ls_2": "ls_2.gamma",
+}
+
+
+def _copy_blocks(students: nn.ModuleList, open_clips: nn.ModuleList, to_student: bool) -> None:
+    for s, o in zip(students, open_clips):
+        sp, op = dict(s.named_parameters()), dict(o.named_parameters())
+        for sk, ok in _BLOCK_PARAMS.items():
+            if sk not in sp:  # e.g. no layer scale
+                continue
+            if sp[sk].shape != op[ok].shape:
+                raise NotConvertible(f"block parameter {sk} has shape {tuple(sp[sk].shape)} here but "
+                                     f"{tuple(op[ok].shape)} in open_clip (open_clip rounds mlp_ratio)")
+            (sp[sk] if to_student else op[ok]).copy_(op[ok] if to_student else sp[sk])
+
+
+def _tensor_pairs(student: ClipModel, oc: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(student tensor, open_clip tensor, transposed?) for everything outside the blocks."""
+    v, ov, t, ot = student.visual, oc.visual, student.text, _text_parts(oc)
+
+    def ln(a: nn.Module, b: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+        return [(a.weight, b.weight, False), (a.bias, b.bias, False)]
+
+    pairs = [(v.patch_embed.weight, ov.conv1.weight, False), (v.class_embedding, ov.class_embedding, False),
+             (v.positional_embedding, ov.positional_embedding, False), (v.proj.weight, ov.proj, True),
+             *ln(v.ln_post, ov.ln_post), *(ln(v.ln_pre, ov.ln_pre) if v.ln_pre is not None else []),
+             (t.token_embedding.weight, ot["token_embedding"].weight, False),
+             (t.positional_embedding, ot["positional_embedding"], False), *ln(t.ln_final, ot["ln_final"]),
+             (student.logit_scale, oc.logit_scale, False)]
+    proj = ot["text_projection"]
+    if isinstance(proj, nn.Linear):  # proj_bias models keep a Linear; the others a [width, embed] matrix
+        pairs += [(t.proj.weight, proj.weight, False)] + ([(t.proj.bias, proj.bias, False)] if proj.bias is not None else [])
+    else:
+        pairs.append((t.proj.weight, proj, True))
+    return pairs
+
+
+def _transfer(student: ClipModel, oc: nn.Module, to_student: bool) -> None:
+    for s_t, o_t, transposed in _tensor_pairs(student, oc):
+        src, dst = (o_t, s_t) if to_student else (s_t, o_t)
+        dst.copy_((src.T if transposed else src).reshape(dst.shape))
+    _copy_blocks(student.visual.blocks, oc.visual.transformer.resblocks, to_student)
+    _copy_blocks(student.text.blocks, _text_parts(oc)["transformer"].resblocks, to_student)
 
 
 @torch.no_grad()
 def from_open_clip(model: nn.Module) -> ClipModel:
     """An exact copy of an open_clip CLIP/CustomTextCLIP (ViT + transformer text) as a ClipModel."""
-    shape = shape_of_open_clip(model)
-    out = ClipModel(shape).float()
-    v, ov = out.visual, model.visual
-    v.patch_embed.weight.copy_(ov.conv1.weight)
-    v.class_embedding.copy_(ov.class_embedding)
-    v.positional_embedding.copy_(ov.positional_embedding)
-    if v.ln_pre is not None:
-        v.ln_pre.load_state_dict(ov.ln_pre.state_dict())
-    _copy_blocks(v.blocks, ov.transformer.resblocks)
-    v.ln_post.load_state_dict(ov.ln_post.state_dict())
-    v.proj.weight.copy_(ov.proj.T)
-    t, ot = out.text, _text_parts(model)
-    t.token_embedding.weight.copy_(ot["token_embedding"].weight)
-    t.positional_embedding.copy_(ot["positional_embedding"])
-    _copy_blocks(t.blocks, ot["transformer"].resblocks)
-    t.ln_final.load_state_dict(ot["ln_final"].state_dict())
-    proj = ot["text_projection"]
-    if isinstance(proj, nn.Linear):
-        t.proj.load_state_dict(proj.state_dict())
-    else:
-        t.proj.weight.copy_(proj.T)
-    out.logit_scale.copy_(model.logit_scale.reshape(()))
+    out = ClipModel(shape_of_open_clip(model)).float()
+    _transfer(out, model, to_student=True)
     return out.eval()
 
 
@@ -197,43 +215,8 @@ def to_open_clip(model: ClipModel) -> nn.Module:
 
     cfg = open_clip_config(model.shape)
     oc = open_clip.model.CLIP(**cfg).eval()
-    ov, v = oc.visual, model.visual
-    ov.conv1.weight.copy_(v.patch_embed.weight)
-    ov.class_embedding.copy_(v.class_embedding)
-    ov.positional_embedding.copy_(v.positional_embedding)
-    if v.ln_pre is not None:
-        ov.ln_pre.load_state_dict(v.ln_pre.state_dict())
-    _copy_blocks_back(ov.transformer.resblocks, v.blocks)
-    ov.ln_post.load_state_dict(v.ln_post.state_dict())
-    ov.proj.copy_(v.proj.weight.T)
-    t = model.text
-    oc.token_embedding.weight.copy_(t.token_embedding.weight)
-    oc.positional_embedding.copy_(t.positional_embedding)
-    _copy_blocks_back(oc.transformer.resblocks, t.blocks)
-    oc.ln_final.load_state_dict(t.ln_final.state_dict())
-    if isinstance(oc.text_projection, nn.Linear):
-        oc.text_projection.load_state_dict(t.proj.state_dict())
-    else:
-        oc.text_projection.copy_(t.proj.weight.T)
-    oc.logit_scale.copy_(model.logit_scale)
+    _transfer(model, oc, to_student=False)
     return oc
-
-
-def _copy_blocks_back(dst: nn.ModuleList, src: nn.ModuleList) -> None:
-    for d, s in zip(dst, src):
-        if d.mlp.c_fc.out_features != s.mlp.fc1.out_features:
-            raise NotConvertible("open_clip rounds mlp_ratio differently; MLP width does not round-trip")
-        d.ln_1.load_state_dict(s.ln_1.state_dict())
-        d.attn.in_proj_weight.copy_(s.attn.qkv.weight)
-        d.attn.in_proj_bias.copy_(s.attn.qkv.bias)
-        d.attn.out_proj.weight.copy_(s.attn.out.weight)
-        d.attn.out_proj.bias.copy_(s.attn.out.bias)
-        d.ln_2.load_state_dict(s.ln_2.state_dict())
-        d.mlp.c_fc.load_state_dict(s.mlp.fc1.state_dict())
-        d.mlp.c_proj.load_state_dict(s.mlp.fc2.state_dict())
-        if s.ls_1 is not None:
-            d.ls_1.gamma.copy_(s.ls_1)
-            d.ls_2.gamma.copy_(s.ls_2)
 
 
 # ---------------------------------------------------------------- loading open_clip teachers
