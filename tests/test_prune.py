@@ -217,3 +217,12 @@ def test_impossible_target_fails_before_training(tmp_path, teacher_dir):
     with pytest.raises(UserError, match="prune.layers"):
         run_compress(_recipe(tmp_path / "tiny", teacher_dir, "stages.0.target=0.1"))
     assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
+def test_sparsity_target_ramps_over_the_warmup_fraction_of_mask_learning(tmp_path, teacher_dir):
+    # 10 steps, 6 of them mask learning, warm-up 0.5: the target reaches 0.5 sparsity at step 3 of 6, not before
+    run_compress(_recipe(tmp_path / "ramp", teacher_dir, "stages.0.prune.warmup=0.5", "stages.1.steps=1"))
+    lines = [json.loads(x) for x in (tmp_path / "ramp" / "metrics.jsonl").read_text().splitlines()]
+    target = {r["step"]: r["target/image"] for r in lines if r["stage"] == "stage-1.masks"}
+    assert target[1] == pytest.approx(0.5 / 3, abs=1e-4) and target[2] == pytest.approx(1.0 / 3, abs=1e-4)
+    assert target[3] == pytest.approx(0.5, abs=1e-4)

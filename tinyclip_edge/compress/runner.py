@@ -155,9 +155,9 @@ def _prune(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[
         if budget[tower] >= src_p[tower]:
             raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
                             f"the model it prunes ({src_p[tower] / t_p[tower]:.2f}); stage targets must shrink")
-    mask_steps = max(1, round(st.steps * st.prune.mask_steps))
-    # a copy: the source may be the teacher itself, which must stay frozen and untouched
-    task = PruneTask(copy.deepcopy(source.model), st.prune, budget, mask_steps, seed)
+    # `st` is the `.masks` sub-stage (run_prune_stage): its steps are the mask-learning steps.
+    # A copy of the model: the source may be the teacher itself, which must stay frozen and untouched.
+    task = PruneTask(copy.deepcopy(source.model), st.prune, budget, st.steps, seed)
     task.plan()  # fail now, not after training, if the budget cannot be met at all
     return task
 
