@@ -118,8 +118,7 @@ def bench(recipe: Recipe, result: PipelineResult) -> None:
 
     cfg = recipe.bench
     keep = set(cfg.precisions or recipe.export.precisions)
-    targets = [str(p) for k, p in result.bundles.items() if k.rsplit("-", 1)[-1] in keep
-               or any(k.endswith(f"-{x}") for x in keep)]
+    targets = [str(p) for k, p in result.bundles.items() if any(k.endswith(f"-{x}") for x in keep)]
     if not targets:
         raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
     rep = run_bench(targets, batches=tuple(cfg.batches), tower=cfg.tower, device=cfg.device, iters=cfg.iters,

@@ -18,7 +18,7 @@ from ..models.clip import ClipModel
 from ..models.shape import TOWERS, ClipShape, TowerShape
 from .importance import TowerScores, compute_scores
 from .shapes import check_fits
-from .slicing import KeepPlan, TowerPlan, full_plan, slice_model
+from .slicing import KeepPlan, TowerPlan, full_plan, full_tower_plan, slice_model
 
 LAYER_SELECTIONS = ("even", "importance")
 
@@ -43,8 +43,7 @@ def select_layers(n_src: int, n_dst: int, layer_scores: Tensor, mode: str) -> li
 
 def tower_plan(src: TowerShape, dst: TowerShape, scores: TowerScores, layer_selection: str) -> TowerPlan:
     if dst == src:
-        return TowerPlan(list(range(src.layers)), list(range(src.width)),
-                         [list(range(h)) for h in src.heads], [list(range(m)) for m in src.mlp])
+        return full_tower_plan(src)
     layers = select_layers(src.layers, dst.layers, scores.layers, layer_selection)
     heads = [_top(scores.heads[li], min(dst.heads[i], src.heads[li])) for i, li in enumerate(layers)]
     mlp = [_top(scores.mlp[li], min(dst.mlp[i], src.mlp[li])) for i, li in enumerate(layers)]

@@ -77,9 +77,6 @@ class TowerGates(nn.Module):
         mlp_on = [g.prob_open()[0] for g in self.mlp_layer] if self.mlp_layer is not None else [1.0] * len(mlp)
         return embed_params_per_channel * width + const + block_param_count(s, width, heads, mlp, attn_on, mlp_on)
 
-    def log_alphas(self) -> list[Tensor]:
-        return [p for p in self.parameters()]
-
     def diverged(self) -> bool:
         return any(not torch.isfinite(p).all() for p in self.parameters())
 

@@ -272,7 +272,7 @@ class Run:
             log.warning("%s: resuming from step %d", st.name, tstate.step)
         else:
             calib: list[dict] = []
-            if st.method != "scratch" and st.importance == "activation":
+            if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
                 cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
                                   self.recipe.seed + 1_000_003)
                 calib = [cb[i] for i in range(st.calib_batches)]

@@ -6,7 +6,7 @@ whose gates are on) end here. Keeping everything reproduces the source model exa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -27,9 +27,6 @@ class TowerPlan:
         return replace(source, width=len(self.hidden), heads=[len(h) for h in self.heads],
                        mlp=[len(m) for m in self.mlp])
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class KeepPlan:
@@ -46,12 +43,15 @@ class KeepPlan:
         return out.validate()
 
 
+def full_tower_plan(s: TowerShape) -> TowerPlan:
+    """The plan that keeps every unit of a tower."""
+    return TowerPlan(list(range(s.layers)), list(range(s.width)),
+                     [list(range(h)) for h in s.heads], [list(range(m)) for m in s.mlp])
+
+
 def full_plan(shape: ClipShape) -> KeepPlan:
     """The plan that keeps everything (inheritance to the teacher's own shape)."""
-    def tower(s: TowerShape) -> TowerPlan:
-        return TowerPlan(list(range(s.layers)), list(range(s.width)),
-                         [list(range(h)) for h in s.heads], [list(range(m)) for m in s.mlp])
-    return KeepPlan(tower(shape.vision), tower(shape.text))
+    return KeepPlan(full_tower_plan(shape.vision), full_tower_plan(shape.text))
 
 
 def _idx(ix: list[int], device: torch.device) -> Tensor:

@@ -108,11 +108,12 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
 # ------------------------------------------------------------------------------ the loop
 
 
-def _kept(ckpt_dir: Path) -> str:
+def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
     meta = read_checkpoint_meta(ckpt_dir)
-    if meta is None:
-        return "no checkpoint had been written yet"
-    return f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}"
+    kept = ("no checkpoint had been written yet" if meta is None
+            else f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}")
+    return Diverged(f"{label}: {what} at step {step}; {kept} — lower the learning rates (lr, prune.lambda_lr) "
+                    "and resume")
 
 
 class _StopFlag:
@@ -191,9 +192,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                     loss = loss + v
                     part[k] = float(v.detach())
                 if not torch.isfinite(loss):
-                    what = task.check_finite() or f"the loss became {float(loss.detach())}"
-                    raise Diverged(f"{label}: {what} at step {step}; {_kept(ckpt_dir)} — lower the learning "
-                                   "rates (lr, prune.lambda_lr) and resume")
+                    raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
+                                    step, ckpt_dir)
                 (loss / accum).backward()
                 n_micro += 1
                 state.samples += len(images)
@@ -208,15 +208,13 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                     except RuntimeError as e:  # Adam raises this when lr/moments leave float32's range
                         if "overflow" not in str(e):
                             raise
-                        raise Diverged(f"{label}: an optimiser step overflowed at step {step} ({e}); "
-                                       f"{_kept(ckpt_dir)} — lower the learning rates") from None
+                        raise _diverged(label, f"an optimiser step overflowed ({e})", step, ckpt_dir) from None
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             logs.update(task.after_step(step))
             bad = task.check_finite()
             if bad:
-                raise Diverged(f"{label}: {bad} at step {step}; {_kept(ckpt_dir)} — lower the learning rates "
-                               "(lr, prune.lambda_lr) and resume")
+                raise _diverged(label, bad, step, ckpt_dir)
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
