@@ -89,7 +89,7 @@ def _verify(model: Any, tower: str, path: Path, normalize: bool) -> dict[str, fl
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from .metrics import compare
+    from ..common.embeddings import compare
 
     x = sample_input(model, tower, batch=3, seed=1)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..common.errors import UserError
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.bundle import read_manifest
-from . import metrics as M
+from ..common import embeddings as M
 from .report import DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores, Tolerance
 
 DEFAULT_COUNT = 256

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..common.errors import MissingDependency, UserError
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import OUTPUT_NAME, graph_opset
-from .metrics import row_cosine
+from ..common.embeddings import row_cosine
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt")

@@ -11,7 +11,7 @@ import pytest
 from _export_helpers import CAPTIONS, open_clip_dir
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import export_bundle
-from tinyclip_edge.export.metrics import row_cosine
+from tinyclip_edge.common.embeddings import row_cosine
 from tinyclip_edge.runtimes import open_runtime
 
 # What each precision must reach on real (scenes) images and captions, per row.

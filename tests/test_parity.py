@@ -11,7 +11,7 @@ from _export_helpers import open_clip_dir
 from conftest import make_package
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import ParityReport, export_bundle, run_parity
-from tinyclip_edge.export import metrics as M
+from tinyclip_edge.common import embeddings as M
 from tinyclip_edge.models import save_model_dir
 
 

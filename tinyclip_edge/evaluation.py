@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .common import embeddings as E
 from .common.errors import UserError
 from .data.sources import PairSource, ScenesSource, UnreadableImage, open_source
 from .models.package import ClipPackage
@@ -84,8 +85,8 @@ def embed(pkg: ClipPackage, source: PairSource, batch_size: int = 256, max_pairs
     if isinstance(source, ScenesSource):
         classes, templates = source.class_names(), source.templates()
         prompts = [t.format(c) for c in classes for t in templates]
-        emb = _batched(enc_txt, prompts, batch_size, "prompts").reshape(len(classes), len(templates), -1).mean(1)
-        out.extra["class_embeddings"] = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+        out.extra["class_embeddings"] = E.class_embeddings(_batched(enc_txt, prompts, batch_size, "prompts"),
+                                                            len(classes))
     return out
 
 
@@ -134,11 +135,12 @@ def metrics(e: Embedded) -> dict[str, Any]:
 def agreement(student: Embedded, teacher: Embedded) -> dict[str, float]:
     out: dict[str, float] = {}
     if student.images.shape[1] == teacher.images.shape[1]:
-        out["image_cosine"] = float((student.images * teacher.images).sum(-1).mean())
-        out["text_cosine"] = float((student.texts * teacher.texts).sum(-1).mean())
-    s_sim, t_sim = student.images @ student.texts.T, teacher.images @ teacher.texts.T
-    out["i2t_top1_agreement"] = float((s_sim.argmax(1) == t_sim.argmax(1)).mean() * 100)
-    out["t2i_top1_agreement"] = float((s_sim.argmax(0) == t_sim.argmax(0)).mean() * 100)
+        out["image_cosine"] = float(E.row_cosine(student.images, teacher.images).mean())
+        out["text_cosine"] = float(E.row_cosine(student.texts, teacher.texts).mean())
+    for name, (query, keys) in {"i2t": ("images", "texts"), "t2i": ("texts", "images")}.items():
+        s_top = E.retrieval_predictions(getattr(student, query), getattr(student, keys))
+        t_top = E.retrieval_predictions(getattr(teacher, query), getattr(teacher, keys))
+        out[f"{name}_top1_agreement"] = 100 * E.agreement(s_top, t_top)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Embedding comparison and the two task metrics parity needs, in numpy only (a Jetson can run them).
+"""Embedding comparison and top-1 task metrics, in numpy only (a Jetson can run them): parity uses them,
+and so does evaluation (agreement with a teacher, zero-shot class embeddings).
 
 - ``compare``: max/mean absolute error and min/mean row cosine between two embedding matrices.
 - ``retrieval_top1``: image->text top-1 over paired rows (caption i belongs to image i).
