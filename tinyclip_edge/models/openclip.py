@@ -230,7 +230,7 @@ def _preprocess_of(model: nn.Module) -> Preprocess:
     size = size[0] if isinstance(size, (tuple, list)) else size
     return Preprocess(image_size=int(size), mean=tuple(cfg.get("mean", OPENAI_MEAN)),
                       std=tuple(cfg.get("std", OPENAI_STD)), interpolation=cfg.get("interpolation", "bicubic"),
-                      resize_mode=cfg.get("resize_mode", "shortest"))
+                      resize_mode=cfg.get("resize_mode", "shortest"), fill_color=int(cfg.get("fill_color", 0)))
 
 
 def _network_reachable(host: str = "huggingface.co") -> bool:
