@@ -34,9 +34,9 @@ import os
 import string
 import sys
 import unicodedata
-from pathlib import Path
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import numpy as np
