@@ -229,12 +229,12 @@ class BpeTokens:
 
     CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
-    def __init__(self, cfg: dict[str, Any], base_dir: str | os.PathLike):
+    def __init__(self, cfg: dict[str, Any], path: str | os.PathLike):
         self.context_length = int(cfg["context_length"])
         self.clean = cfg.get("clean", "lower")
         if self.clean not in ("lower", "whitespace", "canonicalize"):
             raise ValueError(f"unsupported tokenizer clean mode {self.clean!r}")
-        path = Path(base_dir) / cfg["file"]
+        path = Path(path)
         with gzip.open(path) as f:
             lines = f.read().decode("utf-8").split("\n")
         count = int(cfg.get("merges", 49152 - 256 - 2))
@@ -245,11 +245,11 @@ class BpeTokens:
         vocab += self.specials
         self.ids = {tok: i for i, tok in enumerate(vocab)}
         self.rank = {m: i for i, m in enumerate(merges)}
-        self.sot_id = int(cfg.get("sot_id", self.ids[self.specials[0]]))
-        self.eot_id = int(cfg.get("eot_id", self.ids[self.specials[1]]))
+        self.sot_id, self.eot_id = self.ids[self.specials[0]], self.ids[self.specials[1]]
         self.pad_id = int(cfg.get("pad_id", 0))
-        if "vocab_size" in cfg and int(cfg["vocab_size"]) != len(vocab):
-            raise ValueError(f"{path.name} gives {len(vocab)} tokens but the manifest says {cfg['vocab_size']}")
+        if (cfg.get("sot_id", self.sot_id), cfg.get("eot_id", self.eot_id)) != (self.sot_id, self.eot_id):
+            raise ValueError(f"{path.name} gives sot/eot ids {self.sot_id}/{self.eot_id} but the manifest says "
+                             f"{cfg.get('sot_id')}/{cfg.get('eot_id')}; the bundle's tokenizer files do not match")
         self._cache: dict[str, list[int]] = {}
 
     def normalize(self, text: str) -> str:
@@ -329,13 +329,22 @@ class BpeTokens:
         return out
 
 
+def inside(root: str | os.PathLike, name: str) -> Path:
+    """A file a manifest names, resolved under `root`; names that point outside it are refused."""
+    base = Path(root).resolve()
+    path = (base / name).resolve()
+    if base not in path.parents:
+        raise ValueError(f"the manifest names {name!r}, which is outside the bundle {base}")
+    return path
+
+
 def make_tokenizer(cfg: dict[str, Any], base_dir: str | os.PathLike) -> WordTokens | BpeTokens:
-    """The tokenizer a manifest's "tokenizer" entry describes."""
+    """The tokenizer a manifest's "tokenizer" entry describes (files relative to `base_dir`)."""
     kind = cfg.get("kind")
     if kind == "words":
         return WordTokens(cfg)
     if kind == "bpe":
-        return BpeTokens(cfg, base_dir)
+        return BpeTokens(cfg, inside(base_dir, cfg["file"]))
     raise ValueError(f"tokenizer kind {kind!r} is not one this reader knows (words, bpe)")
 
 
@@ -359,16 +368,9 @@ class Bundle:
         self.tokenizer = make_tokenizer(self.manifest["tokenizer"], self.path) if self.manifest.get("tokenizer") else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.sessions = {tower: ort.InferenceSession(str(self._inside(t["file"])), sess_options=options,
+        self.sessions = {tower: ort.InferenceSession(str(inside(self.path, t["file"])), sess_options=options,
                                                      providers=list(providers))
                          for tower, t in self.manifest["towers"].items()}
-
-    def _inside(self, name: str) -> Path:
-        """A file named by the manifest; names that point outside the bundle are refused."""
-        path = (self.path / name).resolve()
-        if self.path.resolve() not in path.parents:
-            raise ValueError(f"manifest names {name!r}, which is outside the bundle")
-        return path
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:
         sess = self.sessions[tower]
