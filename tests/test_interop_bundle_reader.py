@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _interop_helpers import bpe_package
 from PIL import Image
 from test_interop_preprocess import make_image
 
@@ -102,21 +103,6 @@ def _runtime_outputs(bundle: Path, images: list[Path]) -> dict:
         return {"tokens": tokens, "text": rt.encode_text(tokens), "pixels": pixels, "image": rt.encode_image(pixels)}
 
 
-def _bpe_package():
-    from conftest import make_package
-
-    from tinyclip_edge.models import ClipModel
-    from tinyclip_edge.models.presets import uniform_shape
-
-    shape = uniform_shape(32, 1, 2, context_length=20, vocab_size=49408)
-    pkg = make_package(jitter=0.02)
-    tok = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 20, "vocab_size": 49408}
-    import torch
-
-    torch.manual_seed(3)
-    return type(pkg)(ClipModel(shape).eval(), pkg.preprocess, tok, {"teacher": "test"})
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     from conftest import make_package
@@ -124,7 +110,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("reader")
     words = export_bundle(make_package(jitter=0.02), root / "words", progress=False)
-    bpe = export_bundle(_bpe_package(), root / "bpe", precision="fp16", progress=False)
+    bpe = export_bundle(bpe_package(), root / "bpe", precision="fp16", progress=False)
     return {"words": words, "bpe": bpe}
 
 
