@@ -95,7 +95,7 @@ def _verify(folder: Path, model: Any, pre: Any, seed: int = 0) -> float:
 
     try:
         oc, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    except Exception as e:  # open_clip raises many types; any failure here is a bug in this exporter
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:  # a bug in this exporter, not user error
         raise UserError(f"open_clip cannot load the exported folder ({type(e).__name__}: {e}); report this model") from None
     oc.eval()
     shape = model.shape
