@@ -17,6 +17,7 @@ import yaml
 
 from ..common import typed
 from ..common.errors import UserError, closest
+from ..common.typed import Annotated, Literal, Range
 
 
 @dataclass
@@ -29,6 +30,13 @@ class DataCfg:
     csv_separator: str | None = None  # default: tab for .tsv, comma otherwise
     image_root: str | None = None     # image paths are relative to this (default: the list file's folder)
     workers: int | None = None        # data-loading processes; default 0 on CPU, 6 on CUDA
+    # where uint8 pixels become normalised floats: auto = device on CUDA (a quarter of the bytes to copy, no
+    # float work in the loaders), host on CPU; both give identical model inputs (data/arrays.py)
+    normalize_on: Literal["auto", "host", "device"] = "auto"
+    # render / decode this many training pairs ONCE into uint8 arrays on the training device and train on them
+    # (epochs with a seeded shuffle). Removes the data loop's CPU cost; for scenes:train it replaces the
+    # unlimited stream by N distinct scenes, so it is opt-in. null: stream as usual
+    prerender: Annotated[int, Range(1, None)] | None = None
 
 
 @dataclass
@@ -70,6 +78,11 @@ class StageCfg:
     checkpoint_every: int = 200
     log_every: int = 10
     precision: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # torch.compile the student's and the teacher's forward (compress/compiled.py). auto: on CUDA only. Off by
+    # default: fused kernels change results within float rounding and the first steps pay the compile time
+    compile: bool | Literal["auto"] = False
+    # torch.compile mode; reduce-overhead also captures CUDA graphs (fewer kernel launches on small batches)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     prune: PruneCfg = field(default_factory=PruneCfg)
 
 

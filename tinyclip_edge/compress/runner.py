@@ -28,6 +28,7 @@ from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
+from ..data.arrays import PrerenderedBatches
 from ..data.batches import TrainBatches
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
@@ -255,12 +256,17 @@ class Run:
         save_model_dir(pkg, tdir)
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int, *, train: bool = False,
+                workers: int = 0) -> TrainBatches:
         d = self.recipe.data
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+        if train and d.prerender:  # uint8 arrays rendered once, held on the training device (data/arrays.py)
+            return PrerenderedBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, size=d.prerender,
+                                      device=self.device, workers=workers)
+        on_device = d.normalize_on == "device" or (d.normalize_on == "auto" and self.device.type == "cuda")
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, uint8=train and on_device)
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
@@ -272,7 +278,8 @@ class Run:
         micro = st.batch_size // st.grad_accum
         workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
             6 if self.device.type == "cuda" else 0)
-        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
+        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, train=True,
+                               workers=workers)
         resume = None
         if read_checkpoint_meta(ckpt) is not None:
             task, opt_state, tstate = load_checkpoint(ckpt, st)

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json, read_json
+from ..data.arrays import to_device_images
 from ..data.batches import TrainBatches, batch_loader
 from ..losses import DistillOutputs
 from ..losses.registry import LossSpec, combine
 from ..models.clip import ClipModel
+from .compiled import step_functions
 from .recipe import StageCfg
 from .tasks import TASKS, StageTask
 
@@ -156,7 +158,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
     accum = cfg.grad_accum
     amp = autocast_for(device, cfg.precision)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers)
+    loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers, pin_memory=device.type == "cuda")
+    encode, teacher_fwd = step_functions(task, teacher, cfg, device, label)  # eager, or torch.compile'd
     # in a log file (CI, nohup) a bar redrawn every step would bury everything else
     bar = tqdm(total=cfg.steps, initial=state.step, desc=label, unit="step", dynamic_ncols=True, leave=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
@@ -177,16 +180,18 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                                 batch["skipped"], batch["skip_examples"][0], state.skipped)
                 if len(batch["images"]) < 2:  # a contrastive batch needs at least two pairs
                     continue
-                images = batch["images"].to(device, non_blocking=True)
+                images = to_device_images(batch["images"], batches.preprocess, device)  # uint8: normalised here
                 ids = batch["ids"].to(device, non_blocking=True)
                 with amp:
-                    s_img, s_txt, s_scale = task.encode(images, ids, step)
+                    s_img, s_txt, s_scale = encode(images, ids, step)
                     out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_img, t_txt, t_scale = teacher(images, ids)
+                    if teacher_fwd is not None:
+                        # inference_mode: no autograd bookkeeping at all for the frozen teacher; its outputs
+                        # are copied out of it because the losses save them for the student's backward
+                        with torch.inference_mode():
+                            t_img, t_txt, t_scale = teacher_fwd(images, ids)
                         out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
-                            t_img.float(), t_txt.float(), t_scale.float())
+                            t.to(torch.float32, copy=True) for t in (t_img, t_txt, t_scale))
                 loss, part = combine(losses, out)
                 for k, v in task.extra_losses(step).items():
                     loss = loss + v

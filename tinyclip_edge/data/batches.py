@@ -2,6 +2,10 @@
 
 That makes resume exact (restart at the saved step, get the same batches) and lets a DataLoader build
 whole batches in worker processes. Unreadable images are dropped from their batch and counted.
+
+With ``uint8=True`` a batch carries its images as resized/cropped ``[B, H, W, 3]`` uint8 pixels and the
+trainer normalises them on its device (``data/arrays.py::to_device_images``, the same float32 operations as
+``Preprocess.normalize``): a quarter of the bytes to copy, and no float work in the loader processes.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from .sources import PairSource, UnreadableImage
 
 class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer,
-                 batch_size: int, seed: int = 0):
+                 batch_size: int, seed: int = 0, uint8: bool = False):
         self.source, self.preprocess, self.tokenizer = source, preprocess, tokenizer
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.uint8 = batch_size, seed, uint8
         self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:
@@ -43,10 +47,12 @@ class TrainBatches(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        return collate(self.source, self.indices(step), self.preprocess, self.tokenizer)
+        return collate(self.source, self.indices(step), self.preprocess, self.tokenizer, self.uint8)
 
 
-def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
+def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer,
+            uint8: bool = False) -> dict[str, Any]:
+    """One batch; ``uint8``: images as [B, H, W, 3] uint8 pixels (normalised later, on the device)."""
     images, captions, keys, skipped = [], [], [], []
     for i in indices:
         try:
@@ -54,21 +60,30 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
         except UnreadableImage as e:
             skipped.append(str(e))
             continue
-        images.append(preprocess(pair.image))
+        images.append(np.asarray(preprocess.resize_crop(pair.image)) if uint8 else preprocess(pair.image))
         captions.append(pair.caption)
         keys.append(pair.key)
     if images:
         image_t = torch.from_numpy(np.stack(images))
         ids = torch.from_numpy(tokenizer(captions))
     else:
-        image_t = torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
+        size = preprocess.image_size
+        image_t = torch.zeros(0, size, size, 3, dtype=torch.uint8) if uint8 else torch.zeros(0, 3, size, size)
         ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
     return {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
             "skipped": len(skipped), "skip_examples": skipped[:3]}
 
 
-def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:
-    """Batches start..stop-1 in order; with workers, built in parallel processes."""
+def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches start..stop-1 in order; with workers, built in parallel processes (4 batches ahead per worker).
+    ``pin_memory`` (the trainer sets it on CUDA) lets the host-to-device copy run asynchronously.
+    Batches already held in memory (``in_memory``: pre-rendered arrays, possibly on the device) are indexed
+    directly: no worker processes to start, nothing to pin."""
+    if getattr(batches, "in_memory", False):
+        yield from (batches[i] for i in range(start, stop))
+        return
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
-                                         num_workers=workers, prefetch_factor=4 if workers else None)
+                                         num_workers=workers, prefetch_factor=4 if workers else None,
+                                         pin_memory=pin_memory)
     yield from loader

@@ -1,0 +1,51 @@
+"""The forward functions one training step calls: eager, or torch.compile'd (``stages.N.compile``).
+
+Compilation wraps the student's and the teacher's ``forward`` calls without replacing the modules, so
+parameter names, checkpoints and ``task.finalize()`` are unchanged. Only tasks whose ``encode`` is the
+plain model call (inherit / scratch / the continuation of a prune stage) are compiled; learned-mask tasks
+sample their masks in Python every step and stay eager (said once in the log).
+
+``compile_mode: reduce-overhead`` makes torch.compile capture CUDA graphs of the forward and backward
+(cudagraph trees), which removes per-kernel launch cost when the step is launch-bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..models.clip import ClipModel
+from .tasks import StageTask
+
+log = logging.getLogger("tinyclip_edge")
+
+Forward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``compile: auto`` compiles on CUDA only (on a CPU the compile time rarely pays off in a short run)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def step_functions(task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device,
+                   label: str = "") -> tuple[Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]],
+                                             Forward | None]:
+    """(student encode(images, ids, step), teacher forward(images, ids) or None) for one stage."""
+    setting = getattr(cfg, "compile", False)
+    if not compile_enabled(setting, device):
+        return task.encode, teacher
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    t_fn = torch.compile(teacher, mode=mode) if teacher is not None else None
+    if type(task).encode is not StageTask.encode:
+        log.info("%s: %s samples masks every step; its student stays eager (the teacher is compiled)",
+                 label, type(task).__name__)
+        return task.encode, t_fn
+    s_fn = torch.compile(task.model, mode=mode)
+
+    def encode(images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        return s_fn(images, ids)
+
+    return encode, t_fn
