@@ -23,6 +23,7 @@ of"), so flips or crops would make captions false; file sources follow open_clip
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +44,20 @@ def to_device_images(images: torch.Tensor, preprocess: Preprocess, device: torch
 
     Float batches (normalised on the host) are only moved. uint8 ``[B, H, W, 3]`` batches are normalised on
     the device: ``(x / 255 - mean) / std`` in float32, step by step as ``Preprocess.normalize`` does."""
-    x = images.to(device, non_blocking=True)
-    if x.dtype != torch.uint8:
-        return x
-    x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format) / 255.0
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    with torch.profiler.record_function("data: to device"):
+        x = images.to(device, non_blocking=True)
+        if x.dtype != torch.uint8:
+            return x
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format) / 255.0
+        mean, std = _stats(tuple(preprocess.mean), tuple(preprocess.std), x.device)
+        return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Mean and std as [1, 3, 1, 1] float32 tensors on `device`, made once: a fresh host-to-device copy
+    every step would be a synchronisation point."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
 
 
 @dataclass
