@@ -15,25 +15,26 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tinyclip_edge.common.io import atomic_write_json, atomic_write_text  # noqa: E402
-from tinyclip_edge.common.preprocess import Preprocess  # noqa: E402
-from tinyclip_edge.common.tokenizers import tokenizer_from_config  # noqa: E402
-from tinyclip_edge.data import open_source  # noqa: E402
-from tinyclip_edge.data import scenes as sc  # noqa: E402
-from tinyclip_edge.data.arrays import PrerenderedBatches, to_device_images  # noqa: E402
-from tinyclip_edge.data.batches import TrainBatches, batch_loader  # noqa: E402
-from tinyclip_edge.models import ClipModel  # noqa: E402
-from tinyclip_edge.models.presets import preset_shape  # noqa: E402
+from tinyclip_edge.common.io import atomic_write_json, atomic_write_text
+from tinyclip_edge.common.preprocess import Preprocess
+from tinyclip_edge.common.tokenizers import tokenizer_from_config
+from tinyclip_edge.data import open_source
+from tinyclip_edge.data import scenes as sc
+from tinyclip_edge.data.arrays import PrerenderedBatches, to_device_images
+from tinyclip_edge.data.batches import TrainBatches, batch_loader
+from tinyclip_edge.models import ClipModel
+from tinyclip_edge.models.presets import preset_shape
 
 
 def timed(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
@@ -79,13 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         src = open_source("scenes:train", image_size=size)
         host = TrainBatches(src, pre, tok, n, seed=0)
         raw = TrainBatches(src, pre, tok, n, seed=0, uint8=True)
-        t = timed({"float": lambda: host[0], "uint8": lambda: raw[0]}, a.reps)
+        t = timed({"float": lambda host=host: host[0], "uint8": lambda raw=raw: raw[0]}, a.reps)
         # the normalisation alone, on already rendered pixels: numpy per image (what a loader process does on
         # the host path) vs one torch op on the whole uint8 batch (what the device does, here on the CPU)
         pixels = raw[0]["images"]
         arrays = list(pixels.numpy())
-        tn = timed({"host numpy": lambda: np.stack([pre.normalize(x) for x in arrays]),
-                    "torch batch": lambda: to_device_images(pixels, pre, torch.device("cpu"))}, a.reps)
+        tn = timed({"host numpy": lambda pre=pre, arrays=arrays: np.stack([pre.normalize(x) for x in arrays]),
+                    "torch batch": lambda pre=pre, px=pixels: to_device_images(px, pre, torch.device("cpu"))}, a.reps)
         res[f"batch_ms_per_sample_{size}"] = {k: v / n * 1e3 for k, v in t.items()}
         res[f"normalise_ms_per_sample_{size}"] = {k: v / n * 1e3 for k, v in tn.items()}
         b = host[0]["images"]
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.append((f"pre-rendering {pool_n} pairs at 224 px (1 process)", f"{pre_s / pool_n * 1e3:.2f} ms/pair",
                  f"{pool.bytes / pool_n / 1024:.0f} KiB/pair held"))
     rows.append((f"a batch of {n} from the pre-rendered arrays (CPU tensor gather; median of 20)",
-                 f"{t['gather'] * 1e3:.2f} ms", f"minimum {min(gathers) * 1e3:.2f} ms; on CUDA the arrays and the "
-                 "gather are on the GPU"))
+                 f"{t['gather'] * 1e3:.2f} ms", (f"minimum {min(gathers) * 1e3:.2f} ms; on CUDA the arrays and the "
+                                                 "gather are on the GPU")))
 
     # ---- DataLoader overhead: the same batches with 0 and 2 worker processes (start-up included)
     small = TrainBatches(open_source("scenes:train", image_size=32), Preprocess.from_dict(sc.preprocess_config(32)),
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         img = torch.randn(batch, 3, shape.vision.image_size, shape.vision.image_size)
         ids = torch.randint(0, shape.text.vocab_size, (batch, shape.text.context_length))
 
-        def run(ctx: Callable[[], Any]) -> None:
+        def run(ctx: Callable[[], Any], model: Any = model, img: Any = img, ids: Any = ids) -> None:
             with ctx():
                 model(img, ids)
 
@@ -160,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out / "data-cpu.json", res)
     md = [f"# Host-side costs of a distillation step on the CPU (`{res['command']}`)", "",
-          f"A shared {res['cpu_count']}-core machine ({res['torch_threads']} torch threads), loaded by other jobs: load "
-          f"average {res['load_average_start'][0]} at the start, {res['load_average_end'][0]} at the end. Medians of "
-          f"{a.reps} interleaved repetitions; absolute times are noisy, ratios between interleaved variants less so.", "",
+          (f"A shared {res['cpu_count']}-core machine ({res['torch_threads']} torch threads), loaded by other jobs: "
+           f"load average {res['load_average_start'][0]} at the start, {res['load_average_end'][0]} at the end. Medians "
+           f"of {a.reps} interleaved repetitions; absolute times are noisy, ratios between interleaved variants less "
+           "so."), "",
           "| what | cost | note |", "|---|---|---|"] + [f"| {w} | {v} | {note} |" for w, v, note in rows]
     atomic_write_text(a.out / "data-cpu.md", "\n".join(md) + "\n")
     print("\n".join(md))

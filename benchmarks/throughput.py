@@ -47,25 +47,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a plain checkout (the GPU machine) as well as an install
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
 
-from tinyclip_edge.common.io import atomic_write_json, atomic_write_text  # noqa: E402
-from tinyclip_edge.common.preprocess import Preprocess  # noqa: E402
-from tinyclip_edge.common.tokenizers import tokenizer_from_config  # noqa: E402
-from tinyclip_edge.compress import compiled  # noqa: E402
-from tinyclip_edge.compress.recipe import load_recipe  # noqa: E402
-from tinyclip_edge.compress.shapes import shape_for_ratio  # noqa: E402
-from tinyclip_edge.compress.tasks import DistillTask  # noqa: E402
-from tinyclip_edge.compress.trainer import autocast_for, train_stage  # noqa: E402
-from tinyclip_edge.data import open_source  # noqa: E402
-from tinyclip_edge.data import scenes as sc  # noqa: E402
-from tinyclip_edge.data.arrays import PrerenderedBatches, to_device_images  # noqa: E402
-from tinyclip_edge.data.batches import TrainBatches  # noqa: E402
-from tinyclip_edge.losses.registry import parse_losses  # noqa: E402
-from tinyclip_edge.models import ClipModel  # noqa: E402
-from tinyclip_edge.models.flops import distill_step_flops, forward_flops  # noqa: E402
-from tinyclip_edge.models.presets import preset_shape, uniform_shape  # noqa: E402
+from tinyclip_edge.common.io import atomic_write_json, atomic_write_text
+from tinyclip_edge.common.preprocess import Preprocess
+from tinyclip_edge.common.tokenizers import tokenizer_from_config
+from tinyclip_edge.compress import compiled
+from tinyclip_edge.compress.recipe import load_recipe
+from tinyclip_edge.compress.shapes import shape_for_ratio
+from tinyclip_edge.compress.tasks import DistillTask
+from tinyclip_edge.compress.trainer import autocast_for, train_stage
+from tinyclip_edge.data import open_source
+from tinyclip_edge.data import scenes as sc
+from tinyclip_edge.data.arrays import PrerenderedBatches, to_device_images
+from tinyclip_edge.data.batches import TrainBatches
+from tinyclip_edge.losses.registry import parse_losses
+from tinyclip_edge.models import ClipModel
+from tinyclip_edge.models.flops import distill_step_flops, forward_flops
+from tinyclip_edge.models.presets import preset_shape, uniform_shape
 
 # (execution, teacher, data), most informative first: a run cut short still has the key comparisons
 CONFIGS = [
@@ -262,16 +262,16 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     peak = meta["peak"]
     lines = [f"# Distillation step throughput (`{meta['command']}`)", "",
-             f"{meta['teacher']} -> {meta['student']}, batch {meta['batch']}, on {meta['device_name']} "
-             f"(torch {meta['torch']}). Model FLOPs per pair: teacher forward {meta['teacher_gflops_pair']:.2f} G + "
-             f"3 x student forward {meta['student_gflops_pair']:.2f} G (models/flops.py). MFU denominator: "
-             f"{peak['dtype']} {peak['n']}³ matmul measured in this run, {peak['flops_per_s'] / 1e12:.1f} TFLOP/s. "
-             f"Samples/s over {meta['steps']} steps after {meta['warmup']} warm-up steps; profile over "
-             f"{meta['profile_steps']} more.", ""]
+             (f"{meta['teacher']} -> {meta['student']}, batch {meta['batch']}, on {meta['device_name']} "
+              f"(torch {meta['torch']}). Model FLOPs per pair: teacher forward {meta['teacher_gflops_pair']:.2f} G + "
+              f"3 x student forward {meta['student_gflops_pair']:.2f} G (models/flops.py). MFU denominator: "
+              f"{peak['dtype']} {peak['n']}³ matmul measured in this run, {peak['flops_per_s'] / 1e12:.1f} TFLOP/s. "
+              f"Samples/s over {meta['steps']} steps after {meta['warmup']} warm-up steps; profile over "
+              f"{meta['profile_steps']} more."), ""]
     if meta.get("notes"):
         lines += [f"- {n}" for n in meta["notes"]] + [""]
-    lines += ["| configuration | samples/s | step ms | model TFLOP/s | MFU | bound by | data wait | device busy | "
-              "optimizer | first losses |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [("| configuration | samples/s | step ms | model TFLOP/s | MFU | bound by | data wait | device busy | "
+               "optimizer | first losses |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r["profile"]
         s = p["shares"]
@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     workers = a.workers if a.workers is not None else (0 if tiny else max(0, min(14, (os.cpu_count() or 2) - 2)))
-    notes = ["cached teacher: a stand-in built inside this benchmark (the teacher's embeddings of every pre-rendered "
-             "pair, computed once); the teacher-embedding cache of issue 11 had not landed"]
+    notes = [("cached teacher: a stand-in built inside this benchmark (the teacher's embeddings of every "
+              "pre-rendered pair, computed once); the teacher-embedding cache of issue 11 had not landed")]
     if tiny:
         compiled.COMPILE_BACKEND = "eager"
         notes.append("--tiny: tiny shapes on the CPU; torch.compile runs dynamo with its eager backend (no inductor "

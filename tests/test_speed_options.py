@@ -110,10 +110,10 @@ def test_bad_speed_options_are_one_clear_line():
 def test_compiled_training_matches_eager_within_float_rounding(tmp_path, teacher_dir):
     """torch.compile runs on the CPU (inductor + the C++ compiler; ~6 min on the loaded 2-core CI machine, hence
     one compiled stage only): same losses as eager within 1e-4, same weights within 1e-3."""
-    try:
-        import torch._inductor  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the torch build
-        pytest.skip(f"torch.compile is unavailable here: {e}")
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:  # inductor compiles C++ on the CPU
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++/g++), none on the PATH")
     eager_w, eager_loss = _run(tmp_path, teacher_dir, "eager")
     comp_w, comp_loss = _run(tmp_path, teacher_dir, "comp", "stages.0.compile=true")  # one stage: compile time
     assert np.allclose(comp_loss, eager_loss, rtol=1e-4, atol=1e-5), (comp_loss, eager_loss)

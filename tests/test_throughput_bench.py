@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_throughput_tiny_reports_every_configuration(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--tiny", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "throughput.json").read_text())
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -12,7 +12,8 @@ sample their masks in Python every step and stay eager (said once in the log).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -11,13 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from ..common import typed
 from ..common.errors import UserError, closest
-from ..common.typed import Annotated, Literal, Range
+from ..common.typed import Range
 
 
 @dataclass

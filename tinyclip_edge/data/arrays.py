@@ -28,7 +28,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..common.preprocess import Preprocess
