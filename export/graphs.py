@@ -189,11 +189,10 @@ def check_graph(path: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256 (one implementation: ``common.integrity``, cached by inode, size and times)."""
+    from ..common.integrity import sha256_file as digest
+
+    return digest(path)
 
 
 def sha256_state(model: nn.Module) -> str:

@@ -78,14 +78,14 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
 
     m = read_manifest(bundle)
     rows = []
-    for tower, t in m["towers"].items():
-        d = m["precision_details"].get(tower, {})
+    for tower, t in m.to_dict()["towers"].items():
+        d = m.precision_details.get(tower, {})
         note = (f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float" if "quantized_nodes" in d
                 else f"fp32 ops: {','.join(d['fp32_ops'])}" if "fp32_ops" in d else "")
         rows.append({"tower": tower, "file": t["file"], "input": _io(t["inputs"]), "output": _io(t["outputs"]),
                      "MB": f"{t['bytes'] / 1e6:.2f}", "notes": note})
     click.echo(_table(rows, ["tower", "file", "input", "output", "MB", "notes"]))
-    click.echo(f"\n{m['precision']} bundle (opset {m['opset']}, normalized={m['normalized']}) written to {bundle}")
+    click.echo(f"\n{m.precision} bundle (opset {m.opset}, normalized={m.normalized}) written to {bundle}")
 
 
 _ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]
