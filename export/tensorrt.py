@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.integrity import sha256_file
+from ..common.integrity import check_onnx_external_data, sha256_file
 from ..common.io import atomic_path, atomic_write_bytes
 from ..common.schemas import ENGINE_FORMAT, ENGINE_VERSION, MAX_BATCH, SIDECAR_SUFFIX, BundleManifest, EngineEntry, EngineSidecar
 from ..runtimes.bundle import read_manifest, tower_file, write_manifest
@@ -213,6 +213,7 @@ class _Job:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
+        check_onnx_external_data(onnx_path, self.bundle)  # the parser follows external-data paths anywhere
         if not parser.parse_from_file(str(onnx_path)):
             raise UserError(f"{self.lib.name} cannot parse {onnx_path}: {_parser_errors(parser, logger)}")
         if network.num_inputs == 0 or network.num_outputs == 0:  # junk bytes can decode as an empty protobuf
