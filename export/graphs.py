@@ -13,7 +13,6 @@ Design choices (see docs/EXPORT.md):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,9 +195,7 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_state(model: nn.Module) -> str:
-    """A digest of a model's weights when there is no weights file to hash (random init, in memory)."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """A digest of a model's weights when there is no weights file to hash (see ``models.resolve``)."""
+    from ..models.resolve import sha256_state as digest
+
+    return digest(model)

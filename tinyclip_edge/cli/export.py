@@ -25,6 +25,12 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
 
 
+def _builtin_teachers(*specs: Any) -> None:
+    """`builtin:NAME` specs are trained by the compression core, which registers them with the resolver on import."""
+    if any(str(s).startswith("builtin:") for s in specs if s):
+        import tinyclip_edge.compress  # noqa: F401
+
+
 def _io(spec: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
 
@@ -68,6 +74,7 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
         return
     if out is None:
         raise UserError("--format onnx needs --out DIR (the bundle directory to write)")
+    _builtin_teachers(source)
     from ..export import export_bundle
 
     keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
@@ -141,6 +148,7 @@ def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher:
     from ..common.io import atomic_write_text
     from ..export import run_parity
 
+    _builtin_teachers(reference, teacher)
     report = run_parity(bundle, reference=reference, teacher=teacher, data=data, count=count,
                         batch_size=batch_size, min_cosine=min_cosine, min_agreement=min_agreement,
                         max_abs=max_abs, device=device, progress=not quiet)

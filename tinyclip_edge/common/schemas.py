@@ -58,6 +58,14 @@ def _sha(value: Any, where: str) -> None:
         raise UserError(f"'{where}' must be a sha256 digest (64 lower-case hex characters), got {value!r}")
 
 
+def in_file(file: str | os.PathLike, check: Any) -> Any:
+    """``check()``, with the file's name put in front of any UserError it raises."""
+    try:
+        return check()
+    except UserError as e:
+        raise UserError(f"{file}: {e}" if file else str(e)) from None
+
+
 # ---------------------------------------------------------------------------------------------- shared parts
 @dataclass
 class PreprocessSpec:
@@ -135,7 +143,6 @@ class _Artifact:
     @classmethod
     def from_data(cls, data: Any, file: str | os.PathLike = "") -> Any:
         """Validate a parsed JSON object; errors name `file` and the dotted field."""
-        label = f"{file}: field" if file else "field"
         if not isinstance(data, dict):
             raise UserError(f"{file or cls.WHAT} is not a {cls.WHAT} (it holds {type(data).__name__}, not an object)")
         if data.get("format") != cls.FORMAT:
@@ -145,7 +152,7 @@ class _Artifact:
         if isinstance(version, int) and not isinstance(version, bool) and version > cls.VERSION:
             raise UserError(f"{file or 'this file'} was written by a newer tinyclip-edge ({cls.WHAT} format "
                             f"{version}, this version reads up to {cls.VERSION}); upgrade tinyclip-edge to read it")
-        return from_dict(cls, data, label=label)
+        return in_file(file, lambda: from_dict(cls, data, label="field"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -17,7 +17,7 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.io import atomic_path
 from ..common.preprocess import Preprocess
-from ..common.schemas import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, is_model_dir
+from ..common.schemas import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, in_file, is_model_dir
 from ..common.tokenizers import Tokenizer, tokenizer_from_config
 from ..common.typed import from_dict
 from .clip import ClipModel
@@ -77,7 +77,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 def config_shape(cfg: ModelConfig, file: str | os.PathLike) -> ClipShape:
     """The architecture a config describes, every field type-checked; errors name the file and field."""
-    shape = from_dict(ClipShape, cfg.shape, "shape", label=f"{file}: field")
+    shape = in_file(file, lambda: from_dict(ClipShape, cfg.shape, "shape", label="field"))
     if shape.embed_dim < 1:
         raise UserError(f"{file}: field 'shape.embed_dim' must be a positive integer, got {shape.embed_dim}")
     try:
