@@ -64,7 +64,8 @@ def calibration_batches(tower: str, manifest: BundleManifest, bundle: Path, sour
     the calibrator's batch size is fixed)."""
     from ..common.preprocess import Preprocess
     from ..common.tokenizers import tokenizer_from_config
-    from ..data import UnreadableImage, open_source
+    from ..data import open_source
+    from ..data.pairs import read_pairs
 
     if not source:
         raise UserError("int8 calibration needs data: pass --calib scenes:calib or a CSV/COCO source")
@@ -75,11 +76,7 @@ def calibration_batches(tower: str, manifest: BundleManifest, bundle: Path, sour
     tok = tokenizer_from_config(manifest.tokenizer, bundle) if tower == "text" else None
     items: list[Any] = []
     seen = 0
-    for i in range(min(count, len(pairs))):
-        try:
-            pair = pairs[i]
-        except UnreadableImage:
-            continue
+    for pair in read_pairs(pairs, range(min(count, len(pairs)))):
         items.append(pre(pair.image) if pre is not None else pair.caption)
         seen += 1
         if len(items) == batch:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..common.schemas import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, BundleManifest, is_bundle
+from ..common.schemas import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    MANIFEST_NAME,
+    BundleManifest,
+    is_bundle,
+)
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "BundleManifest", "is_bundle", "read_manifest",
            "tower_file", "write_manifest"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _edge_helpers import copy_bundle, export_tiny, reseal
 from click.testing import CliRunner
 
-from _edge_helpers import copy_bundle, export_tiny, reseal
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.integrity import inside, sha256_file
@@ -30,6 +30,7 @@ COMMANDS = {
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """Two bundles of two different students (the second is the 'other model' a graph is swapped from)."""
     from conftest import make_package, pruned_shape
+
     from tinyclip_edge.models import save_model_dir
 
     root = tmp_path_factory.mktemp("integrity")
@@ -73,7 +74,7 @@ def _fails(args: list, message: str) -> str:
 
 def _check_all_commands(bundle: Path, tmp_path: Path, message: str, victim: Path) -> None:
     before, bundle_before = _snapshot(victim), _snapshot(bundle)
-    for name, args in COMMANDS.items():
+    for args in COMMANDS.values():
         _fails(args(bundle, tmp_path), message)
         assert _snapshot(victim) == before, name
         assert _snapshot(bundle) == bundle_before, f"{name} changed the bundle"
@@ -195,7 +196,7 @@ def test_lone_onnx_file_with_absolute_external_data(tmp_path):
 def test_malformed_manifest_fields(bundles, tmp_path, field, value, message):
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     _edit_manifest(bundle, **{field: value})
-    for name, args in COMMANDS.items():
+    for args in COMMANDS.values():
         _fails(args(bundle, tmp_path), message)
 
 

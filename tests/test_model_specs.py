@@ -137,9 +137,10 @@ def test_local_dir_with_safetensors_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------ the one resolver
 def test_one_resolver_for_model_dirs(tiny_model_dir):
+    from tinyclip_edge.export.source import resolve_source
+
     from tinyclip_edge.common.integrity import sha256_file
     from tinyclip_edge.compress.teacher import resolve_teacher
-    from tinyclip_edge.export.source import resolve_source
 
     got = resolve.resolve_model(tiny_model_dir)
     assert got.kind == "model_dir" and got.sha256 == sha256_file(tiny_model_dir / "model.safetensors")
@@ -166,7 +167,7 @@ def test_compression_core_registers_builtin_teachers():
 
 def test_runner_does_not_import_teacher():
     """The import cycle runner <-> teacher is gone: the runner resolves teachers through models.resolve."""
-    import tinyclip_edge.compress.runner as runner
+    from tinyclip_edge.compress import runner
 
     tree = ast.parse(Path(runner.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}

@@ -128,7 +128,7 @@ def check_onnx_external_data(graph: str | os.PathLike, root: str | os.PathLike |
     root = Path(root) if root is not None else graph.parent
     try:
         model = onnx.load(str(graph), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError and friends for junk
+    except Exception as e:  # noqa: BLE001  (protobuf raises DecodeError and friends for junk)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{graph} is not a readable ONNX graph ({first}); re-export it") from None
     for tensor in _get_all_tensors(model):

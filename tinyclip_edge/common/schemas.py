@@ -180,7 +180,7 @@ class ModelConfig(_Artifact):
         check_tokenizer(self.tokenizer, "tokenizer")
 
     @classmethod
-    def read(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+    def read(cls, model_dir: str | os.PathLike) -> ModelConfig:
         model_dir = Path(model_dir)
         if not model_dir.exists():
             raise UserError(f"model directory not found: {model_dir}")
@@ -303,7 +303,7 @@ class BundleManifest(_Artifact):
         what = f"bundle {root}"
         for name, entry in self.files.items():
             verify_sha256(inside(root, name, what), entry.sha256, what)
-        for t, e in self.towers.items():
+        for e in self.towers.values():
             if e.file not in self.files:
                 verify_sha256(inside(root, e.file, what), e.sha256, what)
 
@@ -328,7 +328,7 @@ class BundleManifest(_Artifact):
 
     # ------------------------------------------------------------------ read / write
     @classmethod
-    def read(cls, bundle_dir: str | os.PathLike, *, verify: bool = True) -> "BundleManifest":
+    def read(cls, bundle_dir: str | os.PathLike, *, verify: bool = True) -> BundleManifest:
         """The validated manifest; with `verify`, every file's sha256 is checked too."""
         bundle_dir = Path(bundle_dir)
         if not bundle_dir.exists():
@@ -414,7 +414,7 @@ class EngineSidecar(_Artifact):
         return engine.with_name(engine.name + SIDECAR_SUFFIX)
 
     @classmethod
-    def read(cls, engine: str | os.PathLike, *, verify: bool = True) -> "EngineSidecar | None":
+    def read(cls, engine: str | os.PathLike, *, verify: bool = True) -> EngineSidecar | None:
         """The engine's sidecar (None when there is none); its paths must stay in the engine's directory and,
         with `verify`, the engine must match ``engine_sha256``."""
         engine = Path(engine)

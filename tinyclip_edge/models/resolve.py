@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..common.errors import UserError, closest
 from ..common.integrity import sha256_file
