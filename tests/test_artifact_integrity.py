@@ -224,7 +224,7 @@ def test_good_bundle_passes_every_check(bundles, tmp_path):
     """The positive control: the same commands on the untouched bundle get past every check."""
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     m = BundleManifest.read(bundle)
-    assert set(m.files) == {"image.onnx", "text.onnx", "preprocess.json"}
+    assert set(m.files) == {"image.onnx", "text.onnx", "preprocess.json", "clip_bundle.py"}
     result = CliRunner().invoke(main, [str(a) for a in COMMANDS["bench"](bundle, tmp_path)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, [str(a) for a in COMMANDS["parity"](bundle, tmp_path)])

@@ -30,11 +30,12 @@ def _props(path):
 
 def test_fp32_bundle_contents(tmp_path, tiny_model_dir):
     out = export_bundle(tiny_model_dir, tmp_path / "bundle", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["image.onnx", "manifest.json", "preprocess.json", "text.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip_bundle.py", "image.onnx", "manifest.json", "preprocess.json",
+                                                     "text.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     m = json.loads((out / "manifest.json").read_text())
     assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 2, "fp32", 17)
-    assert sorted(m["files"]) == ["image.onnx", "preprocess.json", "text.onnx"]  # every file but the manifest
+    assert sorted(m["files"]) == ["clip_bundle.py", "image.onnx", "preprocess.json", "text.onnx"]  # all but the manifest
     assert all(m["files"][f]["sha256"] == _sha256(out / f) for f in m["files"])
     assert m["normalized"] is True and m["embed_dim"] == 32 and m["context_length"] == 24
     assert m["preprocess"]["image_size"] == 32 and m["preprocess"] == json.loads((out / "preprocess.json").read_text())

@@ -76,6 +76,7 @@ class PreprocessSpec:
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    fill_color: Annotated[int, Range(0, 255)] = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate_fields(self, path: str) -> None:
