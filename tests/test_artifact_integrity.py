@@ -292,3 +292,30 @@ def test_engine_build_limits_are_checked_before_the_builder(bundles, tmp_path, a
     before = _snapshot(bundle)
     _fails(["export", bundle, "--format", "engine", *args], message)
     assert _snapshot(bundle) == before
+
+
+def test_external_data_in_a_subgraph_is_checked_too(tmp_path):
+    """Tensors in If/Loop bodies and Constant attributes can point to external data as well."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    from tinyclip_edge.common.integrity import check_onnx_external_data
+
+    def graph_with(location: str) -> Path:
+        value = numpy_helper.from_array(np.ones(2, np.float32), "cv")
+        set_external_data(value, location=location, offset=0, length=8)
+        value.ClearField("raw_data")
+        value.data_location = TensorProto.EXTERNAL
+        out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])
+        body = helper.make_graph([helper.make_node("Constant", [], ["c"], value=value)], "body", [], [out])
+        node = helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                                  [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+        path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    check_onnx_external_data(graph_with("weights.bin"))  # inside: accepted
+    with pytest.raises(UserError, match="external data of tensor 'cv'.*points outside"):
+        check_onnx_external_data(graph_with("../../weights.bin"))

@@ -122,7 +122,6 @@ def check_onnx_external_data(graph: str | os.PathLike, root: str | os.PathLike |
     paths, so a crafted graph could read any file the user can; this runs before either opens the graph.
     """
     import onnx
-    from onnx.external_data_helper import _get_all_tensors
 
     graph = Path(graph)
     root = Path(root) if root is not None else graph.parent
@@ -131,7 +130,7 @@ def check_onnx_external_data(graph: str | os.PathLike, root: str | os.PathLike |
     except Exception as e:  # noqa: BLE001  (protobuf raises DecodeError and friends for junk)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{graph} is not a readable ONNX graph ({first}); re-export it") from None
-    for tensor in _get_all_tensors(model):
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = {e.key: e.value for e in tensor.external_data}.get("location")
@@ -140,3 +139,18 @@ def check_onnx_external_data(graph: str | os.PathLike, root: str | os.PathLike |
             inside(root, location, what)  # the absolute-path message
         rel = os.path.join(os.path.relpath(graph.parent.resolve(), root.resolve()), location or "")
         inside(root, os.path.normpath(rel) if location else location, what)
+
+
+def _all_tensors(graph: Any) -> Any:
+    """Initializers and tensor-valued attributes of a graph and of every subgraph (If, Loop, Scan bodies)."""
+    yield from graph.initializer
+    yield from (s.values for s in graph.sparse_initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
