@@ -74,7 +74,7 @@ def _fails(args: list, message: str) -> str:
 
 def _check_all_commands(bundle: Path, tmp_path: Path, message: str, victim: Path) -> None:
     before, bundle_before = _snapshot(victim), _snapshot(bundle)
-    for args in COMMANDS.values():
+    for name, args in COMMANDS.items():
         _fails(args(bundle, tmp_path), message)
         assert _snapshot(victim) == before, name
         assert _snapshot(bundle) == bundle_before, f"{name} changed the bundle"
