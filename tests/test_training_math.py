@@ -5,6 +5,7 @@ pruning target, and the affinity loss's logit scales."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 
@@ -14,11 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.recipe import StageCfg
+from tinyclip_edge.compress.prune import noise_seed
+from tinyclip_edge.compress.recipe import PruneCfg, StageCfg
 from tinyclip_edge.compress.trainer import lr_at, warmup_steps
 from tinyclip_edge.losses import DistillOutputs, get_loss
 from tinyclip_edge.losses.registry import parse_losses
 from tinyclip_edge.models import save_model_dir
+from tinyclip_edge.models.shape import TOWERS
 
 # ------------------------------------------------------------------------------ 1. learning-rate schedule
 
@@ -130,3 +133,113 @@ def test_bad_affinity_scale_is_one_line_from_the_cli(tmp_path, tiny_package):
     assert not (tmp_path / "r" / "checkpoints").exists()  # rejected before any training
     good = CliRunner().invoke(main, [*args, "stages.0.losses={affinity: {scale: fixed, fixed_scale: 50}}"])
     assert good.exit_code == 0, good.output
+
+
+# ------------------------------------------------------------------------------ 4. gradient accumulation
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Training batches by index, as TrainBatches serves them; None stands for a micro-batch whose images
+    were all unreadable (skipped)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        b = self.batches[k]
+        if b is None:
+            return {"images": torch.zeros(0, 3, 32, 32), "ids": torch.zeros(0, 24, dtype=torch.int64),
+                    "captions": [], "keys": [], "skipped": 4, "skip_examples": ["bad.jpg: unreadable"]}
+        return {"images": b[0], "ids": b[1], "captions": [""] * len(b[0]), "keys": [], "skipped": 0,
+                "skip_examples": []}
+
+
+def _real_batches(n, size=8):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 33, (size, 24), generator=g)
+        ids[:, 9] = 34
+        out.append((torch.randn(size, 3, 32, 32, generator=g), ids))
+    return out
+
+
+def _train(task, batches, tmp_path, name, accum, steps=3, teacher=None, losses=None):
+    from tinyclip_edge.compress.trainer import train_stage
+
+    cfg = StageCfg(steps=steps, grad_accum=accum, lr=3e-3, warmup=0, checkpoint_every=1000, log_every=1,
+                   precision="fp32")
+    train_stage(task, teacher, _Batches(batches), cfg, parse_losses(losses or {"clip": 1.0}),
+                device=torch.device("cpu"), ckpt_dir=tmp_path / name / "ckpt", metrics_path=tmp_path / name / "m.jsonl",
+                label=name)
+    return [json.loads(x) for x in (tmp_path / name / "m.jsonl").read_text().splitlines()]
+
+
+def test_a_skipped_micro_batch_does_not_shrink_the_step(tmp_path):
+    # accumulating (b, skipped) must take exactly the step that b alone takes: the mean is over the
+    # micro-batches that ran, not over grad_accum (the old loop halved the gradient and the logged loss)
+    from conftest import make_package
+
+    from tinyclip_edge.compress.tasks import DistillTask
+
+    real = _real_batches(3)
+    alone, with_skips = DistillTask(make_package(jitter=0.02).model), DistillTask(make_package(jitter=0.02).model)
+    log_alone = _train(alone, real, tmp_path, "alone", accum=1)
+    log_skips = _train(with_skips, [x for b in real for x in (b, None)], tmp_path, "skips", accum=2)
+    assert [r["clip"] for r in log_skips] == [r["clip"] for r in log_alone]
+    assert log_skips[-1]["skipped"] == 12 and log_skips[-1]["samples"] == 24
+    a, b = alone.model.state_dict(), with_skips.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_unskipped_accumulation_is_the_mean_of_its_micro_batches(tmp_path):
+    # positive control for the rescaling: with nothing skipped, two half batches take the step of their mean
+    from conftest import make_package
+
+    from tinyclip_edge.compress.tasks import DistillTask
+
+    real = _real_batches(2)
+    task = DistillTask(make_package(jitter=0.02).model)
+    logs = _train(task, real, tmp_path, "mean", accum=2, steps=1)
+    with torch.no_grad():
+        fresh = make_package(jitter=0.02).model.train()
+        parts = [float(get_loss("clip")(DistillOutputs(*fresh(im, ids)), {})["clip"]) for im, ids in real]
+    assert logs[0]["clip"] == pytest.approx(sum(parts) / 2, rel=1e-5)
+
+
+class _Recording:
+    """Mixin: record the (step, micro) of every encode call the trainer makes."""
+
+    def encode(self, images, ids, step, micro=None):
+        self.calls.append((step, micro))
+        return super().encode(images, ids, step, micro)
+
+
+def test_every_micro_batch_of_a_step_draws_its_own_mask_noise(tmp_path):
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+
+    class RecordingPrune(_Recording, PruneTask):
+        pass
+
+    model = make_package(jitter=0.02).model
+    full = model.shape.params()
+    task = RecordingPrune(model, PruneCfg(), {t: 0.6 * full[t] for t in TOWERS}, mask_steps=2)
+    task.calls = []
+    _train(task, _real_batches(6, size=4), tmp_path, "noise", accum=3, steps=2,
+           teacher=make_package(seed=1).model, losses={"affinity": 1.0})
+    assert task.calls == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # the trainer says which micro-batch
+
+    # the task turns (seed, step, micro) into distinct noise, and the same triple into the same noise
+    images, ids = _real_batches(1, size=4)[0]
+    with torch.no_grad():
+        enc = {k: task.encode(images, ids, *k)[0] for k in [(0, 0), (0, 1), (1, 0), (0, 0)]}
+        again = task.encode(images, ids, 0, 1)[0]
+    assert not torch.allclose(enc[(0, 0)], enc[(0, 1)]) and not torch.allclose(enc[(0, 0)], enc[(1, 0)])
+    assert torch.equal(again, enc[(0, 1)])
+    seeds = {noise_seed(s, step, m) for s in range(3) for step in range(200) for m in range(8)}
+    assert len(seeds) == 3 * 200 * 8

@@ -32,6 +32,11 @@ def _embedding_terms(shape: ClipShape, tower: str) -> tuple[float, float]:
     return float(per), float(ts.embedding_params(0, shape.embed_dim))
 
 
+def noise_seed(seed: int, step: int, micro: int) -> int:
+    """A distinct generator seed for every (seed, step, micro-batch) with micro < 1,000,033."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + micro) % 2**63
+
+
 @register_task("prune")
 class PruneTask(StageTask):
     def __init__(self, model: ClipModel, cfg: PruneCfg, budget: dict[str, float], mask_steps: int, seed: int = 0):
@@ -46,13 +51,13 @@ class PruneTask(StageTask):
         self._last: dict[str, float] = {}
 
     # ---------------------------------------------------------------- forward
-    def _generator(self, step: int) -> torch.Generator:
-        # mask noise is a pure function of (seed, step), so a resumed run samples the same masks
-        dev = self.lambdas.device
-        return torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + step)
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        # mask noise is a pure function of (seed, step, micro-batch): a resumed run samples the same masks, and
+        # the micro-batches of one step (grad_accum) draw different ones, as one big batch would
+        return torch.Generator(device=self.lambdas.device).manual_seed(noise_seed(self.seed, step, micro))
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        g = self._generator(step)
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        g = self._generator(step, micro)
         img = self.model.encode_image(images, True, self.gates["image"].sample(g))
         txt = self.model.encode_text(ids, True, self.gates["text"].sample(g))
         return img, txt, self.model.logit_scale.exp()

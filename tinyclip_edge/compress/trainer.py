@@ -133,6 +133,14 @@ def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
                     "and resume")
 
 
+def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for o in optimizers:
+        for g in o.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+
 class _StopFlag:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary."""
 
@@ -186,7 +194,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                     g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
             logs: dict[str, float] = {}
             n_micro = 0
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(loader)
                 state.skipped += batch["skipped"]
                 if batch["skipped"]:
@@ -197,7 +205,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 images = batch["images"].to(device, non_blocking=True)
                 ids = batch["ids"].to(device, non_blocking=True)
                 with amp:
-                    s_img, s_txt, s_scale = task.encode(images, ids, step)
+                    s_img, s_txt, s_scale = task.encode(images, ids, step, micro)
                     out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
                     if teacher is not None:
                         with torch.no_grad():
@@ -215,8 +223,13 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 n_micro += 1
                 state.samples += len(images)
                 for k, v in part.items():
-                    logs[k] = logs.get(k, 0.0) + v / accum
+                    logs[k] = logs.get(k, 0.0) + v
             if n_micro:
+                # the step's gradient and logged values are means over the micro-batches that ran: a skipped
+                # one (fewer than two readable pairs) must not shrink them (each backward above used 1/accum)
+                logs = {k: v / n_micro for k, v in logs.items()}
+                if n_micro < accum:
+                    _rescale_grads(optimizers, accum / n_micro)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(task.clip_parameters(), cfg.grad_clip)
                 for o in optimizers:
