@@ -243,3 +243,170 @@ def test_every_micro_batch_of_a_step_draws_its_own_mask_noise(tmp_path):
     assert torch.equal(again, enc[(0, 1)])
     seeds = {noise_seed(s, step, m) for s in range(3) for step in range(200) for m in range(8)}
     assert len(seeds) == 3 * 200 * 8
+
+
+# ------------------------------------------------------------------------------ 2. materialised = trained network
+
+
+def _louizos(log_alpha):
+    """The hard-concrete test-time gate, written out: stretch sigmoid(log_alpha) to (-0.1, 1.1), clamp to [0, 1]."""
+    return (torch.sigmoid(log_alpha.detach()) * 1.2 - 0.1).clamp(0, 1)
+
+
+def _oracle_masks(task, plan):
+    """The masks the trained network has after mask learning: a kept unit at its deterministic gate, others 0."""
+    from tinyclip_edge.compress.masks import masks_for_plan
+    from tinyclip_edge.models.clip import TowerMasks
+    from tinyclip_edge.models.layers import BlockMasks
+
+    out = {}
+    for t, g in task.gates.items():
+        m = masks_for_plan(plan.tower(t), task.model.shape.tower(t))
+        hidden = m.hidden * _louizos(g.hidden.log_alpha)
+        blocks = []
+        for i, b in enumerate(m.blocks):
+            a = b.attn_gate * (_louizos(g.attn_layer[i].log_alpha)[0] if g.attn_layer is not None else 1)
+            f = b.mlp_gate * (_louizos(g.mlp_layer[i].log_alpha)[0] if g.mlp_layer is not None else 1)
+            blocks.append(BlockMasks(hidden, b.heads * _louizos(g.heads[i].log_alpha),
+                                     b.mlp * _louizos(g.mlp[i].log_alpha), a, f))
+        out[t] = TowerMasks(hidden, blocks)
+    return out
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 33, (4, 24), generator=g)
+    ids[:, 9] = 34
+    return torch.randn(4, 3, 32, 32, generator=g), ids
+
+
+def _max_gap(model, masks, student):
+    images, ids = _inputs()
+    with torch.no_grad():
+        return max(float((model.encode_image(images, masks=masks["image"]) - student.encode_image(images)).abs().max()),
+                   float((model.encode_text(ids, masks=masks["text"]) - student.encode_text(ids)).abs().max()))
+
+
+@pytest.mark.parametrize("layers", [False, True])
+def test_materialised_student_is_the_masked_network_at_its_deterministic_gates(layers):
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+
+    model = make_package(jitter=0.05).model
+    full = model.shape.params()
+    task = PruneTask(model, PruneCfg(layers=layers), {t: 0.6 * full[t] for t in TOWERS}, mask_steps=10)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # gates spread over (0, 1): many kept units sit strictly between 0 and 1
+        for p in task.gates.parameters():
+            p.copy_(torch.empty(p.shape).uniform_(-2.0, 3.0, generator=g))
+    plan = task.plan()
+    masks = _oracle_masks(task, plan)
+    soft = [v for m in masks.values() for b in m.blocks for v in (b.heads, b.mlp)]
+    assert any(((v > 0.05) & (v < 0.95)).any() for v in soft) and ((masks["image"].hidden % 1) > 0).any()
+    student = task.finalize()
+    assert student.num_params()["total"] < model.num_params()["total"]
+    assert _max_gap(model, masks, student) <= 1e-5
+
+
+def test_at_the_initial_gates_materialising_at_one_would_change_the_network():
+    # positive control: with every kept gate at ~0.957, slicing without folding (what materialising did)
+    # is a different network; folding makes it the same one
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.slicing import slice_model
+
+    model = make_package(jitter=0.05).model
+    full = model.shape.params()
+    task = PruneTask(model, PruneCfg(), {t: 0.7 * full[t] for t in TOWERS}, mask_steps=10)
+    plan = task.plan()
+    masks = _oracle_masks(task, plan)
+    assert 0.95 < float(masks["image"].blocks[0].heads.max()) < 0.96
+    assert _max_gap(model, masks, slice_model(model, plan)) > 1e-3
+    assert _max_gap(model, masks, task.finalize()) <= 1e-5
+
+
+def test_kept_residual_channels_whose_gate_is_closed_are_dropped():
+    # a budget larger than what the gates left open: the plan would keep residual channels whose
+    # deterministic gate is exactly 0; they would count in LayerNorm's statistics, so they go
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+
+    model = make_package(jitter=0.05).model
+    full = model.shape.params()
+    task = PruneTask(model, PruneCfg(), {t: 0.95 * full[t] for t in TOWERS}, mask_steps=10)
+    with torch.no_grad():
+        for gt in task.gates.values():
+            gt.hidden.log_alpha[::3] = -6.0  # closed (gate 0), but ranked above nothing else that is cut
+    plan = task.plan()
+    for t, gt in task.gates.items():
+        assert all(_louizos(gt.hidden.log_alpha)[c] > 0 for c in plan.tower(t).hidden)
+        assert len(plan.tower(t).hidden) == model.shape.tower(t).width - len(range(0, model.shape.tower(t).width, 3))
+    assert _max_gap(model, _oracle_masks(task, plan), task.finalize()) <= 1e-5
+
+
+def test_masked_layer_norm_takes_plain_statistics_over_open_channels():
+    import torch.nn.functional as F
+
+    from tinyclip_edge.models.layers import masked_layer_norm
+
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 5, 12, generator=g), torch.randn(12, generator=g), torch.randn(12, generator=g)
+    mask = torch.rand(12, generator=g) * 0.8 + 0.1
+    mask[[2, 7]] = 0
+    keep = mask > 0
+    want = torch.zeros_like(x)
+    want[..., keep] = F.layer_norm(x[..., keep], (int(keep.sum()),), w[keep], b[keep], 1e-5) * mask[keep]
+    assert torch.allclose(masked_layer_norm(x, mask, w, b, 1e-5), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ 3. towers without a target
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_tower_without_a_target_gets_no_gates(joint):
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+
+    model = make_package(jitter=0.02).model
+    task = PruneTask(model, PruneCfg(joint=joint), {"image": 0.5 * model.shape.params()["image"]}, mask_steps=10)
+    assert set(task.gates) == {"image"} and task.groups == [["image"]]
+    images, ids = _inputs()
+    with torch.no_grad():  # trained without masks: exactly the unmasked text tower, at every step
+        assert torch.equal(task.encode(images, ids, 3, 1)[1], model.encode_text(ids, True))
+    loss = task.extra_losses(0)["lagrangian"]  # the budget of the targeted tower only
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    student = task.finalize()  # and materialised as it is
+    text_a, text_b = model.text.state_dict(), student.text.state_dict()
+    assert text_a.keys() == text_b.keys() and all(torch.equal(text_a[k], text_b[k]) for k in text_a)
+    assert student.num_params()["image"] <= 0.5 * model.num_params()["image"]
+
+
+def test_a_prune_stage_needs_some_target():
+    from conftest import make_package
+
+    from tinyclip_edge.compress.prune import PruneTask
+
+    with pytest.raises(UserError, match="needs a target for at least one tower"):
+        PruneTask(make_package().model, PruneCfg(), {}, mask_steps=10)
+
+
+@pytest.mark.parametrize("joint", ["true", "false"])
+def test_one_tower_prune_target_runs_through_the_runner(tmp_path, tiny_package, joint):
+    # joint mode with a one-tower target failed at the first step (KeyError 'text') after planning passed
+    from tinyclip_edge.compress.recipe import load_recipe
+    from tinyclip_edge.compress.runner import run_compress
+    from tinyclip_edge.models import load_model_dir
+
+    teacher = save_model_dir(tiny_package, tmp_path / "teacher")
+    recipe = load_recipe("quickstart-auto", [
+        f"run_dir={tmp_path / 'run'}", f"teacher={teacher}", "eval.data=null", "stages=[{}]",
+        "stages.0.method=prune", "stages.0.target={image: 0.5}", f"stages.0.prune.joint={joint}",
+        "stages.0.steps=4", "stages.0.batch_size=8", "stages.0.prune.mask_steps=0.5", "stages.0.grad_accum=2"])
+    result = run_compress(recipe)
+    student = load_model_dir(result.stage_dirs[0]).model
+    assert student.shape.text == tiny_package.model.shape.text
+    assert student.num_params()["image"] <= 0.5 * tiny_package.model.num_params()["image"] * 1.02
