@@ -17,7 +17,8 @@ Where each gate goes, and why it is exact (``models/layers.py`` defines the mask
   unweighted, and multiplies its output by m: that trailing factor goes into the LayerNorm's weight and
   bias. The statistics themselves need nothing folded: the stream's values are already the masked ones,
   and a sliced model that keeps exactly the channels with m_c > 0 computes the same mean and variance.
-  The channels with m_c = 0 must therefore be the ones slicing removes (``masks.drop_closed_channels``).
+  The channels with m_c = 0 must therefore be the ones slicing removes (``masks.drop_closed_channels``;
+  the one inexact case: a floor on the residual width that only closed channels can fill).
 """
 
 from __future__ import annotations

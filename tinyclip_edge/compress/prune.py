@@ -26,7 +26,7 @@ from ..common.errors import UserError
 from ..models.clip import ClipModel, TowerMasks
 from ..models.shape import TOWERS, ClipShape
 from .folding import fold_masks
-from .masks import TowerGates, budget_plans, deterministic_masks, drop_closed_channels
+from .masks import TowerGates, budget_plans, deterministic_masks, drop_closed_channels, hidden_floor
 from .recipe import PruneCfg
 from .slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
 from .tasks import StageTask, register_task
@@ -133,9 +133,13 @@ class PruneTask(StageTask):
             return shape.with_tower(tower, plan.shape(shape.tower(tower))).params()[tower]
 
         gates = dict(self.gates.items())
-        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers)
-        plans = {t: drop_closed_channels(p, gates[t]) for t, p in plans.items()}
-        full = {t: full_tower_plan(shape.tower(t)) for t in TOWERS}
+        floor = ClipShape.from_dict(self.cfg.floor) if self.cfg.floor else None
+        floors = {t: floor.tower(t) for t in gates} if floor is not None else None
+        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers,
+                             floors)
+        plans = {t: drop_closed_channels(p, gates[t], hidden_floor(gates[t].shape, (floors or {}).get(t)))
+                 for t, p in plans.items()}
+        full = {t: full_tower_plan(shape.tower(t)) for t in TOWERS}  # ungated towers contain any floor
         return KeepPlan(plans.get("image", full["image"]), plans.get("text", full["text"]))
 
     def deterministic_masks(self, plan: KeepPlan) -> dict[str, TowerMasks | None]:
