@@ -37,9 +37,8 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
 
 
 def step_functions(task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device,
-                   label: str = "") -> tuple[Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]],
-                                             Forward | None]:
-    """(student encode(images, ids, step), teacher forward(images, ids) or None) for one stage."""
+                   label: str = "") -> tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], Forward | None]:
+    """(student encode(images, ids, step, micro), teacher forward(images, ids) or None) for one stage."""
     setting = getattr(cfg, "compile", False)
     if not compile_enabled(setting, device):
         return task.encode, teacher
@@ -51,7 +50,7 @@ def step_functions(task: StageTask, teacher: ClipModel | None, cfg: Any, device:
         return task.encode, t_fn
     s_fn = torch.compile(task.model, mode=mode, backend=COMPILE_BACKEND)
 
-    def encode(images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         return s_fn(images, ids)
 
     return encode, t_fn
