@@ -205,7 +205,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                                 batch["skipped"], batch["skip_examples"][0], state.skipped)
                 if len(batch["images"]) < 2:  # a contrastive batch needs at least two pairs
                     continue
-                images = to_device_images(batch["images"], batches.preprocess, device)  # uint8: normalised here
+                # uint8 batches are normalised here, on the device; any Dataset of float batches works too
+                images = to_device_images(batch["images"], getattr(batches, "preprocess", None), device)
                 ids = batch["ids"].to(device, non_blocking=True)
                 with amp:
                     s_img, s_txt, s_scale = encode(images, ids, step, micro)

@@ -38,7 +38,7 @@ from .sources import PairSource
 log = logging.getLogger("tinyclip_edge")
 
 
-def to_device_images(images: torch.Tensor, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+def to_device_images(images: torch.Tensor, preprocess: Preprocess | None, device: torch.device) -> torch.Tensor:
     """A batch's images on ``device`` as the model's float32 NCHW input.
 
     Float batches (normalised on the host) are only moved. uint8 ``[B, H, W, 3]`` batches are normalised on
@@ -47,6 +47,8 @@ def to_device_images(images: torch.Tensor, preprocess: Preprocess, device: torch
         x = images.to(device, non_blocking=True)
         if x.dtype != torch.uint8:
             return x
+        if preprocess is None:
+            raise ValueError("uint8 images need the preprocessing's mean and std to be normalised")
         x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format) / 255.0
         mean, std = _stats(tuple(preprocess.mean), tuple(preprocess.std), x.device)
         return (x - mean) / std
