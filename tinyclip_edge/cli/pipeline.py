@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..compress.recipe import Recipe, load_recipe
@@ -148,6 +149,8 @@ def _add_to_report(run_dir: Path, key: str, data: Any, title: str, caption: str,
 def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
     run = run_compress(recipe, resume=resume)
     result = PipelineResult(run)
+    if dist.env_rank() != 0:  # under torchrun, rank 0 alone exports, checks parity and benchmarks
+        return result
     if recipe.export is not None:
         result = export_and_check(recipe, run)
     if recipe.bench is not None:

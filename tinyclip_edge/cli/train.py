@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..common import dist
 from ..common.errors import UserError
 
 COMMANDS: list[click.Command] = []
@@ -63,7 +64,8 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
     _logging()
     rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
     result = run_compress(rec, resume=bool(resume_dir))
-    click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
+    if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
 
 
 @_command

@@ -58,7 +58,8 @@ class StageCfg:
     calib_batches: int = 4
     teacher: str = "original"            # original | previous | none
     steps: int = 1000
-    batch_size: int = 128                # samples per optimiser step (split across grad_accum micro-batches)
+    batch_size: int = 128                # samples per optimiser step, all processes together (split into grad_accum
+                                         # micro-batches, each split over the torchrun processes)
     grad_accum: int = 1
     lr: float = 5e-4
     min_lr: float = 0.0
@@ -115,6 +116,14 @@ class BenchCfg:
 
 
 @dataclass
+class DistributedCfg:
+    """Only read under torchrun (several processes); see README "Many GPUs"."""
+
+    backend: str = "auto"                # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 1800              # a process that stops answering stops the others after this long
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     description: str = ""
@@ -128,6 +137,7 @@ class Recipe:
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
     export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
     bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
+    distributed: DistributedCfg = field(default_factory=DistributedCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,10 @@ Layout of a run directory:
     baselines/<name>/    scratch baselines (when baselines.scratch)
     checkpoints/<name>/  the latest checkpoint of the stage in progress
     report.json, report.md
+
+Under torchrun every process runs the same stages on its share of each batch (``common/dist.py``);
+rank 0 alone writes the run directory, which must be on a filesystem all processes see, and every
+process reads the state, teacher, students and checkpoints back from it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
@@ -206,6 +211,11 @@ def _check_recipe(recipe: Recipe) -> None:
             raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
         if st.batch_size % st.grad_accum:
             raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
+        world = dist.world_size()
+        if st.batch_size % (st.grad_accum * world):
+            raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly into "
+                            f"grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                            f"{st.grad_accum * world}")
         if st.shape is None and st.target is not None:
             tower_targets(st.target)
         parse_losses(st.losses)
@@ -227,14 +237,15 @@ class Run:
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
         _check_recipe(recipe)
-        self.device = resolve_device(recipe.device)
+        self.device = dist.local_device(resolve_device(recipe.device))
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe))
-        self._save_state()
+        dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+        dist.run_on_main(lambda: (self.dir.mkdir(parents=True, exist_ok=True),
+                                  atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe)), self._save_state()))
 
     def _save_state(self) -> None:
-        atomic_write_json(self.dir / RUN_STATE, self.state)
+        if dist.is_main():
+            atomic_write_json(self.dir / RUN_STATE, self.state)
 
     def teacher(self) -> ClipPackage | None:
         tdir = self.dir / "teacher"
@@ -242,9 +253,13 @@ class Run:
             return None
         if is_model_dir(tdir):
             return load_model_dir(tdir)
-        pkg = resolve_teacher(self.recipe.teacher)
-        pkg.provenance.setdefault("teacher", self.recipe.teacher)
-        save_model_dir(pkg, tdir)
+
+        def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
+            pkg = resolve_teacher(self.recipe.teacher)
+            pkg.provenance.setdefault("teacher", self.recipe.teacher)
+            save_model_dir(pkg, tdir)
+
+        dist.run_on_main(save)
         return load_model_dir(tdir)
 
     def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
@@ -252,7 +267,7 @@ class Run:
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
@@ -269,12 +284,19 @@ class Run:
         if read_checkpoint_meta(ckpt) is not None:
             task, opt_state, tstate = load_checkpoint(ckpt, st)
             resume = (opt_state, tstate)
-            log.warning("%s: resuming from step %d", st.name, tstate.step)
+            written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
+            if dist.is_main():
+                log.warning("%s: resuming from step %d (%d global samples)", st.name, tstate.step, tstate.samples)
+                if written_by != dist.world_size():
+                    log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                                "global batch and the data position counts global samples, so training continues "
+                                "with the same batches", st.name, written_by, dist.world_size())
         else:
             calib: list[dict] = []
             if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
                 cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
                                   self.recipe.seed + 1_000_003)
+                cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
                 calib = [cb[i] for i in range(st.calib_batches)]
             task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
         self.state["stages"][st.name] = "running"
@@ -287,10 +309,14 @@ class Run:
                 "method": st.method, "steps": tstate.step, "samples": tstate.samples,
                 "skipped_images": tstate.skipped, **(provenance or {})}
         pkg = source.with_model(model, **prov)
-        save_model_dir(pkg, out_dir)
         self.state["stages"][st.name] = "done"
-        self._save_state()
-        shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        def save() -> None:
+            save_model_dir(pkg, out_dir)
+            self._save_state()
+            shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        dist.run_on_main(save)
         return load_model_dir(out_dir)
 
     def execute(self) -> RunResult:
@@ -309,7 +335,7 @@ class Run:
             result.stage_dirs.append(self.dir / st.name)
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
-        if self.recipe.eval.data:
+        if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
             from .report import write_report
 
             result.report = write_report(self, result)
@@ -344,4 +370,8 @@ class Run:
 
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
-    return Run(recipe, resume, on_step).execute()
+    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
+    hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
+    with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
+                      recipe.distributed.timeout_s, hint):
+        return Run(recipe, resume, on_step).execute()
