@@ -43,8 +43,10 @@ def launch(fn: Callable[..., None], world: int, *args: Any) -> None:
 
 
 def _packages():
-    from conftest import make_package
+    from conftest import make_package  # conftest sets 2 threads: two processes on two shared cores want 1 each
 
+    if os.environ.get("WORLD_SIZE"):
+        torch.set_num_threads(1)
     return make_package(seed=1, jitter=0.02), make_package(seed=0, jitter=0.02)  # teacher, student
 
 
@@ -110,6 +112,12 @@ def train_prune(out_dir: str) -> None:
                 device=torch.device("cpu"), ckpt_dir=out / "ckpt", metrics_path=out / "metrics.jsonl", label="p")
     state = {k: v.detach().contiguous() for k, v in task.state_dict().items()}
     save_file(state, str(out / f"prune-state-{dist.rank()}.safetensors"))
+
+
+def step_and_stage(out_dir: str) -> None:
+    """Both of the above in one launch (process start-up dominates these tests on a shared CPU)."""
+    one_step(out_dir)
+    train_prune(out_dir)
 
 
 def run_recipe(overrides: list[str], crash_at: int | None = None) -> None:

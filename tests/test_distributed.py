@@ -26,11 +26,17 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> None:
         assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
 
 
-def test_one_step_losses_and_gradients_equal_one_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    single.mkdir(), multi.mkdir()
-    W.launch(W.one_step, 1, str(single))
-    W.launch(W.one_step, 2, str(multi))
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """One step and a short learned-mask stage, in one process and in two (one launch each)."""
+    single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
+    W.launch(W.step_and_stage, 2, str(multi))
+    W.launch(W.step_and_stage, 1, str(single))
+    return single, multi
+
+
+def test_one_step_losses_and_gradients_equal_one_process(runs):
+    single, multi = runs
     ref = json.loads((single / "parts-0.json").read_text())
     for r in (0, 1):
         got = json.loads((multi / f"parts-{r}.json").read_text())
@@ -44,11 +50,8 @@ def test_one_step_losses_and_gradients_equal_one_process(tmp_path):
     assert "lambdas" in g and g["lambdas"].abs().sum() > 0  # the Lagrange multipliers' gradient was synced too
 
 
-def test_learned_mask_stage_keeps_masks_and_multipliers_identical_on_all_ranks(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    single.mkdir(), multi.mkdir()
-    W.launch(W.train_prune, 2, str(multi))
-    W.launch(W.train_prune, 1, str(single))
+def test_learned_mask_stage_keeps_masks_and_multipliers_identical_on_all_ranks(runs):
+    single, multi = runs
     s0, s1 = (load_file(str(multi / f"prune-state-{r}.safetensors")) for r in (0, 1))
     ref = load_file(str(single / "prune-state-0.safetensors"))
     gates = [k for k in s0 if k.startswith("gates.")]

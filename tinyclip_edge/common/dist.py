@@ -113,7 +113,9 @@ def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 
             log.warning("distributed: %d processes, backend %s", world_size(), name)
     try:
         yield
-    except _COLLECTIVE_ERRORS as e:
+    except (*_COLLECTIVE_ERRORS, RuntimeError) as e:
+        if not owned or not _comm_failure(e):
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise PeerLost(f"rank {rank()} of {world_size()}: another training process stopped or stopped answering "
                        f"({first}); this process stops too" + (f"; {hint}" if hint else "")) from None
@@ -128,6 +130,18 @@ def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 
 _COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = tuple(
     t for t in (getattr(tdist, "DistError", None), getattr(tdist, "DistBackendError", None),
                 getattr(tdist, "DistNetworkError", None)) if t is not None)
+
+
+_COMM_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "timeout",
+               "socket", "process group", "processgroup", "c10d")
+
+
+def _comm_failure(e: BaseException) -> bool:
+    """Whether an exception is a failed collective (the dist error types, or gloo's plain RuntimeErrors)."""
+    if isinstance(e, _COLLECTIVE_ERRORS):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in _COMM_WORDS)
 
 
 def barrier() -> None:
