@@ -72,6 +72,7 @@ class StageCfg:
     log_every: int = 10
     precision: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     prune: PruneCfg = field(default_factory=PruneCfg)
+    teacher_cache: str | None = None     # read the teacher's embeddings from `data cache-teacher` output (shards only)
 
 
 @dataclass

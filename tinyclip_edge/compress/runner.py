@@ -34,6 +34,8 @@ from ..common.preprocess import Preprocess
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.batches import TrainBatches
+from ..data.shards import ShardBatches, check_shards, data_hash, expand_shards, is_shard_spec
+from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
@@ -270,12 +272,32 @@ class Run:
         dist.run_on_main(save)
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
+                cache: TeacherCache | None = None) -> TrainBatches:
         d = self.recipe.data
+        if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
+            return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
+                                dist.world_size(), cache=cache)
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
         return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
+
+    def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
+        """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
+        if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
+            return None
+        from .teacher_cache import teacher_hash
+
+        if not is_shard_spec(self.recipe.data.train):
+            raise UserError(f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
+                            f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}")
+        if teacher is None:
+            raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
+        cache = TeacherCache.open(st.teacher_cache)
+        urls, _ = check_shards(expand_shards(self.recipe.data.train))
+        cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
+        return cache
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
@@ -287,7 +309,8 @@ class Run:
         micro = st.batch_size // st.grad_accum
         workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
             6 if self.device.type == "cuda" else 0)
-        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
+        cache = self.teacher_cache(st, teacher, source)
+        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
         resume = None
         if read_checkpoint_meta(ckpt) is not None:
             task, opt_state, tstate = load_checkpoint(ckpt, st)
@@ -309,7 +332,7 @@ class Run:
             task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
         self.state["stages"][st.name] = "running"
         self._save_state()
-        tstate = train_stage(task, teacher.model if teacher else None, batches, st, parse_losses(st.losses),
+        tstate = train_stage(task, teacher.model if teacher and cache is None else None, batches, st, parse_losses(st.losses),
                              device=self.device, ckpt_dir=ckpt, metrics_path=self.dir / "metrics.jsonl",
                              label=st.name, resume=resume, workers=workers, on_step=self.on_step)
         model = task.finalize().cpu().eval()

@@ -163,7 +163,8 @@ def gather_outputs(out: DistillOutputs) -> DistillOutputs:
 
 
 def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[LossSpec], images: torch.Tensor,
-              ids: torch.Tensor, step: int, amp: Any) -> tuple[torch.Tensor, dict[str, float]]:
+              ids: torch.Tensor, step: int, amp: Any,
+              cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and its named terms (for the log).
 
     Distributed, the embeddings of all ranks are gathered ONCE here (``gather_outputs``) before the loss
@@ -171,11 +172,15 @@ def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[Loss
     processes. Every rank then computes the same global loss; ``dist.gather_rows`` routes the gradient
     through each rank's own rows so that, after DDP's mean over ranks, the gradient is that of one process
     on the whole batch (tested). Task terms (the Lagrangian) are computed in full on every rank.
+
+    `cached`: the teacher's (image, text, logit scale) read from a teacher cache; the teacher is not run.
     """
     with amp:
         s_img, s_txt, s_scale, extra = net(images, ids, step)
         out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
-        if teacher is not None:
+        if cached is not None:
+            out.teacher_image, out.teacher_text, out.teacher_logit_scale = (c.float() for c in cached)
+        elif teacher is not None:
             with torch.no_grad():
                 t_img, t_txt, t_scale = teacher(images, ids)
             out.teacher_image, out.teacher_text, out.teacher_logit_scale = t_img.float(), t_txt.float(), t_scale.float()
@@ -235,7 +240,9 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 ids = batch["ids"].to(device, non_blocking=True)
                 last = micro == accum - 1  # DDP all-reduces the accumulated gradients in the last backward only
                 with (dist.no_sync(net) if not last else nullcontext()):
-                    loss, part = step_loss(net, teacher, losses, images, ids, step, amp)
+                    cached = (tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
+                              if "teacher_image" in batch else None)
+                    loss, part = step_loss(net, teacher, losses, images, ids, step, amp, cached)
                     if not torch.isfinite(loss):
                         raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
                                         step, ckpt_dir)

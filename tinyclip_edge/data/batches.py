@@ -80,6 +80,9 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
 
 def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:
     """Batches start..stop-1 in order; with workers, built in parallel processes."""
+    if hasattr(batches, "loader"):  # a streaming source (data/shards.py) keeps its own position
+        yield from batches.loader(start, stop, workers)
+        return
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     yield from loader

@@ -151,8 +151,10 @@ def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepa
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data file not found: {spec} (use a CSV/TSV, a COCO captions JSON, or scenes:train / scenes:val)")
-    if path.is_dir():
-        raise UserError(f"data path {spec} is a directory; pass the CSV/TSV or COCO captions JSON that lists the pairs")
+    if path.is_dir():  # images with caption sidecars (shard folders are recognised before this, by the runner)
+        from .folder import folder_rows
+
+        return FileSource(str(path), folder_rows(path), Path(image_root) if image_root else path)
     if path.suffix.lower() == ".json":
         rows = _read_coco(path)
     elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
