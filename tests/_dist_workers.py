@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -43,7 +44,9 @@ def launch(fn: Callable[..., None], world: int, *args: Any) -> None:
 
 
 def _packages():
-    from conftest import make_package  # conftest sets 2 threads: two processes on two shared cores want 1 each
+    from conftest import (
+        make_package,  # conftest sets 2 threads: two processes on two shared cores want 1 each
+    )
 
     if os.environ.get("WORLD_SIZE"):
         torch.set_num_threads(1)

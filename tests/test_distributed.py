@@ -11,19 +11,19 @@ import json
 import logging
 from pathlib import Path
 
+import _dist_workers as W
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import _dist_workers as W
 from tinyclip_edge.common import dist
 from tinyclip_edge.common.errors import UserError
 
 
 def _close(a: dict, b: dict, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], rtol=rtol, atol=atol), (k, (v - b[k]).abs().max().item())
 
 
 @pytest.fixture(scope="module")

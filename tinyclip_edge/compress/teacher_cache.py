@@ -59,20 +59,19 @@ def build_teacher_cache(teacher: ClipPackage, teacher_spec: str, shards: str, ou
     with atomic_path(out) as tmp:
         tmp.mkdir()
         bar = tqdm(desc="cache-teacher", unit="pair", disable=not progress, mininterval=0.5)
+        def embed(pending: list[tuple[np.ndarray, str]], img_rows: list, txt_rows: list) -> None:
+            if not pending:
+                return
+            images = torch.from_numpy(np.stack([p[0] for p in pending])).to(device)
+            ids = torch.from_numpy(tok([p[1] for p in pending])).to(device)
+            i, t, _ = model(images, ids)
+            img_rows.append(i.float().cpu())
+            txt_rows.append(t.float().cpu())
+            bar.update(len(pending))
+            pending.clear()
+
         for url in urls:
             keys, img_rows, txt_rows, pending = [], [], [], []
-
-            def flush() -> None:
-                if not pending:
-                    return
-                images = torch.from_numpy(np.stack([p[0] for p in pending])).to(device)
-                ids = torch.from_numpy(tok([p[1] for p in pending])).to(device)
-                i, t, _ = model(images, ids)
-                img_rows.append(i.float().cpu())
-                txt_rows.append(t.float().cpu())
-                bar.update(len(pending))
-                pending.clear()
-
             for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
                 try:
                     image, caption, _, _ = _decode(sample)
@@ -83,8 +82,8 @@ def build_teacher_cache(teacher: ClipPackage, teacher_spec: str, shards: str, ou
                 keys.append(sample["__key__"])
                 pending.append((pre(fixed_crop(image, aug_seed, sid)), caption))
                 if len(pending) == batch_size:
-                    flush()
-            flush()
+                    embed(pending, img_rows, txt_rows)
+            embed(pending, img_rows, txt_rows)
             dim = meta["embed_dim"]
             tensors = {"image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
                        "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim)}

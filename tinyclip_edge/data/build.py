@@ -25,7 +25,14 @@ from typing import Any
 
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json
-from .sources import FileSource, PairSource, UnreadableImage, UNLIMITED, load_image, open_source
+from .sources import (
+    UNLIMITED,
+    FileSource,
+    PairSource,
+    UnreadableImage,
+    load_image,
+    open_source,
+)
 
 log = logging.getLogger("tinyclip_edge")
 MANIFEST = "manifest.json"
@@ -90,7 +97,7 @@ def build_shards(spec: str, out: str | os.PathLike, shard_size: int, *, image_si
             for i in tqdm(range(len(src)), desc=f"data build {Path(spec).name or spec}", unit="pair",
                           disable=not progress, mininterval=0.5):
                 try:
-                    data, ext, caption, key, meta = _sample(src, i)
+                    data, ext, caption, _key, meta = _sample(src, i)
                 except UnreadableImage as e:
                     report.skipped += 1
                     if len(report.skip_examples) < 3:

@@ -37,10 +37,10 @@ def sample_id(url: str, key: str) -> str:
 class TeacherCache:
     root: Path
     meta: dict[str, Any]
-    _open: "OrderedDict[str, dict[str, Any]]" = field(default_factory=OrderedDict)
+    _open: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
 
     @classmethod
-    def open(cls, path: str | Path) -> "TeacherCache":
+    def open(cls, path: str | Path) -> TeacherCache:
         root = Path(path)
         meta = read_json(root / CACHE_META, "teacher cache")
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
