@@ -117,10 +117,33 @@ def train_prune(out_dir: str) -> None:
     save_file(state, str(out / f"prune-state-{dist.rank()}.safetensors"))
 
 
+def rank0_sections(out_dir: str) -> None:
+    """run_on_main: rank 0 alone inside (a nested barrier must not wait for the others); its error reaches all."""
+    from tinyclip_edge.common import dist
+    from tinyclip_edge.common.errors import UserError
+
+    def inside() -> int:
+        dist.barrier()  # would deadlock if the section were not single-process
+        return dist.world_size()
+
+    seen = dist.run_on_main(inside)
+
+    def fail() -> None:
+        raise UserError("the teacher could not be downloaded")
+
+    try:
+        dist.run_on_main(fail)
+        message = None
+    except UserError as e:
+        message = str(e)
+    Path(out_dir, f"sections-{dist.rank()}.json").write_text(json.dumps({"seen": seen, "message": message}))
+
+
 def step_and_stage(out_dir: str) -> None:
-    """Both of the above in one launch (process start-up dominates these tests on a shared CPU)."""
+    """All of the above in one launch (process start-up dominates these tests on a shared CPU)."""
     one_step(out_dir)
     train_prune(out_dir)
+    rank0_sections(out_dir)
 
 
 def run_recipe(overrides: list[str], crash_at: int | None = None) -> None:

@@ -54,8 +54,11 @@ def env_rank() -> int:
         return 0
 
 
+_SOLO = [0]  # > 0 while rank 0 runs a run_on_main section alone: everything inside is single-process
+
+
 def active() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    return not _SOLO[0] and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -171,15 +174,20 @@ def run_on_main(fn: Callable[[], T]) -> T | None:
     """Run `fn` on rank 0 only (writing files, downloading a teacher); every rank waits for it.
 
     An exception on rank 0 is re-raised there and turned into a UserError on the other ranks, so they
-    stop at once instead of waiting for a collective that never comes. Returns fn's result on rank 0,
+    stop at once instead of waiting for a collective that never comes. Inside `fn` rank 0 is on its own:
+    every function of this module behaves as in a single process (a nested run, such as training a
+    built-in teacher, cannot wait for ranks that are waiting for it). Returns fn's result on rank 0,
     None elsewhere.
     """
     result, error = None, None
     if is_main():
+        _SOLO[0] += 1  # e.g. training a built-in teacher: a whole nested run, on rank 0 alone
         try:
             result = fn()
         except BaseException as e:  # report, then re-raise below after the others know
             error = e
+        finally:
+            _SOLO[0] -= 1
     message = broadcast_object(None if error is None else (str(error).splitlines() or [type(error).__name__])[0])
     if error is not None:
         raise error

@@ -261,10 +261,10 @@ class Run:
         tdir = self.dir / "teacher"
         if self.recipe.teacher in ("", "none"):
             return None
-        if is_model_dir(tdir):
-            return load_model_dir(tdir)
 
         def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
+            if is_model_dir(tdir):  # decided on rank 0 alone: every rank must take part in run_on_main
+                return
             pkg = resolve_teacher(self.recipe.teacher)
             pkg.provenance.setdefault("teacher", self.recipe.teacher)
             save_model_dir(pkg, tdir)
@@ -321,7 +321,8 @@ class Run:
                 if written_by != dist.world_size():
                     log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
                                 "global batch and the data position counts global samples, so training continues "
-                                "with the same batches", st.name, written_by, dist.world_size())
+                                "from the same place (CSV/COCO/scenes data: with the very same batches)",
+                                st.name, written_by, dist.world_size())
         else:
             calib: list[dict] = []
             if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
