@@ -44,7 +44,7 @@ from .recipe import Recipe, StageCfg, dump_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
-from .teacher import resolve_teacher
+from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
@@ -265,7 +265,7 @@ class Run:
         def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
             if is_model_dir(tdir):  # decided on rank 0 alone: every rank must take part in run_on_main
                 return
-            pkg = resolve_teacher(self.recipe.teacher)
+            pkg = resolve_model(self.recipe.teacher, what="teacher").package
             pkg.provenance.setdefault("teacher", self.recipe.teacher)
             save_model_dir(pkg, tdir)
 
@@ -408,3 +408,4 @@ def run_compress(recipe: Recipe, *, resume: bool = False,
     with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
                       recipe.distributed.timeout_s, hint):
         return Run(recipe, resume, on_step).execute()
+
