@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common.errors import UserError
+from ..common.options import Exporter
 
 INPUT_NAMES = {"image": "images", "text": "tokens"}
 OUTPUT_NAME = "embeddings"
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS: tuple[str, ...] = typing.get_args(Exporter)   # defined with the option schema
 # Protobuf cannot serialise a message over 2 GiB; above this, tensors go to a side file.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 

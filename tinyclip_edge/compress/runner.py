@@ -32,7 +32,7 @@ from ..data.batches import TrainBatches
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
-from .recipe import Recipe, StageCfg, dump_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, validate_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
@@ -193,26 +193,6 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
-def _check_recipe(recipe: Recipe) -> None:
-    for st in recipe.stages:
-        if st.method not in STAGE_BUILDERS:
-            from ..common.errors import closest
-
-            raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
-                            "choose from inherit, prune, scratch")
-        if st.teacher not in ("original", "previous", "none"):
-            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
-        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
-            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
-        if st.batch_size % st.grad_accum:
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
-        if st.shape is None and st.target is not None:
-            tower_targets(st.target)
-        parse_losses(st.losses)
-        if st.teacher == "none" and any(n != "clip" for n in st.losses):
-            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
-
-
 class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point."""
 
@@ -226,7 +206,7 @@ class Run:
         if not resume and state_file.is_file():
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        _check_recipe(recipe)
+        self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
         self.device = resolve_device(recipe.device)
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
         self.dir.mkdir(parents=True, exist_ok=True)
