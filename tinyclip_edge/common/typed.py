@@ -97,8 +97,13 @@ def describe_type(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "anything")
 
 
+def _q(path: str) -> str:
+    """A key path quoted for a one-line message (repr when it holds a newline or another control character)."""
+    return f"'{path}'" if path.isprintable() else repr(path)
+
+
 def _fail(label: str, path: str, expected: str, value: Any) -> UserError:
-    return UserError(f"{label} '{path}' must be {expected}, got {value!r}")
+    return UserError(f"{label} {_q(path)} must be {expected}, got {value!r}")
 
 
 def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
@@ -118,7 +123,7 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
         if isinstance(value, bool) or value not in choices:  # True == 1 must not pass for Literal[1]
             names = [str(c) for c in choices]
             hint = closest(str(value), names) if isinstance(value, str) else ""
-            raise UserError(f"{label} '{path}' must be one of {', '.join(names)}, got {value!r}{hint}")
+            raise UserError(f"{label} {_q(path)} must be one of {', '.join(names)}, got {value!r}{hint}")
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -209,7 +214,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     for key, value in data.items():
         full = f"{path}.{key}" if path else key_format(str(key)) if key_format else str(key)
         if key not in names:
-            raise UserError(f"unknown {label} '{full}'{closest(str(key), names)}; "
+            raise UserError(f"unknown {label} {_q(full)}{closest(str(key), names)}; "
                             f"valid keys here: {', '.join(names)}")
         kwargs[key] = check_value(value, hints[key], full, label)
     try:
@@ -217,7 +222,7 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     except TypeError as e:  # a required field is missing
         missing = [f.name for f in fields if f.name not in kwargs
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        where = f" in '{path}'" if path else ""
+        where = f" in {_q(path)}" if path else ""
         raise UserError(f"missing {label} '{missing[0] if missing else e}'{where}") from None
     validate = getattr(obj, "validate_fields", None)
     if callable(validate):

@@ -124,6 +124,9 @@ class StageCfg:
                             f"steps below {_at(path, 'steps')} ({self.steps}), got {self.warmup:g}")
         if self.min_lr > self.lr:
             raise UserError(f"{_at(path, 'min_lr')} {self.min_lr:g} is above {_at(path, 'lr')} {self.lr:g}")
+        bad = [k for k in self.losses if not isinstance(k, str) or not k.isprintable()]
+        if bad:
+            raise UserError(f"{_at(path, 'losses')} has a key that is not a loss name: {bad[0]!r}")
         try:
             specs = parse_losses(self.losses)
         except UserError as e:  # the registry's messages start with "losses..." or "loss ..."
@@ -143,7 +146,7 @@ def check_shape(shape: Any, path: str) -> None:
     per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
     if isinstance(shape, str):
         if shape not in PRESETS:
-            raise UserError(f"{path}: unknown model preset '{shape}'{closest(shape, PRESETS)}; "
+            raise UserError(f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; "
                             f"presets: {', '.join(PRESETS)}")
         return
     if "embed_dim" in shape:
@@ -154,7 +157,7 @@ def check_shape(shape: Any, path: str) -> None:
         return
     for tower, spec in shape.items():
         if tower not in ("image", "text"):
-            raise UserError(f"{path} has unknown tower '{tower}'; use image and text, a full shape, or a preset "
+            raise UserError(f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
                             f"name ({', '.join(PRESETS)})")
         if spec is None:
             continue
@@ -162,7 +165,7 @@ def check_shape(shape: Any, path: str) -> None:
             raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
         for key, value in spec.items():
             if key not in ("layers", "heads", "mlp", "width"):
-                raise UserError(f"{path}.{tower} has unknown key '{key}'{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
+                raise UserError(f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
                                 "allowed: layers, heads, mlp, width")
             lo = 0 if key in ("heads", "mlp") else 1   # a layer may drop its attention or MLP entirely
             tp = Annotated[int, Range(lo, 1_000_000)]
@@ -307,8 +310,10 @@ def _read_yaml(spec: str) -> tuple[dict[str, Any], str]:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply ``a.b.0.c=value`` to a raw recipe dict; the value is parsed as YAML."""
     if "=" not in item:
-        raise UserError(f"override '{item}' must look like key=value, e.g. stages.0.steps=200")
+        raise UserError(f"override {item!r} must look like key=value, e.g. stages.0.steps=200")
     key, raw = item.split("=", 1)
+    if not key.isprintable():
+        raise UserError(f"override {item!r}: the key holds a control character")
     try:
         value = load_yaml(raw, f"override '{item}'") if raw.strip() else ""
     except UserError as e:

@@ -137,13 +137,13 @@ def parse_scenes_spec(spec: str) -> tuple[str, int]:
     parts = spec.split(":")
     split = parts[1] if len(parts) > 1 else "train"
     if split not in sc.SPLIT_SEEDS or len(parts) > 3:
-        raise UserError(f"unknown scenes data '{spec}'; use scenes:train, scenes:val or scenes:calib, "
+        raise UserError(f"unknown scenes data {spec!r}; use scenes:train, scenes:val or scenes:calib, "
                         "optionally with a size (scenes:val:500)")
     if len(parts) < 3:
         return split, UNLIMITED if split == "train" else SCENES_VAL_SIZE
     size = parts[2]
     if not size.isdigit() or not 1 <= int(size) < UNLIMITED:  # isdigit: no sign, no spaces, no 1e3
-        raise UserError(f"bad scenes size '{size}' in '{spec}': the number of pairs must be a positive integer, "
+        raise UserError(f"bad scenes size {size!r} in {spec!r}: the number of pairs must be a positive integer, "
                         "e.g. scenes:val:500")
     return split, int(size)
 
@@ -156,7 +156,7 @@ def check_spec(spec: str, what: str = "data") -> None:
     if spec.startswith("scenes:"):
         parse_scenes_spec(spec)
     elif Path(spec).suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
-        raise UserError(f"{what} '{spec}' is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
+        raise UserError(f"{what} {spec!r} is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
                         "file or a COCO captions .json")
 
 
