@@ -106,6 +106,28 @@ def _fail(label: str, path: str, expected: str, value: Any) -> UserError:
     return UserError(f"{label} {_q(path)} must be {expected}, got {value!r}")
 
 
+def _same_kind(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the Python kind that ``tp`` takes (number, string, mapping, list, bool)."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _same_kind(value, typing.get_args(tp)[0])
+    if origin is Literal:
+        return any(_same_kind(value, type(c)) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return any(_same_kind(value, a) for a in typing.get_args(tp))
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return False
+
+
 def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
     """``value`` coerced to ``tp`` (int-valued floats to int, numeric strings to float), or a UserError."""
     origin = typing.get_origin(tp)
@@ -141,6 +163,10 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
                 errors.append(e)
         if len(errors) == 1:
             raise errors[0]
+        # the one branch of the value's own kind (a number for `ratio | mapping`) says what is wrong best
+        same_kind = [e for a, e in zip([a for a in args if a is not type(None)], errors) if _same_kind(value, a)]
+        if len(same_kind) == 1:
+            raise same_kind[0]
         raise _fail(label, path, describe_type(tp), value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
