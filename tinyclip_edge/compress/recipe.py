@@ -88,6 +88,14 @@ class PruneCfg:
     layers: bool = False                 # also gate whole attention / MLP sub-layers
     hidden: bool = True                  # prune residual (hidden) channels
     joint: bool = False                  # one sparsity target for both towers instead of one per tower
+    floor: dict | None = None            # a shape the materialised student must contain; the runner sets it
+                                         # from the next planned stage (compress/chain.py); rarely set by hand
+
+    def validate_fields(self, path: str) -> None:
+        if self.floor is not None:
+            if "embed_dim" not in self.floor:
+                raise UserError(f"{_at(path, 'floor')} must be a full model shape (with embed_dim, vision and text)")
+            check_shape(self.floor, _at(path, "floor"))
 
 
 @dataclass
