@@ -167,3 +167,42 @@ def test_bad_override_paths_are_user_errors():
         load_recipe("quickstart", ["stages.0.steps.x=1"])
     with pytest.raises(UserError, match="no index 5"):
         load_recipe("quickstart", ["stages.5.steps=1"])
+
+
+def recipe_table() -> str:
+    """The table of docs/GUARANTEES.md: every recipe key, its domain (as error messages state it) and default.
+    Regenerate: python -c "import sys; sys.path.insert(0, 'tests'); from test_recipe_validation import
+    recipe_table; print(recipe_table())" """
+    import dataclasses
+    import types
+    import typing
+
+    from tinyclip_edge.common.typed import describe_type
+    from tinyclip_edge.compress.recipe import Recipe
+
+    rows = ["| key | domain | default |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            tp = inner = hints[f.name]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):
+                args = [a for a in typing.get_args(tp) if a is not type(None)]
+                inner = args[0] if len(args) == 1 else tp
+            if dataclasses.is_dataclass(inner):
+                walk(inner, f"{prefix}{f.name}.")
+            elif typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+                walk(typing.get_args(inner)[0], f"{prefix}{f.name}.N.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append(f"| `{prefix}{f.name}` | {describe_type(tp).replace('|', 'or')} | `{default!r}` |")
+
+    walk(Recipe, "")
+    return "\n".join(rows)
+
+
+def test_the_documented_recipe_table_is_the_schema():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "GUARANTEES.md").read_text()
+    assert recipe_table() in doc, "docs/GUARANTEES.md's recipe table is stale; regenerate it (see recipe_table)"
