@@ -120,13 +120,14 @@ def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pa
     from ..evaluation import evaluate, markdown_table, table_row
 
     from ..common.devices import check_device
+    from ..common.options import cli_name
     from ..common.typed import from_dict
     from ..compress.recipe import EvalCfg
 
     _logging()
     # the recipe's eval: schema checks the same options here (data spec, batch size, pair count)
     from_dict(EvalCfg, {"data": data, "batch_size": batch_size, "max_pairs": max_pairs}, label="option",
-              key_format=lambda k: "--" + k.replace("_", "-"))
+              key_format=cli_name)
     check_device(device)
     pkg = resolve_teacher(model)
     tpkg = resolve_teacher(teacher) if teacher else None
