@@ -22,6 +22,7 @@ from ..common.io import atomic_path, atomic_write_json
 from ..common.options import ExportOptions, ExportPrecision, resolve_options
 from ..common.typed import check_value
 from ..common.tokenizers import export_tokenizer
+from .reader import write_reader
 from ..runtimes.base import TOWERS
 from ..runtimes.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, is_bundle
 from ..runtimes.pyt import placed_model
@@ -138,6 +139,7 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
             work = tmp / ".work"
             work.mkdir()
             manifest["tokenizer"] = _bundle_tokenizer(pkg.tokenizer_cfg, tmp)
+            write_reader(tmp)
             steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
             for tower in towers:
                 fp32 = work / f"{tower}.fp32.onnx"
