@@ -149,7 +149,7 @@ def test_progressive_prune_stages(tmp_path, teacher_dir):
 
 
 def test_lagrangian_drives_expected_sparsity_to_the_target(tmp_path, teacher_dir):
-    recipe = _recipe(tmp_path / "lag", teacher_dir, "stages.0.steps=80", "stages.0.prune.mask_steps=1.0",
+    recipe = _recipe(tmp_path / "lag", teacher_dir, "stages.0.steps=80", "stages.0.prune.mask_steps=0.99",
                      "stages.0.prune.warmup=0.5", "stages.0.checkpoint_every=100", "stages.0.log_every=10",
                      "stages.1.steps=1")
     run_compress(recipe)

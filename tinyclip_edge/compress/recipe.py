@@ -40,9 +40,9 @@ POSITIVE_INT = Annotated[int, Range(1, None)]
 # digits, '-' and '_', starting with a letter, digit or '_' (never '.', '..', a path or an option-like '-x').
 STAGE_NAME = Annotated[str, Pattern(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}",
                                     "a plain name of up to 64 letters, digits, '-' and '_', not starting with '-'")]
-RECIPE_NAME = Annotated[str, Pattern(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}",
-                                     "a plain name of up to 100 letters, digits, '.', '-' and '_', not starting "
-                                     "with '.' or '-'")]
+# The recipe name is the default run directory's last part (runs/<name>): never a path, '.' or '..'.
+RECIPE_NAME = Annotated[str, Pattern(r"[^/\\.\x00-\x1f][^/\\\x00-\x1f]{0,99}",
+                                     "a name of up to 100 characters without '/' or '\\', not starting with '.'")]
 # Names the run directory uses itself (compress/runner.py's layout, cli/pipeline.py's export/ and bench/);
 # compared case-insensitively, since macOS and Windows file systems are. `<name>.masks` (the prune stage's
 # mask-learning half) cannot clash: '.' is not allowed in a stage name.
