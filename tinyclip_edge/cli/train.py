@@ -115,14 +115,13 @@ def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None,
 def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pairs: int | None, device: str,
              out: str | None) -> None:
     """Evaluate MODEL (a model directory or an open_clip spec): retrieval, zero-shot, compositional."""
-    from ..common.io import atomic_write_json
-    from ..compress.teacher import resolve_teacher
-    from ..evaluation import evaluate, markdown_table, table_row
-
     from ..common.devices import check_device
+    from ..common.io import atomic_write_json
     from ..common.options import cli_name
     from ..common.typed import from_dict
     from ..compress.recipe import EvalCfg
+    from ..compress.teacher import resolve_teacher
+    from ..evaluation import evaluate, markdown_table, table_row
 
     _logging()
     # the recipe's eval: schema checks the same options here (data spec, batch size, pair count)
@@ -148,12 +147,14 @@ def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pa
 def info(model: str, as_json: bool) -> None:
     """Show a model directory: parameters per tower, shapes, preprocessing, provenance."""
     from ..models import read_config
+    from ..models.package import check_weights
 
     cfg = read_config(model)
+    check_weights(model, cfg)  # what is printed must describe the weights, not just the config
     if as_json:
-        click.echo(json.dumps(cfg, indent=2))
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    p, shape = cfg["params"], cfg["shape"]
+    p, shape = cfg.params, cfg.shape
     click.echo(f"{model}: {p['total']:,} parameters (image {p['image']:,}, text {p['text']:,}), "
                f"embedding dim {shape['embed_dim']}")
     for tower in ("vision", "text"):
@@ -161,6 +162,6 @@ def info(model: str, as_json: bool) -> None:
         click.echo(f"  {tower:6s} width {s['width']}, {len(s['heads'])} layers, heads {s['heads']}, mlp {s['mlp']}")
     v = shape["vision"]
     click.echo(f"  image  {v['image_size']}px, patch {v['patch_size']}; text context {shape['text']['context_length']}, "
-               f"tokenizer {cfg['tokenizer'].get('kind')} {cfg['tokenizer'].get('model', '')}".rstrip())
-    prov = cfg.get("provenance", {})
+               f"tokenizer {cfg.tokenizer.get('kind')} {cfg.tokenizer.get('model', '')}".rstrip())
+    prov = cfg.provenance
     click.echo("  provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if v is not None))
