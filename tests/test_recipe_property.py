@@ -16,14 +16,12 @@ import typing
 from typing import Any, Union
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tinyclip_edge.common.errors import UserError  # noqa: E402
-from tinyclip_edge.common.typed import Pattern, Range  # noqa: E402
-from tinyclip_edge.compress.recipe import Recipe, StageCfg, load_recipe  # noqa: E402
+from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.typed import Pattern, Range
+from tinyclip_edge.compress.recipe import Recipe, StageCfg, load_recipe
 
 BASE = {"name": "prop", "teacher": "builtin:scenes-teacher", "device": "cpu",
         "stages": [{"name": "s1", "steps": 10, "method": "prune", "prune": {"target": 0.5}},
