@@ -64,7 +64,6 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
                                                              o.power_interval_ms)
     towers = ("image", "text") if tower == "both" else (tower,)
     iters = DEFAULT_ITERS if o.iters is None and seconds is None else o.iters
-    _check_device(device)   # before any artifact is opened
     picked = [split_backend(t, backend) for t in targets]
     targets = [t for t, _ in picked]
     infos = [inspect_artifact(t, b) for t, b in picked]
@@ -75,6 +74,7 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
         if info.backend == "trt" and not device.startswith("cuda"):
             raise UserError(f"{info.name} is a TensorRT engine; engines run on a CUDA GPU: pass --device cuda")
     cuda = device.startswith("cuda")
+    _check_device(device)   # after the artifacts are verified (their errors say more), before any is opened
     _set_threads(threads)
     settings = {"batches": list(batches), "tower": tower, "device": device, "iters": iters, "seconds": seconds,
                 "warmup": warmup, "end_to_end": end_to_end, "backend": backend, "threads": threads,
