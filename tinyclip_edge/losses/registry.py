@@ -32,14 +32,19 @@ class DistillOutputs:
 LossFn = Callable[[DistillOutputs, dict[str, Any]], dict[str, Tensor]]
 LOSSES: dict[str, LossFn] = {}
 LOSS_OPTIONS: dict[str, set[str]] = {}
+LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-def register_loss(name: str, options: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
-    """Register a loss; `options` are the keys it accepts from the recipe (validated up front)."""
+def register_loss(name: str, options: tuple[str, ...] = (),
+                  check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[LossFn], LossFn]:
+    """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
+    values (raising UserError); both run when the recipe is read, before any training."""
 
     def deco(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         LOSS_OPTIONS[name] = {"weight", *options}
+        if check is not None:
+            LOSS_CHECKS[name] = check
         return fn
 
     return deco
@@ -82,7 +87,10 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
             bad = min(str(k) for k in unknown)
             raise UserError(f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
                             f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}")
-        specs.append(LossSpec(name, check_weight(opts.pop("weight", 1.0), name), opts))
+        weight = check_weight(opts.pop("weight", 1.0), name)
+        if name in LOSS_CHECKS:
+            LOSS_CHECKS[name](opts)
+        specs.append(LossSpec(name, weight, opts))
     if not any(s.weight > 0 for s in specs):
         raise UserError("every loss weight is 0: nothing would be trained; give at least one loss a weight > 0")
     return specs
