@@ -40,7 +40,7 @@ from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from .chain import nests, plan_chain
-from .recipe import Recipe, StageCfg, dump_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, validate_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
@@ -208,31 +208,6 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
-def _check_recipe(recipe: Recipe) -> None:
-    for st in recipe.stages:
-        if st.method not in STAGE_BUILDERS:
-            from ..common.errors import closest
-
-            raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
-                            "choose from inherit, prune, scratch")
-        if st.teacher not in ("original", "previous", "none"):
-            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
-        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
-            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
-        if st.batch_size % st.grad_accum:
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
-        world = dist.world_size()
-        if st.batch_size % (st.grad_accum * world):
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly into "
-                            f"grad_accum {st.grad_accum} x {world} processes; use a multiple of "
-                            f"{st.grad_accum * world}")
-        if st.shape is None and st.target is not None:
-            tower_targets(st.target)
-        parse_losses(st.losses)
-        if st.teacher == "none" and any(n != "clip" for n in st.losses):
-            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
-
-
 class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point."""
 
@@ -246,7 +221,13 @@ class Run:
         if not resume and state_file.is_file():
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        _check_recipe(recipe)
+        self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
+        world = dist.world_size()
+        for st in recipe.stages:
+            if st.batch_size % (st.grad_accum * world):
+                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                                f"{st.grad_accum * world}")
         self.device = dist.local_device(resolve_device(recipe.device))
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
