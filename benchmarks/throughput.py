@@ -130,7 +130,7 @@ class CachedTeacher(nn.Module):
 
     @torch.compiler.disable  # a Python counter: compiling it would recompile every step
     def forward(self, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        idx = torch.as_tensor(self.batches.indices(self.calls), device=self.img.device)
+        idx = torch.as_tensor(self.batches.rank_indices(self.calls), device=self.img.device)
         self.calls += 1
         return self.img[idx], self.txt[idx], self.scale
 

@@ -1,9 +1,9 @@
 """The forward functions one training step calls: eager, or torch.compile'd (``stages.N.compile``).
 
-Compilation wraps the student's and the teacher's ``forward`` calls without replacing the modules, so
-parameter names, checkpoints and ``task.finalize()`` are unchanged. Only tasks whose ``encode`` is the
-plain model call (inherit / scratch / the continuation of a prune stage) are compiled; learned-mask tasks
-sample their masks in Python every step and stay eager (said once in the log).
+Compilation wraps the student's step module (the task, or its DDP wrapper) and the teacher without
+replacing them, so parameter names, checkpoints and ``task.finalize()`` are unchanged. Only tasks whose
+``encode`` is the plain model call (inherit / scratch / the continuation of a prune stage) are compiled;
+learned-mask tasks sample their masks in Python every step and stay eager (said once in the log).
 
 ``compile_mode: reduce-overhead`` makes torch.compile capture CUDA graphs of the forward and backward
 (cudagraph trees), which removes per-kernel launch cost when the step is launch-bound.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.clip import ClipModel
 from .tasks import StageTask
@@ -36,21 +36,18 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def step_functions(task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device,
-                   label: str = "") -> tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], Forward | None]:
-    """(student encode(images, ids, step, micro), teacher forward(images, ids) or None) for one stage."""
+def step_functions(net: nn.Module, task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device,
+                   label: str = "") -> tuple[nn.Module, Forward | None]:
+    """(student step module, teacher forward or None) for one stage: ``net`` (the task, or its DDP wrapper,
+    called as ``net(images, ids, step, micro)``) and ``teacher`` as given, or torch.compile'd wrappers of them
+    (the modules themselves are untouched: parameter names and checkpoints stay the same)."""
     setting = getattr(cfg, "compile", False)
     if not compile_enabled(setting, device):
-        return task.encode, teacher
+        return net, teacher
     mode = None if cfg.compile_mode == "default" or COMPILE_BACKEND != "inductor" else cfg.compile_mode
     t_fn = torch.compile(teacher, mode=mode, backend=COMPILE_BACKEND) if teacher is not None else None
-    if type(task).encode is not StageTask.encode:
+    if type(task).encode is not StageTask.encode or type(task).extra_losses is not StageTask.extra_losses:
         log.info("%s: %s samples masks every step; its student stays eager (the teacher is compiled)",
                  label, type(task).__name__)
-        return task.encode, t_fn
-    s_fn = torch.compile(task.model, mode=mode, backend=COMPILE_BACKEND)
-
-    def encode(images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        return s_fn(images, ids)
-
-    return encode, t_fn
+        return net, t_fn
+    return torch.compile(net, mode=mode, backend=COMPILE_BACKEND), t_fn

@@ -97,7 +97,7 @@ class PrerenderedBatches(TrainBatches):
 
     def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
                  seed: int = 0, *, size: int, device: torch.device | str = "cpu", workers: int = 0,
-                 chunk: int = 256):
+                 chunk: int = 256, rank: int = 0, world: int = 1):
         n = min(size, len(source)) if source.finite else size
         # an unlimited source: the same far-away stretch TrainBatches would stream for this seed
         offset = 0 if source.finite else seed * 2**40
@@ -116,7 +116,7 @@ class PrerenderedBatches(TrainBatches):
 
             raise UserError(f"data.prerender: no readable pair among the first {n} of {source.name}")
         super().__init__(_Pool(f"{source.name} (pre-rendered {len(captions)})", len(captions)), preprocess,
-                         tokenizer, batch_size, seed, uint8=True)
+                         tokenizer, batch_size, seed, rank, world, uint8=True)
         self.device = torch.device(device)
         self.images = torch.cat(images).to(self.device)
         self.ids = torch.cat(ids).to(self.device)
@@ -124,7 +124,7 @@ class PrerenderedBatches(TrainBatches):
         self.bytes = self.images.numel() + self.ids.numel() * self.ids.element_size()
 
     def __getitem__(self, step: int) -> dict[str, Any]:
-        idx = self.indices(step)
+        idx = self.rank_indices(step)  # under torchrun: this rank's slice of the global batch
         sel = torch.as_tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
         return {"images": self.images.index_select(0, sel), "ids": self.ids.index_select(0, sel),
                 "captions": [self.captions[i] for i in idx], "keys": [f"{self.source.name}/{i}" for i in idx],

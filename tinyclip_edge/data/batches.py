@@ -3,6 +3,10 @@
 That makes resume exact (restart at the saved step, get the same batches) and lets a DataLoader build
 whole batches in worker processes. Unreadable images are dropped from their batch and counted.
 
+Under torchrun, `batch_size` is the GLOBAL micro-batch: rank r of W builds only its contiguous slice
+r of W. The union over ranks is the batch one process would build, whatever W is, so a run resumed
+with another number of processes continues with the very same samples (the position is the step).
+
 With ``uint8=True`` a batch carries its images as resized/cropped ``[B, H, W, 3]`` uint8 pixels and the
 trainer normalises them on its device (``data/arrays.py::to_device_images``, the same float32 operations as
 ``Preprocess.normalize``): a quarter of the bytes to copy, and no float work in the loader processes.
@@ -24,9 +28,10 @@ from .sources import PairSource
 
 class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer,
-                 batch_size: int, seed: int = 0, uint8: bool = False):
+                 batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, uint8: bool = False):
         self.source, self.preprocess, self.tokenizer = source, preprocess, tokenizer
         self.batch_size, self.seed, self.uint8 = batch_size, seed, uint8
+        self.rank, self.world = rank, world
         self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:
@@ -47,8 +52,14 @@ class TrainBatches(torch.utils.data.Dataset):
             out.append(int(self._perm[pos]))
         return out
 
+    def rank_indices(self, step: int) -> list[int]:
+        """This rank's contiguous share of the global batch `step`."""
+        idx = self.indices(step)
+        share = len(idx) // self.world
+        return idx[self.rank * share:(self.rank + 1) * share]
+
     def __getitem__(self, step: int) -> dict[str, Any]:
-        return collate(self.source, self.indices(step), self.preprocess, self.tokenizer, self.uint8)
+        return collate(self.source, self.rank_indices(step), self.preprocess, self.tokenizer, self.uint8)
 
 
 def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer,
@@ -76,8 +87,10 @@ def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0,
     ``pin_memory`` (the trainer sets it on CUDA) lets the host-to-device copy run asynchronously.
     Batches already held in memory (``in_memory``: pre-rendered arrays, possibly on the device) are indexed
     directly: no worker processes to start, nothing to pin."""
-    if getattr(batches, "in_memory", False):
-        it: Iterator[dict[str, Any]] = (batches[i] for i in range(start, stop))
+    if hasattr(batches, "loader"):  # a streaming source (data/shards.py) keeps its own position
+        it: Iterator[dict[str, Any]] = iter(batches.loader(start, stop, workers))
+    elif getattr(batches, "in_memory", False):
+        it = (batches[i] for i in range(start, stop))
     else:
         it = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                               num_workers=workers, prefetch_factor=4 if workers else None,
