@@ -262,6 +262,9 @@ class Run:
     def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
                 cache: TeacherCache | None = None, *, train: bool = False, workers: int = 0) -> TrainBatches:
         d = self.recipe.data
+        if is_shard_spec(spec) and train and d.prerender:
+            raise UserError("data.prerender reads a CSV/COCO/scenes source into memory; shards stream instead: "
+                            "drop data.prerender (or set it to null) for shard data")
         if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
             return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
                                 dist.world_size(), cache=cache)
