@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json, read_json
 from ..data.batches import TrainBatches, batch_loader
-from ..losses import DistillOutputs
-from ..losses.registry import LossSpec, combine
+from ..losses import DistillOutputs, Objective
+from ..losses.registry import LossSpec
 from ..models.clip import ClipModel
 from .recipe import StageCfg
 from .tasks import TASKS, StageTask
@@ -94,6 +94,8 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
     if kind not in TASKS:
         raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
     task = TASKS[kind].from_checkpoint(meta, cfg)
+    if "objective" in meta:  # the losses' learned scales / projection: their tensors are in the checkpoint
+        task.objective = Objective.from_config(meta["objective"])
     try:
         tensors = load_file(str(path / CKPT_TENSORS))
         opt = torch.load(path / CKPT_OPT, map_location="cpu", weights_only=True)
@@ -106,6 +108,14 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
 
 
 # ------------------------------------------------------------------------------ the loop
+
+
+def teacher_embed_dim(teacher: torch.nn.Module | None) -> int | None:
+    """The width of the teacher's embeddings (a ClipModel's, or a meta teacher's ``embed_dim``)."""
+    if teacher is None:
+        return None
+    dim = getattr(teacher, "embed_dim", None)
+    return int(dim) if dim is not None else int(teacher.shape.embed_dim)
 
 
 def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
@@ -144,6 +154,9 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 losses: list[LossSpec], *, device: torch.device, ckpt_dir: Path, metrics_path: Path, label: str,
                 resume: tuple[dict[str, Any], TrainState] | None = None, workers: int = 0,
                 on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+    if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
+        t_dim = teacher_embed_dim(teacher)
+        task.objective = Objective(losses, task.shape.embed_dim, t_dim)
     task.to(device).train()
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
@@ -187,7 +200,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                             t_img, t_txt, t_scale = teacher(images, ids)
                         out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
                             t_img.float(), t_txt.float(), t_scale.float())
-                loss, part = combine(losses, out)
+                loss, part = task.objective(out)
                 for k, v in task.extra_losses(step).items():
                     loss = loss + v
                     part[k] = float(v.detach())
