@@ -43,6 +43,8 @@ class PruneCfg:
     layers: bool = False                 # also gate whole attention / MLP sub-layers
     hidden: bool = True                  # prune residual (hidden) channels
     joint: bool = False                  # one sparsity target for both towers instead of one per tower
+    floor: dict | None = None            # a shape the materialised student must contain; the runner sets it
+                                         # from the next planned stage (compress/chain.py); rarely set by hand
 
 
 @dataclass

@@ -29,8 +29,9 @@ from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.batches import TrainBatches
 from ..losses.registry import parse_losses
-from ..models import ClipModel, ClipPackage, is_model_dir, load_model_dir, save_model_dir
+from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
+from .chain import plan_chain
 from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe
 from .shapes import tower_targets
@@ -59,6 +60,19 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+def planned_stages(stages: list[StageCfg], teacher: ClipShape) -> list[StageCfg]:
+    """The stages with the chain planner's decisions filled in (compress/chain.py): an explicit shape for
+    each planned manual stage, a floor for each learned-mask stage that a manual stage follows."""
+    out = []
+    for st, plan in zip(stages, plan_chain(teacher, stages)):
+        if plan.shape is not None:
+            st = replace(st, shape=plan.shape.to_dict())
+        if plan.floor is not None:
+            st = replace(st, prune=replace(st.prune, floor=plan.floor.to_dict()))
+        out.append(st)
+    return out
 
 
 # ------------------------------------------------------------------------------ the run
@@ -224,7 +238,8 @@ class Run:
         prev = original or _scenes_package(self.recipe)
         prev_teacher = prev
         reference = original or prev
-        for i, st in enumerate(self.recipe.stages):
+        stages = planned_stages(self.recipe.stages, reference.shape)
+        for i, st in enumerate(stages):
             teacher = {"original": original, "previous": prev_teacher, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
                 teacher = original

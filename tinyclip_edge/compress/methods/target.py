@@ -6,6 +6,7 @@ from __future__ import annotations
 from ...common.errors import UserError
 from ...models import ClipShape
 from ...models.presets import PRESETS, preset_shape
+from ..chain import nests
 from ..recipe import StageCfg
 from ..shapes import explicit_tower, shape_for_ratio, tower_targets
 
@@ -52,10 +53,4 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
 
 def _holds(source: ClipShape, target: ClipShape) -> bool:
     """Whether every layer of `target` fits inside the layers it would inherit from `source`."""
-    for t in ("image", "text"):
-        s, d = source.tower(t), target.tower(t)
-        if d.layers > s.layers or d.width > s.width or d.head_dim != s.head_dim:
-            return False
-        if any(h > min(s.heads) for h in d.heads) or any(m > min(s.mlp) for m in d.mlp):
-            return False
-    return True
+    return nests(source, target)
