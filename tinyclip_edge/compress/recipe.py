@@ -116,6 +116,20 @@ class BenchCfg:
 
 
 @dataclass
+class DclipCfg:
+    """DCLIP's region-aware meta teacher (method: dclip-meta) and the regions every stage's batches carry."""
+
+    regions: str = "boxes"               # boxes (dataset boxes: scenes, dclip.instances) | grid | yolo | a .jsonl
+    detector: str | None = None          # YOLO detection weights for regions: yolo (ultralytics, extra `detect`)
+    instances: str | None = None         # COCO instances JSON for regions: boxes on COCO data
+    confidence: float = 0.25             # YOLO confidence threshold
+    max_regions: int = 6
+    max_spans: int = 6
+    heads: int = 8                       # attention heads of the cross-attention block (a divisor of the width)
+    pool_temperature: float = 2.0        # pooling: softmax(cos(x_i, mean) / T)
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     description: str = ""
@@ -129,6 +143,7 @@ class Recipe:
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
     export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
     bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
+    dclip: DclipCfg | None = None        # optional: regions + meta-teacher settings (method: dclip-meta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -151,6 +151,10 @@ class Run:
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
+        if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
+            from .regions import region_source
+
+            src = region_source(src, self.recipe.dclip, self.dir)
         return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
@@ -212,7 +216,7 @@ class Run:
                 continue
             prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
                     "method": st.method, **totals, **(method.provenance(st) if last else {})}
-            save_model_dir(source.with_model(carry.model, **prov), self.dir / name)
+            method.save(source.with_model(carry.model, **prov), self.dir / name)
             self.state["stages"][name] = "done"
             self._save_state()
             for ckpt in carry.notes.pop("checkpoints", []):  # a saved model directory supersedes its checkpoints

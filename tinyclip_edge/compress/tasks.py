@@ -52,6 +52,10 @@ class StageTask(nn.Module):
         """Normalised image and text embeddings and the exp'd logit scale."""
         return self.model(images, ids)
 
+    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher)."""
+        return self.encode(images, ids, step)
+
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():

@@ -193,11 +193,12 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 images = batch["images"].to(device, non_blocking=True)
                 ids = batch["ids"].to(device, non_blocking=True)
                 with amp:
-                    s_img, s_txt, s_scale = task.encode(images, ids, step)
+                    s_img, s_txt, s_scale = task.encode_batch(batch, images, ids, step)
                     out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
                     if teacher is not None:
                         with torch.no_grad():
-                            t_img, t_txt, t_scale = teacher(images, ids)
+                            t_img, t_txt, t_scale = (teacher.forward_batch(batch, images, ids)  # DCLIP meta
+                                                     if hasattr(teacher, "forward_batch") else teacher(images, ids))
                         out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
                             t_img.float(), t_txt.float(), t_scale.float())
                 loss, part = task.objective(out)

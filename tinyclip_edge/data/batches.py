@@ -47,7 +47,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
-    images, captions, keys, skipped = [], [], [], []
+    images, captions, keys, skipped, regions = [], [], [], [], []
     for i in indices:
         try:
             pair = source[i]
@@ -57,14 +57,18 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
         images.append(preprocess(pair.image))
         captions.append(pair.caption)
         keys.append(pair.key)
+        regions.append(pair.extra.get("regions"))  # set by data.regions.RegionSource (DCLIP), else None
     if images:
         image_t = torch.from_numpy(np.stack(images))
         ids = torch.from_numpy(tokenizer(captions))
     else:
         image_t = torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
         ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
-    return {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
-            "skipped": len(skipped), "skip_examples": skipped[:3]}
+    batch = {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
+             "skipped": len(skipped), "skip_examples": skipped[:3]}
+    if any(r is not None for r in regions):
+        batch["regions"] = regions
+    return batch
 
 
 def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:

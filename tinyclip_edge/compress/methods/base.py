@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ...models import ClipModel, ClipPackage
+from ...models import ClipModel, ClipPackage, save_model_dir
 from ..recipe import StageCfg
 from ..tasks import StageTask
 
@@ -84,6 +85,10 @@ class StageMethod:
 
     def provenance(self, st: StageCfg) -> dict[str, Any]:
         return {}
+
+    def save(self, pkg: ClipPackage, path: Path) -> None:
+        """Write the stage's output directory (default: a model directory of the student)."""
+        save_model_dir(pkg, path)
 
     def hand_over(self, source: ClipPackage, output: ClipPackage) -> tuple[ClipPackage, ClipPackage]:
         """(what the next stage starts from, what a next stage with ``teacher: previous`` learns from):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ...common.errors import UserError, closest
 from .base import StageMethod
+from .dclip_meta import DclipMetaMethod
 from .inherit import InheritMethod
 from .prune import PruneMethod
 from .scratch import ScratchMethod
 
-METHODS: dict[str, StageMethod] = {m.name: m for m in (InheritMethod(), PruneMethod(), ScratchMethod())}
+METHODS: dict[str, StageMethod] = {m.name: m for m in (InheritMethod(), PruneMethod(), ScratchMethod(),
+                                                       DclipMetaMethod())}
 
 
 def get_method(name: str, stage: str | None = None) -> StageMethod:
