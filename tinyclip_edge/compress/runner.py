@@ -262,6 +262,8 @@ class Run:
         """Each stage's student shape trained from scratch with as many steps as the student saw in total."""
         out, total = {}, 0
         for i, (st, sdir) in enumerate(zip(self.recipe.stages, stage_dirs)):
+            if not get_method(st.method).compresses:  # a teacher-side stage (dclip-meta): no student to compare
+                continue
             total += st.steps
             if st.method == "scratch":
                 continue

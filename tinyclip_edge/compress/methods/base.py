@@ -12,7 +12,8 @@ A phase with ``output`` saves the carry's model as a model directory of that nam
 when it ends, and the run remembers it: a resumed run restarts after the last saved phase, or inside the
 first train phase after it from its checkpoint. The stage's last phase always saves the student under the
 stage's name. Nothing else is persisted, so build phases must be pure functions of their inputs (seeds
-included).
+included). Each train phase has its own ``Objective`` (the losses' learnable extras start afresh in a
+prune stage's distil phase): carrying it across a saved phase would make a resume after that phase inexact.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class StageMethod:
 
     name = "base"
     needs_teacher = False  # True: the stage cannot run with teacher: none
+    compresses = True      # False: the stage makes a teacher, not a student (no scratch baseline for it)
 
     def phases(self, st: StageCfg) -> list[Phase]:
         raise NotImplementedError

@@ -32,6 +32,7 @@ def _meta_task(ctx: StageContext, carry: Carry) -> StageTask:
 
 class DclipMetaMethod(StageMethod):
     name = "dclip-meta"
+    compresses = False
 
     def phases(self, st: StageCfg) -> list[Phase]:
         return [Phase("head", train=lambda s: s, task=_meta_task)]
