@@ -185,8 +185,6 @@ class Run:
             carry.task, opt_state, tstate = load_checkpoint(self._ckpt(sub), sub)
             resume, start = (opt_state, tstate), nxt
             log.warning("%s: resuming phase %s from step %d", sub.name, phases[nxt].name, tstate.step)
-        self.state["stages"][st.name] = "running"
-        self._save_state()
         totals = dict(done)
         for i, ph in enumerate(phases[start:], start):
             if ph.build is not None:
@@ -196,6 +194,8 @@ class Run:
                 sub = ph.train(st)
                 if carry.task is None:
                     carry.task = ph.task(ctx, carry)
+                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
+                self._save_state()
                 batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
                 workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
                     6 if self.device.type == "cuda" else 0)
@@ -214,14 +214,15 @@ class Run:
             name = st.name if last else (ph.output(st) if ph.output else None)
             if name is None:
                 continue
+            path = out_dir if last else self.dir / name
             prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
                     "method": st.method, **totals, **(method.provenance(st) if last else {})}
-            method.save(source.with_model(carry.model, **prov), self.dir / name)
+            method.save(source.with_model(carry.model, **prov), path)
             self.state["stages"][name] = "done"
             self._save_state()
             for ckpt in carry.notes.pop("checkpoints", []):  # a saved model directory supersedes its checkpoints
                 shutil.rmtree(ckpt, ignore_errors=True)
-            pkg = load_model_dir(self.dir / name)
+            pkg = load_model_dir(path)
             carry.model = pkg.model  # later phases start from exactly what was saved
         return pkg
 
