@@ -38,8 +38,8 @@ from tinyclip_edge.models import save_model_dir
 KD = {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
 OBJECTIVES: dict[str, dict] = {
     "clip only": {"clip": 1.0},
-    "affinity (scale 50)": {"affinity": {"weight": 1.0, "scale": 50.0}},
-    "affinity (own scales)": {"affinity": {"weight": 1.0, "scale": None}},
+    "affinity (scale 50)": {"affinity": {"weight": 1.0, "scale": "fixed", "fixed_scale": 50.0}},
+    "affinity (own scales)": {"affinity": {"weight": 1.0, "scale": "own"}},
     "crd": {"clip": 1.0, "crd": 1.0},
     "fd + icl": {"clip": 1.0, "icl": 1.0, "fd": 2000.0},
     "CLIP-KD best": KD,

@@ -216,5 +216,8 @@ def test_bad_weight_from_the_cli_is_one_line(tmp_path):
 
 
 def test_hybrid_rejects_a_bad_temperature():
-    with pytest.raises(UserError, match="temperature must be > 0"):
-        get_loss("hybrid")(_batch(), {"temperature": 0})
+    with pytest.raises(UserError, match="temperature must be a number > 0"):
+        parse_losses({"hybrid": {"weight": 1, "temperature": 0}})  # when the recipe is read
+    with pytest.raises(UserError, match="temperature must be a number > 0"):
+        get_loss("hybrid")(_batch(), {"temperature": -1})
+    assert parse_losses({"hybrid": {"temperature": 0.1}})[0].options == {"temperature": 0.1}

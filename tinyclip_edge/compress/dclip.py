@@ -197,10 +197,11 @@ class MetaTask(StageTask):
     def __init__(self, meta: MetaTeacher):
         super().__init__(meta)  # type: ignore[arg-type]
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         raise UserError("the DCLIP meta teacher trains on batches with captions and regions")
 
-    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
+                     micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         return self.model.forward_batch(batch, images, ids)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:

@@ -48,13 +48,15 @@ class StageTask(nn.Module):
     def shape(self) -> ClipShape:
         return self.model.shape
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised image and text embeddings and the exp'd logit scale."""
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised image and text embeddings and the exp'd logit scale of micro-batch `micro` (0-based,
+        < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
 
-    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
+                     micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher)."""
-        return self.encode(images, ids, step)
+        return self.encode(images, ids, step, micro)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []

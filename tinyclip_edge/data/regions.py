@@ -25,7 +25,8 @@ from typing import Any
 
 from ..common.errors import MissingDependency, UserError
 from ..common.io import atomic_write_json, atomic_write_text, cache_dir
-from .sources import Pair, PairSource, UnreadableImage
+from .pairs import ReadStats, read_pairs
+from .sources import Pair, PairSource
 
 log = logging.getLogger("tinyclip_edge")
 WHOLE = [0.0, 0.0, 1.0, 1.0]
@@ -199,22 +200,22 @@ def detect_regions(source: PairSource, detector: str, out: str | os.PathLike, *,
                    max_regions: int = 6, progress: bool = True, cache: Path | None = None) -> DetectionReport:
     """Run the detector once over every distinct image of `source`, write ``regions.jsonl`` (one record per
     image key: key, sha256, boxes, scores, classes). Results are cached by (detector file hash, image hash)."""
-    from tqdm.auto import tqdm
-
     if not source.finite:
         raise UserError(f"{source.name} is unlimited; detect regions on a finite dataset (a CSV, a COCO file, "
                         "scenes:val) or use dclip.regions=boxes for the scenes' ground truth")
     model = load_detector(detector)
     root = (cache or cache_dir() / "detections") / _file_hash(Path(detector))[:16]
     root.mkdir(parents=True, exist_ok=True)
-    rep, lines, seen = DetectionReport(), [], set()
-    for i in tqdm(range(len(source)), desc="detecting regions", unit="img", disable=not progress):
-        try:
-            pair = source[i]
-        except UnreadableImage as e:
-            rep.unreadable += 1
-            log.warning("skipped unreadable image: %s", e)
-            continue
+    rep, lines, stats = DetectionReport(), [], ReadStats()
+    indices: list[int] = list(range(len(source)))
+    rows = getattr(source, "rows", None)
+    if rows is not None:  # several captions per image (COCO): read and detect each image once
+        first: dict[str, int] = {}
+        for i, (path, _) in enumerate(rows):
+            first.setdefault(path, i)
+        indices = sorted(first.values())
+    seen: set[str] = set()
+    for pair in read_pairs(source, indices, stats, progress=progress, desc="detecting regions"):
         if pair.key in seen:
             continue
         seen.add(pair.key)
@@ -233,5 +234,8 @@ def detect_regions(source: PairSource, detector: str, out: str | os.PathLike, *,
             rep.detected += 1
         rep.fallback += not rec["boxes"]
         lines.append(json.dumps({"key": pair.key, "sha256": digest, **rec}))
+    rep.unreadable = stats.skipped
+    if stats.skipped:
+        log.warning("skipped %d unreadable image(s) (e.g. %s)", stats.skipped, stats.examples[0])
     atomic_write_text(Path(out), "\n".join(lines) + ("\n" if lines else ""))
     return rep

@@ -29,15 +29,22 @@ def cosine_loss(out: DistillOutputs, cfg: dict[str, Any]) -> dict[str, Tensor]:
     return {"cosine": _cosine_terms(out, "cosine")}
 
 
-@register_loss("hybrid", options=("temperature", "contrastive"), cross_model=True)
+def check_hybrid(cfg: dict[str, Any]) -> None:
+    tau, weight = cfg.get("temperature", 0.05), cfg.get("contrastive", 1.0)
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (tau, weight))
+    if not ok or not tau > 0 or not weight >= 0:
+        raise UserError(f"losses.hybrid: temperature must be a number > 0 and contrastive a number >= 0, "
+                        f"got {tau!r} and {weight!r}")
+
+
+@register_loss("hybrid", options=("temperature", "contrastive"), cross_model=True, check=check_hybrid)
 def hybrid_loss(out: DistillOutputs, cfg: dict[str, Any]) -> dict[str, Tensor]:
     """DCLIP's student loss: ``(1 − cos(sI, t̃I)) + (1 − cos(sT, t̃T)) + c·InfoNCE_τ(sI, sT)`` with τ = 0.05
     (``temperature``) and c = 1.0 (``contrastive``) by default. InfoNCE_τ is the symmetric contrastive loss of
     the student's own (unprojected) embeddings at the fixed scale 1/τ. When student = teacher the cosine term
     is zero and the loss sits at its floor, the teacher's own InfoNCE_τ.
     """
+    check_hybrid(cfg)
     tau, weight = float(cfg.get("temperature", 0.05)), float(cfg.get("contrastive", 1.0))
-    if not tau > 0 or not weight >= 0:
-        raise UserError(f"losses.hybrid: temperature must be > 0 and contrastive >= 0, got {tau} and {weight}")
     return {"cosine": _cosine_terms(out, "hybrid"),
             "infonce": weight * symmetric_infonce(out.student_image, out.student_text, 1.0 / tau)}

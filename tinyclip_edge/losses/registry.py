@@ -83,13 +83,16 @@ LOSSES: dict[str, LossFn] = {}
 LOSS_OPTIONS: dict[str, set[str]] = {}
 LEARNED: dict[str, dict[str, Learned]] = {}
 CROSS_MODEL: set[str] = set()  # losses that compare student and teacher vectors (need the width projection)
+LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
 def register_loss(name: str, options: tuple[str, ...] = (), learned: dict[str, Learned] | None = None,
-                  cross_model: bool = False) -> Callable[[LossFn], LossFn]:
-    """Register a loss; `options` are the keys it accepts from the recipe (validated up front), `learned`
-    its learnable scalars (owned by the stage's Objective), `cross_model` whether it compares student
-    vectors with teacher vectors (then a student->teacher width projection is learned when widths differ)."""
+                  cross_model: bool = False,
+                  check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[LossFn], LossFn]:
+    """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
+    values (raising UserError); both run when the recipe is read, before any training. `learned` are its
+    learnable scalars (owned by the stage's Objective), `cross_model` whether it compares student vectors
+    with teacher vectors (then a student->teacher width projection is learned when widths differ)."""
 
     def deco(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
@@ -97,6 +100,8 @@ def register_loss(name: str, options: tuple[str, ...] = (), learned: dict[str, L
         LEARNED[name] = dict(learned or {})
         if cross_model:
             CROSS_MODEL.add(name)
+        if check is not None:
+            LOSS_CHECKS[name] = check
         return fn
 
     return deco
@@ -143,6 +148,8 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
             raise UserError(f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
                             f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}")
         weight = _weight(name, opts.pop("weight", 1.0))
+        if name in LOSS_CHECKS:
+            LOSS_CHECKS[name](opts)
         specs.append(LossSpec(name, weight, opts))
     return specs
 
