@@ -7,7 +7,6 @@ import pytest
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.compress.methods import METHODS, get_method
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
-from tinyclip_edge.compress.runner import run_compress
 
 
 def test_methods_declare_their_phases():
@@ -23,6 +22,8 @@ def test_methods_declare_their_phases():
 def test_unknown_method_suggests_the_closest(tmp_path):
     with pytest.raises(UserError, match=r"stage stage-1: unknown method 'prnue' \(did you mean 'prune'\?\)"):
         get_method("prnue", "stage-1")
-    recipe = load_recipe("quickstart", [f"run_dir={tmp_path / 'r'}", "stages.0.method=inheirt"])
-    with pytest.raises(UserError, match="did you mean 'inherit'"):
-        run_compress(recipe)
+    with pytest.raises(UserError, match=r"'stages.0.method' must be one of inherit, prune, scratch, dclip-meta, "
+                                        r"got 'inheirt' \(did you mean 'inherit'\?\)"):
+        load_recipe("quickstart", [f"run_dir={tmp_path / 'r'}", "stages.0.method=inheirt"])
+    with pytest.raises(UserError, match="a dclip-meta stage .* set teacher: none"):
+        load_recipe("dclip-scenes", ["stages.0.teacher=original"])

@@ -194,6 +194,8 @@ class MetaTeacher(nn.Module):
 class MetaTask(StageTask):
     """Fine-tunes the head only; the wrapped teacher stays frozen."""
 
+    wants_batch = True
+
     def __init__(self, meta: MetaTeacher):
         super().__init__(meta)  # type: ignore[arg-type]
 

@@ -10,6 +10,10 @@ Layout of a run directory:
     baselines/<name>/    scratch baselines (when baselines.scratch)
     checkpoints/<name>/  the latest checkpoint of the stage in progress
     report.json, report.md
+
+Under torchrun every process runs the same stages on its share of each batch (``common/dist.py``);
+rank 0 alone writes the run directory, which must be on a filesystem all processes see, and every
+process reads the state, teacher, students and checkpoints back from it.
 """
 
 from __future__ import annotations
@@ -22,19 +26,21 @@ from typing import Any, Callable
 
 import torch
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.batches import TrainBatches
+from ..data.shards import ShardBatches, check_shards, data_hash, expand_shards, is_shard_spec
+from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from .chain import plan_chain
 from .methods import Carry, StageContext, get_method
-from .recipe import Recipe, StageCfg, dump_recipe
-from .shapes import tower_targets
+from .recipe import Recipe, StageCfg, dump_recipe, validate_recipe
 from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
@@ -93,25 +99,6 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
-def _check_recipe(recipe: Recipe) -> None:
-    for st in recipe.stages:
-        method = get_method(st.method, st.name)
-        if st.teacher not in ("original", "previous", "none"):
-            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
-        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
-            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
-        if st.batch_size % st.grad_accum:
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
-        if st.shape is None and st.target is not None:
-            tower_targets(st.target)
-        parse_losses(st.losses)
-        if st.teacher == "none" and any(n != "clip" for n in st.losses):
-            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
-        if st.teacher == "none" and method.needs_teacher:
-            raise UserError(f"stage {st.name}: method {st.method} needs a teacher; set teacher: original")
-        method.check(st)
-
-
 class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point."""
 
@@ -125,37 +112,69 @@ class Run:
         if not resume and state_file.is_file():
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        _check_recipe(recipe)
-        self.device = resolve_device(recipe.device)
+        self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
+        world = dist.world_size()
+        for st in recipe.stages:
+            if st.batch_size % (st.grad_accum * world):
+                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                                f"{st.grad_accum * world}")
+        self.device = dist.local_device(resolve_device(recipe.device))
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe))
-        self._save_state()
+        dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+        dist.run_on_main(lambda: (self.dir.mkdir(parents=True, exist_ok=True),
+                                  atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe)), self._save_state()))
 
     def _save_state(self) -> None:
-        atomic_write_json(self.dir / RUN_STATE, self.state)
+        if dist.is_main():
+            atomic_write_json(self.dir / RUN_STATE, self.state)
 
     def teacher(self) -> ClipPackage | None:
         tdir = self.dir / "teacher"
         if self.recipe.teacher in ("", "none"):
             return None
-        if is_model_dir(tdir):
-            return load_model_dir(tdir)
-        pkg = resolve_model(self.recipe.teacher, what="teacher").package
-        pkg.provenance.setdefault("teacher", self.recipe.teacher)
-        save_model_dir(pkg, tdir)
+
+        def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
+            if is_model_dir(tdir):  # decided on rank 0 alone: every rank must take part in run_on_main
+                return
+            pkg = resolve_model(self.recipe.teacher, what="teacher").package
+            pkg.provenance.setdefault("teacher", self.recipe.teacher)
+            save_model_dir(pkg, tdir)
+
+        dist.run_on_main(save)
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
+                cache: TeacherCache | None = None) -> TrainBatches:
         d = self.recipe.data
+        if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
+            return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
+                                dist.world_size(), cache=cache)
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
+        check_readable(src)
         check_readable(src)
         if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
             from .regions import region_source
 
             src = region_source(src, self.recipe.dclip, self.dir)
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
+
+    def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
+        """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
+        if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
+            return None
+        from .teacher_cache import teacher_hash
+
+        if not is_shard_spec(self.recipe.data.train):
+            raise UserError(f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
+                            f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}")
+        if teacher is None:
+            raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
+        cache = TeacherCache.open(st.teacher_cache)
+        urls, _ = check_shards(expand_shards(self.recipe.data.train))
+        cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
+        return cache
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage) -> ClipPackage:
@@ -182,9 +201,18 @@ class Run:
         nxt = next((i for i in range(start, len(phases)) if phases[i].train is not None), None)
         if nxt is not None and read_checkpoint_meta(self._ckpt(phases[nxt].train(st))) is not None:
             sub = phases[nxt].train(st)
-            carry.task, opt_state, tstate = load_checkpoint(self._ckpt(sub), sub)
+            ckpt = self._ckpt(sub)
+            carry.task, opt_state, tstate = load_checkpoint(ckpt, sub)
             resume, start = (opt_state, tstate), nxt
-            log.warning("%s: resuming phase %s from step %d", sub.name, phases[nxt].name, tstate.step)
+            written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
+            if dist.is_main():
+                log.warning("%s: resuming phase %s from step %d (%d global samples)", sub.name, phases[nxt].name,
+                            tstate.step, tstate.samples)
+                if written_by != dist.world_size():
+                    log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                                "global batch and the data position counts global samples, so training continues "
+                                "from the same place (CSV/COCO/scenes data: with the very same batches)",
+                                sub.name, written_by, dist.world_size())
         totals = dict(done)
         for i, ph in enumerate(phases[start:], start):
             if ph.build is not None:
@@ -196,10 +224,11 @@ class Run:
                     carry.task = ph.task(ctx, carry)
                 self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
                 self._save_state()
-                batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
                 workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
                     6 if self.device.type == "cuda" else 0)
-                tstate = train_stage(carry.task, teacher.model if teacher else None, batches, sub,
+                cache = self.teacher_cache(st, teacher, source)
+                batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
+                tstate = train_stage(carry.task, teacher.model if teacher and cache is None else None, batches, sub,
                                      parse_losses(sub.losses), device=self.device, ckpt_dir=self._ckpt(sub),
                                      metrics_path=self.dir / "metrics.jsonl", label=sub.name, resume=resume,
                                      workers=workers, on_step=self.on_step)
@@ -217,11 +246,16 @@ class Run:
             path = out_dir if last else self.dir / name
             prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
                     "method": st.method, **totals, **(method.provenance(st) if last else {})}
-            method.save(source.with_model(carry.model, **prov), path)
+            out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
             self.state["stages"][name] = "done"
-            self._save_state()
-            for ckpt in carry.notes.pop("checkpoints", []):  # a saved model directory supersedes its checkpoints
-                shutil.rmtree(ckpt, ignore_errors=True)
+
+            def save(out_pkg: ClipPackage = out_pkg, path: Path = path, done_ckpts: list = done_ckpts) -> None:
+                method.save(out_pkg, path)  # rank 0 writes; every rank reads it back below
+                self._save_state()
+                for ckpt in done_ckpts:  # a saved model directory supersedes its checkpoints
+                    shutil.rmtree(ckpt, ignore_errors=True)
+
+            dist.run_on_main(save)
             pkg = load_model_dir(path)
             carry.model = pkg.model  # later phases start from exactly what was saved
         return pkg
@@ -235,6 +269,7 @@ class Run:
             return []
         cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
                           self.recipe.seed + 1_000_003)
+        cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
         return [cb[i] for i in range(n)]
 
     def execute(self) -> RunResult:
@@ -253,7 +288,7 @@ class Run:
             result.stage_dirs.append(self.dir / st.name)
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
-        if self.recipe.eval.data:
+        if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
             from .report import write_report
 
             result.report = write_report(self, result)
@@ -279,5 +314,9 @@ class Run:
 
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
-    return Run(recipe, resume, on_step).execute()
+    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
+    hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
+    with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
+                      recipe.distributed.timeout_s, hint):
+        return Run(recipe, resume, on_step).execute()
 

@@ -38,6 +38,7 @@ def _no_decay(name: str, p: Tensor) -> bool:
 
 class StageTask(nn.Module):
     kind = "base"
+    wants_batch = False  # True: forward gets the whole batch (captions, regions), see encode_batch
 
     def __init__(self, model: ClipModel):
         super().__init__()
@@ -55,8 +56,16 @@ class StageTask(nn.Module):
 
     def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
                      micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher)."""
+        """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher,
+        ``wants_batch = True``)."""
         return self.encode(images, ids, step, micro)
+
+    def forward(self, images: Tensor, ids: Tensor, step: int, micro: int = 0,
+                batch: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """encode() plus extra_losses(): everything with parameters runs inside forward, which is what
+        DistributedDataParallel watches (a parameter used outside forward breaks its gradient sync)."""
+        img, txt, scale = self.encode_batch(batch or {}, images, ids, step, micro)
+        return img, txt, scale, self.extra_losses(step)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []

@@ -31,7 +31,8 @@ class Objective(nn.Module):
         self.student_dim, self.teacher_dim, self.seed = int(student_dim), teacher_dim, int(seed)
         self.scales = nn.ParameterDict({
             _key(s.name, n): nn.Parameter(torch.tensor(float(spec.init)))
-            for s in self.specs for n, spec in LEARNED[s.name].items()})
+            for s in self.specs if s.weight > 0 for n, spec in LEARNED[s.name].items()})  # (a switched-off loss:
+        # no parameters, which would get no gradient: DDP needs one for every parameter)
         needs = any(s.name in CROSS_MODEL and s.weight > 0 for s in self.specs)
         self.proj: nn.Linear | None = None
         if needs and teacher_dim is not None and teacher_dim != student_dim:
@@ -54,7 +55,8 @@ class Objective(nn.Module):
             out.student_text_proj = F.normalize(out.student_text.float() @ w.T, dim=-1)
         for s in self.specs:
             for n, spec in LEARNED[s.name].items():
-                out.learned[f"{s.name}.{n}"] = spec.value(self.scales[_key(s.name, n)].float())
+                if _key(s.name, n) in self.scales:
+                    out.learned[f"{s.name}.{n}"] = spec.value(self.scales[_key(s.name, n)].float())
         total, logs = combine(self.specs, out)
         for k, v in out.learned.items():
             logs[f"scale/{k}"] = float(v.detach())
@@ -65,6 +67,8 @@ class Objective(nn.Module):
         """Keep every learned scale in [0, max] (in the parameter's own domain), like CLIP's clamp of its temperature."""
         for s in self.specs:
             for n, spec in LEARNED[s.name].items():
+                if _key(s.name, n) not in self.scales:
+                    continue
                 p = self.scales[_key(s.name, n)]
                 p.clamp_(max=math.log(spec.max)) if spec.exp else p.clamp_(0.0, spec.max)
 

@@ -120,16 +120,14 @@ class LossSpec:
     options: dict[str, Any]
 
 
-def _weight(name: str, raw: Any) -> float:
+def check_weight(value: Any, name: str) -> float:
+    """A loss weight: a finite number >= 0 (0 switches the loss off; a negative weight would maximise it)."""
     try:
-        weight = float(raw)
-    except (TypeError, ValueError):
-        raise UserError(f"losses.{name}: weight must be a number, got {raw!r}") from None
-    if isinstance(raw, bool) or not math.isfinite(weight):
-        raise UserError(f"losses.{name}: weight must be a finite number, got {raw!r}")
-    if weight < 0:
-        raise UserError(f"losses.{name}: weight {weight:g} is negative; weights must be >= 0 "
-                        "(0 switches the loss off)")
+        weight = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        weight = math.nan
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"losses.{name}: the weight must be a finite number >= 0, got {value!r}")
     return weight
 
 
@@ -140,17 +138,19 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
         raise UserError("losses must be a mapping of loss name to weight, e.g. {affinity: 1.0}")
     specs = []
     for name, v in cfg.items():
-        get_loss(name)
+        get_loss(str(name))
         opts = dict(v) if isinstance(v, dict) else {"weight": v}
         unknown = set(opts) - LOSS_OPTIONS[name]
         if unknown:
-            bad = sorted(unknown)[0]
+            bad = min(str(k) for k in unknown)
             raise UserError(f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
                             f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}")
-        weight = _weight(name, opts.pop("weight", 1.0))
+        weight = check_weight(opts.pop("weight", 1.0), name)
         if name in LOSS_CHECKS:
             LOSS_CHECKS[name](opts)
         specs.append(LossSpec(name, weight, opts))
+    if not any(s.weight > 0 for s in specs):
+        raise UserError("every loss weight is 0: nothing would be trained; give at least one loss a weight > 0")
     return specs
 
 
