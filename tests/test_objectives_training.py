@@ -66,3 +66,23 @@ def test_learned_extras_checkpoint_resume_exactly_and_stay_out_of_the_student(tm
         assert not any("objective" in n or "proj.weight" == n for n in names)
     metrics = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("scale/xrd.kappa" in r and "vrd/kl" in r and "fd" in r for r in metrics)
+
+
+def test_learned_extras_under_two_processes_match_one(tmp_path):
+    """DDP: the objective's scales and projection train identically on every rank and as in one process."""
+    import _dist_workers as W
+    import _objective_workers as O
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    W.launch(O.train_with_extras, 2, str(multi))
+    W.launch(O.train_with_extras, 1, str(single))
+    s0, s1 = (load_file(str(multi / f"state-{r}.safetensors")) for r in (0, 1))
+    ref = load_file(str(single / "state-0.safetensors"))
+    extras = [k for k in ref if k.startswith("objective.")]
+    assert {"objective.proj.weight", "objective.scales.icl__kappa", "objective.scales.xrd__kappa"} <= set(extras)
+    for k in ref:
+        assert torch.equal(s0[k], s1[k]), f"{k} differs between ranks"
+        assert torch.allclose(s0[k], ref[k], rtol=1e-3, atol=1e-4), (k, (s0[k] - ref[k]).abs().max().item())
+    assert not torch.equal(ref["objective.scales.xrd__kappa"], torch.tensor(2.6592600345611572))  # it trained
