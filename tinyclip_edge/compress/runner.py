@@ -211,8 +211,8 @@ class Run:
             resume, start = (opt_state, tstate), nxt
             written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
             if dist.is_main():
-                log.warning("%s: resuming phase %s from step %d (%d global samples)", sub.name, phases[nxt].name,
-                            tstate.step, tstate.samples)
+                log.warning("%s: resuming from step %d (%d global samples; phase %s)", sub.name, tstate.step,
+                            tstate.samples, phases[nxt].name)
                 if written_by != dist.world_size():
                     log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
                                 "global batch and the data position counts global samples, so training continues "
