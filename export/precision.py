@@ -53,6 +53,19 @@ class QuantOptions:
     quantize_patch_embedding: bool = False   # static int8 only: also quantize the image tower's Conv
 
 
+def check_quantizer_compatible() -> None:
+    """onnxruntime < 1.19's quantizer uses ``onnx.mapping``, which onnx 1.19 removed: say so before it fails
+    half-way with an AttributeError. (setup.cfg allows onnxruntime >= 1.18 and onnx >= 1.16, so the pair can meet.)"""
+    import onnx
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if version < (1, 19) and not hasattr(onnx, "mapping"):
+        raise UserError(f"onnxruntime {onnxruntime.__version__}'s quantizer needs onnx < 1.19 (it uses onnx.mapping, "
+                        f"which onnx {onnx.__version__} no longer has): pip install 'onnx<1.19', or upgrade "
+                        "onnxruntime to 1.19 or newer")
+
+
 def holdout_count(n: int, precision: str = "int8") -> int:
     """How many of `n` calibration inputs are held out to measure the quantized tower (never calibrated on).
 
@@ -212,6 +225,7 @@ def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data
         import onnxruntime.quantization  # noqa: F401
     except ImportError:
         raise MissingDependency("onnxruntime", "cpu", "int8 quantization") from None
+    check_quantizer_compatible()
     if precision == "int8" and (data is None or len(data) == 0):
         raise UserError("int8 (static) quantization needs calibration data: pass --calib SPEC (e.g. scenes:calib)")
     q = _Quantizer(fp32, work, tower, precision, data, opts)

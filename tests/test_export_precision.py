@@ -182,3 +182,13 @@ def test_calibration_cache_is_feature_detected():
     from tinyclip_edge.export.precision import supports_calibration_cache
 
     assert supports_calibration_cache() == ("calibration_cache_path" in inspect.signature(quantize_static).parameters)
+
+
+def test_old_quantizer_with_new_onnx_is_a_clear_error(tmp_path, tiny_model_dir):
+    """Only meaningful where onnxruntime < 1.19 meets onnx >= 1.19 (.ci/oldest-ort.sh sets that up)."""
+    import onnxruntime
+
+    if hasattr(onnx, "mapping") or tuple(map(int, onnxruntime.__version__.split(".")[:2])) >= (1, 19):
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} with onnx {onnx.__version__} is a compatible pair")
+    with pytest.raises(UserError, match=r"needs onnx < 1.19 .*pip install 'onnx<1.19'"):
+        export_bundle(tiny_model_dir, tmp_path / "b", precision="int8-dynamic", progress=False)
