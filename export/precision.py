@@ -187,6 +187,9 @@ class _Quantizer:
         self.eval_x = data[:held] if held else None
         self.calib_x = data[held:] if data is not None and precision == "int8" else None
         self.cache = work / f"{tower}.calib.json"
+        # a cache left by another quantizer (other data, or other op types and so other calibrated tensors) would
+        # be reused silently: each quantizer calibrates afresh, then its own search reuses that calibration
+        self.cache.unlink(missing_ok=True)
         self.reuse_calibration = supports_calibration_cache()
         self.ref = run_session(create_session(fp32), self.eval_x) if self.eval_x is not None else None
         self.runs = 0

@@ -192,3 +192,18 @@ def test_old_quantizer_with_new_onnx_is_a_clear_error(tmp_path, tiny_model_dir):
         pytest.skip(f"onnxruntime {onnxruntime.__version__} with onnx {onnx.__version__} is a compatible pair")
     with pytest.raises(UserError, match=r"needs onnx < 1.19 .*pip install 'onnx<1.19'"):
         export_bundle(tiny_model_dir, tmp_path / "b", precision="int8-dynamic", progress=False)
+
+
+def test_each_quantizer_calibrates_afresh(tmp_path, tiny_model_dir):
+    """A calibration cache left in the work dir by another quantization (here: one that did not calibrate the
+    patch embedding's input) must not be reused."""
+    from tinyclip_edge.export.precision import QuantOptions, quantize
+
+    fp32 = export_bundle(tiny_model_dir, tmp_path / "fp32", towers=("image",), progress=False)
+    data = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    work = tmp_path / "work"
+    work.mkdir()
+    for i, conv in enumerate((False, True)):
+        d = quantize(fp32 / "image.onnx", tmp_path / f"q{i}.onnx", work, "image", "int8", data,
+                     QuantOptions(keep="none", quantize_patch_embedding=conv), progress=False)
+        assert ("/visual/patch_embed/Conv" in d["float_nodes"]) is not conv
