@@ -83,7 +83,8 @@ def main() -> None:
     for name, path in graphs.items():
         cos = row_cosine(run_session(sessions[name], held), ref)
         rows.append({"graph": name, "MB": round(path.stat().st_size / 1e6, 2),
-                     "p50_ms": round(float(np.median(times[name])), 2), "min_cosine_vs_fp32": round(float(cos.min()), 5)})
+                     "p50_ms": round(float(np.median(times[name])), 2),
+                     "min_cosine_vs_fp32": round(float(cos.min()), 5)})
     result = {"shape": {"width": args.width, "layers": args.layers, "heads": args.heads, "image_size": args.image_size,
                         "patch": args.patch}, "threads": args.threads, "iters": args.iters,
               "held_out": len(held), "load_average": os.getloadavg(), "rows": rows}

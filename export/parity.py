@@ -189,10 +189,12 @@ def _data_quality(inp: _Inputs) -> tuple[dict[str, int] | None, list[str]]:
     quality = {"captions": n, "distinct_captions": len(set(inp.captions)),
                "distinct_token_sequences": int(len(np.unique(np.asarray(inp.tokens), axis=0)))}
     if quality["distinct_token_sequences"] < n:
+        dup = n - quality["distinct_token_sequences"]
         return quality, [f"the parity data's {n} captions hold {quality['distinct_captions']} distinct texts that "
-                         f"tokenise to {quality['distinct_token_sequences']} distinct token sequences: identical "
-                         "captions tie in retrieval (broken by position), so R@1 and its agreement over them measure "
-                         "little; use data with distinct captions"]
+                         f"tokenise to {quality['distinct_token_sequences']} distinct token sequences ({dup} "
+                         "duplicates): identical token sequences tie in retrieval (broken by position), which "
+                         "deflates R@1 and makes agreement on those queries meaningless; prefer data with distinct "
+                         "captions"]
     return quality, []
 
 
@@ -327,7 +329,7 @@ def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _I
             checks.append(Check.task_drop(name, scope, paired[task], tol.max_task_drop))
         confident = getattr(tasks, f"{task}_agreement_confident")
         if tol.min_agreement is not None and confident is not None:
-            checks.append(Check.at_least(name, scope, "top1_agreement", confident, tol.min_agreement))
+            checks.append(Check.at_least(name, scope, "confident_top1_agreement", confident, tol.min_agreement))
     invariance, n = _batch_invariance(rt, inp)
     provider = (rt.describe().get("providers") or [None])[0] if rt.backend == "onnxrt" else None
     return ArtifactResult(name, rt.backend, rt.precision, towers, tasks, provider, invariance, n), checks

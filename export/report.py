@@ -36,7 +36,8 @@ class Tolerance:
         if not -1.0 <= self.min_cosine <= 1.0:
             raise UserError(f"--min-cosine must be a cosine similarity in [-1, 1], got {self.min_cosine:g}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            hint = f" (write {self.min_agreement / 100:g} for {self.min_agreement:g}%)" if 1 < self.min_agreement <= 100 else ""
+            pct = 1 < self.min_agreement <= 100
+            hint = f" (write {self.min_agreement / 100:g} for {self.min_agreement:g}%)" if pct else ""
             raise UserError(f"--min-agreement must be a fraction in [0, 1]{hint}, got {self.min_agreement:g}")
         if self.max_abs is not None and not self.max_abs >= 0:
             raise UserError(f"--max-abs must be >= 0, got {self.max_abs:g}")
@@ -64,7 +65,7 @@ BATCH_INVARIANT_MAX_ABS = 1e-5   # embeddings at batch 1 and batch N closer than
 class Check:
     artifact: str
     scope: str          # "image" | "text" | "retrieval" | "zero-shot"
-    metric: str         # "min_cosine" | "max_abs" | "top1_agreement" | "delta_points"
+    metric: str         # "min_cosine" | "max_abs" | "confident_top1_agreement" | "delta_points"
     value: float
     threshold: float
     passed: bool
@@ -185,7 +186,8 @@ class ParityReport:
         lines += [_task_row(f"{a.name} {a.precision}", a.tasks) for a in self.artifacts]
         inv = [a for a in self.artifacts if a.batch_invariance]
         if inv:
-            lines += ["", "| artifact | batch invariance: max abs, batch 1 vs batch N | batch-invariant |", "|---|---|---|"]
+            lines += ["", "| artifact | batch invariance: max abs, batch 1 vs batch N | batch-invariant |",
+                      "|---|---|---|"]
             lines += [f"| {a.name} {a.precision} | " + ", ".join(f"{t} {v:.3g}" for t, v in a.batch_invariance.items())
                       + f" (N={a.batch_invariance_batch}) | {'yes' if a.batch_invariant else 'NO'} |" for a in inv]
         if self.teacher:

@@ -65,10 +65,12 @@ def test_parity_int8_checks_agreement_and_overrides(tmp_path, pruned_model_dir):
                            calib_count=64, progress=False)
     report = run_parity(bundle, data="scenes:val:64", min_agreement=0.0, agreement_margin=0.0, progress=False)
     scopes = {(c.scope, c.metric): c for c in report.checks}
-    assert set(scopes) == {("image", "min_cosine"), ("text", "min_cosine"), ("retrieval", "top1_agreement"),
-                           ("zero-shot", "top1_agreement"), ("retrieval", "delta_points"), ("zero-shot", "delta_points")}
+    assert set(scopes) == {("image", "min_cosine"), ("text", "min_cosine"), ("retrieval", "confident_top1_agreement"),
+                           ("zero-shot", "confident_top1_agreement"), ("retrieval", "delta_points"),
+                           ("zero-shot", "delta_points")}
     assert scopes["image", "min_cosine"].threshold == 0.99 and scopes["image", "min_cosine"].passed
-    assert scopes["retrieval", "delta_points"].threshold == -2.0 and len(scopes["retrieval", "delta_points"].interval) == 2
+    drop = scopes["retrieval", "delta_points"]
+    assert drop.threshold == -2.0 and len(drop.interval) == 2
     assert report.passed  # agreement threshold lowered to 0 for this untrained model
     t = report.artifacts[0].tasks
     assert t.retrieval_confident_queries == 64   # margin 0: every query counts, so confident == raw
@@ -169,7 +171,8 @@ def test_parity_warns_about_duplicate_captions(tmp_path, tiny_model_dir):
     bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
     report = run_parity(bundle, data=str(tmp_path / "pairs.csv"), progress=False)
     assert report.data_quality == {"captions": 8, "distinct_captions": 2, "distinct_token_sequences": 2}
-    assert any("8 captions hold 2 distinct texts that tokenise to 2 distinct token sequences" in n for n in report.notes)
+    assert any("8 captions hold 2 distinct texts that tokenise to 2 distinct token sequences (6 duplicates)" in n
+               for n in report.notes)
     clean = run_parity(bundle, data=None, progress=False)
     assert clean.data_quality is None and not any("distinct" in n for n in clean.notes)
 

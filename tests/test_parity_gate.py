@@ -100,7 +100,8 @@ def test_normal_int8_bundles_pass(gate_bundles, precision):
     low, high = t.retrieval_r1_delta_interval
     assert low <= t.retrieval_r1_delta <= high
     kinds = {(c.scope, c.metric) for c in report.checks}
-    assert {("retrieval", "delta_points"), ("zero-shot", "delta_points"), ("retrieval", "top1_agreement")} <= kinds
+    assert {("retrieval", "delta_points"), ("zero-shot", "delta_points"),
+            ("retrieval", "confident_top1_agreement")} <= kinds
 
 
 @pytest.mark.slow

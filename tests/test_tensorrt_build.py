@@ -261,7 +261,8 @@ def test_tensorrt_proper_uses_strong_typing_where_it_has_it():
     assert not _plan(trt10, "fp32", "fp16", None, None).strongly_typed   # precision change: the FP16 flag
     dla = _plan(trt10, "fp16", None, 0, None)                               # DLA needs the precision flags
     assert not dla.strongly_typed and dla.flags == ["FP16"]
-    job = _Job(trt10, Path("b"), {}, _plan(trt10, "fp16", None, None, None), (1, 8, 32), None, None, None, None, 0, None)
+    plan = _plan(trt10, "fp16", None, None, None)
+    job = _Job(trt10, Path("b"), {}, plan, (1, 8, 32), None, None, None, None, 0, None)
     assert "--stronglyTyped" in job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 8, 8]}])
     old = _plan(TRT, "fp16", None, None, None)                              # TensorRT 8: no strong typing
     assert not old.strongly_typed and old.flags == ["FP16"]
