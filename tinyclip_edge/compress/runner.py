@@ -37,7 +37,7 @@ from .recipe import Recipe, StageCfg, dump_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
-from .teacher import resolve_teacher
+from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
@@ -250,7 +250,7 @@ class Run:
             return None
         if is_model_dir(tdir):
             return load_model_dir(tdir)
-        pkg = resolve_teacher(self.recipe.teacher)
+        pkg = resolve_model(self.recipe.teacher, what="teacher").package
         pkg.provenance.setdefault("teacher", self.recipe.teacher)
         save_model_dir(pkg, tdir)
         return load_model_dir(tdir)
@@ -354,3 +354,4 @@ class Run:
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
     return Run(recipe, resume, on_step).execute()
+
