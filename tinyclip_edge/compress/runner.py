@@ -10,6 +10,10 @@ Layout of a run directory:
     baselines/<name>/    scratch baselines (when baselines.scratch)
     checkpoints/<name>/  the latest checkpoint of the stage in progress
     report.json, report.md
+
+Under torchrun every process runs the same stages on its share of each batch (``common/dist.py``);
+rank 0 alone writes the run directory, which must be on a filesystem all processes see, and every
+process reads the state, teacher, students and checkpoints back from it.
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ from typing import Any, Callable
 
 import torch
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.batches import TrainBatches
+from ..data.shards import ShardBatches, check_shards, data_hash, expand_shards, is_shard_spec
+from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from .chain import nests, plan_chain
-from .recipe import Recipe, StageCfg, dump_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, validate_recipe
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
@@ -201,26 +208,6 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
-def _check_recipe(recipe: Recipe) -> None:
-    for st in recipe.stages:
-        if st.method not in STAGE_BUILDERS:
-            from ..common.errors import closest
-
-            raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
-                            "choose from inherit, prune, scratch")
-        if st.teacher not in ("original", "previous", "none"):
-            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
-        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
-            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
-        if st.batch_size % st.grad_accum:
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
-        if st.shape is None and st.target is not None:
-            tower_targets(st.target)
-        parse_losses(st.losses)
-        if st.teacher == "none" and any(n != "clip" for n in st.losses):
-            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
-
-
 class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point."""
 
@@ -234,33 +221,64 @@ class Run:
         if not resume and state_file.is_file():
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        _check_recipe(recipe)
-        self.device = resolve_device(recipe.device)
+        self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
+        world = dist.world_size()
+        for st in recipe.stages:
+            if st.batch_size % (st.grad_accum * world):
+                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                                f"{st.grad_accum * world}")
+        self.device = dist.local_device(resolve_device(recipe.device))
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe))
-        self._save_state()
+        dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+        dist.run_on_main(lambda: (self.dir.mkdir(parents=True, exist_ok=True),
+                                  atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe)), self._save_state()))
 
     def _save_state(self) -> None:
-        atomic_write_json(self.dir / RUN_STATE, self.state)
+        if dist.is_main():
+            atomic_write_json(self.dir / RUN_STATE, self.state)
 
     def teacher(self) -> ClipPackage | None:
         tdir = self.dir / "teacher"
         if self.recipe.teacher in ("", "none"):
             return None
-        if is_model_dir(tdir):
-            return load_model_dir(tdir)
-        pkg = resolve_model(self.recipe.teacher, what="teacher").package
-        pkg.provenance.setdefault("teacher", self.recipe.teacher)
-        save_model_dir(pkg, tdir)
+
+        def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
+            if is_model_dir(tdir):  # decided on rank 0 alone: every rank must take part in run_on_main
+                return
+            pkg = resolve_model(self.recipe.teacher, what="teacher").package
+            pkg.provenance.setdefault("teacher", self.recipe.teacher)
+            save_model_dir(pkg, tdir)
+
+        dist.run_on_main(save)
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
+                cache: TeacherCache | None = None) -> TrainBatches:
         d = self.recipe.data
+        if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
+            return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
+                                dist.world_size(), cache=cache)
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
+
+    def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
+        """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
+        if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
+            return None
+        from .teacher_cache import teacher_hash
+
+        if not is_shard_spec(self.recipe.data.train):
+            raise UserError(f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
+                            f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}")
+        if teacher is None:
+            raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
+        cache = TeacherCache.open(st.teacher_cache)
+        urls, _ = check_shards(expand_shards(self.recipe.data.train))
+        cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
+        return cache
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
@@ -272,22 +290,31 @@ class Run:
         micro = st.batch_size // st.grad_accum
         workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
             6 if self.device.type == "cuda" else 0)
-        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
+        cache = self.teacher_cache(st, teacher, source)
+        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
         resume = None
         if read_checkpoint_meta(ckpt) is not None:
             task, opt_state, tstate = load_checkpoint(ckpt, st)
             resume = (opt_state, tstate)
-            log.warning("%s: resuming from step %d", st.name, tstate.step)
+            written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
+            if dist.is_main():
+                log.warning("%s: resuming from step %d (%d global samples)", st.name, tstate.step, tstate.samples)
+                if written_by != dist.world_size():
+                    log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                                "global batch and the data position counts global samples, so training continues "
+                                "from the same place (CSV/COCO/scenes data: with the very same batches)",
+                                st.name, written_by, dist.world_size())
         else:
             calib: list[dict] = []
             if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
                 cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
                                   self.recipe.seed + 1_000_003)
+                cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
                 calib = [cb[i] for i in range(st.calib_batches)]
             task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
         self.state["stages"][st.name] = "running"
         self._save_state()
-        tstate = train_stage(task, teacher.model if teacher else None, batches, st, parse_losses(st.losses),
+        tstate = train_stage(task, teacher.model if teacher and cache is None else None, batches, st, parse_losses(st.losses),
                              device=self.device, ckpt_dir=ckpt, metrics_path=self.dir / "metrics.jsonl",
                              label=st.name, resume=resume, workers=workers, on_step=self.on_step)
         model = task.finalize().cpu().eval()
@@ -295,10 +322,14 @@ class Run:
                 "method": st.method, "steps": tstate.step, "samples": tstate.samples,
                 "skipped_images": tstate.skipped, **(provenance or {})}
         pkg = source.with_model(model, **prov)
-        save_model_dir(pkg, out_dir)
         self.state["stages"][st.name] = "done"
-        self._save_state()
-        shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        def save() -> None:
+            save_model_dir(pkg, out_dir)
+            self._save_state()
+            shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        dist.run_on_main(save)
         return load_model_dir(out_dir)
 
     def execute(self) -> RunResult:
@@ -318,7 +349,7 @@ class Run:
             result.stage_dirs.append(self.dir / st.name)
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
-        if self.recipe.eval.data:
+        if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
             from .report import write_report
 
             result.report = write_report(self, result)
@@ -353,5 +384,9 @@ class Run:
 
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
-    return Run(recipe, resume, on_step).execute()
+    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
+    hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
+    with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
+                      recipe.distributed.timeout_s, hint):
+        return Run(recipe, resume, on_step).execute()
 

@@ -42,9 +42,16 @@ class StageTask(nn.Module):
     def shape(self) -> ClipShape:
         return self.model.shape
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised image and text embeddings and the exp'd logit scale."""
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised image and text embeddings and the exp'd logit scale of micro-batch `micro` (0-based,
+        < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
+
+    def forward(self, images: Tensor, ids: Tensor, step: int, *more: Any) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """encode() plus extra_losses(): everything with parameters runs inside forward, which is what
+        DistributedDataParallel watches (a parameter used outside forward breaks its gradient sync)."""
+        img, txt, scale = self.encode(images, ids, step, *more)
+        return img, txt, scale, self.extra_losses(step)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []
