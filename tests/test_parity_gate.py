@@ -96,7 +96,7 @@ def test_normal_int8_bundles_pass(gate_bundles, precision):
     assert report.passed, report.to_markdown()
     t = report.artifacts[0].tasks
     ref = report.reference_tasks
-    assert ref.retrieval_r1 > 0.05 and ref.zero_shot_top1 > 0.2   # the reference knows the task (chance: 0.4% / ~10%)
+    assert ref.retrieval_r1 > 0.05 and ref.zero_shot_top1 > 0.15   # the reference knows the task (chance: 0.4% / ~10%)
     for task in ("retrieval", "zero_shot"):
         raw, confident = getattr(t, f"{task}_agreement"), getattr(t, f"{task}_agreement_confident")
         assert confident is not None and confident >= raw and confident >= 0.97
