@@ -208,6 +208,16 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
+def check_world_split(recipe: Recipe) -> None:
+    """Every stage's global batch must split evenly into micro-batches over the torchrun processes."""
+    world = dist.world_size()
+    for st in recipe.stages:
+        if st.batch_size % (st.grad_accum * world):
+            raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                            f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                            f"{st.grad_accum * world}")
+
+
 class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point."""
 
@@ -222,12 +232,7 @@ class Run:
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
         self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
-        world = dist.world_size()
-        for st in recipe.stages:
-            if st.batch_size % (st.grad_accum * world):
-                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
-                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
-                                f"{st.grad_accum * world}")
+        check_world_split(recipe)
         self.device = dist.local_device(resolve_device(recipe.device))
         self.state = read_json(state_file, "run state") if resume else {"stages": {}}
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
