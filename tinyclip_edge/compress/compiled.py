@@ -45,9 +45,13 @@ def step_functions(net: nn.Module, task: StageTask, teacher: ClipModel | None, c
     if not compile_enabled(setting, device):
         return net, teacher
     mode = None if cfg.compile_mode == "default" or COMPILE_BACKEND != "inductor" else cfg.compile_mode
-    t_fn = torch.compile(teacher, mode=mode, backend=COMPILE_BACKEND) if teacher is not None else None
-    if type(task).encode is not StageTask.encode or type(task).extra_losses is not StageTask.extra_losses:
-        log.info("%s: %s samples masks every step; its student stays eager (the teacher is compiled)",
-                 label, type(task).__name__)
+    # DCLIP's meta teacher reads whole batches (forward_batch): it stays eager
+    t_fn = (teacher if teacher is None or hasattr(teacher, "forward_batch")
+            else torch.compile(teacher, mode=mode, backend=COMPILE_BACKEND))
+    plain = (type(task).encode is StageTask.encode and type(task).extra_losses is StageTask.extra_losses
+             and not getattr(task, "wants_batch", False))
+    if not plain:
+        log.info("%s: %s does more than a plain model call per step (masks, whole batches); its student stays "
+                 "eager", label, type(task).__name__)
         return net, t_fn
     return torch.compile(net, mode=mode, backend=COMPILE_BACKEND), t_fn
