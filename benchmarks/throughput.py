@@ -127,6 +127,7 @@ class CachedTeacher(nn.Module):
         self.register_buffer("txt", torch.cat(txt).clone())
         self.register_buffer("scale", scale.float().clone())
         self.batches, self.calls = batches, 0
+        self.shape = teacher.shape  # the trainer reads the teacher's embedding width from it
 
     @torch.compiler.disable  # a Python counter: compiling it would recompile every step
     def forward(self, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
