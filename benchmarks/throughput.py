@@ -8,9 +8,9 @@ configuration is one ``train_stage`` call with its own steps; the configurations
 - execution: ``eager`` | ``compile`` (``stages.N.compile: true``) | ``cudagraphs`` (compile mode
   ``reduce-overhead``: torch.compile captures CUDA graphs of the forward and backward);
 - teacher: ``live`` (the frozen teacher's forward in every step) | ``cached`` (its embeddings computed once
-  for every pre-rendered pair; a STAND-IN built here because the teacher-embedding cache of issue 11 had not
-  landed: a module that returns the cached rows of the batch the trainer is on, so the trainer's code path
-  is unchanged);
+  for every pre-rendered pair; a STAND-IN built here: the teacher-embedding cache of issue 11 landed late in
+  this work and reads WebDataset shards only. The stand-in is a module that returns the cached rows of the
+  batch the trainer is on, so the trainer's code path is unchanged);
 - data: ``render-cpu`` (scenes rendered and normalised on the host in loader processes, the default before
   this change) | ``render-cpu-uint8`` (rendered on the host, normalised on the device: the CUDA default now,
   ``data.normalize_on: auto``) | ``prerendered`` (``data.prerender``: uint8 arrays on the device).
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     workers = a.workers if a.workers is not None else (0 if tiny else max(0, min(14, (os.cpu_count() or 2) - 2)))
     notes = [("cached teacher: a stand-in built inside this benchmark (the teacher's embeddings of every "
-              "pre-rendered pair, computed once); the teacher-embedding cache of issue 11 had not landed")]
+              "pre-rendered pair, computed once). The toolkit's own cache (stages.N.teacher_cache, from `data "
+              "cache-teacher`) reads WebDataset shards only, and this benchmark trains on pre-rendered scenes")]
     if tiny:
         compiled.COMPILE_BACKEND = "eager"
         notes.append("--tiny: tiny shapes on the CPU; torch.compile runs dynamo with its eager backend (no inductor "
