@@ -1,15 +1,8 @@
 """Run a recipe: resolve the teacher, run the stages in order (each inheriting from the previous
 stage's student), optionally train scratch baselines of the same shapes, evaluate, and report.
 
-Layout of a run directory:
-    recipe.yaml          the resolved recipe
-    run.json             which stages are done (what --resume reads)
-    metrics.jsonl        training metrics of every stage
-    teacher/             the teacher as a model directory (for eval / parity later)
-    <stage name>/        each stage's student (model directory)
-    baselines/<name>/    scratch baselines (when baselines.scratch)
-    checkpoints/<name>/  the latest checkpoint of the stage in progress
-    report.json, report.md
+The run directory's layout, its lock and marker, and the one mapping from a stage name to its directory
+are in `rundir.py`; every path the runner writes comes from there.
 """
 
 from __future__ import annotations
@@ -32,7 +25,8 @@ from ..data.batches import TrainBatches
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
-from .recipe import Recipe, StageCfg, dump_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, load_recipe
+from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
@@ -40,7 +34,7 @@ from .teacher import resolve_teacher
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
-RUN_STATE = "run.json"
+RUN_STATE = STATE_FILE
 STAGE_BUILDERS: dict[str, Callable[..., StageTask]] = {}
 
 
@@ -213,38 +207,98 @@ def _check_recipe(recipe: Recipe) -> None:
             raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
 
 
+def run_entries(recipe: Recipe) -> list[str]:
+    """Every stage and baseline directory name the recipe's run will write, each checked by the run layout
+    (not a path, not reserved) and unique: a clash would make two stages write one directory."""
+    names = []
+    for st in recipe.stages:
+        names.append(check_entry_name(st.name))
+        if st.method == "prune":
+            names.append(check_entry_name(f"{st.name}.masks"))
+    seen: dict[str, str] = {}
+    for n in names:
+        if n.casefold() in seen:
+            raise UserError(f"stage name '{n}' is used twice (as '{seen[n.casefold()]}' and '{n}'; prune stages also "
+                            "write <name>.masks); give every stage its own name")
+        seen[n.casefold()] = n
+    if recipe.baselines.scratch:
+        for st in recipe.stages:
+            check_entry_name(f"scratch-{st.name}", "baseline name")
+    return names
+
+
 class Run:
-    """One run directory: state on disk, stages executed in order, resumable at any point."""
+    """One run directory: state on disk, stages executed in order, resumable at any point.
+
+    Decisions (docs/GUARANTEES.md): a new run never overwrites an entry of the layout that the toolkit did
+    not write there; a run that never started a stage (it failed on the teacher or the data) does not hold
+    its directory: running again, with any recipe, starts it over; a run that did start resumes only with
+    the same recipe (up to `rundir.RESUME_MAY_DIFFER`)."""
 
     def __init__(self, recipe: Recipe, resume: bool, on_step: Callable[[TrainState], None] | None = None):
         self.recipe, self.on_step = recipe, on_step
         self.dir = Path(recipe.run_dir)
+        self.layout = RunLayout(self.dir)
+        _check_recipe(recipe)
+        entries = run_entries(recipe)
         state_file = self.dir / RUN_STATE
-        if resume and not state_file.is_file():
+        old = read_json(state_file, "run state") if state_file.is_file() else None
+        if resume and old is None:
             raise UserError(f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
                             f"`tinyclip-edge compress RECIPE run_dir={self.dir}`")
-        if not resume and state_file.is_file():
+        started = bool(old and old.get("stages"))
+        if started and not resume:
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        _check_recipe(recipe)
         self.device = resolve_device(recipe.device)
-        self.state = read_json(state_file, "run state") if resume else {"stages": {}}
+        if started:
+            self._check_same_recipe()
+            self.state = old
+        else:
+            if old is not None:
+                log.warning("%s: the previous attempt stopped before any stage started; starting again", self.dir)
+            elif self.layout.marker() is None:
+                foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
+                if foreign:
+                    raise UserError(f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
+                                    "write there and a run would overwrite; choose an empty or new run_dir")
+                self.layout.create_marker()
+            # the teacher copy is kept only if it came from the same teacher spec (see teacher())
+            self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe))
+        atomic_write_text(self.layout.recipe, dump_recipe(recipe))
         self._save_state()
 
+    def _check_same_recipe(self) -> None:
+        saved = self.dir / RECIPE_FILE
+        if not saved.is_file():
+            return  # a run without its recipe: nothing to compare with
+        try:
+            old = load_recipe(str(saved)).to_dict()
+        except UserError as e:
+            raise UserError(f"the recipe saved in {saved} no longer loads ({e}); start a new run_dir") from None
+        diff = recipe_differences(old, self.recipe.to_dict())
+        if diff:
+            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise UserError(f"{self.dir} holds a run made by a different recipe; resuming would mix two experiments: "
+                            f"{'; '.join(diff[:6])}{more}. Resume with the saved recipe (`tinyclip-edge compress "
+                            f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh")
+
     def _save_state(self) -> None:
-        atomic_write_json(self.dir / RUN_STATE, self.state)
+        atomic_write_json(self.layout.state, self.state)
 
     def teacher(self) -> ClipPackage | None:
-        tdir = self.dir / "teacher"
-        if self.recipe.teacher in ("", "none"):
+        spec = self.recipe.teacher
+        if spec in ("", "none"):
             return None
-        if is_model_dir(tdir):
+        tdir = self.layout.teacher
+        if is_model_dir(tdir) and self.state.get("teacher", spec) == spec:
             return load_model_dir(tdir)
-        pkg = resolve_teacher(self.recipe.teacher)
-        pkg.provenance.setdefault("teacher", self.recipe.teacher)
+        pkg = resolve_teacher(spec)
+        pkg.provenance.setdefault("teacher", spec)
         save_model_dir(pkg, tdir)
+        self.state["teacher"] = spec  # which spec the copy came from: a restart with another teacher replaces it
+        self._save_state()
         return load_model_dir(tdir)
 
     def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
@@ -260,7 +314,7 @@ class Run:
         if status == "done" and is_model_dir(out_dir):
             log.info("%s: done, skipping", st.name)
             return load_model_dir(out_dir)
-        ckpt = self.dir / "checkpoints" / st.name
+        ckpt = self.layout.checkpoint(st.name)
         micro = st.batch_size // st.grad_accum
         workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
             6 if self.device.type == "cuda" else 0)
@@ -280,7 +334,7 @@ class Run:
         self.state["stages"][st.name] = "running"
         self._save_state()
         tstate = train_stage(task, teacher.model if teacher else None, batches, st, parse_losses(st.losses),
-                             device=self.device, ckpt_dir=ckpt, metrics_path=self.dir / "metrics.jsonl",
+                             device=self.device, ckpt_dir=ckpt, metrics_path=self.layout.metrics,
                              label=st.name, resume=resume, workers=workers, on_step=self.on_step)
         model = task.finalize().cpu().eval()
         prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": st.name,
@@ -295,7 +349,7 @@ class Run:
 
     def execute(self) -> RunResult:
         original = self.teacher()
-        result = RunResult(self.dir, self.dir / "teacher" if original else None)
+        result = RunResult(self.dir, self.layout.teacher if original else None)
         prev = original or _scenes_package(self.recipe)
         reference = original or prev
         for i, st in enumerate(self.recipe.stages):
@@ -305,8 +359,8 @@ class Run:
             if st.method == "prune":
                 prev = self.run_prune_stage(st, i, prev, teacher, reference)
             else:
-                prev = self.run_stage(st, i, self.dir / st.name, prev, teacher, reference)
-            result.stage_dirs.append(self.dir / st.name)
+                prev = self.run_stage(st, i, self.layout.stage(st.name), prev, teacher, reference)
+            result.stage_dirs.append(self.layout.stage(st.name))
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
         if self.recipe.eval.data:
@@ -321,9 +375,9 @@ class Run:
         then keep distilling the materialised student for the rest (`<name>`)."""
         mask_steps = max(1, round(st.steps * st.prune.mask_steps))
         masks = replace(st, name=f"{st.name}.masks", steps=mask_steps)
-        pruned = self.run_stage(masks, index, self.dir / masks.name, source, teacher, original)
+        pruned = self.run_stage(masks, index, self.layout.stage(masks.name), source, teacher, original)
         rest = replace(st, method="continue", steps=max(1, st.steps - mask_steps))
-        return self.run_stage(rest, index, self.dir / st.name, pruned, teacher, original,
+        return self.run_stage(rest, index, self.layout.stage(st.name), pruned, teacher, original,
                               {"method": "prune", "steps": mask_steps + rest.steps, "mask_steps": mask_steps})
 
     def run_baselines(self, reference: ClipPackage, stage_dirs: list[Path]) -> dict[str, Path]:
@@ -336,7 +390,7 @@ class Run:
             shape = load_model_dir(sdir).shape.to_dict()
             bl = replace(st, name=f"scratch-{st.name}", method="scratch", shape=shape, teacher="none",
                          losses={self.recipe.baselines.scratch_loss: 1.0}, steps=total)
-            path = self.dir / "baselines" / bl.name
+            path = self.layout.baseline(bl.name)
             self.run_stage(bl, 100 + i, path, reference, None, reference)
             out[st.name] = path
         return out
@@ -344,4 +398,5 @@ class Run:
 
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
-    return Run(recipe, resume, on_step).execute()
+    with run_lock(recipe.run_dir):
+        return Run(recipe, resume, on_step).execute()

@@ -15,7 +15,7 @@ import torch
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, read_json
+from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
 from ..common.preprocess import Preprocess
 from ..common.tokenizers import Tokenizer, tokenizer_from_config
 from .clip import ClipModel
@@ -51,9 +51,8 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
-    """Write atomically: a crash leaves either the old directory or the new one, never half of one."""
-    from safetensors.torch import save_file
-
+    """Write atomically: a crash leaves either the old directory or the new one, never half of one.
+    Files get the mode the user's umask gives (safetensors alone would make the weights 0600)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in pkg.model.state_dict().items()}
     config = {
@@ -68,7 +67,7 @@ def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
     }
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         atomic_write_json(tmp / CONFIG_NAME, config)
     return path
 
@@ -95,6 +94,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{path} has no {WEIGHTS_NAME}; the model directory is incomplete")
+    open_for_reading(weights, "model weights")  # safetensors would call a permission problem 'no such file'
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
