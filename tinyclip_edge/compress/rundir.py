@@ -235,7 +235,7 @@ class RunLayout:
 
 # ------------------------------------------------------------------------------ the lock
 
-_HELD: dict[Path, list[Any]] = {}  # resolved run dir -> [fd, depth, made_dir]: the lock is re-entrant per process
+_HELD: dict[Path, list[Any]] = {}  # resolved run dir -> [fd, depth]: the lock is re-entrant per process
 
 
 def _lock_info() -> dict[str, Any]:
@@ -279,6 +279,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             _HELD[key][1] -= 1
         return
     lock_path = root / LOCK_FILE
+    made_lock = not lock_path.exists()
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
@@ -296,19 +297,20 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_lock_info()).encode(), 0)
     os.fsync(fd)
-    _HELD[key] = [fd, 1, made_dir]
+    _HELD[key] = [fd, 1]
     try:
         yield
     finally:
         del _HELD[key]
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
+            # no run was made (the recipe was refused, say): leave no trace of the attempt
+            if made_lock and not (root / STATE_FILE).exists() and not (root / MARKER_FILE).exists():
+                lock_path.unlink()
+                if made_dir and not any(root.iterdir()):
+                    root.rmdir()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        if made_dir and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # nothing was done: leave no trace
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
-                root.rmdir()
 
 
 # ------------------------------------------------------------------------------ resume: same recipe?

@@ -279,11 +279,14 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
                 bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop.set:
+            saved = state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop.set
+            if saved:
                 save_checkpoint(ckpt_dir, task, optimizers, state)
             if on_step is not None:
                 on_step(state)
             if stop.set:
+                if not saved:  # the signal came after this step's checkpoint decision
+                    save_checkpoint(ckpt_dir, task, optimizers, state)
                 bar.close()
                 raise Interrupted(f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; "
                                   "continue with --resume")
