@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
-from ..common.io import atomic_write_json, atomic_write_text, read_json
+from ..common.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temps
 from ..compress.recipe import Recipe, load_recipe
 from ..compress.rundir import BENCH_DIR, EXPORT_DIR, REPORT_JSON, REPORT_MD, STATE_FILE, RunLayout, run_lock
 from ..compress.runner import RunResult, run_compress
@@ -74,6 +74,7 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
         for precision in cfg.precisions:
             key = f"{name}-{precision}"
             bundle = RunLayout(run.run_dir).path(EXPORT_DIR) / key
+            remove_stale_temps(bundle)  # a killed export's debris, even when this bundle is up to date
             if not _up_to_date(bundle, model_dir):
                 click.echo(f"export {key}", err=True)
                 export_bundle(model_dir, bundle, precision=precision, opset=cfg.opset,

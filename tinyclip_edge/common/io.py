@@ -75,7 +75,14 @@ def write_error(e: BaseException, path: str | os.PathLike) -> WriteError | None:
         return None
     reason, hint = _WRITE_ERRORS[code]
     where = getattr(e, "filename", None)
+    if where and _is_temp_of(Path(where), Path(path)):
+        where = None  # the user knows the file they asked for, not our temporary name for it
     return WriteError(Path(where) if where else Path(path), reason, hint)
+
+
+def _is_temp_of(candidate: Path, path: Path) -> bool:
+    return candidate.parent == path.parent and candidate.name.startswith(f".{path.name}.") and \
+        candidate.name.endswith(".tmp")
 
 
 def _existing_parent(path: Path) -> Path:

@@ -160,6 +160,13 @@ class RunLayout:
     def checkpoint(self, name: str) -> Path:
         return self.named(name, CHECKPOINTS_DIR)
 
+    def remove_stale_temps(self, names: list[str]) -> None:
+        """Remove what killed writes of these entries (and of the checkpoints of stages `names`) left behind."""
+        for name in names:
+            remove_stale_temps(self.root / name)
+            remove_stale_temps(self.root / CHECKPOINTS_DIR / name)
+            remove_stale_temps(self.root / BASELINES_DIR / name)
+
     # -- the marker
     def marker(self) -> dict[str, Any] | None:
         path = self.root / MARKER_FILE

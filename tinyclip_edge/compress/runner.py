@@ -266,6 +266,8 @@ class Run:
             # the teacher copy is kept only if it came from the same teacher spec (see teacher())
             self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
         self.dir.mkdir(parents=True, exist_ok=True)
+        baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
+        self.layout.remove_stale_temps([*LAYOUT_ENTRIES, *entries, *baselines])  # debris of killed writes
         atomic_write_text(self.layout.recipe, dump_recipe(recipe))
         self._save_state()
 
