@@ -10,6 +10,12 @@ scenes:val (R@1 = mean of image->text and text->image). Rerun:
     python benchmarks/compression.py                       # CPU, 1 seed, ~15 min on 2 cores
     python benchmarks/compression.py --device cuda --seeds 3 --steps 300
 
+At ViT-B/32 scale (a teacher trained here on scenes at 224 px; learning curves; the inheritance
+speed-up; the planned multi-stage chain), in resumable pieces of --minutes each (benchmarks/scale_b32.py):
+
+    python benchmarks/compression.py --scale b32 --device cuda --minutes 9    # run again to continue
+    python benchmarks/compression.py --scale b32 --device cpu --tiny          # smoke test (CI)
+
 Writes <out>/compression.json and compression.md and prints the table.
 """
 
@@ -76,9 +82,15 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these experiments")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--notes", help="a markdown file appended to the table as notes")
+    ap.add_argument("--scale", choices=["cpu", "b32"], default="cpu",
+                    help="cpu: the scenes-teacher experiments above; b32: a ViT-B/32-class teacher (scale_b32.py)")
+    ap.add_argument("--tiny", action="store_true", help="with --scale b32: a tiny smoke run of the whole path")
+    ap.add_argument("--minutes", type=float, default=9.0, help="with --scale b32: stop (resumably) after this long")
     args = ap.parse_args()
 
     out = Path(args.out)
+    if args.scale == "b32":
+        return main_b32(args, out)
     work = out / "compression-runs"
     t0 = time.perf_counter()
     teacher = resolve_teacher(args.teacher, "cpu")
@@ -112,6 +124,23 @@ def main() -> None:
                      "compositional": f"{statistics.mean(p['compositional'] for p in per_seed):.1f}"})
 
         write(args, out, results, rows, teacher, t0)  # after every experiment: a killed run keeps its results
+
+
+def main_b32(args: argparse.Namespace, out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import scale_b32
+
+    status = scale_b32.run_scale(args, out)
+    state = out / "compression-b32.json"
+    results = json.loads(state.read_text()) if state.is_file() else {}
+    if results:
+        md = scale_b32.render(results, " ".join(sys.argv))
+        atomic_write_text(out / "compression-b32.md", md)
+        scale_b32.plot(results, out / "compression-b32.png")
+        print(md, flush=True)
+    if not status["done"]:
+        print(f"paused during {status['phase']} after {args.minutes} min: run the same command again to continue",
+              flush=True)
 
 
 def write(args: argparse.Namespace, out: Path, results: dict, rows: list, teacher, t0: float) -> None:

@@ -20,6 +20,7 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json
 from ..common.tokenizers import export_tokenizer
+from .reader import write_reader
 from ..runtimes.base import TOWERS
 from ..runtimes.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, is_bundle
 from ..runtimes.pyt import placed_model
@@ -147,6 +148,7 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
             work = tmp / ".work"
             work.mkdir()
             manifest["tokenizer"] = _bundle_tokenizer(pkg.tokenizer_cfg, tmp)
+            write_reader(tmp)
             steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
             for tower in towers:
                 fp32 = work / f"{tower}.fp32.onnx"

@@ -28,6 +28,8 @@ FORMATS = {
     "engine": Format("engine", "TensorRT engines built from an ONNX bundle, written into it", "bundle",
                      frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
                      ("fp32", "fp16", "int8")),
+    "open_clip": Format("open_clip", "a folder plain open_clip loads (local-dir:DIR): open_clip_config.json + "
+                        "open_clip_model.safetensors", "model", frozenset({"out"}), ()),
 }
 
 

@@ -30,7 +30,8 @@ def _props(path):
 
 def test_fp32_bundle_contents(tmp_path, tiny_model_dir):
     out = export_bundle(tiny_model_dir, tmp_path / "bundle", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["image.onnx", "manifest.json", "preprocess.json", "text.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip_bundle.py", "image.onnx", "manifest.json", "preprocess.json",
+                                                     "text.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     m = json.loads((out / "manifest.json").read_text())
     assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 1, "fp32", 17)

@@ -9,7 +9,8 @@ import click
 
 from ..common.errors import UserError
 
-_FORMAT_HELP = "onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle)"
+_FORMAT_HELP = ("onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle); "
+                "open_clip: model -> a folder open_clip loads with local-dir:DIR")
 
 
 def _given(ctx: click.Context) -> set[str]:
@@ -32,7 +33,7 @@ def _io(spec: list[dict[str, Any]]) -> str:
 @click.command("export")
 @click.argument("source")
 @click.option("--format", "fmt", default="onnx", show_default=True, help=_FORMAT_HELP)
-@click.option("--out", type=click.Path(path_type=Path), help="[onnx] bundle directory to write")
+@click.option("--out", type=click.Path(path_type=Path), help="[onnx, open_clip] directory to write")
 @click.option("--precision", help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 "
               "(default: the bundle's)")
 @click.option("--opset", type=int, default=17, show_default=True, help="[onnx] ONNX opset")
@@ -67,7 +68,10 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
         _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache, calib, calib_count)
         return
     if out is None:
-        raise UserError("--format onnx needs --out DIR (the bundle directory to write)")
+        raise UserError(f"--format {fmt} needs --out DIR (the directory to write)")
+    if fmt == "open_clip":
+        _open_clip(source, out)
+        return
     from ..export import export_bundle
 
     keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
@@ -86,6 +90,18 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
                      "MB": f"{t['bytes'] / 1e6:.2f}", "notes": note})
     click.echo(_table(rows, ["tower", "file", "input", "output", "MB", "notes"]))
     click.echo(f"\n{m['precision']} bundle (opset {m['opset']}, normalized={m['normalized']}) written to {bundle}")
+
+
+def _open_clip(source: str, out: Path) -> None:
+    from ..export.open_clip_dir import export_open_clip
+
+    result = export_open_clip(source, out)
+    click.echo(f"open_clip folder written to {result.path}: load it with "
+               f"open_clip.create_model_and_transforms('local-dir:{result.path}')")
+    click.echo(f"parameters: student {result.params['student']:,}, open_clip {result.params['open_clip']:,}; "
+               f"reloaded embeddings differ from the student's by at most {result.max_abs:.1e}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
 
 
 _ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]

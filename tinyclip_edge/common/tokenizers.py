@@ -69,11 +69,17 @@ class WordTokenizer:
     def config(self) -> dict[str, Any]:
         return {"kind": "words", "context_length": self.context_length, "vocab": list(self.vocab)}
 
+    def describe(self) -> dict[str, Any]:
+        """The config plus everything a reader without this package needs to tokenize exactly alike."""
+        return {**self.config(), "pad_id": self.PAD, "sot_id": self.SOT, "unk_id": self.UNK, "first_word_id": 3,
+                "eot_id": self.eot_id, "normalization": "lower-case", "pattern": _WORD.pattern,
+                "truncation": "sot, the first context_length - 2 word ids, eot; then pad_id up to context_length"}
+
 
 class BpeTokenizer:
     """CLIP's byte-pair tokenizer read from a vocabulary file (what an export bundle ships)."""
 
-    def __init__(self, file: str, context_length: int = 77, vocab_size: int = 49408):
+    def __init__(self, file: str, context_length: int = 77, vocab_size: int = 49408, clean: str = "lower"):
         try:
             from open_clip.tokenizer import SimpleTokenizer
         except ImportError:  # pragma: no cover - open_clip is a base requirement
@@ -82,14 +88,48 @@ class BpeTokenizer:
             raise MissingDependency("open_clip_torch", purpose="CLIP's BPE tokenizer") from None
         if not os.path.isfile(file):
             raise UserError(f"tokenizer vocabulary not found: {file}")
-        self.file, self.context_length, self.vocab_size = file, context_length, vocab_size
-        self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length)
+        if clean not in CLEAN_MODES:
+            raise UserError(f"unknown BPE clean mode {clean!r}; choose from {', '.join(CLEAN_MODES)}")
+        self.file, self.context_length, self.vocab_size, self.clean = file, context_length, vocab_size, clean
+        self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:
         return self._tok(texts).numpy().astype(np.int64)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "bpe", "file": self.file, "context_length": self.context_length, "vocab_size": self.vocab_size}
+        cfg = {"kind": "bpe", "file": self.file, "context_length": self.context_length, "vocab_size": self.vocab_size}
+        return cfg if self.clean == "lower" else {**cfg, "clean": self.clean}
+
+
+# open_clip's SimpleTokenizer text cleaning modes, and what each does (recorded in bundle manifests)
+CLEAN_MODES = {
+    "lower": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space, lower-case",
+    "whitespace": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space",
+    "canonicalize": "ftfy.fix_text, html.unescape twice, strip, '_' to space, drop ASCII punctuation, "
+                    "lower-case, collapse whitespace",
+}
+
+
+def describe_bpe(inner: Any, file_name: str, context_length: int, vocab_size: int) -> dict[str, Any]:
+    """A complete description of an open_clip SimpleTokenizer (what bundles write into their manifest).
+
+    Refuses what a bundle reader cannot reproduce: reduction masks (random / shuffled token selection).
+    """
+    from open_clip import tokenizer as oct
+
+    if getattr(inner, "reduction_fn", None) is not None:
+        raise UserError("this BPE tokenizer uses a token reduction mask (random/shuffle/syntax); bundles carry "
+                        "only plain truncation; tokenize without reduction_mask")
+    clean = next((name for name in CLEAN_MODES if inner.clean_fn is oct.get_clean_fn(name)), None)
+    if clean is None:
+        raise UserError(f"unknown text cleaning function {inner.clean_fn!r} in the BPE tokenizer")
+    specials = [inner.decoder[i] for i in inner.all_special_ids]
+    return {"kind": "bpe", "file": file_name, "context_length": context_length, "vocab_size": vocab_size,
+            "merges": len(inner.bpe_ranks), "special_tokens": specials, "sot_id": int(inner.sot_token_id),
+            "eot_id": int(inner.eot_token_id), "pad_id": 0, "clean": clean, "normalization": CLEAN_MODES[clean],
+            "pattern": inner.pat.pattern, "pattern_flags": "IGNORECASE (the 'regex' module's \\p{L}, \\p{N})",
+            "truncation": "sot, ids, eot; rows longer than context_length keep their first context_length - 1 "
+                          "ids and end with eot; then pad_id up to context_length"}
 
 
 class OpenClipTokenizer:
@@ -128,30 +168,30 @@ def tokenizer_from_config(cfg: dict[str, Any], base_dir: str | os.PathLike | Non
         file = Path(cfg["file"])
         if base_dir is not None and not file.is_absolute():
             file = Path(base_dir) / file
-        return BpeTokenizer(str(file), ctx, int(cfg.get("vocab_size", 49408)))
+        return BpeTokenizer(str(file), ctx, int(cfg.get("vocab_size", 49408)), cfg.get("clean", "lower"))
     if kind == "open_clip":
         return OpenClipTokenizer(cfg["model"], ctx, int(cfg.get("vocab_size", 49408)))
     raise UserError(f"unknown tokenizer kind {kind!r} in config; expected 'words', 'bpe' or 'open_clip'")
 
 
 def export_tokenizer(cfg: dict[str, Any], dest_dir: str | os.PathLike) -> dict[str, Any]:
-    """Copy what a tokenizer needs into `dest_dir`; return its config with paths relative to it.
+    """Copy what a tokenizer needs into `dest_dir`; return its complete description with paths relative to it.
 
     ``words`` tokenizers are self-contained; ``open_clip`` tokenizers that use CLIP's BPE become ``bpe``
-    with the vocabulary file copied, so a bundle tokenizes without open_clip's model registry.
+    with the vocabulary file copied, so a bundle tokenizes without open_clip's model registry. The
+    description names special-token ids, normalisation, pattern, context length and truncation, so the
+    bundle's standalone reader (``clip_bundle.py``) tokenizes without this package or open_clip.
     """
     if cfg.get("kind") == "words":
-        return dict(cfg)
+        return WordTokenizer(vocab=list(cfg["vocab"]), context_length=int(cfg.get("context_length", 16))).describe()
     tok = tokenizer_from_config(cfg)
     inner = getattr(tok, "_tok", None)
-    bpe = getattr(inner, "bpe_path", None) or getattr(tok, "file", None)
-    if bpe is None:
-        from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-        if not isinstance(inner, SimpleTokenizer):
-            raise UserError(f"tokenizer {cfg} is not CLIP's BPE; only 'words' and BPE tokenizers can be bundled")
-        bpe = default_bpe()
+    if not isinstance(inner, SimpleTokenizer):
+        raise UserError(f"tokenizer {cfg} is not CLIP's BPE; only 'words' and BPE tokenizers can be bundled")
+    bpe = getattr(tok, "file", None) or default_bpe()
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bpe, dest / Path(bpe).name)
-    return {"kind": "bpe", "file": Path(bpe).name, "context_length": tok.context_length, "vocab_size": tok.vocab_size}
+    return describe_bpe(inner, Path(bpe).name, tok.context_length, tok.vocab_size)

@@ -110,16 +110,28 @@ def _top(scores: Tensor, tau: float, floor: int) -> list[int]:
     return sorted(keep)
 
 
-def plan_at(u: _Units, tau: float, allow_empty_layers: bool, min_hidden: int = 1) -> TowerPlan:
+@dataclass
+class Floor:
+    """The least a materialised tower keeps: residual channels, and heads and MLP neurons in every layer."""
+
+    hidden: int = 1
+    heads: int = 0
+    mlp: int = 0
+
+
+def plan_at(u: _Units, tau: float, allow_empty_layers: bool, floor: Floor | int = 1) -> TowerPlan:
     """Keep every unit scoring >= tau. Without layer gates each layer keeps at least one head and one
-    neuron (a sub-layer cannot disappear); the residual stream keeps at least `min_hidden` channels."""
-    hidden = _top(u.hidden, tau, min_hidden)
+    neuron (a sub-layer cannot disappear); `floor` (an int: residual channels only) raises those minimums,
+    and a floor of heads or neurons also keeps the layer gates from removing a sub-layer."""
+    fl = floor if isinstance(floor, Floor) else Floor(hidden=floor)
+    hidden = _top(u.hidden, tau, fl.hidden)
     heads, mlp = [], []
+    sub = 0 if allow_empty_layers else 1
     for i in range(len(u.heads)):
-        attn_off = u.attn_layer is not None and u.attn_layer[i] < tau
-        mlp_off = u.mlp_layer is not None and u.mlp_layer[i] < tau
-        heads.append([] if attn_off else _top(u.heads[i], tau, 0 if allow_empty_layers else 1))
-        mlp.append([] if mlp_off else _top(u.mlp[i], tau, 0 if allow_empty_layers else 1))
+        attn_off = u.attn_layer is not None and u.attn_layer[i] < tau and not fl.heads
+        mlp_off = u.mlp_layer is not None and u.mlp_layer[i] < tau and not fl.mlp
+        heads.append([] if attn_off else _top(u.heads[i], tau, max(sub, fl.heads)))
+        mlp.append([] if mlp_off else _top(u.mlp[i], tau, max(sub, fl.mlp)))
     layers = list(range(len(u.heads)))
     return TowerPlan(layers, hidden, heads, mlp)
 
@@ -131,15 +143,16 @@ def drop_empty_layers(plan: TowerPlan) -> TowerPlan:
 
 
 def budget_plans(gates: dict[str, TowerGates], count: "callable", budget: dict[str, float], joint: bool,
-                 allow_empty_layers: bool) -> dict[str, TowerPlan]:
+                 allow_empty_layers: bool, floors: dict[str, TowerShape] | None = None) -> dict[str, TowerPlan]:
     """The plans with the most units that fit the budget: per tower, or for both towers together.
 
     `count(tower, plan) -> params` counts a plan exactly. A global log-alpha threshold is bisected, then the
     remaining units are added greedily by score while they still fit. The residual stream never gets
-    narrower than one attention head.
+    narrower than one attention head. `floors`: per tower, a shape the plan must contain (set by the chain
+    planner, compress/chain.py, so that the next stage's planned shape can still be cut out of this one).
     """
     units = {t: _units(g) for t, g in gates.items()}
-    floor = {t: min(g.shape.width, g.shape.head_dim) for t, g in gates.items()}
+    floor = {t: _floor(g.shape, (floors or {}).get(t)) for t, g in gates.items()}
     groups = [list(gates)] if joint else [[t] for t in gates]
     out: dict[str, TowerPlan] = {}
     for towers in groups:
@@ -154,6 +167,9 @@ def budget_plans(gates: dict[str, TowerGates], count: "callable", budget: dict[s
                               for t in towers)
             how = ("enable prune.layers: true (whole attention/MLP sub-layers may go) or raise the target"
                    if not allow_empty_layers and with_layers <= limit else "raise the target")
+            if floors:
+                how = ("raise this stage's target: it must keep the shape the next stage inherits "
+                       "(compress/chain.py), or lower that stage's target")
             raise UserError(
                 f"the pruning target for {' + '.join(towers)} ({limit:,.0f} parameters) is below the smallest "
                 f"student it can produce ({smallest:,} parameters): it would remove every head of a layer; {how}")
@@ -170,6 +186,14 @@ def budget_plans(gates: dict[str, TowerGates], count: "callable", budget: dict[s
         _greedy_fill(plans, {t: units[t] for t in towers}, count, limit)
         out.update({t: drop_empty_layers(p) for t, p in plans.items()})
     return out
+
+
+def _floor(shape: TowerShape, need: TowerShape | None) -> Floor:
+    base = min(shape.width, shape.head_dim)
+    if need is None:
+        return Floor(hidden=base)
+    return Floor(hidden=max(base, min(shape.width, need.width)), heads=max(need.heads, default=0),
+                 mlp=max(need.mlp, default=0))
 
 
 def _greedy_fill(plans: dict[str, TowerPlan], units: dict[str, _Units], count: "callable", limit: float) -> None:

@@ -112,7 +112,10 @@ class PruneTask(StageTask):
         def count(tower: str, plan: TowerPlan) -> int:
             return shape.with_tower(tower, plan.shape(shape.tower(tower))).params()[tower]
 
-        plans = budget_plans(dict(self.gates.items()), count, self._budgets(), self.cfg.joint, self.cfg.layers)
+        floor = ClipShape.from_dict(self.cfg.floor) if self.cfg.floor else None
+        floors = {t: floor.tower(t) for t in TOWERS} if floor is not None else None
+        plans = budget_plans(dict(self.gates.items()), count, self._budgets(), self.cfg.joint, self.cfg.layers,
+                             floors)
         return KeepPlan(plans["image"], plans["text"])
 
     def _budgets(self) -> dict[str, float]:

@@ -8,15 +8,14 @@ every run directory. Recipes shipped with the package are usable by name (``quic
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from ..common import typed
 from ..common.errors import UserError, closest
 
 
@@ -44,6 +43,8 @@ class PruneCfg:
     layers: bool = False                 # also gate whole attention / MLP sub-layers
     hidden: bool = True                  # prune residual (hidden) channels
     joint: bool = False                  # one sparsity target for both towers instead of one per tower
+    floor: dict | None = None            # a shape the materialised student must contain; the runner sets it
+                                         # from the next planned stage (compress/chain.py); rarely set by hand
 
 
 @dataclass
@@ -136,78 +137,9 @@ class Recipe:
 # --------------------------------------------------------------------------- dict -> dataclass
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(errors[0] if len(errors) == 1 else
-                        f"recipe key '{path}' must be one of {' | '.join(_type_name(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"recipe key '{path}' must be a mapping, got {value!r}")
-        return from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"recipe key '{path}' must be a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{path}.{i}") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"recipe key '{path}' must be a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"recipe key '{path}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise UserError(f"recipe key '{path}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"recipe key '{path}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserError(f"recipe key '{path}' must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise UserError(f"unknown recipe key '{full}'{closest(str(key), names)}; "
-                            f"valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    """A recipe dataclass from raw YAML data; the checks live in common/typed.py (shared with artifacts)."""
+    return typed.from_dict(cls, data, path, label="recipe key")
 
 
 # --------------------------------------------------------------------------- loading

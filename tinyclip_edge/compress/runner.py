@@ -25,6 +25,7 @@ from ..data.batches import TrainBatches
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
+from .chain import nests, plan_chain
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe
 from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
@@ -110,13 +111,20 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
 
 def _holds(source: ClipShape, target: ClipShape) -> bool:
     """Whether every layer of `target` fits inside the layers it would inherit from `source`."""
-    for t in ("image", "text"):
-        s, d = source.tower(t), target.tower(t)
-        if d.layers > s.layers or d.width > s.width or d.head_dim != s.head_dim:
-            return False
-        if any(h > min(s.heads) for h in d.heads) or any(m > min(s.mlp) for m in d.mlp):
-            return False
-    return True
+    return nests(source, target)
+
+
+def planned_stages(stages: list[StageCfg], teacher: ClipShape) -> list[StageCfg]:
+    """The stages with the chain planner's decisions filled in (compress/chain.py): an explicit shape for
+    each planned manual stage, a floor for each learned-mask stage that a manual stage follows."""
+    out = []
+    for st, plan in zip(stages, plan_chain(teacher, stages)):
+        if plan.shape is not None:
+            st = replace(st, shape=plan.shape.to_dict())
+        if plan.floor is not None:
+            st = replace(st, prune=replace(st.prune, floor=plan.floor.to_dict()))
+        out.append(st)
+    return out
 
 
 # ------------------------------------------------------------------------------ stage builders
@@ -354,7 +362,8 @@ class Run:
         result = RunResult(self.dir, self.layout.teacher if original else None)
         prev = original or _scenes_package(self.recipe)
         reference = original or prev
-        for i, st in enumerate(self.recipe.stages):
+        stages = planned_stages(self.recipe.stages, reference.shape)
+        for i, st in enumerate(stages):
             teacher = {"original": original, "previous": prev, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
                 teacher = original

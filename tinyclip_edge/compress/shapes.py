@@ -55,7 +55,13 @@ def _candidate(ts: TowerShape, layers: int, heads: int, mlp: int) -> TowerShape:
     return replace(ts, width=heads * ts.head_dim, heads=[heads] * layers, mlp=[mlp] * layers)
 
 
-def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "balanced") -> TowerShape:
+def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "balanced",
+                    within: tuple[TowerShape, TowerShape] | None = None) -> TowerShape:
+    """The uniform tower shape that best uses `ratio` of the tower's parameters under `policy`.
+
+    `within` = (upper, lower) restricts layers, heads and MLP width to lie between two shapes (the chain
+    planner's nesting constraint, compress/chain.py); costs are still measured against `shape`.
+    """
     if policy not in POLICIES:
         raise UserError(f"unknown shape policy '{policy}'; choose from {', '.join(POLICIES)}")
     ts = shape.tower(tower)
@@ -63,9 +69,12 @@ def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "b
     budget = ratio * full
     layers0, heads0, mlp0 = ts.layers, max(ts.heads), max(ts.mlp)
     width0 = ts.width
+    up, lo = within or (ts, None)
+    l_hi, h_hi, m_hi = up.layers, max(up.heads), max(up.mlp)
+    l_lo, h_lo, m_lo = (lo.layers, max(lo.heads), max(lo.mlp)) if lo is not None else (1, 1, 0)
     cands: list[tuple[TowerShape, float, float]] = []  # (shape, fraction of budget used, imbalance)
-    layer_range = [layers0] if policy == "width" else range(1, layers0 + 1)
-    head_range = [heads0] if policy == "depth" else range(1, heads0 + 1)
+    layer_range = [l_hi] if policy == "width" else range(l_lo, l_hi + 1)
+    head_range = [h_hi] if policy == "depth" else range(h_lo, h_hi + 1)
     for n_layers in layer_range:
         for n_heads in head_range:
             # parameters are linear in the MLP width: solve for the largest one that fits the budget
@@ -76,7 +85,9 @@ def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "b
             if p1 > budget:
                 continue
             mlp = m1 + int((budget - p1) / ((p2 - p1) / (m2 - m1)))
-            mlp = min(mlp0, mlp // MLP_MULTIPLE * MLP_MULTIPLE)
+            mlp = min(m_hi, mlp // MLP_MULTIPLE * MLP_MULTIPLE)
+            if mlp < m_lo:
+                continue
             cand = _candidate(ts, n_layers, n_heads, mlp)
             fr = {"layers": n_layers / layers0, "width": n_heads * ts.head_dim / width0, "mlp": mlp / mlp0}
             cost = sum(SHRINK_COST[k] * math.log(f) ** 2 for k, f in fr.items())

@@ -189,11 +189,51 @@ def _uniform(tower: str, s: Any) -> tuple[int, float]:
     return s.head_dim, mlp.pop() / s.width
 
 
-def open_clip_config(shape: ClipShape) -> dict[str, Any]:
-    """The open_clip model config (``model_cfg``) of a uniform student."""
+def is_uniform(shape: ClipShape) -> bool:
+    """Whether open_clip holds `shape` as it is (no zero padding needed)."""
+    try:
+        _uniform("image", shape.vision)
+        _uniform("text", shape.text)
+    except NotConvertible:
+        return False
+    return True
+
+
+def padded_widths(tower: str, s: Any) -> tuple[int, int]:
+    """(heads, MLP neurons) of the widest layer open_clip needs to hold every layer of tower `s`.
+
+    open_clip has one head count and one MLP width per tower, with heads x head_dim equal to the hidden
+    width. Layers with fewer heads or neurons are zero-padded: a head whose q, k, v and output weights and
+    biases are zero outputs exactly 0 (softmax weights times zero values), and a neuron whose input row,
+    bias and output column are zero contributes act(0) x 0 = 0, so the padded model computes the same
+    function. Heads cannot be split or the hidden width padded (LayerNorm statistics would change), so a
+    hidden width that is not a multiple of head_dim, or a layer with more heads than it holds, is refused.
+    """
+    if s.width % s.head_dim:
+        raise NotConvertible(f"{tower} tower's hidden width {s.width} is not a multiple of its head size "
+                             f"{s.head_dim} (the hidden width was pruned); open_clip needs heads x head_dim = width")
+    heads = s.width // s.head_dim
+    if max(s.heads) > heads:
+        raise NotConvertible(f"{tower} tower has a layer with {max(s.heads)} heads of {s.head_dim} channels, "
+                             f"more than its hidden width {s.width} holds in open_clip")
+    return heads, max(max(s.mlp), 1)
+
+
+def _mlp_ratio(mlp: int, width: int) -> float:
+    """A ratio for which open_clip's int(width * mlp_ratio) gives back exactly `mlp`."""
+    ratio = mlp / width
+    return ratio if int(width * ratio) == mlp else (mlp + 0.5) / width
+
+
+def open_clip_config(shape: ClipShape, pad: bool = False) -> dict[str, Any]:
+    """The open_clip model config (``model_cfg``) of a student; `pad`: hold per-layer widths by zero padding."""
     v, t = shape.vision, shape.text
-    vhd, vratio = _uniform("image", v)
-    thd, tratio = _uniform("text", t)
+    if pad:
+        (vheads, vmlp), (theads, tmlp) = padded_widths("image", v), padded_widths("text", t)
+        vhd, vratio, thd, tratio = v.head_dim, _mlp_ratio(vmlp, v.width), t.head_dim, _mlp_ratio(tmlp, t.width)
+    else:
+        vhd, vratio = _uniform("image", v)
+        thd, tratio = _uniform("text", t)
     if v.act != t.act:
         raise NotConvertible("open_clip uses one activation for both towers")
     vision_cfg = dict(layers=v.layers, width=v.width, head_width=vhd, mlp_ratio=vratio, patch_size=v.patch_size,
@@ -208,14 +248,60 @@ def open_clip_config(shape: ClipShape) -> dict[str, Any]:
             "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
+def _copy_padded_blocks(students: nn.ModuleList, open_clips: nn.ModuleList) -> None:
+    """Student blocks into wider open_clip blocks: kept heads and neurons first, the rest exactly zero."""
+    for s, o in zip(students, open_clips):
+        o.attn.in_proj_weight.zero_()
+        o.attn.in_proj_bias.zero_()
+        o.attn.out_proj.weight.zero_()
+        o.attn.out_proj.bias.zero_()
+        o.mlp.c_fc.weight.zero_()
+        o.mlp.c_fc.bias.zero_()
+        o.mlp.c_proj.weight.zero_()
+        o.mlp.c_proj.bias.zero_()
+        width = o.attn.embed_dim
+        if s.attn is not None:
+            a = s.attn.heads * s.attn.head_dim
+            # q, k and v each take the first `a` of their `width` rows (heads stay contiguous groups)
+            o.attn.in_proj_weight.view(3, width, width)[:, :a].copy_(s.attn.qkv.weight.view(3, a, width))
+            o.attn.in_proj_bias.view(3, width)[:, :a].copy_(s.attn.qkv.bias.view(3, a))
+            o.attn.out_proj.weight[:, :a].copy_(s.attn.out.weight)
+            o.attn.out_proj.bias.copy_(s.attn.out.bias)
+            o.ln_1.weight.copy_(s.ln_1.weight)
+            o.ln_1.bias.copy_(s.ln_1.bias)
+            if s.ls_1 is not None:
+                o.ls_1.gamma.copy_(s.ls_1)
+        if s.mlp is not None:
+            m = s.mlp.fc1.out_features
+            o.mlp.c_fc.weight[:m].copy_(s.mlp.fc1.weight)
+            o.mlp.c_fc.bias[:m].copy_(s.mlp.fc1.bias)
+            o.mlp.c_proj.weight[:, :m].copy_(s.mlp.fc2.weight)
+            o.mlp.c_proj.bias.copy_(s.mlp.fc2.bias)
+            o.ln_2.weight.copy_(s.ln_2.weight)
+            o.ln_2.bias.copy_(s.ln_2.bias)
+            if s.ls_2 is not None:
+                o.ls_2.gamma.copy_(s.ls_2)
+
+
 @torch.no_grad()
-def to_open_clip(model: ClipModel) -> nn.Module:
-    """A plain open_clip CLIP with the same weights as a uniform student (the inverse of from_open_clip)."""
+def to_open_clip(model: ClipModel, pad: bool = False) -> nn.Module:
+    """A plain open_clip CLIP with the same weights as a student (the inverse of from_open_clip).
+
+    Uniform students convert as they are. With `pad`, students with per-layer widths (learned masks)
+    convert exactly by zero-padding every layer to the widest (``padded_widths``); open_clip then runs
+    the padded widths, so the student's speed-up is lost there (its accuracy is not).
+    """
     import open_clip
 
-    cfg = open_clip_config(model.shape)
+    cfg = open_clip_config(model.shape, pad=pad)
     oc = open_clip.model.CLIP(**cfg).eval()
-    _transfer(model, oc, to_student=False)
+    if not pad or is_uniform(model.shape):
+        _transfer(model, oc, to_student=False)
+        return oc
+    for s_t, o_t, transposed in _tensor_pairs(model, oc):
+        o_t.copy_((s_t.T if transposed else s_t).reshape(o_t.shape))
+    _copy_padded_blocks(model.visual.blocks, oc.visual.transformer.resblocks)
+    _copy_padded_blocks(model.text.blocks, _text_parts(oc)["transformer"].resblocks)
     return oc
 
 
@@ -230,7 +316,7 @@ def _preprocess_of(model: nn.Module) -> Preprocess:
     size = size[0] if isinstance(size, (tuple, list)) else size
     return Preprocess(image_size=int(size), mean=tuple(cfg.get("mean", OPENAI_MEAN)),
                       std=tuple(cfg.get("std", OPENAI_STD)), interpolation=cfg.get("interpolation", "bicubic"),
-                      resize_mode=cfg.get("resize_mode", "shortest"))
+                      resize_mode=cfg.get("resize_mode", "shortest"), fill_color=int(cfg.get("fill_color", 0)))
 
 
 def _network_reachable(host: str = "huggingface.co") -> bool:

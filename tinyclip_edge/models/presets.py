@@ -25,6 +25,9 @@ def uniform_shape(width: int, layers: int, heads: int, *, image_size: int = 32, 
 PRESETS = {
     # the quick start's teacher: ~1.7M parameters, ~400 training samples/s on 2 CPU cores
     "scenes-teacher": lambda: uniform_shape(128, 4, 4, embed_dim=128),
+    # benchmarks/compression.py --scale b32: ViT-B/32's towers (224 px, 12+12 layers) on the scenes vocabulary
+    "vit-b-32-scenes": lambda: uniform_shape(768, 12, 12, image_size=224, patch_size=32, embed_dim=512,
+                                             text_width=512, text_layers=12, text_heads=8, context_length=77),
     # unit tests: builds and runs in milliseconds
     "scenes-tiny": lambda: uniform_shape(64, 2, 2, embed_dim=32),
 }

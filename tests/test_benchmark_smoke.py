@@ -1,0 +1,39 @@
+"""Smoke runs of the GPU benchmarks' whole path on the CPU with tiny models (never timed, never asserted
+on speed): a benchmark that cannot start is found here, not after a GPU lease has begun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_compression_scale_b32_tiny_runs_every_experiment_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compression.py"), "--scale", "b32", "--device", "cpu",
+           "--tiny", "--out", str(out)]
+    # a zero-minute budget pauses at the first evaluation point: the run must say so and resume from there
+    first = subprocess.run([*cmd, "--minutes", "0"], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "run the same command again to continue" in first.stdout
+    second = subprocess.run([*cmd, "--minutes", "60"], capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    res = json.loads((out / "compression-b32.json").read_text())
+    exps = res["experiments"]
+    assert len(exps) == 7 and all(e["done"] for e in exps.values())
+    for e in exps.values():
+        samples = [p["samples"] for p in e["curve"]]
+        assert samples == sorted(samples) or sorted(samples) == sorted(set(samples))
+        assert e["curve"][-1]["stage"] == "final" and len(e["curve"]) >= 2
+    chain = next(e for e in exps.values() if "chain" in e["name"])
+    one_shot = next(e for e in exps.values() if e["name"].startswith("manual 30%"))
+    assert chain["params"] == one_shot["params"], "the planned chain ends on the one-shot shape"
+    assert {s["scratch"] for s in res["speedups"]} == {"scratch 50%", "scratch 30%"}
+    md = (out / "compression-b32.md").read_text()
+    assert "--scale b32" in md.splitlines()[0] and "speed-up" in md
