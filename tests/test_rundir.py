@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.rundir import (LOCK_FILE, MARKER_FILE, RunLayout, check_entry_name, recipe_differences,
                                            run_lock)
-from tinyclip_edge.compress.runner import run_compress
+from tinyclip_edge.compress.runner import run_compress, run_entries
 from tinyclip_edge.models import load_model_dir, save_model_dir
 
 from conftest import make_package
@@ -78,9 +79,23 @@ def _tree(root: Path) -> dict[str, bytes]:
     ("metrics.jsonl", "reserved"), ("report.md", "reserved"), ("report.html", "'report.*' names are reserved"),
     ("export", "reserved"), (".hidden", "names starting with '.'"), (MARKER_FILE, "starting with '.'"), ("", ""),
 ])
-def test_the_run_layout_refuses_unsafe_stage_names(tmp_path, teacher_dir, name, why):
-    """Defence in depth: even a recipe that got past the loader (built in Python here) cannot make the runner
-    write outside the run directory or over its reserved entries; nothing is written anywhere."""
+def test_the_run_layout_refuses_unsafe_stage_names(tmp_path, name, why):
+    """The one mapping from a stage name to a directory refuses it, for stages, checkpoints and baselines alike,
+    before anything is written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    layout = RunLayout(run)
+    for where in (layout.stage, layout.checkpoint, layout.baseline):
+        with pytest.raises(UserError, match="cannot name a directory of the run") as e:
+            where(name)
+        assert why in str(e.value)
+    assert list(run.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../../victim", ".", "teacher", "checkpoints", "Report.md"])
+def test_a_run_with_an_unsafe_stage_name_changes_nothing_inside_or_outside(tmp_path, teacher_dir, name):
+    """Defence in depth: a recipe built in Python, past the loader, still cannot make the runner write outside
+    the run directory or over its reserved entries (whichever check refuses it first)."""
     victim = _victim(tmp_path)
     run = tmp_path / "a" / "b" / "run"
     run.mkdir(parents=True)
@@ -88,9 +103,8 @@ def test_the_run_layout_refuses_unsafe_stage_names(tmp_path, teacher_dir, name, 
     before = _tree(tmp_path)
     recipe = _recipe(run, teacher_dir)
     recipe.stages[0].name = name
-    with pytest.raises(UserError, match="cannot name a directory of the run") as e:
+    with pytest.raises(UserError, match=re.escape(repr(name)[1:-1])):
         run_compress(recipe)
-    assert why in str(e.value)
     assert _tree(tmp_path) == before, "nothing may be written, inside or outside the run"
     assert (victim / "precious.txt").read_text() == "keep me"
 
@@ -118,12 +132,17 @@ def test_a_stage_directory_that_is_a_symlink_out_of_the_run_is_refused(tmp_path)
     assert RunLayout(run).baseline("scratch-stage-2") == run / "baselines" / "scratch-stage-2"
 
 
-def test_stage_names_that_would_share_a_directory_are_refused(tmp_path, teacher_dir):
+def test_stage_names_that_would_share_a_directory_are_refused(teacher_dir, tmp_path):
     recipe = _recipe(tmp_path / "run", teacher_dir, "stages.0.method=prune")
     recipe.stages[0].name, recipe.stages[1].name = "s", "s.masks"  # prune stage s also writes s.masks/
     with pytest.raises(UserError, match="used twice"):
-        run_compress(recipe)
-    assert check_entry_name("stage-1.v2") == "stage-1.v2"  # dots inside a name are fine
+        run_entries(recipe)
+    recipe.stages[1].name = "S"
+    with pytest.raises(UserError, match="used twice"):  # one directory on case-insensitive file systems
+        run_entries(recipe)
+    recipe.stages[1].name = "t"
+    assert run_entries(recipe) == ["s", "s.masks", "t"]  # positive control
+    assert check_entry_name("stage-1.v2") == "stage-1.v2"  # dots inside a name are fine for the layout
 
 
 def test_a_new_run_never_overwrites_entries_it_did_not_write(tmp_path, teacher_dir):
@@ -305,7 +324,7 @@ def test_a_restart_with_another_teacher_replaces_the_failed_attempts_teacher_cop
 TRAIN_SLOWLY = textwrap.dedent("""
     import sys, time
     from tinyclip_edge.compress.recipe import load_recipe
-    from tinyclip_edge.compress.runner import run_compress
+    from tinyclip_edge.compress.runner import run_compress, run_entries
     from tinyclip_edge.compress.trainer import Interrupted
     recipe = load_recipe("quickstart", sys.argv[1:])
     try:
