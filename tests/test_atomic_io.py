@@ -282,3 +282,35 @@ def test_compress_and_export_on_a_real_full_disk(tmp_path, teacher_dir, tiny_mod
     line = _error_line(proc)
     assert f"cannot write {disk / 'b'}" in line and "no space left on device" in line, line
     assert proc.stdout.split("left: ")[-1].split() == [], "nothing half-written stays"
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path, teacher_dir):
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o555)
+    proc = subprocess.run([*_unprivileged(), *CLI, "compress", "quickstart", *FAST, f"run_dir={ro / 'run'}",
+                           "--teacher", str(teacher_dir)], capture_output=True, text=True)
+    assert f"cannot write {ro / 'run'}: permission denied" in _error_line(proc)
+
+
+def test_the_cli_turns_a_stray_full_disk_error_into_one_line(monkeypatch):
+    """Writes outside the atomic writers (appending metrics.jsonl) can hit a full disk too: the CLI's last net."""
+    from click.testing import CliRunner
+
+    from tinyclip_edge.cli import main
+    from tinyclip_edge.compress import runner
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(runner, "run_compress", full)
+    r = CliRunner().invoke(main, ["compress", "quickstart"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Error: no space left on device while writing runs/x/metrics.jsonl; free some space" in r.output
+
+    def bug(*a, **k):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(runner, "run_compress", bug)  # not a user's problem: it stays a traceback (positive control)
+    r = CliRunner().invoke(main, ["compress", "quickstart"])
+    assert isinstance(r.exception, OSError) and r.exception.errno == errno.EBADF

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.io import atomic_write_json, read_json, remove_stale_temps
+from ..common.io import atomic_write_json, read_json, remove_stale_temps, write_error
 
 log = logging.getLogger("tinyclip_edge")
 
@@ -276,7 +276,10 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         yield
         return
     made_dir = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (write_error(e, root) or UserError(f"cannot create the run directory {root}: {e.strerror}")) from None
     key = root.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
@@ -290,7 +293,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise UserError(f"cannot lock the run directory {root}: {e.strerror}; choose a directory you can write to")
+        raise (write_error(e, lock_path) or UserError(f"cannot lock the run directory {root}: {e.strerror}")) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
