@@ -321,14 +321,15 @@ def test_a_restart_with_another_teacher_replaces_the_failed_attempts_teacher_cop
 
 # ------------------------------------------------------------------------------ item 7c: SIGTERM
 
-TRAIN_SLOWLY = textwrap.dedent("""
+TRAIN = textwrap.dedent("""
     import sys, time
     from tinyclip_edge.compress.recipe import load_recipe
-    from tinyclip_edge.compress.runner import run_compress, run_entries
+    from tinyclip_edge.compress.runner import run_compress
     from tinyclip_edge.compress.trainer import Interrupted
-    recipe = load_recipe("quickstart", sys.argv[1:])
+    mode, args = sys.argv[1], sys.argv[2:]
+    slow = (lambda state: time.sleep(0.1)) if mode == "slow" else None  # slow enough to be signalled mid-stage
     try:
-        run_compress(recipe, on_step=lambda state: time.sleep(0.1))  # slow enough to be signalled mid-stage
+        run_compress(load_recipe("quickstart", args), resume=mode == "resume", on_step=slow)
     except Interrupted as e:
         print(e, flush=True)
         sys.exit(3)
@@ -336,10 +337,11 @@ TRAIN_SLOWLY = textwrap.dedent("""
 
 
 def test_sigterm_checkpoints_like_ctrl_c_and_resume_reaches_the_same_weights(tmp_path, teacher_dir):
+    """Every run in its own fresh process: the same torch settings (threads) for all three, so bit-equality holds."""
     args = [*FAST, "stages.0.steps=30", "stages.0.checkpoint_every=1000", "stages.0.log_every=1",
             f"teacher={teacher_dir}"]
     run = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-c", TRAIN_SLOWLY, *args, f"run_dir={run}"],
+    child = subprocess.Popen([sys.executable, "-c", TRAIN, "slow", *args, f"run_dir={run}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -352,8 +354,11 @@ def test_sigterm_checkpoints_like_ctrl_c_and_resume_reaches_the_same_weights(tmp
     step = json.loads((run / "checkpoints" / "stage-1" / "checkpoint.json").read_text())["step"]
     assert 3 <= step < 30, "the SIGTERM checkpoint (periodic ones are every 1000 steps)"
 
-    resumed = run_compress(load_recipe("quickstart", [*args, f"run_dir={run}"]), resume=True)
-    straight = run_compress(load_recipe("quickstart", [*args, f"run_dir={tmp_path / 'straight'}"]))
-    for a, b in zip(straight.stage_dirs, resumed.stage_dirs):
-        sa, sb = load_model_dir(a).model.state_dict(), load_model_dir(b).model.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), a.name
+    for mode, where in (("resume", run), ("straight", tmp_path / "straight")):
+        done = subprocess.run([sys.executable, "-c", TRAIN, mode, *args, f"run_dir={where}"], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+    for name in ("stage-1", "stage-2"):
+        sa = load_model_dir(tmp_path / "straight" / name).model.state_dict()
+        sb = load_model_dir(run / name).model.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
