@@ -22,7 +22,8 @@ from ..common.io import atomic_path, atomic_write_json
 from ..common.tokenizers import export_tokenizer
 from .reader import write_reader
 from ..runtimes.base import TOWERS
-from ..runtimes.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, is_bundle
+from ..common.schemas import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, PREPROCESS_NAME, TOKENIZER_DIR,
+                              BundleManifest, is_bundle)
 from ..runtimes.pyt import placed_model
 from .graphs import (EXPORTERS, EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
                      sample_input, save_graph, set_metadata, sha256_file, tower_module)
@@ -170,11 +171,19 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
             steps.close()
             shutil.rmtree(work)
             manifest["opset"] = manifest["towers"][towers[0]]["opset"]
-            atomic_write_json(tmp / "preprocess.json", manifest["preprocess"])
-            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+            atomic_write_json(tmp / PREPROCESS_NAME, manifest["preprocess"])
+            _write_manifest(tmp, manifest)
     except OSError as e:
         raise UserError(f"cannot write the bundle to {out}: {e.strerror or e}") from None
     return out
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Validate the manifest against its schema and record every file's digest before writing it."""
+    m = BundleManifest.from_data(manifest, tmp / MANIFEST_NAME)
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        m.record_file(tmp, f.relative_to(tmp).as_posix())
+    m.write(tmp)
 
 
 def _convert(fp32: Path, work: Path, tower: str, precision: str, data: Any, opts: QuantOptions,
@@ -206,9 +215,9 @@ def _finish(graph: Path, final: Path, manifest: dict[str, Any], tower: str, thre
 
 def _bundle_tokenizer(cfg: dict[str, Any], bundle: Path) -> dict[str, Any]:
     """Copy vocabulary files into ``tokenizer/``; paths in the returned config are bundle-relative."""
-    out = export_tokenizer(cfg, bundle / "tokenizer")
+    out = export_tokenizer(cfg, bundle / TOKENIZER_DIR)
     if "file" in out:
-        out["file"] = f"tokenizer/{out['file']}"
+        out["file"] = f"{TOKENIZER_DIR}/{out['file']}"
     return out
 
 

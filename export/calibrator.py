@@ -15,10 +15,11 @@ import numpy as np
 
 from ..common.errors import UserError
 from ..common.io import atomic_write_bytes
+from ..common.schemas import BundleManifest
 from ..runtimes.trtlib import TrtLib
 
 
-def make_calibrator(lib: TrtLib, tower: str, input_desc: dict[str, Any], manifest: dict[str, Any], bundle: Path,
+def make_calibrator(lib: TrtLib, tower: str, input_desc: dict[str, Any], manifest: BundleManifest, bundle: Path,
                     source: str | None, count: int, *, batch: int, cache_file: Path) -> Any:
     trt = lib.module
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
@@ -57,26 +58,25 @@ def make_calibrator(lib: TrtLib, tower: str, input_desc: dict[str, Any], manifes
     return EntropyCalibrator()
 
 
-def calibration_batches(tower: str, manifest: dict[str, Any], bundle: Path, source: str | None, count: int,
+def calibration_batches(tower: str, manifest: BundleManifest, bundle: Path, source: str | None, count: int,
                         batch: int) -> Iterator[np.ndarray]:
     """Full batches of preprocessed images or int32 token ids from a data source (a partial last batch is dropped:
     the calibrator's batch size is fixed)."""
     from ..common.preprocess import Preprocess
     from ..common.tokenizers import tokenizer_from_config
-    from ..data import UnreadableImage, open_source
+    from ..data import open_source
+    from ..data.pairs import read_pairs
 
     if not source:
         raise UserError("int8 calibration needs data: pass --calib scenes:calib or a CSV/COCO source")
     pairs = open_source(source)
-    pre = Preprocess.from_dict(manifest.get("preprocess") or {}) if tower == "image" else None
-    tok = tokenizer_from_config(manifest["tokenizer"], bundle) if tower == "text" else None
+    pre = Preprocess.from_dict(manifest.to_dict()["preprocess"]) if tower == "image" else None
+    if tower == "text" and manifest.tokenizer is None:
+        raise UserError(f"bundle {bundle} carries no tokenizer, so captions cannot be calibrated; re-export it")
+    tok = tokenizer_from_config(manifest.tokenizer, bundle) if tower == "text" else None
     items: list[Any] = []
     seen = 0
-    for i in range(min(count, len(pairs))):
-        try:
-            pair = pairs[i]
-        except UnreadableImage:
-            continue
+    for pair in read_pairs(pairs, range(min(count, len(pairs)))):
         items.append(pre(pair.image) if pre is not None else pair.caption)
         seen += 1
         if len(items) == batch:

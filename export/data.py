@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
-
 from ..common.errors import UserError
 from ..common.preprocess import Preprocess
 
@@ -35,7 +33,8 @@ def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preproces
                what: str = "data") -> PairData:
     """The first `count` readable pairs of `spec` (fewer when the source is smaller), each image
     preprocessed by `preprocess` and by every one of `others`."""
-    from ..data import UnreadableImage, open_source
+    from ..data import open_source
+    from ..data.pairs import ReadStats, read_pairs
 
     if count <= 0:
         raise UserError(f"the {what} count must be positive, got {count}")
@@ -43,13 +42,8 @@ def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preproces
     src = open_source(spec, image_size=max(64, *(p.image_size for p in pres)))
     n = min(count, len(src))
     images: list[list[np.ndarray]] = [[] for _ in pres]
-    captions, labels, keys, skipped = [], [], [], 0
-    for i in tqdm(range(n), desc=f"read {what}", unit="img", disable=not progress, leave=False):
-        try:
-            pair = src[i]
-        except UnreadableImage:
-            skipped += 1
-            continue
+    captions, labels, keys, stats = [], [], [], ReadStats()
+    for pair in read_pairs(src, range(n), stats, progress=progress, desc=f"read {what}"):
         for out, pre in zip(images, pres):
             out.append(pre(pair.image))
         captions.append(pair.caption)
@@ -60,5 +54,5 @@ def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preproces
     classes = list(src.class_names()) if hasattr(src, "class_names") else []
     templates = list(src.templates()) if hasattr(src, "templates") else []
     stacked = [np.stack(im).astype(np.float32) for im in images]
-    return PairData(spec, stacked[0], stacked[1:], captions, np.asarray(labels, np.int64), keys, skipped,
+    return PairData(spec, stacked[0], stacked[1:], captions, np.asarray(labels, np.int64), keys, stats.skipped,
                     classes, templates)

@@ -13,7 +13,6 @@ Design choices (see docs/EXPORT.md):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,17 +191,14 @@ def check_graph(path: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's sha256 (one implementation: ``common.integrity``, cached by inode, size and times)."""
+    from ..common.integrity import sha256_file as digest
+
+    return digest(path)
 
 
 def sha256_state(model: nn.Module) -> str:
-    """A digest of a model's weights when there is no weights file to hash (random init, in memory)."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """A digest of a model's weights when there is no weights file to hash (see ``models.resolve``)."""
+    from ..models.resolve import sha256_state as digest
+
+    return digest(model)

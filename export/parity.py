@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..common.errors import UserError
 from ..runtimes import Runtime, open_runtime
-from ..runtimes.bundle import read_manifest
+from ..runtimes.bundle import BundleManifest, read_manifest
 from ..common import embeddings as M
 from .report import DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores, Tolerance
 
@@ -110,20 +110,20 @@ def _load_inputs(data: str | None, count: int, bundle_rt: Runtime, preprocess: A
     return student, teacher, data, len(pairs)
 
 
-def _resolve_reference(reference: Any, manifest: dict[str, Any]) -> tuple[Any, str, bool]:
+def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, str, bool]:
     """(ClipPackage, its name, whether its weights are the bundle's source weights)."""
     from .source import resolve_source
 
     given = reference
     if reference is None:
-        src = manifest.get("source", {})
-        if src.get("kind") == "package" or not src.get("spec"):
+        src = manifest.source
+        if src.kind == "package" or not src.spec:
             raise UserError("this bundle was exported from a model in memory; pass --reference MODEL_DIR")
-        reference = src["spec"]
-        if src.get("kind") == "model_dir" and not Path(reference).exists():
+        reference = src.spec
+        if src.kind == "model_dir" and not Path(reference).exists():
             raise UserError(f"the bundle's source model {reference} no longer exists; pass --reference MODEL_DIR")
     ref = resolve_source(reference)
-    same = ref.sha256 == manifest.get("source", {}).get("sha256")
+    same = ref.sha256 == manifest.source.sha256
     if not same and given is None:
         why = (" (a randomly initialised open_clip model cannot be re-created)" if ref.kind == "open_clip"
                and ref.weights is None else "")
@@ -132,11 +132,11 @@ def _resolve_reference(reference: Any, manifest: dict[str, Any]) -> tuple[Any, s
     return ref.package, ref.spec, same
 
 
-def _artifact_runtimes(bundle: Path, manifest: dict[str, Any], device: str, providers: list[str] | None,
+def _artifact_runtimes(bundle: Path, manifest: BundleManifest, device: str, providers: list[str] | None,
                        skipped: list[dict[str, str]]) -> list[tuple[str, Runtime]]:
     out: list[tuple[str, Runtime]] = [("onnxrt", open_runtime(bundle, backend="onnxrt", device=device,
                                                               providers=providers))]
-    if manifest.get("engines"):
+    if manifest.engines:
         try:
             out.append(("trt", open_runtime(bundle, backend="trt", device="cuda")))
         except UserError as e:  # no TensorRT runtime or no suitable GPU here: say so in the report
@@ -155,7 +155,7 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    precision = manifest.get("precision", "fp32")
+    precision = manifest.precision
     tol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
     tol = replace(tol, **{k: v for k, v in dict(min_cosine=min_cosine, min_agreement=min_agreement,
                                                    max_abs=max_abs).items() if v is not None})
@@ -172,10 +172,10 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
     notes = [] if same_weights else ["the reference's weights differ from the bundle's source weights (sha256)"]
     artifacts = _artifact_runtimes(bundle, manifest, device, providers, skipped)
     try:
-        inp, t_inp, data_name, n = _load_inputs(data, count, artifacts[0][1], manifest["preprocess"],
+        inp, t_inp, data_name, n = _load_inputs(data, count, artifacts[0][1], manifest.to_dict()["preprocess"],
                                                 ref_pkg.shape.text.vocab_size, teacher_pkg, progress)
         _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
-        with open_runtime(ref_pkg, backend="pyt", normalize=bool(manifest.get("normalized", True))) as ref_rt:
+        with open_runtime(ref_pkg, backend="pyt", normalize=manifest.normalized) as ref_rt:
             ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
         ref_tasks = _tasks(ref, inp, None)
         ref_preds = (ref.retrieval(), ref.zero_shot(inp.labels))
@@ -193,7 +193,7 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
                     if t_inp is not None else None)
     if data_name == "random":
         notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
-    return ParityReport(str(bundle), precision, ref_name, data_name, n, bool(manifest.get("normalized", True)), tol,
+    return ParityReport(str(bundle), precision, ref_name, data_name, n, manifest.normalized, tol,
                         ref_tasks, results, checks, teacher_view, skipped, notes)
 
 

@@ -15,6 +15,7 @@ Precision rules (see ``_plan``):
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -23,12 +24,14 @@ from typing import Any
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_bytes, atomic_write_json
+from ..common.integrity import check_onnx_external_data, sha256_file
+from ..common.io import atomic_path, atomic_write_bytes
+from ..common.schemas import ENGINE_FORMAT, ENGINE_VERSION, MAX_BATCH, SIDECAR_SUFFIX, BundleManifest, EngineEntry, EngineSidecar
 from ..runtimes.bundle import read_manifest, tower_file, write_manifest
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
 
 PRECISIONS = ("fp32", "fp16", "int8")
-ENGINE_FORMAT = "tinyclip-edge/engine"
+MAX_ELEMENTS = (1 << 31) - 1   # TensorRT's limit on one tensor's volume
 
 
 @dataclass
@@ -52,14 +55,13 @@ def build_engines(bundle_dir: str | Path, *, precision: str | None = None, batch
     manifest = read_manifest(bundle)
     batch = _check_batch(batch)
     _check_towers(towers, manifest, bundle)
-    if workspace_mb is not None and workspace_mb <= 0:
-        raise UserError(f"--workspace must be a positive number of MiB, got {workspace_mb}")
+    _check_workspace(workspace_mb)
     lib = load_tensorrt()
     if timing_cache is not None and lib.is_rtx:
         print("note: TensorRT for RTX ignores timing caches (it compiles kernels just in time on the GPU, "
               "with its own runtime cache); --timing-cache is not used")
         timing_cache = None
-    job = _Job(lib, bundle, manifest, _plan(lib, str(manifest.get("precision", "fp32")), precision, dla_core, calib),
+    job = _Job(lib, bundle, manifest, _plan(lib, manifest.precision, precision, dla_core, calib),
                batch, workspace_mb, dla_core, _TimingCache(Path(timing_cache)) if timing_cache else None,
                calib, calib_count, Path(calib_cache) if calib_cache else None)
     if dla_core is not None and batch[0] != batch[2] and verbose:
@@ -86,10 +88,40 @@ def _check_batch(batch: Any) -> tuple[int, int, int]:
         raise UserError(f"--batch needs three integers min,opt,max (e.g. 1,8,32), got {batch!r}") from None
     if not 1 <= lo <= opt <= hi:
         raise UserError(f"--batch must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+    if hi > MAX_BATCH:
+        raise UserError(f"--batch max {hi} is above the limit of {MAX_BATCH}; engines for edge devices use batches "
+                        "of a few dozen at most (e.g. --batch 1,8,32)")
     return lo, opt, hi
 
 
-def _check_towers(towers: tuple[str, ...], manifest: dict[str, Any], bundle: Path) -> None:
+def _physical_memory_mb() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _check_workspace(workspace_mb: Any) -> None:
+    if workspace_mb is None:
+        return
+    if isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int) or workspace_mb <= 0:
+        raise UserError(f"--workspace must be a positive number of MiB, got {workspace_mb}")
+    total = _physical_memory_mb()
+    if total is not None and workspace_mb > total:
+        raise UserError(f"--workspace {workspace_mb} MiB is more than this machine's {total} MiB of memory; "
+                        "pass a smaller limit (or none: the builder then uses what the device has)")
+
+
+def _check_volume(tower: str, name: str, shape: list[int]) -> None:
+    volume = 1
+    for d in shape:
+        volume *= d
+    if volume > MAX_ELEMENTS:
+        raise UserError(f"{tower} graph: input {name} at the largest batch would be {'x'.join(map(str, shape))} = "
+                        f"{volume} elements, above TensorRT's limit of {MAX_ELEMENTS}; lower the max of --batch")
+
+
+def _check_towers(towers: tuple[str, ...], manifest: BundleManifest, bundle: Path) -> None:
     if not towers:
         raise UserError("no towers to build; pass image, text or both")
     for t in towers:
@@ -139,7 +171,7 @@ class _Job:
 
     lib: TrtLib
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     plan: _Plan
     batch: tuple[int, int, int]
     workspace_mb: int | None
@@ -167,9 +199,10 @@ class _Job:
                             f"{'; '.join(logger.errors[-5:]) or 'no reason given'}{oom}")
         data = bytes(serialized)
         entry = self._sidecar(tower, inputs, outputs, onnx_path, data, seconds)
+        sidecar = EngineSidecar.from_data(entry)  # validated before anything is written
         with atomic_path(self.bundle / entry["engine"]) as tmp:
             tmp.write_bytes(data)
-        atomic_write_json(self.bundle / f"{entry['engine']}.json", entry)
+        sidecar.write(self.bundle / entry["engine"])
         return entry
 
     def _parse(self, onnx_path: Path, logger: Any) -> tuple[Any, Any, Any]:
@@ -180,6 +213,7 @@ class _Job:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
+        check_onnx_external_data(onnx_path, self.bundle)  # the parser follows external-data paths anywhere
         if not parser.parse_from_file(str(onnx_path)):
             raise UserError(f"{self.lib.name} cannot parse {onnx_path}: {_parser_errors(parser, logger)}")
         if network.num_inputs == 0 or network.num_outputs == 0:  # junk bytes can decode as an empty protobuf
@@ -196,6 +230,7 @@ class _Job:
             if any(d < 0 for d in fixed):
                 raise UserError(f"{tower} graph: input {t['name']} has dynamic dimensions besides the batch "
                                 f"({t['shape']}); re-export with a fixed image size / context length")
+            _check_volume(tower, t["name"], [self.batch[2], *fixed])
             profile.set_shape(t["name"], *[(b, *fixed) for b in self.batch])
         config.add_optimization_profile(profile)
         if self.workspace_mb is not None:
@@ -220,7 +255,7 @@ class _Job:
         m, engine = self.manifest, f"{tower}.engine"
         return {
             "format": ENGINE_FORMAT,
-            "format_version": 1,
+            "format_version": ENGINE_VERSION,
             "tower": tower,
             "engine": engine,
             "library": self.lib.name,
@@ -230,13 +265,14 @@ class _Job:
             "profile": dict(zip(("min", "opt", "max"), self.batch)),
             "inputs": inputs,
             "outputs": outputs,
-            "embed_dim": m.get("embed_dim", outputs[0]["shape"][-1]),
-            "normalized": m.get("normalized", True),
-            "preprocess": m.get("preprocess") if tower == "image" else None,
-            "tokenizer": m.get("tokenizer") if tower == "text" else None,
-            "params": m.get("towers", {}).get(tower, {}).get("params") or (m.get("params") or {}).get(tower),
+            "embed_dim": m.embed_dim,
+            "normalized": m.normalized,
+            "preprocess": m.to_dict()["preprocess"] if tower == "image" else None,
+            "tokenizer": m.tokenizer if tower == "text" else None,
+            "params": m.towers[tower].params or m.params.get(tower),
             "onnx": onnx_path.name,
-            "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+            "onnx_sha256": sha256_file(onnx_path),
+            "engine_sha256": hashlib.sha256(data).hexdigest(),
             "size_bytes": len(data),
             "build_seconds": round(seconds, 3),
             "flags": {"builder_flags": self.plan.flags, "workspace_mb": self.workspace_mb, "dla_core": self.dla_core,
@@ -320,10 +356,13 @@ class _TimingCache:
         atomic_write_bytes(self.path, self.data)
 
 
-def _record_in_manifest(bundle: Path, manifest: dict[str, Any], entries: list[dict]) -> None:
-    engines = dict(manifest.get("engines") or {})
+def _record_in_manifest(bundle: Path, manifest: BundleManifest, entries: list[dict]) -> None:
+    """List the engines in the manifest and record their files' digests, so opening the bundle verifies them."""
     for e in entries:
-        engines[e["tower"]] = {"file": e["engine"], "sidecar": f"{e['engine']}.json", "library": e["library"],
-                               "library_version": e["library_version"], "precision": e["precision"],
-                               "profile": e["profile"], "size_bytes": e["size_bytes"]}
-    write_manifest(bundle, {**manifest, "engines": engines})
+        manifest.engines[e["tower"]] = EngineEntry(
+            file=e["engine"], sidecar=e["engine"] + SIDECAR_SUFFIX, library=e["library"],
+            library_version=e["library_version"], precision=e["precision"],
+            profile=EngineSidecar.from_data(e).profile, size_bytes=e["size_bytes"])
+        manifest.record_file(bundle, e["engine"])
+        manifest.record_file(bundle, e["engine"] + SIDECAR_SUFFIX)
+    write_manifest(bundle, manifest)

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.io import read_json
+from ..common.schemas import ENGINE_SUFFIXES, WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
 from .base import TOWERS, Runtime, detect_backend
 from .bundle import is_bundle, read_manifest
-
-ENGINE_SUFFIXES = (".engine", ".plan")
 
 
 @dataclass
@@ -72,9 +70,9 @@ def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
         return _bundle_info(path, backend)
     if path.suffix == ".onnx":
         return _onnx_info(path, backend)
-    cfg = read_json(path / "config.json", what="model config")
-    return ArtifactInfo(path.name, path, backend, "model-dir", TOWERS, files=[path / "model.safetensors"],
-                        params=cfg.get("params"), precision="fp32")
+    cfg = ModelConfig.read(path)
+    return ArtifactInfo(path.name, path, backend, "model-dir", TOWERS, files=[path / WEIGHTS_NAME],
+                        params=dict(cfg.params) or None, precision="fp32")
 
 
 def _module_info(module: Any) -> ArtifactInfo:
@@ -97,50 +95,42 @@ def _params(module: Any) -> dict[str, int] | None:
     return None
 
 
-def read_sidecar(engine: Path) -> dict[str, Any] | None:
-    side = engine.with_name(engine.name + ".json")
-    return read_json(side, what="engine sidecar") if side.is_file() else None
+def read_sidecar(engine: Path) -> EngineSidecar | None:
+    """The engine's validated sidecar (None without one); the engine is checked against its recorded digest."""
+    return EngineSidecar.read(engine)
 
 
 def _engine_info(path: Path, name: str | None = None) -> ArtifactInfo:
     side = read_sidecar(path)
     if side is None:  # without a sidecar nothing is known until TensorRT opens it on a GPU
         return ArtifactInfo(name or path.name, path, "trt", "engine", TOWERS, files=[path])
-    tower, prof = side["tower"], side["profile"]
-    params = {tower: side["params"]} if side.get("params") else None
-    return ArtifactInfo(name or path.name, path, "trt", "engine", (tower,), {tower: (prof["min"], prof["max"])},
-                        [path], params, side.get("precision"))
+    tower, prof = side.tower, side.profile
+    params = {tower: side.params} if side.params else None
+    return ArtifactInfo(name or path.name, path, "trt", "engine", (tower,), {tower: (prof.min, prof.max)},
+                        [path], params, side.precision)
 
 
 def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
     manifest = read_manifest(path)
     if backend == "trt":
         engines = bundle_engines(path, manifest)
-        parts = [_engine_info(path / e["file"]) for e in engines.values()]
+        parts = [_engine_info(manifest.engine_path(path, t)) for t in engines]
         return ArtifactInfo(path.name, path, "trt", "bundle", tuple(t for p in parts for t in p.towers),
                             {t: r for p in parts for t, r in p.batch_range.items()}, [f for p in parts for f in p.files],
-                            _bundle_params(manifest), manifest.get("precision"))
-    towers = manifest.get("towers") or {}
-    files = [path / t["file"] for t in towers.values()]
-    files += [f.with_name(f.name + ".data") for f in files if f.with_name(f.name + ".data").is_file()]
-    return ArtifactInfo(path.name, path, backend, "bundle", tuple(t for t in TOWERS if t in towers), {}, files,
-                        _bundle_params(manifest), manifest.get("precision"))
+                            manifest.tower_params(), manifest.precision)
+    files = [manifest.tower_path(path, t) for t in manifest.towers]
+    files += [path / e.external_data for e in manifest.towers.values() if e.external_data]
+    return ArtifactInfo(path.name, path, backend, "bundle", tuple(t for t in TOWERS if t in manifest.towers), {}, files,
+                        manifest.tower_params(), manifest.precision)
 
 
-def bundle_engines(path: Path, manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """The manifest's engine entries (tower -> {file, sidecar, ...}); an error when none were built."""
-    engines = (manifest or read_manifest(path)).get("engines") or {}
+def bundle_engines(path: Path, manifest: BundleManifest | None = None) -> dict[str, Any]:
+    """The manifest's engine entries (tower -> EngineEntry); an error when none were built."""
+    engines = (manifest or read_manifest(path)).engines
     if not engines:
         raise UserError(f"{path} has no TensorRT engines; build them on this device with "
                         f"`tinyclip-edge export {path} --format engine`")
     return engines
-
-
-def _bundle_params(manifest: dict[str, Any]) -> dict[str, int] | None:
-    if isinstance(manifest.get("params"), dict):
-        return manifest["params"]
-    per = {t: d["params"] for t, d in (manifest.get("towers") or {}).items() if isinstance(d, dict) and d.get("params")}
-    return {**per, "total": sum(per.values())} if per else None
 
 
 def _onnx_info(path: Path, backend: str) -> ArtifactInfo:

@@ -176,11 +176,13 @@ def detect_backend(target: Any) -> str:
     if not isinstance(target, (str, os.PathLike)):
         return "pyt"
     p = Path(target)
-    if p.suffix in (".engine", ".plan"):
+    from ..common.schemas import CONFIG_NAME, ENGINE_SUFFIXES, MANIFEST_NAME
+
+    if p.suffix in ENGINE_SUFFIXES:
         return "trt"
-    if p.is_dir() and (p / "manifest.json").is_file():
+    if p.is_dir() and (p / MANIFEST_NAME).is_file():
         return "onnxrt"
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
         return "pyt"
     if p.suffix == ".onnx":
         return "onnxrt"

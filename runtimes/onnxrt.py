@@ -18,6 +18,8 @@ import numpy as np
 
 from ..common.errors import MissingDependency, UserError
 from .base import TOWERS, InputSpec, Runtime, register_backend
+from ..common.integrity import check_onnx_external_data
+from ..common.schemas import BundleManifest
 from .bundle import is_bundle, read_manifest, tower_file
 
 SHORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -84,6 +86,7 @@ def create_session(path: str | os.PathLike, *, providers: list[Any] | None = Non
     if inter_op_threads is not None:
         so.inter_op_num_threads = int(inter_op_threads)
     wanted = resolve_providers(device, providers, allow_fallback)
+    check_onnx_external_data(path)  # before onnxruntime follows a location outside the graph's directory
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -122,6 +125,14 @@ def _guess_tower(sess: Any) -> str:
     return "text" if "int" in sess.get_inputs()[0].type else "image"
 
 
+def _prop(props: dict[str, str], key: str) -> Any:
+    """A JSON metadata prop of a lone graph (None when absent or unreadable)."""
+    try:
+        return json.loads(props[key]) if key in props else None
+    except ValueError:
+        return None
+
+
 def _dim(shape: list[Any], i: int) -> int:
     return shape[i] if i < len(shape) and isinstance(shape[i], int) else 0
 
@@ -152,9 +163,10 @@ class OnnxRuntime(Runtime):
         return d
 
 
-def _spec_from(sessions: dict[str, Any], manifest: dict[str, Any] | None) -> InputSpec:
+def _spec_from(sessions: dict[str, Any], manifest: BundleManifest | None) -> InputSpec:
     """Input sizes from the manifest, else from metadata props, else from the graphs' static dims."""
-    info: dict[str, Any] = dict(manifest or {})
+    info: dict[str, Any] = ({"image_size": manifest.image_size, "context_length": manifest.context_length,
+                             "embed_dim": manifest.embed_dim} if manifest else {})
     for tower, sess in sessions.items():
         props = _props(sess)
         for key in ("image_size", "context_length", "embed_dim"):
@@ -183,10 +195,10 @@ def open_onnxrt(target: str | os.PathLike, *, device: str = "cpu", precision: st
     path = Path(target)
     opts = dict(providers=providers, device=device, intra_op_threads=intra_op_threads,
                 inter_op_threads=inter_op_threads, allow_fallback=allow_fallback, optimization=optimization)
-    manifest: dict[str, Any] | None = None
+    manifest: BundleManifest | None = None
     if path.is_dir() or is_bundle(path):
         manifest = read_manifest(path)
-        wanted = towers or tuple(t for t in TOWERS if t in manifest.get("towers", {}))
+        wanted = towers or tuple(t for t in TOWERS if t in manifest.towers)
         sessions = {t: create_session(tower_file(path, manifest, t), **opts) for t in wanted}
         base_dir, name = path, path.name
     elif path.suffix == ".onnx" and path.is_file():
@@ -196,11 +208,12 @@ def open_onnxrt(target: str | os.PathLike, *, device: str = "cpu", precision: st
         raise UserError(f"onnxrt opens an export bundle directory or an .onnx file; {path} is neither"
                         + ("" if path.exists() else " (it does not exist)"))
     props = _props(next(iter(sessions.values())))
-    found = (manifest or {}).get("precision") or props.get("precision") or "fp32"
+    found = manifest.precision if manifest else props.get("precision") or "fp32"
     if precision is not None and precision != found:
         raise UserError(f"{name} holds {found} graphs, not {precision}; export a {precision} bundle or drop --precision")
-    normalized = manifest.get("normalized") if manifest else (json.loads(props["normalized"]) if "normalized" in props else None)
-    preprocess = manifest.get("preprocess") if manifest else (json.loads(props["preprocess"]) if "preprocess" in props else None)
-    tokenizer = manifest.get("tokenizer") if manifest else (json.loads(props["tokenizer"]) if "tokenizer" in props else None)
+    if manifest:
+        normalized, preprocess, tokenizer = manifest.normalized, manifest.to_dict()["preprocess"], manifest.tokenizer
+    else:
+        normalized, preprocess, tokenizer = (_prop(props, k) for k in ("normalized", "preprocess", "tokenizer"))
     return OnnxRuntime(sessions, name=name, device=device, precision=found, spec=_spec_from(sessions, manifest),
                        normalized=normalized, preprocess=preprocess, tokenizer=tokenizer, base_dir=base_dir)

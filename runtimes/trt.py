@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from .artifacts import ENGINE_SUFFIXES, bundle_engines, read_sidecar
+from ..common.schemas import ENGINE_SUFFIXES, EngineSidecar
+from .artifacts import bundle_engines, read_sidecar
 from .base import InputSpec, Runtime, register_backend
-from .bundle import is_bundle
+from .bundle import is_bundle, read_manifest
 from .trtlib import TrtLib, dtype_name, load_tensorrt
 
 _TOWER_OF_INPUT = {"images": "image", "tokens": "text"}
@@ -77,9 +78,10 @@ class _Engine:
 class TrtRuntime(Runtime):
     backend = "trt"
 
-    def __init__(self, engines: dict[str, _Engine], sidecars: dict[str, dict[str, Any]], *, name: str,
+    def __init__(self, engines: dict[str, _Engine], sidecars: dict[str, EngineSidecar | None], *, name: str,
                  device: str, base_dir: Path, lib: TrtLib):
-        first = next(iter(sidecars.values()))
+        first = next((s for s in sidecars.values() if s is not None), None)
+        image_side, text_side = sidecars.get("image"), sidecars.get("text")
         image, text = engines.get("image"), engines.get("text")
         spec = InputSpec(
             image_size=image.shape[-1] if image else 0,
@@ -90,9 +92,9 @@ class TrtRuntime(Runtime):
             min_batch=max(e.batch_range[0] for e in engines.values()),
             max_batch=min(e.batch_range[1] for e in engines.values()),
         )
-        super().__init__(name=name, device=device, precision=first.get("precision", "unknown"), spec=spec,
-                         preprocess=(sidecars.get("image") or {}).get("preprocess"),
-                         tokenizer=(sidecars.get("text") or {}).get("tokenizer"), base_dir=base_dir,
+        super().__init__(name=name, device=device, precision=first.precision if first else "unknown", spec=spec,
+                         preprocess=image_side.to_dict()["preprocess"] if image_side else None,
+                         tokenizer=text_side.tokenizer if text_side else None, base_dir=base_dir,
                          towers=tuple(t for t in ("image", "text") if t in engines))
         self._engines, self._sidecars, self._lib = engines, sidecars, lib
 
@@ -116,18 +118,19 @@ def _dtype_str(torch_dtype: Any) -> str:
     return str(torch_dtype).replace("torch.", "")
 
 
-def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[str, tuple[Path, dict | None]]:
+def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[str, tuple[Path, EngineSidecar | None]]:
     """tower -> (engine path, sidecar or None) for an engine file or a bundle with engines."""
     path = Path(target)
     if not path.exists():
         raise UserError(f"engine not found: {path}")
     if path.suffix in ENGINE_SUFFIXES:
         side = read_sidecar(path)
-        t = (side or {}).get("tower") or tower or "unknown"
+        t = side.tower if side else tower or "unknown"
         found = {t: (path, side)}
     elif is_bundle(path):
-        engines = bundle_engines(path)
-        found = {t: (path / e["file"], read_sidecar(path / e["file"])) for t, e in engines.items()}
+        manifest = read_manifest(path)
+        engines = bundle_engines(path, manifest)
+        found = {t: (manifest.engine_path(path, t), read_sidecar(manifest.engine_path(path, t))) for t in engines}
     else:
         raise UserError(f"{path} is neither a TensorRT engine (.engine/.plan) nor a bundle with engines")
     if tower is None or "unknown" in found:
@@ -145,11 +148,11 @@ def open_trt(target: Any, *, device: str = "cuda", precision: str | None = None,
                         "fixed when the engine is built")
     files = engine_files(target, tower)
     sidecars = {t: s for t, (_, s) in files.items() if s}
-    built = {s.get("precision") for s in sidecars.values()}
+    built = {s.precision for s in sidecars.values()}
     if precision is not None and built and precision not in built:
         raise UserError(f"{target} was built as {'/'.join(sorted(built))}; an engine's precision is fixed at build "
                         f"time: build another engine from a {precision} bundle")
-    libs = {s.get("library") for s in sidecars.values()} - {None}
+    libs = {s.library for s in sidecars.values()}
     if len(libs) > 1:
         raise UserError(f"{target} mixes engines built with {sorted(libs)}; rebuild them with one library")
     lib = load_tensorrt(prefer=next(iter(libs)) if libs else None)
@@ -165,5 +168,5 @@ def open_trt(target: Any, *, device: str = "cuda", precision: str | None = None,
         eng = _Engine(lib, path, dev)
         engines[_TOWER_OF_INPUT.get(eng.input, t)] = eng
     base = Path(target) if Path(target).is_dir() else Path(target).parent
-    sidecars = {_TOWER_OF_INPUT.get(e.input, t): sidecars.get(t, {}) for t, e in zip(files, engines.values())}
+    sidecars = {_TOWER_OF_INPUT.get(e.input, t): sidecars.get(t) for t, e in zip(files, engines.values())}
     return TrtRuntime(engines, sidecars, name=Path(target).name, device=str(dev), base_dir=base, lib=lib)

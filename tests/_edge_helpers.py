@@ -21,6 +21,21 @@ def copy_bundle(bundle: Path, dest: Path) -> Path:
     return dest
 
 
+def reseal(bundle: Path) -> Path:
+    """Record the current digests of a bundle's files in its manifest, as an export of these very files would:
+    for tests of what happens *after* the integrity check (a parser error, a corrupt graph)."""
+    from tinyclip_edge.common.integrity import sha256_file
+    from tinyclip_edge.common.schemas import BundleManifest
+
+    m = BundleManifest.read(bundle, verify=False)
+    for name in m.files:
+        m.record_file(bundle, name)
+    for entry in m.towers.values():
+        entry.sha256 = sha256_file(bundle / entry.file)
+    m.write(bundle)
+    return bundle
+
+
 def unsupported_onnx(path: Path) -> Path:
     """A valid ONNX model whose only node is an operator no TensorRT parser knows (custom domain, no plugin)."""
     import onnx

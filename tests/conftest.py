@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,10 @@ import torch
 
 # Tests never touch the network: huggingface_hub fails fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# File digests (and built-in teachers) are cached under the user cache dir: keep the tests' cache to themselves.
+_CACHE = tempfile.mkdtemp(prefix="tinyclip-edge-test-cache-")
+os.environ.setdefault("TINYCLIP_EDGE_CACHE", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -34,7 +34,9 @@ def test_fp32_bundle_contents(tmp_path, tiny_model_dir):
                                                      "text.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     m = json.loads((out / "manifest.json").read_text())
-    assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 1, "fp32", 17)
+    assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 2, "fp32", 17)
+    assert sorted(m["files"]) == ["clip_bundle.py", "image.onnx", "preprocess.json", "text.onnx"]  # all but the manifest
+    assert all(m["files"][f]["sha256"] == _sha256(out / f) for f in m["files"])
     assert m["normalized"] is True and m["embed_dim"] == 32 and m["context_length"] == 24
     assert m["preprocess"]["image_size"] == 32 and m["preprocess"] == json.loads((out / "preprocess.json").read_text())
     assert m["tokenizer"]["kind"] == "words" and m["toolkit_version"] == __version__

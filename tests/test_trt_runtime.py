@@ -30,7 +30,7 @@ def test_engine_files_of_a_bundle_and_a_file(engines):
     found = engine_files(engines)
     assert set(found) == {"image", "text"}
     path, side = found["text"]
-    assert path == engines / "text.engine" and side["tower"] == "text"
+    assert path == engines / "text.engine" and side.tower == "text"
     assert set(engine_files(engines / "image.engine")) == {"image"}
     assert set(engine_files(engines, tower="text")) == {"text"}
     assert detect_backend(engines / "image.engine") == "trt"

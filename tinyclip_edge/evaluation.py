@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .common import embeddings as E
 from .common.errors import UserError
-from .data.sources import PairSource, ScenesSource, UnreadableImage, open_source
+from .data.pairs import ReadStats, read_pairs
+from .data.sources import PairSource, ScenesSource, open_source
 from .models.package import ClipPackage
 
 
@@ -53,13 +54,9 @@ def embed(pkg: ClipPackage, source: PairSource, batch_size: int = 256, max_pairs
     tok = pkg.tokenizer()
     n = len(source) if max_pairs is None else min(len(source), max_pairs)
     keys: dict[str, int] = {}
-    images, captions, text_image, labels, negatives, skipped = [], [], [], [], [], 0
-    for i in range(n):
-        try:
-            pair = source[i]
-        except UnreadableImage:
-            skipped += 1
-            continue
+    images, captions, text_image, labels, negatives = [], [], [], [], []
+    stats = ReadStats()
+    for pair in read_pairs(source, range(n), stats):
         if pair.key not in keys:
             keys[pair.key] = len(images)
             images.append(pkg.preprocess(pair.image))
@@ -79,7 +76,7 @@ def embed(pkg: ClipPackage, source: PairSource, batch_size: int = 256, max_pairs
         return model.encode_text(ids, normalize=True).float().cpu().numpy()
 
     out = Embedded(_batched(enc_img, images, batch_size, "images"), _batched(enc_txt, captions, batch_size, "texts"),
-                   np.asarray(text_image), captions, np.asarray(labels), skipped=skipped)
+                   np.asarray(text_image), captions, np.asarray(labels), skipped=stats.skipped)
     if all(neg is not None for neg in negatives):
         out.negatives = _batched(enc_txt, negatives, batch_size, "negatives")
     if isinstance(source, ScenesSource):

@@ -26,6 +26,12 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
 
 
+def _builtin_teachers(*specs: Any) -> None:
+    """`builtin:NAME` specs are trained by the compression core, which registers them with the resolver on import."""
+    if any(str(s).startswith("builtin:") for s in specs if s):
+        import tinyclip_edge.compress  # noqa: F401
+
+
 def _io(spec: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
 
@@ -69,6 +75,7 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
         return
     if out is None:
         raise UserError(f"--format {fmt} needs --out DIR (the directory to write)")
+    _builtin_teachers(source)
     if fmt == "open_clip":
         _open_clip(source, out)
         return
@@ -82,14 +89,14 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
 
     m = read_manifest(bundle)
     rows = []
-    for tower, t in m["towers"].items():
-        d = m["precision_details"].get(tower, {})
+    for tower, t in m.to_dict()["towers"].items():
+        d = m.precision_details.get(tower, {})
         note = (f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float" if "quantized_nodes" in d
                 else f"fp32 ops: {','.join(d['fp32_ops'])}" if "fp32_ops" in d else "")
         rows.append({"tower": tower, "file": t["file"], "input": _io(t["inputs"]), "output": _io(t["outputs"]),
                      "MB": f"{t['bytes'] / 1e6:.2f}", "notes": note})
     click.echo(_table(rows, ["tower", "file", "input", "output", "MB", "notes"]))
-    click.echo(f"\n{m['precision']} bundle (opset {m['opset']}, normalized={m['normalized']}) written to {bundle}")
+    click.echo(f"\n{m.precision} bundle (opset {m.opset}, normalized={m.normalized}) written to {bundle}")
 
 
 def _open_clip(source: str, out: Path) -> None:
@@ -157,6 +164,7 @@ def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher:
     from ..common.io import atomic_write_text
     from ..export import run_parity
 
+    _builtin_teachers(reference, teacher)
     report = run_parity(bundle, reference=reference, teacher=teacher, data=data, count=count,
                         batch_size=batch_size, min_cosine=min_cosine, min_agreement=min_agreement,
                         max_abs=max_abs, device=device, progress=not quiet)

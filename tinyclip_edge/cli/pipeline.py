@@ -7,7 +7,6 @@ records the same source weights is not exported again.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +44,16 @@ def _models(recipe: Recipe, run: RunResult) -> dict[str, Path]:
 
 def _up_to_date(bundle: Path, model_dir: Path) -> bool:
     """A finished bundle exported from these exact weights (resume skips it)."""
-    from ..export.graphs import sha256_file
+    from ..common.integrity import sha256_file
+    from ..common.schemas import WEIGHTS_NAME, BundleManifest, is_bundle
 
-    manifest = bundle / "manifest.json"
-    if not manifest.is_file():
+    if not is_bundle(bundle):
         return False
-    src = json.loads(manifest.read_text()).get("source", {})
-    return src.get("sha256") == sha256_file(model_dir / "model.safetensors")
+    try:
+        manifest = BundleManifest.read(bundle)
+    except UserError:  # damaged or tampered with: export it again
+        return False
+    return manifest.source.sha256 == sha256_file(model_dir / WEIGHTS_NAME)
 
 
 def _calib_spec(recipe: Recipe) -> str:

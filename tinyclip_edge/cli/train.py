@@ -140,12 +140,14 @@ def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pa
 def info(model: str, as_json: bool) -> None:
     """Show a model directory: parameters per tower, shapes, preprocessing, provenance."""
     from ..models import read_config
+    from ..models.package import check_weights
 
     cfg = read_config(model)
+    check_weights(model, cfg)  # what is printed must describe the weights, not just the config
     if as_json:
-        click.echo(json.dumps(cfg, indent=2))
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
-    p, shape = cfg["params"], cfg["shape"]
+    p, shape = cfg.params, cfg.shape
     click.echo(f"{model}: {p['total']:,} parameters (image {p['image']:,}, text {p['text']:,}), "
                f"embedding dim {shape['embed_dim']}")
     for tower in ("vision", "text"):
@@ -153,6 +155,6 @@ def info(model: str, as_json: bool) -> None:
         click.echo(f"  {tower:6s} width {s['width']}, {len(s['heads'])} layers, heads {s['heads']}, mlp {s['mlp']}")
     v = shape["vision"]
     click.echo(f"  image  {v['image_size']}px, patch {v['patch_size']}; text context {shape['text']['context_length']}, "
-               f"tokenizer {cfg['tokenizer'].get('kind')} {cfg['tokenizer'].get('model', '')}".rstrip())
-    prov = cfg.get("provenance", {})
+               f"tokenizer {cfg.tokenizer.get('kind')} {cfg.tokenizer.get('model', '')}".rstrip())
+    prov = cfg.provenance
     click.echo("  provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if v is not None))

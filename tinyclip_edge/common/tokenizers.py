@@ -91,7 +91,12 @@ class BpeTokenizer:
         if clean not in CLEAN_MODES:
             raise UserError(f"unknown BPE clean mode {clean!r}; choose from {', '.join(CLEAN_MODES)}")
         self.file, self.context_length, self.vocab_size, self.clean = file, context_length, vocab_size, clean
-        self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
+        try:
+            self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
+        except Exception as e:  # gzip, unicode and index errors from a file that is not a BPE vocabulary
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tokenizer vocabulary {file} is not a gzipped CLIP BPE merges file ({first}); "
+                            "re-export the bundle or restore the file") from None
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:
         return self._tok(texts).numpy().astype(np.int64)
@@ -160,14 +165,19 @@ class OpenClipTokenizer:
 
 def tokenizer_from_config(cfg: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Tokenizer:
     """Rebuild a tokenizer; `base_dir` resolves relative vocabulary files (an export bundle's directory)."""
+    from .schemas import check_tokenizer
+
+    check_tokenizer(cfg, "tokenizer")
     kind = cfg.get("kind")
     ctx = int(cfg.get("context_length", 77))
     if kind == "words":
         return WordTokenizer(vocab=list(cfg["vocab"]), context_length=ctx)
     if kind == "bpe":
         file = Path(cfg["file"])
-        if base_dir is not None and not file.is_absolute():
-            file = Path(base_dir) / file
+        if base_dir is not None:  # an artifact's tokenizer file must stay inside the artifact
+            from .integrity import inside
+
+            file = inside(base_dir, cfg["file"], f"{base_dir}: 'tokenizer.file'")
         return BpeTokenizer(str(file), ctx, int(cfg.get("vocab_size", 49408)), cfg.get("clean", "lower"))
     if kind == "open_clip":
         return OpenClipTokenizer(cfg["model"], ctx, int(cfg.get("vocab_size", 49408)))

@@ -7,7 +7,12 @@ keep-probabilities (``expected_params``), using the same formula that counts a m
 
 Materialising: units are ranked by their log-alpha (how strongly training wanted them kept) and the
 highest-ranked are kept until the parameter budget is used up (a global threshold, then a greedy
-fill), so the dense student lands on the budget instead of wherever rounding would put it.
+fill), so the dense student lands on the budget instead of wherever rounding would put it. The kept
+units keep their deterministic gate values (``HardConcrete.deterministic``), multiplied into the weights
+(``compress/folding.py``), so the dense student computes what the masked network computes with those
+gates: ``deterministic_masks`` builds the masks that define it. A kept residual channel whose gate is
+exactly 0 carries nothing and would still count in LayerNorm's statistics, so it is dropped
+(``drop_closed_channels``, unless a width floor needs it): the student can land below its budget, never above.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ class HardConcrete(nn.Module):
         u = torch.rand(self.log_alpha.shape, generator=generator, device=self.log_alpha.device).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def deterministic(self) -> Tensor:
+        """The test-time gate (Louizos et al. 2018, eq. 13): clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1).
+        About 0.957 at the initial log-alpha; exactly 0 below log_alpha = -2.40, exactly 1 above 2.40."""
+        z = torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA
+        return z.clamp(0, 1)
 
     def prob_open(self) -> Tensor:
         """P(gate > 0), the expected L0 norm per unit."""
@@ -237,4 +248,43 @@ def masks_for_plan(plan: TowerPlan, shape: TowerShape, device: torch.device | st
         m[mlp] = 1
         blocks.append(BlockMasks(hidden, h, m, torch.tensor(1.0 if heads else 0.0, device=device),
                                  torch.tensor(1.0 if mlp else 0.0, device=device)))
+    return TowerMasks(hidden, blocks)
+
+
+def hidden_floor(shape: TowerShape, need: TowerShape | None) -> int:
+    """The fewest residual channels a materialised tower keeps (the same floor ``budget_plans`` applies)."""
+    return _floor(shape, need).hidden
+
+
+def drop_closed_channels(plan: TowerPlan, gates: TowerGates, min_hidden: int = 1) -> TowerPlan:
+    """The plan without residual channels whose deterministic gate is exactly 0.
+
+    Such a channel is zero everywhere in the masked network, and the masked LayerNorm leaves it out of its
+    statistics; a sliced model that kept it would count it there, so keeping it would not be exact. Only a
+    floor (`min_hidden`: one attention head's width, or the shape the next stage of a chain inherits) keeps
+    closed channels, the highest-scoring first; then the student differs from the masked network by those
+    channels' weight in LayerNorm's statistics."""
+    if gates.hidden is None:
+        return plan
+    la = gates.hidden.log_alpha.detach().cpu()
+    z = gates.hidden.deterministic().detach().cpu()
+    open_ = [c for c in plan.hidden if z[c] > 0]
+    closed = sorted((c for c in plan.hidden if z[c] <= 0), key=lambda c: -float(la[c]))
+    need = max(1, min(min_hidden, len(plan.hidden))) - len(open_)
+    return TowerPlan(plan.layers, sorted(open_ + closed[:max(0, need)]), plan.heads, plan.mlp)
+
+
+@torch.no_grad()
+def deterministic_masks(plan: TowerPlan, gates: TowerGates) -> TowerMasks:
+    """The masks of the network a materialised plan computes: each kept unit at its deterministic gate value,
+    every other unit at 0 (``masks_for_plan`` times the gates)."""
+    dev = gates.heads[0].log_alpha.device
+    m = masks_for_plan(plan, gates.shape, dev)
+    hidden = m.hidden * gates.hidden.deterministic() if gates.hidden is not None else m.hidden
+    blocks = []
+    for i, b in enumerate(m.blocks):
+        attn = b.attn_gate * gates.attn_layer[i].deterministic()[0] if gates.attn_layer is not None else b.attn_gate
+        mlp = b.mlp_gate * gates.mlp_layer[i].deterministic()[0] if gates.mlp_layer is not None else b.mlp_gate
+        blocks.append(BlockMasks(hidden, b.heads * gates.heads[i].deterministic(),
+                                 b.mlp * gates.mlp[i].deterministic(), attn, mlp))
     return TowerMasks(hidden, blocks)

@@ -7,7 +7,12 @@ s is the expected sparsity (1 - E[kept params] / params of the model being prune
 sparsity, ramped linearly from 0 over the warm-up. The masks' log-alphas descend on L with their own
 learning rate; lambda1 and lambda2 *ascend* on L (a separate optimiser with maximize=True), so a
 violated budget makes them grow until the masks comply. At the end the gates become deterministic and
-the model is materialised (``finalize``) to a smaller dense student with per-layer widths.
+the model is materialised (``finalize``) to a smaller dense student with per-layer widths: the kept units'
+deterministic gate values are folded into the weights (``folding.py``), so the student is the network
+that was trained, and the rest is sliced away.
+
+Only towers with a target get gates. A tower without one (``target: {image: 0.5}``) trains without masks
+and is materialised as it is; with ``joint: true`` the towers that have targets share one budget.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.clip import ClipModel
+from ..common.errors import UserError
+from ..models.clip import ClipModel, TowerMasks
 from ..models.shape import TOWERS, ClipShape
-from .masks import TowerGates, budget_plans, masks_for_plan
+from .folding import fold_masks
+from .masks import TowerGates, budget_plans, deterministic_masks, drop_closed_channels, hidden_floor
 from .recipe import PruneCfg
-from .slicing import KeepPlan, TowerPlan, slice_model
+from .slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
 from .tasks import StageTask, register_task
 
 
@@ -32,34 +39,45 @@ def _embedding_terms(shape: ClipShape, tower: str) -> tuple[float, float]:
     return float(per), float(ts.embedding_params(0, shape.embed_dim))
 
 
+def noise_seed(seed: int, step: int, micro: int) -> int:
+    """A distinct generator seed for every (seed, step, micro-batch) with micro < 1,000,033."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + micro) % 2**63
+
+
 @register_task("prune")
 class PruneTask(StageTask):
     def __init__(self, model: ClipModel, cfg: PruneCfg, budget: dict[str, float], mask_steps: int, seed: int = 0):
         super().__init__(model)
         self.cfg, self.budget, self.mask_steps, self.seed = cfg, dict(budget), mask_steps, seed
+        gated = [t for t in TOWERS if t in budget]
+        if not gated:
+            raise UserError("a prune stage needs a target for at least one tower (image or text)")
         gen = torch.Generator().manual_seed(seed)
-        self.gates = nn.ModuleDict({t: TowerGates(model.shape.tower(t), cfg.hidden, cfg.layers, gen) for t in TOWERS})
-        groups = [list(TOWERS)] if cfg.joint else [[t] for t in TOWERS if t in budget]
+        self.gates = nn.ModuleDict({t: TowerGates(model.shape.tower(t), cfg.hidden, cfg.layers, gen) for t in gated})
+        groups = [gated] if cfg.joint else [[t] for t in gated]
         self.groups = groups
         self.lambdas = nn.Parameter(torch.zeros(len(groups), 2))
         self._full = {t: float(model.shape.params()[t]) for t in TOWERS}
         self._last: dict[str, float] = {}
 
     # ---------------------------------------------------------------- forward
-    def _generator(self, step: int) -> torch.Generator:
-        # mask noise is a pure function of (seed, step), so a resumed run samples the same masks
-        dev = self.lambdas.device
-        return torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + step)
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        # mask noise is a pure function of (seed, step, micro-batch): a resumed run samples the same masks, and
+        # the micro-batches of one step (grad_accum) draw different ones, as one big batch would
+        return torch.Generator(device=self.lambdas.device).manual_seed(noise_seed(self.seed, step, micro))
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        g = self._generator(step)
-        img = self.model.encode_image(images, True, self.gates["image"].sample(g))
-        txt = self.model.encode_text(ids, True, self.gates["text"].sample(g))
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        g = self._generator(step, micro)
+        img = self.model.encode_image(images, True, self._sample("image", g))
+        txt = self.model.encode_text(ids, True, self._sample("text", g))
         return img, txt, self.model.logit_scale.exp()
+
+    def _sample(self, tower: str, g: torch.Generator) -> TowerMasks | None:
+        return self.gates[tower].sample(g) if tower in self.gates else None
 
     def expected_params(self) -> dict[str, Tensor]:
         out = {}
-        for t in TOWERS:
+        for t in self.gates:
             per, const = _embedding_terms(self.model.shape, t)
             out[t] = self.gates[t].expected_params(per, const)
         return out
@@ -107,26 +125,31 @@ class PruneTask(StageTask):
 
     # ---------------------------------------------------------------- materialise
     def plan(self) -> KeepPlan:
+        """What the materialised student keeps: the budget's plan for each gated tower (without residual
+        channels whose deterministic gate is 0, see ``drop_closed_channels``); ungated towers keep everything."""
         shape = self.model.shape
 
         def count(tower: str, plan: TowerPlan) -> int:
             return shape.with_tower(tower, plan.shape(shape.tower(tower))).params()[tower]
 
+        gates = dict(self.gates.items())
         floor = ClipShape.from_dict(self.cfg.floor) if self.cfg.floor else None
-        floors = {t: floor.tower(t) for t in TOWERS} if floor is not None else None
-        plans = budget_plans(dict(self.gates.items()), count, self._budgets(), self.cfg.joint, self.cfg.layers,
+        floors = {t: floor.tower(t) for t in gates} if floor is not None else None
+        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers,
                              floors)
-        return KeepPlan(plans["image"], plans["text"])
+        plans = {t: drop_closed_channels(p, gates[t], hidden_floor(gates[t].shape, (floors or {}).get(t)))
+                 for t, p in plans.items()}
+        full = {t: full_tower_plan(shape.tower(t)) for t in TOWERS}  # ungated towers contain any floor
+        return KeepPlan(plans.get("image", full["image"]), plans.get("text", full["text"]))
 
-    def _budgets(self) -> dict[str, float]:
-        return {t: self.budget.get(t, self._full[t]) for t in TOWERS}
-
-    def deterministic_masks(self, plan: KeepPlan) -> dict[str, Any]:
-        dev = self.lambdas.device
-        return {t: masks_for_plan(plan.tower(t), self.model.shape.tower(t), dev) for t in TOWERS}
+    def deterministic_masks(self, plan: KeepPlan) -> dict[str, TowerMasks | None]:
+        """Per tower, the masks under which the full model computes what ``finalize``'s student computes
+        (None for a tower without gates)."""
+        return {t: deterministic_masks(plan.tower(t), self.gates[t]) if t in self.gates else None for t in TOWERS}
 
     def finalize(self) -> ClipModel:
-        return slice_model(self.model, self.plan()).eval()
+        plan = self.plan()
+        return slice_model(fold_masks(self.model, self.deterministic_masks(plan)), plan).eval()
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_en
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
 from .tasks import DistillTask, StageTask
-from .teacher import resolve_teacher
+from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
@@ -304,7 +304,7 @@ class Run:
         tdir = self.layout.teacher
         if is_model_dir(tdir) and self.state.get("teacher", spec) == spec:
             return load_model_dir(tdir)
-        pkg = resolve_teacher(spec)
+        pkg = resolve_model(spec, what="teacher").package
         pkg.provenance.setdefault("teacher", spec)
         save_model_dir(pkg, tdir)
         self.state["teacher"] = spec  # which spec the copy came from: a restart with another teacher replaces it
@@ -411,3 +411,4 @@ def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
     with run_lock(recipe.run_dir):
         return Run(recipe, resume, on_step).execute()
+

@@ -42,8 +42,9 @@ class StageTask(nn.Module):
     def shape(self) -> ClipShape:
         return self.model.shape
 
-    def encode(self, images: Tensor, ids: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised image and text embeddings and the exp'd logit scale."""
+    def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised image and text embeddings and the exp'd logit scale of micro-batch `micro` (0-based,
+        < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:

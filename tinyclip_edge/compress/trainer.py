@@ -50,14 +50,31 @@ class TrainState:
     skipped: int = 0
 
 
-def lr_at(step: int, cfg: StageCfg) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then cosine decay to min_lr."""
+def warmup_steps(cfg: StageCfg) -> int:
+    """Whole steps of linear warm-up: ``warmup`` is a fraction (< 1) of the stage's steps or a step count.
+
+    A fractional length rounds up (0.02 x 4 steps = 0.08 -> 1 step; 0.05 x 50 = 2.5 -> 3 steps): a step is the
+    smallest unit the learning rate can change at, and rounding up never makes the ramp steeper than asked.
+    """
     warm = cfg.warmup * cfg.steps if cfg.warmup < 1 else cfg.warmup
-    if warm > 0 and step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1.0, cfg.steps - warm)
-    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0, math.ceil(warm - 1e-9))  # 0.07 * 100 is 7.000000000000001, not 8 steps
+
+
+def lr_at(step: int, cfg: StageCfg) -> float:
+    """Multiplier of the base learning rate at `step` (0-based), always within [min_lr/lr, 1].
+
+    With W = ``warmup_steps(cfg)`` and floor f = min_lr / lr:
+        step < W:   max(f, (step + 1) / W)                   linear warm-up; step W-1 reaches the peak, 1
+        step >= W:  f + (1 - f) * (1 + cos(pi * p)) / 2,     p = min(1, (step - W) / max(1, steps - W))
+    A warm-up at least as long as the stage (W >= steps) never reaches the peak: the ramp keeps the slope
+    the recipe asked for instead of stretching to the stage's length. W = 0 starts the cosine at step 0.
+    """
+    warm = warmup_steps(cfg)
+    floor = min(1.0, cfg.min_lr / cfg.lr) if cfg.lr > 0 else 0.0
+    if step < warm:
+        return max(floor, (step + 1) / warm)
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -161,6 +178,14 @@ def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
                     "and resume")
 
 
+def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for o in optimizers:
+        for g in o.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+
 class _StopFlag:
     """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop at the next step boundary;
     a second one stops at once. SIGTERM is what Slurm, `docker stop` and `kill` send: treating it like Ctrl-C
@@ -222,7 +247,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                     g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
             logs: dict[str, float] = {}
             n_micro = 0
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(loader)
                 state.skipped += batch["skipped"]
                 if batch["skipped"]:
@@ -233,7 +258,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 images = batch["images"].to(device, non_blocking=True)
                 ids = batch["ids"].to(device, non_blocking=True)
                 with amp:
-                    s_img, s_txt, s_scale = task.encode(images, ids, step)
+                    s_img, s_txt, s_scale = task.encode(images, ids, step, micro)
                     out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
                     if teacher is not None:
                         with torch.no_grad():
@@ -251,8 +276,13 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 n_micro += 1
                 state.samples += len(images)
                 for k, v in part.items():
-                    logs[k] = logs.get(k, 0.0) + v / accum
+                    logs[k] = logs.get(k, 0.0) + v
             if n_micro:
+                # the step's gradient and logged values are means over the micro-batches that ran: a skipped
+                # one (fewer than two readable pairs) must not shrink them (each backward above used 1/accum)
+                logs = {k: v / n_micro for k, v in logs.items()}
+                if n_micro < accum:
+                    _rescale_grads(optimizers, accum / n_micro)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(task.clip_parameters(), cfg.grad_clip)
                 for o in optimizers:

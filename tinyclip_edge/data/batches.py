@@ -14,7 +14,8 @@ import torch
 
 from ..common.preprocess import Preprocess
 from ..common.tokenizers import Tokenizer
-from .sources import PairSource, UnreadableImage
+from .pairs import ReadStats, read_pairs
+from .sources import PairSource
 
 
 class TrainBatches(torch.utils.data.Dataset):
@@ -47,13 +48,8 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
-    images, captions, keys, skipped = [], [], [], []
-    for i in indices:
-        try:
-            pair = source[i]
-        except UnreadableImage as e:
-            skipped.append(str(e))
-            continue
+    images, captions, keys, stats = [], [], [], ReadStats()
+    for pair in read_pairs(source, indices, stats):
         images.append(preprocess(pair.image))
         captions.append(pair.caption)
         keys.append(pair.key)
@@ -64,7 +60,7 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
         image_t = torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
         ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
     return {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
-            "skipped": len(skipped), "skip_examples": skipped[:3]}
+            "skipped": stats.skipped, "skip_examples": stats.examples}
 
 
 def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:

@@ -31,14 +31,19 @@ class DistillOutputs:
 LossFn = Callable[[DistillOutputs, dict[str, Any]], dict[str, Tensor]]
 LOSSES: dict[str, LossFn] = {}
 LOSS_OPTIONS: dict[str, set[str]] = {}
+LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-def register_loss(name: str, options: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
-    """Register a loss; `options` are the keys it accepts from the recipe (validated up front)."""
+def register_loss(name: str, options: tuple[str, ...] = (),
+                  check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[LossFn], LossFn]:
+    """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
+    values (raising UserError); both run when the recipe is read, before any training."""
 
     def deco(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         LOSS_OPTIONS[name] = {"weight", *options}
+        if check is not None:
+            LOSS_CHECKS[name] = check
         return fn
 
     return deco
@@ -74,6 +79,8 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
             weight = float(opts.pop("weight", 1.0))
         except (TypeError, ValueError):
             raise UserError(f"losses.{name}: weight must be a number") from None
+        if name in LOSS_CHECKS:
+            LOSS_CHECKS[name](opts)
         specs.append(LossSpec(name, weight, opts))
     return specs
 

@@ -11,14 +11,10 @@ from .shape import TOWERS, ClipShape, TextShape, TowerShape, VisionShape
 
 
 def load_package(spec: str | os.PathLike, device: str = "cpu") -> ClipPackage:
-    """A model directory of this project, or any open_clip spec (see ``openclip.load_open_clip``)."""
-    if is_model_dir(spec) or os.path.isfile(os.path.join(str(spec), "config.json")):
-        return load_model_dir(spec, device)
-    from .openclip import package_from_open_clip
+    """A model directory of this project, any open_clip spec, or ``builtin:NAME`` (see ``models.resolve``)."""
+    from .resolve import resolve_model
 
-    pkg = package_from_open_clip(str(spec))
-    pkg.model.to(device)
-    return pkg
+    return resolve_model(spec, device).package
 
 
 __all__ = [

@@ -4,8 +4,11 @@ Attention goes through ``F.scaled_dot_product_attention`` (no ``nn.MultiheadAtte
 does not export to ONNX, and it cannot hold per-layer head counts).
 
 Masks (used while pruning masks are learned) multiply heads, MLP neurons, residual channels and whole
-sub-layers. With 0/1 masks the computation is exactly that of the smaller model with those units
-removed: pruned residual channels stay zero, and LayerNorm takes its statistics over kept channels only.
+sub-layers by gate values in [0, 1]. A channel with gate 0 is removed: it stays zero in the residual
+stream, and LayerNorm takes its statistics, unweighted, over the channels whose gate is > 0 (as CoFi's
+LayerNorm does). So a masked model with any fixed gate values computes exactly what the smaller model
+computes that has the zero-gated units removed and the other gate values multiplied into its weights
+(``compress/folding.py``); with 0/1 masks, no weight changes at all.
 """
 
 from __future__ import annotations
@@ -37,13 +40,20 @@ class LayerNorm(nn.LayerNorm):
 
 
 def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm whose statistics are weighted by `mask` (0 = channel removed); output re-masked."""
-    xf, m = x.float(), mask.float()
-    denom = m.sum().clamp_min(1e-6)
-    mean = (xf * m).sum(-1, keepdim=True) / denom
-    var = (((xf - mean) ** 2) * m).sum(-1, keepdim=True) / denom
+    """LayerNorm over the channels where `mask` > 0, output multiplied by `mask`.
+
+    With K = {c : mask_c > 0} and n = |K|:  mean = sum_{c in K} x_c / n,  var = sum_{c in K} (x_c - mean)^2 / n,
+    y_c = ((x_c - mean) / sqrt(var + eps) * weight_c + bias_c) * mask_c. The statistics are unweighted, so
+    they equal a plain LayerNorm's over the kept channels of a sliced model, and the trailing ``* mask_c`` folds
+    into that LayerNorm's weight and bias: exact for any gate values, not only 0/1.
+    """
+    xf = x.float()
+    keep = (mask > 0).to(xf.dtype)
+    denom = keep.sum().clamp_min(1.0)
+    mean = (xf * keep).sum(-1, keepdim=True) / denom
+    var = (((xf - mean) ** 2) * keep).sum(-1, keepdim=True) / denom
     y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
-    return (y * m).to(x.dtype)
+    return (y * mask.float()).to(x.dtype)
 
 
 @dataclass

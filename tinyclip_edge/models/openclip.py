@@ -344,9 +344,24 @@ def _create(name: str, pretrained: str | None) -> nn.Module:
             what = name if pretrained is None else f"{name}:{pretrained}"
             raise UserError(f"could not download pretrained weights for '{what}' (no network access?): "
                             f"download the checkpoint elsewhere and pass --teacher {name}:/path/to/file") from None
-        raise UserError(f"open_clip could not create '{name}': {msg}") from None
+        raise _creation_error(name, e) from None
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    except Exception as e:  # open_clip raises KeyError/ValueError/TypeError/UnpicklingError for a bad local dir
+        raise _creation_error(name, e) from None
+
+
+def _creation_error(name: str, e: Exception) -> UserError:
+    """One line for whatever open_clip raised while building `name` from its config and weights."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if "weights_only" in text or "Unpickl" in text or "Unsupported global" in text:
+        return UserError(f"refusing to load the weights of '{name}': the checkpoint holds pickled Python objects, "
+                         "not just tensors, and tinyclip-edge never unpickles code; convert it to safetensors "
+                         "(open_clip_model.safetensors) from a trusted environment")
+    if isinstance(e, KeyError):
+        text = f"missing key {e}"
+    return UserError(f"open_clip could not create '{name}': {type(e).__name__}: {text[:300]}; check its "
+                     "open_clip_config.json (model_cfg with vision_cfg and text_cfg) and weights")
 
 
 def _offline_hub() -> None:
@@ -390,6 +405,8 @@ def load_checkpoint_file(model: nn.Module, path: str) -> None:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
             raise UserError(f"checkpoint {path} does not match the model architecture: {first}") from None
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise _creation_error(path, e) from None
         raise UserError(f"cannot read checkpoint {path} ({first}); the file is truncated or corrupt") from None
 
 

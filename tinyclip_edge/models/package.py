@@ -15,15 +15,17 @@ import torch
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
+from ..common.io import atomic_path, open_for_reading, save_safetensors
 from ..common.preprocess import Preprocess
+from ..common.schemas import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, in_file, is_model_dir
 from ..common.tokenizers import Tokenizer, tokenizer_from_config
+from ..common.typed import from_dict
 from .clip import ClipModel
 from .shape import ClipShape
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "tinyclip-edge/model"
+FORMAT = MODEL_FORMAT
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ClipPackage", "is_model_dir", "save_model_dir", "read_config",
+           "load_model_dir", "config_shape", "check_weights"]
 
 
 @dataclass
@@ -45,44 +47,85 @@ class ClipPackage:
         return ClipPackage(model, self.preprocess, self.tokenizer_cfg, {**self.provenance, **provenance})
 
 
-def is_model_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).exists()
-
-
 def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
     """Write atomically: a crash leaves either the old directory or the new one, never half of one.
     Files get the mode the user's umask gives (safetensors alone would make the weights 0600)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in pkg.model.state_dict().items()}
-    config = {
+    config = ModelConfig.from_data({
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": MODEL_VERSION,
         "toolkit_version": __version__,
         "shape": pkg.model.shape.to_dict(),
         "preprocess": pkg.preprocess.to_dict(),
         "tokenizer": pkg.tokenizer_cfg,
         "params": pkg.model.num_params(),
         "provenance": pkg.provenance,
-    }
+    })
     with atomic_path(path) as tmp:
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
-        atomic_write_json(tmp / CONFIG_NAME, config)
+        config.write(tmp)
     return path
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model directory's validated ``config.json`` (see ``common.schemas.ModelConfig``)."""
+    return ModelConfig.read(path)
+
+
+def config_shape(cfg: ModelConfig, file: str | os.PathLike) -> ClipShape:
+    """The architecture a config describes, every field type-checked; errors name the file and field."""
+    shape = in_file(file, lambda: from_dict(ClipShape, cfg.shape, "shape", label="field"))
+    if shape.embed_dim < 1:
+        raise UserError(f"{file}: field 'shape.embed_dim' must be a positive integer, got {shape.embed_dim}")
+    try:
+        return shape.validate()
+    except UserError as e:
+        raise UserError(f"{file}: 'shape' is inconsistent: {e}") from None
+
+
+def check_weights(path: str | os.PathLike, cfg: ModelConfig | None = None) -> ClipShape:
+    """Config and weights agree: every tensor the architecture needs is in the safetensors header with the
+    right shape, and nothing else is. Reads the header only (no weights), so `info` can afford it."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"model directory not found: {path}")
-    if not (path / CONFIG_NAME).is_file():
-        raise UserError(f"{path} is not a tinyclip-edge model directory (no {CONFIG_NAME}); "
-                        "pass a directory written by `tinyclip-edge compress`")
-    cfg = read_json(path / CONFIG_NAME, what="model config")
-    if cfg.get("format") != FORMAT:
-        raise UserError(f"{path / CONFIG_NAME} is not a tinyclip-edge model config (format={cfg.get('format')!r})")
-    return cfg
+    cfg = cfg or read_config(path)
+    shape = config_shape(cfg, path / CONFIG_NAME)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{path} has no {WEIGHTS_NAME}; the model directory is incomplete")
+    open_for_reading(weights, "model weights")  # safetensors would call a permission problem 'no such file'
+    with torch.device("meta"):  # shapes only: no memory is allocated
+        expected = {k: tuple(v.shape) for k, v in ClipModel(shape).state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except PermissionError as e:
+        raise UserError(f"cannot read {weights}: permission denied ({e.strerror})") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {weights}: {e}; the file is truncated or corrupt, re-create it") from None
+    _check_shapes(expected, found, weights)
+    return shape
+
+
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], weights: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    bad = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if not (missing or unexpected or bad):
+        return
+    if bad:
+        k = bad[0]
+        detail = (f"{len(bad)} tensor(s) differ in shape, e.g. {k}: {CONFIG_NAME} implies {list(expected[k])}, "
+                  f"the weights hold {list(found[k])}")
+    elif missing:
+        detail = f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}"
+    else:
+        detail = f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}"
+    raise UserError(f"{weights} does not match {CONFIG_NAME} ({detail}); the model directory is inconsistent: "
+                    "re-create it (config and weights must be written together)")
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> ClipPackage:
@@ -91,21 +134,19 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     path = Path(path)
     cfg = read_config(path)
+    shape = check_weights(path, cfg)
     weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise UserError(f"{path} has no {WEIGHTS_NAME}; the model directory is incomplete")
-    open_for_reading(weights, "model weights")  # safetensors would call a permission problem 'no such file'
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {weights}: {e}; the file is truncated or corrupt, re-create it") from None
-    model = ClipModel(ClipShape.from_dict(cfg["shape"]))
+    model = ClipModel(shape)
     _load_state(model, state, str(weights))
     return ClipPackage(
         model=model.to(device).eval(),
-        preprocess=Preprocess.from_dict(cfg.get("preprocess", {})),
-        tokenizer_cfg=cfg["tokenizer"],
-        provenance=cfg.get("provenance", {}),
+        preprocess=Preprocess.from_dict(cfg.to_dict()["preprocess"]),
+        tokenizer_cfg=cfg.tokenizer,
+        provenance=cfg.provenance,
         path=path,
     )
 

@@ -1,0 +1,443 @@
+"""One typed, versioned schema per artifact file, read and validated in one place (docs/FORMATS.md).
+
+- ``ModelConfig``: a model directory's ``config.json`` (the weights beside it are checked against it in
+  ``models.package``, which knows the architecture).
+- ``BundleManifest``: an export bundle's ``manifest.json``.
+- ``EngineSidecar``: the ``<tower>.engine.json`` next to a TensorRT engine.
+
+``read`` validates every field's type and range (``common.typed``), that every path the file names stays inside
+the artifact's directory (symlinks resolved), and for bundles that every file's recorded sha256 matches
+(``common.integrity``; digests are cached by inode, size, mtime and ctime in the user cache dir). Any problem is
+one ``UserError`` naming the file and the field. ``write`` validates the same way before writing atomically,
+so an exporter cannot write what a reader would refuse.
+
+File names are defined here and nowhere else. This module is a leaf: no torch, no onnx at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from .errors import UserError
+from .integrity import inside, is_sha256, verify_sha256
+from .io import atomic_write_json, read_json
+from .typed import Range, from_dict
+
+# ---------------------------------------------------------------------------------------------- file names
+MANIFEST_NAME = "manifest.json"          # export bundle
+PREPROCESS_NAME = "preprocess.json"      # export bundle: the image preprocessing, for non-Python consumers
+TOKENIZER_DIR = "tokenizer"              # export bundle: vocabulary files
+CONFIG_NAME = "config.json"              # model directory
+WEIGHTS_NAME = "model.safetensors"       # model directory
+SIDECAR_SUFFIX = ".json"                 # <engine file name> + this = the engine's sidecar
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+MODEL_FORMAT, MODEL_VERSION = "tinyclip-edge/model", 1
+BUNDLE_FORMAT, BUNDLE_VERSION = "tinyclip-edge/bundle", 2
+ENGINE_FORMAT, ENGINE_VERSION = "tinyclip-edge/engine", 2
+
+TOWER_NAMES = ("image", "text")
+BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+
+# Sane limits: far above any CLIP, far below what overflows a builder or allocator.
+MAX_IMAGE_SIZE = 8192
+MAX_CONTEXT = 8192
+MAX_DIM = 1 << 16
+MAX_BATCH = 4096                         # engine optimisation profiles
+
+Dim = Annotated[int, Range(1, MAX_DIM)]
+Count = Annotated[int, Range(0, None)]
+
+
+def _sha(value: Any, where: str) -> None:
+    if not is_sha256(value):
+        raise UserError(f"'{where}' must be a sha256 digest (64 lower-case hex characters), got {value!r}")
+
+
+def in_file(file: str | os.PathLike, check: Any) -> Any:
+    """``check()``, with the file's name put in front of any UserError it raises."""
+    try:
+        return check()
+    except UserError as e:
+        raise UserError(f"{file}: {e}" if file else str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------- shared parts
+@dataclass
+class PreprocessSpec:
+    """What ``common.preprocess.Preprocess`` is built from."""
+
+    image_size: Annotated[int, Range(1, MAX_IMAGE_SIZE)] = 224
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: Annotated[int, Range(0, 255)] = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate_fields(self, path: str) -> None:
+        at = f"{path}." if path else ""
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UserError(f"'{at}mean' and '{at}std' must each hold 3 numbers (R, G, B)")
+        if any(s <= 0 for s in self.std):
+            raise UserError(f"'{at}std' must be positive, got {self.std}")
+
+
+def check_tokenizer(cfg: Any, where: str) -> dict[str, Any]:
+    """The keys tinyclip-edge reads from a tokenizer config; other keys pass through untouched."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{where}' must be a mapping, got {cfg!r}")
+    kind = cfg.get("kind")
+    if kind not in ("words", "bpe", "open_clip"):
+        raise UserError(f"'{where}.kind' must be one of words, bpe, open_clip, got {kind!r}")
+    for key, lo, hi in (("context_length", 2, MAX_CONTEXT), ("vocab_size", 2, 1 << 24)):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise UserError(f"'{where}.{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+    if kind == "words" and not (isinstance(cfg.get("vocab"), list) and all(isinstance(w, str) for w in cfg["vocab"])):
+        raise UserError(f"'{where}.vocab' must be a list of words")
+    if kind == "bpe" and not isinstance(cfg.get("file"), str):
+        raise UserError(f"'{where}.file' must name the vocabulary file, got {cfg.get('file')!r}")
+    if kind == "open_clip" and not isinstance(cfg.get("model"), str):
+        raise UserError(f"'{where}.model' must name an open_clip model, got {cfg.get('model')!r}")
+    return cfg
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]     # symbolic dims are strings (ONNX) or -1 (TensorRT)
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    bytes: Count
+
+    def validate_fields(self, path: str) -> None:
+        _sha(self.sha256, f"{path}.sha256")
+
+
+@dataclass
+class Profile:
+    min: Annotated[int, Range(1, MAX_BATCH)]
+    opt: Annotated[int, Range(1, MAX_BATCH)]
+    max: Annotated[int, Range(1, MAX_BATCH)]
+
+    def validate_fields(self, path: str) -> None:
+        if not self.min <= self.opt <= self.max:
+            raise UserError(f"'{path}' must satisfy min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+class _Artifact:
+    """read/write shared by the schemas: JSON in, typed object out, and back."""
+
+    WHAT: ClassVar[str] = "file"
+    FORMAT: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    @classmethod
+    def from_data(cls, data: Any, file: str | os.PathLike = "") -> Any:
+        """Validate a parsed JSON object; errors name `file` and the dotted field."""
+        if not isinstance(data, dict):
+            raise UserError(f"{file or cls.WHAT} is not a {cls.WHAT} (it holds {type(data).__name__}, not an object)")
+        if data.get("format") != cls.FORMAT:
+            raise UserError(f"{file or 'this file'} is not a {cls.WHAT} (format={data.get('format')!r}, "
+                            f"expected {cls.FORMAT!r})")
+        version = data.get("format_version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version > cls.VERSION:
+            raise UserError(f"{file or 'this file'} was written by a newer tinyclip-edge ({cls.WHAT} format "
+                            f"{version}, this version reads up to {cls.VERSION}); upgrade tinyclip-edge to read it")
+        return in_file(file, lambda: from_dict(cls, data, label="field"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------------------------------------- model directory
+@dataclass
+class ModelConfig(_Artifact):
+    """``config.json`` of a model directory. ``shape`` is checked by ``models.ClipShape`` (the architecture)."""
+
+    WHAT: ClassVar[str] = "tinyclip-edge model config"
+    FORMAT: ClassVar[str] = MODEL_FORMAT
+    VERSION: ClassVar[int] = MODEL_VERSION
+
+    format: Literal["tinyclip-edge/model"]
+    shape: dict[str, Any]
+    tokenizer: dict[str, Any]
+    format_version: Annotated[int, Range(1, MODEL_VERSION)] = MODEL_VERSION
+    toolkit_version: str = ""
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    params: dict[str, Count] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate_fields(self, path: str) -> None:
+        check_tokenizer(self.tokenizer, "tokenizer")
+
+    @classmethod
+    def read(cls, model_dir: str | os.PathLike) -> ModelConfig:
+        model_dir = Path(model_dir)
+        if not model_dir.exists():
+            raise UserError(f"model directory not found: {model_dir}")
+        if not (model_dir / CONFIG_NAME).is_file():
+            raise UserError(f"{model_dir} is not a tinyclip-edge model directory (no {CONFIG_NAME}); "
+                            "pass a directory written by `tinyclip-edge compress`")
+        file = model_dir / CONFIG_NAME
+        return cls.from_data(read_json(file, what="model config"), file)
+
+    def write(self, model_dir: str | os.PathLike) -> None:
+        data = self.to_dict()
+        type(self).from_data(data, Path(model_dir) / CONFIG_NAME)
+        atomic_write_json(Path(model_dir) / CONFIG_NAME, data)
+
+
+# ---------------------------------------------------------------------------------------------- export bundle
+@dataclass
+class TowerEntry:
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: Annotated[int, Range(1, 100)]
+    sha256: str
+    bytes: Count
+    params: Count | None = None
+    external_data: str | None = None
+    verified_fp32: dict[str, float] | None = None
+
+    def validate_fields(self, path: str) -> None:
+        _sha(self.sha256, f"{path}.sha256")
+
+
+@dataclass
+class EngineEntry:
+    file: str
+    sidecar: str
+    library: str
+    library_version: str
+    precision: Literal["fp32", "fp16", "int8"]
+    profile: Profile
+    size_bytes: Count
+
+
+@dataclass
+class SourceInfo:
+    spec: str
+    kind: Literal["model_dir", "open_clip", "package"]
+    sha256: str
+    weights: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate_fields(self, path: str) -> None:
+        _sha(self.sha256, f"{path}.sha256")
+
+
+@dataclass
+class BundleManifest(_Artifact):
+    """``manifest.json`` of an export bundle.
+
+    ``files`` (format 2) maps every file of the bundle (graphs, external data, tokenizer, preprocess.json,
+    engines and their sidecars) to its sha256 and size; format-1 bundles only recorded the graphs' digests.
+    """
+
+    WHAT: ClassVar[str] = "tinyclip-edge bundle manifest"
+    FORMAT: ClassVar[str] = BUNDLE_FORMAT
+    VERSION: ClassVar[int] = BUNDLE_VERSION
+
+    format: Literal["tinyclip-edge/bundle"]
+    precision: Literal["fp32", "fp16", "int8", "int8-dynamic"]
+    embed_dim: Dim
+    image_size: Annotated[int, Range(1, MAX_IMAGE_SIZE)]
+    context_length: Annotated[int, Range(1, MAX_CONTEXT)]
+    preprocess: PreprocessSpec
+    towers: dict[str, TowerEntry]
+    source: SourceInfo
+    format_version: Annotated[int, Range(1, BUNDLE_VERSION)] = BUNDLE_VERSION
+    toolkit_version: str = ""
+    opset: Annotated[int, Range(1, 100)] = 17
+    normalized: bool = True
+    tokenizer: dict[str, Any] | None = None
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    precision_details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exporter: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Count] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def validate_fields(self, path: str) -> None:
+        for group in ("towers", "engines"):
+            bad = [t for t in getattr(self, group) if t not in TOWER_NAMES]
+            if bad:
+                raise UserError(f"'{group}' names unknown tower(s) {bad}; towers are image and text")
+        if not self.towers:
+            raise UserError("'towers' is empty: the bundle holds no graph")
+        if self.tokenizer is not None:
+            check_tokenizer(self.tokenizer, "tokenizer")
+
+    # ------------------------------------------------------------------ paths, all checked to stay inside
+    def named_paths(self) -> list[tuple[str, Any]]:
+        """(field, relative path) for every path the manifest names."""
+        out: list[tuple[str, Any]] = []
+        for t, e in self.towers.items():
+            out.append((f"towers.{t}.file", e.file))
+            if e.external_data is not None:
+                out.append((f"towers.{t}.external_data", e.external_data))
+        for t, g in self.engines.items():
+            out += [(f"engines.{t}.file", g.file), (f"engines.{t}.sidecar", g.sidecar)]
+        if self.tokenizer is not None and self.tokenizer.get("kind") == "bpe":
+            out.append(("tokenizer.file", self.tokenizer.get("file")))
+        out += [(f"files.{name}", name) for name in self.files]
+        return out
+
+    def check_paths(self, root: str | os.PathLike) -> None:
+        for where, rel in self.named_paths():
+            inside(root, rel, f"{Path(root) / MANIFEST_NAME}: '{where}'")
+
+    def verify_files(self, root: str | os.PathLike) -> None:
+        """Every recorded digest against the file on disk (cached; see ``common.integrity``)."""
+        root = Path(root)
+        what = f"bundle {root}"
+        for name, entry in self.files.items():
+            verify_sha256(inside(root, name, what), entry.sha256, what)
+        for e in self.towers.values():
+            if e.file not in self.files:
+                verify_sha256(inside(root, e.file, what), e.sha256, what)
+
+    def tower_path(self, root: str | os.PathLike, tower: str) -> Path:
+        """The ONNX graph of one tower, inside the bundle; a clear error when the bundle lacks it."""
+        if tower not in self.towers:
+            raise UserError(f"bundle {root} has no {tower} tower (it holds: {', '.join(self.towers) or 'none'})")
+        path = inside(root, self.towers[tower].file, f"{Path(root) / MANIFEST_NAME}: 'towers.{tower}.file'")
+        if not path.is_file():
+            raise UserError(f"bundle {root} is incomplete: {path.name} is missing; re-export it")
+        return path
+
+    def engine_path(self, root: str | os.PathLike, tower: str) -> Path:
+        return inside(root, self.engines[tower].file, f"{Path(root) / MANIFEST_NAME}: 'engines.{tower}.file'")
+
+    def tower_params(self) -> dict[str, int] | None:
+        """Parameters per tower plus 'total' (older bundles only had them per tower entry)."""
+        if self.params:
+            return dict(self.params)
+        per = {t: e.params for t, e in self.towers.items() if e.params}
+        return {**per, "total": sum(per.values())} if per else None
+
+    # ------------------------------------------------------------------ read / write
+    @classmethod
+    def read(cls, bundle_dir: str | os.PathLike, *, verify: bool = True) -> BundleManifest:
+        """The validated manifest; with `verify`, every file's sha256 is checked too."""
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.exists():
+            raise UserError(f"export bundle not found: {bundle_dir}")
+        if not is_bundle(bundle_dir):
+            raise UserError(f"{bundle_dir} is not an export bundle (no {MANIFEST_NAME}); "
+                            "create one with `tinyclip-edge export MODEL_DIR --format onnx --out DIR`")
+        file = bundle_dir / MANIFEST_NAME
+        manifest = cls.from_data(read_json(file, what="bundle manifest"), file)
+        manifest.check_paths(bundle_dir)
+        if verify:
+            manifest.verify_files(bundle_dir)
+        return manifest
+
+    def record_file(self, root: str | os.PathLike, name: str) -> None:
+        """Add (or refresh) one file's digest in ``files``."""
+        from .integrity import sha256_file
+
+        path = inside(root, name, f"bundle {root}")
+        self.files[name] = FileEntry(sha256_file(path), path.stat().st_size)
+
+    def write(self, bundle_dir: str | os.PathLike) -> None:
+        """Validate (types, ranges, paths) and atomically replace the manifest."""
+        data = self.to_dict()
+        file = Path(bundle_dir) / MANIFEST_NAME
+        type(self).from_data(data, file).check_paths(bundle_dir)
+        atomic_write_json(file, data)
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------- engine sidecar
+@dataclass
+class EngineSidecar(_Artifact):
+    """``<tower>.engine.json``: everything a runtime needs to open the engine alone, and how it was built."""
+
+    WHAT: ClassVar[str] = "tinyclip-edge engine sidecar"
+    FORMAT: ClassVar[str] = ENGINE_FORMAT
+    VERSION: ClassVar[int] = ENGINE_VERSION
+
+    format: Literal["tinyclip-edge/engine"]
+    tower: Literal["image", "text"]
+    engine: str
+    library: str
+    library_version: str
+    precision: Literal["fp32", "fp16", "int8"]
+    profile: Profile
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    embed_dim: Dim
+    format_version: Annotated[int, Range(1, ENGINE_VERSION)] = ENGINE_VERSION
+    build_mode: str = ""
+    normalized: bool = True
+    preprocess: PreprocessSpec | None = None
+    tokenizer: dict[str, Any] | None = None
+    params: Count | None = None
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+    engine_sha256: str | None = None      # format 2: the engine file's digest, checked when it is opened
+    size_bytes: Count = 0
+    build_seconds: Annotated[float, Range(0, None)] = 0.0
+    flags: dict[str, Any] = field(default_factory=dict)
+    trtexec: str = ""
+    toolkit_version: str = ""
+
+    def validate_fields(self, path: str) -> None:
+        for key in ("onnx_sha256", "engine_sha256"):
+            if getattr(self, key) is not None:
+                _sha(getattr(self, key), key)
+        if self.tokenizer is not None:
+            check_tokenizer(self.tokenizer, "tokenizer")
+
+    @staticmethod
+    def path_of(engine: str | os.PathLike) -> Path:
+        engine = Path(engine)
+        return engine.with_name(engine.name + SIDECAR_SUFFIX)
+
+    @classmethod
+    def read(cls, engine: str | os.PathLike, *, verify: bool = True) -> EngineSidecar | None:
+        """The engine's sidecar (None when there is none); its paths must stay in the engine's directory and,
+        with `verify`, the engine must match ``engine_sha256``."""
+        engine = Path(engine)
+        side = cls.path_of(engine)
+        if not side.is_file():
+            return None
+        sidecar = cls.from_data(read_json(side, what="engine sidecar"), side)
+        where = f"{side}: "
+        target = inside(engine.parent, sidecar.engine, where + "'engine'")
+        if sidecar.onnx is not None:
+            inside(engine.parent, sidecar.onnx, where + "'onnx'")
+        if sidecar.tokenizer is not None and sidecar.tokenizer.get("kind") == "bpe":
+            inside(engine.parent, sidecar.tokenizer.get("file"), where + "'tokenizer.file'")
+        if target.resolve() != engine.resolve():
+            raise UserError(f"{side} describes {sidecar.engine}, not {engine.name}; the sidecar belongs to another "
+                            "engine: rebuild the engine")
+        if verify and sidecar.engine_sha256 is not None:
+            verify_sha256(engine, sidecar.engine_sha256, f"engine {engine.name}")
+        return sidecar
+
+    def write(self, engine: str | os.PathLike) -> None:
+        data = self.to_dict()
+        side = self.path_of(engine)
+        type(self).from_data(data, side)
+        atomic_write_json(side, data)
