@@ -4,10 +4,11 @@ Entry points: ``export_bundle`` (bundle.py) and ``run_parity`` (parity.py). This
 ``runtimes``, ``tinyclip_edge.models``, ``common`` and ``data``, never the training core.
 """
 
+from ..common.options import ExportOptions
 from .bundle import DEFAULT_CALIB_COUNT, export_bundle
 from .parity import run_parity
 from .precision import PRECISIONS
 from .report import DEFAULT_TOLERANCES, ParityReport, Tolerance
 
-__all__ = ["DEFAULT_CALIB_COUNT", "DEFAULT_TOLERANCES", "PRECISIONS", "ParityReport", "Tolerance", "export_bundle",
-           "run_parity"]
+__all__ = ["DEFAULT_CALIB_COUNT", "DEFAULT_TOLERANCES", "PRECISIONS", "ExportOptions", "ParityReport", "Tolerance",
+           "export_bundle", "run_parity"]

@@ -19,37 +19,29 @@ from tqdm import tqdm
 from .. import __version__
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json
+from ..common.options import ExportOptions, ExportPrecision, resolve_options
+from ..common.typed import check_value
 from ..common.tokenizers import export_tokenizer
 from .reader import write_reader
 from ..runtimes.base import TOWERS
 from ..common.schemas import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, PREPROCESS_NAME, TOKENIZER_DIR,
                               BundleManifest, is_bundle)
 from ..runtimes.pyt import placed_model
-from .graphs import (EXPORTERS, EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
+from .graphs import (EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
                      sample_input, save_graph, set_metadata, sha256_file, tower_module)
-from .precision import CALIB_METHODS, PRECISIONS, QuantOptions, quantize, to_fp16
+from .precision import QuantOptions, quantize, to_fp16
 from .source import Source, resolve_source
 
-DEFAULT_CALIB_COUNT = 512
+DEFAULT_CALIB_COUNT = ExportOptions.calib_count
 VERIFY_MIN_COSINE = 0.9999
 
 
-def check_export_options(precision: str, opset: int, calib: str | None, calib_count: int, exporter: str,
-                         calib_method: str, towers: Sequence[str]) -> None:
-    """Reject bad options before any work is done."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
-    if precision == "int8" and not calib:
+def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[str]) -> None:
+    """Reject bad options before any work is done (the option types and ranges are ExportOptions')."""
+    check_value(precision, ExportPrecision, "precision", "export option")
+    if precision == "int8" and not opts.calib:
         raise UserError("--precision int8 needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
                         "or a CSV of real images); use --precision int8-dynamic for uncalibrated CPU int8")
-    if calib_count < 1:
-        raise UserError(f"--calib-count must be positive, got {calib_count}")
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
-    if exporter == "dynamo" and opset < 18:
-        raise UserError("the dynamo exporter writes opset 18 or newer; pass --opset 18 (or use the torchscript exporter)")
-    if calib_method not in CALIB_METHODS:
-        raise UserError(f"unknown calibration method '{calib_method}'; choose from {', '.join(CALIB_METHODS)}")
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
         raise UserError(f"unknown tower(s) {bad or '(none)'}; choose from {', '.join(TOWERS)}")
@@ -113,35 +105,34 @@ def _metadata(manifest: dict[str, Any], tower: str) -> dict[str, Any]:
             "toolkit_version": __version__, "source_sha256": manifest["source"]["sha256"]}
 
 
-def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32", opset: int = 17,
-                  raw: bool = False, calib: str | None = None, calib_count: int = DEFAULT_CALIB_COUNT,
-                  int8_keep: str | Sequence[str] = "auto", int8_min_cosine: float = 0.995,
-                  calib_method: str = "minmax", exporter: str = "torchscript",
-                  towers: Sequence[str] = TOWERS, verify: bool = True, progress: bool = True,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32",
+                  options: ExportOptions | None = None, towers: Sequence[str] = TOWERS, verify: bool = True,
+                  progress: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                  **option_fields: Any) -> Path:
     """Export `source` (model dir, open_clip spec or ClipPackage) to an ONNX bundle at `out`; returns `out`.
 
-    precision: fp32 | fp16 | int8 (static QDQ, needs `calib`) | int8-dynamic (CPU). `raw`: unnormalised
-    embeddings. `int8_keep`: "auto" (sensitivity search to `int8_min_cosine`), "none", or node-name
-    substrings to keep float. `calib_count` images (and their captions) are read from `calib`.
+    precision: fp32 | fp16 | int8 (static QDQ, needs `calib`) | int8-dynamic (CPU). How to export is an
+    ``ExportOptions`` (common/options.py): `options`, and/or its fields as keywords (``opset=18``,
+    ``calib="scenes:calib"``, ``int8_keep=["mlp"]`` ...), which override it; all checked before any work.
     """
     towers = tuple(towers)
-    check_export_options(precision, opset, calib, calib_count, exporter, calib_method, towers)
+    opts = resolve_options(ExportOptions, options, option_fields, "export option")
+    check_export_options(precision, opts, towers)
     src = resolve_source(source)
     out = Path(out)
     _check_out(out, src)
     pkg = src.package
     model = placed_model(pkg.model, "cpu", torch.float32)  # a copy when it is elsewhere: the caller's stays put
-    calib_inputs, calib_info = (_calibration(pkg, calib, calib_count, towers, progress)
-                                if calib and precision.startswith("int8") else ({}, None))
+    calib_inputs, calib_info = (_calibration(pkg, opts.calib, opts.calib_count, towers, progress)
+                                if opts.calib and precision.startswith("int8") else ({}, None))
     shape = model.shape
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "toolkit_version": __version__,
-        "precision": precision, "opset": opset, "normalized": not raw, "embed_dim": shape.embed_dim,
+        "precision": precision, "opset": opts.opset, "normalized": not opts.raw, "embed_dim": shape.embed_dim,
         "image_size": shape.vision.image_size, "context_length": shape.text.context_length,
         "preprocess": pkg.preprocess.to_dict(), "tokenizer": None, "towers": {}, "engines": {},
         "calibration": calib_info, "precision_details": {}, "source": src.to_dict(),
-        "exporter": _exporter_info(exporter), "params": model.num_params(),
+        "exporter": _exporter_info(opts.exporter), "params": model.num_params(),
     }
     try:
         with atomic_path(out) as tmp:
@@ -154,13 +145,14 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
             for tower in towers:
                 fp32 = work / f"{tower}.fp32.onnx"
                 steps.set_postfix_str(f"{tower}: torch -> onnx")
-                export_tower(model, tower, fp32, opset=opset, normalize=not raw, exporter=exporter)
+                export_tower(model, tower, fp32, opset=opts.opset, normalize=not opts.raw, exporter=opts.exporter)
                 check_graph(fp32)
-                verified = _verify(model, tower, fp32, not raw) if verify else None
+                verified = _verify(model, tower, fp32, not opts.raw) if verify else None
                 steps.update()
                 steps.set_postfix_str(f"{tower}: {precision}")
                 graph, details = _convert(fp32, work, tower, precision, calib_inputs.get(tower),
-                                          QuantOptions(int8_keep, int8_min_cosine, calib_method), progress)
+                                          QuantOptions(opts.int8_keep, opts.int8_min_cosine, opts.calib_method),
+                                          progress)
                 steps.update()
                 steps.set_postfix_str(f"{tower}: save + check")
                 manifest["towers"][tower] = _finish(graph, tmp / f"{tower}.onnx", manifest, tower,

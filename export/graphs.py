@@ -13,6 +13,7 @@ Design choices (see docs/EXPORT.md):
 from __future__ import annotations
 
 import contextlib
+import typing
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,11 @@ from torch import Tensor, nn
 
 from ..common.errors import UserError
 from ..common.io import write_error
+from ..common.options import Exporter
 
 INPUT_NAMES = {"image": "images", "text": "tokens"}
 OUTPUT_NAME = "embeddings"
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS: tuple[str, ...] = typing.get_args(Exporter)   # defined with the option schema
 # Protobuf cannot serialise a message over 2 GiB; above this, tensors go to a side file.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 

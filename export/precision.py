@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,15 @@ import numpy as np
 from tqdm import tqdm
 
 from ..common.errors import MissingDependency, UserError
+from ..common.options import EXPORT_PRECISIONS, CalibMethod
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import OUTPUT_NAME, graph_opset
 from ..common.embeddings import row_cosine
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+PRECISIONS = EXPORT_PRECISIONS          # defined once, with the option schema (common/options.py)
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt")
 WEIGHT_OPS = {"int8": ("MatMul", "Gemm", "Conv"), "int8-dynamic": ("MatMul", "Gemm")}
-CALIB_METHODS = ("minmax", "percentile", "entropy")
+CALIB_METHODS: tuple[str, ...] = typing.get_args(CalibMethod)
 EVAL_SAMPLES = 128       # calibration inputs used to measure a quantized tower against fp32
 PROBE_SAMPLES = 32       # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
 CALIB_BATCH = 16

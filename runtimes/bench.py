@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import typing
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..common.devices import require_device
 from ..common.errors import UserError
+from ..common.options import BenchOptions, Tower, resolve_options
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
@@ -25,7 +28,7 @@ from .measure import MemoryProbe, Timer
 from .report import BenchReport, latency_stats
 from .tegrastats import TegraStats
 
-TOWER_CHOICES = ("image", "text", "both")
+TOWER_CHOICES: tuple[str, ...] = typing.get_args(Tower)
 DEFAULT_ITERS = 20
 E2E_IMAGE_SIZE = (640, 480)   # a VGA camera frame: what preprocessing resizes and crops
 CAPTIONS = ["a photo of a red car parked on a street", "two dogs playing in the snow", "a bowl of fruit on a table",
@@ -39,22 +42,28 @@ class _Entry:
     open_mb: float | None
 
 
-def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: str = "both", device: str = "cpu",
-              iters: int | None = None, seconds: float | None = None, warmup: int = 5, end_to_end: bool = False,
-              out_dir: str | os.PathLike | None = None, backend: str | None = None, threads: int | None = None,
-              precision: str | None = None, power: bool | None = None, power_interval_ms: int = 100,
-              progress: bool = True) -> BenchReport:
+def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
+              out_dir: str | os.PathLike | None = None, progress: bool = True, **option_fields: Any) -> BenchReport:
     """Benchmark `targets`; write bench.json/.csv/.md/.png into `out_dir` when given.
 
     A target is a path (model dir, bundle, .onnx, .engine; 'trt:PATH' picks the backend), an nn.Module or
     ClipPackage (PyTorch), or an opened Runtime (for per-artifact options such as pyt's compile/cudagraph modes;
     its memory at open time is then unknown).
 
+    How to time is a ``BenchOptions`` (common/options.py): `options`, and/or its fields as keywords
+    (``batches=(1, 8)``, ``tower="image"`` ...), which override it; all checked before anything is opened.
     `iters`: timed repetitions per cell; `seconds`: at least this much timed work per artifact and cell (both:
     whichever ends later; neither: 20 repetitions). `power`: None = sample tegrastats when it exists.
     """
-    towers = _check_args(targets, batches, tower, iters, seconds, warmup, device)
-    iters = DEFAULT_ITERS if iters is None and seconds is None else iters
+    o = resolve_options(BenchOptions, options, option_fields, "bench option")
+    if not targets:
+        raise UserError("nothing to benchmark: pass one or more artifacts (model dirs, bundles, engines)")
+    batches, tower, device, seconds, warmup, end_to_end = (o.batches, o.tower, o.device, o.seconds, o.warmup,
+                                                           o.end_to_end)
+    backend, threads, precision, power, power_interval_ms = (o.backend, o.threads, o.precision, o.power,
+                                                             o.power_interval_ms)
+    towers = ("image", "text") if tower == "both" else (tower,)
+    iters = DEFAULT_ITERS if o.iters is None and seconds is None else o.iters
     picked = [split_backend(t, backend) for t in targets]
     targets = [t for t, _ in picked]
     infos = [inspect_artifact(t, b) for t, b in picked]
@@ -65,7 +74,7 @@ def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: s
         if info.backend == "trt" and not device.startswith("cuda"):
             raise UserError(f"{info.name} is a TensorRT engine; engines run on a CUDA GPU: pass --device cuda")
     cuda = device.startswith("cuda")
-    _check_device(device)
+    _check_device(device)   # after the artifacts are verified (their errors say more), before any is opened
     _set_threads(threads)
     settings = {"batches": list(batches), "tower": tower, "device": device, "iters": iters, "seconds": seconds,
                 "warmup": warmup, "end_to_end": end_to_end, "backend": backend, "threads": threads,
@@ -102,42 +111,13 @@ def run_bench(targets: Sequence[Any], *, batches: Sequence[int] = (1,), tower: s
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_args(targets: Sequence[Any], batches: Sequence[int], tower: str, iters: int | None,
-                seconds: float | None, warmup: int, device: str) -> tuple[str, ...]:
-    if not targets:
-        raise UserError("nothing to benchmark: pass one or more artifacts (model dirs, bundles, engines)")
-    if tower not in TOWER_CHOICES:
-        raise UserError(f"--tower must be one of {', '.join(TOWER_CHOICES)}, not {tower!r}")
-    if not batches or any(int(b) < 1 for b in batches):
-        raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
-    if iters is not None and iters < 2:
-        raise UserError("--iters must be at least 2 (percentiles need several samples)")
-    if seconds is not None and seconds <= 0:
-        raise UserError("--seconds must be positive")
-    if warmup < 0:
-        raise UserError("--warmup must be >= 0")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
-    return ("image", "text") if tower == "both" else (tower,)
-
-
 def _check_device(device: str) -> None:
-    if not device.startswith("cuda"):
-        return
-    try:
-        import torch
-    except ImportError:
-        raise UserError("--device cuda needs PyTorch with CUDA (for buffers and CUDA-event timing)") from None
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible here (torch.cuda.is_available() is False); "
-                        "use --device cpu")
+    require_device(device, "--device")
 
 
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if threads < 1:
-        raise UserError("--threads must be >= 1")
     try:
         import torch
 

@@ -109,7 +109,8 @@ def test_student_larger_than_teacher(tmp_path, teacher_dir):
 @pytest.mark.parametrize("ratio", ["0", "1", "1.2", "-0.5"])
 def test_ratio_outside_zero_one(tmp_path, teacher_dir, ratio):
     assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 f"stages.0.target={ratio}", "--teacher", teacher_dir), "between 0 and 1")
+                                 f"stages.0.target={ratio}", "--teacher", teacher_dir),
+                          "'stages.0.target' must be a number in (0, 1), got")
 
 
 def test_resume_of_a_directory_without_a_run(tmp_path):

@@ -149,7 +149,7 @@ def test_progressive_prune_stages(tmp_path, teacher_dir):
 
 
 def test_lagrangian_drives_expected_sparsity_to_the_target(tmp_path, teacher_dir):
-    recipe = _recipe(tmp_path / "lag", teacher_dir, "stages.0.steps=80", "stages.0.prune.mask_steps=1.0",
+    recipe = _recipe(tmp_path / "lag", teacher_dir, "stages.0.steps=80", "stages.0.prune.mask_steps=0.99",
                      "stages.0.prune.warmup=0.5", "stages.0.checkpoint_every=100", "stages.0.log_every=10",
                      "stages.1.steps=1")
     run_compress(recipe)
@@ -209,8 +209,9 @@ def test_diverging_lagrange_multipliers_are_detected(tmp_path, teacher_dir):
 
 @pytest.mark.parametrize("target", ["0", "1.0", "-1"])
 def test_prune_target_outside_zero_one(tmp_path, teacher_dir, target):
-    with pytest.raises(UserError, match="between 0 and 1"):
+    with pytest.raises(UserError, match=r"'stages.0.target' must be a number in \(0, 1\), got"):
         run_compress(_recipe(tmp_path / "bad", teacher_dir, f"stages.0.target={target}"))
+    assert not (tmp_path / "bad").exists()   # refused when the recipe was loaded
 
 
 def test_impossible_target_fails_before_training(tmp_path, teacher_dir):

@@ -93,5 +93,5 @@ def test_gradient_accumulation_and_previous_teacher(tmp_path, teacher_dir):
     assert s1.provenance["samples"] == 8 * 16  # every sample of every micro-batch was seen
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["samples"] % 16 == 0 for r in lines)
-    with pytest.raises(UserError, match="not divisible by grad_accum"):
+    with pytest.raises(UserError, match="batch_size 16 is not divisible by stages.0.grad_accum 3"):
         run_compress(_recipe(tmp_path / "bad", teacher_dir, "stages.0.grad_accum=3"))

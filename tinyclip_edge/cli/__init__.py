@@ -35,9 +35,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, export, train
+    from . import bench, data, export, train
 
-    for cmd in train.COMMANDS + export.COMMANDS + bench.COMMANDS:
+    for cmd in train.COMMANDS + export.COMMANDS + bench.COMMANDS + data.COMMANDS:
         main.add_command(cmd)
 
 

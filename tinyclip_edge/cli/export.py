@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
+from ..common.options import ExportOptions, cli_name
+from ..common.typed import from_dict
 
 _FORMAT_HELP = ("onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle); "
                 "open_clip: model -> a folder open_clip loads with local-dir:DIR")
@@ -17,6 +19,11 @@ def _given(ctx: click.Context) -> set[str]:
     """Options the user typed (not defaults), as CLI names."""
     return {p.opts[-1].lstrip("-") for p in ctx.command.params if isinstance(p, click.Option)
             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def export_options(**flags: Any) -> ExportOptions:
+    """The ONNX export options from the command's flags, checked by the schema (errors name the flag)."""
+    return from_dict(ExportOptions, flags, label="option", key_format=cli_name)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -36,23 +43,30 @@ def _io(spec: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
 
 
+_EXPORT = ExportOptions()   # flag defaults come from the option schema, so they cannot differ
+
+
 @click.command("export")
 @click.argument("source")
 @click.option("--format", "fmt", default="onnx", show_default=True, help=_FORMAT_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="[onnx, open_clip] directory to write")
 @click.option("--precision", help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 "
               "(default: the bundle's)")
-@click.option("--opset", type=int, default=17, show_default=True, help="[onnx] ONNX opset")
-@click.option("--raw", is_flag=True, help="[onnx] output raw embeddings instead of L2-normalised ones")
-@click.option("--calib", help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
+@click.option("--opset", type=int, default=_EXPORT.opset, show_default=True, help="[onnx] ONNX opset (14 to 23)")
+@click.option("--raw", is_flag=True, default=_EXPORT.raw,
+              help="[onnx] output raw embeddings instead of L2-normalised ones")
+@click.option("--calib", default=_EXPORT.calib,
+              help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
               "for implicit int8 from an fp32 bundle with TensorRT proper")
-@click.option("--calib-count", type=int, default=512, show_default=True, help="calibration images")
-@click.option("--calib-method", default="minmax", show_default=True, help="[onnx] minmax | percentile | entropy")
-@click.option("--int8-keep", default="auto", show_default=True,
+@click.option("--calib-count", type=int, default=_EXPORT.calib_count, show_default=True, help="calibration images")
+@click.option("--calib-method", default=_EXPORT.calib_method, show_default=True,
+              help="[onnx] minmax | percentile | entropy")
+@click.option("--int8-keep", default=_EXPORT.int8_keep, show_default=True,
               help="[onnx] nodes kept float: auto (sensitivity search), none, or comma-separated name parts")
-@click.option("--int8-min-cosine", type=float, default=0.995, show_default=True,
-              help="[onnx] target of the auto search (per tower, vs fp32, on calibration inputs)")
-@click.option("--exporter", default="torchscript", show_default=True, help="[onnx] torchscript | dynamo (opset >= 18)")
+@click.option("--int8-min-cosine", type=float, default=_EXPORT.int8_min_cosine, show_default=True,
+              help="[onnx] target of the auto search (per tower, vs fp32, on calibration inputs), in (0, 1]")
+@click.option("--exporter", default=_EXPORT.exporter, show_default=True,
+              help="[onnx] torchscript (opset <= 20) | dynamo (opset >= 18)")
 @click.option("--batch", default="1,8,32", show_default=True, help="[engine] optimisation profile MIN,OPT,MAX")
 @click.option("--workspace", type=int, help="[engine] builder workspace limit in MB")
 @click.option("--dla", type=int, help="[engine] DLA core (Jetson)")
@@ -82,9 +96,9 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
     from ..export import export_bundle
 
     keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
-    bundle = export_bundle(source, out, precision=precision or "fp32", opset=opset, raw=raw, calib=calib,
-                           calib_count=calib_count, calib_method=calib_method, int8_keep=keep,
-                           int8_min_cosine=int8_min_cosine, exporter=exporter, progress=not quiet)
+    options = export_options(opset=opset, raw=raw, calib=calib, calib_count=calib_count, calib_method=calib_method,
+                             int8_keep=keep, int8_min_cosine=int8_min_cosine, exporter=exporter)
+    bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
     from ..runtimes.bundle import read_manifest
 
     m = read_manifest(bundle)

@@ -7,6 +7,7 @@ records the same source weights is not exported again.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temps
 from ..compress.recipe import Recipe, load_recipe
@@ -37,9 +39,7 @@ def _models(recipe: Recipe, run: RunResult) -> dict[str, Path]:
         return dict(list(stages.items())[-1:])
     if recipe.export.models == "students" or run.teacher_dir is None:
         return stages
-    if recipe.export.models != "all":
-        raise UserError(f"export.models must be all, students or last, not '{recipe.export.models}'")
-    return {"teacher": run.teacher_dir, **stages}
+    return {"teacher": run.teacher_dir, **stages}   # "all" (the recipe's schema allows nothing else)
 
 
 def _up_to_date(bundle: Path, model_dir: Path) -> bool:
@@ -79,9 +79,9 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
             remove_stale_temps(bundle)  # a killed export's debris, even when this bundle is up to date
             if not _up_to_date(bundle, model_dir):
                 click.echo(f"export {key}", err=True)
-                export_bundle(model_dir, bundle, precision=precision, opset=cfg.opset,
-                              calib=_calib_spec(recipe) if precision == "int8" else None,
-                              calib_count=cfg.calib_count, int8_keep=cfg.int8_keep, progress=False)
+                # the section IS an ExportOptions (plus pipeline fields, which export_bundle ignores)
+                export_bundle(model_dir, bundle, precision=precision, options=cfg,
+                              calib=_calib_spec(recipe) if precision == "int8" else None, progress=False)
             out.bundles[key] = bundle
             if not cfg.parity:
                 continue
@@ -125,9 +125,8 @@ def bench(recipe: Recipe, result: PipelineResult) -> None:
     targets = [str(p) for k, p in result.bundles.items() if any(k.endswith(f"-{x}") for x in keep)]
     if not targets:
         raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
-    rep = run_bench(targets, batches=tuple(cfg.batches), tower=cfg.tower, device=cfg.device, iters=cfg.iters,
-                    warmup=cfg.warmup, threads=cfg.threads, out_dir=RunLayout(result.run.run_dir).path(BENCH_DIR),
-                    progress=False)
+    # the section IS a BenchOptions (plus `precisions`, which run_bench ignores)
+    rep = run_bench(targets, cfg, out_dir=RunLayout(result.run.run_dir).path(BENCH_DIR), progress=False)
     _add_to_report(result.run.run_dir, "latency", rep.to_dict(), "## Latency (teacher vs students)",
                    f"p50 latency in ms (speed-up over the first row), ONNX Runtime on {cfg.device}, "
                    f"{cfg.iters} timed runs per cell, interleaved; every statistic in `bench/bench.md`.", None,
@@ -151,8 +150,29 @@ def _add_to_report(run_dir: Path, key: str, data: Any, title: str, caption: str,
     click.echo(section)
 
 
+def preflight(recipe: Recipe) -> None:
+    """What the export and bench steps need from this machine, checked before compressing: every value of the
+    recipe was checked when it was loaded, but a CUDA bench device, tegrastats or ONNX Runtime must also be
+    here, or the run would fail after hours of training."""
+    from ..common.devices import require_device
+    from ..common.errors import MissingDependency
+
+    if recipe.bench is not None:
+        require_device(recipe.bench.device, "bench.device")
+        if recipe.bench.power:
+            from ..runtimes.tegrastats import TegraStats
+
+            if not TegraStats.available():
+                raise UserError("bench.power: true needs tegrastats (a Jetson); it is not on PATH")
+    needs_ort = recipe.bench is not None or (recipe.export is not None and (
+        recipe.export.parity or any(p.startswith("int8") for p in recipe.export.precisions)))
+    if needs_ort and importlib.util.find_spec("onnxruntime") is None:
+        raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")
+
+
 def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
     """Compress, then export / parity / bench as the recipe asks, holding the run directory's lock throughout."""
+    preflight(recipe)
     with run_lock(recipe.run_dir):
         return _run_recipe(recipe, resume)
 
@@ -160,11 +180,11 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
 def _run_recipe(recipe: Recipe, resume: bool) -> PipelineResult:
     run = run_compress(recipe, resume=resume)
     result = PipelineResult(run)
+    if dist.env_rank() != 0:  # under torchrun, rank 0 alone exports, checks parity and benchmarks
+        return result
     if recipe.export is not None:
         result = export_and_check(recipe, run)
-    if recipe.bench is not None:
-        if recipe.export is None:
-            raise UserError("a bench: section needs an export: section (it times the exported bundles)")
+    if recipe.bench is not None:   # the recipe's schema guarantees an export: section beside it
         bench(recipe, result)
     if result.parity_failed:
         msg = (f"parity failed for {', '.join(result.parity_failed)} (see report.md and "
@@ -181,6 +201,9 @@ def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True,
     other settings). `resume=False` (--fresh) first deletes what the marker says the toolkit wrote there,
     nothing else, and refuses a directory that holds a run without a marker."""
     recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
+    if not resume and dist.launched():  # every process would clear the directory while the others read it
+        raise UserError("quickstart --fresh runs in one process only: start over without torchrun, or choose "
+                        "another --run-dir")
     with run_lock(run_dir):  # held from the clean-up to the end: nobody can start a run in between
         layout = RunLayout(run_dir)
         if not resume:

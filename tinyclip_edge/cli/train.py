@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..common import dist
 from ..common.errors import UserError
 
 COMMANDS: list[click.Command] = []
@@ -63,7 +64,8 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
     _logging()
     rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
     result = run_compress(rec, resume=bool(resume_dir))
-    click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
+    if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
 
 
 @_command
@@ -116,11 +118,19 @@ def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None,
 def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pairs: int | None, device: str,
              out: str | None) -> None:
     """Evaluate MODEL (a model directory or an open_clip spec): retrieval, zero-shot, compositional."""
+    from ..common.devices import check_device
     from ..common.io import atomic_write_json
+    from ..common.options import cli_name
+    from ..common.typed import from_dict
+    from ..compress.recipe import EvalCfg
     from ..compress.teacher import resolve_teacher
     from ..evaluation import evaluate, markdown_table, table_row
 
     _logging()
+    # the recipe's eval: schema checks the same options here (data spec, batch size, pair count)
+    from_dict(EvalCfg, {"data": data, "batch_size": batch_size, "max_pairs": max_pairs}, label="option",
+              key_format=cli_name)
+    check_device(device)
     pkg = resolve_teacher(model)
     tpkg = resolve_teacher(teacher) if teacher else None
     res = evaluate(pkg, data, teacher=tpkg, batch_size=batch_size, max_pairs=max_pairs, device=device)

@@ -11,21 +11,24 @@ A schema is a dataclass whose field types say what is allowed:
 ``from_dict(BenchOptions, data, label="bench option")`` returns an instance or raises ``UserError`` with
 one line naming the dotted key, what was expected and what was given (unknown keys suggest the closest
 valid key). Numbers are finite unless a ``Range`` says otherwise; booleans are never numbers.
+Strings may carry a ``Pattern`` (a full-match regular expression and what it means in words).
 Cross-field rules belong in the dataclass's ``validate_fields(self, path)`` method, which ``from_dict`` calls.
+``validate(obj)`` checks a dataclass instance built in Python (constructors check nothing) the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from .errors import UserError, closest
 
-__all__ = ["Range", "from_dict", "check_value", "describe_type", "Annotated", "Literal"]
+__all__ = ["Range", "Pattern", "from_dict", "validate", "check_value", "describe_type", "Annotated", "Literal"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,29 @@ class Range:
         return "any number"
 
 
+@dataclass(frozen=True)
+class Pattern:
+    """A string that must match ``regex`` in full; ``meaning`` says what that is, for error messages."""
+
+    regex: str
+    meaning: str
+
+    def matches(self, v: str) -> bool:
+        return re.fullmatch(self.regex, v) is not None
+
+    def describe(self) -> str:
+        return self.meaning
+
+
 def describe_type(tp: Any) -> str:
     """A short human description of a field type, for error messages and docs."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
         base, *meta = typing.get_args(tp)
         rng = next((m for m in meta if isinstance(m, Range)), None)
+        pat = next((m for m in meta if isinstance(m, Pattern)), None)
+        if pat:
+            return pat.describe()
         return f"{describe_type(base)} {rng.describe()}" if rng else describe_type(base)
     if origin is Literal:
         return " | ".join(repr(a) if not isinstance(a, str) else a for a in typing.get_args(tp))
@@ -77,8 +97,35 @@ def describe_type(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "anything")
 
 
+def _q(path: str) -> str:
+    """A key path quoted for a one-line message (repr when it holds a newline or another control character)."""
+    return f"'{path}'" if path.isprintable() else repr(path)
+
+
 def _fail(label: str, path: str, expected: str, value: Any) -> UserError:
-    return UserError(f"{label} '{path}' must be {expected}, got {value!r}")
+    return UserError(f"{label} {_q(path)} must be {expected}, got {value!r}")
+
+
+def _same_kind(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the Python kind that ``tp`` takes (number, string, mapping, list, bool)."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _same_kind(value, typing.get_args(tp)[0])
+    if origin is Literal:
+        return any(_same_kind(value, type(c)) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return any(_same_kind(value, a) for a in typing.get_args(tp))
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return False
 
 
 def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
@@ -90,13 +137,15 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
         for m in meta:
             if isinstance(m, Range) and out is not None and not m.contains(out):
                 raise _fail(label, path, f"{describe_type(base)} {m.describe()}", value)
+            if isinstance(m, Pattern) and out is not None and not m.matches(out):
+                raise _fail(label, path, m.describe(), value)
         return out
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) or value not in choices:  # True == 1 must not pass for Literal[1]
             names = [str(c) for c in choices]
             hint = closest(str(value), names) if isinstance(value, str) else ""
-            raise UserError(f"{label} '{path}' must be one of {', '.join(names)}, got {value!r}{hint}")
+            raise UserError(f"{label} {_q(path)} must be one of {', '.join(names)}, got {value!r}{hint}")
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -114,6 +163,10 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
                 errors.append(e)
         if len(errors) == 1:
             raise errors[0]
+        # the one branch of the value's own kind (a number for `ratio | mapping`) says what is wrong best
+        same_kind = [e for a, e in zip([a for a in args if a is not type(None)], errors) if _same_kind(value, a)]
+        if len(same_kind) == 1:
+            raise same_kind[0]
         raise _fail(label, path, describe_type(tp), value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -156,9 +209,13 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
                 raise _fail(label, path, "a number", value) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(label, path, "a number", value)
+        try:
+            value = float(value)  # an int beyond float's range overflows: not a finite number either
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
             raise _fail(label, path, "a finite number", value)
-        return float(value)
+        return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise _fail(label, path, "a string", value)
@@ -168,8 +225,12 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key") -> Any:
-    """An instance of dataclass ``cls`` built from ``data``; every field checked against its type."""
+def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key",
+              key_format: Callable[[str], str] | None = None) -> Any:
+    """An instance of dataclass ``cls`` built from ``data``; every field checked against its type.
+
+    ``key_format`` spells a top-level key in messages (the CLI passes ``--calib-count`` for ``calib_count``).
+    """
     if not isinstance(data, dict):
         raise _fail(label, path or cls.__name__, "a mapping", data)
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -177,9 +238,9 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     names = [f.name for f in fields]
     kwargs = {}
     for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
+        full = f"{path}.{key}" if path else key_format(str(key)) if key_format else str(key)
         if key not in names:
-            raise UserError(f"unknown {label} '{full}'{closest(str(key), names)}; "
+            raise UserError(f"unknown {label} {_q(full)}{closest(str(key), names)}; "
                             f"valid keys here: {', '.join(names)}")
         kwargs[key] = check_value(value, hints[key], full, label)
     try:
@@ -187,9 +248,28 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     except TypeError as e:  # a required field is missing
         missing = [f.name for f in fields if f.name not in kwargs
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        where = f" in '{path}'" if path else ""
+        where = f" in {_q(path)}" if path else ""
         raise UserError(f"missing {label} '{missing[0] if missing else e}'{where}") from None
     validate = getattr(obj, "validate_fields", None)
     if callable(validate):
         validate(path)
     return obj
+
+
+def validate(obj: Any, cls: type | None = None, label: str = "key",
+             key_format: Callable[[str], str] | None = None) -> Any:
+    """A checked copy of dataclass instance ``obj`` (as ``cls``, default its own class: a subclass instance
+    checked as its base keeps only the base's fields). Tuples become lists, so ``batches=(1, 8)`` passes."""
+    cls = cls or type(obj)
+    data = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(cls) if f.init}
+    return from_dict(cls, data, "", label, key_format)
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v

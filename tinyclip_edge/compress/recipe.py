@@ -1,6 +1,9 @@
-"""Recipes: YAML (read with yaml.safe_load) into dataclasses.
+"""Recipes: YAML (a safe loader that also refuses duplicate keys) into dataclasses, every value validated on load.
 
-Unknown keys are errors that name the closest valid key; ``key.sub=value`` overrides (values parsed as
+Each field's type is its domain (common/typed.py checks it): enumerations are ``Literal`` types, numbers
+carry a ``Range``, stage names a ``Pattern``; ``validate_fields`` adds the cross-field rules (warm-up below the
+steps, unique stage names, bench precisions that are exported ...). Unknown keys are errors that name the
+closest valid key; ``key.sub=value`` overrides (values parsed as
 YAML, so ``stages.0.steps=200`` is an int) apply before validation; the resolved recipe is saved in
 every run directory. Recipes shipped with the package are usable by name (``quickstart``).
 """
@@ -11,12 +14,50 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from ..common import typed
+from ..common.devices import DEVICE, require_device
 from ..common.errors import UserError, closest
+from ..common.options import MAX_BATCH, BenchOptions, ExportOptions, ExportPrecision
+from ..common.typed import Pattern, Range
+from ..common.yamlfile import load_yaml
+from ..data.sources import check_spec
+from ..losses.registry import parse_losses
+from ..models.presets import PRESETS
+from ..models.shape import ClipShape
+
+# Every field's type is its domain: enumerations are Literal types and numbers carry a Range (written in the
+# field's comment as well); common/typed.py checks them when the recipe is loaded, and each dataclass's
+# validate_fields adds the rules that involve several fields. Nothing here is re-checked later.
+
+RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]      # a fraction of parameters, in (0, 1)
+TowerRatios = dict[Literal["image", "text"], RATIO | None]          # {image: r, text: r}; null keeps a tower
+POSITIVE_INT = Annotated[int, Range(1, None)]
+# A stage name becomes a directory of the run (and a checkpoint directory), so it is a plain name: letters,
+# digits, '-' and '_', starting with a letter, digit or '_' (never '.', '..', a path or an option-like '-x').
+STAGE_NAME = Annotated[str, Pattern(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}",
+                                    "a plain name of up to 64 letters, digits, '-' and '_', not starting with '-'")]
+# The recipe name is the default run directory's last part (runs/<name>): never a path, '.' or '..'.
+RECIPE_NAME = Annotated[str, Pattern(r"[^/\\.\x00-\x1f][^/\\\x00-\x1f]{0,99}",
+                                     "a name of up to 100 characters without '/' or '\\', not starting with '.'")]
+# Names the run directory uses itself (compress/runner.py's layout, cli/pipeline.py's export/ and bench/);
+# compared case-insensitively, since macOS and Windows file systems are. `<name>.masks` (the prune stage's
+# mask-learning half) cannot clash: '.' is not allowed in a stage name.
+RESERVED_STAGE_NAMES = ("teacher", "checkpoints", "baselines", "export", "bench")
+# Losses that need no teacher (stages with teacher: none and the scratch baselines train with these only).
+TEACHER_FREE_LOSSES = ("clip",)
+
+
+def _at(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_data(spec: str | None, path: str) -> None:
+    if spec is not None:
+        check_spec(spec, path)
 
 
 @dataclass
@@ -24,114 +65,231 @@ class DataCfg:
     train: str = "scenes:train"       # scenes:train | pairs.csv | captions.json
     val: str = "scenes:val"           # used by evaluation
     calib: str | None = None          # images for activation importance; default: train
-    csv_image_key: str = "filepath"
-    csv_caption_key: str = "title"
-    csv_separator: str | None = None  # default: tab for .tsv, comma otherwise
+    csv_image_key: Annotated[str, Pattern(r".+", "a column name")] = "filepath"
+    csv_caption_key: Annotated[str, Pattern(r".+", "a column name")] = "title"
+    csv_separator: Annotated[str, Pattern(r".", "one character")] | None = None  # default: tab for .tsv, comma otherwise
     image_root: str | None = None     # image paths are relative to this (default: the list file's folder)
-    workers: int | None = None        # data-loading processes; default 0 on CPU, 6 on CUDA
+    workers: Annotated[int, Range(0, 256)] | None = None  # data-loading processes, in [0, 256]; default 0 on CPU, 6 on CUDA
+
+    def validate_fields(self, path: str) -> None:
+        for key in ("train", "val", "calib"):
+            _check_data(getattr(self, key), _at(path, key))
 
 
 @dataclass
 class PruneCfg:
     """Automatic inheritance: learnable hard-concrete masks (method: prune)."""
 
-    target: float | dict | None = None   # fraction of parameters to keep; default: the stage's target
-    mask_lr: float = 0.05                # learning rate of the mask parameters (log-alpha); short runs want more
-    lambda_lr: float = 0.1               # learning rate of the Lagrange multipliers (gradient ascent)
-    warmup: float = 0.5                  # fraction of mask-learning steps over which the target ramps in
-    mask_steps: float = 0.7              # fraction of the stage spent learning masks; then materialise
+    target: RATIO | TowerRatios | None = None   # fraction of parameters to keep, in (0, 1); default: the stage's
+    mask_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.05     # mask (log-alpha) learning rate, > 0
+    lambda_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.1    # Lagrange multipliers' learning rate, > 0
+    warmup: Annotated[float, Range(0, 1)] = 0.5       # fraction of mask-learning steps over which the target ramps in, in [0, 1]
+    mask_steps: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.7  # fraction of the stage spent learning masks, in (0, 1)
     layers: bool = False                 # also gate whole attention / MLP sub-layers
     hidden: bool = True                  # prune residual (hidden) channels
     joint: bool = False                  # one sparsity target for both towers instead of one per tower
     floor: dict | None = None            # a shape the materialised student must contain; the runner sets it
                                          # from the next planned stage (compress/chain.py); rarely set by hand
 
+    def validate_fields(self, path: str) -> None:
+        if self.floor is not None:
+            if "embed_dim" not in self.floor:
+                raise UserError(f"{_at(path, 'floor')} must be a full model shape (with embed_dim, vision and text)")
+            check_shape(self.floor, _at(path, "floor"))
+
 
 @dataclass
 class StageCfg:
-    name: str | None = None
-    method: str = "inherit"              # inherit (manual) | prune (learned masks) | scratch (random init)
-    target: float | dict | None = 0.5    # fraction of the *original teacher's* parameters, or {image: r, text: r}
-    shape: Any = None                    # explicit shape: {image: {layers, heads, mlp, width}, text: ...} or a preset
-    shape_policy: str = "balanced"       # balanced | width | depth
-    layer_selection: str = "even"        # even | importance
-    importance: str = "magnitude"        # magnitude | activation (see compress/importance.py)
-    calib_batches: int = 4
-    teacher: str = "original"            # original | previous | none
-    steps: int = 1000
-    batch_size: int = 128                # samples per optimiser step (split across grad_accum micro-batches)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup: float = 0.05                 # a fraction (< 1) of the steps, or a number of steps
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0
-    losses: dict = field(default_factory=lambda: {"affinity": 1.0})
-    checkpoint_every: int = 200
-    log_every: int = 10
-    precision: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    name: STAGE_NAME | None = None       # a plain name (see STAGE_NAME), unique in the recipe; default stage-N
+    method: Literal["inherit", "prune", "scratch"] = "inherit"  # manual inheritance | learned masks | random init
+    target: RATIO | TowerRatios | None = 0.5  # fraction of the *original teacher's* parameters, in (0, 1), or {image: r, text: r}
+    shape: str | dict | None = None      # explicit shape: a preset name, {image: {layers, heads, mlp, width}, text: ...} or a full shape
+    shape_policy: Literal["balanced", "width", "depth"] = "balanced"
+    layer_selection: Literal["even", "importance"] = "even"
+    importance: Literal["magnitude", "activation"] = "magnitude"  # see compress/importance.py
+    calib_batches: Annotated[int, Range(1, 10_000)] = 4  # batches for activation importance, in [1, 10000]
+    teacher: Literal["original", "previous", "none"] = "original"
+    steps: POSITIVE_INT = 1000           # optimiser steps, >= 1
+    batch_size: POSITIVE_INT = 128       # samples per optimiser step, all processes together (split into grad_accum
+                                         # micro-batches, each split over the torchrun processes), >= 1
+    grad_accum: POSITIVE_INT = 1         # micro-batches per step, >= 1, dividing batch_size
+    lr: Annotated[float, Range(0, None, lo_open=True)] = 5e-4        # peak learning rate, > 0
+    min_lr: Annotated[float, Range(0, None)] = 0.0                   # cosine floor, in [0, lr]
+    warmup: Annotated[float, Range(0, None)] = 0.05  # a fraction of the steps in [0, 1), or a whole number of steps < steps
+    weight_decay: Annotated[float, Range(0, None)] = 0.1             # AdamW decoupled weight decay, >= 0
+    grad_clip: Annotated[float, Range(0, None, lo_open=True)] | None = 1.0  # max gradient norm, > 0; null: no clipping
+    losses: dict = field(default_factory=lambda: {"affinity": 1.0})  # name: weight (>= 0) or {weight: w, options}
+    checkpoint_every: POSITIVE_INT = 200  # steps between checkpoints, >= 1
+    log_every: POSITIVE_INT = 10          # steps between metric rows, >= 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     prune: PruneCfg = field(default_factory=PruneCfg)
+    teacher_cache: str | None = None     # read the teacher's embeddings from `data cache-teacher` output (shards only)
+
+    def validate_fields(self, path: str) -> None:
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"{_at(path, 'batch_size')} {self.batch_size} is not divisible by "
+                            f"{_at(path, 'grad_accum')} {self.grad_accum}")
+        if self.warmup >= 1 and (not float(self.warmup).is_integer() or self.warmup >= self.steps):
+            raise UserError(f"{_at(path, 'warmup')} must be a fraction of the steps in [0, 1) or a whole number of "
+                            f"steps below {_at(path, 'steps')} ({self.steps}), got {self.warmup:g}")
+        if self.min_lr > self.lr:
+            raise UserError(f"{_at(path, 'min_lr')} {self.min_lr:g} is above {_at(path, 'lr')} {self.lr:g}")
+        bad = [k for k in self.losses if not isinstance(k, str) or not k.isprintable()]
+        if bad:
+            raise UserError(f"{_at(path, 'losses')} has a key that is not a loss name: {bad[0]!r}")
+        try:
+            specs = parse_losses(self.losses)
+        except UserError as e:  # the registry's messages start with "losses..." or "loss ..."
+            msg = str(e)
+            raise UserError(f"{path}.{msg}" if path and msg.startswith("losses.") else f"{_at(path, 'losses')}: {msg}") from None
+        if self.teacher == "none":
+            needs = [s.name for s in specs if s.name not in TEACHER_FREE_LOSSES]
+            if needs:
+                raise UserError(f"{path or 'stage'}: teacher: none allows only the {', '.join(TEACHER_FREE_LOSSES)} "
+                                f"loss, not {', '.join(needs)}")
+        if self.shape is not None:
+            check_shape(self.shape, _at(path, "shape"))
+
+
+def check_shape(shape: Any, path: str) -> None:
+    """An explicit stage shape, checked without a teacher: a preset name, a full shape (with embed_dim), or
+    per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
+    if isinstance(shape, str):
+        if shape not in PRESETS:
+            raise UserError(f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; "
+                            f"presets: {', '.join(PRESETS)}")
+        return
+    if "embed_dim" in shape:
+        try:
+            ClipShape.from_dict(shape)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path} is not a valid model shape ({e})") from None
+        return
+    for tower, spec in shape.items():
+        if tower not in ("image", "text"):
+            raise UserError(f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
+                            f"name ({', '.join(PRESETS)})")
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
+        for key, value in spec.items():
+            if key not in ("layers", "heads", "mlp", "width"):
+                raise UserError(f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
+                                "allowed: layers, heads, mlp, width")
+            lo = 0 if key in ("heads", "mlp") else 1   # a layer may drop its attention or MLP entirely
+            tp = Annotated[int, Range(lo, 1_000_000)]
+            typed.check_value(value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}",
+                              "recipe key")
 
 
 @dataclass
 class EvalCfg:
     data: str | None = "scenes:val"      # None: skip evaluation
-    batch_size: int = 256
-    max_pairs: int | None = None
+    batch_size: POSITIVE_INT = 256       # >= 1
+    max_pairs: POSITIVE_INT | None = None  # >= 1; null: all pairs
+
+    def validate_fields(self, path: str) -> None:
+        _check_data(self.data, _at(path, "data"))
 
 
 @dataclass
 class BaselinesCfg:
     scratch: bool = False                # also train every stage's shape from scratch, same steps, to compare
-    scratch_loss: str = "clip"
+    scratch_loss: Literal[TEACHER_FREE_LOSSES] = "clip"  # a loss that needs no teacher
 
 
 @dataclass
-class ExportCfg:
-    """After compressing: export the teacher and every stage's student to ONNX bundles, check parity."""
+class ExportCfg(ExportOptions):
+    """After compressing: export the teacher and every stage's student to ONNX bundles, check parity.
 
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8-dynamic"])  # fp32 fp16 int8 int8-dynamic
-    models: str = "all"                  # all (teacher + stages) | students | last
-    opset: int = 17
-    calib: str | None = None             # images for static int8; default data.calib, else scenes:calib / data.train
-    calib_count: int = 256
-    int8_keep: str = "auto"              # static int8: keep sensitive nodes float (auto search) | none
+    An ``ExportOptions`` (the options of ``tinyclip-edge export``, same names, types and ranges) plus what only
+    the pipeline decides: which models, which precisions, and the parity check after each export."""
+
+    calib_count: Annotated[int, Range(1, None)] = 256  # calibration images, >= 1 (fewer than the CLI: a run exports many)
+    precisions: list[ExportPrecision] = field(default_factory=lambda: ["fp32", "int8-dynamic"])  # fp32 fp16 int8 int8-dynamic
+    models: Literal["all", "students", "last"] = "all"  # all (teacher + stages) | students | last
     parity: bool = True
     parity_data: str | None = None       # default: eval.data
-    parity_count: int = 256
-    on_parity_failure: str = "error"     # error (non-zero exit) | warn (report it, go on)
+    parity_count: POSITIVE_INT = 256     # pairs read for parity, >= 1
+    on_parity_failure: Literal["error", "warn"] = "error"  # error (non-zero exit) | warn (report it, go on)
+
+    def validate_fields(self, path: str) -> None:
+        super().validate_fields(path)
+        if not self.precisions or len(set(self.precisions)) != len(self.precisions):
+            raise UserError(f"{_at(path, 'precisions')} must list one or more distinct precisions, "
+                            f"got {self.precisions}")
+        for key in ("calib", "parity_data"):
+            _check_data(getattr(self, key), _at(path, key))
 
 
 @dataclass
-class BenchCfg:
-    """After exporting: latency of the teacher's and students' bundles (ONNX Runtime), interleaved."""
+class BenchCfg(BenchOptions):
+    """After exporting: latency of the teacher's and students' bundles, interleaved.
 
-    precisions: list[str] | None = None  # which exported precisions to time; default all
-    batches: list[int] = field(default_factory=lambda: [1, 8])
-    tower: str = "both"                  # image | text | both
-    device: str = "cpu"
-    iters: int = 20
-    warmup: int = 3
-    threads: int | None = None
+    A ``BenchOptions`` (the options of ``tinyclip-edge bench``) plus which exported precisions to time."""
+
+    batches: list[Annotated[int, Range(1, MAX_BATCH)]] = field(default_factory=lambda: [1, 8])  # batch sizes
+    warmup: Annotated[int, Range(0, None)] = 3   # untimed calls first, >= 0
+    precisions: list[ExportPrecision] | None = None  # which exported precisions to time; default all
+
+    def validate_fields(self, path: str) -> None:
+        super().validate_fields(path)
+        if self.backend not in (None, "onnxrt"):
+            raise UserError(f"{_at(path, 'backend')}: the pipeline times ONNX bundles; use onnxrt or leave it "
+                            f"unset, not {self.backend}")
+
+
+@dataclass
+class DistributedCfg:
+    """Only read under torchrun (several processes); see README "Many GPUs"."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on CUDA, gloo on CPU
+    timeout_s: Annotated[float, Range(1, None)] = 1800   # seconds, >= 1: a process that stops answering stops the others
 
 
 @dataclass
 class Recipe:
-    name: str = "run"
+    name: RECIPE_NAME = "run"            # also the default run directory: runs/<name>
     description: str = ""
     teacher: str = ""                    # open_clip name[:tag|:file], hf-hub:..., a model dir, or builtin:NAME
     run_dir: str | None = None           # default: runs/<name>
-    seed: int = 0
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # in [0, 2^32 - 1]
+    device: DEVICE = "auto"              # auto | cpu | cuda | cuda:N (checked to exist here)
     data: DataCfg = field(default_factory=DataCfg)
     stages: list[StageCfg] = field(default_factory=list)
     eval: EvalCfg = field(default_factory=EvalCfg)
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
     export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
     bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
+    distributed: DistributedCfg = field(default_factory=DistributedCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate_fields(self, path: str) -> None:
+        """Fills the defaults that depend on other fields (run_dir, stage-N names), then the cross-field rules."""
+        if not self.stages:
+            raise UserError("no stages; add at least one under 'stages:'")
+        self.run_dir = self.run_dir or f"runs/{self.name}"
+        seen: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            st.name = st.name or f"stage-{i + 1}"
+            if st.name.lower() in RESERVED_STAGE_NAMES:
+                raise UserError(f"stages.{i}.name '{st.name}' is reserved: the run directory uses "
+                                f"{', '.join(RESERVED_STAGE_NAMES)} itself; pick another name")
+            if st.name.lower() in seen:
+                raise UserError(f"stages.{i}.name '{st.name}' is already the name of stages.{seen[st.name.lower()]} "
+                                "(names are directories of the run: they must differ, also in letter case)")
+            seen[st.name.lower()] = i
+        if self.bench is not None:
+            if self.export is None:
+                raise UserError("a bench: section needs an export: section (it times the exported bundles)")
+            missing = [p for p in self.bench.precisions or () if p not in self.export.precisions]
+            if missing:
+                raise UserError(f"bench.precisions {missing} are not exported; add them to export.precisions "
+                                f"({', '.join(self.export.precisions)})")
+        require_device(self.device, "device")
 
 
 # --------------------------------------------------------------------------- dict -> dataclass
@@ -162,10 +320,7 @@ def _read_yaml(spec: str) -> tuple[dict[str, Any], str]:
             raise UserError(f"recipe not found: '{spec}' is neither a file nor a packaged recipe"
                             f"{closest(name, packaged_recipes())}; packaged: {', '.join(packaged_recipes())}")
         text, where = res.read_text(encoding="utf-8"), f"packaged recipe '{name}'"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(text, where) or {}   # safe, and a key given twice is an error (common/yamlfile.py)
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a YAML mapping at the top level")
     return data, where
@@ -174,16 +329,22 @@ def _read_yaml(spec: str) -> tuple[dict[str, Any], str]:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply ``a.b.0.c=value`` to a raw recipe dict; the value is parsed as YAML."""
     if "=" not in item:
-        raise UserError(f"override '{item}' must look like key=value, e.g. stages.0.steps=200")
+        raise UserError(f"override {item!r} must look like key=value, e.g. stages.0.steps=200")
     key, raw = item.split("=", 1)
+    if not key.isprintable():
+        raise UserError(f"override {item!r}: the key holds a control character")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, f"override '{item}'") if raw.strip() else ""
+    except UserError as e:
+        if "duplicate key" in str(e):
+            raise
+        value = raw  # not YAML: the plain string (typed checks whether the key takes one)
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
+        if not isinstance(node, (dict, list)):
+            raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' is {node!r}, not a mapping or a list")
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' has {len(node)} entries, no index {part}")
@@ -193,6 +354,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"override '{key}': '{'.'.join(parts[:-1])}' is {node!r}, not a mapping or a list")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise UserError(f"override '{key}': no list index {last}")
@@ -205,13 +368,15 @@ def load_recipe(spec: str | dict[str, Any], overrides: list[str] | tuple[str, ..
     data, where = (dict(spec), "recipe") if isinstance(spec, dict) else _read_yaml(spec)
     for item in overrides:
         apply_override(data, item)
-    recipe = from_dict(Recipe, data)
-    if not recipe.stages:
-        raise UserError(f"{where} has no stages; add at least one under 'stages:'")
-    recipe.run_dir = recipe.run_dir or f"runs/{recipe.name}"
-    for i, st in enumerate(recipe.stages):
-        st.name = st.name or f"stage-{i + 1}"
-    return recipe
+    try:
+        return from_dict(Recipe, data)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def validate_recipe(recipe: Recipe) -> Recipe:
+    """A recipe built or changed in Python, checked exactly as a loaded one (the runner calls this)."""
+    return from_dict(Recipe, recipe.to_dict())
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, read_json, remove_stale_temps, write_error
 
@@ -66,12 +67,12 @@ LAYOUT_ENTRIES = tuple(n for n in RESERVED if n not in (MARKER_FILE, LOCK_FILE))
 
 # Recipe keys that may differ when a run is resumed: where the run lives, its description, and how (not
 # what) it computes. Everything else would mix two experiments in one directory, so it is refused.
-RESUME_MAY_DIFFER = ("run_dir", "description", "device", "data.workers")
+RESUME_MAY_DIFFER = ("run_dir", "description", "device", "data.workers", "distributed")
 
 
 def is_rank_zero() -> bool:
-    """Under torchrun (RANK set) only rank 0 owns the run directory: it alone locks it and writes the marker."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    """Under torchrun only rank 0 owns the run directory: it alone locks it and writes the marker."""
+    return dist.env_rank() == 0
 
 
 # ------------------------------------------------------------------------------ names -> directories

@@ -3,6 +3,10 @@ stage's student), optionally train scratch baselines of the same shapes, evaluat
 
 The run directory's layout, its lock and marker, and the one mapping from a stage name to its directory
 are in `rundir.py`; every path the runner writes comes from there.
+
+Under torchrun every process runs the same stages on its share of each batch (``common/dist.py``);
+rank 0 alone writes the run directory, which must be on a filesystem all processes see, and every
+process reads the state, teacher, students and checkpoints back from it.
 """
 
 from __future__ import annotations
@@ -16,17 +20,20 @@ from typing import Any, Callable
 
 import torch
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.batches import TrainBatches
+from ..data.shards import ShardBatches, check_shards, data_hash, expand_shards, is_shard_spec
+from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from .chain import nests, plan_chain
-from .recipe import Recipe, StageCfg, dump_recipe, load_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
 from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
 from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
 from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
@@ -195,26 +202,6 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
-def _check_recipe(recipe: Recipe) -> None:
-    for st in recipe.stages:
-        if st.method not in STAGE_BUILDERS:
-            from ..common.errors import closest
-
-            raise UserError(f"stage {st.name}: unknown method '{st.method}'{closest(st.method, STAGE_BUILDERS)}; "
-                            "choose from inherit, prune, scratch")
-        if st.teacher not in ("original", "previous", "none"):
-            raise UserError(f"stage {st.name}: teacher must be original, previous or none, not '{st.teacher}'")
-        if st.steps <= 0 or st.batch_size <= 0 or st.grad_accum <= 0:
-            raise UserError(f"stage {st.name}: steps, batch_size and grad_accum must be positive")
-        if st.batch_size % st.grad_accum:
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} is not divisible by grad_accum {st.grad_accum}")
-        if st.shape is None and st.target is not None:
-            tower_targets(st.target)
-        parse_losses(st.losses)
-        if st.teacher == "none" and any(n != "clip" for n in st.losses):
-            raise UserError(f"stage {st.name}: teacher: none allows only the 'clip' loss")
-
-
 def run_entries(recipe: Recipe) -> list[str]:
     """Every stage and baseline directory name the recipe's run will write, each checked by the run layout
     (not a path, not reserved) and unique: a clash would make two stages write one directory."""
@@ -247,7 +234,13 @@ class Run:
         self.recipe, self.on_step = recipe, on_step
         self.dir = Path(recipe.run_dir)
         self.layout = RunLayout(self.dir)
-        _check_recipe(recipe)
+        self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
+        world = dist.world_size()
+        for st in recipe.stages:
+            if st.batch_size % (st.grad_accum * world):
+                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                                f"{st.grad_accum * world}")
         entries = run_entries(recipe)
         state_file = self.dir / RUN_STATE
         old = read_json(state_file, "run state") if state_file.is_file() else None
@@ -258,7 +251,8 @@ class Run:
         if started and not resume:
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
-        self.device = resolve_device(recipe.device)
+        self.device = dist.local_device(resolve_device(recipe.device))
+        fresh = not started
         if started:
             self._check_same_recipe()
             self.state = old
@@ -270,14 +264,20 @@ class Run:
                 if foreign:
                     raise UserError(f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
                                     "write there and a run would overwrite; choose an empty or new run_dir")
-                self.layout.create_marker()
             # the teacher copy is kept only if it came from the same teacher spec (see teacher())
             self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
-        self.dir.mkdir(parents=True, exist_ok=True)
         baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
-        self.layout.remove_stale_temps([*LAYOUT_ENTRIES, *entries, *baselines])  # debris of killed writes
-        atomic_write_text(self.layout.recipe, dump_recipe(recipe))
-        self._save_state()
+
+        def write() -> None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if fresh and old is None and self.layout.marker() is None:
+                self.layout.create_marker()
+            self.layout.remove_stale_temps([*LAYOUT_ENTRIES, *entries, *baselines])  # debris of killed writes
+            atomic_write_text(self.layout.recipe, dump_recipe(recipe))
+            self._save_state()
+
+        dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+        dist.run_on_main(write)
 
     def _check_same_recipe(self) -> None:
         saved = self.dir / RECIPE_FILE
@@ -295,28 +295,56 @@ class Run:
                             f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh")
 
     def _save_state(self) -> None:
-        atomic_write_json(self.layout.state, self.state)
+        if dist.is_main():
+            atomic_write_json(self.layout.state, self.state)
 
     def teacher(self) -> ClipPackage | None:
         spec = self.recipe.teacher
         if spec in ("", "none"):
             return None
         tdir = self.layout.teacher
-        if is_model_dir(tdir) and self.state.get("teacher", spec) == spec:
-            return load_model_dir(tdir)
-        pkg = resolve_model(spec, what="teacher").package
-        pkg.provenance.setdefault("teacher", spec)
-        save_model_dir(pkg, tdir)
-        self.state["teacher"] = spec  # which spec the copy came from: a restart with another teacher replaces it
-        self._save_state()
+
+        def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
+            # decided on rank 0 alone: every rank must take part in run_on_main. The copy is kept only if it
+            # came from this spec: a restart after a failure with another teacher replaces it
+            if is_model_dir(tdir) and self.state.get("teacher", spec) == spec:
+                return
+            pkg = resolve_model(spec, what="teacher").package
+            pkg.provenance.setdefault("teacher", spec)
+            save_model_dir(pkg, tdir)
+            self.state["teacher"] = spec
+            self._save_state()
+
+        dist.run_on_main(save)
+        self.state["teacher"] = spec
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int) -> TrainBatches:
+    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
+                cache: TeacherCache | None = None) -> TrainBatches:
         d = self.recipe.data
+        if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
+            return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
+                                dist.world_size(), cache=cache)
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed)
+        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
+
+    def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
+        """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
+        if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
+            return None
+        from .teacher_cache import teacher_hash
+
+        if not is_shard_spec(self.recipe.data.train):
+            raise UserError(f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
+                            f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}")
+        if teacher is None:
+            raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
+        cache = TeacherCache.open(st.teacher_cache)
+        urls, _ = check_shards(expand_shards(self.recipe.data.train))
+        cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
+        return cache
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
                   original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
@@ -328,22 +356,31 @@ class Run:
         micro = st.batch_size // st.grad_accum
         workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
             6 if self.device.type == "cuda" else 0)
-        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index)
+        cache = self.teacher_cache(st, teacher, source)
+        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
         resume = None
         if read_checkpoint_meta(ckpt) is not None:
             task, opt_state, tstate = load_checkpoint(ckpt, st)
             resume = (opt_state, tstate)
-            log.warning("%s: resuming from step %d", st.name, tstate.step)
+            written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
+            if dist.is_main():
+                log.warning("%s: resuming from step %d (%d global samples)", st.name, tstate.step, tstate.samples)
+                if written_by != dist.world_size():
+                    log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                                "global batch and the data position counts global samples, so training continues "
+                                "from the same place (CSV/COCO/scenes data: with the very same batches)",
+                                st.name, written_by, dist.world_size())
         else:
             calib: list[dict] = []
             if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
                 cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
                                   self.recipe.seed + 1_000_003)
+                cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
                 calib = [cb[i] for i in range(st.calib_batches)]
             task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
         self.state["stages"][st.name] = "running"
         self._save_state()
-        tstate = train_stage(task, teacher.model if teacher else None, batches, st, parse_losses(st.losses),
+        tstate = train_stage(task, teacher.model if teacher and cache is None else None, batches, st, parse_losses(st.losses),
                              device=self.device, ckpt_dir=ckpt, metrics_path=self.layout.metrics,
                              label=st.name, resume=resume, workers=workers, on_step=self.on_step)
         model = task.finalize().cpu().eval()
@@ -351,10 +388,14 @@ class Run:
                 "method": st.method, "steps": tstate.step, "samples": tstate.samples,
                 "skipped_images": tstate.skipped, **(provenance or {})}
         pkg = source.with_model(model, **prov)
-        save_model_dir(pkg, out_dir)
         self.state["stages"][st.name] = "done"
-        self._save_state()
-        shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        def save() -> None:
+            save_model_dir(pkg, out_dir)
+            self._save_state()
+            shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+
+        dist.run_on_main(save)
         return load_model_dir(out_dir)
 
     def execute(self) -> RunResult:
@@ -374,7 +415,7 @@ class Run:
             result.stage_dirs.append(self.layout.stage(st.name))
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
-        if self.recipe.eval.data:
+        if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
             from .report import write_report
 
             result.report = write_report(self, result)
@@ -409,6 +450,9 @@ class Run:
 
 def run_compress(recipe: Recipe, *, resume: bool = False,
                  on_step: Callable[[TrainState], None] | None = None) -> RunResult:
-    with run_lock(recipe.run_dir):
+    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
+    hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
+    with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
+                      recipe.distributed.timeout_s, hint), run_lock(recipe.run_dir):
         return Run(recipe, resume, on_step).execute()
 

@@ -47,6 +47,12 @@ class StageTask(nn.Module):
         < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
 
+    def forward(self, images: Tensor, ids: Tensor, step: int, *more: Any) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """encode() plus extra_losses(): everything with parameters runs inside forward, which is what
+        DistributedDataParallel watches (a parameter used outside forward breaks its gradient sync)."""
+        img, txt, scale = self.encode(images, ids, step, *more)
+        return img, txt, scale, self.extra_losses(step)
+
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():

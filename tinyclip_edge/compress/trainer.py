@@ -4,6 +4,9 @@ accumulation, a frozen teacher, atomic checkpoints every N steps, exact resume, 
 Exact resume works because batch ``k`` is a pure function of (data, seed, k) and every piece of
 state (weights, masks, optimiser moments, step) is checkpointed: an interrupted and resumed run ends
 with the same weights as an uninterrupted one (tested on CPU).
+
+Under torchrun (``common/dist.py``) the task runs under DDP, the batch losses see the global batch
+(``step_loss``), and rank 0 alone logs and writes checkpoints; every rank resumes from them.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Self
 
@@ -23,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
 from ..data.batches import TrainBatches, batch_loader
@@ -132,8 +137,10 @@ def save_checkpoint(path: Path, task: StageTask, optimizers: list[torch.optim.Op
         tmp.mkdir()
         save_safetensors(tensors, tmp / CKPT_TENSORS)
         save_safetensors(opt_tensors, tmp / CKPT_OPT, metadata={"layout": json.dumps(opt_layout)})
+        # samples: GLOBAL samples (all processes); world_size: how many processes wrote it (resume may differ)
         atomic_write_json(tmp / CKPT_META, {**task.checkpoint_meta(), "step": state.step, "samples": state.samples,
-                                            "skipped": state.skipped, **(extra or {})})
+                                            "skipped": state.skipped, "world_size": dist.world_size(),
+                                            **(extra or {})})
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
@@ -218,11 +225,61 @@ class _StopFlag:
         self._old.clear()
 
 
+def gather_outputs(out: DistillOutputs) -> DistillOutputs:
+    """The global batch's outputs: every per-sample tensor gathered over ranks (identity on one process).
+
+    Per-sample means a tensor whose leading dimension is the local batch: the four embeddings, and such
+    tensors in ``out.extra``; anything else in ``extra`` stays as it is.
+    """
+    if dist.world_size() == 1:
+        return out
+    n = out.student_image.shape[0]
+    names = [k for k in ("student_image", "student_text", "teacher_image", "teacher_text") if getattr(out, k) is not None]
+    extra = [k for k, v in out.extra.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n]
+    rows = dist.gather_rows([getattr(out, k) for k in names] + [out.extra[k] for k in extra])
+    return replace(out, **dict(zip(names, rows)), extra={**out.extra, **dict(zip(extra, rows[len(names):]))})
+
+
+def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[LossSpec], images: torch.Tensor,
+              ids: torch.Tensor, step: int, amp: Any,
+              cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              micro: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the loss to back-propagate and its named terms (for the log).
+
+    Distributed, the embeddings of all ranks are gathered ONCE here (``gather_outputs``) before the loss
+    registry runs, so every loss, existing or new, averages over the global batch without knowing about
+    processes. Every rank then computes the same global loss; ``dist.gather_rows`` routes the gradient
+    through each rank's own rows so that, after DDP's mean over ranks, the gradient is that of one process
+    on the whole batch (tested). Task terms (the Lagrangian) are computed in full on every rank.
+
+    `cached`: the teacher's (image, text, logit scale) read from a teacher cache; the teacher is not run.
+    `micro`: the micro-batch's index within the step (the task's mask noise depends on it).
+    """
+    with amp:
+        s_img, s_txt, s_scale, extra = net(images, ids, step, micro)
+        out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
+        if cached is not None:
+            out.teacher_image, out.teacher_text, out.teacher_logit_scale = (c.float() for c in cached)
+        elif teacher is not None:
+            with torch.no_grad():
+                t_img, t_txt, t_scale = teacher(images, ids)
+            out.teacher_image, out.teacher_text, out.teacher_logit_scale = t_img.float(), t_txt.float(), t_scale.float()
+    loss, part = combine(losses, gather_outputs(out))
+    if dist.world_size() > 1:
+        # DDP needs a gradient for every parameter each step: a zero-weight term for outputs a loss may ignore
+        loss = loss + 0.0 * (s_scale.float() + s_img.float().sum() + s_txt.float().sum())
+    for k, v in extra.items():
+        loss = loss + v
+        part[k] = float(v.detach())
+    return loss, part
+
+
 def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatches, cfg: StageCfg,
                 losses: list[LossSpec], *, device: torch.device, ckpt_dir: Path, metrics_path: Path, label: str,
                 resume: tuple[dict[str, Any], TrainState] | None = None, workers: int = 0,
                 on_step: Callable[[TrainState], None] | None = None) -> TrainState:
     task.to(device).train()
+    net = dist.wrap(task, device)  # DDP under torchrun; net(images, ids, step) runs task.forward
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     optimizers = task.optimizers(cfg, device)
@@ -233,50 +290,50 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
             o.load_state_dict(s)
     accum = cfg.grad_accum
     amp = autocast_for(device, cfg.precision)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    main = dist.is_main()  # rank 0 alone logs and checkpoints
+    if main:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
     loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers)
     # in a log file (CI, nohup) a bar redrawn every step would bury everything else
     bar = tqdm(total=cfg.steps, initial=state.step, desc=label, unit="step", dynamic_ncols=True, leave=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not main)
     t0, samples0 = time.perf_counter(), state.samples
-    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as mlog:
+    with _StopFlag() as stop, open(metrics_path if main else os.devnull, "a", encoding="utf-8") as mlog:
         while state.step < cfg.steps:
             step = state.step
             for o in optimizers:
                 for g in o.param_groups:  # masks and Lagrange multipliers keep a constant rate
                     g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
             logs: dict[str, float] = {}
-            n_micro = 0
+            n_micro, synced = 0, False
             for micro in range(accum):
                 batch = next(loader)
-                state.skipped += batch["skipped"]
+                # global counts, so every rank skips (or not) the same micro-batches
+                n, skipped = dist.all_sum(len(batch["images"]), batch["skipped"])
+                state.skipped += skipped
                 if batch["skipped"]:
                     log.warning("skipped %d unreadable image(s) (e.g. %s); %d so far",
                                 batch["skipped"], batch["skip_examples"][0], state.skipped)
-                if len(batch["images"]) < 2:  # a contrastive batch needs at least two pairs
+                if n < 2:  # a contrastive batch needs at least two pairs
                     continue
                 images = batch["images"].to(device, non_blocking=True)
                 ids = batch["ids"].to(device, non_blocking=True)
-                with amp:
-                    s_img, s_txt, s_scale = task.encode(images, ids, step, micro)
-                    out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_img, t_txt, t_scale = teacher(images, ids)
-                        out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
-                            t_img.float(), t_txt.float(), t_scale.float())
-                loss, part = combine(losses, out)
-                for k, v in task.extra_losses(step).items():
-                    loss = loss + v
-                    part[k] = float(v.detach())
-                if not torch.isfinite(loss):
-                    raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
-                                    step, ckpt_dir)
-                (loss / accum).backward()
+                last = micro == accum - 1  # DDP all-reduces the accumulated gradients in the last backward only
+                with (dist.no_sync(net) if not last else nullcontext()):
+                    cached = (tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
+                              if "teacher_image" in batch else None)
+                    loss, part = step_loss(net, teacher, losses, images, ids, step, amp, cached, micro)
+                    if not torch.isfinite(loss):
+                        raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
+                                        step, ckpt_dir)
+                    (loss / accum).backward()
+                synced |= last
                 n_micro += 1
-                state.samples += len(images)
+                state.samples += n
                 for k, v in part.items():
                     logs[k] = logs.get(k, 0.0) + v
+            if n_micro and not synced:  # the window's last micro-batch was empty everywhere
+                dist.average_gradients(list(task.parameters()))
             if n_micro:
                 # the step's gradient and logged values are means over the micro-batches that ran: a skipped
                 # one (fewer than two readable pairs) must not shrink them (each backward above used 1/accum)
@@ -300,7 +357,7 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 raise _diverged(label, bad, step, ckpt_dir)
             state.step += 1
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            if main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
                 rate = (state.samples - samples0) / max(1e-9, time.perf_counter() - t0)
                 rec = {"stage": label, "step": state.step, "lr": optimizers[0].param_groups[0]["lr"],
                        "samples": state.samples, "elapsed_s": round(time.perf_counter() - t0, 3),
@@ -309,14 +366,13 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
                 bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
-            saved = state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop.set
-            if saved:
+            # a stop asked of any rank stops all of them at this same step (one tiny all-reduce)
+            stopping = dist.all_sum(int(stop.set))[0] > 0 if dist.world_size() > 1 else stop.set
+            if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stopping):
                 save_checkpoint(ckpt_dir, task, optimizers, state)
             if on_step is not None:
                 on_step(state)
-            if stop.set:
-                if not saved:  # the signal came after this step's checkpoint decision
-                    save_checkpoint(ckpt_dir, task, optimizers, state)
+            if stopping:
                 bar.close()
                 raise Interrupted(f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; "
                                   "continue with --resume")

@@ -2,6 +2,10 @@
 
 That makes resume exact (restart at the saved step, get the same batches) and lets a DataLoader build
 whole batches in worker processes. Unreadable images are dropped from their batch and counted.
+
+Under torchrun, `batch_size` is the GLOBAL micro-batch: rank r of W builds only its contiguous slice
+r of W. The union over ranks is the batch one process would build, whatever W is, so a run resumed
+with another number of processes continues with the very same samples (the position is the step).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from .sources import PairSource
 
 class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer,
-                 batch_size: int, seed: int = 0):
+                 batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.source, self.preprocess, self.tokenizer = source, preprocess, tokenizer
         self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world = rank, world
         self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:
@@ -43,8 +48,14 @@ class TrainBatches(torch.utils.data.Dataset):
             out.append(int(self._perm[pos]))
         return out
 
+    def rank_indices(self, step: int) -> list[int]:
+        """This rank's contiguous share of the global batch `step`."""
+        idx = self.indices(step)
+        share = len(idx) // self.world
+        return idx[self.rank * share:(self.rank + 1) * share]
+
     def __getitem__(self, step: int) -> dict[str, Any]:
-        return collate(self.source, self.indices(step), self.preprocess, self.tokenizer)
+        return collate(self.source, self.rank_indices(step), self.preprocess, self.tokenizer)
 
 
 def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -65,6 +76,9 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
 
 def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:
     """Batches start..stop-1 in order; with workers, built in parallel processes."""
+    if hasattr(batches, "loader"):  # a streaming source (data/shards.py) keeps its own position
+        yield from batches.loader(start, stop, workers)
+        return
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     yield from loader

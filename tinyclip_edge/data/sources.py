@@ -132,27 +132,49 @@ def _read_coco(path: Path) -> list[tuple[str, str]]:
         raise UserError(f"{path} is not a COCO captions file (missing {e}); expected 'images' and 'annotations'") from None
 
 
+def parse_scenes_spec(spec: str) -> tuple[str, int]:
+    """``scenes:SPLIT[:N]`` -> (split, size); N >= 1 (default: unlimited for train, 1,000 otherwise)."""
+    parts = spec.split(":")
+    split = parts[1] if len(parts) > 1 else "train"
+    if split not in sc.SPLIT_SEEDS or len(parts) > 3:
+        raise UserError(f"unknown scenes data {spec!r}; use scenes:train, scenes:val or scenes:calib, "
+                        "optionally with a size (scenes:val:500)")
+    if len(parts) < 3:
+        return split, UNLIMITED if split == "train" else SCENES_VAL_SIZE
+    size = parts[2]
+    if not size.isdigit() or not 1 <= int(size) < UNLIMITED:  # isdigit: no sign, no spaces, no 1e3
+        raise UserError(f"bad scenes size {size!r} in {spec!r}: the number of pairs must be a positive integer, "
+                        "e.g. scenes:val:500")
+    return split, int(size)
+
+
+def check_spec(spec: str, what: str = "data") -> None:
+    """The syntax of a data spec, checked without reading anything (recipes call it at load time): scenes
+    specs must parse, and a file must be a .csv/.tsv/.txt list or a COCO captions .json."""
+    if not spec:
+        raise UserError(f"{what} is empty; use scenes:train / scenes:val, a CSV/TSV or a COCO captions JSON")
+    if spec.startswith("scenes:"):
+        parse_scenes_spec(spec)
+    elif Path(spec).suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
+        raise UserError(f"{what} {spec!r} is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
+                        "file or a COCO captions .json")
+
+
 def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepath",
                 csv_caption_key: str = "title", csv_separator: str | None = None,
                 image_root: str | None = None) -> PairSource:
     if spec.startswith("scenes:"):
-        parts = spec.split(":")
-        split = parts[1] if len(parts) > 1 else "train"
-        if split not in sc.SPLIT_SEEDS:
-            raise UserError(f"unknown scenes split '{split}' in '{spec}'; use scenes:train, scenes:val or scenes:calib")
-        default = UNLIMITED if split == "train" else SCENES_VAL_SIZE
-        try:
-            size = int(parts[2]) if len(parts) > 2 else default
-        except ValueError:
-            raise UserError(f"bad scenes size in '{spec}'; use e.g. scenes:val:500") from None
+        split, size = parse_scenes_spec(spec)
         src = ScenesSource(split, size, image_size)
         src.finite = size != UNLIMITED
         return src
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data file not found: {spec} (use a CSV/TSV, a COCO captions JSON, or scenes:train / scenes:val)")
-    if path.is_dir():
-        raise UserError(f"data path {spec} is a directory; pass the CSV/TSV or COCO captions JSON that lists the pairs")
+    if path.is_dir():  # images with caption sidecars (shard folders are recognised before this, by the runner)
+        from .folder import folder_rows
+
+        return FileSource(str(path), folder_rows(path), Path(image_root) if image_root else path)
     if path.suffix.lower() == ".json":
         rows = _read_coco(path)
     elif path.suffix.lower() in (".csv", ".tsv", ".txt"):

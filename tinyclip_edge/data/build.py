@@ -1,0 +1,121 @@
+"""``tinyclip-edge data build SOURCE --out shards/ --shard-size N``: WebDataset tar shards from any pair source.
+
+SOURCE is a CSV/TSV, a COCO captions JSON, a folder of images with .txt sidecars, or scenes
+(``scenes:train:10000``; the unlimited ``scenes:train`` needs a size). Each sample is written as
+``KEY.<image ext>`` (the file's original bytes; scenes are rendered and PNG-encoded), ``KEY.txt`` and
+``KEY.json`` (``{"key": the source's id, "boxes": ...}`` where the source has boxes). KEY is the
+sample's running index (``000000042``), shards are ``000000.tar``, ``000001.tar``, ...
+
+Deterministic: the same source gives byte-identical shards (fixed order, fixed tar metadata, mtime 0),
+so ``manifest.json`` (samples per shard, sha256 of each shard and of all of them: the data hash that the
+teacher cache keys on) identifies the data. Unreadable images are skipped and counted. The shards are
+written into a temporary sibling folder that is renamed to --out at the end: nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common.errors import UserError
+from ..common.io import atomic_path, atomic_write_json
+from .sources import (
+    UNLIMITED,
+    FileSource,
+    PairSource,
+    UnreadableImage,
+    load_image,
+    open_source,
+)
+
+log = logging.getLogger("tinyclip_edge")
+MANIFEST = "manifest.json"
+FORMAT = "tinyclip-edge-shards"
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    samples: int = 0
+    skipped: int = 0
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    data_hash: str = ""
+    skip_examples: list[str] = field(default_factory=list)
+
+
+def _sample(src: PairSource, i: int) -> tuple[bytes, str, str, str, dict[str, Any]]:
+    """(image bytes, extension, caption, key, json meta) of pair i; UnreadableImage when it cannot be read."""
+    if isinstance(src, FileSource):
+        rel, caption = src.rows[i]
+        path = Path(rel) if os.path.isabs(rel) else src.root / rel
+        load_image(path)  # raises UnreadableImage: never ship a file no reader can decode
+        ext = path.suffix.lower().lstrip(".") or "jpg"
+        return path.read_bytes(), "jpg" if ext == "jpeg" else ext, caption, rel, {"key": rel}
+    pair = src[i]
+    buf = io.BytesIO()
+    pair.image.save(buf, format="PNG")
+    meta: dict[str, Any] = {"key": pair.key}
+    if pair.extra.get("boxes") is not None:
+        meta["boxes"] = [list(map(float, b)) for b in pair.extra["boxes"]]
+    return buf.getvalue(), "png", pair.caption, pair.key, meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_shards(spec: str, out: str | os.PathLike, shard_size: int, *, image_size: int = 64,
+                 csv_image_key: str = "filepath", csv_caption_key: str = "title", csv_separator: str | None = None,
+                 image_root: str | None = None, progress: bool = True) -> BuildReport:
+    import webdataset as wds
+    from tqdm.auto import tqdm
+
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of samples, not {shard_size}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; remove it or choose another --out")
+    src = open_source(spec, image_size=image_size, csv_image_key=csv_image_key, csv_caption_key=csv_caption_key,
+                      csv_separator=csv_separator, image_root=image_root)
+    if len(src) >= UNLIMITED:
+        raise UserError(f"'{spec}' is unlimited; give a size, e.g. {spec}:10000")
+    report = BuildReport(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        with wds.ShardWriter(str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0,
+                             mtime=0.0) as sink:
+            for i in tqdm(range(len(src)), desc=f"data build {Path(spec).name or spec}", unit="pair",
+                          disable=not progress, mininterval=0.5):
+                try:
+                    data, ext, caption, _key, meta = _sample(src, i)
+                except UnreadableImage as e:
+                    report.skipped += 1
+                    if len(report.skip_examples) < 3:
+                        report.skip_examples.append(str(e))
+                    continue
+                sink.write({"__key__": f"{report.samples:09d}", ext: data, "txt": caption.encode("utf-8"),
+                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                report.samples += 1
+        if report.samples == 0:
+            raise UserError(f"no readable image in {spec} ({report.skipped} skipped, e.g. "
+                            f"{report.skip_examples[0] if report.skip_examples else 'none listed'}); nothing written")
+        tars = sorted(tmp.glob("*.tar"))
+        counts = [min(shard_size, report.samples - k * shard_size) for k in range(len(tars))]
+        report.shards = [{"name": t.name, "samples": c, "sha256": _sha256(t)} for t, c in zip(tars, counts)]
+        report.data_hash = hashlib.sha256("".join(s["sha256"] for s in report.shards).encode()).hexdigest()
+        atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "version": 1, "source": spec, "samples": report.samples,
+                                           "skipped": report.skipped, "shard_size": shard_size,
+                                           "data_hash": report.data_hash, "shards": report.shards})
+    if report.skipped:
+        log.warning("skipped %d unreadable image(s) (e.g. %s)", report.skipped, report.skip_examples[0])
+    return report
