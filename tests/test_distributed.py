@@ -123,9 +123,9 @@ def test_nccl_on_cpu_is_one_line_from_the_cli(tmp_path, tiny_model_dir):
 
 def test_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tmp_path, tiny_model_dir):
     from tinyclip_edge.compress.recipe import load_recipe
-    from tinyclip_edge.compress.runner import _check_recipe
+    from tinyclip_edge.compress.runner import check_world_split
 
     monkeypatch.setattr(dist, "world_size", lambda: 2)
-    _check_recipe(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir)))  # 16 over 2: fine
+    check_world_split(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir)))  # 16 over 2: fine
     with pytest.raises(UserError, match="does not split evenly into grad_accum 1 x 2 processes; use a multiple of 2"):
-        _check_recipe(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir, "stages.0.batch_size=15")))
+        check_world_split(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir, "stages.0.batch_size=15")))

@@ -245,7 +245,7 @@ class DistributedCfg:
     """Only read under torchrun (several processes); see README "Many GPUs"."""
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on CUDA, gloo on CPU
-    timeout_s: Annotated[float, Range(1, None)] = 1800   # seconds, >= 1: a process that stops answering stops the others
+    timeout_s: Annotated[float, Range(1, None)] = 1800.0   # seconds, >= 1: a process that stops answering stops the others
 
 
 @dataclass

@@ -202,6 +202,16 @@ def _scenes_package(recipe: Recipe) -> ClipPackage:
     return ClipPackage(ClipModel(shape), pre, tok, {"teacher": None})
 
 
+def check_world_split(recipe: Recipe) -> None:
+    """Every stage's global batch must split evenly into micro-batches over the torchrun processes."""
+    world = dist.world_size()
+    for st in recipe.stages:
+        if st.batch_size % (st.grad_accum * world):
+            raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                            f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                            f"{st.grad_accum * world}")
+
+
 def run_entries(recipe: Recipe) -> list[str]:
     """Every stage and baseline directory name the recipe's run will write, each checked by the run layout
     (not a path, not reserved) and unique: a clash would make two stages write one directory."""
@@ -235,12 +245,7 @@ class Run:
         self.dir = Path(recipe.run_dir)
         self.layout = RunLayout(self.dir)
         self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
-        world = dist.world_size()
-        for st in recipe.stages:
-            if st.batch_size % (st.grad_accum * world):
-                raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
-                                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
-                                f"{st.grad_accum * world}")
+        check_world_split(recipe)
         entries = run_entries(recipe)
         state_file = self.dir / RUN_STATE
         old = read_json(state_file, "run state") if state_file.is_file() else None
