@@ -32,6 +32,8 @@ def _row(precision: str, seconds: float, manifest: dict, report) -> dict:
         "text_min_cos": round(art.towers["text"]["min_cosine"], 6),
         "R@1": _r(art.tasks.retrieval_r1),
         "R@1_agree": _r(art.tasks.retrieval_agreement),
+        "R@1_agree_confident": _r(art.tasks.retrieval_agreement_confident),
+        "R@1_delta_pts": _r(art.tasks.retrieval_r1_delta),
         "zs_top1": _r(art.tasks.zero_shot_top1),
         "zs_agree": _r(art.tasks.zero_shot_agreement),
         "float_nodes": {t: len(d.get("float_nodes", [])) for t, d in manifest["precision_details"].items()},

@@ -2,9 +2,11 @@
 
 The same preprocessed images and the same token ids go to the PyTorch reference (pyt runtime) and to
 each artifact (the ONNX towers through onnxrt; TensorRT engines through trt once the bundle has them).
-Per tower: absolute error and row cosine. Per task: image->text R@1 on the pairs and zero-shot top-1
-(when the data has class labels), each with its top-1 agreement with PyTorch. With a teacher, the same
-data also measures how far the student is from its teacher (informational, not a check).
+Per tower: absolute error and row cosine, and batch invariance (each input alone vs in a batch). Per task:
+image->text R@1 on the pairs and zero-shot top-1 (when the data has class labels), each with its change
+against PyTorch in points and a paired interval (the task checks), and its top-1 agreement with PyTorch, raw
+and over the queries PyTorch itself decides with a clear margin (the agreement check). With a teacher, the
+same data also measures how far the student is from its teacher (informational, not a check).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -21,19 +24,23 @@ from ..common.errors import UserError
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.bundle import BundleManifest, read_manifest
 from ..common import embeddings as M
-from .report import DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores, Tolerance
+from .report import (BATCH_INVARIANT_MAX_ABS, DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores,
+                     Tolerance)
 
 DEFAULT_COUNT = 256
 RANDOM_SAMPLES = 32
+INVARIANCE_SAMPLES = 16   # inputs encoded one by one and as one batch to measure batch invariance
 
 
 class _Inputs:
     """What every model sees: images, caption tokens, labels and the zero-shot prompts' tokens."""
 
     def __init__(self, images: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None,
-                 prompt_tokens: np.ndarray | None, n_classes: int, paired: bool = True):
+                 prompt_tokens: np.ndarray | None, n_classes: int, paired: bool = True,
+                 captions: list[str] | None = None):
         self.images, self.tokens, self.labels, self.paired = images, tokens, labels, paired
         self.prompt_tokens, self.n_classes = prompt_tokens, n_classes
+        self.captions = captions
 
 
 class _Embeddings:
@@ -45,13 +52,23 @@ class _Embeddings:
         if inp.prompt_tokens is not None and rt.has_tower("text"):
             self.classes = M.class_embeddings(enc(rt.encode_text, inp.prompt_tokens, "prompts"), inp.n_classes)
 
-    def retrieval(self) -> np.ndarray | None:
-        return None if self.image is None or self.text is None else M.retrieval_predictions(self.image, self.text)
+    def retrieval_scores(self) -> np.ndarray | None:
+        """[images, captions] cosine similarities."""
+        return None if self.image is None or self.text is None else M.retrieval_scores(self.image, self.text)
 
-    def zero_shot(self, labels: np.ndarray | None) -> np.ndarray | None:
+    def zero_shot_scores(self, labels: np.ndarray | None) -> np.ndarray | None:
+        """[labelled images, classes] cosine similarities."""
         if self.classes is None or self.image is None or labels is None:
             return None
-        return M.zero_shot_predictions(self.image[labels >= 0], self.classes)
+        return M.l2_normalize(self.image[labels >= 0]) @ self.classes.T
+
+    def retrieval(self) -> np.ndarray | None:
+        scores = self.retrieval_scores()
+        return None if scores is None else scores.argmax(axis=1)
+
+    def zero_shot(self, labels: np.ndarray | None) -> np.ndarray | None:
+        scores = self.zero_shot_scores(labels)
+        return None if scores is None else scores.argmax(axis=1)
 
 
 def _batched(fn: Any, x: np.ndarray, batch: int, desc: str, progress: bool) -> np.ndarray:
@@ -61,7 +78,7 @@ def _batched(fn: Any, x: np.ndarray, batch: int, desc: str, progress: bool) -> n
 
 
 def _tasks(emb: _Embeddings, inp: _Inputs, other: tuple[np.ndarray | None, np.ndarray | None] | None) -> TaskScores:
-    """Task scores of `emb`; agreement with `other` = (retrieval preds, zero-shot preds) of another model."""
+    """Task scores of `emb`; raw agreement with `other` = (retrieval preds, zero-shot preds) of another model."""
     t = TaskScores()
     if not inp.paired:  # random inputs: task metrics would measure noise
         return t
@@ -75,6 +92,35 @@ def _tasks(emb: _Embeddings, inp: _Inputs, other: tuple[np.ndarray | None, np.nd
         if other and other[1] is not None:
             t.zero_shot_agreement = M.agreement(zs, other[1])
     return t
+
+
+def _against_reference(emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
+                       tol: Tolerance) -> tuple[TaskScores, dict[str, M.PairedDelta]]:
+    """Task scores of an artifact plus what the checks read: agreement over the queries the reference decides
+    by more than ``tol.agreement_margin``, and the change of each accuracy with its paired interval (per task)."""
+    t = _tasks(emb, inp, (ref.retrieval(), ref.zero_shot(inp.labels)))
+    paired: dict[str, M.PairedDelta] = {}
+    if not inp.paired:
+        return t, paired
+    z = NormalDist().inv_cdf(0.5 + tol.confidence / 2)
+    labels = inp.labels[inp.labels >= 0] if inp.labels is not None else None
+    for task, got, want, truth in (("retrieval", emb.retrieval_scores(), ref.retrieval_scores(), None),
+                                   ("zero_shot", emb.zero_shot_scores(inp.labels), ref.zero_shot_scores(inp.labels),
+                                    labels)):
+        if got is None or want is None or not len(want):
+            continue
+        pred, ref_pred = got.argmax(axis=1), want.argmax(axis=1)
+        confident = M.top1_margins(want) > tol.agreement_margin
+        setattr(t, f"{task}_confident_queries", int(confident.sum()))
+        if confident.any():
+            setattr(t, f"{task}_agreement_confident", M.agreement(pred[confident], ref_pred[confident]))
+        truth = np.arange(len(pred)) if truth is None else truth
+        d = M.paired_delta(ref_pred == truth, pred == truth, z)
+        name = "retrieval_r1" if task == "retrieval" else "zero_shot_top1"
+        setattr(t, f"{name}_delta", 100 * d.delta)
+        setattr(t, f"{name}_delta_interval", [100 * d.low, 100 * d.high])
+        paired[task] = d
+    return t, paired
 
 
 def _check_vocab(tokens: np.ndarray, vocab: int, who: str) -> None:
@@ -103,7 +149,7 @@ def _load_inputs(data: str | None, count: int, bundle_rt: Runtime, preprocess: A
 
     def inputs(images: np.ndarray, tokenize: Any) -> _Inputs:
         return _Inputs(images, tokenize(pairs.captions), pairs.labels if labelled else None,
-                       tokenize(prompts) if prompts else None, len(pairs.class_names))
+                       tokenize(prompts) if prompts else None, len(pairs.class_names), captions=list(pairs.captions))
 
     student = inputs(pairs.images, bundle_rt.tokenize)
     teacher = inputs(pairs.other_images[0], teacher_pkg.tokenizer()) if teacher_pkg is not None else None
@@ -132,6 +178,55 @@ def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, s
     return ref.package, ref.spec, same
 
 
+def _data_quality(inp: _Inputs) -> tuple[dict[str, int] | None, list[str]]:
+    """(caption / distinct caption / distinct token-sequence counts, a warning when there are duplicates).
+
+    Identical captions, or captions the tokenizer maps to identical ids, have identical embeddings: retrieval
+    over them is a tie broken by position, so R@1 and agreement on such data say little."""
+    if not inp.paired or inp.captions is None:
+        return None, []
+    n = len(inp.captions)
+    quality = {"captions": n, "distinct_captions": len(set(inp.captions)),
+               "distinct_token_sequences": int(len(np.unique(np.asarray(inp.tokens), axis=0)))}
+    if quality["distinct_token_sequences"] < n:
+        dup = n - quality["distinct_token_sequences"]
+        return quality, [f"the parity data's {n} captions hold {quality['distinct_captions']} distinct texts that "
+                         f"tokenise to {quality['distinct_token_sequences']} distinct token sequences ({dup} "
+                         "duplicates): identical token sequences tie in retrieval (broken by position), which "
+                         "deflates R@1 and makes agreement on those queries meaningless; prefer data with distinct "
+                         "captions"]
+    return quality, []
+
+
+def _batch_invariance(rt: Runtime, inp: _Inputs) -> tuple[dict[str, float], int | None]:
+    """Max abs difference between embeddings of the same inputs encoded alone (batch 1) and together (batch N)."""
+    spec = rt.input_spec()
+    n = min(INVARIANCE_SAMPLES, len(inp.images), spec.max_batch or INVARIANCE_SAMPLES)
+    if n < 2 or spec.min_batch > 1:
+        return {}, None
+    out = {}
+    for tower, fn, x in (("image", rt.encode_image, inp.images), ("text", rt.encode_text, inp.tokens)):
+        if rt.has_tower(tower):
+            alone = np.concatenate([fn(x[i:i + 1]) for i in range(n)])
+            out[tower] = float(np.abs(alone - fn(x[:n])).max())
+    return out, n
+
+
+def _resolve_provider(provider: str | None) -> list[str] | None:
+    """[full provider name] for ``--provider`` (full name or cpu/cuda/tensorrt); a clear error when this
+    onnxruntime does not have it."""
+    if provider is None:
+        return None
+    from ..runtimes.onnxrt import SHORT_PROVIDERS, _ort
+
+    name = SHORT_PROVIDERS.get(provider.lower(), provider)
+    available = _ort().get_available_providers()
+    if name not in available:
+        raise UserError(f"ONNX Runtime execution provider {provider!r} is not available in this onnxruntime "
+                        f"(available here: {', '.join(available)}); pass one of those to --provider")
+    return [name]
+
+
 def _artifact_runtimes(bundle: Path, manifest: BundleManifest, device: str, providers: list[str] | None,
                        skipped: list[dict[str, str]]) -> list[tuple[str, Runtime]]:
     out: list[tuple[str, Runtime]] = [("onnxrt", open_runtime(bundle, backend="onnxrt", device=device,
@@ -147,20 +242,30 @@ def _artifact_runtimes(bundle: Path, manifest: BundleManifest, device: str, prov
 def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any = None,
                data: str | None = "scenes:val", count: int = DEFAULT_COUNT, batch_size: int = 32,
                min_cosine: float | None = None, min_agreement: float | None = None, max_abs: float | None = None,
-               device: str = "cpu", providers: list[str] | None = None, progress: bool = True) -> ParityReport:
+               max_task_drop: float | None = None, agreement_margin: float | None = None,
+               device: str = "cpu", providers: list[str] | None = None, provider: str | None = None,
+               progress: bool = True) -> ParityReport:
     """Compare every artifact of `bundle` with the PyTorch `reference` (default: the bundle's source).
 
     `data`: an image-caption source spec (None: random tensors, embeddings only). Tolerances default by the
-    bundle's precision (``report.DEFAULT_TOLERANCES``); `min_cosine` / `min_agreement` / `max_abs` override.
+    bundle's precision (``report.DEFAULT_TOLERANCES``); `min_cosine` / `min_agreement` / `max_abs` /
+    `max_task_drop` / `agreement_margin` override. `provider`: the ONNX Runtime execution provider that runs the
+    ONNX graphs (default: what `device` picks, CPUExecutionProvider for cpu).
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     precision = manifest.precision
     tol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
-    tol = replace(tol, **{k: v for k, v in dict(min_cosine=min_cosine, min_agreement=min_agreement,
-                                                   max_abs=max_abs).items() if v is not None})
+    tol = replace(tol, **{k: v for k, v in dict(min_cosine=min_cosine, min_agreement=min_agreement, max_abs=max_abs,
+                                                   max_task_drop=max_task_drop,
+                                                   agreement_margin=agreement_margin).items() if v is not None})
+    tol.check_domains()
     if count < 1 or batch_size < 1:
         raise UserError("--count and --batch-size must be positive")
+    if provider is not None:
+        if providers is not None:
+            raise UserError("pass either provider or providers, not both")
+        providers = _resolve_provider(provider)
     ref_pkg, ref_name, same_weights = _resolve_reference(reference, manifest)
     teacher_pkg, teacher_name = None, None
     if teacher is not None:
@@ -183,7 +288,7 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
         for name, rt in artifacts:
             bs = min(batch_size, rt.input_spec().max_batch or batch_size)
             emb = _Embeddings(rt, inp, bs, name, progress)
-            result, found = _compare(name, rt, emb, ref, inp, ref_preds, tol)
+            result, found = _compare(name, rt, emb, ref, inp, tol)
             results.append(result)
             checks += found
     finally:
@@ -193,12 +298,20 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
                     if t_inp is not None else None)
     if data_name == "random":
         notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
+    quality, warnings = _data_quality(inp)
+    notes += warnings
+    for r in results:
+        if r.batch_invariant is False:
+            notes.append(f"{r.name} {r.precision}: an input's embedding changes with its batch-mates (max abs "
+                         f"{max(r.batch_invariance.values()):.2g} > {BATCH_INVARIANT_MAX_ABS:g})"
+                         + (": dynamic int8 quantises activations per batch" if r.precision == "int8-dynamic" else "")
+                         + "; build retrieval indexes with a batch-invariant precision (fp32, fp16, static int8)")
     return ParityReport(str(bundle), precision, ref_name, data_name, n, manifest.normalized, tol,
-                        ref_tasks, results, checks, teacher_view, skipped, notes)
+                        ref_tasks, results, checks, teacher_view, skipped, notes, quality)
 
 
 def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
-             ref_preds: tuple[Any, Any], tol: Tolerance) -> tuple[ArtifactResult, list[Check]]:
+             tol: Tolerance) -> tuple[ArtifactResult, list[Check]]:
     towers, checks = {}, []
     for tower, got, want in (("image", emb.image, ref.image), ("text", emb.text, ref.text)):
         if got is None:
@@ -208,14 +321,18 @@ def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _I
         checks.append(Check.at_least(name, tower, "min_cosine", d.min_cosine, tol.min_cosine))
         if tol.max_abs is not None:
             checks.append(Check.at_most(name, tower, "max_abs", d.max_abs, tol.max_abs))
-    tasks = _tasks(emb, inp, ref_preds)
+    tasks, paired = _against_reference(emb, ref, inp, tol)
     if tasks.retrieval_agreement is not None and tasks.retrieval_agreement < 1.0:
         tasks.retrieval_disagreement_margin = M.disagreement_margin(ref.image, ref.text, emb.retrieval())
-    if tol.min_agreement is not None:
-        for scope, value in (("retrieval", tasks.retrieval_agreement), ("zero-shot", tasks.zero_shot_agreement)):
-            if value is not None:
-                checks.append(Check.at_least(name, scope, "top1_agreement", value, tol.min_agreement))
-    return ArtifactResult(name, rt.backend, rt.precision, towers, tasks), checks
+    for scope, task in (("retrieval", "retrieval"), ("zero-shot", "zero_shot")):
+        if tol.max_task_drop is not None and task in paired:
+            checks.append(Check.task_drop(name, scope, paired[task], tol.max_task_drop))
+        confident = getattr(tasks, f"{task}_agreement_confident")
+        if tol.min_agreement is not None and confident is not None:
+            checks.append(Check.at_least(name, scope, "confident_top1_agreement", confident, tol.min_agreement))
+    invariance, n = _batch_invariance(rt, inp)
+    provider = (rt.describe().get("providers") or [None])[0] if rt.backend == "onnxrt" else None
+    return ArtifactResult(name, rt.backend, rt.precision, towers, tasks, provider, invariance, n), checks
 
 
 def _teacher_view(pkg: Any, name: str, inp: _Inputs, student: _Embeddings, student_preds: tuple[Any, Any], batch: int, progress: bool) -> dict[str, Any]:

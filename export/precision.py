@@ -6,15 +6,21 @@ which overflow or lose the most in half precision); the image input is float16, 
 int8 (static, ``int8``): QDQ format, symmetric int8 activations (per tensor) and weights (per channel),
 calibrated on real data. TensorRT reads this format (explicit quantization). ``int8-dynamic``: weights
 int8, activations quantized at run time (MatMulInteger) — for ONNX Runtime on CPUs; TensorRT cannot read it.
-Both quantize only MatMul/Gemm/Conv with constant weights: the attention products (two activations) and
-the final projection stay float. With ``keep="auto"`` the per-node sensitivity decides which further
-nodes stay float (binary search over the sensitivity order) until the tower reaches ``min_cosine``
-against fp32 on held-out calibration inputs.
+Both quantize only MatMul/Gemm with constant weights: the attention products (two activations), the patch
+embedding (the image tower's Conv) and the output projection stay float by default. The patch embedding
+stays float because how a runtime executes a u8/s8 convolution differs between CPUs and libraries (without
+VNNI some saturate intermediate sums), so a quantized one makes the graph's accuracy depend on the runtime;
+docs/EXPORT.md has what keeping it float costs. With ``keep="auto"`` the per-node sensitivity decides which
+further nodes stay float (binary search over the sensitivity order) until the tower reaches ``min_cosine``
+against fp32 on held-out inputs: the calibration data is split, the first ``holdout_count(n)`` inputs are
+only measured on, the rest only calibrate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import typing
 from collections.abc import Iterator, Sequence
@@ -33,9 +39,10 @@ from ..common.embeddings import row_cosine
 
 PRECISIONS = EXPORT_PRECISIONS          # defined once, with the option schema (common/options.py)
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt")
-WEIGHT_OPS = {"int8": ("MatMul", "Gemm", "Conv"), "int8-dynamic": ("MatMul", "Gemm")}
+WEIGHT_OPS = {"int8": ("MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm")}
+PATCH_EMBED_OPS = ("Conv",)   # the image tower's patch embedding: float unless quantize_patch_embedding
 CALIB_METHODS: tuple[str, ...] = typing.get_args(CalibMethod)
-EVAL_SAMPLES = 128       # calibration inputs used to measure a quantized tower against fp32
+EVAL_SAMPLES = 128       # most inputs held out to measure a quantized tower against fp32
 PROBE_SAMPLES = 32       # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
 CALIB_BATCH = 16
 
@@ -45,6 +52,39 @@ class QuantOptions:
     keep: str | Sequence[str] = "auto"   # "auto", "none", or node-name substrings to keep float
     min_cosine: float = 0.995            # target of the auto search (min row cosine vs fp32)
     method: str = "minmax"               # static calibration method
+    quantize_patch_embedding: bool = False   # static int8 only: also quantize the image tower's Conv
+
+
+def check_quantizer_compatible() -> None:
+    """onnxruntime < 1.19's quantizer uses ``onnx.mapping``, which onnx 1.19 removed: say so before it fails
+    half-way with an AttributeError. (setup.cfg allows onnxruntime >= 1.18 and onnx >= 1.16, so the pair can meet.)"""
+    import onnx
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if version < (1, 19) and not hasattr(onnx, "mapping"):
+        raise UserError(f"onnxruntime {onnxruntime.__version__}'s quantizer needs onnx < 1.19 (it uses onnx.mapping, "
+                        f"which onnx {onnx.__version__} no longer has): pip install 'onnx<1.19', or upgrade "
+                        "onnxruntime to 1.19 or newer")
+
+
+def holdout_count(n: int, precision: str = "int8") -> int:
+    """How many of `n` calibration inputs are held out to measure the quantized tower (never calibrated on).
+
+    Static int8: a quarter, at most ``EVAL_SAMPLES``, none when fewer than 2 inputs (then nothing is measured);
+    the other inputs calibrate. int8-dynamic fits nothing to the data, so up to ``EVAL_SAMPLES`` are measured on."""
+    if precision == "int8-dynamic":
+        return min(n, EVAL_SAMPLES)
+    return 0 if n < 2 else min(EVAL_SAMPLES, max(1, n // 4))
+
+
+@functools.lru_cache(maxsize=None)
+def supports_calibration_cache() -> bool:
+    """Whether this ONNX Runtime's ``quantize_static`` can save and reuse one calibration
+    (``calibration_cache_path``, added in recent releases; older ones, e.g. Jetson wheels, calibrate every run)."""
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def _toposort(graph: Any) -> None:
@@ -100,17 +140,24 @@ def _quiet() -> Iterator[None]:
 
 
 def _weight_nodes(model: Any, op_types: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(quantizable nodes, nodes always kept float): weight products, then activation products + projection."""
+    """(quantizable nodes, nodes always kept float).
+
+    Quantizable: `op_types` nodes with a constant weight, except the output projection (the last weight
+    MatMul/Gemm). Always float: activation products (attention), the projection, and patch-embedding
+    convolutions unless `op_types` includes Conv."""
     weights = {i.name for i in model.graph.initializer}
     consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    candidates, activations = [], []
+    candidates, activations, patch = [], [], []
     for n in model.graph.node:
+        if n.op_type in PATCH_EMBED_OPS and n.op_type not in op_types:
+            patch.append(n.name)
+            continue
         if n.op_type not in op_types:
             continue
         has_weight = len(n.input) > 1 and (n.input[1] in weights or n.input[1] in consts)
         (candidates if has_weight else activations).append(n.name)
-    projection = candidates[-1:]  # the last weight product is the output projection
-    return candidates[:-1], activations + projection
+    projection = candidates[-1:]  # the last weight product (nodes are in topological order)
+    return candidates[:-1], patch + activations + projection
 
 
 class _Reader:
@@ -133,10 +180,19 @@ class _Quantizer:
         self.fp32, self.work, self.tower, self.precision, self.opts = fp32, work, tower, precision, opts
         model = onnx.load(str(fp32), load_external_data=False)
         self.input = model.graph.input[0].name
-        self.candidates, self.always = _weight_nodes(model, WEIGHT_OPS[precision])
-        self.data = data
+        self.op_types = list(WEIGHT_OPS[precision])
+        if precision == "int8" and opts.quantize_patch_embedding:
+            self.op_types += list(PATCH_EMBED_OPS)
+        self.candidates, self.always = _weight_nodes(model, self.op_types)
+        held = holdout_count(len(data), precision) if data is not None else 0
+        # disjoint: the held-out inputs only measure, the rest only calibrate (static int8)
+        self.eval_x = data[:held] if held else None
+        self.calib_x = data[held:] if data is not None and precision == "int8" else None
         self.cache = work / f"{tower}.calib.json"
-        self.eval_x = data[:EVAL_SAMPLES] if data is not None else None
+        # a cache left by another quantizer (other data, or other op types and so other calibrated tensors) would
+        # be reused silently: each quantizer calibrates afresh, then its own search reuses that calibration
+        self.cache.unlink(missing_ok=True)
+        self.reuse_calibration = supports_calibration_cache()
         self.ref = run_session(create_session(fp32), self.eval_x) if self.eval_x is not None else None
         self.runs = 0
 
@@ -144,7 +200,7 @@ class _Quantizer:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
         exclude = list(self.always) + [n for n in keep if n not in self.always]
-        common = dict(per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=list(WEIGHT_OPS[self.precision]),
+        common = dict(per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=list(self.op_types),
                       nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=exclude)
         self.runs += 1
         with _quiet():
@@ -153,12 +209,13 @@ class _Quantizer:
                 return
             method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                       "entropy": CalibrationMethod.Entropy}[self.opts.method]
+            # Reuse one calibration across the search's runs where ONNX Runtime can; older releases calibrate again.
+            cache = {"calibration_cache_path": str(self.cache)} if self.reuse_calibration else {}
             # TensorRT reads QDQ graphs whose zero points are 0: symmetric activations and weights.
-            quantize_static(str(self.fp32), str(out), _Reader(self.input, self.data), quant_format=QuantFormat.QDQ,
+            quantize_static(str(self.fp32), str(out), _Reader(self.input, self.calib_x), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, calibrate_method=method,
-                            calibration_cache_path=str(self.cache),
                             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}, **common)
+                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}, **cache, **common)
 
     def score(self, path: Path, samples: int = EVAL_SAMPLES) -> tuple[float, float]:
         """(min, mean) row cosine of the quantized tower vs fp32 on the first `samples` held-out inputs."""
@@ -173,7 +230,8 @@ def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data
         import onnxruntime.quantization  # noqa: F401
     except ImportError:
         raise MissingDependency("onnxruntime", "cpu", "int8 quantization") from None
-    if precision == "int8" and data is None:
+    check_quantizer_compatible()
+    if precision == "int8" and (data is None or len(data) == 0):
         raise UserError("int8 (static) quantization needs calibration data: pass --calib SPEC (e.g. scenes:calib)")
     q = _Quantizer(fp32, work, tower, precision, data, opts)
     keep: list[str] = []
@@ -195,6 +253,7 @@ def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data
     }
     if precision == "int8":
         details["calibration_method"] = opts.method
+        details["calibration_samples"] = len(q.calib_x)
     if measured is not None:
         details["check"] = {"samples": len(q.eval_x), "min_cosine": measured[0], "mean_cosine": measured[1],
                             "target_min_cosine": opts.min_cosine if opts.keep == "auto" else None}

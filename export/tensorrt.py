@@ -6,10 +6,14 @@ a runtime needs to open it alone (I/O names and dtypes, profile, preprocessing, 
 flags; the bundle manifest lists the engines.
 
 Precision rules (see ``_plan``):
-- TensorRT-RTX builds strongly typed networks: the engine has the ONNX graph's precision. fp16 or int8
-  engines come from fp16 or int8 (QDQ) bundles; there is no implicit int8 calibration and no DLA.
-- TensorRT proper also builds fp16 from an fp32 bundle (builder flag) and implicit int8 from an fp32 bundle
-  with an entropy calibrator over real images/captions (``calib``), caching the scales in a file.
+- An engine of the bundle's own precision is built from a STRONGLY TYPED network wherever the library has
+  them (TensorRT-RTX always; TensorRT >= 9): every tensor keeps the type the ONNX graph gives it, so the
+  LayerNorm, softmax and reductions an fp16 or QDQ bundle keeps in fp32 stay fp32. A weakly typed network
+  with the FP16 flag lets TensorRT pick fp16 for them when that is faster.
+- TensorRT-RTX has no implicit int8 calibration and no DLA.
+- TensorRT proper also builds fp16 from an fp32 bundle (builder flag, weakly typed: the only way to change
+  precision) and implicit int8 from an fp32 bundle with an entropy calibrator over real images/captions
+  (``calib``), caching the scales in a file. DLA builds are weakly typed too: DLA needs the precision flags.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class _Plan:
     """How one precision request is built with the library at hand."""
 
     precision: str
-    mode: str                      # strongly-typed | fp16-flag | explicit-int8 | calibrated-int8
+    mode: str                      # strongly-typed | fp32 | fp16-flag | explicit-int8 | calibrated-int8
     flags: list[str] = field(default_factory=list)
+    strongly_typed: bool = False   # network created with NetworkDefinitionCreationFlag.STRONGLY_TYPED
 
 
 def build_engines(bundle_dir: str | Path, *, precision: str | None = None, batch: tuple[int, int, int] = (1, 8, 32),
@@ -130,6 +135,12 @@ def _check_towers(towers: tuple[str, ...], manifest: BundleManifest, bundle: Pat
         tower_file(bundle, manifest, t)
 
 
+def has_strong_typing(lib: TrtLib) -> bool:
+    """Whether the library can create strongly typed networks (TensorRT-RTX always; TensorRT from 9.0)."""
+    flags = getattr(lib.module, "NetworkDefinitionCreationFlag", None)
+    return lib.is_rtx or hasattr(flags, "STRONGLY_TYPED")
+
+
 def _plan(lib: TrtLib, bundle_precision: str, requested: str | None, dla_core: int | None,
           calib: str | None) -> _Plan:
     if bundle_precision.startswith("int8") and bundle_precision != "int8":
@@ -144,11 +155,13 @@ def _plan(lib: TrtLib, bundle_precision: str, requested: str | None, dla_core: i
         if want == "fp32":
             raise UserError("DLA runs fp16 or int8 only: pass --precision fp16 (or use an int8 bundle) with --dla")
     if want == bundle_precision:
+        if has_strong_typing(lib) and dla_core is None:  # the engine computes in the graph's own types
+            return _Plan(want, "explicit-int8" if want == "int8" else "strongly-typed", [], strongly_typed=True)
         if want == "fp32":
-            return _Plan(want, "strongly-typed" if lib.is_rtx else "fp32")
+            return _Plan(want, "fp32")
         if want == "int8":
-            return _Plan(want, "explicit-int8", [] if lib.is_rtx else ["INT8", "FP16"])
-        return _Plan(want, "strongly-typed" if lib.is_rtx else "fp16-flag", [] if lib.is_rtx else ["FP16"])
+            return _Plan(want, "explicit-int8", ["INT8", "FP16"])
+        return _Plan(want, "fp16-flag", ["FP16"])
     if bundle_precision == "fp32" and not lib.is_rtx:
         if want == "fp16":
             return _Plan(want, "fp16-flag", ["FP16"])
@@ -180,6 +193,7 @@ class _Job:
     calib: str | None
     calib_count: int
     calib_cache: Path | None
+    calibrator: Any = field(default=None, init=False)   # the current tower's, when calibrating
 
     def build(self, tower: str) -> dict[str, Any]:
         onnx_path = tower_file(self.bundle, self.manifest, tower)
@@ -190,6 +204,9 @@ class _Job:
         t0 = time.perf_counter()
         serialized = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - t0
+        failed_callback = getattr(self.calibrator, "error", None)
+        if failed_callback is not None:  # raised inside TensorRT's calibration callback, kept for us
+            raise UserError(f"int8 calibration of the {tower} tower failed: {failed_callback}")
         if self.cache is not None and serialized is not None:
             self.cache.update(config)
         del parser  # the parser owns the weights the network points at: keep it alive until here
@@ -211,6 +228,8 @@ class _Job:
         flags = 0
         if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT 8.x needs it; 10.x ignores it
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if self.plan.strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         check_onnx_external_data(onnx_path, self.bundle)  # the parser follows external-data paths anywhere
@@ -244,9 +263,11 @@ class _Job:
         if self.plan.mode == "calibrated-int8":
             from .calibrator import make_calibrator
 
-            config.int8_calibrator = make_calibrator(
+            # the data is read and checked here: an error raised inside TensorRT's callback would not reach us
+            self.calibrator = make_calibrator(
                 self.lib, tower, inputs[0], self.manifest, self.bundle, self.calib, self.calib_count,
                 batch=self.batch[1], cache_file=self.calib_cache or self.bundle / f"{tower}.calib.cache")
+            config.int8_calibrator = self.calibrator
             config.set_calibration_profile(profile)
         return config
 
@@ -275,7 +296,9 @@ class _Job:
             "engine_sha256": hashlib.sha256(data).hexdigest(),
             "size_bytes": len(data),
             "build_seconds": round(seconds, 3),
-            "flags": {"builder_flags": self.plan.flags, "workspace_mb": self.workspace_mb, "dla_core": self.dla_core,
+            "flags": {"builder_flags": self.plan.flags, "strongly_typed": self.plan.strongly_typed,
+                      "network_flags": ["STRONGLY_TYPED"] if self.plan.strongly_typed else [],
+                      "workspace_mb": self.workspace_mb, "dla_core": self.dla_core,
                       "gpu_fallback": self.dla_core is not None,
                       "timing_cache": str(self.cache.path) if self.cache else None,
                       "calibration": self.calib if self.plan.mode == "calibrated-int8" else None},
@@ -289,6 +312,8 @@ class _Job:
         for which, b in zip(("min", "opt", "max"), self.batch):
             args.append(f"--{which}Shapes=" + ",".join(
                 f"{t['name']}:" + "x".join(str(d) for d in (b, *t["shape"][1:])) for t in inputs))
+        if self.plan.strongly_typed and not self.lib.is_rtx:  # TensorRT-RTX networks are always strongly typed
+            args.append("--stronglyTyped")
         args += [f"--{f.lower()}" for f in self.plan.flags]
         if self.plan.mode == "calibrated-int8":
             args.append(f"--calib={self.calib_cache or Path(engine_name).stem + '.calib.cache'}")

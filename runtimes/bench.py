@@ -4,11 +4,17 @@ Per tower and batch ("cell"): each artifact warms up alone (its memory is measur
 repetitions run round-robin over the artifacts, rotating who goes first, so thermal or clock drift hits
 all of them alike; ratios are against the first artifact. On a Jetson, tegrastats runs alongside and a
 separate short window per artifact gives energy per item (power cannot be attributed inside interleaved runs).
+
+Memory: host memory (RSS) for every backend; on a GPU also the device's used memory before opening an
+artifact and after opening it and running each tower once at the largest batch (``gpu_memory_mb``; null on
+the CPU). Conditions that skew timings (a load average above the usable cores, unpinned threads) are printed
+as warnings when the run starts and kept in the report (``settings.machine``, ``notes``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import typing
 from contextlib import ExitStack
@@ -24,7 +30,7 @@ from ..common.options import BenchOptions, Tower, resolve_options
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
-from .measure import MemoryProbe, Timer
+from .measure import DeviceMemory, MemoryProbe, Timer
 from .report import BenchReport, latency_stats
 from .tegrastats import TegraStats
 
@@ -40,10 +46,12 @@ class _Entry:
     info: ArtifactInfo
     runtime: Runtime
     open_mb: float | None
+    gpu_mb: float | None = None
 
 
 def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
-              out_dir: str | os.PathLike | None = None, progress: bool = True, **option_fields: Any) -> BenchReport:
+              out_dir: str | os.PathLike | None = None, progress: bool = True,
+              load_average: float | None = None, **option_fields: Any) -> BenchReport:
     """Benchmark `targets`; write bench.json/.csv/.md/.png into `out_dir` when given.
 
     A target is a path (model dir, bundle, .onnx, .engine; 'trt:PATH' picks the backend), an nn.Module or
@@ -54,6 +62,7 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
     (``batches=(1, 8)``, ``tower="image"`` ...), which override it; all checked before anything is opened.
     `iters`: timed repetitions per cell; `seconds`: at least this much timed work per artifact and cell (both:
     whichever ends later; neither: 20 repetitions). `power`: None = sample tegrastats when it exists.
+    `load_average`: the 1-minute load to judge the machine by (None: read it from the OS now).
     """
     o = resolve_options(BenchOptions, options, option_fields, "bench option")
     if not targets:
@@ -79,18 +88,25 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
     settings = {"batches": list(batches), "tower": tower, "device": device, "iters": iters, "seconds": seconds,
                 "warmup": warmup, "end_to_end": end_to_end, "backend": backend, "threads": threads,
                 "precision": precision, "timer": "cuda-events" if cuda else "perf_counter",
-                "memory": ("torch CUDA allocator: growth when opened + peak above that while warming up "
-                           "(+ TensorRT's own execution memory)" if cuda else
-                           "process RSS: growth when opened + peak above that while warming up"),
+                "memory": "process RSS: growth when opened + peak above that while warming up",
+                "gpu_memory": (f"{DeviceMemory.METHOD}: after opening and one run per tower at the largest batch, "
+                               "minus before opening" if cuda else None),
                 "e2e_image_size": list(E2E_IMAGE_SIZE) if end_to_end else None}
-    report = BenchReport(device_facts(device), settings)
+    machine, warnings = machine_conditions(load_average, threads, device)
+    settings["machine"] = machine
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    report = BenchReport(device_facts(device), settings, notes=list(warnings))
     use_power = TegraStats.available() if power is None else power
     if use_power and not TegraStats.available():
         raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")
     with ExitStack() as stack:
         _preload({i.backend for i in infos})
-        probe = MemoryProbe(cuda)
-        entries = [_open(stack, info, t, device, precision, threads, probe) for info, t in zip(infos, targets)]
+        probe = MemoryProbe()
+        gpu = DeviceMemory(device) if cuda else None
+        first_run = (towers, max(batches))
+        entries = [_open(stack, info, t, device, precision, threads, probe, gpu, first_run)
+                   for info, t in zip(infos, targets)]
         sampler = stack.enter_context(TegraStats(power_interval_ms)) if use_power else None
         idle_w = _idle_power(sampler)
         timer = Timer(cuda)
@@ -100,8 +116,8 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
                 report.rows += _run_cell(entries, calls, t, b, timer, probe, iters, seconds, warmup, progress)
                 if sampler is not None:
                     _add_energy(report.rows[-len(entries):], calls, b, sampler, idle_w, power_interval_ms)
-        report.artifacts = [{**e.info.to_dict(), "open_mb": e.open_mb, "runtime": e.runtime.describe()}
-                            for e in entries]
+        report.artifacts = [{**e.info.to_dict(), "open_mb": e.open_mb, "gpu_memory_mb": e.gpu_mb,
+                             "runtime": e.runtime.describe()} for e in entries]
     if idle_w is not None:
         report.settings["idle_power_w"] = idle_w
     report.add_speedups()
@@ -111,6 +127,28 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def machine_conditions(load_average: float | None, threads: int | None,
+                       device: str) -> tuple[dict[str, Any], list[str]]:
+    """(what the report records about the machine's state, warnings): a 1-minute load average above the usable
+    cores means other work competes for the CPU; unpinned threads let each runtime take every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load_average is None:
+        load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    overloaded = load_average is not None and load_average > cores
+    machine = {"load_average_1min": None if load_average is None else round(float(load_average), 2),
+               "usable_cores": cores, "overloaded": overloaded, "threads_pinned": threads is not None}
+    warnings = []
+    if overloaded:
+        warnings.append(f"the machine is busy: its 1-minute load average {load_average:.2f} exceeds its {cores} "
+                        "usable cores, so other work competes for the CPU and these timings are skewed (CPU "
+                        "runtimes most, and unevenly); benchmark on an idle machine")
+    if threads is None and not device.startswith("cuda"):
+        warnings.append("threads are not pinned: each runtime picks its own thread count (PyTorch and ONNX Runtime "
+                        "take every core), which oversubscribes a shared machine and compares runtimes unevenly; "
+                        "pass --threads N (at most the idle cores)")
+    return machine, warnings
+
+
 def _check_device(device: str) -> None:
     require_device(device, "--device")
 
@@ -173,16 +211,25 @@ def _preload(backends: set[str]) -> None:
 
 
 def _open(stack: ExitStack, info: ArtifactInfo, target: Any, device: str, precision: str | None,
-          threads: int | None, probe: MemoryProbe) -> _Entry:
+          threads: int | None, probe: MemoryProbe, gpu: DeviceMemory | None,
+          first_run: tuple[tuple[str, ...], int]) -> _Entry:
+    """Open one artifact; host memory it took when opened; on a GPU, the device memory it holds after opening and
+    one model-only run per tower at the largest batch (the same measurement for every backend)."""
     if isinstance(target, Runtime):   # opened by the caller with its own options; the caller closes it
         return _Entry(info, target, None)
     options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
     probe.mark()
+    before = gpu.used_mb() if gpu is not None else None
     rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision,
                                           **options))
     used = probe.used_mb() if probe.available else None
-    extra = rt.describe().get("device_memory_bytes")  # TensorRT allocates its execution memory itself
-    return _Entry(info, rt, None if used is None else used + (extra or 0) / 2**20)
+    gpu_mb = None
+    if gpu is not None:
+        towers, batch = first_run
+        for tower in towers:
+            _call(rt, tower, batch, False, device)()
+        gpu_mb = max(0.0, gpu.used_mb() - before)
+    return _Entry(info, rt, used, gpu_mb)
 
 
 def _call(rt: Runtime, tower: str, batch: int, end_to_end: bool, device: str) -> Callable[[], Any]:
@@ -245,7 +292,8 @@ def _run_cell(entries: list[_Entry], calls: list[Callable[[], Any]], tower: str,
     rows = []
     for e, s, mem in zip(entries, samples, memory):
         rows.append({"artifact": e.info.name, "tower": tower, "batch": batch, "backend": e.info.backend,
-                     "precision": e.runtime.precision, **latency_stats(s, batch), "memory_mb": mem})
+                     "precision": e.runtime.precision, **latency_stats(s, batch), "memory_mb": mem,
+                     "gpu_memory_mb": e.gpu_mb})
     return rows
 
 

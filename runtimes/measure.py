@@ -1,5 +1,6 @@
-"""Timing and memory probes for the bench: CUDA events on a GPU, perf_counter on the CPU; the torch CUDA
-allocator on a GPU, the process's resident set (Linux /proc) on the CPU."""
+"""Timing and memory probes for the bench: CUDA events on a GPU, perf_counter on the CPU; host memory as the
+process's resident set (Linux /proc) for every backend, and GPU memory as the whole device's used memory
+(cudaMemGetInfo), the one number every backend's allocations show up in."""
 
 from __future__ import annotations
 
@@ -34,31 +35,22 @@ class Timer:
 
 
 class MemoryProbe:
-    """`mark()` before something, `used_mb()` after: the memory it added (what is resident now minus the mark);
-    `reset_peak()` + `peak_mb()`: the highest extra memory since the reset."""
+    """Host memory (the process's RSS): `mark()` before something, `used_mb()` after: the memory it added (what
+    is resident now minus the mark); `reset_peak()` + `peak_mb()`: the highest extra memory since the reset."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    def __init__(self) -> None:
         self._mark = 0.0
-        if cuda:
-            import torch
-
-            self._torch = torch
 
     @property
     def available(self) -> bool:
-        """On the CPU this needs Linux's /proc (RSS and a resettable peak); elsewhere memory is not reported."""
-        return self.cuda or (_status_kb("VmRSS") is not None and _reset_rss_peak())
+        """This needs Linux's /proc (RSS and a resettable peak); elsewhere memory is not reported."""
+        return _status_kb("VmRSS") is not None and _reset_rss_peak()
 
     def _now(self) -> float:
-        if self.cuda:
-            self._torch.cuda.synchronize()
-            return self._torch.cuda.memory_allocated() / 2**20
         return (_status_kb("VmRSS") or 0) / 1024
 
     def mark(self) -> None:
-        if not self.cuda:
-            _release_free_heap()
+        _release_free_heap()
         self._mark = self._now()
 
     def used_mb(self) -> float:
@@ -66,16 +58,34 @@ class MemoryProbe:
 
     def reset_peak(self) -> None:
         self.mark()
-        if self.cuda:
-            self._torch.cuda.reset_peak_memory_stats()
-        else:
-            _reset_rss_peak()
+        _reset_rss_peak()
 
     def peak_mb(self) -> float:
-        if self.cuda:
-            self._torch.cuda.synchronize()
-            return max(0.0, self._torch.cuda.max_memory_allocated() / 2**20 - self._mark)
         return max(0.0, (_status_kb("VmHWM") or 0) / 1024 - self._mark)
+
+
+class DeviceMemory:
+    """Used memory of the whole GPU: ``total - free`` from cudaMemGetInfo (``torch.cuda.mem_get_info``).
+
+    One method for every backend: PyTorch's caching allocator, ONNX Runtime's CUDA arena and TensorRT's engine
+    and execution memory all take device memory that only a device-level count sees (the torch allocator's
+    counters miss the other two). It also sees other processes' allocations, so benchmark on an otherwise idle
+    GPU. The CUDA context is created when the probe is (so no artifact is charged for it)."""
+
+    METHOD = "cudaMemGetInfo (device used = total - free)"
+
+    def __init__(self, device: str):
+        import torch
+
+        self._torch = torch
+        self.index = torch.device(device).index or 0
+        torch.cuda.init()
+        torch.cuda.synchronize(self.index)
+
+    def used_mb(self) -> float:
+        self._torch.cuda.synchronize(self.index)
+        free, total = self._torch.cuda.mem_get_info(self.index)
+        return (total - free) / 2**20
 
 
 def _release_free_heap() -> None:

@@ -20,7 +20,8 @@ COLUMNS = [
     ("artifact", "artifact", "{}"), ("tower", "tower", "{}"), ("batch", "batch", "{}"),
     ("p50_ms", "p50 ms", "{:.3f}"), ("p90_ms", "p90 ms", "{:.3f}"), ("p99_ms", "p99 ms", "{:.3f}"),
     ("mean_ms", "mean ms", "{:.3f}"), ("std_ms", "std ms", "{:.3f}"), ("throughput", "items/s", "{:.1f}"),
-    ("speedup", "speedup", "{:.2f}x"), ("memory_mb", "mem MB", "{:.1f}"), ("energy_mj_per_item", "mJ/item", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("memory_mb", "mem MB", "{:.1f}"), ("gpu_memory_mb", "GPU MB", "{:.1f}"),
+    ("energy_mj_per_item", "mJ/item", "{:.2f}"),
 ]
 
 

@@ -99,11 +99,38 @@ class TegraStats:
         return False
 
     def mean_power_w(self, t0: float, t1: float) -> tuple[float, int, str] | None:
-        """Mean power (W) of samples in [t0, t1 + one interval] — a line reports the interval that just ended —
-        with the sample count and the rail used; None when no sample fell in the window."""
-        end = t1 + self.interval_ms / 1000
+        """Mean power (W) over the window [t0, t1], the number of samples that overlap it, and the rail used;
+        None when no sample overlaps the window. See ``window_mean_mw``."""
         with self._lock:
-            window = [s for s in self.samples if t0 < s.t <= end]
-        if not window:
+            samples = list(self.samples)
+        got = window_mean_mw(samples, t0, t1, self.interval_ms / 1000)
+        if got is None:
             return None
-        return sum(s.mw for s in window) / len(window) / 1000, len(window), window[-1].source
+        mw, n, rail = got
+        return mw / 1000, n, rail
+
+
+def window_mean_mw(samples: list[PowerSample], t0: float, t1: float,
+                   interval_s: float) -> tuple[float, int, str] | None:
+    """Time-weighted mean power (mW) of the window [t0, t1] from tegrastats samples.
+
+    A line arriving at time t reports the interval that just ended, (t - d, t], where d is the gap since the
+    previous line (the nominal interval for the first). Each sample is weighted by how much of its interval lies
+    inside the window: ``P = sum(p_i * |(t_i - d_i, t_i] ∩ [t0, t1]|) / sum(|...|)``. So a line that arrives after
+    t1 counts only for the part of its interval before t1, and one whose whole interval is past t1 not at all.
+    Returns (mean mW, samples with overlap, rail of the last of them), or None when none overlaps."""
+    ordered = sorted(samples, key=lambda s: s.t)
+    total = weight = 0.0
+    used: list[PowerSample] = []
+    prev: float | None = None
+    for s in ordered:
+        start = s.t - (s.t - prev if prev is not None and s.t > prev else interval_s)
+        prev = s.t
+        overlap = min(s.t, t1) - max(start, t0)
+        if overlap > 0:
+            total += s.mw * overlap
+            weight += overlap
+            used.append(s)
+    if weight <= 0:
+        return None
+    return total / weight, len(used), used[-1].source

@@ -2,8 +2,11 @@
 
 Opens one ``.engine``/``.plan`` (its ``.json`` sidecar gives the tower, preprocessing and tokenizer) or every
 engine a bundle's manifest lists. Inputs are cast to the engine's input dtype (int32 tokens, fp16 images for
-fp16 engines), the batch shape is set on the optimization profile, and the engine runs asynchronously on
-torch's current CUDA stream, so torch ops before and after are ordered with it; fp16 outputs become fp32.
+fp16 engines), the batch shape is set on the optimization profile, and the engine runs asynchronously on a
+CUDA stream the runtime owns (enqueueing on the legacy default stream makes TensorRT add synchronisations);
+events order it after the caller's stream and the caller's stream after it, so torch ops before and after (and
+CUDA-event timers) see its work. fp16 outputs become fp32. An engine built for a DLA core (``flags.dla_core``
+in its sidecar) runs on that core.
 """
 
 from __future__ import annotations
@@ -22,16 +25,42 @@ from .trtlib import TrtLib, dtype_name, load_tensorrt
 _TOWER_OF_INPUT = {"images": "image", "tokens": "text"}
 
 
-class _Engine:
-    """One deserialized engine, its execution context, and the names of its input and output."""
+def dla_core_of(sidecar: EngineSidecar | dict[str, Any] | None) -> int | None:
+    """The DLA core an engine was built for (its sidecar's ``flags.dla_core``), or None for the GPU."""
+    flags = sidecar.get("flags") if isinstance(sidecar, dict) else getattr(sidecar, "flags", None)
+    core = (flags or {}).get("dla_core")
+    return None if core is None else int(core)
 
-    def __init__(self, lib: TrtLib, path: Path, device: Any):
+
+def engine_runtime(lib: TrtLib, logger: Any, dla_core: int | None) -> Any:
+    """A TensorRT runtime set to the DLA core the engine was built for: the core is chosen at build time but only
+    takes effect when the runtime that deserializes the engine is told it (else TensorRT uses core 0 or fails)."""
+    runtime = lib.module.Runtime(logger)
+    if dla_core is None:
+        return runtime
+    cores = 0 if lib.is_rtx else int(getattr(runtime, "num_DLA_cores", 0))
+    if cores == 0:
+        raise UserError(f"this engine was built for DLA core {dla_core}, but {lib.name} here has no DLA (only Jetson "
+                        "AGX Xavier/Orin and Xavier NX/Orin NX have one): run it on that device, or rebuild without "
+                        "--dla")
+    if not 0 <= dla_core < cores:
+        raise UserError(f"this engine was built for DLA core {dla_core}; this device has DLA cores 0..{cores - 1}: "
+                        "rebuild it with --dla set to one of those")
+    runtime.DLA_core = dla_core
+    return runtime
+
+
+class _Engine:
+    """One deserialized engine, its execution context, its own CUDA stream, and its input and output names."""
+
+    def __init__(self, lib: TrtLib, path: Path, device: Any, dla_core: int | None = None):
         import torch
 
-        trt = lib.module
         self.path, self.device = path, device
         self.logger = lib.logger("ERROR")
-        self.runtime = trt.Runtime(self.logger)
+        trt = lib.module
+        self.runtime = engine_runtime(lib, self.logger, dla_core)
+        self.stream = torch.cuda.Stream(device)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise UserError(f"{lib.name} {lib.version} cannot open {path}: {'; '.join(self.logger.errors[-2:])}. "
@@ -70,8 +99,13 @@ class _Engine:
         y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device=self.device)
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, y.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)          # x was written on the caller's stream
+        x.record_stream(self.stream)             # the allocator must not reuse x / y while our stream uses them
+        y.record_stream(self.stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise UserError(f"{self.path.name}: TensorRT execution failed: {'; '.join(self.logger.errors[-2:])}")
+        caller.wait_stream(self.stream)          # work the caller queues next (y.float(), timers) follows ours
         return y.float()
 
 
@@ -110,6 +144,8 @@ class TrtRuntime(Runtime):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "library": self._lib.name, "library_version": self._lib.version,
                 "engines": {t: str(e.path) for t, e in self._engines.items()},
+                "dla_core": {t: int(e.runtime.DLA_core) for t, e in self._engines.items()
+                             if int(getattr(e.runtime, "DLA_core", -1)) >= 0} or None,
                 "profile": {t: list(e.batch_range) for t, e in self._engines.items()},
                 "device_memory_bytes": sum(e.device_memory_bytes for e in self._engines.values())}
 
@@ -164,8 +200,8 @@ def open_trt(target: Any, *, device: str = "cuda", precision: str | None = None,
         raise UserError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines need one")
     dev = torch.device(device)
     engines: dict[str, _Engine] = {}
-    for t, (path, _) in files.items():
-        eng = _Engine(lib, path, dev)
+    for t, (path, side) in files.items():
+        eng = _Engine(lib, path, dev, dla_core_of(side))
         engines[_TOWER_OF_INPUT.get(eng.input, t)] = eng
     base = Path(target) if Path(target).is_dir() else Path(target).parent
     sidecars = {_TOWER_OF_INPUT.get(e.input, t): sidecars.get(t) for t, e in zip(files, engines.values())}

@@ -177,3 +177,50 @@ def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, mon
     assert not (tmp_path / "bench.png").exists() and (tmp_path / "bench.md").is_file()
     assert any("matplotlib" in n for n in report.notes)
     assert "matplotlib" in (tmp_path / "bench.md").read_text()
+
+
+# ---- issue 9, items 11 and 12: comparable GPU memory, and a loaded machine said out loud
+def test_gpu_memory_is_null_on_the_cpu(artifacts):
+    report = run_bench([artifacts["model"], artifacts["fp32"]], batches=(1,), tower="image", **FAST)
+    assert all("gpu_memory_mb" in r and r["gpu_memory_mb"] is None for r in report.rows)   # not 0: not measured
+    assert all(a["gpu_memory_mb"] is None for a in report.artifacts)
+    assert report.settings["gpu_memory"] is None and all(r["memory_mb"] is not None for r in report.rows)
+    assert "GPU MB" not in report.table()
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_measured_at_device_level(artifacts):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: device-level GPU memory needs one")
+    report = run_bench([artifacts["model"]], batches=(1, 4), tower="both", device="cuda", **FAST)
+    assert all(r["gpu_memory_mb"] is not None and r["gpu_memory_mb"] > 0 for r in report.rows)
+    assert "cudaMemGetInfo" in report.settings["gpu_memory"]
+
+
+def test_loaded_machine_and_unpinned_threads_are_reported(artifacts, capsys):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    busy = run_bench([artifacts["fp32"]], batches=(1,), tower="text", iters=2, warmup=1, progress=False,
+                     load_average=cores + 1.5)
+    m = busy.settings["machine"]
+    assert m == {"load_average_1min": cores + 1.5, "usable_cores": cores, "overloaded": True, "threads_pinned": False}
+    err = capsys.readouterr().err
+    assert "warning: the machine is busy" in err and "warning: threads are not pinned" in err
+    assert any("exceeds its" in n for n in busy.notes) and any("--threads N" in n for n in busy.notes)
+    assert json.loads(json.dumps(busy.to_dict()))["settings"]["machine"]["overloaded"] is True
+
+    calm = run_bench([artifacts["fp32"]], batches=(1,), tower="text", load_average=0.0, **FAST)
+    assert calm.settings["machine"]["overloaded"] is False and calm.settings["machine"]["threads_pinned"] is True
+    assert calm.notes == [] and "warning:" not in capsys.readouterr().err
+
+
+def test_cli_bench_warns_on_a_busy_machine(artifacts, tmp_path, monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (1e6, 1e6, 1e6))   # the OS's answer, as on a saturated box
+    result = CliRunner().invoke(main, ["bench", str(artifacts["fp32"]), "--tower", "text", "--iters", "2",
+                                       "--warmup", "1", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "the machine is busy" in result.output and "threads are not pinned" in result.output
+    assert json.loads((tmp_path / "o" / "bench.json").read_text())["settings"]["machine"]["overloaded"] is True

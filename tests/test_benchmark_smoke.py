@@ -37,3 +37,23 @@ def test_compression_scale_b32_tiny_runs_every_experiment_and_resumes(tmp_path):
     assert {s["scratch"] for s in res["speedups"]} == {"scratch 50%", "scratch 30%"}
     md = (out / "compression-b32.md").read_text()
     assert "--scale b32" in md.splitlines()[0] and "speed-up" in md
+
+
+@pytest.mark.slow
+def test_objectives_benchmark_tiny_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "objectives.py"), "--tiny", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((out / "objectives.json").read_text())
+    names = set(data["results"]["25%"])
+    assert names == {"clip only", "affinity (scale 50)", "affinity (own scales)", "crd", "fd + icl", "CLIP-KD best",
+                     "CLIP-RD full", "DCLIP hybrid"}
+    run = data["results"]["25%"]["CLIP-RD full"][0]
+    assert {"R@1", "R@5", "mAP", "zero-shot top1", "compositional", "agreement"} <= set(run)
+    md = (out / "objectives.md").read_text()
+    assert "objectives.py --tiny" in md.splitlines()[0] and "| 25% | DCLIP hybrid |" in md
+    assert (out / "objectives.png").stat().st_size > 1000
+    # a second run reuses the finished runs instead of training again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "student:" not in again.stderr

@@ -37,7 +37,8 @@ def test_export_onnx_and_parity_pass(tmp_path, tiny_model_dir):
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["precision"] == "fp32" and report["samples"] == 32
     assert report["reference"] == str(tiny_model_dir.resolve())
-    assert {(c["scope"], c["metric"]) for c in report["checks"]} == {("image", "min_cosine"), ("text", "min_cosine")}
+    assert {(c["scope"], c["metric"]) for c in report["checks"]} == {
+        ("image", "min_cosine"), ("text", "min_cosine"), ("retrieval", "delta_points"), ("zero-shot", "delta_points")}
     assert report["artifacts"][0]["tasks"]["retrieval_agreement"] is not None
     assert "| onnxrt fp32 | image |" in (out / "parity.md").read_text()
     assert "parity passed" in r.output
@@ -66,9 +67,9 @@ def test_parity_failing_tolerance_exits_nonzero(tmp_path, tiny_model_dir):
     assert _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--quiet").exit_code == 0
     report_dir = tmp_path / "reports"
     report_dir.mkdir()
-    r = _run("parity", out, "--min-cosine", "1.0001", "--out", report_dir, "--quiet")
+    r = _run("parity", out, "--max-abs", "0", "--out", report_dir, "--quiet")
     assert r.exit_code == 1
-    assert "parity FAILED: 2 of 2 checks" in r.output
+    assert "parity FAILED: 2 of 4 checks" in r.output
     report = json.loads((report_dir / "parity.json").read_text())
     assert report["passed"] is False and report["data"] == "random"
     assert not (out / "parity.json").exists()

@@ -70,7 +70,7 @@ def test_int8_static_graph_and_manifest(tmp_path, tiny_model_dir):
         d = m["precision_details"][tower]
         assert d["mode"] == "static-qdq" and d["quantized_nodes"] > 0
         assert any(n.endswith("proj/MatMul") for n in d["float_nodes"])   # the projection stays float
-        assert d["check"]["samples"] == 64
+        assert d["check"]["samples"] == 16 and d["calibration_samples"] == 48   # disjoint
         assert d["check"]["min_cosine"] >= d["check"]["target_min_cosine"] == 0.995
         g = onnx.load(str(out / f"{tower}.onnx"))
         inits = {t.name: t for t in g.graph.initializer}
@@ -116,3 +116,94 @@ def test_precision_bad_input(tmp_path, tiny_model_dir):
         export_bundle(save_model_dir(bad, tmp_path / "m" / "bad"), tmp_path / "d", precision="int8",
                       calib="scenes:calib", calib_count=8, progress=False)
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("a", "b", "c", "d") or p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------ int8 fidelity (issue 9: items 6, 7, 8)
+def _inits_and_producers(path):
+    g = onnx.load(str(path)).graph
+    return {t.name: t for t in g.initializer}, {o: n for n in g.node for o in n.output}, g
+
+
+def test_int8_keeps_patch_embedding_and_projections_float(tmp_path, tiny_model_dir):
+    """The patch embedding (Conv) and both output projections stay float: no QDQ feeds them."""
+    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=32,
+                        int8_keep="none", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    for tower in ("image", "text"):
+        inits, producer, g = _inits_and_producers(out / f"{tower}.onnx")
+        floats = set(m["precision_details"][tower]["float_nodes"])
+        kept = [n for n in g.node if n.name in floats and n.op_type in ("Conv", "MatMul", "Gemm")]
+        convs = [n for n in g.node if n.op_type == "Conv"]
+        assert all(c.name in floats for c in convs) and (tower == "text" or convs)
+        assert any(n.name.endswith("proj/MatMul") for n in kept)
+        for n in kept:
+            # float weights straight from an initializer, and no DequantizeLinear on any input
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in n.input), n.name
+        if convs:
+            assert convs[0].input[1] in inits and inits[convs[0].input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+def test_int8_held_out_inputs_are_not_calibrated_on(tmp_path, tiny_model_dir):
+    """Held-out rows scaled x1000: had they been calibrated on, the quantized input's scale would be ~1000x larger."""
+    from tinyclip_edge.export.precision import QuantOptions, holdout_count, quantize
+
+    fp32 = export_bundle(tiny_model_dir, tmp_path / "fp32", towers=("image",), progress=False)
+    data = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)
+    held = holdout_count(len(data))
+    assert held == 10 and holdout_count(1) == 0 and holdout_count(4000) == 128
+    data[:held] *= 1000.0
+    work = tmp_path / "work"
+    work.mkdir()
+    details = quantize(fp32 / "image.onnx", tmp_path / "q.onnx", work, "image", "int8", data,
+                       QuantOptions(keep="none", quantize_patch_embedding=True), progress=False)
+    assert details["check"]["samples"] == held and details["calibration_samples"] == len(data) - held
+    inits, producer, g = _inits_and_producers(tmp_path / "q.onnx")
+    q_in = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
+    assert q_in, "the patch embedding's input must be quantized when asked to"
+    scale = float(onnx.numpy_helper.to_array(inits[q_in[0].input[1]]))
+    assert scale == pytest.approx(np.abs(data[held:]).max() / 127, rel=0.05)   # the calibration rows only
+    assert details["check"]["min_cosine"] < 0.9999   # the extreme held-out rows are really measured
+
+
+def test_int8_manifest_counts_disjoint_calibration_and_check(tmp_path, tiny_model_dir):
+    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=48,
+                        progress=False)
+    for d in json.loads((out / "manifest.json").read_text())["precision_details"].values():
+        assert d["check"]["samples"] == 12 and d["calibration_samples"] == 36
+
+
+def test_calibration_cache_is_feature_detected():
+    """Older ONNX Runtime releases (the declared floor, Jetson wheels) have no calibration_cache_path:
+    the quantizer must only pass it where quantize_static accepts it (.ci/oldest-ort.sh runs the int8 tests there)."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    from tinyclip_edge.export.precision import supports_calibration_cache
+
+    assert supports_calibration_cache() == ("calibration_cache_path" in inspect.signature(quantize_static).parameters)
+
+
+def test_old_quantizer_with_new_onnx_is_a_clear_error(tmp_path, tiny_model_dir):
+    """Only meaningful where onnxruntime < 1.19 meets onnx >= 1.19 (.ci/oldest-ort.sh sets that up)."""
+    import onnxruntime
+
+    if hasattr(onnx, "mapping") or tuple(map(int, onnxruntime.__version__.split(".")[:2])) >= (1, 19):
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} with onnx {onnx.__version__} is a compatible pair")
+    with pytest.raises(UserError, match=r"needs onnx < 1.19 .*pip install 'onnx<1.19'"):
+        export_bundle(tiny_model_dir, tmp_path / "b", precision="int8-dynamic", progress=False)
+
+
+def test_each_quantizer_calibrates_afresh(tmp_path, tiny_model_dir):
+    """A calibration cache left in the work dir by another quantization (here: one that did not calibrate the
+    patch embedding's input) must not be reused."""
+    from tinyclip_edge.export.precision import QuantOptions, quantize
+
+    fp32 = export_bundle(tiny_model_dir, tmp_path / "fp32", towers=("image",), progress=False)
+    data = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    work = tmp_path / "work"
+    work.mkdir()
+    for i, conv in enumerate((False, True)):
+        d = quantize(fp32 / "image.onnx", tmp_path / f"q{i}.onnx", work, "image", "int8", data,
+                     QuantOptions(keep="none", quantize_patch_embedding=conv), progress=False)
+        assert ("/visual/patch_embed/Conv" in d["float_nodes"]) is not conv

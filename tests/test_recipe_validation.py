@@ -40,7 +40,7 @@ CASES = [
     ("stages.0.weight_decay=-1", "'stages.0.weight_decay' must be a number >= 0, got -1", "stages.0.weight_decay=0"),
     ("stages.0.prune.mask_steps=1.5", "'stages.0.prune.mask_steps' must be a number in (0, 1), got 1.5",
      "stages.0.prune.mask_steps=0.99"),
-    ("stages.0.method=continue", "'stages.0.method' must be one of inherit, prune, scratch, got 'continue'",
+    ("stages.0.method=continue", "'stages.0.method' must be one of inherit, prune, scratch, dclip-meta, got 'continue'",
      "stages.0.method=prune"),
     ("stages.0.lr=-1", "'stages.0.lr' must be a number > 0, got -1", "stages.0.lr=1e-4"),
     ("stages.0.prune.lambda_lr=-1", "'stages.0.prune.lambda_lr' must be a number > 0, got -1",

@@ -6,7 +6,7 @@ import pytest
 
 from tinyclip_edge.runtimes.devices import (cpu_facts, device_facts, jetpack_from_l4t, library_versions,
                                             parse_cpuinfo_model, parse_l4t_release, parse_nvpmodel)
-from tinyclip_edge.runtimes.tegrastats import TegraStats, parse_rails, total_power_mw
+from tinyclip_edge.runtimes.tegrastats import PowerSample, TegraStats, parse_rails, total_power_mw, window_mean_mw
 
 # JetPack 4 on a Jetson Nano: board input rail POM_5V_IN, no units, RAM/SWAP/IRAM fields that look like rails
 NANO = ("RAM 2108/3956MB (lfb 64x4MB) SWAP 0/1978MB (cached 0MB) IRAM 0/252kB(lfb 252kB) "
@@ -117,3 +117,30 @@ def test_sampler_runs_the_tool_and_averages_a_window(tmp_path):
     assert rail == "VDD_IN" and n >= 2
     assert watts == pytest.approx(5.012)
     assert ts.mean_power_w(0.0, 0.0) is None   # a window before the tool started has no samples
+
+
+def _stream(watts_by_end_time: dict[float, float]) -> list[PowerSample]:
+    """Synthetic tegrastats samples: a line at time t reports the mean power of the interval ending at t."""
+    return [PowerSample(t, w * 1000, "VDD_IN") for t, w in sorted(watts_by_end_time.items())]
+
+
+def test_energy_window_excludes_samples_past_its_end():
+    # 100 ms lines: 1 W while the window [0, 0.5] runs, 10 W afterwards
+    samples = _stream({0.1: 1, 0.2: 1, 0.3: 1, 0.4: 1, 0.5: 1, 0.6: 10, 0.7: 10})
+    mw, n, rail = window_mean_mw(samples, 0.0, 0.5, 0.1)
+    assert mw == pytest.approx(1000) and n == 5 and rail == "VDD_IN"
+    ts = TegraStats(100)
+    ts.samples = samples
+    assert ts.mean_power_w(0.0, 0.5)[0] == pytest.approx(1.0)
+
+
+def test_energy_window_weights_partial_overlaps():
+    samples = _stream({0.1: 2, 0.2: 4, 0.3: 6, 0.4: 8})
+    # [0.15, 0.35]: half of (0.1,0.2] at 4 W, all of (0.2,0.3] at 6 W, half of (0.3,0.4] at 8 W
+    mw, n, _ = window_mean_mw(samples, 0.15, 0.35, 0.1)
+    assert mw == pytest.approx((0.05 * 4 + 0.1 * 6 + 0.05 * 8) / 0.2 * 1000) and n == 3
+    # irregular gaps: each line covers the time since the previous one
+    uneven = _stream({0.1: 1, 0.4: 4})
+    assert window_mean_mw(uneven, 0.1, 0.4, 0.1)[0] == pytest.approx(4000)
+    assert window_mean_mw(uneven, 0.0, 0.4, 0.1)[0] == pytest.approx((0.1 * 1 + 0.3 * 4) / 0.4 * 1000)
+    assert window_mean_mw(samples, 0.5, 0.9, 0.1) is None and window_mean_mw([], 0, 1, 0.1) is None

@@ -223,3 +223,82 @@ def test_engine_matches_onnxruntime(bundles, tmp_path, precision, min_cos):
             assert cos.min() >= min_cos
         with pytest.raises(UserError, match="outside"):
             rt.encode_image(rng.standard_normal((9, 3, 32, 32)).astype(np.float32))
+        import torch
+
+        # each engine enqueues on a stream it owns, never on the legacy default stream (handle 0)
+        streams = {e.stream.cuda_stream for e in rt._engines.values()}
+        assert 0 not in streams and len(streams) == 2
+        assert torch.cuda.current_stream().cuda_stream not in streams
+
+
+# ---- issue 9, item 10: strong typing, calibration checked before the build, DLA at run time
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precision):
+    """fp16 / QDQ bundles keep LayerNorm, softmax and reductions in fp32: a strongly typed network keeps every
+    tensor's ONNX type, where a weakly typed one with the FP16 flag lets TensorRT run them in fp16."""
+    bundle = copy_bundle(bundles[precision], tmp_path / precision)
+    from tinyclip_edge.runtimes.bundle import read_manifest
+
+    lib = load_tensorrt()
+    manifest = read_manifest(bundle)
+    plan = _plan(lib, precision, None, None, None)
+    assert plan.strongly_typed and plan.flags == []
+    job = _Job(lib, bundle, manifest, plan, (1, 2, 4), None, None, None, None, 0, None)
+    _builder, network, _parser = job._parse(bundle / "text.onnx", lib.logger("ERROR"))
+    assert network.get_flag(lib.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    entries = build_engines(bundle, batch=(1, 2, 4), verbose=False)
+    for e in entries:
+        assert e["flags"]["strongly_typed"] is True and e["flags"]["network_flags"] == ["STRONGLY_TYPED"]
+        assert e["flags"]["builder_flags"] == [] and (bundle / e["engine"]).stat().st_size > 1000
+
+
+def test_tensorrt_proper_uses_strong_typing_where_it_has_it():
+    from types import SimpleNamespace
+
+    trt10 = TrtLib(module=SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1)),
+                   name="tensorrt", version="10.3.0")
+    for precision in ("fp32", "fp16", "int8"):
+        plan = _plan(trt10, precision, None, None, None)
+        assert plan.strongly_typed and plan.flags == [], precision
+    assert _plan(trt10, "int8", None, None, None).mode == "explicit-int8"
+    assert not _plan(trt10, "fp32", "fp16", None, None).strongly_typed   # precision change: the FP16 flag
+    dla = _plan(trt10, "fp16", None, 0, None)                               # DLA needs the precision flags
+    assert not dla.strongly_typed and dla.flags == ["FP16"]
+    plan = _plan(trt10, "fp16", None, None, None)
+    job = _Job(trt10, Path("b"), {}, plan, (1, 8, 32), None, None, None, None, 0, None)
+    assert "--stronglyTyped" in job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 8, 8]}])
+    old = _plan(TRT, "fp16", None, None, None)                              # TensorRT 8: no strong typing
+    assert not old.strongly_typed and old.flags == ["FP16"]
+
+
+def test_calibration_data_is_read_and_checked_before_building(bundles):
+    from tinyclip_edge.export.calibrator import calibration_batches
+
+    from tinyclip_edge.runtimes.bundle import read_manifest
+
+    bundle = bundles["fp32"]
+    manifest = read_manifest(bundle)
+    context = json.loads((bundle / "manifest.json").read_text())["context_length"]
+    image = {"name": "images", "dtype": "float32", "shape": [-1, 3, 32, 32]}
+    text = {"name": "tokens", "dtype": "int32", "shape": [-1, context]}
+    batches = calibration_batches("image", image, manifest, bundle, "scenes:calib", 20, 8)
+    assert [b.shape for b in batches] == [(8, 3, 32, 32)] * 2 and batches[0].dtype == np.float32
+    tokens = calibration_batches("text", text, manifest, bundle, "scenes:calib", 16, 8)
+    assert [b.shape for b in tokens] == [(8, context)] * 2 and tokens[0].dtype == np.int32
+    with pytest.raises(UserError, match="fewer usable samples than one calibration batch of 8"):
+        calibration_batches("image", image, manifest, bundle, "scenes:calib", 4, 8)
+    with pytest.raises(UserError, match="takes \\[8, 3, 64, 64\\]; the bundle's preprocessing"):
+        calibration_batches("image", {**image, "shape": [-1, 3, 64, 64]}, manifest, bundle, "scenes:calib", 8, 8)
+    with pytest.raises(UserError, match="needs data"):
+        calibration_batches("image", image, manifest, bundle, None, 8, 8)
+
+
+def test_dla_core_from_the_sidecar_is_applied_at_run_time():
+    from tinyclip_edge.runtimes.trt import dla_core_of, engine_runtime
+
+    lib = load_tensorrt()
+    assert dla_core_of({"flags": {"dla_core": 1}}) == 1 and dla_core_of({"flags": {"dla_core": None}}) is None
+    assert dla_core_of(None) is None
+    assert int(engine_runtime(lib, lib.logger("ERROR"), None).DLA_core) == -1   # GPU engines: no DLA core set
+    with pytest.raises(UserError, match="built for DLA core 1, but .* has no DLA"):
+        engine_runtime(lib, lib.logger("ERROR"), 1)   # never silently run a DLA engine elsewhere

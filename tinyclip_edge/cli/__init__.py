@@ -35,9 +35,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import bench, data, export, train
+    from . import bench, data, export, regions, train
 
-    for cmd in train.COMMANDS + export.COMMANDS + bench.COMMANDS + data.COMMANDS:
+    for cmd in train.COMMANDS + export.COMMANDS + bench.COMMANDS + data.COMMANDS + regions.COMMANDS:
         main.add_command(cmd)
 
 

@@ -164,16 +164,24 @@ def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], wo
 @click.option("--data", help="image-caption data (e.g. scenes:val or a CSV); without it, random tensors")
 @click.option("--count", type=int, default=256, show_default=True, help="pairs to read from --data")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--min-cosine", type=float, help="override the per-tower min cosine (default by precision)")
-@click.option("--min-agreement", type=float, help="override the top-1 agreement threshold (default: int8 0.97)")
+@click.option("--min-cosine", type=float, help="override the per-tower min cosine, in [-1, 1] (default by precision)")
+@click.option("--min-agreement", type=float, help="override the top-1 agreement threshold on confident queries, a "
+              "fraction in [0, 1] (default: int8 0.97)")
 @click.option("--max-abs", type=float, help="also require max abs error <= this")
+@click.option("--max-task-drop", type=float, help="points of R@1 / zero-shot top-1 an artifact may significantly lose "
+              "(default: fp32 0.5, fp16 1, int8 2)")
+@click.option("--agreement-margin", type=float, help="agreement counts queries whose reference top-1 beats the "
+              "runner-up by more than this cosine gap (default 0.01)")
 @click.option("--device", default="cpu", show_default=True, help="ONNX Runtime device: cpu | cuda | tensorrt")
+@click.option("--provider", help="ONNX Runtime execution provider to run the ONNX graphs with (default "
+              "CPUExecutionProvider, or what --device picks); overrides --device")
 @click.option("--out", type=click.Path(path_type=Path), help="where parity.json/.md go (default: the bundle)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.pass_context
 def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher: str | None, data: str | None,
                count: int, batch_size: int, min_cosine: float | None, min_agreement: float | None,
-               max_abs: float | None, device: str, out: Path | None, quiet: bool) -> None:
+               max_abs: float | None, max_task_drop: float | None, agreement_margin: float | None, device: str,
+               provider: str | None, out: Path | None, quiet: bool) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
     from ..common.io import atomic_write_text
     from ..export import run_parity
@@ -181,7 +189,8 @@ def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher:
     _builtin_teachers(reference, teacher)
     report = run_parity(bundle, reference=reference, teacher=teacher, data=data, count=count,
                         batch_size=batch_size, min_cosine=min_cosine, min_agreement=min_agreement,
-                        max_abs=max_abs, device=device, progress=not quiet)
+                        max_abs=max_abs, max_task_drop=max_task_drop, agreement_margin=agreement_margin,
+                        device=device, provider=provider, progress=not quiet)
     out = out or bundle
     try:
         atomic_write_text(out / "parity.json", report.to_json())

@@ -109,8 +109,13 @@ def _parity_row(key: str, rep: Any) -> dict[str, Any]:
             row[f"{tower} min cos"] = f"{m['min_cosine']:.5f}"
         if art.tasks.retrieval_r1 is not None:
             row["R@1 (i2t)"] = f"{100 * art.tasks.retrieval_r1:.1f}"
+        if art.tasks.retrieval_r1_delta is not None:
+            lo, hi = art.tasks.retrieval_r1_delta_interval
+            row["ΔR@1 pts"] = f"{art.tasks.retrieval_r1_delta:+.1f} [{lo:+.1f}, {hi:+.1f}]"
         if art.tasks.retrieval_agreement is not None:
             row["top-1 agree"] = f"{100 * art.tasks.retrieval_agreement:.1f}%"
+        if art.tasks.retrieval_agreement_confident is not None:
+            row["agree (clear)"] = f"{100 * art.tasks.retrieval_agreement_confident:.1f}%"
     fails = rep.failures()
     if fails:
         row["failed checks"] = "; ".join(f"{c.scope} {c.metric} {c.value:.4g} < {c.threshold:g}" for c in fails[:2])

@@ -5,7 +5,9 @@ and so does evaluation (agreement with a teacher, zero-shot class embeddings).
 - ``retrieval_top1``: image->text top-1 over paired rows (caption i belongs to image i).
 - ``zero_shot_top1``: class prediction from averaged, normalised class-prompt embeddings.
 - ``agreement``: how often two top-1 predictions are the same; ``disagreement_margin``: whether the
-  disagreements are near-ties.
+  disagreements are near-ties; ``top1_margins``: how far each query's best score is above its runner-up.
+- ``paired_delta``: the change of a top-1 accuracy between two models on the same queries, with a Wilson
+  interval over the queries where they differ.
 """
 
 from __future__ import annotations
@@ -84,3 +86,68 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of queries where two models make the same top-1 prediction."""
     return float(np.mean(np.asarray(a) == np.asarray(b))) if len(a) else float("nan")
+
+
+def top1_margins(scores: np.ndarray) -> np.ndarray:
+    """Per query (row), how far the best score is above the runner-up: ``s[top1] - s[top2]`` (inf with one column).
+
+    A small margin means the query is a near-tie that any small numeric error can flip."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape[1] < 2:
+        return np.full(len(s), np.inf)
+    top2 = np.partition(s, s.shape[1] - 2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def retrieval_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every image (row) with every caption (column)."""
+    return l2_normalize(image_emb) @ l2_normalize(text_emb).T
+
+
+@dataclass
+class PairedDelta:
+    """Change of a top-1 accuracy between two models scored on the same queries (``other - reference``).
+
+    ``delta`` = (gains - losses) / n, where a gain is a query only `other` gets right and a loss one only the
+    reference gets right. The interval conditions on the m = gains + losses discordant queries: a Wilson score
+    interval [pl, pu] for the loss fraction p = losses / m, at normal quantile z, gives
+    ``delta in [m/n * (1 - 2 pu), m/n * (1 - 2 pl)]`` (McNemar's view of paired proportions). With no discordant
+    query the interval is [0, 0]: the two models made exactly the same decisions."""
+
+    delta: float
+    low: float
+    high: float
+    gains: int
+    losses: int
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def wilson_interval(k: int, m: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/m:
+    ``(p + z²/2m ± z·sqrt(p(1-p)/m + z²/4m²)) / (1 + z²/m)``; (0, 1) when m == 0."""
+    if m == 0:
+        return 0.0, 1.0
+    p = k / m
+    denom = 1 + z * z / m
+    centre = (p + z * z / (2 * m)) / denom
+    half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def paired_delta(reference_correct: np.ndarray, other_correct: np.ndarray, z: float = 1.96) -> PairedDelta:
+    """``other``'s accuracy minus the reference's on the same queries, with a paired interval (see PairedDelta)."""
+    ref, oth = np.asarray(reference_correct, bool), np.asarray(other_correct, bool)
+    if ref.shape != oth.shape:
+        raise ValueError(f"paired results of different lengths: {ref.shape} vs {oth.shape}")
+    n = int(ref.size)
+    gains, losses = int(np.sum(oth & ~ref)), int(np.sum(ref & ~oth))
+    m = gains + losses
+    if n == 0:
+        return PairedDelta(float("nan"), float("nan"), float("nan"), 0, 0, 0)
+    if m == 0:
+        return PairedDelta(0.0, 0.0, 0.0, 0, 0, n)
+    pl, pu = wilson_interval(losses, m, z)
+    return PairedDelta((gains - losses) / n, m / n * (1 - 2 * pu), m / n * (1 - 2 * pl), gains, losses, n)

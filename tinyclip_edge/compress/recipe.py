@@ -101,7 +101,8 @@ class PruneCfg:
 @dataclass
 class StageCfg:
     name: STAGE_NAME | None = None       # a plain name (see STAGE_NAME), unique in the recipe; default stage-N
-    method: Literal["inherit", "prune", "scratch"] = "inherit"  # manual inheritance | learned masks | random init
+    method: str = "inherit"              # a stage method of compress/methods (inherit: manual inheritance | prune:
+                                         # learned masks | scratch: random init | dclip-meta: DCLIP's meta teacher)
     target: RATIO | TowerRatios | None = 0.5  # fraction of the *original teacher's* parameters, in (0, 1), or {image: r, text: r}
     shape: str | dict | None = None      # explicit shape: a preset name, {image: {layers, heads, mlp, width}, text: ...} or a full shape
     shape_policy: Literal["balanced", "width", "depth"] = "balanced"
@@ -126,6 +127,13 @@ class StageCfg:
     teacher_cache: str | None = None     # read the teacher's embeddings from `data cache-teacher` output (shards only)
 
     def validate_fields(self, path: str) -> None:
+        from .methods.registry import METHODS  # late: methods import this module
+
+        if self.method not in METHODS:
+            names = list(METHODS)
+            raise UserError(f"recipe key '{_at(path, 'method')}' must be one of {', '.join(names)}, got "
+                            f"{self.method!r}{closest(str(self.method), names)}")
+        METHODS[self.method].check(self)
         if self.batch_size % self.grad_accum:
             raise UserError(f"{_at(path, 'batch_size')} {self.batch_size} is not divisible by "
                             f"{_at(path, 'grad_accum')} {self.grad_accum}")
@@ -249,6 +257,20 @@ class DistributedCfg:
 
 
 @dataclass
+class DclipCfg:
+    """DCLIP's region-aware meta teacher (method: dclip-meta) and the regions every stage's batches carry."""
+
+    regions: str = "boxes"               # boxes (dataset boxes: scenes, dclip.instances) | grid | yolo | a .jsonl
+    detector: str | None = None          # YOLO detection weights for regions: yolo (ultralytics, extra `detect`)
+    instances: str | None = None         # COCO instances JSON for regions: boxes on COCO data
+    confidence: Annotated[float, Range(0, 1)] = 0.25  # YOLO confidence threshold, in [0, 1]
+    max_regions: POSITIVE_INT = 6        # region crops per image, >= 1 (the whole image comes on top)
+    max_spans: POSITIVE_INT = 6          # caption spans per caption, >= 1 (the whole caption comes on top)
+    heads: POSITIVE_INT = 8              # attention heads of the cross-attention block (a divisor of the width)
+    pool_temperature: Annotated[float, Range(0, None, lo_open=True)] = 2.0  # pooling: softmax(cos(x_i, mean) / T)
+
+
+@dataclass
 class Recipe:
     name: RECIPE_NAME = "run"            # also the default run directory: runs/<name>
     description: str = ""
@@ -263,6 +285,7 @@ class Recipe:
     export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
     bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
+    dclip: DclipCfg | None = None        # optional: regions + meta-teacher settings (method: dclip-meta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

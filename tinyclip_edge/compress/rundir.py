@@ -10,6 +10,7 @@ Layout of a run directory:
     baselines/<name>/         scratch baselines (when baselines.scratch)
     checkpoints/<name>/       the latest checkpoint of the stage in progress
     export/, bench/           bundles and latency of `tinyclip-edge run` / quickstart
+    regions.jsonl             regions detected once per run (dclip.regions=yolo)
     report.json, report.md
     .tinyclip-edge-run.json   the marker: the run's id and every top-level entry the toolkit wrote
     .tinyclip-edge-run.lock   held (flock) by the process working in the directory
@@ -50,6 +51,7 @@ EXPORT_DIR = "export"
 BENCH_DIR = "bench"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+REGIONS_FILE = "regions.jsonl"
 MARKER_FILE = ".tinyclip-edge-run.json"
 LOCK_FILE = ".tinyclip-edge-run.lock"
 MARKER_FORMAT = "tinyclip-edge/run-dir"
@@ -59,7 +61,7 @@ RESERVED = {
     RECIPE_FILE: "the resolved recipe", STATE_FILE: "the run state", METRICS_FILE: "the training metrics",
     TEACHER_DIR: "the teacher copy", CHECKPOINTS_DIR: "the checkpoints", BASELINES_DIR: "the scratch baselines",
     EXPORT_DIR: "the exported bundles", BENCH_DIR: "the latency results", REPORT_JSON: "the report",
-    REPORT_MD: "the report", MARKER_FILE: "the run marker", LOCK_FILE: "the run lock",
+    REPORT_MD: "the report", REGIONS_FILE: "the detected regions (dclip.regions=yolo)", MARKER_FILE: "the run marker", LOCK_FILE: "the run lock",
 }
 
 # the entries a run writes (the marker and lock are the directory's bookkeeping, not the run's output)

@@ -11,7 +11,6 @@ process reads the state, teacher, students and checkpoints back from it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
@@ -32,18 +31,15 @@ from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
-from .chain import nests, plan_chain
+from .chain import plan_chain
+from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
 from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
-from .shapes import check_fits, explicit_tower, shape_for_ratio, tower_targets
-from . import prune as _prune_tasks  # noqa: F401  (registers the prune task, so checkpoints resume)
-from .tasks import DistillTask, StageTask
 from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
 RUN_STATE = STATE_FILE
-STAGE_BUILDERS: dict[str, Callable[..., StageTask]] = {}
 
 
 @dataclass
@@ -66,61 +62,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
 
 
-def register_stage(method: str) -> Callable[[Callable[..., StageTask]], Callable[..., StageTask]]:
-    def deco(fn: Callable[..., StageTask]) -> Callable[..., StageTask]:
-        STAGE_BUILDERS[method] = fn
-        return fn
-    return deco
-
-
-# ------------------------------------------------------------------------------ shapes
-
-
-def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShape:
-    """The student shape of a stage: explicit (preset name, per-tower dict, or a full shape), or the
-    stage's target (a fraction of the ORIGINAL teacher's parameters) applied to the source model."""
-    if isinstance(st.shape, str):
-        return preset_shape(st.shape)
-    if isinstance(st.shape, dict):
-        if "embed_dim" in st.shape:
-            return ClipShape.from_dict(st.shape)
-        unknown = set(st.shape) - {"image", "text"}
-        if unknown:
-            raise UserError(f"stage {st.name}: shape has unknown towers {sorted(unknown)}; use image and text, "
-                            f"or a preset name ({', '.join(PRESETS)})")
-        out = source
-        for tower, spec in st.shape.items():
-            out = out.with_tower(tower, explicit_tower(source, tower, spec or {}))
-        return out.validate()
-    if st.target is None:
-        raise UserError(f"stage {st.name}: give a target (fraction of the teacher's parameters) or a shape")
-    targets = tower_targets(st.target)
-    if source != teacher:  # a later stage: the shape a one-shot run would pick, if the source can hold it
-        direct = shape_for_ratio(teacher, targets, st.shape_policy)
-        if _holds(source, direct):
-            return direct
-    src_p, t_p = source.params(), teacher.params()
-    relative: dict[str, float | None] = {}
-    for tower, r in targets.items():
-        if r is None:
-            relative[tower] = None
-            continue
-        rel = r * t_p[tower] / src_p[tower]
-        if rel >= 1.0:
-            if abs(src_p[tower] - r * t_p[tower]) / t_p[tower] < 0.01:
-                relative[tower] = None  # already at the target
-                continue
-            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
-                            f"the previous stage's {src_p[tower] / t_p[tower]:.2f}; stage targets must shrink")
-        relative[tower] = rel
-    return shape_for_ratio(source, relative, st.shape_policy)
-
-
-def _holds(source: ClipShape, target: ClipShape) -> bool:
-    """Whether every layer of `target` fits inside the layers it would inherit from `source`."""
-    return nests(source, target)
-
-
 def planned_stages(stages: list[StageCfg], teacher: ClipShape) -> list[StageCfg]:
     """The stages with the chain planner's decisions filled in (compress/chain.py): an explicit shape for
     each planned manual stage, a floor for each learned-mask stage that a manual stage follows."""
@@ -132,56 +73,6 @@ def planned_stages(stages: list[StageCfg], teacher: ClipShape) -> list[StageCfg]
             st = replace(st, prune=replace(st.prune, floor=plan.floor.to_dict()))
         out.append(st)
     return out
-
-
-# ------------------------------------------------------------------------------ stage builders
-
-
-@register_stage("inherit")
-def _inherit(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
-    from .inherit import manual_inherit
-
-    target = stage_shape(st, source.shape, teacher.shape)
-    check_fits(source.shape, target)
-    student, _ = manual_inherit(source.model, target, importance=st.importance,
-                                layer_selection=st.layer_selection, calib=calib)
-    return DistillTask(student)
-
-
-@register_stage("prune")
-def _prune(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
-    from .prune import PruneTask
-
-    spec = st.prune.target if st.prune.target is not None else st.target
-    if spec is None:
-        raise UserError(f"stage {st.name}: a prune stage needs a target (stages.N.target or prune.target)")
-    src_p, t_p = source.shape.params(), teacher.shape.params()
-    budget = {}
-    for tower, r in tower_targets(spec).items():
-        if r is None:
-            continue
-        budget[tower] = r * t_p[tower]
-        if budget[tower] >= src_p[tower]:
-            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
-                            f"the model it prunes ({src_p[tower] / t_p[tower]:.2f}); stage targets must shrink")
-    # `st` is the `.masks` sub-stage (run_prune_stage): its steps are the mask-learning steps.
-    # A copy of the model: the source may be the teacher itself, which must stay frozen and untouched.
-    task = PruneTask(copy.deepcopy(source.model), st.prune, budget, st.steps, seed)
-    task.plan()  # fail now, not after training, if the budget cannot be met at all
-    return task
-
-
-@register_stage("continue")
-def _continue(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
-    """Keep distilling the source model as it is (the second half of a prune stage)."""
-    return DistillTask(copy.deepcopy(source.model))
-
-
-@register_stage("scratch")
-def _scratch(st: StageCfg, source: ClipPackage, teacher: ClipPackage, calib: list[dict], seed: int) -> StageTask:
-    target = stage_shape(st, source.shape, teacher.shape)
-    torch.manual_seed(seed)
-    return DistillTask(ClipModel(target))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -213,13 +104,17 @@ def check_world_split(recipe: Recipe) -> None:
 
 
 def run_entries(recipe: Recipe) -> list[str]:
-    """Every stage and baseline directory name the recipe's run will write, each checked by the run layout
-    (not a path, not reserved) and unique: a clash would make two stages write one directory."""
-    names = []
+    """Every stage directory name the recipe's run will write (each stage's, and its phases' outputs such as a
+    prune stage's `<name>.masks`), each checked by the run layout (not a path, not reserved) and unique: a
+    clash would make two stages write one directory. Checkpoint and baseline names are checked too."""
+    names: list[str] = []
     for st in recipe.stages:
         names.append(check_entry_name(st.name))
-        if st.method == "prune":
-            names.append(check_entry_name(f"{st.name}.masks"))
+        for ph in get_method(st.method, st.name).phases(st):
+            if ph.output is not None:
+                names.append(check_entry_name(ph.output(st)))
+            if ph.train is not None:
+                check_entry_name(str(ph.train(st).name))
     seen: dict[str, str] = {}
     for n in names:
         if n.casefold() in seen:
@@ -257,7 +152,6 @@ class Run:
             raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
                             "or pick another run_dir=...")
         self.device = dist.local_device(resolve_device(recipe.device))
-        fresh = not started
         if started:
             self._check_same_recipe()
             self.state = old
@@ -275,7 +169,7 @@ class Run:
 
         def write() -> None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if fresh and old is None and self.layout.marker() is None:
+            if old is None and self.layout.marker() is None:
                 self.layout.create_marker()
             self.layout.remove_stale_temps([*LAYOUT_ENTRIES, *entries, *baselines])  # debris of killed writes
             atomic_write_text(self.layout.recipe, dump_recipe(recipe))
@@ -333,6 +227,11 @@ class Run:
         src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
                           csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
         check_readable(src)
+        check_readable(src)
+        if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
+            from .regions import region_source
+
+            src = region_source(src, self.recipe.dclip, self.dir)
         return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size())
 
     def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
@@ -352,71 +251,114 @@ class Run:
         return cache
 
     def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
-                  original: ClipPackage, provenance: dict[str, Any] | None = None) -> ClipPackage:
-        status = self.state["stages"].get(st.name)
-        if status == "done" and is_model_dir(out_dir):
+                  original: ClipPackage) -> ClipPackage:
+        """Walk the phases of the stage's method (``compress/methods``): resume after the last phase whose
+        output is saved, or inside a train phase from its checkpoint; save the student in `out_dir`."""
+        method = get_method(st.method, st.name)
+        if self.state["stages"].get(st.name) == "done" and is_model_dir(out_dir):
             log.info("%s: done, skipping", st.name)
             return load_model_dir(out_dir)
-        ckpt = self.layout.checkpoint(st.name)
+        phases = method.phases(st)
+        seed = self.recipe.seed + index
         micro = st.batch_size // st.grad_accum
-        workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
-            6 if self.device.type == "cuda" else 0)
-        cache = self.teacher_cache(st, teacher, source)
-        batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
+        ctx = StageContext(st, index, source, original, teacher, seed, lambda: self._calib(source, st, micro),
+                           self.recipe)
+        pkg, carry, start = source, Carry(source.model), 0
+        done = {"steps": 0, "samples": 0, "skipped_images": 0}  # what saved phases trained already
+        for i, ph in enumerate(phases):  # resume after the last phase whose model directory is saved
+            name = ph.output(st) if ph.output else None
+            if name and self.state["stages"].get(name) == "done" and is_model_dir(self.layout.stage(name)):
+                pkg = load_model_dir(self.layout.stage(name))
+                carry, start = Carry(pkg.model), i + 1
+                done = {k: int(pkg.provenance.get(k) or 0) for k in ("steps", "samples", "skipped_images")}
         resume = None
-        if read_checkpoint_meta(ckpt) is not None:
-            task, opt_state, tstate = load_checkpoint(ckpt, st)
-            resume = (opt_state, tstate)
+        nxt = next((i for i in range(start, len(phases)) if phases[i].train is not None), None)
+        if nxt is not None and read_checkpoint_meta(self._ckpt(phases[nxt].train(st))) is not None:
+            sub = phases[nxt].train(st)
+            ckpt = self._ckpt(sub)
+            carry.task, opt_state, tstate = load_checkpoint(ckpt, sub)
+            resume, start = (opt_state, tstate), nxt
             written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
             if dist.is_main():
-                log.warning("%s: resuming from step %d (%d global samples)", st.name, tstate.step, tstate.samples)
+                log.warning("%s: resuming from step %d (%d global samples; phase %s)", sub.name, tstate.step,
+                            tstate.samples, phases[nxt].name)
                 if written_by != dist.world_size():
                     log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
                                 "global batch and the data position counts global samples, so training continues "
                                 "from the same place (CSV/COCO/scenes data: with the very same batches)",
-                                st.name, written_by, dist.world_size())
-        else:
-            calib: list[dict] = []
-            if st.method == "inherit" and st.importance == "activation":  # the only builder that reads them
-                cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
-                                  self.recipe.seed + 1_000_003)
-                cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
-                calib = [cb[i] for i in range(st.calib_batches)]
-            task = STAGE_BUILDERS[st.method](st, source, original, calib, self.recipe.seed + index)
-        self.state["stages"][st.name] = "running"
-        self._save_state()
-        tstate = train_stage(task, teacher.model if teacher and cache is None else None, batches, st, parse_losses(st.losses),
-                             device=self.device, ckpt_dir=ckpt, metrics_path=self.layout.metrics,
-                             label=st.name, resume=resume, workers=workers, on_step=self.on_step)
-        model = task.finalize().cpu().eval()
-        prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": st.name,
-                "method": st.method, "steps": tstate.step, "samples": tstate.samples,
-                "skipped_images": tstate.skipped, **(provenance or {})}
-        pkg = source.with_model(model, **prov)
-        self.state["stages"][st.name] = "done"
+                                sub.name, written_by, dist.world_size())
+        totals = dict(done)
+        for i, ph in enumerate(phases[start:], start):
+            if ph.build is not None:
+                ph.build(ctx, carry)
+            else:
+                assert ph.train is not None and ph.task is not None
+                sub = ph.train(st)
+                if carry.task is None:
+                    carry.task = ph.task(ctx, carry)
+                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
+                self._save_state()
+                workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
+                    6 if self.device.type == "cuda" else 0)
+                cache = self.teacher_cache(st, teacher, source)
+                batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
+                tstate = train_stage(carry.task, teacher.model if teacher and cache is None else None, batches, sub,
+                                     parse_losses(sub.losses), device=self.device, ckpt_dir=self._ckpt(sub),
+                                     metrics_path=self.layout.metrics, label=sub.name, resume=resume,
+                                     workers=workers, on_step=self.on_step)
+                resume = None
+                totals["steps"] += tstate.step
+                totals["samples"] += tstate.samples
+                totals["skipped_images"] += tstate.skipped
+                carry.notes.setdefault("checkpoints", []).append(self._ckpt(sub))
+                if ph.finalize:
+                    carry.model, carry.task = carry.task.finalize().cpu().eval(), None
+            last = i == len(phases) - 1
+            name = st.name if last else (ph.output(st) if ph.output else None)
+            if name is None:
+                continue
+            path = out_dir if last else self.layout.stage(name)
+            prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
+                    "method": st.method, **totals, **(method.provenance(st) if last else {})}
+            out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
+            self.state["stages"][name] = "done"
 
-        def save() -> None:
-            save_model_dir(pkg, out_dir)
-            self._save_state()
-            shutil.rmtree(ckpt, ignore_errors=True)  # the stage's model directory supersedes its checkpoint
+            def save(out_pkg: ClipPackage = out_pkg, path: Path = path, done_ckpts: list = done_ckpts) -> None:
+                method.save(out_pkg, path)  # rank 0 writes; every rank reads it back below
+                self._save_state()
+                for ckpt in done_ckpts:  # a saved model directory supersedes its checkpoints
+                    shutil.rmtree(ckpt, ignore_errors=True)
 
-        dist.run_on_main(save)
-        return load_model_dir(out_dir)
+            dist.run_on_main(save)
+            pkg = load_model_dir(path)
+            carry.model = pkg.model  # later phases start from exactly what was saved
+        return pkg
+
+    def _ckpt(self, sub: StageCfg) -> Path:
+        return self.layout.checkpoint(str(sub.name))
+
+    def _calib(self, source: ClipPackage, st: StageCfg, micro: int) -> list[dict]:
+        n = get_method(st.method).calib_batches(st)
+        if not n:
+            return []
+        cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
+                          self.recipe.seed + 1_000_003)
+        cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
+        return [cb[i] for i in range(n)]
 
     def execute(self) -> RunResult:
         original = self.teacher()
         result = RunResult(self.dir, self.layout.teacher if original else None)
         prev = original or _scenes_package(self.recipe)
+        prev_teacher = prev
         reference = original or prev
         stages = planned_stages(self.recipe.stages, reference.shape)
         for i, st in enumerate(stages):
-            teacher = {"original": original, "previous": prev, "none": None}[st.teacher]
+            teacher = {"original": original, "previous": prev_teacher, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
                 teacher = original
-            if st.method == "prune":
-                prev = self.run_prune_stage(st, i, prev, teacher, reference)
-            else:
-                prev = self.run_stage(st, i, self.layout.stage(st.name), prev, teacher, reference)
+            out = self.run_stage(st, i, self.layout.stage(st.name), prev, teacher, reference)
+            prev, prev_teacher = get_method(st.method).hand_over(prev, out)
             result.stage_dirs.append(self.layout.stage(st.name))
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
@@ -426,21 +368,12 @@ class Run:
             result.report = write_report(self, result)
         return result
 
-    def run_prune_stage(self, st: StageCfg, index: int, source: ClipPackage, teacher: ClipPackage | None,
-                        original: ClipPackage) -> ClipPackage:
-        """Learn masks for prune.mask_steps of the steps (`<name>.masks`: the materialised student right after),
-        then keep distilling the materialised student for the rest (`<name>`)."""
-        mask_steps = max(1, round(st.steps * st.prune.mask_steps))
-        masks = replace(st, name=f"{st.name}.masks", steps=mask_steps)
-        pruned = self.run_stage(masks, index, self.layout.stage(masks.name), source, teacher, original)
-        rest = replace(st, method="continue", steps=max(1, st.steps - mask_steps))
-        return self.run_stage(rest, index, self.layout.stage(st.name), pruned, teacher, original,
-                              {"method": "prune", "steps": mask_steps + rest.steps, "mask_steps": mask_steps})
-
     def run_baselines(self, reference: ClipPackage, stage_dirs: list[Path]) -> dict[str, Path]:
         """Each stage's student shape trained from scratch with as many steps as the student saw in total."""
         out, total = {}, 0
         for i, (st, sdir) in enumerate(zip(self.recipe.stages, stage_dirs)):
+            if not get_method(st.method).compresses:  # a teacher-side stage (dclip-meta): no student to compare
+                continue
             total += st.steps
             if st.method == "scratch":
                 continue

@@ -3,6 +3,10 @@ how to encode a batch, which parameter groups and optimisers to use, and which e
 
 ``DistillTask`` serves both ``inherit`` and ``scratch`` stages; pruning adds its own task class.
 Tasks register by name so a checkpoint can rebuild the right one on resume.
+
+A task also holds the stage's ``Objective`` (``task.objective``, attached by the trainer): the losses'
+learnable scales and width projection train, checkpoint and resume with the task's own state, but
+``finalize`` returns only the student, so they never reach the exported model.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..losses.objective import Objective
 from ..models.clip import ClipModel
 from ..models.shape import ClipShape
 
@@ -33,10 +38,12 @@ def _no_decay(name: str, p: Tensor) -> bool:
 
 class StageTask(nn.Module):
     kind = "base"
+    wants_batch = False  # True: forward gets the whole batch (captions, regions), see encode_batch
 
     def __init__(self, model: ClipModel):
         super().__init__()
         self.model = model
+        self.objective: Objective | None = None
 
     @property
     def shape(self) -> ClipShape:
@@ -47,10 +54,17 @@ class StageTask(nn.Module):
         < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
 
-    def forward(self, images: Tensor, ids: Tensor, step: int, *more: Any) -> tuple[Tensor, Tensor, Tensor, dict]:
+    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
+                     micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher,
+        ``wants_batch = True``)."""
+        return self.encode(images, ids, step, micro)
+
+    def forward(self, images: Tensor, ids: Tensor, step: int, micro: int = 0,
+                batch: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
         """encode() plus extra_losses(): everything with parameters runs inside forward, which is what
         DistributedDataParallel watches (a parameter used outside forward breaks its gradient sync)."""
-        img, txt, scale = self.encode(images, ids, step, *more)
+        img, txt, scale = self.encode_batch(batch or {}, images, ids, step, micro)
         return img, txt, scale, self.extra_losses(step)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -59,11 +73,14 @@ class StageTask(nn.Module):
             (no_decay if _no_decay(name, p) else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
                   {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+        if self.objective is not None:
+            groups += self.objective.param_groups(cfg.lr, cfg.weight_decay)
         fused = device.type == "cuda"
         return [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)]
 
     def clip_parameters(self) -> list[Tensor]:
-        return list(self.model.parameters())
+        extra = list(self.objective.parameters()) if self.objective is not None else []
+        return list(self.model.parameters()) + extra
 
     def extra_losses(self, step: int) -> dict[str, Tensor]:
         return {}
@@ -72,6 +89,8 @@ class StageTask(nn.Module):
         """Called after every optimiser step; returns values to log."""
         with torch.no_grad():  # CLIP clamps the temperature so logits cannot blow up
             self.model.logit_scale.clamp_(0, 4.6052)
+        if self.objective is not None:
+            self.objective.clamp_()
         return {}
 
     def check_finite(self) -> str | None:
@@ -82,7 +101,10 @@ class StageTask(nn.Module):
         return self.model
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"task": self.kind, "shape": self.model.shape.to_dict()}
+        meta: dict[str, Any] = {"task": self.kind, "shape": self.model.shape.to_dict()}
+        if self.objective is not None:
+            meta["objective"] = self.objective.config()
+        return meta
 
     @classmethod
     def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> "StageTask":

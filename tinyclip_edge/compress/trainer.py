@@ -31,7 +31,7 @@ from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
 from ..data.batches import TrainBatches, batch_loader
-from ..losses import DistillOutputs
+from ..losses import DistillOutputs, Objective
 from ..losses.registry import LossSpec, combine
 from ..models.clip import ClipModel
 from .recipe import StageCfg
@@ -158,6 +158,8 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
         raise UserError(f"checkpoint {path} was written by an older tinyclip-edge ({LEGACY_CKPT_OPT}, a pickle, which "
                         "is never loaded); delete that checkpoint directory to restart the stage")
     task = TASKS[kind].from_checkpoint(meta, cfg)
+    if "objective" in meta:  # the losses' learned scales / projection: their tensors are in the checkpoint
+        task.objective = Objective.from_config(meta["objective"])
     for name in (CKPT_TENSORS, CKPT_OPT):
         open_for_reading(path / name, "checkpoint file")
     try:
@@ -175,6 +177,14 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
 
 
 # ------------------------------------------------------------------------------ the loop
+
+
+def teacher_embed_dim(teacher: torch.nn.Module | None) -> int | None:
+    """The width of the teacher's embeddings (a ClipModel's, or a meta teacher's ``embed_dim``)."""
+    if teacher is None:
+        return None
+    dim = getattr(teacher, "embed_dim", None)
+    return int(dim) if dim is not None else int(teacher.shape.embed_dim)
 
 
 def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
@@ -243,7 +253,8 @@ def gather_outputs(out: DistillOutputs) -> DistillOutputs:
 def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[LossSpec], images: torch.Tensor,
               ids: torch.Tensor, step: int, amp: Any,
               cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              micro: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+              micro: int = 0, objective: Objective | None = None,
+              batch: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and its named terms (for the log).
 
     Distributed, the embeddings of all ranks are gathered ONCE here (``gather_outputs``) before the loss
@@ -254,20 +265,27 @@ def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[Loss
 
     `cached`: the teacher's (image, text, logit scale) read from a teacher cache; the teacher is not run.
     `micro`: the micro-batch's index within the step (the task's mask noise depends on it).
+    `objective`: the stage's losses with their learnable extras (``losses.Objective``); without it, `losses`.
+    `batch`: the whole batch, for tasks and teachers that read captions and regions (DCLIP's meta teacher).
     """
     with amp:
-        s_img, s_txt, s_scale, extra = net(images, ids, step, micro)
+        s_img, s_txt, s_scale, extra = net(images, ids, step, micro, batch) if batch is not None else net(
+            images, ids, step, micro)
         out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
         if cached is not None:
             out.teacher_image, out.teacher_text, out.teacher_logit_scale = (c.float() for c in cached)
         elif teacher is not None:
             with torch.no_grad():
-                t_img, t_txt, t_scale = teacher(images, ids)
+                t_img, t_txt, t_scale = (teacher.forward_batch(batch or {}, images, ids)  # DCLIP's meta teacher
+                                         if hasattr(teacher, "forward_batch") else teacher(images, ids))
             out.teacher_image, out.teacher_text, out.teacher_logit_scale = t_img.float(), t_txt.float(), t_scale.float()
-    loss, part = combine(losses, gather_outputs(out))
+    gathered = gather_outputs(out)
+    loss, part = objective(gathered) if objective is not None else combine(losses, gathered)
     if dist.world_size() > 1:
         # DDP needs a gradient for every parameter each step: a zero-weight term for outputs a loss may ignore
         loss = loss + 0.0 * (s_scale.float() + s_img.float().sum() + s_txt.float().sum())
+        if objective is not None:  # the objective's extras: every rank computes the same global loss for them
+            loss = loss + 0.0 * sum((p.float().sum() for p in objective.parameters()), torch.zeros((), device=loss.device))
     for k, v in extra.items():
         loss = loss + v
         part[k] = float(v.detach())
@@ -278,6 +296,9 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 losses: list[LossSpec], *, device: torch.device, ckpt_dir: Path, metrics_path: Path, label: str,
                 resume: tuple[dict[str, Any], TrainState] | None = None, workers: int = 0,
                 on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+    if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
+        t_dim = teacher_embed_dim(teacher)
+        task.objective = Objective(losses, task.shape.embed_dim, t_dim)
     task.to(device).train()
     net = dist.wrap(task, device)  # DDP under torchrun; net(images, ids, step) runs task.forward
     if teacher is not None:
@@ -322,7 +343,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 with (dist.no_sync(net) if not last else nullcontext()):
                     cached = (tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
                               if "teacher_image" in batch else None)
-                    loss, part = step_loss(net, teacher, losses, images, ids, step, amp, cached, micro)
+                    loss, part = step_loss(net, teacher, losses, images, ids, step, amp, cached, micro, task.objective,
+                                            batch if task.wants_batch else None)
                     if not torch.isfinite(loss):
                         raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
                                         step, ckpt_dir)

@@ -59,19 +59,23 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer) -> dict[str, Any]:
-    images, captions, keys, stats = [], [], [], ReadStats()
+    images, captions, keys, stats, regions = [], [], [], ReadStats(), []
     for pair in read_pairs(source, indices, stats):
         images.append(preprocess(pair.image))
         captions.append(pair.caption)
         keys.append(pair.key)
+        regions.append(pair.extra.get("regions"))  # set by data.regions.RegionSource (DCLIP), else None
     if images:
         image_t = torch.from_numpy(np.stack(images))
         ids = torch.from_numpy(tokenizer(captions))
     else:
         image_t = torch.zeros(0, 3, preprocess.image_size, preprocess.image_size)
         ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
-    return {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
-            "skipped": stats.skipped, "skip_examples": stats.examples}
+    batch = {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
+             "skipped": stats.skipped, "skip_examples": stats.examples}
+    if any(r is not None for r in regions):
+        batch["regions"] = regions
+    return batch
 
 
 def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:

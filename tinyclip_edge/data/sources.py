@@ -150,14 +150,20 @@ def parse_scenes_spec(spec: str) -> tuple[str, int]:
 
 def check_spec(spec: str, what: str = "data") -> None:
     """The syntax of a data spec, checked without reading anything (recipes call it at load time): scenes
-    specs must parse, and a file must be a .csv/.tsv/.txt list or a COCO captions .json."""
+    specs must parse; otherwise a .csv/.tsv/.txt list, a COCO captions .json, WebDataset shards (a .tar, a
+    brace pattern of them, or a folder of them) or a folder of images with caption sidecars."""
+    from .shards import is_shard_spec
+
     if not spec:
         raise UserError(f"{what} is empty; use scenes:train / scenes:val, a CSV/TSV or a COCO captions JSON")
     if spec.startswith("scenes:"):
         parse_scenes_spec(spec)
+    elif is_shard_spec(spec) or Path(spec).is_dir():
+        return  # read (and every shard checked) when the stage starts
     elif Path(spec).suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
         raise UserError(f"{what} {spec!r} is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
-                        "file or a COCO captions .json")
+                        "file, a COCO captions .json, WebDataset shards (.tar, a {000..009}.tar pattern or a "
+                        "folder of them) or a folder of images with .txt captions")
 
 
 def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepath",

@@ -14,7 +14,13 @@ from ..common.errors import UserError, closest
 
 @dataclass
 class DistillOutputs:
-    """What one training step computed. Embeddings are L2-normalised, [B, E]."""
+    """What one training step computed. Embeddings are L2-normalised, [B, E].
+
+    ``student_image_proj`` / ``student_text_proj`` are the student's embeddings mapped to the teacher's
+    width by the objective's learned projection (and renormalised); None when the widths agree. Losses
+    that compare student and teacher vectors directly read them through ``s_image_t`` / ``s_text_t``.
+    ``learned`` holds the objective's learnable scalars by ``"<loss>.<name>"`` (see ``Learned``).
+    """
 
     student_image: Tensor
     student_text: Tensor
@@ -23,26 +29,77 @@ class DistillOutputs:
     teacher_text: Tensor | None = None
     teacher_logit_scale: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. region features for later objectives
+    student_image_proj: Tensor | None = None
+    student_text_proj: Tensor | None = None
+    learned: dict[str, Tensor] = field(default_factory=dict)
 
     def require_teacher(self, loss: str) -> None:
         if self.teacher_image is None:
             raise UserError(f"loss '{loss}' needs a teacher, but this stage has none (teacher: none)")
 
+    @property
+    def s_image_t(self) -> Tensor:
+        """The student's image embeddings in the teacher's space (projected when the widths differ)."""
+        return self.student_image if self.student_image_proj is None else self.student_image_proj
+
+    @property
+    def s_text_t(self) -> Tensor:
+        return self.student_text if self.student_text_proj is None else self.student_text_proj
+
+    def teacher(self, loss: str) -> tuple[Tensor, Tensor]:
+        """The teacher's embeddings as float32 constants: no gradient can reach the teacher through a loss."""
+        self.require_teacher(loss)
+        assert self.teacher_image is not None and self.teacher_text is not None
+        return self.teacher_image.detach().float(), self.teacher_text.detach().float()
+
+    def scale(self, loss: str, name: str) -> Tensor:
+        """A learnable scalar of `loss` (its value, e.g. exp(log kappa)); the initial value when the loss runs
+        outside an Objective (direct calls in tests and scripts)."""
+        key = f"{loss}.{name}"
+        if key in self.learned:
+            return self.learned[key]
+        spec = LEARNED[loss][name]
+        return torch.tensor(spec.value(spec.init), device=self.student_image.device)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A learnable scalar a loss needs. ``init`` is the parameter's initial value; with ``exp`` the scale
+    is exp(parameter) (a log-parameterised temperature, like CLIP's), otherwise the parameter itself (a
+    plain multiplier). Values are clamped to [0, ``max``] after every step so logits cannot blow up."""
+
+    init: float = math.log(1 / 0.07)
+    exp: bool = False
+    max: float = 100.0
+
+    def value(self, p: Tensor | float) -> Tensor | float:
+        if self.exp:
+            return p.exp() if isinstance(p, Tensor) else math.exp(p)
+        return p
+
 
 LossFn = Callable[[DistillOutputs, dict[str, Any]], dict[str, Tensor]]
 LOSSES: dict[str, LossFn] = {}
 LOSS_OPTIONS: dict[str, set[str]] = {}
+LEARNED: dict[str, dict[str, Learned]] = {}
+CROSS_MODEL: set[str] = set()  # losses that compare student and teacher vectors (need the width projection)
 LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-def register_loss(name: str, options: tuple[str, ...] = (),
+def register_loss(name: str, options: tuple[str, ...] = (), learned: dict[str, Learned] | None = None,
+                  cross_model: bool = False,
                   check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[LossFn], LossFn]:
     """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
-    values (raising UserError); both run when the recipe is read, before any training."""
+    values (raising UserError); both run when the recipe is read, before any training. `learned` are its
+    learnable scalars (owned by the stage's Objective), `cross_model` whether it compares student vectors
+    with teacher vectors (then a student->teacher width projection is learned when widths differ)."""
 
     def deco(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         LOSS_OPTIONS[name] = {"weight", *options}
+        LEARNED[name] = dict(learned or {})
+        if cross_model:
+            CROSS_MODEL.add(name)
         if check is not None:
             LOSS_CHECKS[name] = check
         return fn
@@ -52,7 +109,7 @@ def register_loss(name: str, options: tuple[str, ...] = (),
 
 def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
-        raise UserError(f"unknown loss '{name}'{closest(name, LOSSES)}; registered: {', '.join(sorted(LOSSES))}")
+        raise UserError(f"unknown loss '{name}'{closest(str(name), LOSSES)}; registered: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
 
 
@@ -75,7 +132,8 @@ def check_weight(value: Any, name: str) -> float:
 
 
 def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
-    """Recipe form: ``{affinity: 1.0, clip: {weight: 0.5, ...}}``; unknown names and options are errors."""
+    """Recipe form: ``{affinity: 1.0, clip: {weight: 0.5, ...}}``; unknown names and options, negative,
+    NaN or infinite weights are errors."""
     if not isinstance(cfg, dict) or not cfg:
         raise UserError("losses must be a mapping of loss name to weight, e.g. {affinity: 1.0}")
     specs = []
