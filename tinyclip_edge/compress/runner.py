@@ -296,12 +296,13 @@ class Run:
                 sub = ph.train(st)
                 if carry.task is None:
                     carry.task = ph.task(ctx, carry)
-                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
-                self._save_state()
                 workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
                     6 if self.device.type == "cuda" else 0)
                 cache = self.teacher_cache(st, teacher, source)
                 batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache)
+                # marked only once the data opened: a run that failed before training can be started over
+                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
+                self._save_state()
                 tstate = train_stage(carry.task, teacher.model if teacher and cache is None else None, batches, sub,
                                      parse_losses(sub.losses), device=self.device, ckpt_dir=self._ckpt(sub),
                                      metrics_path=self.layout.metrics, label=sub.name, resume=resume,
