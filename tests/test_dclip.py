@@ -115,8 +115,9 @@ def test_dclip_meta_stage_resumes_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def yolo_file(tmp_path_factory):
     pytest.importorskip("ultralytics", reason="ultralytics is in the dev and detect extras")
-    from ultralytics import YOLO
+    from tinyclip_edge.data.regions import _import_yolo
 
+    YOLO = _import_yolo()  # not a bare import: that would patch PIL.Image.open for every later test
     path = tmp_path_factory.mktemp("yolo") / "yolo-untrained.pt"
     YOLO("yolo11n.yaml").save(str(path))  # an untrained detector, built without any download
     return path
@@ -179,3 +180,20 @@ def test_boxes_mode_needs_boxes(tmp_path, pairs_csv):
     res = CliRunner().invoke(main, ["compress", "dclip-scenes", f"teacher={teacher}", f"run_dir={tmp_path / 'r2'}",
                                     "dclip.regions=circles"])
     assert res.exit_code == 1 and "dclip.regions must be one of boxes, grid, yolo" in res.output
+
+
+def test_loading_a_detector_leaves_pil_and_corrupt_image_errors_alone(tmp_path, yolo_file):
+    """ultralytics replaces PIL.Image.open on import (an unreadable image then tries a pip install and raises
+    ModuleNotFoundError); after our detector import, a corrupt image is an ordinary unreadable image again."""
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    from tinyclip_edge.data.sources import UnreadableImage, load_image
+
+    Image.open = patches.image_open  # the state right after `import ultralytics`
+    load_detector(str(yolo_file))
+    assert Image.open is patches._image_open
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UnreadableImage):
+        load_image(bad)

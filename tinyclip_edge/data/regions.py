@@ -154,13 +154,35 @@ def fallback_count(source: PairSource, lookup: dict[str, Regions], probe: int | 
 # ---------------------------------------------------------------------------------------------- YOLO
 
 
-def load_detector(path: str) -> Any:
-    """An ultralytics YOLO detection model from the user's weights (or a model .yaml, which builds an
-    untrained one). Note: ultralytics reads .pt weights with pickle: use detector files you trust."""
+def _import_yolo() -> Any:
+    """ultralytics' YOLO class, imported so that it changes nothing outside the detector.
+
+    On import, ultralytics replaces PIL.Image.open process-wide with a wrapper that, on an unreadable image,
+    tries to pip-install a HEIF plugin and then raises ModuleNotFoundError instead of PIL's error: our
+    readers would stop recognising corrupt images, and a run would install packages. So auto-install and
+    network checks are switched off (unless the user set them) and PIL's own opener is put back.
+    """
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from PIL import Image
+
     try:
         from ultralytics import YOLO
     except ImportError:
         raise MissingDependency("ultralytics", "detect", "YOLO region detection") from None
+    try:
+        from ultralytics.utils import patches
+
+        Image.open = getattr(patches, "_image_open", Image.open)
+    except ImportError:
+        pass
+    return YOLO
+
+
+def load_detector(path: str) -> Any:
+    """An ultralytics YOLO detection model from the user's weights (or a model .yaml, which builds an
+    untrained one). Note: ultralytics reads .pt weights with pickle: use detector files you trust."""
+    YOLO = _import_yolo()
     p = Path(path)
     if not p.is_file():
         raise UserError(f"detector file not found: {path}; pass YOLO detection weights, e.g. --detector yolo11n.pt")
