@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common.errors import UserError
+from ..common.io import write_error
 from ..common.options import Exporter
 
 INPUT_NAMES = {"image": "images", "text": "tokens"}
@@ -106,6 +107,8 @@ def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int, normal
             torch.onnx.export(module, example, str(path), input_names=[name], output_names=[OUTPUT_NAME],
                               opset_version=opset, **kwargs)
     except Exception as e:  # the exporters raise many types; the first line says what was rejected
+        if (full := write_error(e, path)) is not None:  # a full disk or permissions, not a rejected model
+            raise full from None
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"the ONNX exporter ({exporter}) rejected the {tower} tower at opset {opset}: {first}") from None
     _name_output_dims(path, model.shape.embed_dim)

@@ -18,6 +18,14 @@ class _Cli(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk or a permission problem outside the atomic writers (e.g. appending logs)
+            from ..common.io import write_error
+
+            err = write_error(e, e.filename or ".")
+            if err is None:
+                raise
+            where = f" while writing {e.filename}" if e.filename else ""
+            raise click.ClickException(f"{err.reason}{where}; {err.hint}") from None
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,9 +17,10 @@ import click
 
 from ..common import dist
 from ..common.errors import UserError
-from ..common.io import atomic_write_json, atomic_write_text, read_json
+from ..common.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temps
 from ..compress.recipe import Recipe, load_recipe
-from ..compress.runner import RUN_STATE, RunResult, run_compress
+from ..compress.rundir import BENCH_DIR, EXPORT_DIR, REPORT_JSON, REPORT_MD, STATE_FILE, RunLayout, run_lock
+from ..compress.runner import RunResult, run_compress
 from ..evaluation import markdown_table
 
 log = logging.getLogger("tinyclip_edge")
@@ -74,7 +75,8 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
     for name, model_dir in _models(recipe, run).items():
         for precision in cfg.precisions:
             key = f"{name}-{precision}"
-            bundle = run.run_dir / "export" / key
+            bundle = RunLayout(run.run_dir).path(EXPORT_DIR) / key
+            remove_stale_temps(bundle)  # a killed export's debris, even when this bundle is up to date
             if not _up_to_date(bundle, model_dir):
                 click.echo(f"export {key}", err=True)
                 # the section IS an ExportOptions (plus pipeline fields, which export_bundle ignores)
@@ -129,7 +131,7 @@ def bench(recipe: Recipe, result: PipelineResult) -> None:
     if not targets:
         raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
     # the section IS a BenchOptions (plus `precisions`, which run_bench ignores)
-    rep = run_bench(targets, cfg, out_dir=result.run.run_dir / "bench", progress=False)
+    rep = run_bench(targets, cfg, out_dir=RunLayout(result.run.run_dir).path(BENCH_DIR), progress=False)
     _add_to_report(result.run.run_dir, "latency", rep.to_dict(), "## Latency (teacher vs students)",
                    f"p50 latency in ms (speed-up over the first row), ONNX Runtime on {cfg.device}, "
                    f"{cfg.iters} timed runs per cell, interleaved; every statistic in `bench/bench.md`.", None,
@@ -139,11 +141,12 @@ def bench(recipe: Recipe, result: PipelineResult) -> None:
 def _add_to_report(run_dir: Path, key: str, data: Any, title: str, caption: str,
                    rows: list[dict[str, Any]] | None, table: str | None = None) -> None:
     """Add a section to report.json and report.md (replacing an older one of the same title)."""
-    rj = run_dir / "report.json"
+    layout = RunLayout(run_dir)
+    rj = layout.path(REPORT_JSON)
     report = read_json(rj, "report") if rj.is_file() else {}
     report[key] = data
     atomic_write_json(rj, report)
-    rm = run_dir / "report.md"
+    rm = layout.path(REPORT_MD)
     md = rm.read_text() if rm.is_file() else ""
     if title in md:
         md = md[: md.index(title)].rstrip() + "\n"
@@ -173,7 +176,13 @@ def preflight(recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
+    """Compress, then export / parity / bench as the recipe asks, holding the run directory's lock throughout."""
     preflight(recipe)
+    with run_lock(recipe.run_dir):
+        return _run_recipe(recipe, resume)
+
+
+def _run_recipe(recipe: Recipe, resume: bool) -> PipelineResult:
     run = run_compress(recipe, resume=resume)
     result = PipelineResult(run)
     if dist.env_rank() != 0:  # under torchrun, rank 0 alone exports, checks parity and benchmarks
@@ -193,11 +202,17 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
 
 def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True,
                    overrides: list[str] | None = None) -> PipelineResult:
+    """The quick start in `run_dir`. By default it continues the run there (refused if that run was made with
+    other settings). `resume=False` (--fresh) first deletes what the marker says the toolkit wrote there,
+    nothing else, and refuses a directory that holds a run without a marker."""
     recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
-    exists = (Path(run_dir) / RUN_STATE).is_file()
-    if exists and not resume:
-        import shutil
-
-        shutil.rmtree(run_dir)
-        exists = False
-    return run_recipe(recipe, resume=exists)
+    if not resume and dist.launched():  # every process would clear the directory while the others read it
+        raise UserError("quickstart --fresh runs in one process only: start over without torchrun, or choose "
+                        "another --run-dir")
+    with run_lock(run_dir):  # held from the clean-up to the end: nobody can start a run in between
+        layout = RunLayout(run_dir)
+        if not resume:
+            removed = layout.clear()
+            if removed:
+                click.echo(f"--fresh: removed the previous run's {', '.join(removed)} from {run_dir}", err=True)
+        return run_recipe(recipe, resume=layout.root.joinpath(STATE_FILE).is_file())

@@ -73,7 +73,8 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
 @click.argument("overrides", nargs=-1)
 @click.option("--run-dir", default="runs/quickstart", show_default=True)
 @click.option("--resume/--fresh", default=True, show_default=True,
-              help="Continue an unfinished quick start in --run-dir, or start over.")
+              help="Continue the quick start in --run-dir (refused if it was made with other settings), or start "
+                   "over: --fresh deletes only what tinyclip-edge recorded writing there, never other files.")
 def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
     """Train a small teacher on built-in data, compress it twice, compare with scratch, export to ONNX,
     check parity and time teacher vs students; writes RUN_DIR/report.md and report.json (CPU, minutes).

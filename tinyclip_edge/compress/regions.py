@@ -9,6 +9,7 @@ from ..common.errors import UserError
 from ..data.regions import RegionSource, detect_regions, fallback_count, read_coco_instances, read_regions_jsonl
 from ..data.sources import PairSource, ScenesSource
 from .recipe import DclipCfg
+from .rundir import REGIONS_FILE, RunLayout
 
 log = logging.getLogger("tinyclip_edge")
 MODES = ("boxes", "grid", "yolo")
@@ -29,7 +30,7 @@ def region_source(src: PairSource, cfg: DclipCfg, run_dir: Path) -> RegionSource
     if mode == "yolo":
         if not cfg.detector:
             raise UserError("dclip.regions=yolo needs dclip.detector=<YOLO weights, e.g. yolo11n.pt>")
-        out = run_dir / "regions.jsonl"
+        out = RunLayout(run_dir).path(REGIONS_FILE)  # recorded in the run's marker: --fresh removes it
         if not out.is_file():  # one detection pass per run (and per image, across runs, through the cache)
             rep = detect_regions(src, cfg.detector, out, confidence=cfg.confidence, max_regions=cfg.max_regions)
             log.warning("regions: %s", rep.summary())

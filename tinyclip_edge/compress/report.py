@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from ..common.io import atomic_write_json, atomic_write_text
 from ..evaluation import embed_spec, evaluate, markdown_table, metrics, table_row
 from ..models import load_model_dir
+from .rundir import REPORT_JSON, REPORT_MD
 
 log = logging.getLogger("tinyclip_edge")
 
@@ -82,8 +82,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_report(run: Any, result: Any) -> dict[str, Any]:
     report = evaluate_run(run, result)
-    atomic_write_json(Path(run.dir) / "report.json", report)
+    atomic_write_json(run.layout.path(REPORT_JSON), report)
     md = render_markdown(report)
-    atomic_write_text(Path(run.dir) / "report.md", md)
+    atomic_write_text(run.layout.path(REPORT_MD), md)
     print(md)
     return report

@@ -1,15 +1,8 @@
 """Run a recipe: resolve the teacher, run the stages in order (each inheriting from the previous
 stage's student), optionally train scratch baselines of the same shapes, evaluate, and report.
 
-Layout of a run directory:
-    recipe.yaml          the resolved recipe
-    run.json             which stages are done (what --resume reads)
-    metrics.jsonl        training metrics of every stage
-    teacher/             the teacher as a model directory (for eval / parity later)
-    <stage name>/        each stage's student (model directory)
-    baselines/<name>/    scratch baselines (when baselines.scratch)
-    checkpoints/<name>/  the latest checkpoint of the stage in progress
-    report.json, report.md
+The run directory's layout, its lock and marker, and the one mapping from a stage name to its directory
+are in `rundir.py`; every path the runner writes comes from there.
 
 Under torchrun every process runs the same stages on its share of each batch (``common/dist.py``);
 rank 0 alone writes the run directory, which must be on a filesystem all processes see, and every
@@ -41,12 +34,13 @@ from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model
 from ..models.presets import PRESETS, preset_shape
 from .chain import plan_chain
 from .methods import Carry, StageContext, get_method
-from .recipe import Recipe, StageCfg, dump_recipe, validate_recipe
+from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
+from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
 from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
-RUN_STATE = "run.json"
+RUN_STATE = STATE_FILE
 
 
 @dataclass
@@ -110,44 +104,119 @@ def check_world_split(recipe: Recipe) -> None:
                             f"{st.grad_accum * world}")
 
 
+def run_entries(recipe: Recipe) -> list[str]:
+    """Every stage directory name the recipe's run will write (each stage's, and its phases' outputs such as a
+    prune stage's `<name>.masks`), each checked by the run layout (not a path, not reserved) and unique: a
+    clash would make two stages write one directory. Checkpoint and baseline names are checked too."""
+    names: list[str] = []
+    for st in recipe.stages:
+        names.append(check_entry_name(st.name))
+        for ph in get_method(st.method, st.name).phases(st):
+            if ph.output is not None:
+                names.append(check_entry_name(ph.output(st)))
+            if ph.train is not None:
+                check_entry_name(str(ph.train(st).name))
+    seen: dict[str, str] = {}
+    for n in names:
+        if n.casefold() in seen:
+            raise UserError(f"stage name '{n}' is used twice (as '{seen[n.casefold()]}' and '{n}'; prune stages also "
+                            "write <name>.masks); give every stage its own name")
+        seen[n.casefold()] = n
+    if recipe.baselines.scratch:
+        for st in recipe.stages:
+            check_entry_name(f"scratch-{st.name}", "baseline name")
+    return names
+
+
 class Run:
-    """One run directory: state on disk, stages executed in order, resumable at any point."""
+    """One run directory: state on disk, stages executed in order, resumable at any point.
+
+    Decisions (docs/GUARANTEES.md): a new run never overwrites an entry of the layout that the toolkit did
+    not write there; a run that never started a stage (it failed on the teacher or the data) does not hold
+    its directory: running again, with any recipe, starts it over; a run that did start resumes only with
+    the same recipe (up to `rundir.RESUME_MAY_DIFFER`)."""
 
     def __init__(self, recipe: Recipe, resume: bool, on_step: Callable[[TrainState], None] | None = None):
         self.recipe, self.on_step = recipe, on_step
         self.dir = Path(recipe.run_dir)
-        state_file = self.dir / RUN_STATE
-        if resume and not state_file.is_file():
-            raise UserError(f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
-                            f"`tinyclip-edge compress RECIPE run_dir={self.dir}`")
-        if not resume and state_file.is_file():
-            raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
-                            "or pick another run_dir=...")
+        self.layout = RunLayout(self.dir)
         self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
         check_world_split(recipe)
+        entries = run_entries(recipe)
+        state_file = self.dir / RUN_STATE
+        old = read_json(state_file, "run state") if state_file.is_file() else None
+        if resume and old is None:
+            raise UserError(f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
+                            f"`tinyclip-edge compress RECIPE run_dir={self.dir}`")
+        started = bool(old and old.get("stages"))
+        if started and not resume:
+            raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
+                            "or pick another run_dir=...")
         self.device = dist.local_device(resolve_device(recipe.device))
-        self.state = read_json(state_file, "run state") if resume else {"stages": {}}
+        if started:
+            self._check_same_recipe()
+            self.state = old
+        else:
+            if old is not None:
+                log.warning("%s: the previous attempt stopped before any stage started; starting again", self.dir)
+            elif self.layout.marker() is None:
+                foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
+                if foreign:
+                    raise UserError(f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
+                                    "write there and a run would overwrite; choose an empty or new run_dir")
+            # the teacher copy is kept only if it came from the same teacher spec (see teacher())
+            self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
+        baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
+
+        def write() -> None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if old is None and self.layout.marker() is None:
+                self.layout.create_marker()
+            self.layout.remove_stale_temps([*LAYOUT_ENTRIES, *entries, *baselines])  # debris of killed writes
+            atomic_write_text(self.layout.recipe, dump_recipe(recipe))
+            self._save_state()
+
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
-        dist.run_on_main(lambda: (self.dir.mkdir(parents=True, exist_ok=True),
-                                  atomic_write_text(self.dir / "recipe.yaml", dump_recipe(recipe)), self._save_state()))
+        dist.run_on_main(write)
+
+    def _check_same_recipe(self) -> None:
+        saved = self.dir / RECIPE_FILE
+        if not saved.is_file():
+            return  # a run without its recipe: nothing to compare with
+        try:
+            old = load_recipe(str(saved)).to_dict()
+        except UserError as e:
+            raise UserError(f"the recipe saved in {saved} no longer loads ({e}); start a new run_dir") from None
+        diff = recipe_differences(old, self.recipe.to_dict())
+        if diff:
+            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise UserError(f"{self.dir} holds a run made by a different recipe; resuming would mix two experiments: "
+                            f"{'; '.join(diff[:6])}{more}. Resume with the saved recipe (`tinyclip-edge compress "
+                            f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh")
 
     def _save_state(self) -> None:
         if dist.is_main():
-            atomic_write_json(self.dir / RUN_STATE, self.state)
+            atomic_write_json(self.layout.state, self.state)
 
     def teacher(self) -> ClipPackage | None:
-        tdir = self.dir / "teacher"
-        if self.recipe.teacher in ("", "none"):
+        spec = self.recipe.teacher
+        if spec in ("", "none"):
             return None
+        tdir = self.layout.teacher
 
         def save() -> None:  # rank 0 resolves (maybe downloads or trains) the teacher; the others read it back
-            if is_model_dir(tdir):  # decided on rank 0 alone: every rank must take part in run_on_main
+            # decided on rank 0 alone: every rank must take part in run_on_main. The copy is kept only if it
+            # came from this spec: a restart after a failure with another teacher replaces it
+            if is_model_dir(tdir) and self.state.get("teacher", spec) == spec:
                 return
-            pkg = resolve_model(self.recipe.teacher, what="teacher").package
-            pkg.provenance.setdefault("teacher", self.recipe.teacher)
+            pkg = resolve_model(spec, what="teacher").package
+            pkg.provenance.setdefault("teacher", spec)
             save_model_dir(pkg, tdir)
+            self.state["teacher"] = spec
+            self._save_state()
 
         dist.run_on_main(save)
+        self.state["teacher"] = spec
         return load_model_dir(tdir)
 
     def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
@@ -210,8 +279,8 @@ class Run:
         done = {"steps": 0, "samples": 0, "skipped_images": 0}  # what saved phases trained already
         for i, ph in enumerate(phases):  # resume after the last phase whose model directory is saved
             name = ph.output(st) if ph.output else None
-            if name and self.state["stages"].get(name) == "done" and is_model_dir(self.dir / name):
-                pkg = load_model_dir(self.dir / name)
+            if name and self.state["stages"].get(name) == "done" and is_model_dir(self.layout.stage(name)):
+                pkg = load_model_dir(self.layout.stage(name))
                 carry, start = Carry(pkg.model), i + 1
                 done = {k: int(pkg.provenance.get(k) or 0) for k in ("steps", "samples", "skipped_images")}
         resume = None
@@ -239,16 +308,17 @@ class Run:
                 sub = ph.train(st)
                 if carry.task is None:
                     carry.task = ph.task(ctx, carry)
-                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
-                self._save_state()
                 workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
                     6 if self.device.type == "cuda" else 0)
                 cache = self.teacher_cache(st, teacher, source)
                 batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache,
                                        train=True, workers=workers)
+                # marked only once the data opened: a run that failed before training can be started over
+                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
+                self._save_state()
                 tstate = train_stage(carry.task, teacher.model if teacher and cache is None else None, batches, sub,
                                      parse_losses(sub.losses), device=self.device, ckpt_dir=self._ckpt(sub),
-                                     metrics_path=self.dir / "metrics.jsonl", label=sub.name, resume=resume,
+                                     metrics_path=self.layout.metrics, label=sub.name, resume=resume,
                                      workers=workers, on_step=self.on_step)
                 resume = None
                 totals["steps"] += tstate.step
@@ -261,7 +331,7 @@ class Run:
             name = st.name if last else (ph.output(st) if ph.output else None)
             if name is None:
                 continue
-            path = out_dir if last else self.dir / name
+            path = out_dir if last else self.layout.stage(name)
             prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
                     "method": st.method, **totals, **(method.provenance(st) if last else {})}
             out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
@@ -279,7 +349,7 @@ class Run:
         return pkg
 
     def _ckpt(self, sub: StageCfg) -> Path:
-        return self.dir / "checkpoints" / str(sub.name)
+        return self.layout.checkpoint(str(sub.name))
 
     def _calib(self, source: ClipPackage, st: StageCfg, micro: int) -> list[dict]:
         n = get_method(st.method).calib_batches(st)
@@ -292,7 +362,7 @@ class Run:
 
     def execute(self) -> RunResult:
         original = self.teacher()
-        result = RunResult(self.dir, self.dir / "teacher" if original else None)
+        result = RunResult(self.dir, self.layout.teacher if original else None)
         prev = original or _scenes_package(self.recipe)
         prev_teacher = prev
         reference = original or prev
@@ -301,9 +371,9 @@ class Run:
             teacher = {"original": original, "previous": prev_teacher, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
                 teacher = original
-            out = self.run_stage(st, i, self.dir / st.name, prev, teacher, reference)
+            out = self.run_stage(st, i, self.layout.stage(st.name), prev, teacher, reference)
             prev, prev_teacher = get_method(st.method).hand_over(prev, out)
-            result.stage_dirs.append(self.dir / st.name)
+            result.stage_dirs.append(self.layout.stage(st.name))
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
         if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
@@ -324,7 +394,7 @@ class Run:
             shape = load_model_dir(sdir).shape.to_dict()
             bl = replace(st, name=f"scratch-{st.name}", method="scratch", shape=shape, teacher="none",
                          losses={self.recipe.baselines.scratch_loss: 1.0}, steps=total)
-            path = self.dir / "baselines" / bl.name
+            path = self.layout.baseline(bl.name)
             self.run_stage(bl, 100 + i, path, reference, None, reference)
             out[st.name] = path
         return out
@@ -335,6 +405,6 @@ def run_compress(recipe: Recipe, *, resume: bool = False,
     """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
     hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
     with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
-                      recipe.distributed.timeout_s, hint):
+                      recipe.distributed.timeout_s, hint), run_lock(recipe.run_dir):
         return Run(recipe, resume, on_step).execute()
 

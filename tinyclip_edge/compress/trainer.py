@@ -21,15 +21,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..common import dist
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, read_json
+from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
 from ..data.arrays import to_device_images
 from ..data.batches import TrainBatches, batch_loader
 from ..losses import DistillOutputs, Objective
@@ -43,7 +43,7 @@ log = logging.getLogger("tinyclip_edge")
 
 
 class Interrupted(UserError):
-    """Ctrl-C: the run saved a checkpoint and can be resumed."""
+    """Ctrl-C or SIGTERM: the run saved a checkpoint and can be resumed."""
 
 
 class Diverged(UserError):
@@ -94,16 +94,51 @@ def autocast_for(device: torch.device, precision: str):
 
 # ------------------------------------------------------------------------------ checkpoints
 
-CKPT_META, CKPT_TENSORS, CKPT_OPT = "checkpoint.json", "task.safetensors", "optimizer.pt"
+CKPT_META, CKPT_TENSORS, CKPT_OPT = "checkpoint.json", "task.safetensors", "optimizer.safetensors"
+LEGACY_CKPT_OPT = "optimizer.pt"  # a pickle: older checkpoints; refused, never unpickled
+
+
+def optimizer_tensors(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten optimizer state dicts into safetensors tensors plus a JSON layout, so that nothing in a
+    checkpoint is a pickle. Tensor ``o{i}.{param}.{key}`` is ``optimizers[i].state[param][key]``; the layout
+    holds every non-tensor value and the param groups (plain numbers, bools, lists: JSON keeps them exactly)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {"optimizers": []}
+    for i, o in enumerate(optimizers):
+        sd = o.state_dict()
+        state: dict[str, dict[str, Any]] = {}
+        for pid, entries in sd["state"].items():
+            state[str(pid)] = {}
+            for k, v in entries.items():
+                if torch.is_tensor(v):
+                    name = f"o{i}.{pid}.{k}"
+                    tensors[name] = v.detach().cpu().contiguous()
+                    state[str(pid)][k] = {"tensor": name}
+                else:
+                    state[str(pid)][k] = {"value": v}
+        layout["optimizers"].append({"state": state, "param_groups": sd["param_groups"]})
+    return tensors, layout
+
+
+def optimizer_state_dicts(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inverse of `optimizer_tensors`: state dicts ready for `Optimizer.load_state_dict`."""
+    out = []
+    for opt in layout["optimizers"]:
+        state = {int(pid): {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entries.items()}
+                 for pid, entries in opt["state"].items()}
+        out.append({"state": state, "param_groups": opt["param_groups"]})
+    return out
 
 
 def save_checkpoint(path: Path, task: StageTask, optimizers: list[torch.optim.Optimizer], state: TrainState,
                     extra: dict[str, Any] | None = None) -> None:
+    """Atomic (a directory renamed into place), pickle-free, with the file modes the user's umask gives."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()}
+    opt_tensors, opt_layout = optimizer_tensors(optimizers)
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_file(tensors, str(tmp / CKPT_TENSORS))
-        torch.save({"optimizers": [o.state_dict() for o in optimizers]}, tmp / CKPT_OPT)
+        save_safetensors(tensors, tmp / CKPT_TENSORS)
+        save_safetensors(opt_tensors, tmp / CKPT_OPT, metadata={"layout": json.dumps(opt_layout)})
         # samples: GLOBAL samples (all processes); world_size: how many processes wrote it (resume may differ)
         atomic_write_json(tmp / CKPT_META, {**task.checkpoint_meta(), "step": state.step, "samples": state.samples,
                                             "skipped": state.skipped, "world_size": dist.world_size(),
@@ -115,19 +150,29 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
 
 
 def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any], TrainState]:
+    from safetensors import safe_open
+
     meta = read_json(path / CKPT_META, "checkpoint")
     kind = meta.get("task")
     if kind not in TASKS:
         raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
+    if not (path / CKPT_OPT).exists() and (path / LEGACY_CKPT_OPT).exists():
+        raise UserError(f"checkpoint {path} was written by an older tinyclip-edge ({LEGACY_CKPT_OPT}, a pickle, which "
+                        "is never loaded); delete that checkpoint directory to restart the stage")
     task = TASKS[kind].from_checkpoint(meta, cfg)
     if "objective" in meta:  # the losses' learned scales / projection: their tensors are in the checkpoint
         task.objective = Objective.from_config(meta["objective"])
+    for name in (CKPT_TENSORS, CKPT_OPT):
+        open_for_reading(path / name, "checkpoint file")
     try:
         tensors = load_file(str(path / CKPT_TENSORS))
-        opt = torch.load(path / CKPT_OPT, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors / torch raise several types on truncation
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
-                        "delete it to restart the stage") from None
+        with safe_open(str(path / CKPT_OPT), "pt") as f:
+            layout = json.loads((f.metadata() or {})["layout"])
+            opt_tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        opt = {"optimizers": optimizer_state_dicts(opt_tensors, layout)}
+    except Exception as e:  # noqa: BLE001 (safetensors raises several types on truncation; no layout: KeyError)
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({why}); delete it to restart the stage") from None
     task.load_state_dict(tensors)
     state = TrainState(meta["step"], meta.get("samples", 0), meta.get("skipped", 0))
     return task, opt, state
@@ -161,27 +206,35 @@ def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> No
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop at the next step boundary;
+    a second one stops at once. SIGTERM is what Slurm, `docker stop` and `kill` send: treating it like Ctrl-C
+    keeps the work done since the last periodic checkpoint (a grace period must cover one step)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.set = False
-        self._old = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+    def __enter__(self) -> Self:
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals stay with whoever handles them
+                break
         return self
 
-    def _handler(self, *_: Any) -> None:
+    def _handler(self, signum: int, *_: Any) -> None:
         if self.set:
             raise KeyboardInterrupt
         self.set = True
+        log.warning("%s received: checkpointing at the end of this step (send it again to stop at once)",
+                    signal.Signals(signum).name)
 
-    def __exit__(self, *_: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+    def __exit__(self, *_: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 def gather_outputs(out: DistillOutputs) -> DistillOutputs:

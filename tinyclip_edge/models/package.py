@@ -15,7 +15,7 @@ import torch
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path
+from ..common.io import atomic_path, open_for_reading, save_safetensors
 from ..common.preprocess import Preprocess
 from ..common.schemas import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, in_file, is_model_dir
 from ..common.tokenizers import Tokenizer, tokenizer_from_config
@@ -48,9 +48,8 @@ class ClipPackage:
 
 
 def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
-    """Write atomically: a crash leaves either the old directory or the new one, never half of one."""
-    from safetensors.torch import save_file
-
+    """Write atomically: a crash leaves either the old directory or the new one, never half of one.
+    Files get the mode the user's umask gives (safetensors alone would make the weights 0600)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in pkg.model.state_dict().items()}
     config = ModelConfig.from_data({
@@ -65,7 +64,7 @@ def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
     })
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         config.write(tmp)
     return path
 
@@ -97,6 +96,7 @@ def check_weights(path: str | os.PathLike, cfg: ModelConfig | None = None) -> Cl
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{path} has no {WEIGHTS_NAME}; the model directory is incomplete")
+    open_for_reading(weights, "model weights")  # safetensors would call a permission problem 'no such file'
     with torch.device("meta"):  # shapes only: no memory is allocated
         expected = {k: tuple(v.shape) for k, v in ClipModel(shape).state_dict().items()}
     try:
