@@ -40,8 +40,16 @@ from tinyclip_edge.models import save_model_dir
 
 
 def stage(method: str, target: float, steps: int, batch: int, lr: float) -> dict:
-    st = {"method": method, "target": target, "steps": steps, "batch_size": batch, "lr": lr,
-          "losses": {"affinity": 1.0}, "checkpoint_every": 10_000, "log_every": 25}
+    st = {
+        "method": method,
+        "target": target,
+        "steps": steps,
+        "batch_size": batch,
+        "lr": lr,
+        "losses": {"affinity": 1.0},
+        "checkpoint_every": 10_000,
+        "log_every": 25,
+    }
     if method == "prune":  # faster mask and multiplier rates suit a schedule of a few hundred steps
         st["prune"] = {"mask_lr": 0.2, "lambda_lr": 0.5, "warmup": 0.5, "mask_steps": 0.6}
     return st
@@ -58,11 +66,15 @@ def experiments(steps: int) -> dict[str, tuple[str, list[tuple[str, float, int]]
         "auto 25% one-shot": ("one-shot vs multi-stage", [("prune", 0.25, 2 * s)]),
         "auto 50%->25%": ("one-shot vs multi-stage", [("prune", 0.5, s), ("prune", 0.25, s)]),
         "manual 10% one-shot": ("one-shot vs multi-stage (10%)", [("inherit", 0.1, 3 * s)]),
-        "manual 50%->25%->10%": ("one-shot vs multi-stage (10%)",
-                                 [("inherit", 0.5, s), ("inherit", 0.25, s), ("inherit", 0.1, s)]),
+        "manual 50%->25%->10%": (
+            "one-shot vs multi-stage (10%)",
+            [("inherit", 0.5, s), ("inherit", 0.25, s), ("inherit", 0.1, s)],
+        ),
         "auto 10% one-shot": ("one-shot vs multi-stage (10%)", [("prune", 0.1, 3 * s)]),
-        "auto 50%->25%->10%": ("one-shot vs multi-stage (10%)",
-                               [("prune", 0.5, s), ("prune", 0.25, s), ("prune", 0.1, s)]),
+        "auto 50%->25%->10%": (
+            "one-shot vs multi-stage (10%)",
+            [("prune", 0.5, s), ("prune", 0.25, s), ("prune", 0.1, s)],
+        ),
     }
 
 
@@ -82,8 +94,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these experiments")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--notes", help="a markdown file appended to the table as notes")
-    ap.add_argument("--scale", choices=["cpu", "b32"], default="cpu",
-                    help="cpu: the scenes-teacher experiments above; b32: a ViT-B/32-class teacher (scale_b32.py)")
+    ap.add_argument(
+        "--scale",
+        choices=["cpu", "b32"],
+        default="cpu",
+        help="cpu: the scenes-teacher experiments above; b32: a ViT-B/32-class teacher (scale_b32.py)",
+    )
     ap.add_argument("--tiny", action="store_true", help="with --scale b32: a tiny smoke run of the whole path")
     ap.add_argument("--minutes", type=float, default=9.0, help="with --scale b32: stop (resumably) after this long")
     args = ap.parse_args()
@@ -102,26 +118,48 @@ def main() -> None:
         per_seed = []
         for seed in range(args.seeds):
             rd = work / f"{name.replace(' ', '_').replace('%', 'pct').replace('>', '')}-seed{seed}"
-            recipe = load_recipe({
-                "name": name, "teacher": str(teacher_dir), "run_dir": str(rd), "seed": seed, "device": args.device,
-                "stages": [stage(m, t, n, args.batch, args.lr) for m, t, n in plan],
-                "eval": {"data": args.val}})
+            recipe = load_recipe(
+                {
+                    "name": name,
+                    "teacher": str(teacher_dir),
+                    "run_dir": str(rd),
+                    "seed": seed,
+                    "device": args.device,
+                    "stages": [stage(m, t, n, args.batch, args.lr) for m, t, n in plan],
+                    "eval": {"data": args.val},
+                }
+            )
             if (rd / "run.json").is_file():
                 res = run_compress(recipe, resume=True).report
             else:
                 res = run_compress(recipe).report
             student = res["students"][-1]
-            per_seed.append({"seed": seed, "R@1": r1(student), "i2t_R@1": student["i2t"]["R@1"],
-                             "t2i_R@1": student["t2i"]["R@1"], "zero_shot_top1": student["zero_shot"]["top1"],
-                             "compositional": student["compositional_acc"],
-                             "params": student["params"]["total"], "teacher_R@1": r1(res["teacher"])})
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "R@1": r1(student),
+                    "i2t_R@1": student["i2t"]["R@1"],
+                    "t2i_R@1": student["t2i"]["R@1"],
+                    "zero_shot_top1": student["zero_shot"]["top1"],
+                    "compositional": student["compositional_acc"],
+                    "params": student["params"]["total"],
+                    "teacher_R@1": r1(res["teacher"]),
+                }
+            )
         results[name] = {"question": question, "stages": plan, "runs": per_seed}
         vals = [p["R@1"] for p in per_seed]
-        rows.append({"question": question, "student": name, "params": f"{per_seed[0]['params']:,}",
-                     "total steps": sum(n for _, _, n in plan),
-                     "R@1 (mean)": f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""),
-                     "zero-shot top1": f"{statistics.mean(p['zero_shot_top1'] for p in per_seed):.1f}",
-                     "compositional": f"{statistics.mean(p['compositional'] for p in per_seed):.1f}"})
+        rows.append(
+            {
+                "question": question,
+                "student": name,
+                "params": f"{per_seed[0]['params']:,}",
+                "total steps": sum(n for _, _, n in plan),
+                "R@1 (mean)": f"{statistics.mean(vals):.1f}"
+                + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""),
+                "zero-shot top1": f"{statistics.mean(p['zero_shot_top1'] for p in per_seed):.1f}",
+                "compositional": f"{statistics.mean(p['compositional'] for p in per_seed):.1f}",
+            }
+        )
 
         write(args, out, results, rows, teacher, t0)  # after every experiment: a killed run keeps its results
 
@@ -139,23 +177,41 @@ def main_b32(args: argparse.Namespace, out: Path) -> None:
         scale_b32.plot(results, out / "compression-b32.png")
         print(md, flush=True)
     if not status["done"]:
-        print(f"paused during {status['phase']} after {args.minutes} min: run the same command again to continue",
-              flush=True)
+        print(
+            f"paused during {status['phase']} after {args.minutes} min: run the same command again to continue",
+            flush=True,
+        )
 
 
 def write(args: argparse.Namespace, out: Path, results: dict, rows: list, teacher, t0: float) -> None:
     teacher_r1 = next(iter(results.values()))["runs"][0]["teacher_R@1"]
-    meta = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "seeds": args.seeds,
-            "steps_per_stage": args.steps, "batch_size": args.batch, "lr": args.lr, "val": args.val,
-            "teacher": args.teacher, "teacher_R@1": teacher_r1, "teacher_params": teacher.model.num_params()["total"],
-            "seconds": round(time.perf_counter() - t0), "command": " ".join(sys.argv)}
+    meta = {
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "seeds": args.seeds,
+        "steps_per_stage": args.steps,
+        "batch_size": args.batch,
+        "lr": args.lr,
+        "val": args.val,
+        "teacher": args.teacher,
+        "teacher_R@1": teacher_r1,
+        "teacher_params": teacher.model.num_params()["total"],
+        "seconds": round(time.perf_counter() - t0),
+        "command": " ".join(sys.argv),
+    }
     atomic_write_json(out / "compression.json", {"meta": meta, "results": results})
-    md = [f"# Compression evidence on scenes (`{' '.join(sys.argv)}`)", "",
-          f"Teacher: {args.teacher}, {meta['teacher_params']:,} parameters, R@1 {teacher_r1:.1f} on {args.val}. "
-          f"Device: {meta['gpu'] or meta['cpu']} ({args.device}); {args.seeds} seed(s); {args.steps} steps per stage "
-          f"at batch {args.batch}; affinity mimicking; R@1 is the mean of image->text and text->image, in %.", "",
-          markdown_table(rows), ""]
+    md = [
+        f"# Compression evidence on scenes (`{' '.join(sys.argv)}`)",
+        "",
+        f"Teacher: {args.teacher}, {meta['teacher_params']:,} parameters, R@1 {teacher_r1:.1f} on {args.val}. "
+        f"Device: {meta['gpu'] or meta['cpu']} ({args.device}); {args.seeds} seed(s); {args.steps} steps per stage "
+        f"at batch {args.batch}; affinity mimicking; R@1 is the mean of image->text and text->image, in %.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
     if args.notes:
         md += ["## Notes", "", Path(args.notes).read_text(), ""]
     atomic_write_text(out / "compression.md", "\n".join(md))

@@ -56,8 +56,13 @@ def main() -> None:
     rows = []
     for precision in args.precisions.split(","):
         start = time.perf_counter()
-        bundle = export_bundle(args.model, args.out / precision, precision=precision,
-                               calib=args.calib if precision.startswith("int8") else None, calib_count=args.calib_count)
+        bundle = export_bundle(
+            args.model,
+            args.out / precision,
+            precision=precision,
+            calib=args.calib if precision.startswith("int8") else None,
+            calib_count=args.calib_count,
+        )
         seconds = time.perf_counter() - start
         report = run_parity(bundle, data=args.data, count=args.count, teacher=args.teacher, device=args.device)
         atomic_write_text(bundle / "parity.md", report.to_markdown())

@@ -48,32 +48,48 @@ def main() -> None:
     from tinyclip_edge.runtimes.onnxrt import create_session, run_session
 
     torch.manual_seed(0)
-    shape = uniform_shape(args.width, args.layers, args.heads, image_size=args.image_size, patch_size=args.patch,
-                          embed_dim=512, text_width=64, text_layers=1, text_heads=2)
+    shape = uniform_shape(
+        args.width,
+        args.layers,
+        args.heads,
+        image_size=args.image_size,
+        patch_size=args.patch,
+        embed_dim=512,
+        text_width=64,
+        text_layers=1,
+        text_heads=2,
+    )
     pre = Preprocess.from_dict(scenes.preprocess_config(args.image_size))
     pkg = ClipPackage(ClipModel(shape).eval(), pre, scenes.tokenizer_config(24), {"teacher": "random"})
     args.out.mkdir(parents=True, exist_ok=True)
     fp32 = export_bundle(pkg, args.out / "fp32", towers=("image",), progress=False)
     images = load_pairs("scenes:calib", args.calib, pre, progress=False, what="calibration images").images
-    held = images[:holdout_count(len(images))]
+    held = images[: holdout_count(len(images))]
     work = args.out / "work"
     work.mkdir(exist_ok=True)
     graphs = {"fp32": fp32 / "image.onnx"}
-    for name, quantize_conv in (("int8, patch embedding float (default)", False),
-                                ("int8, patch embedding int8", True)):
+    for name, quantize_conv in (("int8, patch embedding float (default)", False), ("int8, patch embedding int8", True)):
         path = args.out / f"{'conv-int8' if quantize_conv else 'conv-float'}.onnx"
-        quantize(fp32 / "image.onnx", path, work, "image", "int8", images,
-                 QuantOptions(keep="none", quantize_patch_embedding=quantize_conv), progress=False)
+        quantize(
+            fp32 / "image.onnx",
+            path,
+            work,
+            "image",
+            "int8",
+            images,
+            QuantOptions(keep="none", quantize_patch_embedding=quantize_conv),
+            progress=False,
+        )
         graphs[name] = path
     sessions = {k: create_session(p, intra_op_threads=args.threads, inter_op_threads=1) for k, p in graphs.items()}
     ref = run_session(sessions["fp32"], held)
     x = images[:1]
-    for s in sessions.values():           # warm-up
+    for s in sessions.values():  # warm-up
         for _ in range(3):
             run_session(s, x)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     names = list(sessions)
-    for r in range(args.iters):            # interleaved rounds, rotating who goes first
+    for r in range(args.iters):  # interleaved rounds, rotating who goes first
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             t0 = time.perf_counter()
@@ -82,12 +98,28 @@ def main() -> None:
     rows = []
     for name, path in graphs.items():
         cos = row_cosine(run_session(sessions[name], held), ref)
-        rows.append({"graph": name, "MB": round(path.stat().st_size / 1e6, 2),
-                     "p50_ms": round(float(np.median(times[name])), 2),
-                     "min_cosine_vs_fp32": round(float(cos.min()), 5)})
-    result = {"shape": {"width": args.width, "layers": args.layers, "heads": args.heads, "image_size": args.image_size,
-                        "patch": args.patch}, "threads": args.threads, "iters": args.iters,
-              "held_out": len(held), "load_average": os.getloadavg(), "rows": rows}
+        rows.append(
+            {
+                "graph": name,
+                "MB": round(path.stat().st_size / 1e6, 2),
+                "p50_ms": round(float(np.median(times[name])), 2),
+                "min_cosine_vs_fp32": round(float(cos.min()), 5),
+            }
+        )
+    result = {
+        "shape": {
+            "width": args.width,
+            "layers": args.layers,
+            "heads": args.heads,
+            "image_size": args.image_size,
+            "patch": args.patch,
+        },
+        "threads": args.threads,
+        "iters": args.iters,
+        "held_out": len(held),
+        "load_average": os.getloadavg(),
+        "rows": rows,
+    }
     (args.out / "patch_embedding.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| graph | MB | p50 ms (batch 1) | min cosine vs fp32 |\n|---|---|---|---|")
     for r in rows:

@@ -26,8 +26,8 @@ import functools
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,19 @@ def vit_b32_shape() -> tuple[Any, str]:
 
     if TINY:
         return uniform_shape(64, 2, 2, embed_dim=32), "tiny teacher (--tiny: 64 wide, 2+2 layers, 32 px)"
-    shape = uniform_shape(768, 12, 12, image_size=224, patch_size=32, embed_dim=512, text_width=512,
-                          text_layers=12, text_heads=8, context_length=77, vocab_size=49408)
+    shape = uniform_shape(
+        768,
+        12,
+        12,
+        image_size=224,
+        patch_size=32,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        vocab_size=49408,
+    )
     try:
         import open_clip  # noqa: F401
     except ImportError:
@@ -95,18 +106,32 @@ def run_cpu(args: argparse.Namespace) -> Any:
         pkg = ClipPackage(model, pre, tok, {"teacher": "ViT-B-32 (random)", "stage": name})
         model_dir = save_model_dir(pkg, work / name)
         fp32 = export_bundle(model_dir, work / f"{name}-onnx-fp32", verify=False, progress=False)
-        int8 = export_bundle(model_dir, work / f"{name}-onnx-int8", precision="int8-dynamic", verify=False,
-                             progress=False)
+        int8 = export_bundle(
+            model_dir, work / f"{name}-onnx-int8", precision="int8-dynamic", verify=False, progress=False
+        )
         # PyTorch at each precision asked for (fp32 by default on the CPU: the model directory itself, so the
         # bench opens it and measures its memory); other precisions are runtimes named "<model> pyt <precision>"
-        targets += [str(model_dir) if p == "fp32" else
-                    _named(open_runtime(str(model_dir), backend="pyt", device="cpu", precision=p), f"{name} pyt {p}")
-                    for p in args.precisions] + [str(fp32), str(int8)]
-        print(f"{name}: {model.num_params()['total'] / 1e6:.1f} M params, exported in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        del model, pkg   # only the saved artifacts are benchmarked; keep the heap clean for memory readings
-    report = run_bench(targets, batches=args.batches or (1, 8), tower="both", device="cpu", iters=args.iters,
-                       warmup=args.warmup, threads=args.threads, progress=True)
+        targets += [
+            str(model_dir)
+            if p == "fp32"
+            else _named(open_runtime(str(model_dir), backend="pyt", device="cpu", precision=p), f"{name} pyt {p}")
+            for p in args.precisions
+        ] + [str(fp32), str(int8)]
+        print(
+            f"{name}: {model.num_params()['total'] / 1e6:.1f} M params, exported in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        del model, pkg  # only the saved artifacts are benchmarked; keep the heap clean for memory readings
+    report = run_bench(
+        targets,
+        batches=args.batches or (1, 8),
+        tower="both",
+        device="cpu",
+        iters=args.iters,
+        warmup=args.warmup,
+        threads=args.threads,
+        progress=True,
+    )
     return report
 
 
@@ -126,27 +151,44 @@ def run_cuda(args: argparse.Namespace) -> Any:
         for prec in args.precisions:
             for mode in args.modes:
                 label = f"{name} {mode} {prec}"
-                if mode == "cudagraph":   # a graph is captured for one batch size: one runtime per batch
+                if mode == "cudagraph":  # a graph is captured for one batch size: one runtime per batch
                     for b in batches:
-                        opened.append((b, _named(open_runtime(model, backend="pyt", device="cuda", precision=prec,
-                                                              mode=mode, batch=b), label)))
+                        opened.append(
+                            (
+                                b,
+                                _named(
+                                    open_runtime(
+                                        model, backend="pyt", device="cuda", precision=prec, mode=mode, batch=b
+                                    ),
+                                    label,
+                                ),
+                            )
+                        )
                 else:
-                    opened.append((None, _named(open_runtime(model, backend="pyt", device="cuda", precision=prec,
-                                                             mode=mode), label)))
+                    opened.append(
+                        (
+                            None,
+                            _named(open_runtime(model, backend="pyt", device="cuda", precision=prec, mode=mode), label),
+                        )
+                    )
         print(f"{name}: {model.num_params()['total'] / 1e6:.1f} M params", flush=True)
     reports = []
     for b in batches:
         targets = [rt for fixed, rt in opened if fixed in (None, b)]
-        reports.append(run_bench(targets, batches=(b,), tower="both", device="cuda", iters=args.iters,
-                                 warmup=args.warmup, progress=True))
+        reports.append(
+            run_bench(
+                targets, batches=(b,), tower="both", device="cuda", iters=args.iters, warmup=args.warmup, progress=True
+            )
+        )
     report = reports[0]
     for r in reports[1:]:
         report.rows += r.rows
     report.settings["batches"] = list(batches)
     report.settings["modes"] = list(args.modes)
     report.settings["precisions"] = list(args.precisions)
-    report.notes.append("cudagraph runtimes are captured per batch size; compile runtimes recompile for a new batch "
-                        "during warm-up")
+    report.notes.append(
+        "cudagraph runtimes are captured per batch size; compile runtimes recompile for a new batch during warm-up"
+    )
     return report
 
 
@@ -160,7 +202,7 @@ def split_name(artifact: str, model_names: list[str]) -> tuple[str, str]:
     """('student-50', 'compile fp16') from 'student-50 compile fp16'; bundles: ('student-50', 'onnx-int8')."""
     for m in sorted(model_names, key=len, reverse=True):
         if artifact == m or artifact.startswith((m + " ", m + "-")):
-            return m, artifact[len(m):].strip(" -") or "pyt"
+            return m, artifact[len(m) :].strip(" -") or "pyt"
     return artifact, ""
 
 
@@ -171,8 +213,10 @@ def flop_ratios(ratios: list[float]) -> dict[str, dict[str, float]]:
 
     teacher, _ = vit_b32_shape()
     shapes = {"teacher": teacher, **{f"student-{round(r * 100)}": shape_for_ratio(teacher, r) for r in ratios}}
-    return {name: {t: tower_flops(teacher, t).total / tower_flops(s, t).total for t in ("image", "text")}
-            for name, s in shapes.items()}
+    return {
+        name: {t: tower_flops(teacher, t).total / tower_flops(s, t).total for t in ("image", "text")}
+        for name, s in shapes.items()
+    }
 
 
 def ratio_table(report: Any, ratios: list[float]) -> tuple[str, list[dict[str, Any]]]:
@@ -189,12 +233,27 @@ def ratio_table(report: Any, ratios: list[float]) -> tuple[str, list[dict[str, A
         base = p50.get(("teacher", variant, tower, batch))
         if model == "teacher" or base is None or model not in fr:
             continue
-        rows.append({"model": model, "variant": variant, "tower": tower, "batch": batch, "p50_ms": ms,
-                     "teacher_p50_ms": base, "latency_ratio": base / ms, "flop_ratio": fr[model][tower]})
-    lines = ["| model | runtime | tower | batch | p50 ms (teacher) | speed-up measured | speed-up from FLOPs |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['variant']} | {r['tower']} | {r['batch']} | {r['p50_ms']:.2f} "
-              f"({r['teacher_p50_ms']:.2f}) | {r['latency_ratio']:.2f}x | {r['flop_ratio']:.2f}x |" for r in rows]
+        rows.append(
+            {
+                "model": model,
+                "variant": variant,
+                "tower": tower,
+                "batch": batch,
+                "p50_ms": ms,
+                "teacher_p50_ms": base,
+                "latency_ratio": base / ms,
+                "flop_ratio": fr[model][tower],
+            }
+        )
+    lines = [
+        "| model | runtime | tower | batch | p50 ms (teacher) | speed-up measured | speed-up from FLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['variant']} | {r['tower']} | {r['batch']} | {r['p50_ms']:.2f} "
+        f"({r['teacher_p50_ms']:.2f}) | {r['latency_ratio']:.2f}x | {r['flop_ratio']:.2f}x |"
+        for r in rows
+    ]
     return "\n".join(lines), rows
 
 
@@ -203,12 +262,14 @@ def write(report: Any, out: Path, stem: str, source: str, ratios: list[float]) -
     report.settings["flop_vs_latency"] = rows
     files = report.save(out, stem=stem)
     md = files["md"].read_text()
-    files["md"].write_text(f"# Latency: ViT-B/32 teacher vs students ({stem}; `{report.settings['script']}`)\n\n"
-                           f"Teacher: {source}. Cells: p50 latency in ms (speedup over the first row).\n\n"
-                           f"{report.summary()}\n\n## Teacher/student latency ratio vs FLOP ratio\n\n"
-                           "Same runtime, mode and precision for teacher and student; the FLOP ratio counts the "
-                           "tower's matmuls (tinyclip_edge/models/flops.py).\n\n"
-                           f"{table}\n\n## Every statistic\n\n{md}")
+    files["md"].write_text(
+        f"# Latency: ViT-B/32 teacher vs students ({stem}; `{report.settings['script']}`)\n\n"
+        f"Teacher: {source}. Cells: p50 latency in ms (speedup over the first row).\n\n"
+        f"{report.summary()}\n\n## Teacher/student latency ratio vs FLOP ratio\n\n"
+        "Same runtime, mode and precision for teacher and student; the FLOP ratio counts the "
+        "tower's matmuls (tinyclip_edge/models/flops.py).\n\n"
+        f"{table}\n\n## Every statistic\n\n{md}"
+    )
     print(report.summary())
     print(table)
     print("wrote " + ", ".join(str(p) for p in files.values()))
@@ -218,17 +279,33 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=None,
-                   help="student sizes; default 0.5,0.25,0.1 (--tiny: 0.5,0.25; the tiny teacher has no 10%% student)")
-    p.add_argument("--batches", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                   help="default 1,8 on cpu and 1,64 on cuda")
+    p.add_argument(
+        "--ratios",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="student sizes; default 0.5,0.25,0.1 (--tiny: 0.5,0.25; the tiny teacher has no 10%% student)",
+    )
+    p.add_argument(
+        "--batches",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=None,
+        help="default 1,8 on cpu and 1,64 on cuda",
+    )
     p.add_argument("--iters", type=int, default=None, help="default 10 on cpu, 100 on cuda")
     p.add_argument("--warmup", type=int, default=None, help="default 2 on cpu, 10 on cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (cpu mode)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["eager", "compile", "cudagraph"],
-                   help="cuda mode: pyt modes to compare")
-    p.add_argument("--precisions", type=lambda s: s.split(","), default=None,
-                   help="PyTorch precisions (fp32, fp16, bf16); default fp16,bf16 on cuda, fp32 on cpu")
+    p.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=["eager", "compile", "cudagraph"],
+        help="cuda mode: pyt modes to compare",
+    )
+    p.add_argument(
+        "--precisions",
+        type=lambda s: s.split(","),
+        default=None,
+        help="PyTorch precisions (fp32, fp16, bf16); default fp16,bf16 on cuda, fp32 on cpu",
+    )
     p.add_argument("--work", help="keep the model dirs and ONNX bundles here (cpu mode; default a temp dir)")
     p.add_argument("--tiny", action="store_true", help="tiny models, 2 iterations: the CI smoke run")
     args = p.parse_args(argv)

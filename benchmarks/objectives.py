@@ -50,22 +50,44 @@ COLUMNS = ("R@1", "R@5", "mAP", "zero-shot top1", "compositional", "agreement")
 
 
 def stages(name: str, target: float, args: argparse.Namespace) -> list[dict]:
-    student = {"name": "student", "method": "inherit", "target": target, "steps": args.steps,
-               "batch_size": args.batch, "lr": args.lr, "losses": OBJECTIVES[name],
-               "checkpoint_every": 10_000, "log_every": 25}
+    student = {
+        "name": "student",
+        "method": "inherit",
+        "target": target,
+        "steps": args.steps,
+        "batch_size": args.batch,
+        "lr": args.lr,
+        "losses": OBJECTIVES[name],
+        "checkpoint_every": 10_000,
+        "log_every": 25,
+    }
     if name != "DCLIP hybrid":
         return [student]
-    meta = {"name": "meta-teacher", "method": "dclip-meta", "teacher": "none", "steps": args.meta_steps,
-            "batch_size": min(64, args.batch), "lr": args.lr, "weight_decay": 0.0,
-            "losses": {"clip": {"weight": 1.0, "scale": 20.0}}, "checkpoint_every": 10_000, "log_every": 25}
+    meta = {
+        "name": "meta-teacher",
+        "method": "dclip-meta",
+        "teacher": "none",
+        "steps": args.meta_steps,
+        "batch_size": min(64, args.batch),
+        "lr": args.lr,
+        "weight_decay": 0.0,
+        "losses": {"clip": {"weight": 1.0, "scale": 20.0}},
+        "checkpoint_every": 10_000,
+        "log_every": 25,
+    }
     return [meta, {**student, "teacher": "previous"}]
 
 
 def metrics(s: dict) -> dict[str, float]:
-    return {"R@1": (s["i2t"]["R@1"] + s["t2i"]["R@1"]) / 2, "R@5": (s["i2t"]["R@5"] + s["t2i"]["R@5"]) / 2,
-            "mAP": (s["i2t"]["mAP"] + s["t2i"]["mAP"]) / 2, "zero-shot top1": s["zero_shot"]["top1"],
-            "compositional": s.get("compositional_acc", float("nan")),
-            "agreement": s.get("agreement", {}).get("i2t_top1_agreement", float("nan")), "params": s["params"]["total"]}
+    return {
+        "R@1": (s["i2t"]["R@1"] + s["t2i"]["R@1"]) / 2,
+        "R@5": (s["i2t"]["R@5"] + s["t2i"]["R@5"]) / 2,
+        "mAP": (s["i2t"]["mAP"] + s["t2i"]["mAP"]) / 2,
+        "zero-shot top1": s["zero_shot"]["top1"],
+        "compositional": s.get("compositional_acc", float("nan")),
+        "agreement": s.get("agreement", {}).get("i2t_top1_agreement", float("nan")),
+        "params": s["params"]["total"],
+    }
 
 
 def mean_std(vals: list[float]) -> str:
@@ -86,8 +108,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these objectives")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--notes", help="a markdown file appended to the table as notes")
-    ap.add_argument("--tiny", action="store_true",
-                    help="smoke run: a tiny random teacher, 25%% only, 2 steps, 1 seed, 16 pairs")
+    ap.add_argument(
+        "--tiny", action="store_true", help="smoke run: a tiny random teacher, 25%% only, 2 steps, 1 seed, 16 pairs"
+    )
     args = ap.parse_args()
     if args.tiny:
         args.seeds, args.steps, args.meta_steps, args.batch, args.val = 1, 2, 2, 8, "scenes:val:16"
@@ -115,11 +138,22 @@ def main() -> None:
                 rd = work / f"{int(target * 100)}pct-{name.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
                 report = rd / "report.json"
                 if not report.is_file():
-                    recipe = load_recipe({"name": name, "teacher": str(teacher_dir), "run_dir": str(rd), "seed": seed,
-                                          "device": args.device, "stages": stages(name, target, args),
-                                          "eval": {"data": args.val},
-                                          **({"dclip": {"regions": "boxes", "max_regions": 3, "max_spans": 3}}
-                                             if name == "DCLIP hybrid" else {})})
+                    recipe = load_recipe(
+                        {
+                            "name": name,
+                            "teacher": str(teacher_dir),
+                            "run_dir": str(rd),
+                            "seed": seed,
+                            "device": args.device,
+                            "stages": stages(name, target, args),
+                            "eval": {"data": args.val},
+                            **(
+                                {"dclip": {"regions": "boxes", "max_regions": 3, "max_spans": 3}}
+                                if name == "DCLIP hybrid"
+                                else {}
+                            ),
+                        }
+                    )
                     run_compress(recipe, resume=(rd / "run.json").is_file())
                 rep = json.loads(report.read_text())
                 student = next(s for s in rep["students"] if s["name"] == "student")
@@ -131,25 +165,54 @@ def main() -> None:
 def write(args: argparse.Namespace, out: Path, results: dict, teacher, t0: float) -> None:
     command = "python " + " ".join(sys.argv)
     first = next(iter(next(iter(results.values())).values()))[0]["teacher"]
-    meta = {"device": args.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "seeds": args.seeds, "steps": args.steps, "meta_steps": args.meta_steps, "batch_size": args.batch,
-            "lr": args.lr, "val": args.val, "teacher": args.teacher, "teacher_metrics": first,
-            "teacher_params": teacher.model.num_params()["total"], "seconds": round(time.perf_counter() - t0),
-            "command": command}
+    meta = {
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "meta_steps": args.meta_steps,
+        "batch_size": args.batch,
+        "lr": args.lr,
+        "val": args.val,
+        "teacher": args.teacher,
+        "teacher_metrics": first,
+        "teacher_params": teacher.model.num_params()["total"],
+        "seconds": round(time.perf_counter() - t0),
+        "command": command,
+    }
     atomic_write_json(out / "objectives.json", {"meta": meta, "objectives": OBJECTIVES, "results": results})
-    rows = [{"budget": "teacher", "objective": "", "params": f"{meta['teacher_params']:,}",
-             **{c: f"{first[c]:.1f}" for c in COLUMNS[:5]}, "agreement": ""}]
+    rows = [
+        {
+            "budget": "teacher",
+            "objective": "",
+            "params": f"{meta['teacher_params']:,}",
+            **{c: f"{first[c]:.1f}" for c in COLUMNS[:5]},
+            "agreement": "",
+        }
+    ]
     for budget, by_name in results.items():
         for name, runs in by_name.items():
-            rows.append({"budget": budget, "objective": name, "params": f"{runs[0]['params']:,}",
-                         **{c: mean_std([r[c] for r in runs]) for c in COLUMNS}})
-    md = [f"# Distillation objectives on scenes (`{command}`)", "",
-          f"Teacher: {args.teacher}, {meta['teacher_params']:,} parameters. Students: manual inheritance to each "
-          f"budget, {args.steps} steps at batch {args.batch}, lr {args.lr}; DCLIP's meta teacher trains "
-          f"{args.meta_steps} extra steps first. {args.seeds} seed(s), mean ± std. Evaluated on {args.val}: "
-          "R@1/R@5/mAP are the means of both retrieval directions (%), agreement is image->text top-1 agreement "
-          f"with the teacher (%). Device: {meta['cpu']} ({args.device}), {meta['seconds']} s in total.", "",
-          markdown_table(rows), ""]
+            rows.append(
+                {
+                    "budget": budget,
+                    "objective": name,
+                    "params": f"{runs[0]['params']:,}",
+                    **{c: mean_std([r[c] for r in runs]) for c in COLUMNS},
+                }
+            )
+    md = [
+        f"# Distillation objectives on scenes (`{command}`)",
+        "",
+        f"Teacher: {args.teacher}, {meta['teacher_params']:,} parameters. Students: manual inheritance to each "
+        f"budget, {args.steps} steps at batch {args.batch}, lr {args.lr}; DCLIP's meta teacher trains "
+        f"{args.meta_steps} extra steps first. {args.seeds} seed(s), mean ± std. Evaluated on {args.val}: "
+        "R@1/R@5/mAP are the means of both retrieval directions (%), agreement is image->text top-1 agreement "
+        f"with the teacher (%). Device: {meta['cpu']} ({args.device}), {meta['seconds']} s in total.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
     if args.notes:
         md += ["## Notes", "", Path(args.notes).read_text(), ""]
     atomic_write_text(out / "objectives.md", "\n".join(md))

@@ -38,12 +38,12 @@ class Scale:
     teacher_steps: int
     teacher_batch: int
     teacher_lr: float
-    steps: int               # student steps per experiment (a chain splits them over its stages)
+    steps: int  # student steps per experiment (a chain splits them over its stages)
     batch: int
     lr: float
     eval_every: int
     val: str
-    small: float             # the extreme target (the paper's 10%; the tiny teacher cannot go that far)
+    small: float  # the extreme target (the paper's 10%; the tiny teacher cannot go that far)
 
 
 SCALES = {
@@ -66,6 +66,7 @@ def r1(res: dict[str, Any]) -> float:
 
 def experiments(teacher_shape: Any, s: int, small: float = 0.1) -> dict[str, list[dict[str, Any]]]:
     """name -> stages; every experiment gets `s` student steps in total. `small`: the extreme target."""
+
     def st(method: str, target: float, steps: int, **kw: Any) -> dict[str, Any]:
         d = {"method": method, "target": target, "steps": steps, **kw}
         if method == "prune":
@@ -86,7 +87,10 @@ def experiments(teacher_shape: Any, s: int, small: float = 0.1) -> dict[str, lis
         f"auto {p} one-shot": [st("prune", small, s)],
         f"scratch {p}": [scratch(small)],
         f"manual 50%->{round(100 * mid)}%->{p} (planned chain)": [
-            st("inherit", 0.5, third), st("inherit", mid, third), st("inherit", small, s - 2 * third)],
+            st("inherit", 0.5, third),
+            st("inherit", mid, third),
+            st("inherit", small, s - 2 * third),
+        ],
     }
 
 
@@ -100,8 +104,9 @@ def _stage_in_progress(run_dir: Path) -> str | None:
     return running[-1] if running else None
 
 
-def run_in_pieces(recipe: dict[str, Any], pause_every: int, deadline: float,
-                  on_point: Any = None) -> dict[str, Any] | None:
+def run_in_pieces(
+    recipe: dict[str, Any], pause_every: int, deadline: float, on_point: Any = None
+) -> dict[str, Any] | None:
     """Run `recipe` to the end or until `deadline`; returns the run's report when finished, else None.
 
     Every `pause_every` steps (the recipe checkpoints at the same steps, so the checkpoint of that step is
@@ -160,27 +165,54 @@ def run_scale(args: Any, out: Path) -> dict[str, Any]:
     state_file = out / "compression-b32.json"
     results: dict[str, Any] = read_json(state_file, "results") if state_file.is_file() else {}
     results.setdefault("experiments", {})
-    results["meta"] = {"scale": "tiny" if args.tiny else "b32", "device": args.device, **sc.__dict__,
-                       "seeds": args.seeds}
+    results["meta"] = {
+        "scale": "tiny" if args.tiny else "b32",
+        "device": args.device,
+        **sc.__dict__,
+        "seeds": args.seeds,
+    }
 
     # 1. the teacher, trained from scratch with the CLIP loss, in pieces
     tdir = work / "teacher" / TEACHER_STAGE
     if not (tdir / "config.json").is_file():
         every = sc.eval_every * 5
-        report = run_in_pieces({
-            "name": "b32-teacher", "run_dir": str(work / "teacher"), "device": args.device, "seed": 0,
-            "stages": [{"name": TEACHER_STAGE, "method": "scratch", "shape": sc.teacher_preset, "teacher": "none",
-                        "losses": {"clip": 1.0}, "steps": sc.teacher_steps, "batch_size": sc.teacher_batch,
-                        "lr": sc.teacher_lr, "warmup": 0.05, "checkpoint_every": every, "log_every": 20}],
-            "eval": {"data": None}}, every, deadline)
+        report = run_in_pieces(
+            {
+                "name": "b32-teacher",
+                "run_dir": str(work / "teacher"),
+                "device": args.device,
+                "seed": 0,
+                "stages": [
+                    {
+                        "name": TEACHER_STAGE,
+                        "method": "scratch",
+                        "shape": sc.teacher_preset,
+                        "teacher": "none",
+                        "losses": {"clip": 1.0},
+                        "steps": sc.teacher_steps,
+                        "batch_size": sc.teacher_batch,
+                        "lr": sc.teacher_lr,
+                        "warmup": 0.05,
+                        "checkpoint_every": every,
+                        "log_every": 20,
+                    }
+                ],
+                "eval": {"data": None},
+            },
+            every,
+            deadline,
+        )
         if report is None:
             atomic_write_json(state_file, results)
             return {"done": False, "phase": "teacher"}
     teacher = load_model_dir(tdir)
     if "teacher" not in results:
         res = evaluate(teacher, sc.val, batch_size=256, device=args.device)
-        results["teacher"] = {"params": teacher.model.num_params()["total"], "R@1": r1(res),
-                              "samples": sc.teacher_steps * sc.teacher_batch}
+        results["teacher"] = {
+            "params": teacher.model.num_params()["total"],
+            "R@1": r1(res),
+            "samples": sc.teacher_steps * sc.teacher_batch,
+        }
         atomic_write_json(state_file, results)
 
     # 2. the students, each with its curve
@@ -192,32 +224,60 @@ def run_scale(args: Any, out: Path) -> dict[str, Any]:
                 continue
             offsets, total = {}, 0
             for i, st in enumerate(stages):
-                st.update({"name": f"s{i + 1}", "batch_size": sc.batch, "lr": sc.lr, "losses": {"affinity": 1.0},
-                           "checkpoint_every": sc.eval_every, "log_every": sc.eval_every})
+                st.update(
+                    {
+                        "name": f"s{i + 1}",
+                        "batch_size": sc.batch,
+                        "lr": sc.lr,
+                        "losses": {"affinity": 1.0},
+                        "checkpoint_every": sc.eval_every,
+                        "log_every": sc.eval_every,
+                    }
+                )
                 offsets[st["name"]] = total
                 total += st["steps"] * sc.batch
 
             def point(stage: str, cfg: Any, ckpt: Path, entry: dict = entry, offsets: dict = offsets) -> None:
                 step, value = _checkpoint_r1(ckpt, cfg, teacher, sc.val, args.device)
-                done_steps = step + (round(cfg.steps * cfg.prune.mask_steps) if cfg.method == "prune"
-                                     and not stage.endswith(".masks") else 0)
+                done_steps = step + (
+                    round(cfg.steps * cfg.prune.mask_steps)
+                    if cfg.method == "prune" and not stage.endswith(".masks")
+                    else 0
+                )
                 samples = offsets[cfg.name] + done_steps * sc.batch
                 if all(p["samples"] != samples for p in entry["curve"]):
                     entry["curve"].append({"stage": stage, "samples": samples, "R@1": round(value, 2)})
                     atomic_write_json(state_file, results)
 
-            report = run_in_pieces({
-                "name": _slug(key), "teacher": str(tdir), "run_dir": str(work / _slug(key)), "device": args.device,
-                "seed": seed, "stages": stages, "eval": {"data": sc.val}}, sc.eval_every, deadline, point)
+            report = run_in_pieces(
+                {
+                    "name": _slug(key),
+                    "teacher": str(tdir),
+                    "run_dir": str(work / _slug(key)),
+                    "device": args.device,
+                    "seed": seed,
+                    "stages": stages,
+                    "eval": {"data": sc.val},
+                },
+                sc.eval_every,
+                deadline,
+                point,
+            )
             if report is None:
                 atomic_write_json(state_file, results)
                 return {"done": False, "phase": key}
             final = report["students"][-1]
             entry["curve"] = [p for p in entry["curve"] if p["samples"] != total]
             entry["curve"].append({"stage": "final", "samples": total, "R@1": round(r1(final), 2)})
-            entry.update({"done": True, "R@1": round(r1(final), 2), "params": final["params"]["total"],
-                          "zero_shot_top1": final.get("zero_shot", {}).get("top1"),
-                          "samples": total})
+            entry.update(
+                {
+                    "done": True,
+                    "R@1": round(r1(final), 2),
+                    "params": final["params"]["total"],
+                    "zero_shot_top1": final.get("zero_shot", {}).get("top1"),
+                    "samples": total,
+                }
+            )
             atomic_write_json(state_file, results)
     results["speedups"] = _speedups(results)
     atomic_write_json(state_file, results)
@@ -236,11 +296,23 @@ def _speedups(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         pct = e["name"].split()[1]
         for other in exps.values():
-            if other["seed"] == e["seed"] and other["done"] and other["name"].split()[1] == pct \
-                    and other is not e and "chain" not in other["name"]:
+            if (
+                other["seed"] == e["seed"]
+                and other["done"]
+                and other["name"].split()[1] == pct
+                and other is not e
+                and "chain" not in other["name"]
+            ):
                 s = speedup(_curve(e), _curve(other))
-                out.append({"scratch": e["name"], "inherited": other["name"], "seed": e["seed"],
-                            "scratch_final_R@1": e["R@1"], "speedup": None if s is None else round(s, 2)})
+                out.append(
+                    {
+                        "scratch": e["name"],
+                        "inherited": other["name"],
+                        "seed": e["seed"],
+                        "scratch_final_R@1": e["R@1"],
+                        "speedup": None if s is None else round(s, 2),
+                    }
+                )
     return out
 
 
@@ -249,21 +321,34 @@ def render(results: dict[str, Any], command: str) -> str:
     lines = [f"# TinyCLIP's claims at {meta['scale']} scale (`{command}`)", ""]
     if "teacher" in results:
         t = results["teacher"]
-        lines += [f"Teacher: {meta['teacher_preset']}, {t['params']:,} parameters, trained from scratch on scenes for "
-                  f"{t['samples']:,} samples; R@1 {t['R@1']:.1f} on {meta['val']}. Students: {meta['steps']} steps at "
-                  f"batch {meta['batch']} each (a chain splits them), affinity mimicking; device {meta['device']}.", ""]
+        lines += [
+            f"Teacher: {meta['teacher_preset']}, {t['params']:,} parameters, trained from scratch on scenes for "
+            f"{t['samples']:,} samples; R@1 {t['R@1']:.1f} on {meta['val']}. Students: {meta['steps']} steps at "
+            f"batch {meta['batch']} each (a chain splits them), affinity mimicking; device {meta['device']}.",
+            "",
+        ]
     rows = ["| experiment | seed | params | final R@1 | curve (samples: R@1) |", "|---|---|---|---|---|"]
     for e in results["experiments"].values():
         curve = ", ".join(f"{p['samples']:,}: {p['R@1']:.1f}" for p in sorted(e["curve"], key=lambda p: p["samples"]))
-        rows.append(f"| {e['name']} | {e['seed']} | {e.get('params', ''):,} | {e.get('R@1', 'running')} | {curve} |"
-                    if e["done"] else f"| {e['name']} | {e['seed']} | | (not finished) | {curve} |")
+        rows.append(
+            f"| {e['name']} | {e['seed']} | {e.get('params', ''):,} | {e.get('R@1', 'running')} | {curve} |"
+            if e["done"]
+            else f"| {e['name']} | {e['seed']} | | (not finished) | {curve} |"
+        )
     lines += rows + [""]
     if results.get("speedups"):
-        lines += ["Inheritance speed-up (samples scratch needs for its final R@1 / samples the inherited student "
-                  "needs for the same; the paper: 1.4-7.8x):", "",
-                  "| scratch | inherited | seed | scratch final R@1 | speed-up |", "|---|---|---|---|---|"]
-        lines += [f"| {s['scratch']} | {s['inherited']} | {s['seed']} | {s['scratch_final_R@1']} | "
-                  f"{'not reached' if s['speedup'] is None else str(s['speedup']) + 'x'} |" for s in results["speedups"]]
+        lines += [
+            "Inheritance speed-up (samples scratch needs for its final R@1 / samples the inherited student "
+            "needs for the same; the paper: 1.4-7.8x):",
+            "",
+            "| scratch | inherited | seed | scratch final R@1 | speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['scratch']} | {s['inherited']} | {s['seed']} | {s['scratch_final_R@1']} | "
+            f"{'not reached' if s['speedup'] is None else str(s['speedup']) + 'x'} |"
+            for s in results["speedups"]
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -119,8 +119,9 @@ class CachedTeacher(nn.Module):
         with torch.inference_mode(), autocast_for(device, "auto"):
             for lo in range(0, len(batches.captions), chunk):
                 sel = torch.arange(lo, min(lo + chunk, len(batches.captions)), device=batches.images.device)
-                i, t, scale = teacher(to_device_images(batches.images[sel], batches.preprocess, device),
-                                      batches.ids[sel].to(device))
+                i, t, scale = teacher(
+                    to_device_images(batches.images[sel], batches.preprocess, device), batches.ids[sel].to(device)
+                )
                 img.append(i.float())
                 txt.append(t.float())
         self.register_buffer("img", torch.cat(img).clone())
@@ -173,8 +174,11 @@ def summarise_profile(prof: Any, wall_s: float, steps: int, device: torch.device
         for e in ops:
             by_op[e.name] = by_op.get(e.name, 0.0) + e.self_cpu_time_total / steps
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:5]
-    share = {"data_wait": data_us / wall_us, "device_busy": min(1.0, busy_us / wall_us),
-             "optimizer": opt_dev_us / max(busy_us, 1e-9)}
+    share = {
+        "data_wait": data_us / wall_us,
+        "device_busy": min(1.0, busy_us / wall_us),
+        "optimizer": opt_dev_us / max(busy_us, 1e-9),
+    }
     where = "GPU" if device.type == "cuda" else "CPU"
     if share["data_wait"] > 0.3:
         verdict = f"data: {share['data_wait']:.0%} of the step waits for batches"
@@ -184,9 +188,15 @@ def summarise_profile(prof: Any, wall_s: float, steps: int, device: torch.device
         verdict = f"optimizer: {share['optimizer']:.0%} of the {where} time"
     else:
         verdict = f"kernels: the {where} is busy {share['device_busy']:.0%} of the step; top: {top[0][0][:60]}"
-    return {"step_ms": wall_us / 1e3, "device_busy_ms": busy_us / 1e3, "data_wait_ms": data_us / 1e3,
-            "optimizer_ms": opt_dev_us / 1e3, "shares": share, "verdict": verdict,
-            "top_ops": [{"name": n[:120], "ms_per_step": us / 1e3} for n, us in top]}
+    return {
+        "step_ms": wall_us / 1e3,
+        "device_busy_ms": busy_us / 1e3,
+        "data_wait_ms": data_us / 1e3,
+        "optimizer_ms": opt_dev_us / 1e3,
+        "shares": share,
+        "verdict": verdict,
+        "top_ops": [{"name": n[:120], "ms_per_step": us / 1e3} for n, us in top],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- one configuration
@@ -198,8 +208,13 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
     # smoke run skips both: 3 steps per configuration)
     pw, trail = (0, 0) if a.tiny else (1, 1)
     total = warm + timed + pw + prof_steps + trail
-    st = replace(env["stage"], steps=total, batch_size=a.batch, compile=execution != "eager",
-                 compile_mode="reduce-overhead" if execution == "cudagraphs" else "default")
+    st = replace(
+        env["stage"],
+        steps=total,
+        batch_size=a.batch,
+        compile=execution != "eager",
+        compile_mode="reduce-overhead" if execution == "cudagraphs" else "default",
+    )
     if data == "prerendered":
         batches = env["pool"]
     else:
@@ -221,9 +236,10 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(activities=activities,
-                                  schedule=torch.profiler.schedule(wait=warm + timed, warmup=pw, active=prof_steps,
-                                                                   repeat=1))
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=warm + timed, warmup=pw, active=prof_steps, repeat=1),
+    )
 
     def on_step(state: Any) -> None:
         if state.step in (warm, warm + timed, t_prof0, t_prof0 + prof_steps):
@@ -234,24 +250,46 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
     run_dir = a.out / "work" / name_of(cfg).replace("/", "_")
     t0 = time.perf_counter()
     with prof:
-        train_stage(task, t_model, batches, st, parse_losses(st.losses), device=device, ckpt_dir=run_dir / "ckpt",
-                    metrics_path=run_dir / "metrics.jsonl", label=name_of(cfg), workers=env["workers"],
-                    on_step=on_step)
+        train_stage(
+            task,
+            t_model,
+            batches,
+            st,
+            parse_losses(st.losses),
+            device=device,
+            ckpt_dir=run_dir / "ckpt",
+            metrics_path=run_dir / "metrics.jsonl",
+            label=name_of(cfg),
+            workers=env["workers"],
+            on_step=on_step,
+        )
     wall = time.perf_counter() - t0
     dt = marks[str(warm + timed)] - marks[str(warm)]
     sps = a.batch * timed / dt
-    flops = distill_step_flops(env["student_shape"], env["teacher_shape"], batch=a.batch,
-                               cached_teacher=teacher_kind == "cached")
+    flops = distill_step_flops(
+        env["student_shape"], env["teacher_shape"], batch=a.batch, cached_teacher=teacher_kind == "cached"
+    )
     achieved = flops["per_pair"] * sps
     summary = summarise_profile(prof, marks[str(t_prof0 + prof_steps)] - marks[str(t_prof0)], prof_steps, device)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                                      row_limit=25)
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25
+    )
     atomic_write_text(a.out / f"profile-{name_of(cfg).replace('/', '_')}.txt", table)
     losses = [json.loads(x)["total"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    res = {"name": name_of(cfg), "execution": execution, "teacher": teacher_kind, "data": data,
-           "samples_per_s": sps, "step_ms": dt / timed * 1e3, "model_flops_per_pair": flops["per_pair"],
-           "model_tflops_per_s": achieved / 1e12, "mfu": achieved / env["peak"]["flops_per_s"],
-           "losses": losses, "wall_s": wall, "profile": summary}
+    res = {
+        "name": name_of(cfg),
+        "execution": execution,
+        "teacher": teacher_kind,
+        "data": data,
+        "samples_per_s": sps,
+        "step_ms": dt / timed * 1e3,
+        "model_flops_per_pair": flops["per_pair"],
+        "model_tflops_per_s": achieved / 1e12,
+        "mfu": achieved / env["peak"]["flops_per_s"],
+        "losses": losses,
+        "wall_s": wall,
+        "profile": summary,
+    }
     del task, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -262,23 +300,36 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
 # ---------------------------------------------------------------------------------------------- output
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     peak = meta["peak"]
-    lines = [f"# Distillation step throughput (`{meta['command']}`)", "",
-             (f"{meta['teacher']} -> {meta['student']}, batch {meta['batch']}, on {meta['device_name']} "
-              f"(torch {meta['torch']}). Model FLOPs per pair: teacher forward {meta['teacher_gflops_pair']:.2f} G + "
-              f"3 x student forward {meta['student_gflops_pair']:.2f} G (models/flops.py). MFU denominator: "
-              f"{peak['dtype']} {peak['n']}³ matmul measured in this run, {peak['flops_per_s'] / 1e12:.1f} TFLOP/s. "
-              f"Samples/s over {meta['steps']} steps after {meta['warmup']} warm-up steps; profile over "
-              f"{meta['profile_steps']} more."), ""]
+    lines = [
+        f"# Distillation step throughput (`{meta['command']}`)",
+        "",
+        (
+            f"{meta['teacher']} -> {meta['student']}, batch {meta['batch']}, on {meta['device_name']} "
+            f"(torch {meta['torch']}). Model FLOPs per pair: teacher forward {meta['teacher_gflops_pair']:.2f} G + "
+            f"3 x student forward {meta['student_gflops_pair']:.2f} G (models/flops.py). MFU denominator: "
+            f"{peak['dtype']} {peak['n']}³ matmul measured in this run, {peak['flops_per_s'] / 1e12:.1f} TFLOP/s. "
+            f"Samples/s over {meta['steps']} steps after {meta['warmup']} warm-up steps; profile over "
+            f"{meta['profile_steps']} more."
+        ),
+        "",
+    ]
     if meta.get("notes"):
         lines += [f"- {n}" for n in meta["notes"]] + [""]
-    lines += [("| configuration | samples/s | step ms | model TFLOP/s | MFU | bound by | data wait | device busy | "
-               "optimizer | first losses |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        (
+            "| configuration | samples/s | step ms | model TFLOP/s | MFU | bound by | data wait | device busy | "
+            "optimizer | first losses |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         p = r["profile"]
         s = p["shares"]
-        lines.append(f"| {r['name']} | {r['samples_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops_per_s']:.2f} | "
-                     f"{r['mfu']:.1%} | {p['verdict']} | {s['data_wait']:.0%} | {s['device_busy']:.0%} | "
-                     f"{s['optimizer']:.0%} | {', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")
+        lines.append(
+            f"| {r['name']} | {r['samples_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops_per_s']:.2f} | "
+            f"{r['mfu']:.1%} | {p['verdict']} | {s['data_wait']:.0%} | {s['device_busy']:.0%} | "
+            f"{s['optimizer']:.0%} | {', '.join(f'{x:.4f}' for x in r['losses'][:3])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration; default 20 (tiny 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation); default 6 (tiny 1)")
     ap.add_argument("--profile-steps", type=int, default=None, help="profiled steps; default 3 (tiny 1)")
-    ap.add_argument("--workers", type=int, default=None, help="loader processes for render-cpu; default cores-2, max 14")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="loader processes for render-cpu; default cores-2, max 14"
+    )
     ap.add_argument("--pool", type=int, default=None, help="pairs to pre-render; default 4096 (tiny 32)")
     ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
     a = ap.parse_args(argv)
@@ -331,14 +384,20 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     workers = a.workers if a.workers is not None else (0 if tiny else max(0, min(14, (os.cpu_count() or 2) - 2)))
-    notes = [("cached teacher: a stand-in built inside this benchmark (the teacher's embeddings of every "
-              "pre-rendered pair, computed once). The toolkit's own cache (stages.N.teacher_cache, from `data "
-              "cache-teacher`) reads WebDataset shards only, and this benchmark trains on pre-rendered scenes")]
+    notes = [
+        (
+            "cached teacher: a stand-in built inside this benchmark (the teacher's embeddings of every "
+            "pre-rendered pair, computed once). The toolkit's own cache (stages.N.teacher_cache, from `data "
+            "cache-teacher`) reads WebDataset shards only, and this benchmark trains on pre-rendered scenes"
+        )
+    ]
     if tiny:
         compiled.COMPILE_BACKEND = "eager"
-        notes.append("--tiny: tiny shapes on the CPU; torch.compile runs dynamo with its eager backend (no inductor "
-                     "code generation) and CUDA graphs do not exist on a CPU: the wiring is exercised, the numbers "
-                     "mean nothing")
+        notes.append(
+            "--tiny: tiny shapes on the CPU; torch.compile runs dynamo with its eager backend (no inductor "
+            "code generation) and CUDA graphs do not exist on a CPU: the wiring is exercised, the numbers "
+            "mean nothing"
+        )
         teacher_shape = uniform_shape(64, 2, 2, embed_dim=32)
         teacher_label = "tiny teacher (64 wide, 2+2 layers, 32 px)"
     else:
@@ -348,31 +407,63 @@ def main(argv: list[str] | None = None) -> None:
     size = teacher_shape.vision.image_size
     pre = Preprocess.from_dict(sc.preprocess_config(size))
     tok = tokenizer_from_config(sc.tokenizer_config(teacher_shape.text.context_length))
-    stage = load_recipe("vit-b-32-to-50pct", ["stages.0.log_every=1", "stages.0.checkpoint_every=1000000",
-                                              "stages.0.warmup=0"]).stages[0]
+    stage = load_recipe(
+        "vit-b-32-to-50pct", ["stages.0.log_every=1", "stages.0.checkpoint_every=1000000", "stages.0.warmup=0"]
+    ).stages[0]
     torch.manual_seed(1)
     teacher = ClipModel(teacher_shape)
 
     t0 = time.perf_counter()
-    pool = PrerenderedBatches(open_source("scenes:train", image_size=size), pre, tok, a.batch, seed=0, size=a.pool,
-                              device=device, workers=workers)
+    pool = PrerenderedBatches(
+        open_source("scenes:train", image_size=size),
+        pre,
+        tok,
+        a.batch,
+        seed=0,
+        size=a.pool,
+        device=device,
+        workers=workers,
+    )
     prerender_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cached = CachedTeacher(teacher, pool, device, chunk=256)
     cache_s = time.perf_counter() - t0
     peak = matmul_peak(device, tiny)
-    env = {"device": device, "teacher": teacher, "teacher_shape": teacher_shape, "student_shape": student_shape,
-           "pre": pre, "tok": tok, "stage": stage, "pool": pool, "cached": cached, "workers": workers, "peak": peak}
+    env = {
+        "device": device,
+        "teacher": teacher,
+        "teacher_shape": teacher_shape,
+        "student_shape": student_shape,
+        "pre": pre,
+        "tok": tok,
+        "stage": stage,
+        "pool": pool,
+        "cached": cached,
+        "workers": workers,
+        "peak": peak,
+    }
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t_f, s_f = forward_flops(teacher_shape)["pair"], forward_flops(student_shape)["pair"]
-    meta = {"command": command, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            "CPU", "torch": torch.__version__, "teacher": teacher_label,
-            "student": f"~50% student ({student_shape.params()['total'] / 1e6:.2f} M of "
-                       f"{teacher_shape.params()['total'] / 1e6:.2f} M params)",
-            "teacher_gflops_pair": t_f / 1e9, "student_gflops_pair": s_f / 1e9, "batch": a.batch, "steps": a.steps,
-            "warmup": a.warmup, "profile_steps": a.profile_steps, "workers": workers, "peak": peak,
-            "prerender": {"pairs": len(pool.captions), "seconds": prerender_s, "bytes": pool.bytes},
-            "teacher_cache_seconds": cache_s, "notes": notes, "tiny": tiny}
+    meta = {
+        "command": command,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "teacher": teacher_label,
+        "student": f"~50% student ({student_shape.params()['total'] / 1e6:.2f} M of "
+        f"{teacher_shape.params()['total'] / 1e6:.2f} M params)",
+        "teacher_gflops_pair": t_f / 1e9,
+        "student_gflops_pair": s_f / 1e9,
+        "batch": a.batch,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "profile_steps": a.profile_steps,
+        "workers": workers,
+        "peak": peak,
+        "prerender": {"pairs": len(pool.captions), "seconds": prerender_s, "bytes": pool.bytes},
+        "teacher_cache_seconds": cache_s,
+        "notes": notes,
+        "tiny": tiny,
+    }
     chosen = CONFIGS if not a.configs else [c for c in CONFIGS if name_of(c) in a.configs.split(",")]
     if a.configs and len(chosen) != len(a.configs.split(",")):
         raise SystemExit(f"unknown configuration in --configs; choose from {', '.join(map(name_of, CONFIGS))}")

@@ -38,35 +38,71 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
     work = args.out / "throughput-run"
-    shape = uniform_shape(768, 12, 12, image_size=224, patch_size=32, embed_dim=512, text_width=512,
-                          text_layers=12, text_heads=8, context_length=77, vocab_size=49408)
-    teacher = ClipPackage(ClipModel(shape), Preprocess.from_dict(scenes.preprocess_config(224)),
-                          scenes.tokenizer_config(77), {"teacher": "ViT-B/32 shape, random weights"})
+    shape = uniform_shape(
+        768,
+        12,
+        12,
+        image_size=224,
+        patch_size=32,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        vocab_size=49408,
+    )
+    teacher = ClipPackage(
+        ClipModel(shape),
+        Preprocess.from_dict(scenes.preprocess_config(224)),
+        scenes.tokenizer_config(77),
+        {"teacher": "ViT-B/32 shape, random weights"},
+    )
     tdir = save_model_dir(teacher, work / "teacher-model")
-    recipe = load_recipe("vit-b-32-to-50pct", [
-        f"run_dir={work / 'run'}", f"teacher={tdir}", f"device={args.device}", "data.train=scenes:train",
-        f"data.workers={args.workers}", "eval.data=null", f"stages.0.steps={args.steps}",
-        f"stages.0.batch_size={args.batch}", "stages.0.log_every=10", "stages.0.checkpoint_every=100000",
-        f"stages.0.precision={args.precision}"])
+    recipe = load_recipe(
+        "vit-b-32-to-50pct",
+        [
+            f"run_dir={work / 'run'}",
+            f"teacher={tdir}",
+            f"device={args.device}",
+            "data.train=scenes:train",
+            f"data.workers={args.workers}",
+            "eval.data=null",
+            f"stages.0.steps={args.steps}",
+            f"stages.0.batch_size={args.batch}",
+            "stages.0.log_every=10",
+            "stages.0.checkpoint_every=100000",
+            f"stages.0.precision={args.precision}",
+        ],
+    )
     t0 = time.perf_counter()
     run_compress(recipe)
     wall = time.perf_counter() - t0
     logs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # samples/s within each logging window, skipping the first (warm-up, autotuning, worker start-up)
-    windows = [(b["samples"] - a["samples"]) / max(1e-9, b["elapsed_s"] - a["elapsed_s"])
-               for a, b in zip(logs, logs[1:])]
+    windows = [
+        (b["samples"] - a["samples"]) / max(1e-9, b["elapsed_s"] - a["elapsed_s"]) for a, b in zip(logs, logs[1:])
+    ]
     steady = statistics.median(windows[1:]) if len(windows) > 2 else windows[-1]
-    res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "teacher_params": shape.params()["total"], "batch": args.batch,
-           "steps": args.steps, "precision": args.precision, "workers": args.workers,
-           "samples_per_s_by_window": [round(w, 1) for w in windows],
-           "samples_per_s_steady": steady, "wall_s": round(wall, 1)}
+    res = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "teacher_params": shape.params()["total"],
+        "batch": args.batch,
+        "steps": args.steps,
+        "precision": args.precision,
+        "workers": args.workers,
+        "samples_per_s_by_window": [round(w, 1) for w in windows],
+        "samples_per_s_steady": steady,
+        "wall_s": round(wall, 1),
+    }
     atomic_write_json(args.out / "train-throughput.json", res)
-    md = (f"# Distillation throughput (`benchmarks/train_throughput.py --device {args.device} --batch {args.batch}`)\n\n"
-          f"ViT-B/32-shaped teacher ({res['teacher_params'] / 1e6:.1f} M params) -> 50% student, manual inheritance + "
-          f"affinity, scenes at 224 px, {args.workers} data workers, precision {args.precision}, on {res['device']}: "
-          f"**{steady:,.0f} samples/s** (median over 10-step windows after the first; whole run {wall:.0f} s for "
-          f"{args.steps} steps including start-up).\n")
+    md = (
+        f"# Distillation throughput (`benchmarks/train_throughput.py --device {args.device} --batch {args.batch}`)\n\n"
+        f"ViT-B/32-shaped teacher ({res['teacher_params'] / 1e6:.1f} M params) -> 50% student, manual inheritance + "
+        f"affinity, scenes at 224 px, {args.workers} data workers, precision {args.precision}, on {res['device']}: "
+        f"**{steady:,.0f} samples/s** (median over 10-step windows after the first; whole run {wall:.0f} s for "
+        f"{args.steps} steps including start-up).\n"
+    )
     atomic_write_text(args.out / "train-throughput.md", md)
     print(md)
 

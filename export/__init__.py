@@ -10,5 +10,13 @@ from .parity import run_parity
 from .precision import PRECISIONS
 from .report import DEFAULT_TOLERANCES, ParityReport, Tolerance
 
-__all__ = ["DEFAULT_CALIB_COUNT", "DEFAULT_TOLERANCES", "PRECISIONS", "ExportOptions", "ParityReport", "Tolerance",
-           "export_bundle", "run_parity"]
+__all__ = [
+    "DEFAULT_CALIB_COUNT",
+    "DEFAULT_TOLERANCES",
+    "PRECISIONS",
+    "ExportOptions",
+    "ParityReport",
+    "Tolerance",
+    "export_bundle",
+    "run_parity",
+]

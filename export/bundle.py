@@ -20,16 +20,33 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json
 from ..common.options import ExportOptions, ExportPrecision, resolve_options
-from ..common.typed import check_value
+from ..common.schemas import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    MANIFEST_NAME,
+    PREPROCESS_NAME,
+    TOKENIZER_DIR,
+    BundleManifest,
+    is_bundle,
+)
 from ..common.tokenizers import export_tokenizer
-from .reader import write_reader
+from ..common.typed import check_value
 from ..runtimes.base import TOWERS
-from ..common.schemas import (BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, PREPROCESS_NAME, TOKENIZER_DIR,
-                              BundleManifest, is_bundle)
 from ..runtimes.pyt import placed_model
-from .graphs import (EXTERNAL_DATA_THRESHOLD, check_graph, export_tower, graph_io, graph_opset,
-                     sample_input, save_graph, set_metadata, sha256_file, tower_module)
+from .graphs import (
+    EXTERNAL_DATA_THRESHOLD,
+    check_graph,
+    export_tower,
+    graph_io,
+    graph_opset,
+    sample_input,
+    save_graph,
+    set_metadata,
+    sha256_file,
+    tower_module,
+)
 from .precision import QuantOptions, quantize, to_fp16
+from .reader import write_reader
 from .source import Source, resolve_source
 
 DEFAULT_CALIB_COUNT = ExportOptions.calib_count
@@ -40,8 +57,10 @@ def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[s
     """Reject bad options before any work is done (the option types and ranges are ExportOptions')."""
     check_value(precision, ExportPrecision, "precision", "export option")
     if precision == "int8" and not opts.calib:
-        raise UserError("--precision int8 needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
-                        "or a CSV of real images); use --precision int8-dynamic for uncalibrated CPU int8")
+        raise UserError(
+            "--precision int8 needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
+            "or a CSV of real images); use --precision int8-dynamic for uncalibrated CPU int8"
+        )
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
         raise UserError(f"unknown tower(s) {bad or '(none)'}; choose from {', '.join(TOWERS)}")
@@ -51,7 +70,9 @@ def _check_out(out: Path, source: Source) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is a file; choose a directory path for the bundle")
     if out.is_dir() and any(out.iterdir()) and not is_bundle(out):
-        raise UserError(f"--out {out} exists and is not an export bundle; refusing to replace it, choose a new directory")
+        raise UserError(
+            f"--out {out} exists and is not an export bundle; refusing to replace it, choose a new directory"
+        )
     if source.kind == "model_dir" and out.resolve() == Path(source.spec):
         raise UserError("--out is the model directory itself; choose a different directory for the bundle")
 
@@ -68,19 +89,21 @@ def _calibration(pkg: Any, spec: str, count: int, towers: Sequence[str], progres
         ids = pkg.tokenizer()(pairs.captions)
         vocab = pkg.shape.text.vocab_size
         if ids.max() >= vocab:
-            raise UserError(f"the model's tokenizer produces ids up to {int(ids.max())} but its text tower has only "
-                            f"{vocab} token embeddings; the model directory's tokenizer does not match the model")
+            raise UserError(
+                f"the model's tokenizer produces ids up to {int(ids.max())} but its text tower has only "
+                f"{vocab} token embeddings; the model directory's tokenizer does not match the model"
+            )
         inputs["text"] = ids.astype(np.int32)
-    info = {"source": spec, "images": len(pairs), "captions": len(pairs), "skipped": pairs.skipped,
-            "requested": count}
+    info = {"source": spec, "images": len(pairs), "captions": len(pairs), "skipped": pairs.skipped, "requested": count}
     return inputs, info
 
 
 def _verify(model: Any, tower: str, path: Path, normalize: bool) -> dict[str, float] | None:
     """The fp32 graph against PyTorch on a random batch of 3; None when onnxruntime is not installed."""
     try:
-        from ..runtimes.onnxrt import create_session, run_session
         import onnxruntime  # noqa: F401
+
+        from ..runtimes.onnxrt import create_session, run_session
     except ImportError:
         return None
     from ..common.embeddings import compare
@@ -90,25 +113,46 @@ def _verify(model: Any, tower: str, path: Path, normalize: bool) -> dict[str, fl
         ref = tower_module(model, tower, normalize)(x).numpy()
     diff = compare(run_session(create_session(path), x.numpy()), ref)
     if diff.min_cosine < VERIFY_MIN_COSINE:
-        raise UserError(f"the exported {tower} graph disagrees with PyTorch (min cosine {diff.min_cosine:.6f}); "
-                        "try --exporter dynamo --opset 18, and report this model")
+        raise UserError(
+            f"the exported {tower} graph disagrees with PyTorch (min cosine {diff.min_cosine:.6f}); "
+            "try --exporter dynamo --opset 18, and report this model"
+        )
     return {"min_cosine": diff.min_cosine, "max_abs": diff.max_abs}
 
 
 def _metadata(manifest: dict[str, Any], tower: str) -> dict[str, Any]:
     pre = manifest["preprocess"]
-    return {"tower": tower, "format": BUNDLE_FORMAT, "precision": manifest["precision"],
-            "normalized": manifest["normalized"], "embed_dim": manifest["embed_dim"],
-            "image_size": pre["image_size"], "mean": pre["mean"], "std": pre["std"],
-            "interpolation": pre["interpolation"], "resize_mode": pre["resize_mode"], "preprocess": pre,
-            "context_length": manifest["context_length"], "tokenizer": manifest["tokenizer"],
-            "toolkit_version": __version__, "source_sha256": manifest["source"]["sha256"]}
+    return {
+        "tower": tower,
+        "format": BUNDLE_FORMAT,
+        "precision": manifest["precision"],
+        "normalized": manifest["normalized"],
+        "embed_dim": manifest["embed_dim"],
+        "image_size": pre["image_size"],
+        "mean": pre["mean"],
+        "std": pre["std"],
+        "interpolation": pre["interpolation"],
+        "resize_mode": pre["resize_mode"],
+        "preprocess": pre,
+        "context_length": manifest["context_length"],
+        "tokenizer": manifest["tokenizer"],
+        "toolkit_version": __version__,
+        "source_sha256": manifest["source"]["sha256"],
+    }
 
 
-def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32",
-                  options: ExportOptions | None = None, towers: Sequence[str] = TOWERS, verify: bool = True,
-                  progress: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                  **option_fields: Any) -> Path:
+def export_bundle(
+    source: Any,
+    out: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    options: ExportOptions | None = None,
+    towers: Sequence[str] = TOWERS,
+    verify: bool = True,
+    progress: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    **option_fields: Any,
+) -> Path:
     """Export `source` (model dir, open_clip spec or ClipPackage) to an ONNX bundle at `out`; returns `out`.
 
     precision: fp32 | fp16 | int8 (static QDQ, needs `calib`) | int8-dynamic (CPU). How to export is an
@@ -123,16 +167,31 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
     _check_out(out, src)
     pkg = src.package
     model = placed_model(pkg.model, "cpu", torch.float32)  # a copy when it is elsewhere: the caller's stays put
-    calib_inputs, calib_info = (_calibration(pkg, opts.calib, opts.calib_count, towers, progress)
-                                if opts.calib and precision.startswith("int8") else ({}, None))
+    calib_inputs, calib_info = (
+        _calibration(pkg, opts.calib, opts.calib_count, towers, progress)
+        if opts.calib and precision.startswith("int8")
+        else ({}, None)
+    )
     shape = model.shape
     manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "toolkit_version": __version__,
-        "precision": precision, "opset": opts.opset, "normalized": not opts.raw, "embed_dim": shape.embed_dim,
-        "image_size": shape.vision.image_size, "context_length": shape.text.context_length,
-        "preprocess": pkg.preprocess.to_dict(), "tokenizer": None, "towers": {}, "engines": {},
-        "calibration": calib_info, "precision_details": {}, "source": src.to_dict(),
-        "exporter": _exporter_info(opts.exporter), "params": model.num_params(),
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "toolkit_version": __version__,
+        "precision": precision,
+        "opset": opts.opset,
+        "normalized": not opts.raw,
+        "embed_dim": shape.embed_dim,
+        "image_size": shape.vision.image_size,
+        "context_length": shape.text.context_length,
+        "preprocess": pkg.preprocess.to_dict(),
+        "tokenizer": None,
+        "towers": {},
+        "engines": {},
+        "calibration": calib_info,
+        "precision_details": {},
+        "source": src.to_dict(),
+        "exporter": _exporter_info(opts.exporter),
+        "params": model.num_params(),
     }
     try:
         with atomic_path(out) as tmp:
@@ -150,13 +209,20 @@ def export_bundle(source: Any, out: str | os.PathLike, *, precision: str = "fp32
                 verified = _verify(model, tower, fp32, not opts.raw) if verify else None
                 steps.update()
                 steps.set_postfix_str(f"{tower}: {precision}")
-                graph, details = _convert(fp32, work, tower, precision, calib_inputs.get(tower),
-                                          QuantOptions(opts.int8_keep, opts.int8_min_cosine, opts.calib_method),
-                                          progress)
+                graph, details = _convert(
+                    fp32,
+                    work,
+                    tower,
+                    precision,
+                    calib_inputs.get(tower),
+                    QuantOptions(opts.int8_keep, opts.int8_min_cosine, opts.calib_method),
+                    progress,
+                )
                 steps.update()
                 steps.set_postfix_str(f"{tower}: save + check")
-                manifest["towers"][tower] = _finish(graph, tmp / f"{tower}.onnx", manifest, tower,
-                                                    external_data_threshold, verified)
+                manifest["towers"][tower] = _finish(
+                    graph, tmp / f"{tower}.onnx", manifest, tower, external_data_threshold, verified
+                )
                 if details:
                     manifest["precision_details"][tower] = details
                 steps.update()
@@ -178,8 +244,9 @@ def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
     m.write(tmp)
 
 
-def _convert(fp32: Path, work: Path, tower: str, precision: str, data: Any, opts: QuantOptions,
-             progress: bool) -> tuple[Path, dict[str, Any] | None]:
+def _convert(
+    fp32: Path, work: Path, tower: str, precision: str, data: Any, opts: QuantOptions, progress: bool
+) -> tuple[Path, dict[str, Any] | None]:
     if precision == "fp32":
         return fp32, None
     target = work / f"{tower}.{precision}.onnx"
@@ -188,8 +255,9 @@ def _convert(fp32: Path, work: Path, tower: str, precision: str, data: Any, opts
     return target, quantize(fp32, target, work, tower, precision, data, opts, progress)
 
 
-def _finish(graph: Path, final: Path, manifest: dict[str, Any], tower: str, threshold: int,
-            verified: dict[str, float] | None) -> dict[str, Any]:
+def _finish(
+    graph: Path, final: Path, manifest: dict[str, Any], tower: str, threshold: int, verified: dict[str, float] | None
+) -> dict[str, Any]:
     """Stamp metadata, save (external data when large), run the full checker; the manifest's tower entry."""
     import onnx
 
@@ -197,9 +265,15 @@ def _finish(graph: Path, final: Path, manifest: dict[str, Any], tower: str, thre
     set_metadata(model, _metadata(manifest, tower))
     data = save_graph(model, final, threshold)
     check_graph(final)
-    entry = {"file": final.name, **graph_io(model), "opset": graph_opset(model), "external_data": data,
-             "sha256": sha256_file(final), "bytes": final.stat().st_size + ((final.parent / data).stat().st_size if data else 0),
-             "params": manifest["params"][tower]}
+    entry = {
+        "file": final.name,
+        **graph_io(model),
+        "opset": graph_opset(model),
+        "external_data": data,
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size + ((final.parent / data).stat().st_size if data else 0),
+        "params": manifest["params"][tower],
+    }
     if verified is not None:
         entry["verified_fp32"] = verified
     return entry

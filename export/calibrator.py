@@ -23,19 +23,32 @@ from ..common.schemas import BundleManifest
 from ..runtimes.trtlib import TrtLib
 
 
-def make_calibrator(lib: TrtLib, tower: str, input_desc: dict[str, Any], manifest: BundleManifest, bundle: Path,
-                    source: str | None, count: int, *, batch: int, cache_file: Path) -> Any:
+def make_calibrator(
+    lib: TrtLib,
+    tower: str,
+    input_desc: dict[str, Any],
+    manifest: BundleManifest,
+    bundle: Path,
+    source: str | None,
+    count: int,
+    *,
+    batch: int,
+    cache_file: Path,
+) -> Any:
     trt = lib.module
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
-        raise UserError(f"{lib.name} {lib.version} has no int8 calibrator; export an int8 QDQ bundle "
-                        "(--precision int8) and build from that")
+        raise UserError(
+            f"{lib.name} {lib.version} has no int8 calibrator; export an int8 QDQ bundle "
+            "(--precision int8) and build from that"
+        )
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("int8 calibration runs the network on a CUDA GPU and none is visible; build on the device")
     # a cache answers TensorRT without data; otherwise every batch is read and checked now, before the build
-    batches = [] if cache_file.is_file() else calibration_batches(tower, input_desc, manifest, bundle, source,
-                                                                    count, batch)
+    batches = (
+        [] if cache_file.is_file() else calibration_batches(tower, input_desc, manifest, bundle, source, count, batch)
+    )
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
@@ -70,8 +83,15 @@ def make_calibrator(lib: TrtLib, tower: str, input_desc: dict[str, Any], manifes
     return EntropyCalibrator()
 
 
-def calibration_batches(tower: str, input_desc: dict[str, Any], manifest: BundleManifest, bundle: Path,
-                        source: str | None, count: int, batch: int) -> list[np.ndarray]:
+def calibration_batches(
+    tower: str,
+    input_desc: dict[str, Any],
+    manifest: BundleManifest,
+    bundle: Path,
+    source: str | None,
+    count: int,
+    batch: int,
+) -> list[np.ndarray]:
     """Full batches of preprocessed images or int32 token ids from a data source, each checked against the
     engine input `input_desc` (``{name, dtype, shape}``, batch -1) and cast to its dtype. A partial last batch is
     dropped (the calibrator's batch size is fixed); fewer usable samples than one batch is an error."""
@@ -98,12 +118,16 @@ def calibration_batches(tower: str, input_desc: dict[str, Any], manifest: Bundle
         if len(items) == batch:
             x = np.stack(items) if pre is not None else np.asarray(tok(items))
             if list(x.shape) != want:
-                raise UserError(f"calibration data for the {tower} tower has shape {list(x.shape)}, but the engine "
-                                f"input {input_desc['name']} takes {want}; the bundle's preprocessing/tokenizer does "
-                                "not match its graph: re-export the bundle")
+                raise UserError(
+                    f"calibration data for the {tower} tower has shape {list(x.shape)}, but the engine "
+                    f"input {input_desc['name']} takes {want}; the bundle's preprocessing/tokenizer does "
+                    "not match its graph: re-export the bundle"
+                )
             out.append(np.ascontiguousarray(x.astype(dtype)))
             items = []
     if not out:
-        raise UserError(f"{source} gave fewer usable samples than one calibration batch of {batch} "
-                        f"(--calib-count {count}); pass more data or a larger --calib-count")
+        raise UserError(
+            f"{source} gave fewer usable samples than one calibration batch of {batch} "
+            f"(--calib-count {count}); pass more data or a larger --calib-count"
+        )
     return out

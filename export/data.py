@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ..common.errors import UserError
 from ..common.preprocess import Preprocess
 
@@ -16,12 +17,12 @@ from ..common.preprocess import Preprocess
 @dataclass
 class PairData:
     source: str
-    images: np.ndarray                 # [N, 3, S, S] float32, through the first preprocess
-    other_images: list[np.ndarray]     # the same images through each further preprocess (e.g. a teacher's)
+    images: np.ndarray  # [N, 3, S, S] float32, through the first preprocess
+    other_images: list[np.ndarray]  # the same images through each further preprocess (e.g. a teacher's)
     captions: list[str]
-    labels: np.ndarray                 # [N] class index, -1 where the pair has no label
+    labels: np.ndarray  # [N] class index, -1 where the pair has no label
     keys: list[str] = field(default_factory=list)
-    skipped: int = 0                   # unreadable images
+    skipped: int = 0  # unreadable images
     class_names: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
 
@@ -29,8 +30,9 @@ class PairData:
         return len(self.captions)
 
 
-def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preprocess, progress: bool = True,
-               what: str = "data") -> PairData:
+def load_pairs(
+    spec: str, count: int, preprocess: Preprocess, *others: Preprocess, progress: bool = True, what: str = "data"
+) -> PairData:
     """The first `count` readable pairs of `spec` (fewer when the source is smaller), each image
     preprocessed by `preprocess` and by every one of `others`."""
     from ..data import open_source
@@ -54,5 +56,6 @@ def load_pairs(spec: str, count: int, preprocess: Preprocess, *others: Preproces
     classes = list(src.class_names()) if hasattr(src, "class_names") else []
     templates = list(src.templates()) if hasattr(src, "templates") else []
     stacked = [np.stack(im).astype(np.float32) for im in images]
-    return PairData(spec, stacked[0], stacked[1:], captions, np.asarray(labels, np.int64), keys, stats.skipped,
-                    classes, templates)
+    return PairData(
+        spec, stacked[0], stacked[1:], captions, np.asarray(labels, np.int64), keys, stats.skipped, classes, templates
+    )

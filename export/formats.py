@@ -16,20 +16,46 @@ from .precision import PRECISIONS
 class Format:
     name: str
     description: str
-    source: str                    # "model" (model dir / open_clip spec) or "bundle" (an ONNX bundle)
-    options: frozenset[str]        # CLI option names (without --) this format accepts
+    source: str  # "model" (model dir / open_clip spec) or "bundle" (an ONNX bundle)
+    options: frozenset[str]  # CLI option names (without --) this format accepts
     precisions: tuple[str, ...]
 
 
 FORMATS = {
-    "onnx": Format("onnx", "ONNX bundle: image.onnx + text.onnx, tokenizer, manifest", "model",
-                   frozenset({"out", "precision", "opset", "raw", "calib", "calib-count", "calib-method",
-                              "int8-keep", "int8-min-cosine", "exporter"}), PRECISIONS),
-    "engine": Format("engine", "TensorRT engines built from an ONNX bundle, written into it", "bundle",
-                     frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
-                     ("fp32", "fp16", "int8")),
-    "open_clip": Format("open_clip", "a folder plain open_clip loads (local-dir:DIR): open_clip_config.json + "
-                        "open_clip_model.safetensors", "model", frozenset({"out"}), ()),
+    "onnx": Format(
+        "onnx",
+        "ONNX bundle: image.onnx + text.onnx, tokenizer, manifest",
+        "model",
+        frozenset(
+            {
+                "out",
+                "precision",
+                "opset",
+                "raw",
+                "calib",
+                "calib-count",
+                "calib-method",
+                "int8-keep",
+                "int8-min-cosine",
+                "exporter",
+            }
+        ),
+        PRECISIONS,
+    ),
+    "engine": Format(
+        "engine",
+        "TensorRT engines built from an ONNX bundle, written into it",
+        "bundle",
+        frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
+        ("fp32", "fp16", "int8"),
+    ),
+    "open_clip": Format(
+        "open_clip",
+        "a folder plain open_clip loads (local-dir:DIR): open_clip_config.json + open_clip_model.safetensors",
+        "model",
+        frozenset({"out"}),
+        (),
+    ),
 }
 
 

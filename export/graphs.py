@@ -29,7 +29,7 @@ from ..common.options import Exporter
 
 INPUT_NAMES = {"image": "images", "text": "tokens"}
 OUTPUT_NAME = "embeddings"
-EXPORTERS: tuple[str, ...] = typing.get_args(Exporter)   # defined with the option schema
+EXPORTERS: tuple[str, ...] = typing.get_args(Exporter)  # defined with the option schema
 # Protobuf cannot serialise a message over 2 GiB; above this, tensors go to a side file.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
@@ -88,8 +88,9 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int, normalize: bool,
-                 exporter: str = "torchscript") -> None:
+def export_tower(
+    model: nn.Module, tower: str, path: Path, *, opset: int, normalize: bool, exporter: str = "torchscript"
+) -> None:
     """Write one tower as an ONNX graph with a dynamic batch axis."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
@@ -98,19 +99,29 @@ def export_tower(model: nn.Module, tower: str, path: Path, *, opset: int, normal
     example = (sample_input(model, tower),)
     kwargs: dict[str, Any]
     if exporter == "dynamo":
-        kwargs = dict(dynamo=True, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}},
-                      optimize=True, verbose=False)
+        kwargs = dict(
+            dynamo=True, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, optimize=True, verbose=False
+        )
     else:
         kwargs = dict(dynamo=False, dynamic_axes={name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     try:
         with _quiet(), torch.no_grad(), contextlib.redirect_stdout(None):
-            torch.onnx.export(module, example, str(path), input_names=[name], output_names=[OUTPUT_NAME],
-                              opset_version=opset, **kwargs)
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=[name],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                **kwargs,
+            )
     except Exception as e:  # the exporters raise many types; the first line says what was rejected
         if (full := write_error(e, path)) is not None:  # a full disk or permissions, not a rejected model
             raise full from None
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"the ONNX exporter ({exporter}) rejected the {tower} tower at opset {opset}: {first}") from None
+        raise UserError(
+            f"the ONNX exporter ({exporter}) rejected the {tower} tower at opset {opset}: {first}"
+        ) from None
     _name_output_dims(path, model.shape.embed_dim)
 
 
@@ -176,8 +187,9 @@ def save_graph(model: Any, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD)
         onnx.save_model(model, str(path))
         return None
     data = f"{path.name}.data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
     return data
 
 

@@ -35,9 +35,9 @@ VERIFY_MAX_ABS = 1e-4
 @dataclass
 class OpenClipExport:
     path: Path
-    padded: dict[str, dict[str, Any]]      # tower -> per-layer widths before and the widths open_clip runs
-    params: dict[str, int]                 # "student" and "open_clip" parameter counts
-    max_abs: float                         # largest embedding difference of the reloaded folder vs the student
+    padded: dict[str, dict[str, Any]]  # tower -> per-layer widths before and the widths open_clip runs
+    params: dict[str, int]  # "student" and "open_clip" parameter counts
+    max_abs: float  # largest embedding difference of the reloaded folder vs the student
     notes: list[str] = field(default_factory=list)
 
 
@@ -45,34 +45,53 @@ def _check_out(out: Path, source_spec: str) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is a file; choose a directory path for the open_clip folder")
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise UserError(f"--out {out} exists and is not an open_clip folder; refusing to replace it, choose a new directory")
+        raise UserError(
+            f"--out {out} exists and is not an open_clip folder; refusing to replace it, choose a new directory"
+        )
     if Path(source_spec).exists() and out.resolve() == Path(source_spec).resolve():
         raise UserError("--out is the source directory itself; choose a different directory")
 
 
 def _preprocess_cfg(pre: Any) -> dict[str, Any]:
     if pre.interpolation not in ("bicubic", "bilinear"):
-        raise UserError(f"open_clip resizes with bicubic or bilinear interpolation only; this model uses "
-                        f"{pre.interpolation!r}")
-    return {"size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
-            "resize_mode": pre.resize_mode, "fill_color": pre.fill_color}
+        raise UserError(
+            f"open_clip resizes with bicubic or bilinear interpolation only; this model uses {pre.interpolation!r}"
+        )
+    return {
+        "size": pre.image_size,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "interpolation": pre.interpolation,
+        "resize_mode": pre.resize_mode,
+        "fill_color": pre.fill_color,
+    }
 
 
-def _tokenizer_settings(cfg: dict[str, Any], vocab_size: int) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+def _tokenizer_settings(
+    cfg: dict[str, Any], vocab_size: int
+) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
     """(extra text_cfg keys, this project's tokenizer description for the config, a note for the user)."""
     if cfg.get("kind") == "words":
         tok = WordTokenizer(vocab=list(cfg["vocab"]), context_length=int(cfg.get("context_length", 16)))
-        note = (f"open_clip's tokenizer does not fit this model: open_clip.get_tokenizer('local-dir:...') returns "
-                f"CLIP's BPE (ids up to 49407) but the model was trained with a {len(tok.vocab)}-word tokenizer "
-                f"and has {vocab_size} token embeddings. Tokenize with the word tokenizer described under "
-                "\"tinyclip_edge\" -> \"tokenizer\" in open_clip_config.json (or use an ONNX bundle's clip_bundle.py)")
+        note = (
+            f"open_clip's tokenizer does not fit this model: open_clip.get_tokenizer('local-dir:...') returns "
+            f"CLIP's BPE (ids up to 49407) but the model was trained with a {len(tok.vocab)}-word tokenizer "
+            f"and has {vocab_size} token embeddings. Tokenize with the word tokenizer described under "
+            '"tinyclip_edge" -> "tokenizer" in open_clip_config.json (or use an ONNX bundle\'s clip_bundle.py)'
+        )
         return {}, tok.describe(), note
     from open_clip.tokenizer import SimpleTokenizer
 
     inner = getattr(tokenizer_from_config(cfg), "_tok", None)
     if not isinstance(inner, SimpleTokenizer):
-        return {}, dict(cfg), (f"open_clip's default tokenizer (CLIP's BPE) is not this model's tokenizer {cfg}; "
-                               "tokenize with that tokenizer instead")
+        return (
+            {},
+            dict(cfg),
+            (
+                f"open_clip's default tokenizer (CLIP's BPE) is not this model's tokenizer {cfg}; "
+                "tokenize with that tokenizer instead"
+            ),
+        )
     desc = describe_bpe(inner, "bpe_simple_vocab_16e6.txt.gz", int(cfg.get("context_length", 77)), vocab_size)
     return ({"tokenizer_kwargs": {"clean": desc["clean"]}} if desc["clean"] != "lower" else {}), None, None
 
@@ -96,20 +115,25 @@ def _verify(folder: Path, model: Any, pre: Any, seed: int = 0) -> float:
     try:
         oc, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:  # a bug in this exporter, not user error
-        raise UserError(f"open_clip cannot load the exported folder ({type(e).__name__}: {e}); report this model") from None
+        raise UserError(
+            f"open_clip cannot load the exported folder ({type(e).__name__}: {e}); report this model"
+        ) from None
     oc.eval()
     shape = model.shape
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, shape.vision.image_size, shape.vision.image_size, generator=g)
     tokens = torch.randint(0, shape.text.vocab_size, (3, shape.text.context_length), generator=g)
-    diff = max(float((oc.encode_image(images, normalize=True) - model.encode_image(images, normalize=True)).abs().max()),
-               float((oc.encode_text(tokens, normalize=True) - model.encode_text(tokens, normalize=True)).abs().max()))
+    diff = max(
+        float((oc.encode_image(images, normalize=True) - model.encode_image(images, normalize=True)).abs().max()),
+        float((oc.encode_text(tokens, normalize=True) - model.encode_text(tokens, normalize=True)).abs().max()),
+    )
     from PIL import Image
 
     probe = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (29, 41, 4), dtype=np.uint8))
     if not np.array_equal(transform(probe).numpy(), pre(probe)):
-        raise UserError("open_clip's transform for the exported folder differs from the model's preprocessing; "
-                        "report this model")
+        raise UserError(
+            "open_clip's transform for the exported folder differs from the model's preprocessing; report this model"
+        )
     return diff
 
 
@@ -132,18 +156,24 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
         raise UserError(f"cannot export to open_clip: {e}") from None
     text_extra, own_tokenizer, tok_note = _tokenizer_settings(pkg.tokenizer_cfg, model.shape.text.vocab_size)
     model_cfg["text_cfg"].update(text_extra)
-    config: dict[str, Any] = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(pkg.preprocess),
-                              "tinyclip_edge": {"toolkit_version": __version__, "source": src.to_dict(),
-                                                "padded": padded}}
+    config: dict[str, Any] = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": _preprocess_cfg(pkg.preprocess),
+        "tinyclip_edge": {"toolkit_version": __version__, "source": src.to_dict(), "padded": padded},
+    }
     if own_tokenizer is not None:
         config["tinyclip_edge"]["tokenizer"] = own_tokenizer
     notes = []
     if padded:
-        widths = "; ".join(f"{t}: heads {p['heads']} -> {p['padded_heads']}, mlp {p['mlp']} -> {p['padded_mlp']}"
-                           for t, p in padded.items())
-        notes.append(f"per-layer widths zero-padded to the widest layer ({widths}): the embeddings are the same, "
-                     "but open_clip runs the padded widths, so this student's speed-up is lost in open_clip; use "
-                     "an ONNX bundle (--format onnx) to keep it")
+        widths = "; ".join(
+            f"{t}: heads {p['heads']} -> {p['padded_heads']}, mlp {p['mlp']} -> {p['padded_mlp']}"
+            for t, p in padded.items()
+        )
+        notes.append(
+            f"per-layer widths zero-padded to the widest layer ({widths}): the embeddings are the same, "
+            "but open_clip runs the padded widths, so this student's speed-up is lost in open_clip; use "
+            "an ONNX bundle (--format onnx) to keep it"
+        )
     if tok_note:
         notes.append(tok_note)
         config["tinyclip_edge"]["note"] = tok_note
@@ -157,10 +187,13 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
             if verify:
                 max_abs = _verify(tmp, model, pkg.preprocess)
                 if not max_abs <= VERIFY_MAX_ABS:
-                    raise UserError(f"the open_clip folder's embeddings differ from the student's by {max_abs:.2e} "
-                                    f"(> {VERIFY_MAX_ABS:g}); report this model")
+                    raise UserError(
+                        f"the open_clip folder's embeddings differ from the student's by {max_abs:.2e} "
+                        f"(> {VERIFY_MAX_ABS:g}); report this model"
+                    )
     except OSError as e:
         raise UserError(f"cannot write the open_clip folder to {out}: {e.strerror or e}") from None
     count = sum(p.numel() for p in oc.parameters())
-    return OpenClipExport(out, padded, {"student": int(model.num_params()["total"]), "open_clip": int(count)},
-                          max_abs, notes)
+    return OpenClipExport(
+        out, padded, {"student": int(model.num_params()["total"]), "open_clip": int(count)}, max_abs, notes
+    )

@@ -20,24 +20,38 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..common import embeddings as M
 from ..common.errors import UserError
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.bundle import BundleManifest, read_manifest
-from ..common import embeddings as M
-from .report import (BATCH_INVARIANT_MAX_ABS, DEFAULT_TOLERANCES, ArtifactResult, Check, ParityReport, TaskScores,
-                     Tolerance)
+from .report import (
+    BATCH_INVARIANT_MAX_ABS,
+    DEFAULT_TOLERANCES,
+    ArtifactResult,
+    Check,
+    ParityReport,
+    TaskScores,
+    Tolerance,
+)
 
 DEFAULT_COUNT = 256
 RANDOM_SAMPLES = 32
-INVARIANCE_SAMPLES = 16   # inputs encoded one by one and as one batch to measure batch invariance
+INVARIANCE_SAMPLES = 16  # inputs encoded one by one and as one batch to measure batch invariance
 
 
 class _Inputs:
     """What every model sees: images, caption tokens, labels and the zero-shot prompts' tokens."""
 
-    def __init__(self, images: np.ndarray, tokens: np.ndarray, labels: np.ndarray | None,
-                 prompt_tokens: np.ndarray | None, n_classes: int, paired: bool = True,
-                 captions: list[str] | None = None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        tokens: np.ndarray,
+        labels: np.ndarray | None,
+        prompt_tokens: np.ndarray | None,
+        n_classes: int,
+        paired: bool = True,
+        captions: list[str] | None = None,
+    ):
         self.images, self.tokens, self.labels, self.paired = images, tokens, labels, paired
         self.prompt_tokens, self.n_classes = prompt_tokens, n_classes
         self.captions = captions
@@ -73,7 +87,9 @@ class _Embeddings:
 
 def _batched(fn: Any, x: np.ndarray, batch: int, desc: str, progress: bool) -> np.ndarray:
     starts = range(0, len(x), batch)
-    parts = [fn(x[i:i + batch]) for i in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)]
+    parts = [
+        fn(x[i : i + batch]) for i in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
+    ]
     return np.concatenate(parts)
 
 
@@ -94,8 +110,9 @@ def _tasks(emb: _Embeddings, inp: _Inputs, other: tuple[np.ndarray | None, np.nd
     return t
 
 
-def _against_reference(emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
-                       tol: Tolerance) -> tuple[TaskScores, dict[str, M.PairedDelta]]:
+def _against_reference(
+    emb: _Embeddings, ref: _Embeddings, inp: _Inputs, tol: Tolerance
+) -> tuple[TaskScores, dict[str, M.PairedDelta]]:
     """Task scores of an artifact plus what the checks read: agreement over the queries the reference decides
     by more than ``tol.agreement_margin``, and the change of each accuracy with its paired interval (per task)."""
     t = _tasks(emb, inp, (ref.retrieval(), ref.zero_shot(inp.labels)))
@@ -104,9 +121,10 @@ def _against_reference(emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
         return t, paired
     z = NormalDist().inv_cdf(0.5 + tol.confidence / 2)
     labels = inp.labels[inp.labels >= 0] if inp.labels is not None else None
-    for task, got, want, truth in (("retrieval", emb.retrieval_scores(), ref.retrieval_scores(), None),
-                                   ("zero_shot", emb.zero_shot_scores(inp.labels), ref.zero_shot_scores(inp.labels),
-                                    labels)):
+    for task, got, want, truth in (
+        ("retrieval", emb.retrieval_scores(), ref.retrieval_scores(), None),
+        ("zero_shot", emb.zero_shot_scores(inp.labels), ref.zero_shot_scores(inp.labels), labels),
+    ):
         if got is None or want is None or not len(want):
             continue
         pred, ref_pred = got.argmax(axis=1), want.argmax(axis=1)
@@ -125,12 +143,15 @@ def _against_reference(emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
 
 def _check_vocab(tokens: np.ndarray, vocab: int, who: str) -> None:
     if tokens.size and int(tokens.max()) >= vocab:
-        raise UserError(f"the {who}'s tokenizer produces ids up to {int(tokens.max())} but its text tower has only "
-                        f"{vocab} token embeddings; the tokenizer does not match the model")
+        raise UserError(
+            f"the {who}'s tokenizer produces ids up to {int(tokens.max())} but its text tower has only "
+            f"{vocab} token embeddings; the tokenizer does not match the model"
+        )
 
 
-def _load_inputs(data: str | None, count: int, bundle_rt: Runtime, preprocess: Any, vocab: int, teacher_pkg: Any,
-                 progress: bool) -> tuple[_Inputs, _Inputs | None, str, int]:
+def _load_inputs(
+    data: str | None, count: int, bundle_rt: Runtime, preprocess: Any, vocab: int, teacher_pkg: Any, progress: bool
+) -> tuple[_Inputs, _Inputs | None, str, int]:
     """(student inputs, teacher inputs, data name, pairs) from real data, or random tensors without it."""
     from ..common.preprocess import Preprocess
 
@@ -148,8 +169,14 @@ def _load_inputs(data: str | None, count: int, bundle_rt: Runtime, preprocess: A
     prompts = [t.format(c) for c in pairs.class_names for t in pairs.templates] if labelled else None
 
     def inputs(images: np.ndarray, tokenize: Any) -> _Inputs:
-        return _Inputs(images, tokenize(pairs.captions), pairs.labels if labelled else None,
-                       tokenize(prompts) if prompts else None, len(pairs.class_names), captions=list(pairs.captions))
+        return _Inputs(
+            images,
+            tokenize(pairs.captions),
+            pairs.labels if labelled else None,
+            tokenize(prompts) if prompts else None,
+            len(pairs.class_names),
+            captions=list(pairs.captions),
+        )
 
     student = inputs(pairs.images, bundle_rt.tokenize)
     teacher = inputs(pairs.other_images[0], teacher_pkg.tokenizer()) if teacher_pkg is not None else None
@@ -171,10 +198,15 @@ def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, s
     ref = resolve_source(reference)
     same = ref.sha256 == manifest.source.sha256
     if not same and given is None:
-        why = (" (a randomly initialised open_clip model cannot be re-created)" if ref.kind == "open_clip"
-               and ref.weights is None else "")
-        raise UserError(f"the bundle's source {ref.spec} no longer has the exported weights{why}; "
-                        "pass --reference with the model the bundle was exported from")
+        why = (
+            " (a randomly initialised open_clip model cannot be re-created)"
+            if ref.kind == "open_clip" and ref.weights is None
+            else ""
+        )
+        raise UserError(
+            f"the bundle's source {ref.spec} no longer has the exported weights{why}; "
+            "pass --reference with the model the bundle was exported from"
+        )
     return ref.package, ref.spec, same
 
 
@@ -186,15 +218,20 @@ def _data_quality(inp: _Inputs) -> tuple[dict[str, int] | None, list[str]]:
     if not inp.paired or inp.captions is None:
         return None, []
     n = len(inp.captions)
-    quality = {"captions": n, "distinct_captions": len(set(inp.captions)),
-               "distinct_token_sequences": int(len(np.unique(np.asarray(inp.tokens), axis=0)))}
+    quality = {
+        "captions": n,
+        "distinct_captions": len(set(inp.captions)),
+        "distinct_token_sequences": int(len(np.unique(np.asarray(inp.tokens), axis=0))),
+    }
     if quality["distinct_token_sequences"] < n:
         dup = n - quality["distinct_token_sequences"]
-        return quality, [f"the parity data's {n} captions hold {quality['distinct_captions']} distinct texts that "
-                         f"tokenise to {quality['distinct_token_sequences']} distinct token sequences ({dup} "
-                         "duplicates): identical token sequences tie in retrieval (broken by position), which "
-                         "deflates R@1 and makes agreement on those queries meaningless; prefer data with distinct "
-                         "captions"]
+        return quality, [
+            f"the parity data's {n} captions hold {quality['distinct_captions']} distinct texts that "
+            f"tokenise to {quality['distinct_token_sequences']} distinct token sequences ({dup} "
+            "duplicates): identical token sequences tie in retrieval (broken by position), which "
+            "deflates R@1 and makes agreement on those queries meaningless; prefer data with distinct "
+            "captions"
+        ]
     return quality, []
 
 
@@ -207,7 +244,7 @@ def _batch_invariance(rt: Runtime, inp: _Inputs) -> tuple[dict[str, float], int 
     out = {}
     for tower, fn, x in (("image", rt.encode_image, inp.images), ("text", rt.encode_text, inp.tokens)):
         if rt.has_tower(tower):
-            alone = np.concatenate([fn(x[i:i + 1]) for i in range(n)])
+            alone = np.concatenate([fn(x[i : i + 1]) for i in range(n)])
             out[tower] = float(np.abs(alone - fn(x[:n])).max())
     return out, n
 
@@ -222,15 +259,19 @@ def _resolve_provider(provider: str | None) -> list[str] | None:
     name = SHORT_PROVIDERS.get(provider.lower(), provider)
     available = _ort().get_available_providers()
     if name not in available:
-        raise UserError(f"ONNX Runtime execution provider {provider!r} is not available in this onnxruntime "
-                        f"(available here: {', '.join(available)}); pass one of those to --provider")
+        raise UserError(
+            f"ONNX Runtime execution provider {provider!r} is not available in this onnxruntime "
+            f"(available here: {', '.join(available)}); pass one of those to --provider"
+        )
     return [name]
 
 
-def _artifact_runtimes(bundle: Path, manifest: BundleManifest, device: str, providers: list[str] | None,
-                       skipped: list[dict[str, str]]) -> list[tuple[str, Runtime]]:
-    out: list[tuple[str, Runtime]] = [("onnxrt", open_runtime(bundle, backend="onnxrt", device=device,
-                                                              providers=providers))]
+def _artifact_runtimes(
+    bundle: Path, manifest: BundleManifest, device: str, providers: list[str] | None, skipped: list[dict[str, str]]
+) -> list[tuple[str, Runtime]]:
+    out: list[tuple[str, Runtime]] = [
+        ("onnxrt", open_runtime(bundle, backend="onnxrt", device=device, providers=providers))
+    ]
     if manifest.engines:
         try:
             out.append(("trt", open_runtime(bundle, backend="trt", device="cuda")))
@@ -239,12 +280,24 @@ def _artifact_runtimes(bundle: Path, manifest: BundleManifest, device: str, prov
     return out
 
 
-def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any = None,
-               data: str | None = "scenes:val", count: int = DEFAULT_COUNT, batch_size: int = 32,
-               min_cosine: float | None = None, min_agreement: float | None = None, max_abs: float | None = None,
-               max_task_drop: float | None = None, agreement_margin: float | None = None,
-               device: str = "cpu", providers: list[str] | None = None, provider: str | None = None,
-               progress: bool = True) -> ParityReport:
+def run_parity(
+    bundle: str | os.PathLike,
+    *,
+    reference: Any = None,
+    teacher: Any = None,
+    data: str | None = "scenes:val",
+    count: int = DEFAULT_COUNT,
+    batch_size: int = 32,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
+    max_abs: float | None = None,
+    max_task_drop: float | None = None,
+    agreement_margin: float | None = None,
+    device: str = "cpu",
+    providers: list[str] | None = None,
+    provider: str | None = None,
+    progress: bool = True,
+) -> ParityReport:
     """Compare every artifact of `bundle` with the PyTorch `reference` (default: the bundle's source).
 
     `data`: an image-caption source spec (None: random tensors, embeddings only). Tolerances default by the
@@ -256,9 +309,20 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
     manifest = read_manifest(bundle)
     precision = manifest.precision
     tol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
-    tol = replace(tol, **{k: v for k, v in dict(min_cosine=min_cosine, min_agreement=min_agreement, max_abs=max_abs,
-                                                   max_task_drop=max_task_drop,
-                                                   agreement_margin=agreement_margin).items() if v is not None})
+    tol = replace(
+        tol,
+        **{
+            k: v
+            for k, v in dict(
+                min_cosine=min_cosine,
+                min_agreement=min_agreement,
+                max_abs=max_abs,
+                max_task_drop=max_task_drop,
+                agreement_margin=agreement_margin,
+            ).items()
+            if v is not None
+        },
+    )
     tol.check_domains()
     if count < 1 or batch_size < 1:
         raise UserError("--count and --batch-size must be positive")
@@ -277,8 +341,15 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
     notes = [] if same_weights else ["the reference's weights differ from the bundle's source weights (sha256)"]
     artifacts = _artifact_runtimes(bundle, manifest, device, providers, skipped)
     try:
-        inp, t_inp, data_name, n = _load_inputs(data, count, artifacts[0][1], manifest.to_dict()["preprocess"],
-                                                ref_pkg.shape.text.vocab_size, teacher_pkg, progress)
+        inp, t_inp, data_name, n = _load_inputs(
+            data,
+            count,
+            artifacts[0][1],
+            manifest.to_dict()["preprocess"],
+            ref_pkg.shape.text.vocab_size,
+            teacher_pkg,
+            progress,
+        )
         _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
         with open_runtime(ref_pkg, backend="pyt", normalize=manifest.normalized) as ref_rt:
             ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
@@ -294,24 +365,44 @@ def run_parity(bundle: str | os.PathLike, *, reference: Any = None, teacher: Any
     finally:
         for _, rt in artifacts:
             rt.close()
-    teacher_view = (_teacher_view(teacher_pkg, teacher_name, t_inp, ref, ref_preds, batch_size, progress)
-                    if t_inp is not None else None)
+    teacher_view = (
+        _teacher_view(teacher_pkg, teacher_name, t_inp, ref, ref_preds, batch_size, progress)
+        if t_inp is not None
+        else None
+    )
     if data_name == "random":
         notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
     quality, warnings = _data_quality(inp)
     notes += warnings
     for r in results:
         if r.batch_invariant is False:
-            notes.append(f"{r.name} {r.precision}: an input's embedding changes with its batch-mates (max abs "
-                         f"{max(r.batch_invariance.values()):.2g} > {BATCH_INVARIANT_MAX_ABS:g})"
-                         + (": dynamic int8 quantises activations per batch" if r.precision == "int8-dynamic" else "")
-                         + "; build retrieval indexes with a batch-invariant precision (fp32, fp16, static int8)")
-    return ParityReport(str(bundle), precision, ref_name, data_name, n, manifest.normalized, tol,
-                        ref_tasks, results, checks, teacher_view, skipped, notes, quality)
+            notes.append(
+                f"{r.name} {r.precision}: an input's embedding changes with its batch-mates (max abs "
+                f"{max(r.batch_invariance.values()):.2g} > {BATCH_INVARIANT_MAX_ABS:g})"
+                + (": dynamic int8 quantises activations per batch" if r.precision == "int8-dynamic" else "")
+                + "; build retrieval indexes with a batch-invariant precision (fp32, fp16, static int8)"
+            )
+    return ParityReport(
+        str(bundle),
+        precision,
+        ref_name,
+        data_name,
+        n,
+        manifest.normalized,
+        tol,
+        ref_tasks,
+        results,
+        checks,
+        teacher_view,
+        skipped,
+        notes,
+        quality,
+    )
 
 
-def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _Inputs,
-             tol: Tolerance) -> tuple[ArtifactResult, list[Check]]:
+def _compare(
+    name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _Inputs, tol: Tolerance
+) -> tuple[ArtifactResult, list[Check]]:
     towers, checks = {}, []
     for tower, got, want in (("image", emb.image, ref.image), ("text", emb.text, ref.text)):
         if got is None:
@@ -335,16 +426,22 @@ def _compare(name: str, rt: Runtime, emb: _Embeddings, ref: _Embeddings, inp: _I
     return ArtifactResult(name, rt.backend, rt.precision, towers, tasks, provider, invariance, n), checks
 
 
-def _teacher_view(pkg: Any, name: str, inp: _Inputs, student: _Embeddings, student_preds: tuple[Any, Any], batch: int, progress: bool) -> dict[str, Any]:
+def _teacher_view(
+    pkg: Any, name: str, inp: _Inputs, student: _Embeddings, student_preds: tuple[Any, Any], batch: int, progress: bool
+) -> dict[str, Any]:
     """Student vs teacher on the same pairs: embedding cosine where dims match, top-1 agreement."""
     with open_runtime(pkg, backend="pyt") as rt:
         _check_vocab(inp.tokens, pkg.shape.text.vocab_size, "teacher")
         emb = _Embeddings(rt, inp, batch, "teacher", progress)
     view: dict[str, Any] = {"spec": name, "tasks": _tasks(emb, inp, student_preds).__dict__}
     if emb.image is not None and student.image is not None and emb.image.shape == student.image.shape:
-        view["cosine"] = {t: {"mean_cosine": float(c.mean()), "min_cosine": float(c.min())}
-                          for t, c in (("image", M.row_cosine(student.image, emb.image)),
-                                       ("text", M.row_cosine(student.text, emb.text)))}
+        view["cosine"] = {
+            t: {"mean_cosine": float(c.mean()), "min_cosine": float(c.min())}
+            for t, c in (
+                ("image", M.row_cosine(student.image, emb.image)),
+                ("text", M.row_cosine(student.text, emb.text)),
+            )
+        }
     else:
         dims = (student.image.shape[-1], emb.image.shape[-1]) if emb.image is not None else ("?", "?")
         view["cosine"] = None

@@ -31,28 +31,28 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..common.embeddings import row_cosine
 from ..common.errors import MissingDependency, UserError
 from ..common.options import EXPORT_PRECISIONS, CalibMethod
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import OUTPUT_NAME, graph_opset
-from ..common.embeddings import row_cosine
 
-PRECISIONS = EXPORT_PRECISIONS          # defined once, with the option schema (common/options.py)
+PRECISIONS = EXPORT_PRECISIONS  # defined once, with the option schema (common/options.py)
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt")
 WEIGHT_OPS = {"int8": ("MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm")}
-PATCH_EMBED_OPS = ("Conv",)   # the image tower's patch embedding: float unless quantize_patch_embedding
+PATCH_EMBED_OPS = ("Conv",)  # the image tower's patch embedding: float unless quantize_patch_embedding
 CALIB_METHODS: tuple[str, ...] = typing.get_args(CalibMethod)
-EVAL_SAMPLES = 128       # most inputs held out to measure a quantized tower against fp32
-PROBE_SAMPLES = 32       # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
+EVAL_SAMPLES = 128  # most inputs held out to measure a quantized tower against fp32
+PROBE_SAMPLES = 32  # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
 CALIB_BATCH = 16
 
 
 @dataclass
 class QuantOptions:
-    keep: str | Sequence[str] = "auto"   # "auto", "none", or node-name substrings to keep float
-    min_cosine: float = 0.995            # target of the auto search (min row cosine vs fp32)
-    method: str = "minmax"               # static calibration method
-    quantize_patch_embedding: bool = False   # static int8 only: also quantize the image tower's Conv
+    keep: str | Sequence[str] = "auto"  # "auto", "none", or node-name substrings to keep float
+    min_cosine: float = 0.995  # target of the auto search (min row cosine vs fp32)
+    method: str = "minmax"  # static calibration method
+    quantize_patch_embedding: bool = False  # static int8 only: also quantize the image tower's Conv
 
 
 def check_quantizer_compatible() -> None:
@@ -63,9 +63,11 @@ def check_quantizer_compatible() -> None:
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
     if version < (1, 19) and not hasattr(onnx, "mapping"):
-        raise UserError(f"onnxruntime {onnxruntime.__version__}'s quantizer needs onnx < 1.19 (it uses onnx.mapping, "
-                        f"which onnx {onnx.__version__} no longer has): pip install 'onnx<1.19', or upgrade "
-                        "onnxruntime to 1.19 or newer")
+        raise UserError(
+            f"onnxruntime {onnxruntime.__version__}'s quantizer needs onnx < 1.19 (it uses onnx.mapping, "
+            f"which onnx {onnx.__version__} no longer has): pip install 'onnx<1.19', or upgrade "
+            "onnxruntime to 1.19 or newer"
+        )
 
 
 def holdout_count(n: int, precision: str = "int8") -> int:
@@ -78,7 +80,7 @@ def holdout_count(n: int, precision: str = "int8") -> int:
     return 0 if n < 2 else min(EVAL_SAMPLES, max(1, n // 4))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supports_calibration_cache() -> bool:
     """Whether this ONNX Runtime's ``quantize_static`` can save and reuse one calibration
     (``calibration_cache_path``, added in recent releases; older ones, e.g. Jetson wheels, calibrate every run)."""
@@ -115,11 +117,14 @@ def to_fp16(fp32: Path, out: Path) -> dict[str, Any]:
         raise MissingDependency("onnxruntime", "cpu", "fp16 conversion") from None
     model = onnx.load(str(fp32))
     if graph_opset(model) < 17:
-        raise UserError("fp16 export needs --opset 17 or newer: below 17 LayerNorm is split into primitive ops "
-                        "that cannot be kept in fp32 as a unit")
+        raise UserError(
+            "fp16 export needs --opset 17 or newer: below 17 LayerNorm is split into primitive ops "
+            "that cannot be kept in fp32 as a unit"
+        )
     with _quiet():
-        half = convert_float_to_float16(model, keep_io_types=[OUTPUT_NAME],
-                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
+        half = convert_float_to_float16(
+            model, keep_io_types=[OUTPUT_NAME], op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
+        )
     _toposort(half.graph)
     onnx.save_model(half, str(out))
     kept = sorted({n.op_type for n in half.graph.node if n.op_type in FP32_OPS})
@@ -164,7 +169,7 @@ class _Reader:
     """ORT calibration reader over an in-memory array."""
 
     def __init__(self, name: str, data: np.ndarray):
-        self.batches = iter([{name: data[i:i + CALIB_BATCH]} for i in range(0, len(data), CALIB_BATCH)])
+        self.batches = iter([{name: data[i : i + CALIB_BATCH]} for i in range(0, len(data), CALIB_BATCH)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -173,8 +178,7 @@ class _Reader:
 class _Quantizer:
     """Quantizes one tower repeatedly with different float-kept nodes, reusing one calibration."""
 
-    def __init__(self, fp32: Path, work: Path, tower: str, precision: str, data: np.ndarray | None,
-                 opts: QuantOptions):
+    def __init__(self, fp32: Path, work: Path, tower: str, precision: str, data: np.ndarray | None, opts: QuantOptions):
         import onnx
 
         self.fp32, self.work, self.tower, self.precision, self.opts = fp32, work, tower, precision, opts
@@ -197,25 +201,50 @@ class _Quantizer:
         self.runs = 0
 
     def quantize(self, out: Path, keep: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         exclude = list(self.always) + [n for n in keep if n not in self.always]
-        common = dict(per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=list(self.op_types),
-                      nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=exclude)
+        common = dict(
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(self.op_types),
+            nodes_to_quantize=list(only) if only is not None else None,
+            nodes_to_exclude=exclude,
+        )
         self.runs += 1
         with _quiet():
             if self.precision == "int8-dynamic":
                 quantize_dynamic(str(self.fp32), str(out), **common)
                 return
-            method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                      "entropy": CalibrationMethod.Entropy}[self.opts.method]
+            method = {
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[self.opts.method]
             # Reuse one calibration across the search's runs where ONNX Runtime can; older releases calibrate again.
             cache = {"calibration_cache_path": str(self.cache)} if self.reuse_calibration else {}
             # TensorRT reads QDQ graphs whose zero points are 0: symmetric activations and weights.
-            quantize_static(str(self.fp32), str(out), _Reader(self.input, self.calib_x), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, calibrate_method=method,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}, **cache, **common)
+            quantize_static(
+                str(self.fp32),
+                str(out),
+                _Reader(self.input, self.calib_x),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                calibrate_method=method,
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                },
+                **cache,
+                **common,
+            )
 
     def score(self, path: Path, samples: int = EVAL_SAMPLES) -> tuple[float, float]:
         """(min, mean) row cosine of the quantized tower vs fp32 on the first `samples` held-out inputs."""
@@ -223,8 +252,16 @@ class _Quantizer:
         return float(cos.min()), float(cos.mean())
 
 
-def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data: np.ndarray | None,
-             opts: QuantOptions, progress: bool = True) -> dict[str, Any]:
+def quantize(
+    fp32: Path,
+    out: Path,
+    work: Path,
+    tower: str,
+    precision: str,
+    data: np.ndarray | None,
+    opts: QuantOptions,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the int8 graph of one tower to `out`; return what the manifest records about it."""
     try:
         import onnxruntime.quantization  # noqa: F401
@@ -245,8 +282,11 @@ def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data
     details: dict[str, Any] = {
         "mode": "static-qdq" if precision == "int8" else "dynamic",
         "weights": "int8 symmetric per-channel",
-        "activations": ("int8 symmetric per-tensor (calibrated)" if precision == "int8"
-                        else "uint8 per-tensor, scale computed at run time"),
+        "activations": (
+            "int8 symmetric per-tensor (calibrated)"
+            if precision == "int8"
+            else "uint8 per-tensor, scale computed at run time"
+        ),
         "quantized_nodes": len([n for n in q.candidates if n not in keep]),
         "float_nodes": q.always + keep,
         "keep": opts.keep if isinstance(opts.keep, str) else list(opts.keep),
@@ -255,15 +295,21 @@ def quantize(fp32: Path, out: Path, work: Path, tower: str, precision: str, data
         details["calibration_method"] = opts.method
         details["calibration_samples"] = len(q.calib_x)
     if measured is not None:
-        details["check"] = {"samples": len(q.eval_x), "min_cosine": measured[0], "mean_cosine": measured[1],
-                            "target_min_cosine": opts.min_cosine if opts.keep == "auto" else None}
+        details["check"] = {
+            "samples": len(q.eval_x),
+            "min_cosine": measured[0],
+            "mean_cosine": measured[1],
+            "target_min_cosine": opts.min_cosine if opts.keep == "auto" else None,
+        }
     if sensitivity:
         details["sensitivity"] = sensitivity
         details["quantization_runs"] = q.runs
     return details
 
 
-def _auto_keep(q: _Quantizer, out: Path, target: float, progress: bool) -> tuple[list[str], tuple[float, float], dict[str, float]]:
+def _auto_keep(
+    q: _Quantizer, out: Path, target: float, progress: bool
+) -> tuple[list[str], tuple[float, float], dict[str, float]]:
     """Keep float the fewest most-sensitive nodes with which the tower meets `target`.
 
     Sensitivity: one probe per node, quantizing that node alone. Then a binary search over how many of
@@ -275,7 +321,7 @@ def _auto_keep(q: _Quantizer, out: Path, target: float, progress: bool) -> tuple
         q.quantize(probe, only=[node])
         sensitivity[node] = 1.0 - q.score(probe, PROBE_SAMPLES)[1]
     order = sorted(sensitivity, key=sensitivity.get, reverse=True)
-    lo, hi = 0, len(order)          # keeping `lo` nodes float misses the target; keeping all of them meets it
+    lo, hi = 0, len(order)  # keeping `lo` nodes float misses the target; keeping all of them meets it
     best: tuple[float, float] = (1.0, 1.0)
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -15,16 +15,16 @@ if TYPE_CHECKING:
 class Tolerance:
     """What parity demands of an artifact; every field has a domain (``check_domains``)."""
 
-    min_cosine: float                    # per tower, every row, in [-1, 1]
-    min_agreement: float | None = None   # top-1 agreement with PyTorch on confident queries, a fraction in [0, 1]
-    max_abs: float | None = None         # per tower, largest absolute difference, >= 0
+    min_cosine: float  # per tower, every row, in [-1, 1]
+    min_agreement: float | None = None  # top-1 agreement with PyTorch on confident queries, a fraction in [0, 1]
+    max_abs: float | None = None  # per tower, largest absolute difference, >= 0
     # Task checks: an artifact fails when its R@1 or zero-shot top-1 is significantly below the reference's
     # (the paired interval's upper end < 0) AND the drop is larger than this many points (0..100).
     max_task_drop: float | None = None
     # Agreement counts only queries whose reference top-1 beats its runner-up by more than this (cosine units,
     # in [0, 2]); closer ones are near-ties that tiny numeric differences flip, for better or worse.
     agreement_margin: float = 0.01
-    confidence: float = 0.95             # of the task intervals (two-sided), in (0, 1)
+    confidence: float = 0.95  # of the task intervals (two-sided), in (0, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,29 +58,29 @@ DEFAULT_TOLERANCES = {
     "int8": Tolerance(0.99, 0.97, max_task_drop=2.0),
     "int8-dynamic": Tolerance(0.99, 0.97, max_task_drop=2.0),
 }
-BATCH_INVARIANT_MAX_ABS = 1e-5   # embeddings at batch 1 and batch N closer than this count as batch-invariant
+BATCH_INVARIANT_MAX_ABS = 1e-5  # embeddings at batch 1 and batch N closer than this count as batch-invariant
 
 
 @dataclass
 class Check:
     artifact: str
-    scope: str          # "image" | "text" | "retrieval" | "zero-shot"
-    metric: str         # "min_cosine" | "max_abs" | "confident_top1_agreement" | "delta_points"
+    scope: str  # "image" | "text" | "retrieval" | "zero-shot"
+    metric: str  # "min_cosine" | "max_abs" | "confident_top1_agreement" | "delta_points"
     value: float
     threshold: float
     passed: bool
-    interval: list[float] | None = None   # delta_points: the paired interval of the change, in points
+    interval: list[float] | None = None  # delta_points: the paired interval of the change, in points
 
     @classmethod
-    def at_least(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> "Check":
+    def at_least(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
         return cls(artifact, scope, metric, value, threshold, bool(value >= threshold))
 
     @classmethod
-    def at_most(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> "Check":
+    def at_most(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
         return cls(artifact, scope, metric, value, threshold, bool(value <= threshold))
 
     @classmethod
-    def task_drop(cls, artifact: str, scope: str, delta: "PairedDelta", max_drop: float) -> "Check":
+    def task_drop(cls, artifact: str, scope: str, delta: PairedDelta, max_drop: float) -> Check:
         """Fails only when the change is significantly negative (interval entirely below 0) AND below -max_drop."""
         pts = [100 * delta.delta, 100 * delta.low, 100 * delta.high]
         failed = pts[2] < 0 and pts[0] < -max_drop
@@ -92,7 +92,7 @@ class TaskScores:
     """Task-level numbers of one model on the parity data (None when not measurable)."""
 
     retrieval_r1: float | None = None
-    retrieval_agreement: float | None = None     # raw: with the PyTorch reference (or, for the teacher, the student)
+    retrieval_agreement: float | None = None  # raw: with the PyTorch reference (or, for the teacher, the student)
     zero_shot_top1: float | None = None
     zero_shot_agreement: float | None = None
     # median similarity margin, in the reference's own scores, between its top-1 caption and the one this model
@@ -112,15 +112,15 @@ class TaskScores:
 
 @dataclass
 class ArtifactResult:
-    name: str                                    # e.g. "onnxrt" or "trt"
+    name: str  # e.g. "onnxrt" or "trt"
     backend: str
     precision: str
-    towers: dict[str, dict[str, float]]          # tower -> max_abs / mean_abs / min_cosine / mean_cosine
+    towers: dict[str, dict[str, float]]  # tower -> max_abs / mean_abs / min_cosine / mean_cosine
     tasks: TaskScores = field(default_factory=TaskScores)
-    provider: str | None = None                  # ONNX Runtime execution provider that ran it
+    provider: str | None = None  # ONNX Runtime execution provider that ran it
     # tower -> max abs difference between each input's embedding computed alone (batch 1) and in a batch
     batch_invariance: dict[str, float] = field(default_factory=dict)
-    batch_invariance_batch: int | None = None    # the batch size N of that comparison
+    batch_invariance_batch: int | None = None  # the batch size N of that comparison
 
     @property
     def batch_invariant(self) -> bool | None:
@@ -134,7 +134,7 @@ class ParityReport:
     bundle: str
     precision: str
     reference: str
-    data: str                                    # the data spec, or "random" (fallback without data)
+    data: str  # the data spec, or "random" (fallback without data)
     samples: int
     normalized: bool
     tolerance: Tolerance
@@ -169,33 +169,53 @@ class ParityReport:
 
     def to_markdown(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        lines = [f"# Parity: {self.bundle} ({self.precision}) - {verdict}", "",
-                 f"reference: {self.reference} (PyTorch fp32) | data: {self.data} ({self.samples} pairs) | "
-                 f"normalized: {self.normalized}"
-                 + "".join(f" | {a.name} on {a.provider}" for a in self.artifacts if a.provider), "",
-                 "| artifact | tower | max abs | mean abs | min cosine | mean cosine |", "|---|---|---|---|---|---|"]
+        lines = [
+            f"# Parity: {self.bundle} ({self.precision}) - {verdict}",
+            "",
+            f"reference: {self.reference} (PyTorch fp32) | data: {self.data} ({self.samples} pairs) | "
+            f"normalized: {self.normalized}"
+            + "".join(f" | {a.name} on {a.provider}" for a in self.artifacts if a.provider),
+            "",
+            "| artifact | tower | max abs | mean abs | min cosine | mean cosine |",
+            "|---|---|---|---|---|---|",
+        ]
         for a in self.artifacts:
             for tower, d in a.towers.items():
-                lines.append(f"| {a.name} {a.precision} | {tower} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | "
-                             f"{d['min_cosine']:.6f} | {d['mean_cosine']:.6f} |")
+                lines.append(
+                    f"| {a.name} {a.precision} | {tower} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | "
+                    f"{d['min_cosine']:.6f} | {d['mean_cosine']:.6f} |"
+                )
         eps = self.tolerance.agreement_margin
-        lines += ["", f"| model | R@1 image->text | ΔR@1 (points, {self.tolerance.confidence:.0%} interval) | "
-                  f"top-1 agreement (raw / margin > {eps:g}) | zero-shot top-1 | Δ zero-shot (points) | "
-                  "zero-shot agreement (raw / margin) | margin of disagreements |", "|---|---|---|---|---|---|---|---|",
-                  _task_row("PyTorch reference", self.reference_tasks)]
+        lines += [
+            "",
+            f"| model | R@1 image->text | ΔR@1 (points, {self.tolerance.confidence:.0%} interval) | "
+            f"top-1 agreement (raw / margin > {eps:g}) | zero-shot top-1 | Δ zero-shot (points) | "
+            "zero-shot agreement (raw / margin) | margin of disagreements |",
+            "|---|---|---|---|---|---|---|---|",
+            _task_row("PyTorch reference", self.reference_tasks),
+        ]
         lines += [_task_row(f"{a.name} {a.precision}", a.tasks) for a in self.artifacts]
         inv = [a for a in self.artifacts if a.batch_invariance]
         if inv:
-            lines += ["", "| artifact | batch invariance: max abs, batch 1 vs batch N | batch-invariant |",
-                      "|---|---|---|"]
-            lines += [f"| {a.name} {a.precision} | " + ", ".join(f"{t} {v:.3g}" for t, v in a.batch_invariance.items())
-                      + f" (N={a.batch_invariance_batch}) | {'yes' if a.batch_invariant else 'NO'} |" for a in inv]
+            lines += [
+                "",
+                "| artifact | batch invariance: max abs, batch 1 vs batch N | batch-invariant |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {a.name} {a.precision} | "
+                + ", ".join(f"{t} {v:.3g}" for t, v in a.batch_invariance.items())
+                + f" (N={a.batch_invariance_batch}) | {'yes' if a.batch_invariant else 'NO'} |"
+                for a in inv
+            ]
         if self.teacher:
             lines += ["", _teacher_section(self.teacher)]
         lines += ["", "| artifact | scope | check | value | threshold | result |", "|---|---|---|---|---|---|"]
         for c in self.checks:
-            lines.append(f"| {c.artifact} | {c.scope} | {c.metric} | {_check_value(c)} | {_check_rule(c)} | "
-                         f"{'pass' if c.passed else 'FAIL'} |")
+            lines.append(
+                f"| {c.artifact} | {c.scope} | {c.metric} | {_check_value(c)} | {_check_rule(c)} | "
+                f"{'pass' if c.passed else 'FAIL'} |"
+            )
         for s in self.skipped:
             lines.append(f"\nskipped {s['artifact']}: {s['reason']}")
         lines += [f"\nnote: {n}" for n in self.notes]
@@ -220,14 +240,18 @@ def _agree(raw: float | None, confident: float | None, n: int | None) -> str:
 
 def _task_row(name: str, t: TaskScores, margin: bool = True) -> str:
     if not margin:  # the teacher's view: plain agreement
-        return (f"| {name} | {_pct(t.retrieval_r1)} | {_pct(t.retrieval_agreement)} | {_pct(t.zero_shot_top1)} | "
-                f"{_pct(t.zero_shot_agreement)} |")
+        return (
+            f"| {name} | {_pct(t.retrieval_r1)} | {_pct(t.retrieval_agreement)} | {_pct(t.zero_shot_top1)} | "
+            f"{_pct(t.zero_shot_agreement)} |"
+        )
     gap = "-" if t.retrieval_disagreement_margin is None else f"{t.retrieval_disagreement_margin:.2g}"
-    return (f"| {name} | {_pct(t.retrieval_r1)} | {_delta(t.retrieval_r1_delta, t.retrieval_r1_delta_interval)} | "
-            f"{_agree(t.retrieval_agreement, t.retrieval_agreement_confident, t.retrieval_confident_queries)} | "
-            f"{_pct(t.zero_shot_top1)} | {_delta(t.zero_shot_top1_delta, t.zero_shot_top1_delta_interval)} | "
-            f"{_agree(t.zero_shot_agreement, t.zero_shot_agreement_confident, t.zero_shot_confident_queries)} | "
-            f"{gap} |")
+    return (
+        f"| {name} | {_pct(t.retrieval_r1)} | {_delta(t.retrieval_r1_delta, t.retrieval_r1_delta_interval)} | "
+        f"{_agree(t.retrieval_agreement, t.retrieval_agreement_confident, t.retrieval_confident_queries)} | "
+        f"{_pct(t.zero_shot_top1)} | {_delta(t.zero_shot_top1_delta, t.zero_shot_top1_delta_interval)} | "
+        f"{_agree(t.zero_shot_agreement, t.zero_shot_agreement_confident, t.zero_shot_confident_queries)} | "
+        f"{gap} |"
+    )
 
 
 def _check_value(c: Check) -> str:
@@ -244,13 +268,18 @@ def _check_rule(c: Check) -> str:
 
 def _teacher_section(t: dict[str, Any]) -> str:
     cos = t.get("cosine")
-    cos_text = ("; ".join(f"{k} mean cosine {v['mean_cosine']:.4f} (min {v['min_cosine']:.4f})" for k, v in cos.items())
-                if cos else f"embedding cosine not comparable ({t.get('cosine_note', 'dims differ')})")
+    cos_text = (
+        "; ".join(f"{k} mean cosine {v['mean_cosine']:.4f} (min {v['min_cosine']:.4f})" for k, v in cos.items())
+        if cos
+        else f"embedding cosine not comparable ({t.get('cosine_note', 'dims differ')})"
+    )
     tasks = TaskScores(**t["tasks"])
-    return ("## Compression view: student (PyTorch reference) vs teacher\n\n"
-            f"teacher: {t['spec']} | {cos_text}\n\n"
-            "| model | R@1 image->text | top-1 agreement with student | zero-shot top-1 | zero-shot agreement |\n"
-            "|---|---|---|---|---|\n" + _task_row("teacher", tasks, margin=False))
+    return (
+        "## Compression view: student (PyTorch reference) vs teacher\n\n"
+        f"teacher: {t['spec']} | {cos_text}\n\n"
+        "| model | R@1 image->text | top-1 agreement with student | zero-shot top-1 | zero-shot agreement |\n"
+        "|---|---|---|---|---|\n" + _task_row("teacher", tasks, margin=False)
+    )
 
 
 def _finite(obj: Any) -> Any:

@@ -22,11 +22,11 @@ class ArtifactInfo:
     name: str
     path: Path | None
     backend: str
-    kind: str                                            # model-dir | bundle | onnx | engine | module
+    kind: str  # model-dir | bundle | onnx | engine | module
     towers: tuple[str, ...]
-    batch_range: dict[str, tuple[int, int | None]] = field(default_factory=dict)   # tower -> (min, max|None)
-    files: list[Path] = field(default_factory=list)      # what the runtime loads (for size on disk)
-    params: dict[str, int] | None = None                 # image / text / total when known
+    batch_range: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # tower -> (min, max|None)
+    files: list[Path] = field(default_factory=list)  # what the runtime loads (for size on disk)
+    params: dict[str, int] | None = None  # image / text / total when known
     precision: str | None = None
 
     @property
@@ -43,15 +43,24 @@ class ArtifactInfo:
         bad = [b for b in batches if b < lo or (hi is not None and b > hi)]
         if bad:
             what = "engine optimization profile" if self.backend == "trt" else "graph"
-            raise UserError(f"batch {bad[0]} is outside {self.name}'s {tower} {what} ({lo}..{hi}); pass batches in "
-                            f"that range or rebuild the engine with a wider --batch min,opt,max")
+            raise UserError(
+                f"batch {bad[0]} is outside {self.name}'s {tower} {what} ({lo}..{hi}); pass batches in "
+                f"that range or rebuild the engine with a wider --batch min,opt,max"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path) if self.path else None, "backend": self.backend,
-                "kind": self.kind, "towers": list(self.towers), "precision": self.precision,
-                "size_bytes": self.size_bytes, "params": (self.params or {}).get("total"),
-                "params_by_tower": self.params,
-                "batch_range": {t: list(r) for t, r in self.batch_range.items()}}
+        return {
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            "backend": self.backend,
+            "kind": self.kind,
+            "towers": list(self.towers),
+            "precision": self.precision,
+            "size_bytes": self.size_bytes,
+            "params": (self.params or {}).get("total"),
+            "params_by_tower": self.params,
+            "batch_range": {t: list(r) for t, r in self.batch_range.items()},
+        }
 
 
 def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
@@ -71,8 +80,16 @@ def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
     if path.suffix == ".onnx":
         return _onnx_info(path, backend)
     cfg = ModelConfig.read(path)
-    return ArtifactInfo(path.name, path, backend, "model-dir", TOWERS, files=[path / WEIGHTS_NAME],
-                        params=dict(cfg.params) or None, precision="fp32")
+    return ArtifactInfo(
+        path.name,
+        path,
+        backend,
+        "model-dir",
+        TOWERS,
+        files=[path / WEIGHTS_NAME],
+        params=dict(cfg.params) or None,
+        precision="fp32",
+    )
 
 
 def _module_info(module: Any) -> ArtifactInfo:
@@ -81,13 +98,20 @@ def _module_info(module: Any) -> ArtifactInfo:
 
 def _runtime_info(rt: Runtime) -> ArtifactInfo:
     spec = rt.input_spec()
-    return ArtifactInfo(rt.name, None, rt.backend, "runtime", tuple(rt.towers),
-                        {t: (spec.min_batch, spec.max_batch) for t in rt.towers},
-                        params=_params(getattr(rt, "model", None)), precision=rt.precision)
+    return ArtifactInfo(
+        rt.name,
+        None,
+        rt.backend,
+        "runtime",
+        tuple(rt.towers),
+        {t: (spec.min_batch, spec.max_batch) for t in rt.towers},
+        params=_params(getattr(rt, "model", None)),
+        precision=rt.precision,
+    )
 
 
 def _params(module: Any) -> dict[str, int] | None:
-    module = getattr(module, "model", module)   # a ClipPackage holds its model
+    module = getattr(module, "model", module)  # a ClipPackage holds its model
     if hasattr(module, "num_params"):
         return module.num_params()
     if hasattr(module, "parameters"):
@@ -106,8 +130,17 @@ def _engine_info(path: Path, name: str | None = None) -> ArtifactInfo:
         return ArtifactInfo(name or path.name, path, "trt", "engine", TOWERS, files=[path])
     tower, prof = side.tower, side.profile
     params = {tower: side.params} if side.params else None
-    return ArtifactInfo(name or path.name, path, "trt", "engine", (tower,), {tower: (prof.min, prof.max)},
-                        [path], params, side.precision)
+    return ArtifactInfo(
+        name or path.name,
+        path,
+        "trt",
+        "engine",
+        (tower,),
+        {tower: (prof.min, prof.max)},
+        [path],
+        params,
+        side.precision,
+    )
 
 
 def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
@@ -115,21 +148,40 @@ def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
     if backend == "trt":
         engines = bundle_engines(path, manifest)
         parts = [_engine_info(manifest.engine_path(path, t)) for t in engines]
-        return ArtifactInfo(path.name, path, "trt", "bundle", tuple(t for p in parts for t in p.towers),
-                            {t: r for p in parts for t, r in p.batch_range.items()}, [f for p in parts for f in p.files],
-                            manifest.tower_params(), manifest.precision)
+        return ArtifactInfo(
+            path.name,
+            path,
+            "trt",
+            "bundle",
+            tuple(t for p in parts for t in p.towers),
+            {t: r for p in parts for t, r in p.batch_range.items()},
+            [f for p in parts for f in p.files],
+            manifest.tower_params(),
+            manifest.precision,
+        )
     files = [manifest.tower_path(path, t) for t in manifest.towers]
     files += [path / e.external_data for e in manifest.towers.values() if e.external_data]
-    return ArtifactInfo(path.name, path, backend, "bundle", tuple(t for t in TOWERS if t in manifest.towers), {}, files,
-                        manifest.tower_params(), manifest.precision)
+    return ArtifactInfo(
+        path.name,
+        path,
+        backend,
+        "bundle",
+        tuple(t for t in TOWERS if t in manifest.towers),
+        {},
+        files,
+        manifest.tower_params(),
+        manifest.precision,
+    )
 
 
 def bundle_engines(path: Path, manifest: BundleManifest | None = None) -> dict[str, Any]:
     """The manifest's engine entries (tower -> EngineEntry); an error when none were built."""
     engines = (manifest or read_manifest(path)).engines
     if not engines:
-        raise UserError(f"{path} has no TensorRT engines; build them on this device with "
-                        f"`tinyclip-edge export {path} --format engine`")
+        raise UserError(
+            f"{path} has no TensorRT engines; build them on this device with "
+            f"`tinyclip-edge export {path} --format engine`"
+        )
     return engines
 
 
@@ -147,8 +199,16 @@ def _onnx_info(path: Path, backend: str) -> ArtifactInfo:
             ranges[tower] = (dim0.dim_value, dim0.dim_value) if dim0.HasField("dim_value") else (1, None)
     n = sum(int(_numel(t.dims)) for t in model.graph.initializer)
     tower = towers[0] if len(towers) == 1 else "total"
-    return ArtifactInfo(path.name, path, backend, "onnx", tuple(towers) or TOWERS, ranges, [path],
-                        {tower: n, "total": n} if tower != "total" else {"total": n})
+    return ArtifactInfo(
+        path.name,
+        path,
+        backend,
+        "onnx",
+        tuple(towers) or TOWERS,
+        ranges,
+        [path],
+        {tower: n, "total": n} if tower != "total" else {"total": n},
+    )
 
 
 def _numel(dims: Any) -> int:

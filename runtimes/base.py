@@ -16,9 +16,10 @@ from __future__ import annotations
 import abc
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,10 +37,10 @@ class InputSpec:
     image_size: int
     context_length: int
     embed_dim: int
-    image_dtype: str = "float32"   # what the backend's image input takes
-    token_dtype: str = "int64"     # int32 for ONNX/TensorRT graphs
+    image_dtype: str = "float32"  # what the backend's image input takes
+    token_dtype: str = "int64"  # int32 for ONNX/TensorRT graphs
     min_batch: int = 1
-    max_batch: int | None = None   # None: unbounded (dynamic axis)
+    max_batch: int | None = None  # None: unbounded (dynamic axis)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,9 +59,18 @@ class Runtime(abc.ABC):
 
     backend: ClassVar[str] = ""
 
-    def __init__(self, *, name: str, device: str, precision: str, spec: InputSpec,
-                 preprocess: dict[str, Any] | None = None, tokenizer: dict[str, Any] | None = None,
-                 base_dir: str | os.PathLike | None = None, towers: tuple[str, ...] = TOWERS):
+    def __init__(
+        self,
+        *,
+        name: str,
+        device: str,
+        precision: str,
+        spec: InputSpec,
+        preprocess: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        base_dir: str | os.PathLike | None = None,
+        towers: tuple[str, ...] = TOWERS,
+    ):
         self.name, self.device, self.precision, self.spec = name, device, precision, spec
         self.preprocess_cfg, self.tokenizer_cfg = preprocess, tokenizer
         self.base_dir = Path(base_dir) if base_dir else None
@@ -81,8 +91,10 @@ class Runtime(abc.ABC):
         self._check_batch(images, 4, "images", f"[B, 3, {self.spec.image_size}, {self.spec.image_size}]")
         b, c, h, w = _shape(images)
         if (c, h, w) != (3, self.spec.image_size, self.spec.image_size):
-            raise RuntimeInputError(f"{self.name}: images must be [B, 3, {self.spec.image_size}, "
-                                    f"{self.spec.image_size}], got {list(_shape(images))}")
+            raise RuntimeInputError(
+                f"{self.name}: images must be [B, 3, {self.spec.image_size}, "
+                f"{self.spec.image_size}], got {list(_shape(images))}"
+            )
         if "float" not in _dtype_name(images):
             raise RuntimeInputError(f"{self.name}: images must be floating point, got {_dtype_name(images)}")
         return self._to_numpy(self._encode_image(images))
@@ -92,8 +104,10 @@ class Runtime(abc.ABC):
         self._require("text")
         self._check_batch(tokens, 2, "tokens", f"[B, {self.spec.context_length}]")
         if _shape(tokens)[1] != self.spec.context_length:
-            raise RuntimeInputError(f"{self.name}: tokens must have context length {self.spec.context_length}, "
-                                    f"got {_shape(tokens)[1]}; tokenize with this model's tokenizer")
+            raise RuntimeInputError(
+                f"{self.name}: tokens must have context length {self.spec.context_length}, "
+                f"got {_shape(tokens)[1]}; tokenize with this model's tokenizer"
+            )
         if "int" not in _dtype_name(tokens):
             raise RuntimeInputError(f"{self.name}: tokens must be integers, got {_dtype_name(tokens)}")
         return self._to_numpy(self._encode_text(tokens))
@@ -117,14 +131,20 @@ class Runtime(abc.ABC):
             self._preprocess = Preprocess.from_dict(self.preprocess_cfg)
         return np.stack([self._preprocess(im) for im in images])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: backends without resources need not override it)
         """Release backend resources; idempotent."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision,
-                "towers": list(self.towers), "input_spec": self.spec.to_dict()}
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "device": self.device,
+            "precision": self.precision,
+            "towers": list(self.towers),
+            "input_spec": self.spec.to_dict(),
+        }
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -147,8 +167,9 @@ class Runtime(abc.ABC):
             raise RuntimeInputError(f"{self.name}: {what} must be {expected}, got {got}")
         b = _shape(x)[0]
         if b < self.spec.min_batch or (self.spec.max_batch is not None and b > self.spec.max_batch):
-            raise RuntimeInputError(f"{self.name}: batch {b} is outside this artifact's range "
-                                    f"{self.spec.min_batch}..{self.spec.max_batch}")
+            raise RuntimeInputError(
+                f"{self.name}: batch {b} is outside this artifact's range {self.spec.min_batch}..{self.spec.max_batch}"
+            )
 
     @staticmethod
     def _to_numpy(y: Any) -> np.ndarray:
@@ -188,17 +209,21 @@ def detect_backend(target: Any) -> str:
         return "onnxrt"
     if not p.exists():
         raise UserError(f"artifact not found: {p}")
-    raise UserError(f"cannot tell which runtime opens {p}: expected an export bundle (manifest.json), "
-                    "a model directory (config.json), an .onnx file or a TensorRT .engine/.plan")
+    raise UserError(
+        f"cannot tell which runtime opens {p}: expected an export bundle (manifest.json), "
+        "a model directory (config.json), an .onnx file or a TensorRT .engine/.plan"
+    )
 
 
-def open_runtime(target: Any, backend: str | None = None, device: str = "cpu", precision: str | None = None,
-                 **options: Any) -> Runtime:
+def open_runtime(
+    target: Any, backend: str | None = None, device: str = "cpu", precision: str | None = None, **options: Any
+) -> Runtime:
     """Open an artifact (or an nn.Module) for inference; the backend is picked from the artifact."""
     backend = backend or detect_backend(target)
     if backend not in BACKEND_MODULES:
-        raise UserError(f"unknown backend '{backend}'{closest(backend, BACKEND_MODULES)}; "
-                        f"choose from {', '.join(BACKEND_MODULES)}")
+        raise UserError(
+            f"unknown backend '{backend}'{closest(backend, BACKEND_MODULES)}; choose from {', '.join(BACKEND_MODULES)}"
+        )
     if backend not in _FACTORIES:
         importlib.import_module(BACKEND_MODULES[backend], __package__)
     return _FACTORIES[backend](target, device=device, precision=precision, **options)

@@ -17,10 +17,11 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +37,15 @@ from .tegrastats import TegraStats
 
 TOWER_CHOICES: tuple[str, ...] = typing.get_args(Tower)
 DEFAULT_ITERS = 20
-E2E_IMAGE_SIZE = (640, 480)   # a VGA camera frame: what preprocessing resizes and crops
-CAPTIONS = ["a photo of a red car parked on a street", "two dogs playing in the snow", "a bowl of fruit on a table",
-            "a person riding a bicycle at sunset", "an aerial view of a city at night", "a cat sleeping on a sofa"]
+E2E_IMAGE_SIZE = (640, 480)  # a VGA camera frame: what preprocessing resizes and crops
+CAPTIONS = [
+    "a photo of a red car parked on a street",
+    "two dogs playing in the snow",
+    "a bowl of fruit on a table",
+    "a person riding a bicycle at sunset",
+    "an aerial view of a city at night",
+    "a cat sleeping on a sofa",
+]
 
 
 @dataclass
@@ -49,9 +56,15 @@ class _Entry:
     gpu_mb: float | None = None
 
 
-def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
-              out_dir: str | os.PathLike | None = None, progress: bool = True,
-              load_average: float | None = None, **option_fields: Any) -> BenchReport:
+def run_bench(
+    targets: Sequence[Any],
+    options: BenchOptions | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    load_average: float | None = None,
+    **option_fields: Any,
+) -> BenchReport:
     """Benchmark `targets`; write bench.json/.csv/.md/.png into `out_dir` when given.
 
     A target is a path (model dir, bundle, .onnx, .engine; 'trt:PATH' picks the backend), an nn.Module or
@@ -67,10 +80,21 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
     o = resolve_options(BenchOptions, options, option_fields, "bench option")
     if not targets:
         raise UserError("nothing to benchmark: pass one or more artifacts (model dirs, bundles, engines)")
-    batches, tower, device, seconds, warmup, end_to_end = (o.batches, o.tower, o.device, o.seconds, o.warmup,
-                                                           o.end_to_end)
-    backend, threads, precision, power, power_interval_ms = (o.backend, o.threads, o.precision, o.power,
-                                                             o.power_interval_ms)
+    batches, tower, device, seconds, warmup, end_to_end = (
+        o.batches,
+        o.tower,
+        o.device,
+        o.seconds,
+        o.warmup,
+        o.end_to_end,
+    )
+    backend, threads, precision, power, power_interval_ms = (
+        o.backend,
+        o.threads,
+        o.precision,
+        o.power,
+        o.power_interval_ms,
+    )
     towers = ("image", "text") if tower == "both" else (tower,)
     iters = DEFAULT_ITERS if o.iters is None and seconds is None else o.iters
     picked = [split_backend(t, backend) for t in targets]
@@ -83,15 +107,28 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
         if info.backend == "trt" and not device.startswith("cuda"):
             raise UserError(f"{info.name} is a TensorRT engine; engines run on a CUDA GPU: pass --device cuda")
     cuda = device.startswith("cuda")
-    _check_device(device)   # after the artifacts are verified (their errors say more), before any is opened
+    _check_device(device)  # after the artifacts are verified (their errors say more), before any is opened
     _set_threads(threads)
-    settings = {"batches": list(batches), "tower": tower, "device": device, "iters": iters, "seconds": seconds,
-                "warmup": warmup, "end_to_end": end_to_end, "backend": backend, "threads": threads,
-                "precision": precision, "timer": "cuda-events" if cuda else "perf_counter",
-                "memory": "process RSS: growth when opened + peak above that while warming up",
-                "gpu_memory": (f"{DeviceMemory.METHOD}: after opening and one run per tower at the largest batch, "
-                               "minus before opening" if cuda else None),
-                "e2e_image_size": list(E2E_IMAGE_SIZE) if end_to_end else None}
+    settings = {
+        "batches": list(batches),
+        "tower": tower,
+        "device": device,
+        "iters": iters,
+        "seconds": seconds,
+        "warmup": warmup,
+        "end_to_end": end_to_end,
+        "backend": backend,
+        "threads": threads,
+        "precision": precision,
+        "timer": "cuda-events" if cuda else "perf_counter",
+        "memory": "process RSS: growth when opened + peak above that while warming up",
+        "gpu_memory": (
+            f"{DeviceMemory.METHOD}: after opening and one run per tower at the largest batch, minus before opening"
+            if cuda
+            else None
+        ),
+        "e2e_image_size": list(E2E_IMAGE_SIZE) if end_to_end else None,
+    }
     machine, warnings = machine_conditions(load_average, threads, device)
     settings["machine"] = machine
     for w in warnings:
@@ -105,8 +142,9 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
         probe = MemoryProbe()
         gpu = DeviceMemory(device) if cuda else None
         first_run = (towers, max(batches))
-        entries = [_open(stack, info, t, device, precision, threads, probe, gpu, first_run)
-                   for info, t in zip(infos, targets)]
+        entries = [
+            _open(stack, info, t, device, precision, threads, probe, gpu, first_run) for info, t in zip(infos, targets)
+        ]
         sampler = stack.enter_context(TegraStats(power_interval_ms)) if use_power else None
         idle_w = _idle_power(sampler)
         timer = Timer(cuda)
@@ -115,9 +153,11 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
                 calls = [_call(e.runtime, t, b, end_to_end, device) for e in entries]
                 report.rows += _run_cell(entries, calls, t, b, timer, probe, iters, seconds, warmup, progress)
                 if sampler is not None:
-                    _add_energy(report.rows[-len(entries):], calls, b, sampler, idle_w, power_interval_ms)
-        report.artifacts = [{**e.info.to_dict(), "open_mb": e.open_mb, "gpu_memory_mb": e.gpu_mb,
-                             "runtime": e.runtime.describe()} for e in entries]
+                    _add_energy(report.rows[-len(entries) :], calls, b, sampler, idle_w, power_interval_ms)
+        report.artifacts = [
+            {**e.info.to_dict(), "open_mb": e.open_mb, "gpu_memory_mb": e.gpu_mb, "runtime": e.runtime.describe()}
+            for e in entries
+        ]
     if idle_w is not None:
         report.settings["idle_power_w"] = idle_w
     report.add_speedups()
@@ -127,25 +167,34 @@ def run_bench(targets: Sequence[Any], options: BenchOptions | None = None, *,
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def machine_conditions(load_average: float | None, threads: int | None,
-                       device: str) -> tuple[dict[str, Any], list[str]]:
+def machine_conditions(
+    load_average: float | None, threads: int | None, device: str
+) -> tuple[dict[str, Any], list[str]]:
     """(what the report records about the machine's state, warnings): a 1-minute load average above the usable
     cores means other work competes for the CPU; unpinned threads let each runtime take every core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load_average is None:
         load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     overloaded = load_average is not None and load_average > cores
-    machine = {"load_average_1min": None if load_average is None else round(float(load_average), 2),
-               "usable_cores": cores, "overloaded": overloaded, "threads_pinned": threads is not None}
+    machine = {
+        "load_average_1min": None if load_average is None else round(float(load_average), 2),
+        "usable_cores": cores,
+        "overloaded": overloaded,
+        "threads_pinned": threads is not None,
+    }
     warnings = []
     if overloaded:
-        warnings.append(f"the machine is busy: its 1-minute load average {load_average:.2f} exceeds its {cores} "
-                        "usable cores, so other work competes for the CPU and these timings are skewed (CPU "
-                        "runtimes most, and unevenly); benchmark on an idle machine")
+        warnings.append(
+            f"the machine is busy: its 1-minute load average {load_average:.2f} exceeds its {cores} "
+            "usable cores, so other work competes for the CPU and these timings are skewed (CPU "
+            "runtimes most, and unevenly); benchmark on an idle machine"
+        )
     if threads is None and not device.startswith("cuda"):
-        warnings.append("threads are not pinned: each runtime picks its own thread count (PyTorch and ONNX Runtime "
-                        "take every core), which oversubscribes a shared machine and compares runtimes unevenly; "
-                        "pass --threads N (at most the idle cores)")
+        warnings.append(
+            "threads are not pinned: each runtime picks its own thread count (PyTorch and ONNX Runtime "
+            "take every core), which oversubscribes a shared machine and compares runtimes unevenly; "
+            "pass --threads N (at most the idle cores)"
+        )
     return machine, warnings
 
 
@@ -210,18 +259,25 @@ def _preload(backends: set[str]) -> None:
         importlib.import_module(BACKEND_MODULES[backend], __package__)
 
 
-def _open(stack: ExitStack, info: ArtifactInfo, target: Any, device: str, precision: str | None,
-          threads: int | None, probe: MemoryProbe, gpu: DeviceMemory | None,
-          first_run: tuple[tuple[str, ...], int]) -> _Entry:
+def _open(
+    stack: ExitStack,
+    info: ArtifactInfo,
+    target: Any,
+    device: str,
+    precision: str | None,
+    threads: int | None,
+    probe: MemoryProbe,
+    gpu: DeviceMemory | None,
+    first_run: tuple[tuple[str, ...], int],
+) -> _Entry:
     """Open one artifact; host memory it took when opened; on a GPU, the device memory it holds after opening and
     one model-only run per tower at the largest batch (the same measurement for every backend)."""
-    if isinstance(target, Runtime):   # opened by the caller with its own options; the caller closes it
+    if isinstance(target, Runtime):  # opened by the caller with its own options; the caller closes it
         return _Entry(info, target, None)
     options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
     probe.mark()
     before = gpu.used_mb() if gpu is not None else None
-    rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision,
-                                          **options))
+    rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision, **options))
     used = probe.used_mb() if probe.available else None
     gpu_mb = None
     if gpu is not None:
@@ -269,9 +325,18 @@ def _on_device(x: np.ndarray, rt: Runtime, device: str) -> Any:
     return torch.from_numpy(x).to(device)
 
 
-def _run_cell(entries: list[_Entry], calls: list[Callable[[], Any]], tower: str, batch: int, timer: Timer,
-              probe: MemoryProbe, iters: int | None, seconds: float | None, warmup: int,
-              progress: bool) -> list[dict[str, Any]]:
+def _run_cell(
+    entries: list[_Entry],
+    calls: list[Callable[[], Any]],
+    tower: str,
+    batch: int,
+    timer: Timer,
+    probe: MemoryProbe,
+    iters: int | None,
+    seconds: float | None,
+    warmup: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
     memory: list[float | None] = []
     for e, call in zip(entries, calls):
         probe.reset_peak()
@@ -291,9 +356,18 @@ def _run_cell(entries: list[_Entry], calls: list[Callable[[], Any]], tower: str,
             bar.update(1)
     rows = []
     for e, s, mem in zip(entries, samples, memory):
-        rows.append({"artifact": e.info.name, "tower": tower, "batch": batch, "backend": e.info.backend,
-                     "precision": e.runtime.precision, **latency_stats(s, batch), "memory_mb": mem,
-                     "gpu_memory_mb": e.gpu_mb})
+        rows.append(
+            {
+                "artifact": e.info.name,
+                "tower": tower,
+                "batch": batch,
+                "backend": e.info.backend,
+                "precision": e.runtime.precision,
+                **latency_stats(s, batch),
+                "memory_mb": mem,
+                "gpu_memory_mb": e.gpu_mb,
+            }
+        )
     return rows
 
 
@@ -323,8 +397,14 @@ def _idle_power(sampler: TegraStats | None, seconds: float = 1.0) -> float | Non
     return round(idle[0], 3) if idle else None
 
 
-def _add_energy(rows: list[dict[str, Any]], calls: list[Callable[[], Any]], batch: int, sampler: TegraStats,
-                idle_w: float | None, interval_ms: int) -> None:
+def _add_energy(
+    rows: list[dict[str, Any]],
+    calls: list[Callable[[], Any]],
+    batch: int,
+    sampler: TegraStats,
+    idle_w: float | None,
+    interval_ms: int,
+) -> None:
     """A window of back-to-back calls per artifact, long enough for several tegrastats samples."""
     window = max(1.0, 5 * interval_ms / 1000)
     for row, call in zip(rows, calls):
@@ -338,8 +418,12 @@ def _add_energy(rows: list[dict[str, Any]], calls: list[Callable[[], Any]], batc
         if got is None:
             continue
         watts, n, rail = got
-        row.update(power_w=round(watts, 3), power_samples=n, power_rail=rail,
-                   energy_mj_per_item=watts * (t1 - t0) / items * 1000)
+        row.update(
+            power_w=round(watts, 3),
+            power_samples=n,
+            power_rail=rail,
+            energy_mj_per_item=watts * (t1 - t0) / items * 1000,
+        )
         if idle_w is not None:
             row["dynamic_energy_mj_per_item"] = max(0.0, watts - idle_w) * (t1 - t0) / items * 1000
 

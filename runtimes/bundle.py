@@ -18,8 +18,16 @@ from ..common.schemas import (
     is_bundle,
 )
 
-__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST_NAME", "BundleManifest", "is_bundle", "read_manifest",
-           "tower_file", "write_manifest"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "MANIFEST_NAME",
+    "BundleManifest",
+    "is_bundle",
+    "read_manifest",
+    "tower_file",
+    "write_manifest",
+]
 
 
 def read_manifest(bundle_dir: str | os.PathLike, *, verify: bool = True) -> BundleManifest:

@@ -16,7 +16,9 @@ from typing import Any
 
 # import name -> distributions that provide it (first installed wins)
 LIBRARIES = {
-    "numpy": ("numpy",), "torch": ("torch",), "onnx": ("onnx",),
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "onnx": ("onnx",),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"),
     "tensorrt_rtx": ("tensorrt-rtx-cu13", "tensorrt-rtx-cu12", "tensorrt-rtx"),
@@ -25,8 +27,18 @@ LIBRARIES = {
 
 # L4T release -> JetPack, for when the nvidia-jetpack package is not installed (containers)
 L4T_TO_JETPACK = {
-    "32.6": "4.6", "32.7": "4.6.x", "34.1": "5.0 DP", "35.1": "5.0.2", "35.2": "5.1", "35.3": "5.1.1",
-    "35.4": "5.1.2", "35.5": "5.1.3", "35.6": "5.1.4", "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1/6.2",
+    "32.6": "4.6",
+    "32.7": "4.6.x",
+    "34.1": "5.0 DP",
+    "35.1": "5.0.2",
+    "35.2": "5.1",
+    "35.3": "5.1.1",
+    "35.4": "5.1.2",
+    "35.5": "5.1.3",
+    "35.6": "5.1.4",
+    "36.2": "6.0 DP",
+    "36.3": "6.0",
+    "36.4": "6.1/6.2",
 }
 
 
@@ -56,8 +68,12 @@ def cpu_facts() -> dict[str, Any]:
         m = re.search(r"^Model name:\s*(.+)$", _run(["lscpu"]) or "", re.M)
         model = m.group(1).strip() if m else None
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"model": model or platform.processor() or platform.machine(), "arch": platform.machine(),
-            "cores": os.cpu_count(), "usable_cores": affinity}
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+    }
 
 
 def parse_cpuinfo_model(text: str) -> str | None:
@@ -86,11 +102,17 @@ def gpu_facts(device: str = "cuda") -> dict[str, Any]:
         return {"available": False}
     idx = torch.device(device).index or 0
     p = torch.cuda.get_device_properties(idx)
-    facts = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}", "memory_gb": round(p.total_memory / 2**30, 1),
-             "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda,
-             "cudnn": torch.backends.cudnn.version()}
-    smi = _run(["nvidia-smi", f"--id={idx}", "--query-gpu=driver_version,power.limit,clocks.max.sm",
-                "--format=csv,noheader"])
+    facts = {
+        "name": p.name,
+        "compute_capability": f"{p.major}.{p.minor}",
+        "memory_gb": round(p.total_memory / 2**30, 1),
+        "multiprocessors": p.multi_processor_count,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+    smi = _run(
+        ["nvidia-smi", f"--id={idx}", "--query-gpu=driver_version,power.limit,clocks.max.sm", "--format=csv,noheader"]
+    )
     if smi:
         parts = [s.strip() for s in smi.strip().splitlines()[0].split(",")]
         facts.update(zip(("driver", "power_limit", "max_sm_clock"), parts))

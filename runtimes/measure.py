@@ -5,8 +5,9 @@ process's resident set (Linux /proc) for every backend, and GPU memory as the wh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 class Timer:

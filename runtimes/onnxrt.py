@@ -17,15 +17,23 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import MissingDependency, UserError
-from .base import TOWERS, InputSpec, Runtime, register_backend
 from ..common.integrity import check_onnx_external_data
 from ..common.schemas import BundleManifest
+from .base import TOWERS, InputSpec, Runtime, register_backend
 from .bundle import is_bundle, read_manifest, tower_file
 
-SHORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                   "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-             "tensor(int64)": np.int64}
+SHORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
 _DTYPE_NAMES = {k: np.dtype(v).name for k, v in _NP_TYPES.items()}
 
 
@@ -37,18 +45,21 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def resolve_providers(device: str = "cpu", providers: list[Any] | None = None,
-                      allow_fallback: bool = False) -> list[Any]:
+def resolve_providers(
+    device: str = "cpu", providers: list[Any] | None = None, allow_fallback: bool = False
+) -> list[Any]:
     """Provider list for a session; CPU is always last so unsupported nodes still have a home."""
     ort = _ort()
     kind, _, index = device.partition(":")
     if providers is None:
         if kind not in ("cpu", "cuda", "tensorrt", "trt"):
             raise UserError(f"unknown device '{device}' for onnxrt; use cpu, cuda, cuda:N or tensorrt")
-        providers = {"cpu": ["cpu"], "cuda": ["cuda"], "tensorrt": ["tensorrt", "cuda"], "trt": ["tensorrt", "cuda"]}[kind]
+        providers = {"cpu": ["cpu"], "cuda": ["cuda"], "tensorrt": ["tensorrt", "cuda"], "trt": ["tensorrt", "cuda"]}[
+            kind
+        ]
     resolved: list[Any] = []
     for p in providers:
-        name, opts = (p if isinstance(p, tuple) else (p, None))
+        name, opts = p if isinstance(p, tuple) else (p, None)
         name = SHORT_PROVIDERS.get(name, name)
         if index and name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and opts is None:
             opts = {"device_id": int(index)}
@@ -57,11 +68,15 @@ def resolve_providers(device: str = "cpu", providers: list[Any] | None = None,
     names = [p[0] if isinstance(p, tuple) else p for p in resolved]
     missing = [n for n in names if n not in available]
     if missing:
-        msg = (f"ONNX Runtime provider {', '.join(missing)} is not available in this onnxruntime build "
-               f"(available: {', '.join(available)})")
+        msg = (
+            f"ONNX Runtime provider {', '.join(missing)} is not available in this onnxruntime build "
+            f"(available: {', '.join(available)})"
+        )
         if not allow_fallback:
-            raise UserError(f"{msg}; install onnxruntime-gpu (pip install 'tinyclip-edge[gpu]' instead of the "
-                            "'cpu' extra), or use device='cpu', or pass allow_fallback=True")
+            raise UserError(
+                f"{msg}; install onnxruntime-gpu (pip install 'tinyclip-edge[gpu]' instead of the "
+                "'cpu' extra), or use device='cpu', or pass allow_fallback=True"
+            )
         warnings.warn(f"{msg}; falling back to CPU", RuntimeWarning, stacklevel=3)
         resolved = [p for p, n in zip(resolved, names) if n in available]
     if "CPUExecutionProvider" not in [p[0] if isinstance(p, tuple) else p for p in resolved]:
@@ -69,13 +84,24 @@ def resolve_providers(device: str = "cpu", providers: list[Any] | None = None,
     return resolved
 
 
-def create_session(path: str | os.PathLike, *, providers: list[Any] | None = None, device: str = "cpu",
-                   intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                   allow_fallback: bool = False, optimization: str = "all") -> Any:
+def create_session(
+    path: str | os.PathLike,
+    *,
+    providers: list[Any] | None = None,
+    device: str = "cpu",
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    allow_fallback: bool = False,
+    optimization: str = "all",
+) -> Any:
     """An InferenceSession with thread and optimisation settings, checked to run where it was asked to."""
     ort = _ort()
-    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     if optimization not in levels:
         raise UserError(f"unknown optimization level '{optimization}'; choose from {', '.join(levels)}")
     so = ort.SessionOptions()
@@ -110,7 +136,7 @@ def run_session(sess: Any, x: Any, batch_size: int | None = None) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x).astype(_NP_TYPES.get(inp.type, np.float32), copy=False))
     if batch_size is None or len(x) <= batch_size:
         return np.asarray(sess.run(None, {inp.name: x})[0], dtype=np.float32)
-    parts = [sess.run(None, {inp.name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    parts = [sess.run(None, {inp.name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
@@ -140,11 +166,29 @@ def _dim(shape: list[Any], i: int) -> int:
 class OnnxRuntime(Runtime):
     backend = "onnxrt"
 
-    def __init__(self, sessions: dict[str, Any], *, name: str, device: str, precision: str, spec: InputSpec,
-                 normalized: bool | None, preprocess: dict[str, Any] | None, tokenizer: dict[str, Any] | None,
-                 base_dir: Path | None):
-        super().__init__(name=name, device=device, precision=precision, spec=spec, preprocess=preprocess,
-                         tokenizer=tokenizer, base_dir=base_dir, towers=tuple(sessions))
+    def __init__(
+        self,
+        sessions: dict[str, Any],
+        *,
+        name: str,
+        device: str,
+        precision: str,
+        spec: InputSpec,
+        normalized: bool | None,
+        preprocess: dict[str, Any] | None,
+        tokenizer: dict[str, Any] | None,
+        base_dir: Path | None,
+    ):
+        super().__init__(
+            name=name,
+            device=device,
+            precision=precision,
+            spec=spec,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            base_dir=base_dir,
+            towers=tuple(sessions),
+        )
         self.sessions, self.normalized = sessions, normalized
 
     def _encode_image(self, images: Any) -> np.ndarray:
@@ -165,8 +209,11 @@ class OnnxRuntime(Runtime):
 
 def _spec_from(sessions: dict[str, Any], manifest: BundleManifest | None) -> InputSpec:
     """Input sizes from the manifest, else from metadata props, else from the graphs' static dims."""
-    info: dict[str, Any] = ({"image_size": manifest.image_size, "context_length": manifest.context_length,
-                             "embed_dim": manifest.embed_dim} if manifest else {})
+    info: dict[str, Any] = (
+        {"image_size": manifest.image_size, "context_length": manifest.context_length, "embed_dim": manifest.embed_dim}
+        if manifest
+        else {}
+    )
     for tower, sess in sessions.items():
         props = _props(sess)
         for key in ("image_size", "context_length", "embed_dim"):
@@ -180,21 +227,38 @@ def _spec_from(sessions: dict[str, Any], manifest: BundleManifest | None) -> Inp
         info.setdefault("embed_dim", _dim(sess.get_outputs()[0].shape, 1))
     image = sessions.get("image")
     text = sessions.get("text")
-    return InputSpec(image_size=int(info.get("image_size", 0)), context_length=int(info.get("context_length", 0)),
-                     embed_dim=int(info.get("embed_dim", 0)),
-                     image_dtype=_DTYPE_NAMES.get(image.get_inputs()[0].type, "float32") if image else "float32",
-                     token_dtype=_DTYPE_NAMES.get(text.get_inputs()[0].type, "int32") if text else "int32")
+    return InputSpec(
+        image_size=int(info.get("image_size", 0)),
+        context_length=int(info.get("context_length", 0)),
+        embed_dim=int(info.get("embed_dim", 0)),
+        image_dtype=_DTYPE_NAMES.get(image.get_inputs()[0].type, "float32") if image else "float32",
+        token_dtype=_DTYPE_NAMES.get(text.get_inputs()[0].type, "int32") if text else "int32",
+    )
 
 
 @register_backend("onnxrt")
-def open_onnxrt(target: str | os.PathLike, *, device: str = "cpu", precision: str | None = None,
-                providers: list[Any] | None = None, intra_op_threads: int | None = None,
-                inter_op_threads: int | None = None, allow_fallback: bool = False, optimization: str = "all",
-                towers: tuple[str, ...] | None = None) -> OnnxRuntime:
+def open_onnxrt(
+    target: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    precision: str | None = None,
+    providers: list[Any] | None = None,
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    allow_fallback: bool = False,
+    optimization: str = "all",
+    towers: tuple[str, ...] | None = None,
+) -> OnnxRuntime:
     """Open a bundle directory or one .onnx graph with ONNX Runtime."""
     path = Path(target)
-    opts = dict(providers=providers, device=device, intra_op_threads=intra_op_threads,
-                inter_op_threads=inter_op_threads, allow_fallback=allow_fallback, optimization=optimization)
+    opts = dict(
+        providers=providers,
+        device=device,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+        allow_fallback=allow_fallback,
+        optimization=optimization,
+    )
     manifest: BundleManifest | None = None
     if path.is_dir() or is_bundle(path):
         manifest = read_manifest(path)
@@ -205,15 +269,28 @@ def open_onnxrt(target: str | os.PathLike, *, device: str = "cpu", precision: st
         sess = create_session(path, **opts)
         sessions, base_dir, name = {_guess_tower(sess): sess}, path.parent, path.name
     else:
-        raise UserError(f"onnxrt opens an export bundle directory or an .onnx file; {path} is neither"
-                        + ("" if path.exists() else " (it does not exist)"))
+        raise UserError(
+            f"onnxrt opens an export bundle directory or an .onnx file; {path} is neither"
+            + ("" if path.exists() else " (it does not exist)")
+        )
     props = _props(next(iter(sessions.values())))
     found = manifest.precision if manifest else props.get("precision") or "fp32"
     if precision is not None and precision != found:
-        raise UserError(f"{name} holds {found} graphs, not {precision}; export a {precision} bundle or drop --precision")
+        raise UserError(
+            f"{name} holds {found} graphs, not {precision}; export a {precision} bundle or drop --precision"
+        )
     if manifest:
         normalized, preprocess, tokenizer = manifest.normalized, manifest.to_dict()["preprocess"], manifest.tokenizer
     else:
         normalized, preprocess, tokenizer = (_prop(props, k) for k in ("normalized", "preprocess", "tokenizer"))
-    return OnnxRuntime(sessions, name=name, device=device, precision=found, spec=_spec_from(sessions, manifest),
-                       normalized=normalized, preprocess=preprocess, tokenizer=tokenizer, base_dir=base_dir)
+    return OnnxRuntime(
+        sessions,
+        name=name,
+        device=device,
+        precision=found,
+        spec=_spec_from(sessions, manifest),
+        normalized=normalized,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        base_dir=base_dir,
+    )

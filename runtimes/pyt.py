@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,10 @@ def _load(target: Any) -> tuple[Any, dict | None, dict | None, Path | None, str]
         from ..models.openclip import from_open_clip
 
         return from_open_clip(target), None, None, None, type(target).__name__
-    raise UserError(f"pyt cannot open {type(target).__name__}: pass a model directory, a ClipPackage, "
-                    "a ClipModel or an open_clip model")
+    raise UserError(
+        f"pyt cannot open {type(target).__name__}: pass a model directory, a ClipPackage, "
+        "a ClipModel or an open_clip model"
+    )
 
 
 def placed_model(model: Any, device: str, dtype: torch.dtype) -> Any:
@@ -90,16 +93,42 @@ def _allow_many_compiled_models(limit: int = 64) -> None:
 class PytRuntime(Runtime):
     backend = "pyt"
 
-    def __init__(self, model: Any, *, name: str, device: str, precision: str, mode: str, normalize: bool,
-                 batch: int | None, compile_mode: str | None, compile_backend: str, preprocess: dict | None,
-                 tokenizer: dict | None, base_dir: Path | None):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        device: str,
+        precision: str,
+        mode: str,
+        normalize: bool,
+        batch: int | None,
+        compile_mode: str | None,
+        compile_backend: str,
+        preprocess: dict | None,
+        tokenizer: dict | None,
+        base_dir: Path | None,
+    ):
         shape = model.shape
         fixed = batch if mode == "cudagraph" else None
-        spec = InputSpec(image_size=shape.vision.image_size, context_length=shape.text.context_length,
-                         embed_dim=shape.embed_dim, image_dtype=str(DTYPES[precision]).replace("torch.", ""),
-                         token_dtype="int64", min_batch=fixed or 1, max_batch=fixed)
-        super().__init__(name=name, device=device, precision=precision, spec=spec, preprocess=preprocess,
-                         tokenizer=tokenizer, base_dir=base_dir)
+        spec = InputSpec(
+            image_size=shape.vision.image_size,
+            context_length=shape.text.context_length,
+            embed_dim=shape.embed_dim,
+            image_dtype=str(DTYPES[precision]).replace("torch.", ""),
+            token_dtype="int64",
+            min_batch=fixed or 1,
+            max_batch=fixed,
+        )
+        super().__init__(
+            name=name,
+            device=device,
+            precision=precision,
+            spec=spec,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            base_dir=base_dir,
+        )
         self.dtype, self.mode, self.normalize, self.batch = DTYPES[precision], mode, normalize, batch
         self.compile_mode, self.compile_backend = compile_mode, compile_backend
         self.model = placed_model(model, device, self.dtype)
@@ -142,15 +171,27 @@ class PytRuntime(Runtime):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(mode=self.mode, normalized=self.normalize, compile_mode=self.compile_mode,
-                 batch=self.batch if self.mode == "cudagraph" else None)
+        d.update(
+            mode=self.mode,
+            normalized=self.normalize,
+            compile_mode=self.compile_mode,
+            batch=self.batch if self.mode == "cudagraph" else None,
+        )
         return d
 
 
 @register_backend("pyt")
-def open_pyt(target: Any, *, device: str = "cpu", precision: str | None = None, mode: str = "eager",
-             normalize: bool = True, batch: int | None = None, compile_mode: str | None = None,
-             compile_backend: str = "inductor") -> PytRuntime:
+def open_pyt(
+    target: Any,
+    *,
+    device: str = "cpu",
+    precision: str | None = None,
+    mode: str = "eager",
+    normalize: bool = True,
+    batch: int | None = None,
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+) -> PytRuntime:
     """Open a model for PyTorch inference; see the module docstring for the options."""
     precision = precision or "fp32"
     if precision not in DTYPES:
@@ -165,6 +206,17 @@ def open_pyt(target: Any, *, device: str = "cpu", precision: str | None = None, 
         if not batch or batch < 1:
             raise UserError("mode 'cudagraph' captures a fixed batch size; pass batch=N")
     model, pre, tok, base_dir, name = _load(target)
-    return PytRuntime(model, name=name, device=device, precision=precision, mode=mode, normalize=normalize,
-                      batch=batch, compile_mode=compile_mode, compile_backend=compile_backend, preprocess=pre,
-                      tokenizer=tok, base_dir=base_dir)
+    return PytRuntime(
+        model,
+        name=name,
+        device=device,
+        precision=precision,
+        mode=mode,
+        normalize=normalize,
+        batch=batch,
+        compile_mode=compile_mode,
+        compile_backend=compile_backend,
+        preprocess=pre,
+        tokenizer=tok,
+        base_dir=base_dir,
+    )

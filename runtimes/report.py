@@ -17,10 +17,18 @@ BENCH_FORMAT = "tinyclip-edge/bench"
 
 # (column, header, format) for the human tables; the JSON and CSV hold every field
 COLUMNS = [
-    ("artifact", "artifact", "{}"), ("tower", "tower", "{}"), ("batch", "batch", "{}"),
-    ("p50_ms", "p50 ms", "{:.3f}"), ("p90_ms", "p90 ms", "{:.3f}"), ("p99_ms", "p99 ms", "{:.3f}"),
-    ("mean_ms", "mean ms", "{:.3f}"), ("std_ms", "std ms", "{:.3f}"), ("throughput", "items/s", "{:.1f}"),
-    ("speedup", "speedup", "{:.2f}x"), ("memory_mb", "mem MB", "{:.1f}"), ("gpu_memory_mb", "GPU MB", "{:.1f}"),
+    ("artifact", "artifact", "{}"),
+    ("tower", "tower", "{}"),
+    ("batch", "batch", "{}"),
+    ("p50_ms", "p50 ms", "{:.3f}"),
+    ("p90_ms", "p90 ms", "{:.3f}"),
+    ("p99_ms", "p99 ms", "{:.3f}"),
+    ("mean_ms", "mean ms", "{:.3f}"),
+    ("std_ms", "std ms", "{:.3f}"),
+    ("throughput", "items/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("memory_mb", "mem MB", "{:.1f}"),
+    ("gpu_memory_mb", "GPU MB", "{:.1f}"),
     ("energy_mj_per_item", "mJ/item", "{:.2f}"),
 ]
 
@@ -28,20 +36,27 @@ COLUMNS = [
 def latency_stats(samples_ms: list[float], batch: int) -> dict[str, float]:
     x = np.asarray(samples_ms, dtype=np.float64)
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return {"iters": int(x.size), "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-            "mean_ms": float(x.mean()), "std_ms": float(x.std(ddof=1)) if x.size > 1 else 0.0,
-            "min_ms": float(x.min()), "max_ms": float(x.max()),
-            "throughput": float(batch * x.size / (x.sum() / 1000.0))}
+    return {
+        "iters": int(x.size),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(x.mean()),
+        "std_ms": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        "min_ms": float(x.min()),
+        "max_ms": float(x.max()),
+        "throughput": float(batch * x.size / (x.sum() / 1000.0)),
+    }
 
 
 @dataclass
 class BenchReport:
-    device: dict[str, Any]                               # devices.device_facts()
-    settings: dict[str, Any]                             # batches, tower, iters/seconds, warm-up, end_to_end, ...
-    artifacts: list[dict[str, Any]] = field(default_factory=list)   # name, path, backend, precision, size, params
-    rows: list[dict[str, Any]] = field(default_factory=list)        # one per artifact x tower x batch
+    device: dict[str, Any]  # devices.device_facts()
+    settings: dict[str, Any]  # batches, tower, iters/seconds, warm-up, end_to_end, ...
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, path, backend, precision, size, params
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per artifact x tower x batch
     notes: list[str] = field(default_factory=list)
-    written: dict[str, Path] = field(default_factory=dict, repr=False)   # set by save(); not serialised
+    written: dict[str, Path] = field(default_factory=dict, repr=False)  # set by save(); not serialised
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -69,8 +84,9 @@ class BenchReport:
         head, body = self._cells()
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                  for row in body]
+        lines += [
+            "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in body
+        ]
         return "\n".join(lines)
 
     def summary(self, size_digits: int = 0) -> str:
@@ -80,9 +96,13 @@ class BenchReport:
         head = ["artifact", "runtime", "precision", "params (M)", "MB on disk"] + [f"{t} b{b} p50 ms" for t, b in cells]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for a in self.artifacts:
-            row = [a["name"], a["backend"], a["precision"] or "-",
-                   f"{a['params'] / 1e6:.{2 if size_digits else 1}f}" if a.get("params") else "-",
-                   f"{a['size_bytes'] / 2**20:.{size_digits}f}" if a.get("size_bytes") else "-"]
+            row = [
+                a["name"],
+                a["backend"],
+                a["precision"] or "-",
+                f"{a['params'] / 1e6:.{2 if size_digits else 1}f}" if a.get("params") else "-",
+                f"{a['size_bytes'] / 2**20:.{size_digits}f}" if a.get("size_bytes") else "-",
+            ]
             for t, b in cells:
                 r = by.get((a["name"], t, b))
                 digits = 1 if r is None or r["p50_ms"] >= 1 else 3
@@ -96,13 +116,22 @@ class BenchReport:
         where = gpu.get("name") or cpu.get("model") or "unknown device"
         if self.device.get("jetson"):
             j = self.device["jetson"]
-            where = f"{j.get('module', 'Jetson')} (JetPack {j.get('jetpack')}, power mode " \
-                    f"{(j.get('nvpmodel') or {}).get('name', '?')})"
-        lines = [f"Latency on {where}; {self._settings_line()}", "",
-                 "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+            where = (
+                f"{j.get('module', 'Jetson')} (JetPack {j.get('jetpack')}, power mode "
+                f"{(j.get('nvpmodel') or {}).get('name', '?')})"
+            )
+        lines = [
+            f"Latency on {where}; {self._settings_line()}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-        sizes = [f"{a['name']}: {a['size_bytes'] / 2**20:.1f} MiB on disk"
-                 + (f", {a['params'] / 1e6:.2f} M params" if a.get("params") else "") for a in self.artifacts]
+        sizes = [
+            f"{a['name']}: {a['size_bytes'] / 2**20:.1f} MiB on disk"
+            + (f", {a['params'] / 1e6:.2f} M params" if a.get("params") else "")
+            for a in self.artifacts
+        ]
         lines += ["", *[f"- {s}" for s in sizes], *[f"- note: {n}" for n in self.notes]]
         return "\n".join(lines) + "\n"
 
@@ -138,8 +167,9 @@ class BenchReport:
         fig, axes = plt.subplots(1, len(towers), figsize=(5.5 * len(towers), 4), squeeze=False)
         for ax, tower in zip(axes[0], towers):
             for a in self.artifacts:
-                pts = sorted((r["batch"], r["p50_ms"]) for r in self.rows
-                             if r["artifact"] == a["name"] and r["tower"] == tower)
+                pts = sorted(
+                    (r["batch"], r["p50_ms"]) for r in self.rows if r["artifact"] == a["name"] and r["tower"] == tower
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=a["name"])
             ax.set(title=f"{tower} tower", xlabel="batch", ylabel="p50 latency (ms)")

@@ -19,7 +19,7 @@ from typing import Any
 
 # NAME current[mW]/average[mW], where the numbers are not followed by another unit (RAM 2462/30536MB is not power)
 _RAIL = re.compile(r"(?<![\w@])([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
-INPUT_RAILS = ("VDD_IN", "POM_5V_IN")   # rails that measure the whole module/board input, in preference order
+INPUT_RAILS = ("VDD_IN", "POM_5V_IN")  # rails that measure the whole module/board input, in preference order
 _NOT_POWER = {"RAM", "SWAP", "IRAM", "LFB"}
 
 
@@ -40,7 +40,7 @@ def total_power_mw(rails: dict[str, tuple[float, float]]) -> tuple[float, str] |
 
 @dataclass
 class PowerSample:
-    t: float          # time.perf_counter() when the line arrived
+    t: float  # time.perf_counter() when the line arrived
     mw: float
     source: str
 
@@ -63,9 +63,14 @@ class TegraStats:
     def available(command: str = "tegrastats") -> bool:
         return shutil.which(command) is not None
 
-    def __enter__(self) -> "TegraStats":
-        self._proc = subprocess.Popen([self.command, "--interval", str(self.interval_ms)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    def __enter__(self) -> TegraStats:
+        self._proc = subprocess.Popen(
+            [self.command, "--interval", str(self.interval_ms)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -110,8 +115,9 @@ class TegraStats:
         return mw / 1000, n, rail
 
 
-def window_mean_mw(samples: list[PowerSample], t0: float, t1: float,
-                   interval_s: float) -> tuple[float, int, str] | None:
+def window_mean_mw(
+    samples: list[PowerSample], t0: float, t1: float, interval_s: float
+) -> tuple[float, int, str] | None:
     """Time-weighted mean power (mW) of the window [t0, t1] from tegrastats samples.
 
     A line arriving at time t reports the interval that just ended, (t - d, t], where d is the gap since the

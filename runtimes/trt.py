@@ -40,12 +40,16 @@ def engine_runtime(lib: TrtLib, logger: Any, dla_core: int | None) -> Any:
         return runtime
     cores = 0 if lib.is_rtx else int(getattr(runtime, "num_DLA_cores", 0))
     if cores == 0:
-        raise UserError(f"this engine was built for DLA core {dla_core}, but {lib.name} here has no DLA (only Jetson "
-                        "AGX Xavier/Orin and Xavier NX/Orin NX have one): run it on that device, or rebuild without "
-                        "--dla")
+        raise UserError(
+            f"this engine was built for DLA core {dla_core}, but {lib.name} here has no DLA (only Jetson "
+            "AGX Xavier/Orin and Xavier NX/Orin NX have one): run it on that device, or rebuild without "
+            "--dla"
+        )
     if not 0 <= dla_core < cores:
-        raise UserError(f"this engine was built for DLA core {dla_core}; this device has DLA cores 0..{cores - 1}: "
-                        "rebuild it with --dla set to one of those")
+        raise UserError(
+            f"this engine was built for DLA core {dla_core}; this device has DLA cores 0..{cores - 1}: "
+            "rebuild it with --dla set to one of those"
+        )
     runtime.DLA_core = dla_core
     return runtime
 
@@ -63,16 +67,20 @@ class _Engine:
         self.stream = torch.cuda.Stream(device)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise UserError(f"{lib.name} {lib.version} cannot open {path}: {'; '.join(self.logger.errors[-2:])}. "
-                            "An engine only runs with the library version and GPU family that built it: rebuild it "
-                            "on this device from the ONNX bundle (`tinyclip-edge export BUNDLE --format engine`)")
+            raise UserError(
+                f"{lib.name} {lib.version} cannot open {path}: {'; '.join(self.logger.errors[-2:])}. "
+                "An engine only runs with the library version and GPU family that built it: rebuild it "
+                "on this device from the ONNX bundle (`tinyclip-edge export BUNDLE --format engine`)"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or not outputs:
-            raise UserError(f"{path} has inputs {inputs} and outputs {outputs}; expected one CLIP tower "
-                            "(images or tokens -> embeddings)")
+            raise UserError(
+                f"{path} has inputs {inputs} and outputs {outputs}; expected one CLIP tower "
+                "(images or tokens -> embeddings)"
+            )
         self.input = inputs[0]
         self.output = "embeddings" if "embeddings" in outputs else outputs[0]
         self.in_dtype = getattr(torch, dtype_name(self.engine.get_tensor_dtype(self.input)))
@@ -100,20 +108,28 @@ class _Engine:
         self.context.set_tensor_address(self.input, x.data_ptr())
         self.context.set_tensor_address(self.output, y.data_ptr())
         caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)          # x was written on the caller's stream
-        x.record_stream(self.stream)             # the allocator must not reuse x / y while our stream uses them
+        self.stream.wait_stream(caller)  # x was written on the caller's stream
+        x.record_stream(self.stream)  # the allocator must not reuse x / y while our stream uses them
         y.record_stream(self.stream)
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise UserError(f"{self.path.name}: TensorRT execution failed: {'; '.join(self.logger.errors[-2:])}")
-        caller.wait_stream(self.stream)          # work the caller queues next (y.float(), timers) follows ours
+        caller.wait_stream(self.stream)  # work the caller queues next (y.float(), timers) follows ours
         return y.float()
 
 
 class TrtRuntime(Runtime):
     backend = "trt"
 
-    def __init__(self, engines: dict[str, _Engine], sidecars: dict[str, EngineSidecar | None], *, name: str,
-                 device: str, base_dir: Path, lib: TrtLib):
+    def __init__(
+        self,
+        engines: dict[str, _Engine],
+        sidecars: dict[str, EngineSidecar | None],
+        *,
+        name: str,
+        device: str,
+        base_dir: Path,
+        lib: TrtLib,
+    ):
         first = next((s for s in sidecars.values() if s is not None), None)
         image_side, text_side = sidecars.get("image"), sidecars.get("text")
         image, text = engines.get("image"), engines.get("text")
@@ -126,10 +142,16 @@ class TrtRuntime(Runtime):
             min_batch=max(e.batch_range[0] for e in engines.values()),
             max_batch=min(e.batch_range[1] for e in engines.values()),
         )
-        super().__init__(name=name, device=device, precision=first.precision if first else "unknown", spec=spec,
-                         preprocess=image_side.to_dict()["preprocess"] if image_side else None,
-                         tokenizer=text_side.tokenizer if text_side else None, base_dir=base_dir,
-                         towers=tuple(t for t in ("image", "text") if t in engines))
+        super().__init__(
+            name=name,
+            device=device,
+            precision=first.precision if first else "unknown",
+            spec=spec,
+            preprocess=image_side.to_dict()["preprocess"] if image_side else None,
+            tokenizer=text_side.tokenizer if text_side else None,
+            base_dir=base_dir,
+            towers=tuple(t for t in ("image", "text") if t in engines),
+        )
         self._engines, self._sidecars, self._lib = engines, sidecars, lib
 
     def _encode_image(self, images: Any) -> Any:
@@ -142,12 +164,20 @@ class TrtRuntime(Runtime):
         self._engines = {}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "library": self._lib.name, "library_version": self._lib.version,
-                "engines": {t: str(e.path) for t, e in self._engines.items()},
-                "dla_core": {t: int(e.runtime.DLA_core) for t, e in self._engines.items()
-                             if int(getattr(e.runtime, "DLA_core", -1)) >= 0} or None,
-                "profile": {t: list(e.batch_range) for t, e in self._engines.items()},
-                "device_memory_bytes": sum(e.device_memory_bytes for e in self._engines.values())}
+        return {
+            **super().describe(),
+            "library": self._lib.name,
+            "library_version": self._lib.version,
+            "engines": {t: str(e.path) for t, e in self._engines.items()},
+            "dla_core": {
+                t: int(e.runtime.DLA_core)
+                for t, e in self._engines.items()
+                if int(getattr(e.runtime, "DLA_core", -1)) >= 0
+            }
+            or None,
+            "profile": {t: list(e.batch_range) for t, e in self._engines.items()},
+            "device_memory_bytes": sum(e.device_memory_bytes for e in self._engines.values()),
+        }
 
 
 def _dtype_str(torch_dtype: Any) -> str:
@@ -177,17 +207,22 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
 
 
 @register_backend("trt")
-def open_trt(target: Any, *, device: str = "cuda", precision: str | None = None, tower: str | None = None,
-             **options: Any) -> TrtRuntime:
+def open_trt(
+    target: Any, *, device: str = "cuda", precision: str | None = None, tower: str | None = None, **options: Any
+) -> TrtRuntime:
     if options:
-        raise UserError(f"the trt backend takes no options {sorted(options)}; precision and batch range are "
-                        "fixed when the engine is built")
+        raise UserError(
+            f"the trt backend takes no options {sorted(options)}; precision and batch range are "
+            "fixed when the engine is built"
+        )
     files = engine_files(target, tower)
     sidecars = {t: s for t, (_, s) in files.items() if s}
     built = {s.precision for s in sidecars.values()}
     if precision is not None and built and precision not in built:
-        raise UserError(f"{target} was built as {'/'.join(sorted(built))}; an engine's precision is fixed at build "
-                        f"time: build another engine from a {precision} bundle")
+        raise UserError(
+            f"{target} was built as {'/'.join(sorted(built))}; an engine's precision is fixed at build "
+            f"time: build another engine from a {precision} bundle"
+        )
     libs = {s.library for s in sidecars.values()}
     if len(libs) > 1:
         raise UserError(f"{target} mixes engines built with {sorted(libs)}; rebuild them with one library")

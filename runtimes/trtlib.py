@@ -17,10 +17,12 @@ from ..common.errors import UserError
 
 LIBRARIES = ("tensorrt", "tensorrt_rtx")
 
-INSTALL_HINT = ("no TensorRT library is installed; on a Jetson use the one JetPack ships "
-                "(sudo apt install nvidia-tensorrt; python3 -c 'import tensorrt'), on an RTX GPU "
-                "pip install 'tinyclip-edge[rtx]', on other NVIDIA GPUs "
-                "pip install --extra-index-url https://pypi.nvidia.com tensorrt")
+INSTALL_HINT = (
+    "no TensorRT library is installed; on a Jetson use the one JetPack ships "
+    "(sudo apt install nvidia-tensorrt; python3 -c 'import tensorrt'), on an RTX GPU "
+    "pip install 'tinyclip-edge[rtx]', on other NVIDIA GPUs "
+    "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
+)
 
 
 class NoTensorRT(UserError):
@@ -29,8 +31,8 @@ class NoTensorRT(UserError):
 
 @dataclass
 class TrtLib:
-    module: Any      # the imported `tensorrt` or `tensorrt_rtx` module
-    name: str        # "tensorrt" | "tensorrt_rtx"
+    module: Any  # the imported `tensorrt` or `tensorrt_rtx` module
+    name: str  # "tensorrt" | "tensorrt_rtx"
     version: str
 
     @property
@@ -42,7 +44,7 @@ class TrtLib:
         """The library's command-line builder, for the equivalent command we print."""
         return "tensorrt_rtx" if self.is_rtx else "trtexec"
 
-    def logger(self, min_severity: str = "WARNING") -> "Any":
+    def logger(self, min_severity: str = "WARNING") -> Any:
         return make_logger(self.module, min_severity)
 
 
@@ -60,9 +62,11 @@ def load_tensorrt(prefer: str | None = None) -> TrtLib:
             raise NoTensorRT(f"'{name}' is installed but does not import ({type(e).__name__}: {e})") from None
         return TrtLib(mod, name, str(getattr(mod, "__version__", "unknown")))
     if prefer:
-        raise NoTensorRT(f"this engine was built with '{prefer}', which is not installed here; engines only open "
-                         f"with the library (and version) that built them: install it or rebuild the engine "
-                         f"from the ONNX bundle with the library you have")
+        raise NoTensorRT(
+            f"this engine was built with '{prefer}', which is not installed here; engines only open "
+            f"with the library (and version) that built them: install it or rebuild the engine "
+            f"from the ONNX bundle with the library you have"
+        )
     raise NoTensorRT(INSTALL_HINT)
 
 
@@ -90,8 +94,16 @@ def make_logger(trt: Any, min_severity: str = "WARNING") -> Any:
 
 
 # TensorRT DataType name -> numpy dtype name (what the sidecar records and the runtime allocates)
-DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
-               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+DTYPE_NAMES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
 
 
 def dtype_name(trt_dtype: Any) -> str:

@@ -25,8 +25,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from tinyclip_edge.common import dist
 
@@ -70,8 +71,10 @@ def _tasks(student):
     from tinyclip_edge.compress.tasks import DistillTask
 
     full = student.shape.params()
-    return {"distill": DistillTask(copy.deepcopy(student.model)),
-            "prune": PruneTask(copy.deepcopy(student.model), PruneCfg(), {"image": 0.5 * full["image"]}, 10, 5)}
+    return {
+        "distill": DistillTask(copy.deepcopy(student.model)),
+        "prune": PruneTask(copy.deepcopy(student.model), PruneCfg(), {"image": 0.5 * full["image"]}, 10, 5),
+    }
 
 
 def one_step(out_dir: str) -> None:
@@ -108,11 +111,21 @@ def train_prune(out_dir: str) -> None:
 
     teacher, student = _packages()
     task = _tasks(student)["prune"]
-    cfg = StageCfg(name="p", method="prune", steps=4, batch_size=16, grad_accum=2, lr=1e-3, checkpoint_every=2,
-                   log_every=1)
+    cfg = StageCfg(
+        name="p", method="prune", steps=4, batch_size=16, grad_accum=2, lr=1e-3, checkpoint_every=2, log_every=1
+    )
     out = Path(out_dir)
-    train_stage(task, teacher.model, _batches(student, 8), cfg, parse_losses({"affinity": 1.0}),
-                device=torch.device("cpu"), ckpt_dir=out / "ckpt", metrics_path=out / "metrics.jsonl", label="p")
+    train_stage(
+        task,
+        teacher.model,
+        _batches(student, 8),
+        cfg,
+        parse_losses({"affinity": 1.0}),
+        device=torch.device("cpu"),
+        ckpt_dir=out / "ckpt",
+        metrics_path=out / "metrics.jsonl",
+        label="p",
+    )
     state = {k: v.detach().contiguous() for k, v in task.state_dict().items()}
     save_file(state, str(out / f"prune-state-{dist.rank()}.safetensors"))
 

@@ -58,9 +58,11 @@ def engine_execution_skip_reason() -> str | None:
     except ImportError:
         return "PyTorch is not installed"
     if not torch.cuda.is_available():
-        return ("no CUDA GPU here: engines are built in CI but only run on a GPU (TensorRT-RTX needs an RTX-class GPU "
-                "of compute capability 8.0/8.6/8.9/12.x and refuses the H100/H200's 9.0; TensorRT proper runs on "
-                "Jetson and datacenter GPUs)")
+        return (
+            "no CUDA GPU here: engines are built in CI but only run on a GPU (TensorRT-RTX needs an RTX-class GPU "
+            "of compute capability 8.0/8.6/8.9/12.x and refuses the H100/H200's 9.0; TensorRT proper runs on "
+            "Jetson and datacenter GPUs)"
+        )
     from tinyclip_edge.runtimes.trtlib import NoTensorRT, load_tensorrt
 
     try:
@@ -73,5 +75,6 @@ def engine_execution_skip_reason() -> str | None:
     return None
 
 
-requires_engine_execution = pytest.mark.skipif(engine_execution_skip_reason() is not None,
-                                               reason=str(engine_execution_skip_reason()))
+requires_engine_execution = pytest.mark.skipif(
+    engine_execution_skip_reason() is not None, reason=str(engine_execution_skip_reason())
+)

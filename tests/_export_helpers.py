@@ -30,7 +30,7 @@ def clip_tokens(n: int, context: int, vocab: int, seed: int = 0) -> np.ndarray:
     for i in range(n):
         length = 1 + (i * 5) % (context - 2)
         out[i, 0] = 1
-        out[i, 1:1 + length] = rng.integers(3, vocab - 1, size=length)
+        out[i, 1 : 1 + length] = rng.integers(3, vocab - 1, size=length)
         out[i, 1 + length] = vocab - 1
     return out
 
@@ -49,11 +49,16 @@ def open_clip_dir(tmp_path: Path) -> Path:
     """A plain open_clip teacher saved as a model directory with the scenes word tokenizer
     (its vocabulary matches the tiny open_clip model's 35 embeddings)."""
     from conftest import tiny_open_clip
+
     from tinyclip_edge.common.preprocess import Preprocess
     from tinyclip_edge.data import scenes
     from tinyclip_edge.models import ClipPackage, save_model_dir
     from tinyclip_edge.models.openclip import from_open_clip
 
-    pkg = ClipPackage(from_open_clip(tiny_open_clip()), Preprocess.from_dict(scenes.preprocess_config(32)),
-                      scenes.tokenizer_config(24), {"teacher": "tiny open_clip"})
+    pkg = ClipPackage(
+        from_open_clip(tiny_open_clip()),
+        Preprocess.from_dict(scenes.preprocess_config(32)),
+        scenes.tokenizer_config(24),
+        {"teacher": "tiny open_clip"},
+    )
     return save_model_dir(pkg, tmp_path / "open_clip_teacher")

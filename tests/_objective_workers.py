@@ -26,7 +26,16 @@ def train_with_extras(out_dir: str) -> None:
     cfg = StageCfg(name="x", method="scratch", steps=3, batch_size=8, lr=1e-2, checkpoint_every=3, log_every=1)
     out = Path(out_dir)
     losses = parse_losses({"clip": 1.0, "icl": 1.0, "xrd": 1.0, "fd": 100.0})
-    train_stage(task, teacher.model, _batches(student, 8), cfg, losses, device=torch.device("cpu"),
-                ckpt_dir=out / "ckpt", metrics_path=out / "metrics.jsonl", label="x")
+    train_stage(
+        task,
+        teacher.model,
+        _batches(student, 8),
+        cfg,
+        losses,
+        device=torch.device("cpu"),
+        ckpt_dir=out / "ckpt",
+        metrics_path=out / "metrics.jsonl",
+        label="x",
+    )
     state = {k: v.detach().contiguous() for k, v in task.state_dict().items()}
     save_file(state, str(out / f"state-{dist.rank()}.safetensors"))

@@ -70,16 +70,36 @@ def pruned_model_dir(tmp_path: Path) -> Path:
     return save_model_dir(make_package(pruned_shape(), jitter=0.02), tmp_path / "pruned")
 
 
-def tiny_open_clip(text_pool: str = "argmax", custom_text: bool = False, quick_gelu: bool = False,
-                   layer_scale: bool = False, image_pool: str = "tok"):
+def tiny_open_clip(
+    text_pool: str = "argmax",
+    custom_text: bool = False,
+    quick_gelu: bool = False,
+    layer_scale: bool = False,
+    image_pool: str = "tok",
+):
     """A small open_clip CLIP with random (jittered) weights; scenes-compatible sizes."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     torch.manual_seed(1)
-    v = CLIPVisionCfg(image_size=32, patch_size=8, width=64, layers=2, head_width=32, pool_type=image_pool,
-                      ls_init_value=0.5 if layer_scale else None)
-    t = CLIPTextCfg(context_length=24, vocab_size=35, width=48, heads=2, layers=2, pool_type=text_pool,
-                    eos_id=34, ls_init_value=0.5 if layer_scale else None)
+    v = CLIPVisionCfg(
+        image_size=32,
+        patch_size=8,
+        width=64,
+        layers=2,
+        head_width=32,
+        pool_type=image_pool,
+        ls_init_value=0.5 if layer_scale else None,
+    )
+    t = CLIPTextCfg(
+        context_length=24,
+        vocab_size=35,
+        width=48,
+        heads=2,
+        layers=2,
+        pool_type=text_pool,
+        eos_id=34,
+        ls_init_value=0.5 if layer_scale else None,
+    )
     cls = CustomTextCLIP if custom_text else CLIP
     model = cls(embed_dim=32, vision_cfg=v, text_cfg=t, quick_gelu=quick_gelu).eval()
     with torch.no_grad():
@@ -96,10 +116,12 @@ def open_clip_checkpoint(tmp_path: Path) -> str:
     from tinyclip_edge.data import scenes
 
     model = tiny_open_clip()
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-           "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34},
-           "tokenizer": scenes.tokenizer_config(24)}  # a 35-token vocabulary: the scenes word tokenizer
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34},
+        "tokenizer": scenes.tokenizer_config(24),
+    }  # a 35-token vocabulary: the scenes word tokenizer
     cfg_path = tmp_path / "tiny_open_clip.json"
     cfg_path.write_text(json.dumps(cfg))
     ckpt = tmp_path / "tiny_open_clip.pt"
@@ -115,6 +137,15 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
     from tinyclip_edge.compress.runner import run_compress
 
     run_dir = tmp_path_factory.mktemp("trained-teacher") / "run"
-    recipe = load_recipe("scenes-teacher", [f"run_dir={run_dir}", "stages.0.shape=scenes-tiny", "stages.0.steps=150",
-                                             "stages.0.batch_size=64", "stages.0.lr=0.003", "stages.0.log_every=50"])
+    recipe = load_recipe(
+        "scenes-teacher",
+        [
+            f"run_dir={run_dir}",
+            "stages.0.shape=scenes-tiny",
+            "stages.0.steps=150",
+            "stages.0.batch_size=64",
+            "stages.0.lr=0.003",
+            "stages.0.log_every=50",
+        ],
+    )
     return run_compress(recipe).stage_dirs[0]

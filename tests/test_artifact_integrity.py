@@ -47,8 +47,11 @@ def _victim(tmp_path: Path) -> Path:
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _edit_manifest(bundle: Path, **changes) -> None:
@@ -81,13 +84,16 @@ def _check_all_commands(bundle: Path, tmp_path: Path, message: str, victim: Path
         assert not (tmp_path / "bench").exists() and not (tmp_path / "parity").exists()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("towers__image__file", "../victim/secret.txt"),
-    ("towers__image__file", "ABSOLUTE"),
-    ("towers__image__file", "../../../../../../../../etc/passwd"),
-    ("towers__text__external_data", "../victim/secret.txt"),
-    ("tokenizer", {"kind": "bpe", "file": "../victim/secret.txt", "context_length": 24}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("towers__image__file", "../victim/secret.txt"),
+        ("towers__image__file", "ABSOLUTE"),
+        ("towers__image__file", "../../../../../../../../etc/passwd"),
+        ("towers__text__external_data", "../victim/secret.txt"),
+        ("tokenizer", {"kind": "bpe", "file": "../victim/secret.txt", "context_length": 24}),
+    ],
+)
 def test_paths_outside_the_bundle_are_refused(bundles, tmp_path, field, value):
     victim = _victim(tmp_path)
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
@@ -183,16 +189,19 @@ def test_lone_onnx_file_with_absolute_external_data(tmp_path):
     _fails([*COMMANDS["bench"](tmp_path / "lone" / "image.onnx", tmp_path), "--tower", "image"], "is an absolute path")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("embed_dim", "thirty-two", "manifest.json: field 'embed_dim' must be an integer"),
-    ("embed_dim", 0, "'embed_dim' must be an integer in [1, 65536]"),
-    ("precision", "fp61", "'precision' must be one of fp32, fp16, int8, int8-dynamic"),
-    ("towers__image__sha256", "abc", "'towers.image.sha256' must be a sha256 digest"),
-    ("towers__image__opset", "x", "'towers.image.opset' must be an integer"),
-    ("format_version", 99, "written by a newer tinyclip-edge"),
-    ("format", "something/else", "is not a tinyclip-edge bundle manifest"),
-    ("tokenizer", {"kind": "sentencepiece"}, "'tokenizer.kind' must be one of words, bpe, open_clip"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("embed_dim", "thirty-two", "manifest.json: field 'embed_dim' must be an integer"),
+        ("embed_dim", 0, "'embed_dim' must be an integer in [1, 65536]"),
+        ("precision", "fp61", "'precision' must be one of fp32, fp16, int8, int8-dynamic"),
+        ("towers__image__sha256", "abc", "'towers.image.sha256' must be a sha256 digest"),
+        ("towers__image__opset", "x", "'towers.image.opset' must be an integer"),
+        ("format_version", 99, "written by a newer tinyclip-edge"),
+        ("format", "something/else", "is not a tinyclip-edge bundle manifest"),
+        ("tokenizer", {"kind": "sentencepiece"}, "'tokenizer.kind' must be one of words, bpe, open_clip"),
+    ],
+)
 def test_malformed_manifest_fields(bundles, tmp_path, field, value, message):
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     _edit_manifest(bundle, **{field: value})
@@ -211,13 +220,16 @@ def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     (bundle / "tokenizer").mkdir()
     (bundle / "tokenizer" / "bpe.txt.gz").write_bytes(b"not gzip at all")
-    _edit_manifest(bundle, tokenizer={"kind": "bpe", "file": "tokenizer/bpe.txt.gz", "context_length": 24,
-                                      "vocab_size": 35})
+    _edit_manifest(
+        bundle, tokenizer={"kind": "bpe", "file": "tokenizer/bpe.txt.gz", "context_length": 24, "vocab_size": 35}
+    )
     m = BundleManifest.read(bundle, verify=False)
     m.record_file(bundle, "tokenizer/bpe.txt.gz")
     m.write(bundle)
-    _fails(["parity", bundle, "--data", "scenes:val", "--count", "4", "--out", tmp_path / "p", "--quiet"],
-           "tokenizer vocabulary")
+    _fails(
+        ["parity", bundle, "--data", "scenes:val", "--count", "4", "--out", tmp_path / "p", "--quiet"],
+        "tokenizer vocabulary",
+    )
 
 
 def test_good_bundle_passes_every_check(bundles, tmp_path):
@@ -259,19 +271,24 @@ def test_engines_are_recorded_with_digests(engines):
 def test_swapped_engine_is_refused(engines, tmp_path):
     bundle = copy_bundle(engines, tmp_path / "b")
     shutil.copyfile(bundle / "text.engine", bundle / "image.engine")
-    _fails(["bench", bundle, "--backend", "trt", "--device", "cuda", "--out", tmp_path / "o"],
-           "image.engine does not match its recorded sha256")
+    _fails(
+        ["bench", bundle, "--backend", "trt", "--device", "cuda", "--out", tmp_path / "o"],
+        "image.engine does not match its recorded sha256",
+    )
     with pytest.raises(UserError, match="image.engine does not match its recorded sha256"):
         EngineSidecar.read(bundle / "image.engine")  # a lone engine is checked against its sidecar too
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("engine", "../victim/secret.txt", "'engine' = '../victim/secret.txt' points outside"),
-    ("engine", "text.engine", "describes text.engine, not image.engine"),
-    ("tokenizer", {"kind": "bpe", "file": "/etc/passwd"}, "'tokenizer.file' is an absolute path"),
-    ("profile", {"min": 1, "opt": 8, "max": 99999999}, "'profile.max' must be an integer in [1, 4096]"),
-    ("embed_dim", "x", "'embed_dim' must be an integer"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("engine", "../victim/secret.txt", "'engine' = '../victim/secret.txt' points outside"),
+        ("engine", "text.engine", "describes text.engine, not image.engine"),
+        ("tokenizer", {"kind": "bpe", "file": "/etc/passwd"}, "'tokenizer.file' is an absolute path"),
+        ("profile", {"min": 1, "opt": 8, "max": 99999999}, "'profile.max' must be an integer in [1, 4096]"),
+        ("embed_dim", "x", "'embed_dim' must be an integer"),
+    ],
+)
 def test_malformed_sidecar(engines, tmp_path, field, value, message):
     victim = _victim(tmp_path)
     bundle = copy_bundle(engines, tmp_path / "b")
@@ -282,11 +299,14 @@ def test_malformed_sidecar(engines, tmp_path, field, value, message):
     assert _snapshot(victim) == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch", "1,8,99999999"], "--batch max 99999999 is above the limit of 4096"),
-    (["--batch", "99999999"], "above the limit of 4096"),
-    (["--workspace", str(1 << 40)], "is more than this machine's"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", "1,8,99999999"], "--batch max 99999999 is above the limit of 4096"),
+        (["--batch", "99999999"], "above the limit of 4096"),
+        (["--workspace", str(1 << 40)], "is more than this machine's"),
+    ],
+)
 def test_engine_build_limits_are_checked_before_the_builder(bundles, tmp_path, args, message):
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     before = _snapshot(bundle)
@@ -310,8 +330,12 @@ def test_external_data_in_a_subgraph_is_checked_too(tmp_path):
         out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])
         body = helper.make_graph([helper.make_node("Constant", [], ["c"], value=value)], "body", [], [out])
         node = helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body)
-        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                                  [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])])
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2])],
+        )
         path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.onnx"
         onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         return path

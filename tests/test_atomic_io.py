@@ -15,20 +15,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_package
 
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.io import atomic_path, atomic_write_json, remove_stale_temps
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
 from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.compress.tasks import DistillTask
-from tinyclip_edge.compress.trainer import (CKPT_OPT, LEGACY_CKPT_OPT, TrainState, load_checkpoint,
-                                            optimizer_state_dicts, optimizer_tensors, save_checkpoint)
+from tinyclip_edge.compress.trainer import (
+    CKPT_OPT,
+    LEGACY_CKPT_OPT,
+    TrainState,
+    load_checkpoint,
+    optimizer_state_dicts,
+    optimizer_tensors,
+    save_checkpoint,
+)
 from tinyclip_edge.models import save_model_dir
 
-from conftest import make_package
-
-FAST = ["baselines.scratch=false", "eval.data=null", "export=null", "bench=null", "stages.0.steps=2",
-        "stages.0.batch_size=8", "stages.1.steps=2", "stages.1.batch_size=8"]
+FAST = [
+    "baselines.scratch=false",
+    "eval.data=null",
+    "export=null",
+    "bench=null",
+    "stages.0.steps=2",
+    "stages.0.batch_size=8",
+    "stages.1.steps=2",
+    "stages.1.batch_size=8",
+]
 CLI = [sys.executable, "-c", "from tinyclip_edge.cli import main; main()"]
 
 
@@ -52,13 +66,19 @@ def _unprivileged() -> list[str]:
 def _tiny_tmpfs(mount_point: Path, command: list[str], size: str = "64k") -> subprocess.CompletedProcess:
     """Run `command` with a real, tiny tmpfs mounted at `mount_point` (a private mount namespace), then list what
     is left on it: a real full disk, not a simulated one."""
-    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; shift 2; "$@"; rc=$?; '
-              'echo "left: $(cd "$MNT" && ls -A | tr "\\n" " ")"; exit $rc')
+    script = (
+        'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; shift 2; "$@"; rc=$?; '
+        'echo "left: $(cd "$MNT" && ls -A | tr "\\n" " ")"; exit $rc'
+    )
     mount_point.mkdir(parents=True, exist_ok=True)
     if not shutil.which("unshare"):
         pytest.skip("no unshare(1): cannot mount a tiny tmpfs to fill")
-    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", size, str(mount_point), *command],
-                          capture_output=True, text=True, env={**os.environ, "MNT": str(mount_point)})
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", size, str(mount_point), *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MNT": str(mount_point)},
+    )
     if proc.returncode == 97 or "unshare: " in proc.stderr:
         pytest.skip(f"cannot mount a private tmpfs here ({proc.stderr.strip()[:120]})")
     return proc
@@ -98,9 +118,14 @@ def test_only_stale_temporaries_of_the_written_file_are_removed(tmp_path):
     debris = _killed_write(target)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        keep = [tmp_path / f".bundle.{alive.pid}-abcdefgh.tmp",  # a writer that is still running
-                tmp_path / ".bundle.notes", tmp_path / ".bundle.v2.abcdefgh.tmp",  # another name's temporary
-                tmp_path / ".other.123-abcdefgh.tmp", tmp_path / "bundle-abcdefgh.tmp", tmp_path / "notes.txt"]
+        keep = [
+            tmp_path / f".bundle.{alive.pid}-abcdefgh.tmp",  # a writer that is still running
+            tmp_path / ".bundle.notes",
+            tmp_path / ".bundle.v2.abcdefgh.tmp",  # another name's temporary
+            tmp_path / ".other.123-abcdefgh.tmp",
+            tmp_path / "bundle-abcdefgh.tmp",
+            tmp_path / "notes.txt",
+        ]
         for p in keep:
             p.write_text("not ours to delete")
         legacy = tmp_path / ".bundle.k3j_9x2a.tmp"  # the name format of earlier versions
@@ -119,8 +144,9 @@ def test_only_stale_temporaries_of_the_written_file_are_removed(tmp_path):
 def test_the_next_export_removes_a_killed_exports_debris(tmp_path, tiny_model_dir):
     out = tmp_path / "artifacts" / "s2-fp32"
     debris = _killed_write(out)
-    proc = subprocess.run([*CLI, "export", str(tiny_model_dir), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "export", str(tiny_model_dir), "--out", str(out), "--quiet"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert not debris.exists() and (out / "manifest.json").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["s2-fp32"]
@@ -196,12 +222,15 @@ def test_checkpoint_readers_tell_permission_from_corruption(tmp_path):
 
     save_checkpoint(tmp_path / "locked", task, task.optimizers(StageCfg(), torch.device("cpu")), TrainState(step=1))
     (tmp_path / "locked" / CKPT_OPT).chmod(0)
-    script = ("import sys; from tinyclip_edge.compress.trainer import load_checkpoint; "
-              "from tinyclip_edge.compress.recipe import StageCfg; from tinyclip_edge.common.errors import UserError\n"
-              "try: load_checkpoint(__import__('pathlib').Path(sys.argv[1]), StageCfg())\n"
-              "except UserError as e: print(e); sys.exit(1)")
-    proc = subprocess.run([*_unprivileged(), sys.executable, "-c", script, str(tmp_path / "locked")],
-                          capture_output=True, text=True)
+    script = (
+        "import sys; from tinyclip_edge.compress.trainer import load_checkpoint; "
+        "from tinyclip_edge.compress.recipe import StageCfg; from tinyclip_edge.common.errors import UserError\n"
+        "try: load_checkpoint(__import__('pathlib').Path(sys.argv[1]), StageCfg())\n"
+        "except UserError as e: print(e); sys.exit(1)"
+    )
+    proc = subprocess.run(
+        [*_unprivileged(), sys.executable, "-c", script, str(tmp_path / "locked")], capture_output=True, text=True
+    )
     assert proc.returncode == 1, proc.stderr
     assert "permission denied" in proc.stdout and "corrupt" not in proc.stdout and CKPT_OPT in proc.stdout
 
@@ -209,13 +238,19 @@ def test_checkpoint_readers_tell_permission_from_corruption(tmp_path):
 def test_model_dir_readers_say_permission_denied_not_corrupt(tmp_path, tiny_model_dir):
     weights = tiny_model_dir / "model.safetensors"
     weights.chmod(0)
-    line = _error_line(subprocess.run([*_unprivileged(), *CLI, "eval", str(tiny_model_dir), "--data", "scenes:val:8"],
-                                      capture_output=True, text=True))
+    line = _error_line(
+        subprocess.run(
+            [*_unprivileged(), *CLI, "eval", str(tiny_model_dir), "--data", "scenes:val:8"],
+            capture_output=True,
+            text=True,
+        )
+    )
     assert "permission denied" in line and str(weights) in line and "corrupt" not in line
     weights.chmod(0o644)
     (tiny_model_dir / "config.json").chmod(0)
-    line = _error_line(subprocess.run([*_unprivileged(), *CLI, "info", str(tiny_model_dir)],
-                                      capture_output=True, text=True))
+    line = _error_line(
+        subprocess.run([*_unprivileged(), *CLI, "info", str(tiny_model_dir)], capture_output=True, text=True)
+    )
     assert "permission denied" in line and "config.json" in line
 
 
@@ -226,15 +261,25 @@ def test_export_into_a_directory_the_user_cannot_write(tmp_path, tiny_model_dir)
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
-    proc = subprocess.run([*_unprivileged(), *CLI, "export", str(tiny_model_dir), "--out", str(ro / "bundle"),
-                           "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*_unprivileged(), *CLI, "export", str(tiny_model_dir), "--out", str(ro / "bundle"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     line = _error_line(proc)
     assert f"cannot write {ro / 'bundle'}: permission denied" in line
     assert list(ro.iterdir()) == []
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota"),
-                                         (errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EDQUOT, "disk quota"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_a_failed_write_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch, code, words):
     """Simulated (os.fsync raising, as NFS and full disks do at fsync): the real full disk is the tmpfs test."""
     target = tmp_path / "report.json"
@@ -272,8 +317,9 @@ def test_a_library_reporting_a_full_disk_in_its_message_names_the_file(tmp_path)
 
 def test_compress_and_export_on_a_real_full_disk(tmp_path, teacher_dir, tiny_model_dir):
     disk = tmp_path / "disk"
-    proc = _tiny_tmpfs(disk, [*CLI, "compress", "quickstart", *FAST, f"run_dir={disk / 'run'}",
-                              "--teacher", str(teacher_dir)])
+    proc = _tiny_tmpfs(
+        disk, [*CLI, "compress", "quickstart", *FAST, f"run_dir={disk / 'run'}", "--teacher", str(teacher_dir)]
+    )
     line = _error_line(proc)
     assert "no space left on device" in line and str(disk / "run" / "teacher") in line, line
     left = proc.stdout.split("left: ")[-1].split()
@@ -288,8 +334,20 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path, teacher_dir):
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
-    proc = subprocess.run([*_unprivileged(), *CLI, "compress", "quickstart", *FAST, f"run_dir={ro / 'run'}",
-                           "--teacher", str(teacher_dir)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *_unprivileged(),
+            *CLI,
+            "compress",
+            "quickstart",
+            *FAST,
+            f"run_dir={ro / 'run'}",
+            "--teacher",
+            str(teacher_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert f"cannot write {ro / 'run'}: permission denied" in _error_line(proc)
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from _edge_helpers import copy_bundle, export_tiny
 from click.testing import CliRunner
 
-from _edge_helpers import copy_bundle, export_tiny
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.runtimes.bench import run_bench, split_backend
@@ -21,6 +21,7 @@ FAST = dict(iters=3, warmup=1, threads=1, progress=False)
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     from conftest import make_package
+
     from tinyclip_edge.export.tensorrt import build_engines
     from tinyclip_edge.models import save_model_dir
 
@@ -43,12 +44,12 @@ def _check_row(row: dict, batch: int) -> None:
 def test_bench_pyt_and_onnxrt_report(artifacts, tmp_path):
     out = tmp_path / "out"
     report = run_bench([artifacts["model"], artifacts["fp32"]], batches=(1, 3), tower="both", out_dir=out, **FAST)
-    assert len(report.rows) == 2 * 2 * 2    # artifacts x towers x batches
+    assert len(report.rows) == 2 * 2 * 2  # artifacts x towers x batches
     for row in report.rows:
         _check_row(row, row["batch"])
     by = {(r["artifact"], r["tower"], r["batch"]): r for r in report.rows}
     assert {r["backend"] for r in report.rows} == {"pyt", "onnxrt"}
-    for (name, tower, batch), row in by.items():
+    for (_name, tower, batch), row in by.items():
         first = by[("student", tower, batch)]
         assert row["speedup"] == pytest.approx(first["p50_ms"] / row["p50_ms"])
     model_cfg = json.loads((artifacts["model"] / "config.json").read_text())
@@ -73,8 +74,17 @@ def test_bench_pyt_and_onnxrt_report(artifacts, tmp_path):
 
 
 def test_end_to_end_and_seconds(artifacts):
-    report = run_bench([artifacts["fp32"], artifacts["model"]], batches=(2,), tower="both", end_to_end=True,
-                       iters=None, seconds=0.02, warmup=1, threads=1, progress=False)
+    report = run_bench(
+        [artifacts["fp32"], artifacts["model"]],
+        batches=(2,),
+        tower="both",
+        end_to_end=True,
+        iters=None,
+        seconds=0.02,
+        warmup=1,
+        threads=1,
+        progress=False,
+    )
     assert report.settings["end_to_end"] and report.settings["e2e_image_size"] == [640, 480]
     for row in report.rows:
         # the loop stops only once every artifact has at least `seconds` of timed work and 3 samples
@@ -82,8 +92,12 @@ def test_end_to_end_and_seconds(artifacts):
 
 
 def test_single_tower_and_unique_names(artifacts):
-    report = run_bench([artifacts["fp32"], f"pyt:{artifacts['model']}", f"onnxrt:{artifacts['fp32']}"],
-                       batches=(1,), tower="text", **FAST)
+    report = run_bench(
+        [artifacts["fp32"], f"pyt:{artifacts['model']}", f"onnxrt:{artifacts['fp32']}"],
+        batches=(1,),
+        tower="text",
+        **FAST,
+    )
     assert {r["tower"] for r in report.rows} == {"text"} and len(report.rows) == 3
     assert [a["name"] for a in report.artifacts] == ["student-fp32", "student", "student-fp32 #2"]
     assert [r["artifact"] for r in report.rows] == ["student-fp32", "student", "student-fp32 #2"]
@@ -100,25 +114,31 @@ def test_energy_from_tegrastats(artifacts, tmp_path, monkeypatch):
     assert row["power_w"] == pytest.approx(5.012) and row["power_rail"] == "VDD_IN" and row["power_samples"] >= 2
     assert row["energy_mj_per_item"] > 0
     assert report.settings["idle_power_w"] == pytest.approx(5.012)
-    assert row["dynamic_energy_mj_per_item"] == pytest.approx(0.0, abs=1e-9)   # constant power = idle
+    assert row["dynamic_energy_mj_per_item"] == pytest.approx(0.0, abs=1e-9)  # constant power = idle
     assert "mJ/item" in report.table()
 
 
-@pytest.mark.parametrize("targets, kwargs, message", [
-    (["missing-dir"], {}, "artifact not found: missing-dir"),
-    (["{engines}/image.engine"], dict(tower="text"), "has no text tower .*pass --tower image"),
-    (["{engines}/image.engine"], dict(tower="image", batches=(8,)), "batch 8 is outside image.engine's image engine "
-                                                                     "optimization profile \\(1..4\\)"),
-    (["trt:{engines}"], dict(batches=(1, 16)), "batch 16 is outside"),
-    (["{engines}/image.engine"], dict(tower="image"), "engines run on a CUDA GPU: pass --device cuda"),
-    (["{model}"], dict(device="cuda"), "'cuda' requested but no CUDA GPU is available here; use cpu"),
-    (["{model}"], dict(device="tpu"), "bench option 'device' must be a device: cpu, cuda or cuda:N, got 'tpu'"),
-    (["{model}"], dict(tower="audio"), "bench option 'tower' must be one of image, text, both"),
-    (["{model}"], dict(iters=1), "bench option 'iters' must be an integer >= 2, got 1"),
-    ([], {}, "nothing to benchmark"),
-    (["trt:{fp32}"], {}, "has no TensorRT engines; build them"),
-    (["{model}"], dict(power=True), "--power needs tegrastats"),
-])
+@pytest.mark.parametrize(
+    "targets, kwargs, message",
+    [
+        (["missing-dir"], {}, "artifact not found: missing-dir"),
+        (["{engines}/image.engine"], dict(tower="text"), "has no text tower .*pass --tower image"),
+        (
+            ["{engines}/image.engine"],
+            dict(tower="image", batches=(8,)),
+            "batch 8 is outside image.engine's image engine optimization profile \\(1..4\\)",
+        ),
+        (["trt:{engines}"], dict(batches=(1, 16)), "batch 16 is outside"),
+        (["{engines}/image.engine"], dict(tower="image"), "engines run on a CUDA GPU: pass --device cuda"),
+        (["{model}"], dict(device="cuda"), "'cuda' requested but no CUDA GPU is available here; use cpu"),
+        (["{model}"], dict(device="tpu"), "bench option 'device' must be a device: cpu, cuda or cuda:N, got 'tpu'"),
+        (["{model}"], dict(tower="audio"), "bench option 'tower' must be one of image, text, both"),
+        (["{model}"], dict(iters=1), "bench option 'iters' must be an integer >= 2, got 1"),
+        ([], {}, "nothing to benchmark"),
+        (["trt:{fp32}"], {}, "has no TensorRT engines; build them"),
+        (["{model}"], dict(power=True), "--power needs tegrastats"),
+    ],
+)
 def test_bad_inputs(artifacts, targets, kwargs, message):
     from tinyclip_edge.runtimes.tegrastats import TegraStats
 
@@ -131,8 +151,25 @@ def test_bad_inputs(artifacts, targets, kwargs, message):
 
 def test_cli_bench_writes_files_and_prints_table(artifacts, tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(main, ["bench", str(artifacts["model"]), str(artifacts["fp32"]), "--batch", "1,2",
-                                       "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(artifacts["model"]),
+            str(artifacts["fp32"]),
+            "--batch",
+            "1,2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "p50 ms" in result.output and "student-fp32" in result.output
     for name in ("bench.json", "bench.csv", "bench.md", "bench.png"):
@@ -140,12 +177,15 @@ def test_cli_bench_writes_files_and_prints_table(artifacts, tmp_path):
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == 2 * 2 * 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nope"], "Error: artifact not found: nope"),
-    (["{model}", "--batch", "1,x"], "Error: --batch must be comma-separated positive integers"),
-    (["{engines}/image.engine", "--tower", "text"], "Error: image.engine has no text tower"),
-    (["{engines}/text.engine", "--tower", "text", "--batch", "64"], "Error: batch 64 is outside text.engine's"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "Error: artifact not found: nope"),
+        (["{model}", "--batch", "1,x"], "Error: --batch must be comma-separated positive integers"),
+        (["{engines}/image.engine", "--tower", "text"], "Error: image.engine has no text tower"),
+        (["{engines}/text.engine", "--tower", "text", "--batch", "64"], "Error: batch 64 is outside text.engine's"),
+    ],
+)
 def test_cli_bench_bad_input(artifacts, tmp_path, args, message):
     args = [a.format(**{k: str(v) for k, v in artifacts.items()}) for a in args]
     result = CliRunner().invoke(main, ["bench", *args, "--out", str(tmp_path / "o"), "--quiet"])
@@ -163,7 +203,7 @@ def test_opened_runtimes_and_modules_as_targets(artifacts):
     with open_runtime(artifacts["fp32"], intra_op_threads=1) as rt:
         rt.name = "ort (opened by caller)"
         report = run_bench([pkg.model, rt], batches=(2,), tower="both", **FAST)
-        rt.encode_image(__import__("numpy").zeros((1, 3, 32, 32), "float32"))   # still open: the caller owns it
+        rt.encode_image(__import__("numpy").zeros((1, 3, 32, 32), "float32"))  # still open: the caller owns it
     names = [a["name"] for a in report.artifacts]
     assert names == ["ClipModel", "ort (opened by caller)"]
     assert report.artifacts[0]["params"] == pkg.model.num_params()["total"]
@@ -172,7 +212,7 @@ def test_opened_runtimes_and_modules_as_targets(artifacts):
 
 
 def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     report = run_bench([artifacts["fp32"]], batches=(1,), tower="image", out_dir=tmp_path, **FAST)
     assert not (tmp_path / "bench.png").exists() and (tmp_path / "bench.md").is_file()
     assert any("matplotlib" in n for n in report.notes)
@@ -182,7 +222,7 @@ def test_plot_is_skipped_with_a_note_without_matplotlib(artifacts, tmp_path, mon
 # ---- issue 9, items 11 and 12: comparable GPU memory, and a loaded machine said out loud
 def test_gpu_memory_is_null_on_the_cpu(artifacts):
     report = run_bench([artifacts["model"], artifacts["fp32"]], batches=(1,), tower="image", **FAST)
-    assert all("gpu_memory_mb" in r and r["gpu_memory_mb"] is None for r in report.rows)   # not 0: not measured
+    assert all("gpu_memory_mb" in r and r["gpu_memory_mb"] is None for r in report.rows)  # not 0: not measured
     assert all(a["gpu_memory_mb"] is None for a in report.artifacts)
     assert report.settings["gpu_memory"] is None and all(r["memory_mb"] is not None for r in report.rows)
     assert "GPU MB" not in report.table()
@@ -203,8 +243,9 @@ def test_loaded_machine_and_unpinned_threads_are_reported(artifacts, capsys):
     import os
 
     cores = len(os.sched_getaffinity(0))
-    busy = run_bench([artifacts["fp32"]], batches=(1,), tower="text", iters=2, warmup=1, progress=False,
-                     load_average=cores + 1.5)
+    busy = run_bench(
+        [artifacts["fp32"]], batches=(1,), tower="text", iters=2, warmup=1, progress=False, load_average=cores + 1.5
+    )
     m = busy.settings["machine"]
     assert m == {"load_average_1min": cores + 1.5, "usable_cores": cores, "overloaded": True, "threads_pinned": False}
     err = capsys.readouterr().err
@@ -218,9 +259,23 @@ def test_loaded_machine_and_unpinned_threads_are_reported(artifacts, capsys):
 
 
 def test_cli_bench_warns_on_a_busy_machine(artifacts, tmp_path, monkeypatch):
-    monkeypatch.setattr("os.getloadavg", lambda: (1e6, 1e6, 1e6))   # the OS's answer, as on a saturated box
-    result = CliRunner().invoke(main, ["bench", str(artifacts["fp32"]), "--tower", "text", "--iters", "2",
-                                       "--warmup", "1", "--out", str(tmp_path / "o"), "--quiet"])
+    monkeypatch.setattr("os.getloadavg", lambda: (1e6, 1e6, 1e6))  # the OS's answer, as on a saturated box
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(artifacts["fp32"]),
+            "--tower",
+            "text",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "the machine is busy" in result.output and "threads are not pinned" in result.output
     assert json.loads((tmp_path / "o" / "bench.json").read_text())["settings"]["machine"]["overloaded"] is True

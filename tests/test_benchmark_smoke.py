@@ -16,8 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_compression_scale_b32_tiny_runs_every_experiment_and_resumes(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "compression.py"), "--scale", "b32", "--device", "cpu",
-           "--tiny", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "compression.py"),
+        "--scale",
+        "b32",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(out),
+    ]
     # a zero-minute budget pauses at the first evaluation point: the run must say so and resume from there
     first = subprocess.run([*cmd, "--minutes", "0"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -47,8 +56,16 @@ def test_objectives_benchmark_tiny_writes_table_json_and_plot(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((out / "objectives.json").read_text())
     names = set(data["results"]["25%"])
-    assert names == {"clip only", "affinity (scale 50)", "affinity (own scales)", "crd", "fd + icl", "CLIP-KD best",
-                     "CLIP-RD full", "DCLIP hybrid"}
+    assert names == {
+        "clip only",
+        "affinity (scale 50)",
+        "affinity (own scales)",
+        "crd",
+        "fd + icl",
+        "CLIP-KD best",
+        "CLIP-RD full",
+        "DCLIP hybrid",
+    }
     run = data["results"]["25%"]["CLIP-RD full"][0]
     assert {"R@1", "R@5", "mAP", "zero-shot top1", "compositional", "agreement"} <= set(run)
     md = (out / "objectives.md").read_text()

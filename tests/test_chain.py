@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_package
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,13 +18,22 @@ from tinyclip_edge.models import load_model_dir, save_model_dir
 from tinyclip_edge.models.presets import preset_shape, uniform_shape
 from tinyclip_edge.models.shape import TOWERS
 
-from conftest import make_package
-
 TEACHERS = {
     "scenes": preset_shape("scenes-teacher"),
     # ViT-B/32-like proportions, so the planner also sees deep and wide towers
-    "b32": uniform_shape(768, 12, 12, image_size=224, patch_size=32, embed_dim=512, text_width=512,
-                         text_layers=12, text_heads=8, context_length=77, vocab_size=49408),
+    "b32": uniform_shape(
+        768,
+        12,
+        12,
+        image_size=224,
+        patch_size=32,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        vocab_size=49408,
+    ),
 }
 
 
@@ -43,8 +53,9 @@ def test_one_shot_shapes_do_not_always_nest_but_the_planned_chain_does():
 
 
 @settings(max_examples=25, deadline=None)
-@given(name=st.sampled_from(sorted(TEACHERS)),
-       ratios=st.lists(st.floats(0.06, 0.9), min_size=2, max_size=4, unique=True))
+@given(
+    name=st.sampled_from(sorted(TEACHERS)), ratios=st.lists(st.floats(0.06, 0.9), min_size=2, max_size=4, unique=True)
+)
 def test_every_planned_manual_chain_nests_and_fits_its_budgets(name, ratios):
     teacher = TEACHERS[name]
     targets = sorted(ratios, reverse=True)
@@ -117,9 +128,19 @@ def test_explicit_shapes_are_not_planned():
 
 def test_runner_follows_the_plan(tmp_path):
     teacher_dir = save_model_dir(make_package(preset_shape("scenes-teacher")), tmp_path / "teacher")
-    recipe = load_recipe("quickstart", [
-        f"run_dir={tmp_path / 'run'}", f"teacher={teacher_dir}", "baselines.scratch=false", "eval.data=null",
-        "stages.0.steps=1", "stages.0.batch_size=8", "stages.1.steps=1", "stages.1.batch_size=8"])
+    recipe = load_recipe(
+        "quickstart",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher={teacher_dir}",
+            "baselines.scratch=false",
+            "eval.data=null",
+            "stages.0.steps=1",
+            "stages.0.batch_size=8",
+            "stages.1.steps=1",
+            "stages.1.batch_size=8",
+        ],
+    )
     result = run_compress(recipe)
     s1, s2 = (load_model_dir(p).shape for p in result.stage_dirs)
     planned = [p.shape for p in plan_chain(load_model_dir(teacher_dir).shape, recipe.stages)]

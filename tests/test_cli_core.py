@@ -10,8 +10,15 @@ from click.testing import CliRunner
 from tinyclip_edge.cli import main
 from tinyclip_edge.models import save_model_dir
 
-TINY = ["baselines.scratch=false", "stages.0.steps=2", "stages.0.batch_size=8", "stages.1.steps=2",
-        "stages.1.batch_size=8", "eval.max_pairs=40", "eval.data=scenes:val"]
+TINY = [
+    "baselines.scratch=false",
+    "stages.0.steps=2",
+    "stages.0.batch_size=8",
+    "stages.1.steps=2",
+    "stages.1.batch_size=8",
+    "eval.max_pairs=40",
+    "eval.data=scenes:val",
+]
 
 
 @pytest.fixture
@@ -68,30 +75,53 @@ def test_quickstart_command_writes_its_report(tmp_path, teacher_dir):
 
 
 def test_unknown_recipe_key(tmp_path, teacher_dir):
-    assert_one_line_error(invoke("compress", "quickstart", "stages.0.stpes=3", "--teacher", teacher_dir),
-                          "unknown recipe key 'stages.0.stpes'", "did you mean 'steps'")
+    assert_one_line_error(
+        invoke("compress", "quickstart", "stages.0.stpes=3", "--teacher", teacher_dir),
+        "unknown recipe key 'stages.0.stpes'",
+        "did you mean 'steps'",
+    )
 
 
 def test_missing_data_path(tmp_path, teacher_dir):
-    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 "data.train=nowhere/train.csv", "--teacher", teacher_dir),
-                          "data file not found: nowhere/train.csv")
+    assert_one_line_error(
+        invoke(
+            "compress",
+            "quickstart",
+            *TINY,
+            f"run_dir={tmp_path / 'r'}",
+            "data.train=nowhere/train.csv",
+            "--teacher",
+            teacher_dir,
+        ),
+        "data file not found: nowhere/train.csv",
+    )
 
 
 def test_csv_with_all_images_unreadable(tmp_path, teacher_dir):
     (tmp_path / "bad.jpg").write_bytes(b"\x00garbage")
     (tmp_path / "pairs.csv").write_text("filepath,title\nbad.jpg,a red circle\nmissing.png,a blue square\n")
-    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 f"data.train={tmp_path / 'pairs.csv'}", "--teacher", teacher_dir),
-                          "could be read")
+    assert_one_line_error(
+        invoke(
+            "compress",
+            "quickstart",
+            *TINY,
+            f"run_dir={tmp_path / 'r'}",
+            f"data.train={tmp_path / 'pairs.csv'}",
+            "--teacher",
+            teacher_dir,
+        ),
+        "could be read",
+    )
 
 
 def test_truncated_checkpoint(tmp_path, open_clip_checkpoint):
     ckpt = open_clip_checkpoint.split(":", 1)[1]
     with open(ckpt, "r+b") as f:
         f.truncate(2000)
-    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 "--teacher", open_clip_checkpoint), "truncated or corrupt")
+    assert_one_line_error(
+        invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}", "--teacher", open_clip_checkpoint),
+        "truncated or corrupt",
+    )
 
 
 def test_truncated_model_dir(tmp_path, teacher_dir):
@@ -101,16 +131,34 @@ def test_truncated_model_dir(tmp_path, teacher_dir):
 
 
 def test_student_larger_than_teacher(tmp_path, teacher_dir):
-    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 "stages.0.shape={image: {layers: 5}}", "--teacher", teacher_dir),
-                          "larger than its teacher")
+    assert_one_line_error(
+        invoke(
+            "compress",
+            "quickstart",
+            *TINY,
+            f"run_dir={tmp_path / 'r'}",
+            "stages.0.shape={image: {layers: 5}}",
+            "--teacher",
+            teacher_dir,
+        ),
+        "larger than its teacher",
+    )
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.2", "-0.5"])
 def test_ratio_outside_zero_one(tmp_path, teacher_dir, ratio):
-    assert_one_line_error(invoke("compress", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}",
-                                 f"stages.0.target={ratio}", "--teacher", teacher_dir),
-                          "'stages.0.target' must be a number in (0, 1), got")
+    assert_one_line_error(
+        invoke(
+            "compress",
+            "quickstart",
+            *TINY,
+            f"run_dir={tmp_path / 'r'}",
+            f"stages.0.target={ratio}",
+            "--teacher",
+            teacher_dir,
+        ),
+        "'stages.0.target' must be a number in (0, 1), got",
+    )
 
 
 def test_resume_of_a_directory_without_a_run(tmp_path):
@@ -124,8 +172,18 @@ def test_missing_model_dir():
 
 def test_run_command_compresses_exports_checks_and_benches(tmp_path, teacher_dir):
     run = tmp_path / "run"
-    r = invoke("run", "quickstart", *TINY, f"run_dir={run}", "export.parity_count=32", "bench.iters=2",
-               "bench.batches=[1]", "export.on_parity_failure=warn", "--teacher", teacher_dir)
+    r = invoke(
+        "run",
+        "quickstart",
+        *TINY,
+        f"run_dir={run}",
+        "export.parity_count=32",
+        "bench.iters=2",
+        "bench.batches=[1]",
+        "export.on_parity_failure=warn",
+        "--teacher",
+        teacher_dir,
+    )
     assert r.exit_code == 0, r.output
     bundles = sorted(p.name for p in (run / "export").iterdir())
     assert bundles == [f"{m}-{p}" for m in ("stage-1", "stage-2", "teacher") for p in ("fp32", "int8-dynamic")]
@@ -142,12 +200,25 @@ def test_run_command_compresses_exports_checks_and_benches(tmp_path, teacher_dir
 
 
 def test_run_fails_on_parity_failure_when_asked(tmp_path, teacher_dir):
-    r = invoke("run", "quickstart", *TINY, f"run_dir={tmp_path / 'r'}", "export.precisions=[fp32]",
-               "export.parity_count=16", "export.on_parity_failure=error", "bench=null",
-               "export.models=last", "--teacher", teacher_dir)
+    r = invoke(
+        "run",
+        "quickstart",
+        *TINY,
+        f"run_dir={tmp_path / 'r'}",
+        "export.precisions=[fp32]",
+        "export.parity_count=16",
+        "export.on_parity_failure=error",
+        "bench=null",
+        "export.models=last",
+        "--teacher",
+        teacher_dir,
+    )
     assert r.exit_code == 0, r.output  # fp32 passes
-    (tmp_path / "bad.yaml").write_text("name: x\nteacher: none\nstages: [{shape: scenes-tiny, method: scratch, "
-                                       "teacher: none, losses: {clip: 1}, steps: 1, batch_size: 4}]\n"
-                                       "bench: {batches: [1]}\neval: {data: null}\n")
-    assert_one_line_error(invoke("run", tmp_path / "bad.yaml", f"run_dir={tmp_path / 'b'}"),
-                          "bench: section needs an export: section")
+    (tmp_path / "bad.yaml").write_text(
+        "name: x\nteacher: none\nstages: [{shape: scenes-tiny, method: scratch, "
+        "teacher: none, losses: {clip: 1}, steps: 1, batch_size: 4}]\n"
+        "bench: {batches: [1]}\neval: {data: null}\n"
+    )
+    assert_one_line_error(
+        invoke("run", tmp_path / "bad.yaml", f"run_dir={tmp_path / 'b'}"), "bench: section needs an export: section"
+    )

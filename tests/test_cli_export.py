@@ -38,7 +38,11 @@ def test_export_onnx_and_parity_pass(tmp_path, tiny_model_dir):
     assert report["passed"] is True and report["precision"] == "fp32" and report["samples"] == 32
     assert report["reference"] == str(tiny_model_dir.resolve())
     assert {(c["scope"], c["metric"]) for c in report["checks"]} == {
-        ("image", "min_cosine"), ("text", "min_cosine"), ("retrieval", "delta_points"), ("zero-shot", "delta_points")}
+        ("image", "min_cosine"),
+        ("text", "min_cosine"),
+        ("retrieval", "delta_points"),
+        ("zero-shot", "delta_points"),
+    }
     assert report["artifacts"][0]["tasks"]["retrieval_agreement"] is not None
     assert "| onnxrt fp32 | image |" in (out / "parity.md").read_text()
     assert "parity passed" in r.output
@@ -77,8 +81,21 @@ def test_parity_failing_tolerance_exits_nonzero(tmp_path, tiny_model_dir):
 
 def test_export_int8_cli_records_calibration(tmp_path, pruned_model_dir):
     out = tmp_path / "q"
-    r = _run("export", pruned_model_dir, "--out", out, "--precision", "int8", "--calib", "scenes:calib",
-             "--calib-count", 24, "--int8-keep", "mlp,proj", "--quiet")
+    r = _run(
+        "export",
+        pruned_model_dir,
+        "--out",
+        out,
+        "--precision",
+        "int8",
+        "--calib",
+        "scenes:calib",
+        "--calib-count",
+        24,
+        "--int8-keep",
+        "mlp,proj",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["calibration"]["images"] == 24 and m["precision"] == "int8"
@@ -105,7 +122,8 @@ def test_onnx_options_rejected_for_engine_and_bad_engine_input(tmp_path, tiny_mo
     assert "MIN <= OPT <= MAX" in _error_line(_run("export", tiny_model_dir, "--format", "engine", "--batch", "8,1,32"))
     assert "unknown format 'onx'" in _error_line(_run("export", tiny_model_dir, "--format", "onx"))
     assert "int8-dynamic is not available for --format engine" in _error_line(
-        _run("export", tiny_model_dir, "--format", "engine", "--precision", "int8-dynamic"))
+        _run("export", tiny_model_dir, "--format", "engine", "--precision", "int8-dynamic")
+    )
 
 
 def test_int8_without_calibration(tmp_path, tiny_model_dir):
@@ -126,7 +144,8 @@ def test_failed_export_leaves_no_partial_bundle(tmp_path, tiny_model_dir):
     assert not out.exists()
     # fp16 fails after the fp32 graph was written into the temporary bundle: still nothing left behind
     assert "fp16 export needs --opset 17" in _error_line(
-        _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--opset", "16", "--quiet"))
+        _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--opset", "16", "--quiet")
+    )
     assert not out.exists() and _leftovers(out.parent) == []
     # an existing bundle survives a failed re-export unchanged
     assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
@@ -145,7 +164,8 @@ def test_unwritable_out(tmp_path, tiny_model_dir):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert "is not an export bundle; refusing to replace it" in _error_line(
-        _run("export", tiny_model_dir, "--out", tmp_path / "mine"))
+        _run("export", tiny_model_dir, "--out", tmp_path / "mine")
+    )
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

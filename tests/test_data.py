@@ -11,8 +11,7 @@ from PIL import Image
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.preprocess import Preprocess
 from tinyclip_edge.common.tokenizers import WordTokenizer
-from tinyclip_edge.data import check_readable, open_source
-from tinyclip_edge.data import scenes
+from tinyclip_edge.data import check_readable, open_source, scenes
 from tinyclip_edge.data.batches import TrainBatches
 
 
@@ -76,8 +75,14 @@ def _write_images(tmp_path, n_good: int):
 
 def test_csv_skips_unreadable_images_and_counts_them(tmp_path):
     _write_images(tmp_path, 3)
-    rows = ["filepath\ttitle", "good0.png\ta red thing", "corrupt.jpg\tbroken", "missing.png\tgone",
-            "good1.png\tanother", "good2.png\tthird"]
+    rows = [
+        "filepath\ttitle",
+        "good0.png\ta red thing",
+        "corrupt.jpg\tbroken",
+        "missing.png\tgone",
+        "good1.png\tanother",
+        "good2.png\tthird",
+    ]
     (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
     src = open_source(str(tmp_path / "pairs.tsv"))
     check_readable(src)
@@ -104,9 +109,14 @@ def test_csv_missing_column_names_the_option(tmp_path):
 
 def test_coco_captions(tmp_path):
     _write_images(tmp_path, 2)
-    coco = {"images": [{"id": 1, "file_name": "good0.png"}, {"id": 2, "file_name": "good1.png"}],
-            "annotations": [{"image_id": 1, "caption": "first "}, {"image_id": 1, "caption": "again"},
-                            {"image_id": 2, "caption": "second"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "good0.png"}, {"id": 2, "file_name": "good1.png"}],
+        "annotations": [
+            {"image_id": 1, "caption": "first "},
+            {"image_id": 1, "caption": "again"},
+            {"image_id": 2, "caption": "second"},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     src = open_source(str(tmp_path / "captions.json"))
     assert len(src) == 3 and src[0].caption == "first" and src[0].key == src[1].key != src[2].key

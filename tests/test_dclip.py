@@ -25,7 +25,10 @@ from tinyclip_edge.models import save_model_dir
 
 def test_caption_spans_are_noun_phrase_like():
     assert caption_spans("a small red circle to the left of a large blue square and a small green cross") == [
-        "a small red circle", "a large blue square", "a small green cross"]
+        "a small red circle",
+        "a large blue square",
+        "a small green cross",
+    ]
     assert caption_spans("A man, riding a horse on the beach.") == ["a man", "a horse", "the beach"]
     assert caption_spans("a large red circle on the left") == ["a large red circle"]  # places are not things
     assert caption_spans("on the left") == ["on the left"]  # nothing left: the whole caption
@@ -63,8 +66,12 @@ def test_untrained_meta_teacher_is_the_teacher_and_training_changes_it(tmp_path)
     assert (img2 - t_img).abs().max() > 1e-2
     assert torch.equal(meta.clip.visual.proj.weight, pkg.model.visual.proj.weight)
     task = MetaTask(meta)
-    trainable = {id(p) for g in task.optimizers(load_recipe("dclip-scenes").stages[0], torch.device("cpu"))
-                 for group in g.param_groups for p in group["params"]}
+    trainable = {
+        id(p)
+        for g in task.optimizers(load_recipe("dclip-scenes").stages[0], torch.device("cpu"))
+        for group in g.param_groups
+        for p in group["params"]
+    }
     assert trainable == {id(p) for p in meta.head.parameters()}  # only the block and its projections train
     # saved and loaded like a model directory: the same enriched embeddings
     out = save_meta_teacher(pkg.with_model(meta), tmp_path / "meta")
@@ -83,9 +90,19 @@ def test_dclip_meta_stage_resumes_exactly(tmp_path):
     teacher = save_model_dir(make_package(jitter=0.02), tmp_path / "teacher")
 
     def recipe(run):
-        return load_recipe("dclip-scenes", [f"teacher={teacher}", f"run_dir={tmp_path / run}", "eval.data=null",
-                                            "stages.0.steps=4", "stages.0.batch_size=8", "stages.0.checkpoint_every=2",
-                                            "stages.1.steps=2", "stages.1.batch_size=8"])
+        return load_recipe(
+            "dclip-scenes",
+            [
+                f"teacher={teacher}",
+                f"run_dir={tmp_path / run}",
+                "eval.data=null",
+                "stages.0.steps=4",
+                "stages.0.batch_size=8",
+                "stages.0.checkpoint_every=2",
+                "stages.1.steps=2",
+                "stages.1.batch_size=8",
+            ],
+        )
 
     straight = run_compress(recipe("a"))
 
@@ -141,23 +158,37 @@ def test_regions_command_detects_once_caches_and_reports_fallbacks(tmp_path, yol
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["key"] for r in recs] == ["img0.png", "img1.png", "img2.png"] and all(len(r["sha256"]) == 64 for r in recs)
+    assert [r["key"] for r in recs] == ["img0.png", "img1.png", "img2.png"] and all(
+        len(r["sha256"]) == 64 for r in recs
+    )
     fallback = sum(not r["boxes"] for r in recs)  # an untrained detector finds (almost) nothing
     assert f"3 images: 3 detected, 0 from the cache, {fallback} with no region" in res.output
     res = CliRunner().invoke(main, args)
     assert "0 detected, 3 from the cache" in res.output
     # the run reads the file: images without a region use the whole image, counted in a warning
     teacher = save_model_dir(make_package(jitter=0.02), tmp_path / "teacher")
-    r = load_recipe("dclip-scenes", [f"teacher={teacher}", f"run_dir={tmp_path / 'run'}", f"data.train={pairs_csv}",
-                                     f"dclip.regions={out}", "eval.data=null", "stages.0.steps=1",
-                                     "stages.0.batch_size=4", "stages.1.steps=1", "stages.1.batch_size=4"])
+    r = load_recipe(
+        "dclip-scenes",
+        [
+            f"teacher={teacher}",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.train={pairs_csv}",
+            f"dclip.regions={out}",
+            "eval.data=null",
+            "stages.0.steps=1",
+            "stages.0.batch_size=4",
+            "stages.1.steps=1",
+            "stages.1.batch_size=4",
+        ],
+    )
     result = run_compress(r)
     assert (result.stage_dirs[0] / "meta_head.json").is_file()
 
 
 def test_detector_bad_inputs(tmp_path, pairs_csv, yolo_file):
-    res = CliRunner().invoke(main, ["regions", str(pairs_csv), "--detector", str(tmp_path / "nope.pt"), "--out",
-                                    str(tmp_path / "r.jsonl")])
+    res = CliRunner().invoke(
+        main, ["regions", str(pairs_csv), "--detector", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "r.jsonl")]
+    )
     assert res.exit_code == 1 and "detector file not found" in res.output and "Traceback" not in res.output
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a model")
@@ -177,8 +208,9 @@ def test_boxes_mode_needs_boxes(tmp_path, pairs_csv):
     r = load_recipe("dclip-scenes", [f"teacher={teacher}", f"run_dir={tmp_path / 'run'}", f"data.train={pairs_csv}"])
     with pytest.raises(UserError, match="dclip.regions=boxes needs boxes in the dataset"):
         run_compress(r)
-    res = CliRunner().invoke(main, ["compress", "dclip-scenes", f"teacher={teacher}", f"run_dir={tmp_path / 'r2'}",
-                                    "dclip.regions=circles"])
+    res = CliRunner().invoke(
+        main, ["compress", "dclip-scenes", f"teacher={teacher}", f"run_dir={tmp_path / 'r2'}", "dclip.regions=circles"]
+    )
     assert res.exit_code == 1 and "dclip.regions must be one of boxes, grid, yolo" in res.output
 
 

@@ -76,9 +76,19 @@ def test_rank0_sections_run_alone_and_their_errors_reach_every_rank(runs):
 
 
 def _overrides(run_dir: Path, teacher: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"teacher={teacher}", "baselines.scratch=false", "eval.data=null",
-            "stages.0.steps=6", "stages.0.batch_size=16", "stages.0.checkpoint_every=3",
-            "stages.1.method=prune", "stages.1.steps=5", "stages.1.batch_size=16", *extra]
+    return [
+        f"run_dir={run_dir}",
+        f"teacher={teacher}",
+        "baselines.scratch=false",
+        "eval.data=null",
+        "stages.0.steps=6",
+        "stages.0.batch_size=16",
+        "stages.0.checkpoint_every=3",
+        "stages.1.method=prune",
+        "stages.1.steps=5",
+        "stages.1.batch_size=16",
+        *extra,
+    ]
 
 
 def test_resume_with_a_different_world_size_continues_the_same_run(tmp_path, tiny_model_dir, caplog):
@@ -116,8 +126,17 @@ def test_nccl_on_cpu_is_one_line_from_the_cli(tmp_path, tiny_model_dir):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU: nccl is a valid choice here")
-    res = CliRunner().invoke(main, ["compress", "quickstart", f"run_dir={tmp_path / 'r'}", f"teacher={tiny_model_dir}",
-                                    "distributed.backend=nccl", "device=cpu"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "compress",
+            "quickstart",
+            f"run_dir={tmp_path / 'r'}",
+            f"teacher={tiny_model_dir}",
+            "distributed.backend=nccl",
+            "device=cpu",
+        ],
+    )
     assert res.exit_code == 1 and "use distributed.backend=gloo" in res.output and "Traceback" not in res.output
 
 
@@ -128,4 +147,6 @@ def test_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tm
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     check_world_split(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir)))  # 16 over 2: fine
     with pytest.raises(UserError, match="does not split evenly into grad_accum 1 x 2 processes; use a multiple of 2"):
-        check_world_split(load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir, "stages.0.batch_size=15")))
+        check_world_split(
+            load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir, "stages.0.batch_size=15"))
+        )

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from _export_helpers import CAPTIONS, clip_tokens, images, open_clip_text_reference
 from conftest import make_package
+
 from tinyclip_edge import __version__
 from tinyclip_edge.export import export_bundle
 from tinyclip_edge.models import save_model_dir
@@ -30,12 +30,22 @@ def _props(path):
 
 def test_fp32_bundle_contents(tmp_path, tiny_model_dir):
     out = export_bundle(tiny_model_dir, tmp_path / "bundle", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["clip_bundle.py", "image.onnx", "manifest.json", "preprocess.json",
-                                                     "text.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clip_bundle.py",
+        "image.onnx",
+        "manifest.json",
+        "preprocess.json",
+        "text.onnx",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     m = json.loads((out / "manifest.json").read_text())
     assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 2, "fp32", 17)
-    assert sorted(m["files"]) == ["clip_bundle.py", "image.onnx", "preprocess.json", "text.onnx"]  # all but the manifest
+    assert sorted(m["files"]) == [
+        "clip_bundle.py",
+        "image.onnx",
+        "preprocess.json",
+        "text.onnx",
+    ]  # all but the manifest
     assert all(m["files"][f]["sha256"] == _sha256(out / f) for f in m["files"])
     assert m["normalized"] is True and m["embed_dim"] == 32 and m["context_length"] == 24
     assert m["preprocess"]["image_size"] == 32 and m["preprocess"] == json.loads((out / "preprocess.json").read_text())
@@ -101,8 +111,9 @@ def test_open_clip_spec_source(tmp_path, open_clip_checkpoint):
 
 def test_bpe_tokenizer_is_bundled(tmp_path):
     """A model with CLIP's BPE vocabulary: the bundle carries the vocabulary file and tokenizes alone."""
-    pkg = make_package(dataclasses.replace(make_package().shape, text=dataclasses.replace(
-        make_package().shape.text, vocab_size=49408)))
+    pkg = make_package(
+        dataclasses.replace(make_package().shape, text=dataclasses.replace(make_package().shape.text, vocab_size=49408))
+    )
     pkg.tokenizer_cfg = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 24, "vocab_size": 49408}
     out = export_bundle(save_model_dir(pkg, tmp_path / "bpe"), tmp_path / "b", progress=False)
     m = json.loads((out / "manifest.json").read_text())

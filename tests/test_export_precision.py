@@ -7,11 +7,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from _export_helpers import CAPTIONS, open_clip_dir
+
+from tinyclip_edge.common.embeddings import row_cosine
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import export_bundle
-from tinyclip_edge.common.embeddings import row_cosine
 from tinyclip_edge.runtimes import open_runtime
 
 # What each precision must reach on real (scenes) images and captions, per row.
@@ -30,8 +30,9 @@ def _val_images(runtime, n):
 def test_precision_parity(which, precision, tmp_path, tiny_model_dir, pruned_model_dir):
     model_dir = {"uniform": tiny_model_dir, "pruned": pruned_model_dir}.get(which) or open_clip_dir(tmp_path)
     calib = "scenes:calib" if precision.startswith("int8") else None
-    out = export_bundle(model_dir, tmp_path / precision, precision=precision, calib=calib, calib_count=128,
-                        progress=False)
+    out = export_bundle(
+        model_dir, tmp_path / precision, precision=precision, calib=calib, calib_count=128, progress=False
+    )
     with open_runtime(model_dir) as ref, open_runtime(out) as rt:
         assert rt.precision == precision
         x = _val_images(ref, 7)
@@ -62,15 +63,16 @@ def test_fp16_keeps_layernorm_softmax_and_reductions_fp32(tmp_path, pruned_model
 
 
 def test_int8_static_graph_and_manifest(tmp_path, tiny_model_dir):
-    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=64,
-                        progress=False)
+    out = export_bundle(
+        tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=64, progress=False
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["calibration"] == {"source": "scenes:calib", "images": 64, "captions": 64, "skipped": 0, "requested": 64}
     for tower in ("image", "text"):
         d = m["precision_details"][tower]
         assert d["mode"] == "static-qdq" and d["quantized_nodes"] > 0
-        assert any(n.endswith("proj/MatMul") for n in d["float_nodes"])   # the projection stays float
-        assert d["check"]["samples"] == 16 and d["calibration_samples"] == 48   # disjoint
+        assert any(n.endswith("proj/MatMul") for n in d["float_nodes"])  # the projection stays float
+        assert d["check"]["samples"] == 16 and d["calibration_samples"] == 48  # disjoint
         assert d["check"]["min_cosine"] >= d["check"]["target_min_cosine"] == 0.995
         g = onnx.load(str(out / f"{tower}.onnx"))
         inits = {t.name: t for t in g.graph.initializer}
@@ -81,8 +83,7 @@ def test_int8_static_graph_and_manifest(tmp_path, tiny_model_dir):
 
 
 def test_int8_dynamic_and_keep_patterns(tmp_path, tiny_model_dir):
-    out = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", int8_keep=["mlp"],
-                        progress=False)
+    out = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", int8_keep=["mlp"], progress=False)
     m = json.loads((out / "manifest.json").read_text())
     assert m["calibration"] is None
     d = m["precision_details"]["image"]
@@ -91,8 +92,15 @@ def test_int8_dynamic_and_keep_patterns(tmp_path, tiny_model_dir):
     ops = {n.op_type for n in onnx.load(str(out / "image.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "QuantizeLinear" not in ops
 
-    none = export_bundle(tiny_model_dir, tmp_path / "none", precision="int8", calib="scenes:calib",
-                         calib_count=32, int8_keep="none", progress=False)
+    none = export_bundle(
+        tiny_model_dir,
+        tmp_path / "none",
+        precision="int8",
+        calib="scenes:calib",
+        calib_count=32,
+        int8_keep="none",
+        progress=False,
+    )
     d = json.loads((none / "manifest.json").read_text())["precision_details"]["text"]
     assert "sensitivity" not in d and d["check"]["target_min_cosine"] is None
     assert not any("mlp" in n or "qkv" in n for n in d["float_nodes"])
@@ -113,8 +121,14 @@ def test_precision_bad_input(tmp_path, tiny_model_dir):
     bad = make_package()
     bad.tokenizer_cfg = {"kind": "open_clip", "model": "ViT-B-32", "context_length": 24}
     with pytest.raises(UserError, match="tokenizer produces ids up to .* does not match the model"):
-        export_bundle(save_model_dir(bad, tmp_path / "m" / "bad"), tmp_path / "d", precision="int8",
-                      calib="scenes:calib", calib_count=8, progress=False)
+        export_bundle(
+            save_model_dir(bad, tmp_path / "m" / "bad"),
+            tmp_path / "d",
+            precision="int8",
+            calib="scenes:calib",
+            calib_count=8,
+            progress=False,
+        )
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("a", "b", "c", "d") or p.name.startswith(".")]
 
 
@@ -126,8 +140,15 @@ def _inits_and_producers(path):
 
 def test_int8_keeps_patch_embedding_and_projections_float(tmp_path, tiny_model_dir):
     """The patch embedding (Conv) and both output projections stay float: no QDQ feeds them."""
-    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=32,
-                        int8_keep="none", progress=False)
+    out = export_bundle(
+        tiny_model_dir,
+        tmp_path / "b",
+        precision="int8",
+        calib="scenes:calib",
+        calib_count=32,
+        int8_keep="none",
+        progress=False,
+    )
     m = json.loads((out / "manifest.json").read_text())
     for tower in ("image", "text"):
         inits, producer, g = _inits_and_producers(out / f"{tower}.onnx")
@@ -154,20 +175,29 @@ def test_int8_held_out_inputs_are_not_calibrated_on(tmp_path, tiny_model_dir):
     data[:held] *= 1000.0
     work = tmp_path / "work"
     work.mkdir()
-    details = quantize(fp32 / "image.onnx", tmp_path / "q.onnx", work, "image", "int8", data,
-                       QuantOptions(keep="none", quantize_patch_embedding=True), progress=False)
+    details = quantize(
+        fp32 / "image.onnx",
+        tmp_path / "q.onnx",
+        work,
+        "image",
+        "int8",
+        data,
+        QuantOptions(keep="none", quantize_patch_embedding=True),
+        progress=False,
+    )
     assert details["check"]["samples"] == held and details["calibration_samples"] == len(data) - held
     inits, producer, g = _inits_and_producers(tmp_path / "q.onnx")
     q_in = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
     assert q_in, "the patch embedding's input must be quantized when asked to"
     scale = float(onnx.numpy_helper.to_array(inits[q_in[0].input[1]]))
-    assert scale == pytest.approx(np.abs(data[held:]).max() / 127, rel=0.05)   # the calibration rows only
-    assert details["check"]["min_cosine"] < 0.9999   # the extreme held-out rows are really measured
+    assert scale == pytest.approx(np.abs(data[held:]).max() / 127, rel=0.05)  # the calibration rows only
+    assert details["check"]["min_cosine"] < 0.9999  # the extreme held-out rows are really measured
 
 
 def test_int8_manifest_counts_disjoint_calibration_and_check(tmp_path, tiny_model_dir):
-    out = export_bundle(tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=48,
-                        progress=False)
+    out = export_bundle(
+        tiny_model_dir, tmp_path / "b", precision="int8", calib="scenes:calib", calib_count=48, progress=False
+    )
     for d in json.loads((out / "manifest.json").read_text())["precision_details"].values():
         assert d["check"]["samples"] == 12 and d["calibration_samples"] == 36
 
@@ -204,6 +234,14 @@ def test_each_quantizer_calibrates_afresh(tmp_path, tiny_model_dir):
     work = tmp_path / "work"
     work.mkdir()
     for i, conv in enumerate((False, True)):
-        d = quantize(fp32 / "image.onnx", tmp_path / f"q{i}.onnx", work, "image", "int8", data,
-                     QuantOptions(keep="none", quantize_patch_embedding=conv), progress=False)
+        d = quantize(
+            fp32 / "image.onnx",
+            tmp_path / f"q{i}.onnx",
+            work,
+            "image",
+            "int8",
+            data,
+            QuantOptions(keep="none", quantize_patch_embedding=conv),
+            progress=False,
+        )
         assert ("/visual/patch_embed/Conv" in d["float_nodes"]) is not conv

@@ -22,10 +22,11 @@ B = 3
 
 def _per_layer_student() -> ClipShape:
     """Pruned-style widths: layers without attention or without an MLP, attention width != residual width."""
-    return ClipShape(32, VisionShape(width=48, head_dim=32, heads=[2, 0, 1], mlp=[64, 32, 0], image_size=32,
-                                     patch_size=8),
-                     TextShape(width=40, head_dim=32, heads=[1, 2, 0], mlp=[0, 16, 80], context_length=24,
-                               vocab_size=35))
+    return ClipShape(
+        32,
+        VisionShape(width=48, head_dim=32, heads=[2, 0, 1], mlp=[64, 32, 0], image_size=32, patch_size=8),
+        TextShape(width=40, head_dim=32, heads=[1, 2, 0], mlp=[0, 16, 80], context_length=24, vocab_size=35),
+    )
 
 
 def _inputs(shape: ClipShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +41,9 @@ def _counted(fn) -> float:
     return fc.get_total_flops() / B
 
 
-@pytest.mark.parametrize("shape", [uniform_shape(64, 2, 2, embed_dim=32), _per_layer_student()],
-                         ids=["uniform", "per-layer"])
+@pytest.mark.parametrize(
+    "shape", [uniform_shape(64, 2, 2, embed_dim=32), _per_layer_student()], ids=["uniform", "per-layer"]
+)
 def test_forward_flops_equal_flop_counter_mode(shape):
     model = ClipModel(shape).eval()
     img, ids = _inputs(shape)
@@ -55,8 +57,14 @@ def test_a_wrong_count_is_caught():
     """Positive control: ignoring the per-layer widths (counting the widest layer everywhere) is detected."""
     shape = _per_layer_student()
     v = shape.vision
-    widest = VisionShape(width=v.width, head_dim=v.head_dim, heads=[max(v.heads)] * 3, mlp=[max(v.mlp)] * 3,
-                         image_size=v.image_size, patch_size=v.patch_size)
+    widest = VisionShape(
+        width=v.width,
+        head_dim=v.head_dim,
+        heads=[max(v.heads)] * 3,
+        mlp=[max(v.mlp)] * 3,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
     model = ClipModel(shape).eval()
     img, _ = _inputs(shape)
     with torch.no_grad():

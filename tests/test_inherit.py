@@ -68,8 +68,8 @@ def test_importance_keeps_the_units_that_matter():
     with torch.no_grad():
         blk = model.visual.blocks[0]
         d = model.shape.vision.head_dim
-        blk.attn.out.weight[:, d:2 * d] *= 20  # head 1 of layer 0
-        blk.mlp.fc2.weight[:, 7] *= 50          # neuron 7 of layer 0
+        blk.attn.out.weight[:, d : 2 * d] *= 20  # head 1 of layer 0
+        blk.mlp.fc2.weight[:, 7] *= 50  # neuron 7 of layer 0
         blk.mlp.fc1.weight[7] *= 3
     src = open_source("scenes:calib", image_size=32)
     calib = [TrainBatches(src, pkg.preprocess, pkg.tokenizer(), 16)[0]]

@@ -56,20 +56,27 @@ BARE = ("torch", "torchvision", "tinyclip_edge", "open_clip", "ftfy", "regex", "
 
 
 def _run_bare(script: str, cwd: Path, blocked: tuple[str, ...] = BARE) -> subprocess.CompletedProcess:
-    code = _BLOCKER.format(blocked=set(blocked)) + textwrap.dedent(script) + textwrap.dedent("""
+    code = (
+        _BLOCKER.format(blocked=set(blocked))
+        + textwrap.dedent(script)
+        + textwrap.dedent("""
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         if leaked:
             raise SystemExit(f"imported blocked modules: {leaked}")
     """)
+    )
     # -I: no user site, no PYTHONPATH, no script dir on sys.path; the bundle folder is added by the script
-    return subprocess.run([sys.executable, "-I", "-c", code], check=False, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-I", "-c", code], check=False, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def _write_images(folder: Path) -> list[Path]:
     folder.mkdir()
     paths = []
-    for i, (mode, w, h) in enumerate([("RGB", 45, 31), ("RGBA", 31, 45), ("P", 40, 40), ("L", 20, 57),
-                                      ("I;16", 33, 47), ("LA", 50, 20)]):
+    for i, (mode, w, h) in enumerate(
+        [("RGB", 45, 31), ("RGBA", 31, 45), ("P", 40, 40), ("L", 20, 57), ("I;16", 33, 47), ("LA", 50, 20)]
+    ):
         path = folder / f"{i}.png"
         make_image(mode, w, h, seed=i).save(path)
         paths.append(path)
@@ -106,6 +113,7 @@ def _runtime_outputs(bundle: Path, images: list[Path]) -> dict:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     from conftest import make_package
+
     from tinyclip_edge.export import export_bundle
 
     root = tmp_path_factory.mktemp("reader")
@@ -121,12 +129,32 @@ def test_every_bundle_carries_the_reader_and_a_complete_tokenizer_description(bu
     for bundle in bundles.values():
         assert (bundle / "clip_bundle.py").read_bytes() == source
     words = json.loads((bundles["words"] / "manifest.json").read_text())["tokenizer"]
-    assert {"pad_id", "sot_id", "unk_id", "eot_id", "pattern", "normalization", "truncation",
-            "context_length", "vocab"} <= set(words)
+    assert {
+        "pad_id",
+        "sot_id",
+        "unk_id",
+        "eot_id",
+        "pattern",
+        "normalization",
+        "truncation",
+        "context_length",
+        "vocab",
+    } <= set(words)
     assert words["eot_id"] == len(words["vocab"]) + 3
     bpe = json.loads((bundles["bpe"] / "manifest.json").read_text())["tokenizer"]
-    assert {"file", "merges", "special_tokens", "sot_id", "eot_id", "pad_id", "clean", "normalization",
-            "pattern", "truncation", "context_length"} <= set(bpe)
+    assert {
+        "file",
+        "merges",
+        "special_tokens",
+        "sot_id",
+        "eot_id",
+        "pad_id",
+        "clean",
+        "normalization",
+        "pattern",
+        "truncation",
+        "context_length",
+    } <= set(bpe)
     assert (bpe["sot_id"], bpe["eot_id"], bpe["merges"], bpe["context_length"]) == (49406, 49407, 48894, 20)
     assert (bundles["bpe"] / bpe["file"]).is_file()
 

@@ -34,10 +34,12 @@ def _assert_same_embeddings(pkg, out: Path, tokens: torch.Tensor) -> None:
     images = [make_image(mode, 45, 31, seed=i) for i, mode in enumerate(["RGB", "RGBA", "P", "L"])]
     pixels = torch.stack([transform(im) for im in images])
     np.testing.assert_array_equal(pixels.numpy(), np.stack([pkg.preprocess(im) for im in images]))
-    np.testing.assert_allclose(oc.encode_image(pixels, normalize=True), model.encode_image(pixels, normalize=True),
-                               atol=1e-5)
-    np.testing.assert_allclose(oc.encode_text(tokens, normalize=True), model.encode_text(tokens, normalize=True),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        oc.encode_image(pixels, normalize=True), model.encode_image(pixels, normalize=True), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        oc.encode_text(tokens, normalize=True), model.encode_text(tokens, normalize=True), atol=1e-5
+    )
 
 
 def test_uniform_bpe_student_loads_in_open_clip_with_its_tokenizer(tmp_path: Path) -> None:

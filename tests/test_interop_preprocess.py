@@ -66,9 +66,15 @@ SIZES = [(45, 31), (31, 45), (32, 32), (20, 57), (101, 64), (17, 17)]
 
 
 def _reference(pre: Preprocess, image: Image.Image) -> np.ndarray:
-    t = open_clip_transform.image_transform(pre.image_size, is_train=False, mean=pre.mean, std=pre.std,
-                                            resize_mode=pre.resize_mode, interpolation=pre.interpolation,
-                                            fill_color=pre.fill_color)
+    t = open_clip_transform.image_transform(
+        pre.image_size,
+        is_train=False,
+        mean=pre.mean,
+        std=pre.std,
+        resize_mode=pre.resize_mode,
+        interpolation=pre.interpolation,
+        fill_color=pre.fill_color,
+    )
     return t(image).numpy()
 
 
@@ -86,8 +92,14 @@ def test_every_mode_equals_open_clip_transform(mode: str) -> None:
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_resize_modes_and_interpolation_equal_open_clip(resize_mode: str, interpolation: str) -> None:
-    pre = Preprocess(image_size=24, resize_mode=resize_mode, interpolation=interpolation, fill_color=7,
-                     mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    pre = Preprocess(
+        image_size=24,
+        resize_mode=resize_mode,
+        interpolation=interpolation,
+        fill_color=7,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.2, 0.25, 0.3),
+    )
     for mode in ("RGB", "RGBA", "P", "L"):
         for i, (w, h) in enumerate(SIZES):
             image = make_image(mode, w, h, seed=10 + i)

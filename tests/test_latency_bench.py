@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_latency_tiny_prints_flop_ratios_next_to_latency_ratios(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--tiny", "--precisions", "fp32,bf16",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "latency.py"),
+        "--tiny",
+        "--precisions",
+        "fp32,bf16",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((out / "latency-cpu.json").read_text())

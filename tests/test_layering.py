@@ -15,8 +15,11 @@ CORE = ["models", "data", "losses", "compress", "common"]
 
 
 # where each installed package's files live (export/ and runtimes/ install under tinyclip_edge, setup.cfg)
-PACKAGE_DIRS = {"tinyclip_edge.export": ROOT / "export", "tinyclip_edge.runtimes": ROOT / "runtimes",
-                "tinyclip_edge": ROOT / "tinyclip_edge"}
+PACKAGE_DIRS = {
+    "tinyclip_edge.export": ROOT / "export",
+    "tinyclip_edge.runtimes": ROOT / "runtimes",
+    "tinyclip_edge": ROOT / "tinyclip_edge",
+}
 
 
 def _package_of(path: Path) -> str:
@@ -57,18 +60,35 @@ def test_the_core_never_imports_export_or_runtimes(package):
 
 # package -> (folder, modules it must never import, {file: modules that file alone may import lazily})
 CONTRACTS = {
-    "runtimes": (ROOT / "runtimes", ("tinyclip_edge.compress", "tinyclip_edge.losses", "tinyclip_edge.data",
-                                     "tinyclip_edge.evaluation", "tinyclip_edge.cli", "tinyclip_edge.export",
-                                     "tinyclip_edge.models"),
-                 # the pyt backend opens model directories; it is the one runtime that needs the model code
-                 {"pyt.py": ("tinyclip_edge.models",)}),
-    "export": (ROOT / "export", ("tinyclip_edge.compress", "tinyclip_edge.losses", "tinyclip_edge.cli",
-                                 "tinyclip_edge.evaluation"), {}),
+    "runtimes": (
+        ROOT / "runtimes",
+        (
+            "tinyclip_edge.compress",
+            "tinyclip_edge.losses",
+            "tinyclip_edge.data",
+            "tinyclip_edge.evaluation",
+            "tinyclip_edge.cli",
+            "tinyclip_edge.export",
+            "tinyclip_edge.models",
+        ),
+        # the pyt backend opens model directories; it is the one runtime that needs the model code
+        {"pyt.py": ("tinyclip_edge.models",)},
+    ),
+    "export": (
+        ROOT / "export",
+        ("tinyclip_edge.compress", "tinyclip_edge.losses", "tinyclip_edge.cli", "tinyclip_edge.evaluation"),
+        {},
+    ),
 }
 
 
-def _violations(path: Path, forbidden: tuple[str, ...], allowed: tuple[str, ...] = (), source: str | None = None,
-                package: str | None = None) -> set[str]:
+def _violations(
+    path: Path,
+    forbidden: tuple[str, ...],
+    allowed: tuple[str, ...] = (),
+    source: str | None = None,
+    package: str | None = None,
+) -> set[str]:
     def hit(mod: str, prefixes: tuple[str, ...]) -> bool:
         return any(mod == p or mod.startswith(p + ".") for p in prefixes)
 
@@ -110,7 +130,8 @@ def test_runtimes_run_a_bundle_without_the_training_core(tmp_path, tiny_model_di
         "emb = rt.encode_text(rt.tokenize(['a red circle on the left']))\n"
         "img = rt.encode_image(np.zeros((1, 3, 32, 32), np.float32))\n"
         "print(json.dumps({'shape': list(emb.shape), 'modules': sorted(m for m in sys.modules"
-        " if m.startswith('tinyclip_edge'))}))\n")
+        " if m.startswith('tinyclip_edge'))}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["shape"] == [1, 32]

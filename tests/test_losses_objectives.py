@@ -33,8 +33,14 @@ def _batch(seed=0, same=False, aligned=False, d_student=16):
         s_img = _unit(g, d=d_student)
         s_txt = F.normalize(s_img + 0.4 * _unit(g, d=d_student), dim=-1)
     s_scale = torch.tensor(30.0 if same else 20.0)  # CRD compares each model's own scale: equal at student = teacher
-    return DistillOutputs(s_img.requires_grad_(), s_txt.requires_grad_(), s_scale,
-                          t_img.requires_grad_(), t_txt.requires_grad_(), torch.tensor(30.0))
+    return DistillOutputs(
+        s_img.requires_grad_(),
+        s_txt.requires_grad_(),
+        s_scale,
+        t_img.requires_grad_(),
+        t_txt.requires_grad_(),
+        torch.tensor(30.0),
+    )
 
 
 # ---------------------------------------------------------------- references, written from the formulas
@@ -62,8 +68,11 @@ def ref(name, o):
     if name == "vrd":
         a = K0
         A_ts_I, A_st_I, A_ts_T, A_st_T = a * tI @ sI.T, a * sI @ tI.T, a * tT @ sT.T, a * sT @ tT.T
-        return (0.5 * (KL(A_ts_I, A_ts_T) + KL(A_st_I, A_st_T)) + 0.5 * (CE(A_ts_I) + CE(A_st_I))
-                + 0.5 * (CE(A_ts_T) + CE(A_st_T)))
+        return (
+            0.5 * (KL(A_ts_I, A_ts_T) + KL(A_st_I, A_st_T))
+            + 0.5 * (CE(A_ts_I) + CE(A_st_I))
+            + 0.5 * (CE(A_ts_T) + CE(A_st_T))
+        )
     if name == "xrd":
         k = K0
         M1, M2, M3, M4 = k * tI @ sT.T, k * tT @ sI.T, k * sI @ tT.T, k * sT @ tI.T
@@ -120,13 +129,15 @@ def test_vrd_kl_is_zero_for_equal_relations_and_its_ce_terms_at_their_floor():
 
 def test_xrd_is_symmetric_under_swapping_the_modalities():
     o = _batch(5)
-    swapped = DistillOutputs(o.student_text, o.student_image, o.student_logit_scale, o.teacher_text,
-                             o.teacher_image, o.teacher_logit_scale)
+    swapped = DistillOutputs(
+        o.student_text, o.student_image, o.student_logit_scale, o.teacher_text, o.teacher_image, o.teacher_logit_scale
+    )
     a, b = f(total("xrd", o)), f(total("xrd", swapped))
     assert a > 1e-4 and a == pytest.approx(b, rel=1e-6)
     # positive control: swapping only the student's modalities changes it
-    half = DistillOutputs(o.student_text, o.student_image, o.student_logit_scale, o.teacher_image,
-                          o.teacher_text, o.teacher_logit_scale)
+    half = DistillOutputs(
+        o.student_text, o.student_image, o.student_logit_scale, o.teacher_image, o.teacher_text, o.teacher_logit_scale
+    )
     assert f(total("xrd", half)) != pytest.approx(a, rel=1e-3)
 
 
@@ -141,9 +152,19 @@ def test_no_gradient_reaches_the_teacher(name):
 @pytest.mark.parametrize("name", NEW)
 def test_finite_under_bf16_autocast(name):
     o = _batch(6)
-    bf = DistillOutputs(*(t.detach().bfloat16().requires_grad_() if t.ndim else t for t in
-                          (o.student_image, o.student_text, o.student_logit_scale, o.teacher_image, o.teacher_text,
-                           o.teacher_logit_scale)))
+    bf = DistillOutputs(
+        *(
+            t.detach().bfloat16().requires_grad_() if t.ndim else t
+            for t in (
+                o.student_image,
+                o.student_text,
+                o.student_logit_scale,
+                o.teacher_image,
+                o.teacher_text,
+                o.teacher_logit_scale,
+            )
+        )
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value = total(name, bf)
     value.backward()
@@ -155,8 +176,7 @@ def test_finite_under_bf16_autocast(name):
 
 
 def test_objective_projects_to_the_teacher_width_and_learns_scales():
-    obj = Objective(parse_losses({"clip": 1, "fd": 2000, "icl": 1, "vrd": 1, "xrd": 1}), student_dim=12,
-                    teacher_dim=16)
+    obj = Objective(parse_losses({"clip": 1, "fd": 2000, "icl": 1, "vrd": 1, "xrd": 1}), student_dim=12, teacher_dim=16)
     assert obj.proj is not None and obj.proj.weight.shape == (16, 12)
     assert set(obj.scales) == {"icl__kappa", "vrd__alpha_image", "vrd__alpha_text", "xrd__kappa"}
     o = _batch(7, d_student=12)
@@ -191,8 +211,10 @@ def test_unknown_loss_suggests_the_closest():
         parse_losses({"vdr": 1})
 
 
-@pytest.mark.parametrize("weight, message", [(-1.0, "got -1.0"), (float("nan"), "got nan"), (float("inf"), "got inf"),
-                                             ("heavy", "got 'heavy'")])
+@pytest.mark.parametrize(
+    "weight, message",
+    [(-1.0, "got -1.0"), (float("nan"), "got nan"), (float("inf"), "got inf"), ("heavy", "got 'heavy'")],
+)
 def test_bad_weights_are_clear_errors(weight, message):
     with pytest.raises(UserError, match=f"losses.fd: the weight must be a finite number >= 0, {message}"):
         parse_losses({"fd": weight})
@@ -206,12 +228,15 @@ def test_bad_weight_from_the_cli_is_one_line(tmp_path):
 
     from tinyclip_edge.cli import main
 
-    res = CliRunner().invoke(main, ["compress", "quickstart", f"run_dir={tmp_path / 'r'}", "teacher=none",
-                                    "stages.0.losses={clip: 1, fd: -2}"])
+    res = CliRunner().invoke(
+        main,
+        ["compress", "quickstart", f"run_dir={tmp_path / 'r'}", "teacher=none", "stages.0.losses={clip: 1, fd: -2}"],
+    )
     assert res.exit_code == 1 and "losses.fd: the weight must be a finite number >= 0, got -2" in res.output
     assert "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["compress", "quickstart", f"run_dir={tmp_path / 'r2'}",
-                                    "stages.0.losses={crd: 1, icll: 1}"])
+    res = CliRunner().invoke(
+        main, ["compress", "quickstart", f"run_dir={tmp_path / 'r2'}", "stages.0.losses={crd: 1, icll: 1}"]
+    )
     assert res.exit_code == 1 and "unknown loss 'icll' (did you mean 'icl'?)" in res.output
 
 

@@ -15,9 +15,13 @@ from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.models import load_model_dir, resolve
 
-TINY_OPEN_CLIP_CFG = {"model_cfg": {
-    "embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34}}}
+TINY_OPEN_CLIP_CFG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34},
+    }
+}
 
 
 def _fails(args: list, message: str) -> str:
@@ -41,18 +45,24 @@ def _edit_config(model_dir: Path, **shape_changes) -> None:
     (model_dir / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"vision__width": 128}, "tensor(s) differ in shape"),           # config 128, weights 64
-    ({"embed_dim": 64}, "differ in shape"),
-    ({"text__heads": [2, 2, 2], "text__mlp": [256, 256, 256]}, "tensor(s) missing"),
-    ({"vision__heads": [2], "vision__mlp": [256]}, "unexpected tensor(s)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vision__width": 128}, "tensor(s) differ in shape"),  # config 128, weights 64
+        ({"embed_dim": 64}, "differ in shape"),
+        ({"text__heads": [2, 2, 2], "text__mlp": [256, 256, 256]}, "tensor(s) missing"),
+        ({"vision__heads": [2], "vision__mlp": [256]}, "unexpected tensor(s)"),
+    ],
+)
 def test_config_and_weights_that_disagree_are_an_error_everywhere(tiny_model_dir, tmp_path, change, message):
     _edit_config(tiny_model_dir, **change)
-    for args in (["info", tiny_model_dir], ["info", tiny_model_dir, "--json"],
-                 ["eval", tiny_model_dir, "--max-pairs", "4"],
-                 ["export", tiny_model_dir, "--out", tmp_path / "b", "--quiet"],
-                 ["bench", tiny_model_dir, "--iters", "2", "--warmup", "0", "--out", tmp_path / "o", "--quiet"]):
+    for args in (
+        ["info", tiny_model_dir],
+        ["info", tiny_model_dir, "--json"],
+        ["eval", tiny_model_dir, "--max-pairs", "4"],
+        ["export", tiny_model_dir, "--out", tmp_path / "b", "--quiet"],
+        ["bench", tiny_model_dir, "--iters", "2", "--warmup", "0", "--out", tmp_path / "o", "--quiet"],
+    ):
         line = _fails(args, message)
         assert "does not match config.json" in line and "model.safetensors" in line
     assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()
@@ -68,13 +78,16 @@ def test_info_reads_the_header_only(tiny_model_dir, monkeypatch):
     assert "embedding dim 32" in result.output
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"embed_dim": "thirty-two"}, "config.json: field 'shape.embed_dim' must be an integer, got 'thirty-two'"),
-    ({"vision__heads": "two"}, "field 'shape.vision.heads' must be a list of an integer"),
-    ({"vision__act": "relu"}, "act must be 'gelu' or 'quick_gelu'"),
-    ({"embed_dim": -1}, "'shape.embed_dim' must be a positive integer"),
-    ({"vision__widht": 3}, "unknown field 'shape.vision.widht' (did you mean 'width'?)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"embed_dim": "thirty-two"}, "config.json: field 'shape.embed_dim' must be an integer, got 'thirty-two'"),
+        ({"vision__heads": "two"}, "field 'shape.vision.heads' must be a list of an integer"),
+        ({"vision__act": "relu"}, "act must be 'gelu' or 'quick_gelu'"),
+        ({"embed_dim": -1}, "'shape.embed_dim' must be a positive integer"),
+        ({"vision__widht": 3}, "unknown field 'shape.vision.widht' (did you mean 'width'?)"),
+    ],
+)
 def test_malformed_model_config_is_one_line(tiny_model_dir, change, message):
     _edit_config(tiny_model_dir, **change)
     _fails(["info", tiny_model_dir], message)
@@ -103,6 +116,7 @@ def _local_dir(tmp_path: Path, config: object, weights: str = "safetensors") -> 
 
         save_file(state, str(d / "open_clip_model.safetensors"))
     else:
+
         class Evil:
             def __reduce__(self):
                 return (print, ("UNPICKLED-CODE-RAN",))
@@ -111,11 +125,14 @@ def _local_dir(tmp_path: Path, config: object, weights: str = "safetensors") -> 
     return d
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"model_cfg": {"embed_dim": 32}}, "missing key 'text_cfg'"),
-    ("{not json", "Could not load valid config"),
-    ({"model_cfg": {**TINY_OPEN_CLIP_CFG["model_cfg"], "embed_dim": "x"}}, "open_clip could not create"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_cfg": {"embed_dim": 32}}, "missing key 'text_cfg'"),
+        ("{not json", "Could not load valid config"),
+        ({"model_cfg": {**TINY_OPEN_CLIP_CFG["model_cfg"], "embed_dim": "x"}}, "open_clip could not create"),
+    ],
+)
 def test_local_dir_teacher_with_a_bad_config(tmp_path, config, message):
     d = _local_dir(tmp_path, config)
     for spec in (f"local-dir:{d}", str(d)):
@@ -137,10 +154,9 @@ def test_local_dir_with_safetensors_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------ the one resolver
 def test_one_resolver_for_model_dirs(tiny_model_dir):
-    from tinyclip_edge.export.source import resolve_source
-
     from tinyclip_edge.common.integrity import sha256_file
     from tinyclip_edge.compress.teacher import resolve_teacher
+    from tinyclip_edge.export.source import resolve_source
 
     got = resolve.resolve_model(tiny_model_dir)
     assert got.kind == "model_dir" and got.sha256 == sha256_file(tiny_model_dir / "model.safetensors")
@@ -175,11 +191,14 @@ def test_runner_does_not_import_teacher():
     assert "teacher" not in modules and "resolve_teacher" not in names and "teacher" not in names
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "no model given"),
-    ("nowhere/model", "model directory not found"),
-    ("ViT-B-23", "did you mean"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "no model given"),
+        ("nowhere/model", "model directory not found"),
+        ("ViT-B-23", "did you mean"),
+    ],
+)
 def test_resolver_errors(spec, message):
     with pytest.raises(UserError, match=message):
         resolve.resolve_model(spec)

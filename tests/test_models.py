@@ -9,7 +9,7 @@ import torch
 from conftest import make_package, pruned_shape, tiny_open_clip
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.slicing import TowerPlan, KeepPlan, slice_model
+from tinyclip_edge.compress.slicing import KeepPlan, TowerPlan, slice_model
 from tinyclip_edge.models import BlockMasks, ClipModel, TowerMasks, load_model_dir, save_model_dir
 from tinyclip_edge.models.openclip import NotConvertible, from_open_clip, to_open_clip
 
@@ -21,7 +21,7 @@ def _inputs(n: int = 3):
     ids[:, 0] = 1
     for row, eot in enumerate([5, 12, 23][:n]):  # captions of different lengths
         ids[row, eot] = 34
-        ids[row, eot + 1:] = 0
+        ids[row, eot + 1 :] = 0
     return images, ids
 
 
@@ -72,8 +72,10 @@ def test_pruned_student_does_not_convert_to_open_clip():
 @pytest.mark.parametrize("shape", [None, "pruned"])
 def test_analytic_parameter_count_matches_modules(shape):
     model = make_package(pruned_shape() if shape else None).model
-    counted = {"image": sum(p.numel() for p in model.visual.parameters()),
-               "text": sum(p.numel() for p in model.text.parameters())}
+    counted = {
+        "image": sum(p.numel() for p in model.visual.parameters()),
+        "text": sum(p.numel() for p in model.text.parameters()),
+    }
     analytic = model.shape.params()
     assert analytic["image"] == counted["image"] and analytic["text"] == counted["text"]
 
@@ -109,8 +111,13 @@ def test_corrupt_config_gives_a_clear_error(tmp_path):
 def test_all_ones_masks_change_nothing():
     model = make_package(jitter=0.02).model
     s = model.shape.vision
-    masks = TowerMasks(torch.ones(s.width), [BlockMasks(None, torch.ones(h), torch.ones(m), torch.ones(()),
-                                                        torch.ones(())) for h, m in zip(s.heads, s.mlp)])
+    masks = TowerMasks(
+        torch.ones(s.width),
+        [
+            BlockMasks(None, torch.ones(h), torch.ones(m), torch.ones(()), torch.ones(()))
+            for h, m in zip(s.heads, s.mlp)
+        ],
+    )
     images, _ = _inputs()
     with torch.no_grad():
         assert torch.allclose(model.encode_image(images, masks=masks), model.encode_image(images), atol=1e-6)
@@ -131,8 +138,9 @@ def test_binary_masks_equal_the_sliced_model():
         m = torch.zeros(s.vision.mlp[li])
         m[keep_mlp[li]] = 1
         blocks.append(BlockMasks(None, h, m, None, torch.tensor(0.0) if not keep_mlp[li] else None))
-    full_text = TowerPlan([0, 1], list(range(s.text.width)), [list(range(h)) for h in s.text.heads],
-                          [list(range(m)) for m in s.text.mlp])
+    full_text = TowerPlan(
+        [0, 1], list(range(s.text.width)), [list(range(h)) for h in s.text.heads], [list(range(m)) for m in s.text.mlp]
+    )
     plan = KeepPlan(TowerPlan([0, 1], keep_hidden, keep_heads, keep_mlp), full_text)
     small = slice_model(model, plan)
     assert small.shape.vision.mlp == [64, 0] and small.shape.vision.width == len(keep_hidden)

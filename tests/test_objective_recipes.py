@@ -14,9 +14,11 @@ from tinyclip_edge.compress.recipe import load_recipe, packaged_recipes
 from tinyclip_edge.losses.registry import parse_losses
 from tinyclip_edge.models import load_model_dir, save_model_dir
 
-TERMS = {"clip-kd-scenes": {"clip", "crd", "icl", "fd"},
-         "clip-rd-scenes": {"clip", "crd", "icl", "fd", "vrd/kl", "vrd/ce_image", "vrd/ce_text", "xrd"},
-         "dclip-scenes": {"hybrid/cosine", "hybrid/infonce"}}
+TERMS = {
+    "clip-kd-scenes": {"clip", "crd", "icl", "fd"},
+    "clip-rd-scenes": {"clip", "crd", "icl", "fd", "vrd/kl", "vrd/ce_image", "vrd/ce_text", "xrd"},
+    "dclip-scenes": {"hybrid/cosine", "hybrid/infonce"},
+}
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -24,8 +26,9 @@ def test_scenes_recipe_runs_through_the_cli(tmp_path, tiny_package, name):
     teacher = save_model_dir(tiny_package, tmp_path / "teacher")
     n = len(load_recipe(name).stages)
     steps = [f"stages.{i}.{k}={v}" for i in range(n) for k, v in (("steps", 2), ("batch_size", 8), ("log_every", 1))]
-    res = CliRunner().invoke(main, ["compress", name, f"teacher={teacher}", f"run_dir={tmp_path / 'run'}",
-                                    "eval.data=scenes:val:16", *steps])
+    res = CliRunner().invoke(
+        main, ["compress", name, f"teacher={teacher}", f"run_dir={tmp_path / 'run'}", "eval.data=scenes:val:16", *steps]
+    )
     assert res.exit_code == 0, res.output
     run = tmp_path / "run"
     student = load_model_dir(run / "student")

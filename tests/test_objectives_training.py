@@ -24,10 +24,20 @@ def teacher_dir(tmp_path, tiny_package):
 
 def _recipe(run_dir, teacher_dir):
     narrow = uniform_shape(32, 1, 2, embed_dim=24).to_dict()  # embed width 24 < the teacher's 32: a projection
-    stage = {"name": "stage-1", "method": "scratch", "shape": narrow, "losses": RD, "steps": 6, "batch_size": 8,
-             "checkpoint_every": 2, "lr": 0.01, "log_every": 1}
-    return load_recipe({"name": "rd", "teacher": str(teacher_dir), "run_dir": str(run_dir), "eval": {"data": None},
-                        "stages": [stage]})
+    stage = {
+        "name": "stage-1",
+        "method": "scratch",
+        "shape": narrow,
+        "losses": RD,
+        "steps": 6,
+        "batch_size": 8,
+        "checkpoint_every": 2,
+        "lr": 0.01,
+        "log_every": 1,
+    }
+    return load_recipe(
+        {"name": "rd", "teacher": str(teacher_dir), "run_dir": str(run_dir), "eval": {"data": None}, "stages": [stage]}
+    )
 
 
 def test_learned_extras_checkpoint_resume_exactly_and_stay_out_of_the_student(tmp_path, teacher_dir):
@@ -49,8 +59,13 @@ def test_learned_extras_checkpoint_resume_exactly_and_stay_out_of_the_student(tm
     with pytest.raises(Crash):
         run_compress(_recipe(tmp_path / "b", teacher_dir), on_step=crash_at_5)
     keys = set(seen["tensors"])
-    assert {"objective.proj.weight", "objective.scales.icl__kappa", "objective.scales.xrd__kappa",
-            "objective.scales.vrd__alpha_image", "objective.scales.vrd__alpha_text"} <= keys
+    assert {
+        "objective.proj.weight",
+        "objective.scales.icl__kappa",
+        "objective.scales.xrd__kappa",
+        "objective.scales.vrd__alpha_image",
+        "objective.scales.vrd__alpha_text",
+    } <= keys
     assert seen["tensors"]["objective.proj.weight"].shape == (32, 24)
     assert seen["meta"]["objective"]["teacher_dim"] == 32
     # the scales really trained: they moved from their initial value

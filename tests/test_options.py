@@ -28,8 +28,9 @@ def _flags(cmd: click.Command) -> dict[str, click.Option]:
     return {p.name: p for p in cmd.params if isinstance(p, click.Option) and p.name != "help"}
 
 
-@pytest.mark.parametrize("cmd, schema, cli_only", [(export_cmd, ExportOptions, EXPORT_CLI_ONLY),
-                                                    (bench_cmd, BenchOptions, BENCH_CLI_ONLY)])
+@pytest.mark.parametrize(
+    "cmd, schema, cli_only", [(export_cmd, ExportOptions, EXPORT_CLI_ONLY), (bench_cmd, BenchOptions, BENCH_CLI_ONLY)]
+)
 def test_every_option_has_a_flag_with_the_same_default_and_every_flag_an_option(cmd, schema, cli_only):
     flags, fields = _flags(cmd), {f.name: f for f in dataclasses.fields(schema)}
     assert set(fields) - set(flags) == set(), "options without a flag"
@@ -37,7 +38,7 @@ def test_every_option_has_a_flag_with_the_same_default_and_every_flag_an_option(
     defaults = schema()
     for name in fields:
         default = flags[name].default
-        if name == "batches":   # --batch is text: "1" or "1,8"
+        if name == "batches":  # --batch is text: "1" or "1,8"
             default = [int(b) for b in default.split(",")]
         if name == "int8_keep":
             assert default == defaults.int8_keep
@@ -45,14 +46,19 @@ def test_every_option_has_a_flag_with_the_same_default_and_every_flag_an_option(
         assert default == getattr(defaults, name), f"--{name}: flag default {default!r} != schema's"
 
 
-@pytest.mark.parametrize("section, schema, recipe_only", [(ExportCfg, ExportOptions, EXPORT_RECIPE_ONLY),
-                                                          (BenchCfg, BenchOptions, BENCH_RECIPE_ONLY)])
+@pytest.mark.parametrize(
+    "section, schema, recipe_only",
+    [(ExportCfg, ExportOptions, EXPORT_RECIPE_ONLY), (BenchCfg, BenchOptions, BENCH_RECIPE_ONLY)],
+)
 def test_recipe_sections_are_the_option_schemas_plus_pipeline_fields(section, schema, recipe_only):
     assert issubclass(section, schema)
-    hints, base = typing.get_type_hints(section, include_extras=True), typing.get_type_hints(schema, include_extras=True)
+    hints, base = (
+        typing.get_type_hints(section, include_extras=True),
+        typing.get_type_hints(schema, include_extras=True),
+    )
     extra = {f.name for f in dataclasses.fields(section)} - {f.name for f in dataclasses.fields(schema)}
     assert extra == recipe_only
-    for name, tp in base.items():   # a section may change a default, never a type or a range
+    for name, tp in base.items():  # a section may change a default, never a type or a range
         assert hints[name] == tp, name
 
 

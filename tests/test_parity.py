@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-
 from _export_helpers import open_clip_dir
 from conftest import make_package
+
+from tinyclip_edge.common import embeddings as M
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import ParityReport, export_bundle, run_parity
-from tinyclip_edge.common import embeddings as M
 from tinyclip_edge.models import save_model_dir
 
 
@@ -19,11 +19,11 @@ from tinyclip_edge.models import save_model_dir
 def test_metrics_on_constructed_embeddings():
     img = np.eye(4, dtype=np.float32) * 3.0
     txt = np.eye(4, dtype=np.float32)
-    txt[3] = [0, 0, 1, 0.1]                              # caption 3 looks like caption 2
+    txt[3] = [0, 0, 1, 0.1]  # caption 3 looks like caption 2
     preds = M.retrieval_predictions(img, txt)
     assert preds.tolist() == [0, 1, 2, 3] and M.retrieval_top1(preds) == 1.0
     img2 = img.copy()
-    img2[3] = [0, 0, 1, 0]                               # image 3 now prefers caption 2
+    img2[3] = [0, 0, 1, 0]  # image 3 now prefers caption 2
     preds2 = M.retrieval_predictions(img2, txt)
     assert preds2.tolist() == [0, 1, 2, 2] and M.retrieval_top1(preds2) == 0.75 and M.agreement(preds, preds2) == 0.75
     assert M.disagreement_margin(img, txt, preds2) == pytest.approx(0.1 / np.sqrt(1.01), rel=1e-5)
@@ -61,22 +61,29 @@ def test_parity_fp32_with_teacher(tmp_path, tiny_model_dir):
 
 
 def test_parity_int8_checks_agreement_and_overrides(tmp_path, pruned_model_dir):
-    bundle = export_bundle(pruned_model_dir, tmp_path / "q", precision="int8", calib="scenes:calib",
-                           calib_count=64, progress=False)
+    bundle = export_bundle(
+        pruned_model_dir, tmp_path / "q", precision="int8", calib="scenes:calib", calib_count=64, progress=False
+    )
     report = run_parity(bundle, data="scenes:val:64", min_agreement=0.0, agreement_margin=0.0, progress=False)
     scopes = {(c.scope, c.metric): c for c in report.checks}
-    assert set(scopes) == {("image", "min_cosine"), ("text", "min_cosine"), ("retrieval", "confident_top1_agreement"),
-                           ("zero-shot", "confident_top1_agreement"), ("retrieval", "delta_points"),
-                           ("zero-shot", "delta_points")}
+    assert set(scopes) == {
+        ("image", "min_cosine"),
+        ("text", "min_cosine"),
+        ("retrieval", "confident_top1_agreement"),
+        ("zero-shot", "confident_top1_agreement"),
+        ("retrieval", "delta_points"),
+        ("zero-shot", "delta_points"),
+    }
     assert scopes["image", "min_cosine"].threshold == 0.99 and scopes["image", "min_cosine"].passed
     drop = scopes["retrieval", "delta_points"]
     assert drop.threshold == -2.0 and len(drop.interval) == 2
     assert report.passed  # agreement threshold lowered to 0 for this untrained model
     t = report.artifacts[0].tasks
-    assert t.retrieval_confident_queries == 64   # margin 0: every query counts, so confident == raw
+    assert t.retrieval_confident_queries == 64  # margin 0: every query counts, so confident == raw
     assert t.retrieval_agreement_confident == t.retrieval_agreement
-    strict = run_parity(bundle, data="scenes:val:64", min_agreement=1.0, agreement_margin=0.0, max_abs=1e-9,
-                        progress=False)
+    strict = run_parity(
+        bundle, data="scenes:val:64", min_agreement=1.0, agreement_margin=0.0, max_abs=1e-9, progress=False
+    )
     assert not strict and "max_abs" in {c.metric for c in strict.failures()}
     assert "FAIL" in strict.to_markdown()
 
@@ -112,7 +119,7 @@ def test_top1_margins_and_wilson_interval():
     np.testing.assert_allclose(M.top1_margins(scores), [0.01, 0.5])
     assert M.top1_margins(np.ones((2, 1))).tolist() == [np.inf, np.inf]
     lo, hi = M.wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)   # textbook values
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)  # textbook values
     assert M.wilson_interval(0, 0) == (0.0, 1.0)
 
 
@@ -121,12 +128,12 @@ def test_paired_delta_counts_gains_and_losses():
     same = M.paired_delta(ref, ref)
     assert (same.delta, same.low, same.high, same.gains, same.losses) == (0.0, 0.0, 0.0, 0, 0)
     worse = ref.copy()
-    worse[:30] = False   # 16 of the 40 correct queries lost (the first 4 of every 8 are the correct ones)
+    worse[:30] = False  # 16 of the 40 correct queries lost (the first 4 of every 8 are the correct ones)
     d = M.paired_delta(ref, worse)
     assert d.losses == 16 and d.gains == 0 and d.delta == pytest.approx(-0.2) and d.high < 0
-    assert d.low == pytest.approx(d.delta)   # only losses: the drop cannot be larger than all discordant queries
+    assert d.low == pytest.approx(d.delta)  # only losses: the drop cannot be larger than all discordant queries
     mixed = ref.copy()
-    mixed[[0, 4]] = [False, True]   # one loss, one gain: no change, an interval around 0
+    mixed[[0, 4]] = [False, True]  # one loss, one gain: no change, an interval around 0
     m = M.paired_delta(ref, mixed)
     assert m.delta == 0.0 and m.low < 0 < m.high
 
@@ -138,13 +145,13 @@ def test_task_check_fails_only_on_significant_drops_beyond_tolerance():
         ref = np.zeros(n, bool)
         ref[:losses] = True
         other = np.zeros(n, bool)
-        other[losses:losses + gains] = True
+        other[losses : losses + gains] = True
         return M.paired_delta(ref, other)
 
-    assert not Check.task_drop("a", "retrieval", delta(0, 20), 2.0).passed   # -7.8 points, significant
-    assert Check.task_drop("a", "retrieval", delta(0, 4), 2.0).passed        # -1.6: significant, within tolerance
-    assert Check.task_drop("a", "retrieval", delta(5, 12), 2.0).passed       # -2.7: beyond tolerance, not significant
-    assert Check.task_drop("a", "retrieval", delta(6, 0), 0.0).passed        # gains never fail
+    assert not Check.task_drop("a", "retrieval", delta(0, 20), 2.0).passed  # -7.8 points, significant
+    assert Check.task_drop("a", "retrieval", delta(0, 4), 2.0).passed  # -1.6: significant, within tolerance
+    assert Check.task_drop("a", "retrieval", delta(5, 12), 2.0).passed  # -2.7: beyond tolerance, not significant
+    assert Check.task_drop("a", "retrieval", delta(6, 0), 0.0).passed  # gains never fail
 
 
 def test_parity_measures_batch_invariance(tmp_path, tiny_model_dir):
@@ -171,8 +178,10 @@ def test_parity_warns_about_duplicate_captions(tmp_path, tiny_model_dir):
     bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
     report = run_parity(bundle, data=str(tmp_path / "pairs.csv"), progress=False)
     assert report.data_quality == {"captions": 8, "distinct_captions": 2, "distinct_token_sequences": 2}
-    assert any("8 captions hold 2 distinct texts that tokenise to 2 distinct token sequences (6 duplicates)" in n
-               for n in report.notes)
+    assert any(
+        "8 captions hold 2 distinct texts that tokenise to 2 distinct token sequences (6 duplicates)" in n
+        for n in report.notes
+    )
     clean = run_parity(bundle, data=None, progress=False)
     assert clean.data_quality is None and not any("distinct" in n for n in clean.notes)
 
@@ -185,22 +194,30 @@ def test_parity_provider(tmp_path, tiny_model_dir):
     assert report.artifacts[0].provider == "CPUExecutionProvider" and report.passed
     assert report.to_dict()["artifacts"][0]["provider"] == "CPUExecutionProvider"
     missing = "NoSuchExecutionProvider"
-    with pytest.raises(UserError, match=f"'{missing}' is not available .*available here: "
-                                        f"{', '.join(onnxruntime.get_available_providers())}"):
+    with pytest.raises(
+        UserError,
+        match=f"'{missing}' is not available .*available here: {', '.join(onnxruntime.get_available_providers())}",
+    ):
         run_parity(bundle, data=None, provider=missing, progress=False)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--min-cosine", "7"], "Error: --min-cosine must be a cosine similarity in [-1, 1], got 7"),
-    (["--min-cosine", "-1.5"], "Error: --min-cosine must be a cosine similarity in [-1, 1], got -1.5"),
-    (["--min-agreement", "97"], "Error: --min-agreement must be a fraction in [0, 1] (write 0.97 for 97%), got 97"),
-    (["--min-agreement", "-0.1"], "Error: --min-agreement must be a fraction in [0, 1], got -0.1"),
-    (["--max-abs", "-1"], "Error: --max-abs must be >= 0, got -1"),
-    (["--max-task-drop", "150"], "Error: --max-task-drop is in accuracy points, from 0 to 100, got 150"),
-    (["--agreement-margin", "3"], "Error: --agreement-margin is a cosine-similarity gap in [0, 2], got 3"),
-    (["--provider", "CUDAExecutionProvider"], "Error: ONNX Runtime execution provider 'CUDAExecutionProvider' is "
-                                              "not available in this onnxruntime (available here: "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min-cosine", "7"], "Error: --min-cosine must be a cosine similarity in [-1, 1], got 7"),
+        (["--min-cosine", "-1.5"], "Error: --min-cosine must be a cosine similarity in [-1, 1], got -1.5"),
+        (["--min-agreement", "97"], "Error: --min-agreement must be a fraction in [0, 1] (write 0.97 for 97%), got 97"),
+        (["--min-agreement", "-0.1"], "Error: --min-agreement must be a fraction in [0, 1], got -0.1"),
+        (["--max-abs", "-1"], "Error: --max-abs must be >= 0, got -1"),
+        (["--max-task-drop", "150"], "Error: --max-task-drop is in accuracy points, from 0 to 100, got 150"),
+        (["--agreement-margin", "3"], "Error: --agreement-margin is a cosine-similarity gap in [0, 2], got 3"),
+        (
+            ["--provider", "CUDAExecutionProvider"],
+            "Error: ONNX Runtime execution provider 'CUDAExecutionProvider' is "
+            "not available in this onnxruntime (available here: ",
+        ),
+    ],
+)
 def test_cli_parity_rejects_values_outside_their_domain(tmp_path, tiny_model_dir, args, message):
     from click.testing import CliRunner
 

@@ -20,8 +20,12 @@ DATA = "scenes:val:256"
 @pytest.fixture(scope="module")
 def gate_bundles(trained_teacher_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gate")
-    out = {p: export_bundle(trained_teacher_dir, root / p, precision=p, calib="scenes:calib", calib_count=256,
-                            progress=False) for p in ("int8", "int8-dynamic")}
+    out = {
+        p: export_bundle(
+            trained_teacher_dir, root / p, precision=p, calib="scenes:calib", calib_count=256, progress=False
+        )
+        for p in ("int8", "int8-dynamic")
+    }
     out["fp32"] = export_bundle(trained_teacher_dir, root / "fp32", progress=False)
     return out
 
@@ -75,15 +79,22 @@ def _quantize_everything(fp32: Path, out: Path, model_dir: Path) -> None:
 
     class Reader:
         def __init__(self, name: str, x: np.ndarray):
-            self.batches = iter([{name: x[i:i + 16]} for i in range(0, len(x), 16)])
+            self.batches = iter([{name: x[i : i + 16]} for i in range(0, len(x), 16)])
 
         def get_next(self):
             return next(self.batches, None)
 
     for tower, x, name in (("image", pairs.images, "images"), ("text", tokens, "tokens")):
-        quantize_static(str(fp32 / f"{tower}.onnx"), str(out / f"{tower}.onnx"), Reader(name, x),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=None, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        quantize_static(
+            str(fp32 / f"{tower}.onnx"),
+            str(out / f"{tower}.onnx"),
+            Reader(name, x),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=None,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
         ops = {n.op_type for n in onnx.load(str(out / f"{tower}.onnx")).graph.node}
         assert {"LayerNormalization", "Softmax", "QuantizeLinear"} <= ops
     _rehash(out, "int8")
@@ -96,7 +107,7 @@ def test_normal_int8_bundles_pass(gate_bundles, precision):
     assert report.passed, report.to_markdown()
     t = report.artifacts[0].tasks
     ref = report.reference_tasks
-    assert ref.retrieval_r1 > 0.05 and ref.zero_shot_top1 > 0.15   # the reference knows the task (chance: 0.4% / ~10%)
+    assert ref.retrieval_r1 > 0.05 and ref.zero_shot_top1 > 0.15  # the reference knows the task (chance: 0.4% / ~10%)
     for task in ("retrieval", "zero_shot"):
         raw, confident = getattr(t, f"{task}_agreement"), getattr(t, f"{task}_agreement_confident")
         assert confident is not None and confident >= raw and confident >= 0.97
@@ -104,8 +115,11 @@ def test_normal_int8_bundles_pass(gate_bundles, precision):
     low, high = t.retrieval_r1_delta_interval
     assert low <= t.retrieval_r1_delta <= high
     kinds = {(c.scope, c.metric) for c in report.checks}
-    assert {("retrieval", "delta_points"), ("zero-shot", "delta_points"),
-            ("retrieval", "confident_top1_agreement")} <= kinds
+    assert {
+        ("retrieval", "delta_points"),
+        ("zero-shot", "delta_points"),
+        ("retrieval", "confident_top1_agreement"),
+    } <= kinds
 
 
 @pytest.mark.slow
@@ -117,7 +131,7 @@ def test_corrupted_scale_fails_the_task_checks(gate_bundles, tmp_path):
     failed = {(c.scope, c.metric) for c in report.failures()}
     assert ("retrieval", "delta_points") in failed, report.to_markdown()
     drop = next(c for c in report.checks if (c.scope, c.metric) == ("retrieval", "delta_points"))
-    assert drop.value < -2.0 and drop.interval[1] < 0   # a real, significant loss
+    assert drop.value < -2.0 and drop.interval[1] < 0  # a real, significant loss
 
 
 @pytest.mark.slow

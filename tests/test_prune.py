@@ -59,9 +59,12 @@ def test_expected_params_equal_the_exact_count_for_decided_gates():
         s = model.shape.tower(t)
         import dataclasses
 
-        kept = dataclasses.replace(s, width=int((g.hidden.log_alpha > 0).sum()),
-                                   heads=[int((h.log_alpha > 0).sum()) for h in g.heads],
-                                   mlp=[int((m.log_alpha > 0).sum()) for m in g.mlp])
+        kept = dataclasses.replace(
+            s,
+            width=int((g.hidden.log_alpha > 0).sum()),
+            heads=[int((h.log_alpha > 0).sum()) for h in g.heads],
+            mlp=[int((m.log_alpha > 0).sum()) for m in g.mlp],
+        )
         exact = model.shape.with_tower(t, kept).params()[t]
         assert abs(float(exp[t].detach()) - exact) <= 1e-3 * exact
 
@@ -69,8 +72,12 @@ def test_expected_params_equal_the_exact_count_for_decided_gates():
 @pytest.mark.parametrize("layers", [False, True])
 def test_deterministic_masks_equal_the_materialised_model(layers):
     model = make_package(jitter=0.05).model
-    task = PruneTask(model, PruneCfg(layers=layers), {"image": 0.6 * model.shape.params()["image"],
-                                                      "text": 0.6 * model.shape.params()["text"]}, mask_steps=10)
+    task = PruneTask(
+        model,
+        PruneCfg(layers=layers),
+        {"image": 0.6 * model.shape.params()["image"], "text": 0.6 * model.shape.params()["text"]},
+        mask_steps=10,
+    )
     _randomise(task, seed=3)
     plan = task.plan()
     small = task.finalize()  # deterministic gates (not 0/1 here) folded into the weights, then sliced
@@ -121,11 +128,24 @@ def test_target_that_would_remove_every_head_needs_layer_pruning():
 
 
 def _recipe(run_dir, teacher_dir, *extra):
-    return load_recipe("quickstart-auto", [
-        f"run_dir={run_dir}", f"teacher={teacher_dir}", "eval.data=null",
-        "stages.0.steps=10", "stages.0.batch_size=16", "stages.0.checkpoint_every=2", "stages.0.log_every=1",
-        "stages.0.prune.mask_steps=0.6", "stages.0.prune.warmup=0.3",
-        "stages.1.steps=6", "stages.1.batch_size=16", "stages.1.checkpoint_every=2", *extra])
+    return load_recipe(
+        "quickstart-auto",
+        [
+            f"run_dir={run_dir}",
+            f"teacher={teacher_dir}",
+            "eval.data=null",
+            "stages.0.steps=10",
+            "stages.0.batch_size=16",
+            "stages.0.checkpoint_every=2",
+            "stages.0.log_every=1",
+            "stages.0.prune.mask_steps=0.6",
+            "stages.0.prune.warmup=0.3",
+            "stages.1.steps=6",
+            "stages.1.batch_size=16",
+            "stages.1.checkpoint_every=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture
@@ -149,9 +169,16 @@ def test_progressive_prune_stages(tmp_path, teacher_dir):
 
 
 def test_lagrangian_drives_expected_sparsity_to_the_target(tmp_path, teacher_dir):
-    recipe = _recipe(tmp_path / "lag", teacher_dir, "stages.0.steps=80", "stages.0.prune.mask_steps=0.99",
-                     "stages.0.prune.warmup=0.5", "stages.0.checkpoint_every=100", "stages.0.log_every=10",
-                     "stages.1.steps=1")
+    recipe = _recipe(
+        tmp_path / "lag",
+        teacher_dir,
+        "stages.0.steps=80",
+        "stages.0.prune.mask_steps=0.99",
+        "stages.0.prune.warmup=0.5",
+        "stages.0.checkpoint_every=100",
+        "stages.0.log_every=10",
+        "stages.1.steps=1",
+    )
     run_compress(recipe)
     lines = [json.loads(x) for x in (tmp_path / "lag" / "metrics.jsonl").read_text().splitlines()]
     masked = [r for r in lines if r["stage"] == "stage-1.masks"]
@@ -202,8 +229,9 @@ def test_resume_between_prune_stages_is_exact(tmp_path, teacher_dir):
 
 def test_diverging_lagrange_multipliers_are_detected(tmp_path, teacher_dir):
     with pytest.raises(Diverged, match="Lagrange multipliers diverged.*last good checkpoint"):
-        run_compress(_recipe(tmp_path / "nan", teacher_dir, "stages.0.prune.lambda_lr=4e19",
-                             "stages.0.checkpoint_every=1"))  # |lambda| passes 1e20 on the third step
+        run_compress(
+            _recipe(tmp_path / "nan", teacher_dir, "stages.0.prune.lambda_lr=4e19", "stages.0.checkpoint_every=1")
+        )  # |lambda| passes 1e20 on the third step
     assert (tmp_path / "nan" / "checkpoints" / "stage-1.masks" / "checkpoint.json").is_file()
 
 
@@ -211,7 +239,7 @@ def test_diverging_lagrange_multipliers_are_detected(tmp_path, teacher_dir):
 def test_prune_target_outside_zero_one(tmp_path, teacher_dir, target):
     with pytest.raises(UserError, match=r"'stages.0.target' must be a number in \(0, 1\), got"):
         run_compress(_recipe(tmp_path / "bad", teacher_dir, f"stages.0.target={target}"))
-    assert not (tmp_path / "bad").exists()   # refused when the recipe was loaded
+    assert not (tmp_path / "bad").exists()  # refused when the recipe was loaded
 
 
 def test_impossible_target_fails_before_training(tmp_path, teacher_dir):

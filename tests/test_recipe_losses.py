@@ -12,8 +12,18 @@ from tinyclip_edge.losses import DistillOutputs, get_loss
 from tinyclip_edge.losses.registry import combine, parse_losses
 
 
-@pytest.mark.parametrize("name", ["quickstart", "quickstart-auto", "scenes-teacher", "vit-b-32-to-50pct",
-                                  "vit-b-16-to-8m", "vit-b-32-auto-50pct", "vit-b-16-progressive"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "quickstart",
+        "quickstart-auto",
+        "scenes-teacher",
+        "vit-b-32-to-50pct",
+        "vit-b-16-to-8m",
+        "vit-b-32-auto-50pct",
+        "vit-b-16-progressive",
+    ],
+)
 def test_packaged_recipes_load(name):
     assert name in packaged_recipes()
     r = load_recipe(name)
@@ -22,8 +32,10 @@ def test_packaged_recipes_load(name):
 
 
 def test_overrides_are_parsed_as_yaml():
-    r = load_recipe("quickstart", ["stages.0.steps=7", "data.train=pairs.csv", "stages.1.target={image: 0.2}",
-                                   "baselines.scratch=false"])
+    r = load_recipe(
+        "quickstart",
+        ["stages.0.steps=7", "data.train=pairs.csv", "stages.1.target={image: 0.2}", "baselines.scratch=false"],
+    )
     assert r.stages[0].steps == 7 and r.data.train == "pairs.csv"
     assert r.stages[1].target == {"image": 0.2} and r.baselines.scratch is False
 
@@ -64,12 +76,14 @@ def _outputs(seed: int = 0, same: bool = False):
     img = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
     txt = F.normalize(img + 0.3 * torch.randn(8, 16, generator=g), dim=-1)
     if same:
-        return DistillOutputs(img.clone().requires_grad_(), txt.clone().requires_grad_(), torch.tensor(50.0),
-                              img, txt, torch.tensor(50.0))
+        return DistillOutputs(
+            img.clone().requires_grad_(), txt.clone().requires_grad_(), torch.tensor(50.0), img, txt, torch.tensor(50.0)
+        )
     t_img = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
     t_txt = F.normalize(t_img + 0.3 * torch.randn(8, 16, generator=g), dim=-1)
-    return DistillOutputs(img.requires_grad_(), txt.requires_grad_(), torch.tensor(50.0), t_img, t_txt,
-                          torch.tensor(50.0))
+    return DistillOutputs(
+        img.requires_grad_(), txt.requires_grad_(), torch.tensor(50.0), t_img, t_txt, torch.tensor(50.0)
+    )
 
 
 def test_affinity_is_minimal_when_student_equals_teacher():

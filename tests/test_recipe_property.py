@@ -23,10 +23,17 @@ from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.typed import Pattern, Range
 from tinyclip_edge.compress.recipe import Recipe, StageCfg, load_recipe
 
-BASE = {"name": "prop", "teacher": "builtin:scenes-teacher", "device": "cpu",
-        "stages": [{"name": "s1", "steps": 10, "method": "prune", "prune": {"target": 0.5}},
-                   {"name": "s2", "steps": 10, "target": {"image": 0.3, "text": 0.4}}],
-        "export": {"precisions": ["fp32", "int8"]}, "bench": {"precisions": ["fp32"]}}
+BASE = {
+    "name": "prop",
+    "teacher": "builtin:scenes-teacher",
+    "device": "cpu",
+    "stages": [
+        {"name": "s1", "steps": 10, "method": "prune", "prune": {"target": 0.5}},
+        {"name": "s2", "steps": 10, "target": {"image": 0.3, "text": 0.4}},
+    ],
+    "export": {"precisions": ["fp32", "int8"]},
+    "bench": {"precisions": ["fp32"]},
+}
 
 
 # ----------------------------------------------------------------------------- walking the schema
@@ -47,7 +54,7 @@ def leaf_fields(cls: type = Recipe, prefix: str = "") -> list[tuple[str, Any]]:
         tp, path = hints[f.name], f"{prefix}{f.name}"
         inner = _unwrap_optional(tp)
         if dataclasses.is_dataclass(inner):
-            out.append((path, tp))              # the section itself gets random values too
+            out.append((path, tp))  # the section itself gets random values too
             out += leaf_fields(inner, path + ".")
         elif typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
             out.append((path, tp))
@@ -94,8 +101,9 @@ def in_domain(value: Any, tp: Any) -> bool:
         return isinstance(value, dict) and all(in_domain(k, kt) and in_domain(v, vt) for k, v in value.items())
     if dataclasses.is_dataclass(tp):
         return isinstance(value, tp) and all(
-            in_domain(getattr(value, f.name), t) for f, t in
-            zip(dataclasses.fields(tp), typing.get_type_hints(tp, include_extras=True).values()))
+            in_domain(getattr(value, f.name), t)
+            for f, t in zip(dataclasses.fields(tp), typing.get_type_hints(tp, include_extras=True).values())
+        )
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -106,7 +114,7 @@ def in_domain(value: Any, tp: Any) -> bool:
         return isinstance(value, str)
     if tp is dict:
         return isinstance(value, dict)
-    return True   # Any
+    return True  # Any
 
 
 def get_path(obj: Any, path: str) -> Any:
@@ -153,18 +161,54 @@ def near_domain(tp: Any) -> st.SearchStrategy:
         elif origin in (Union, types.UnionType, list, dict):
             for a in typing.get_args(t):
                 walk(a)
+
     walk(tp)
     return st.sampled_from(found) if found else st.nothing()
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                    st.sampled_from(["scenes:val:-5", "scenes:val:0", "scenes:train", "scenes:x", "cuda", "cpu",
-                                     "auto", "cuda:99", "teacher", "clip", "affinity", "1e-4", "nan", "-1", "0"]))
-anything = st.recursive(scalars, lambda children: st.one_of(
-    st.lists(children, max_size=3), st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(
-        ["image", "text", "weight", "affinity", "clip", "embed_dim", "layers", "heads", "mlp", "width"])),
-        children, max_size=3)), max_leaves=6)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "scenes:val:-5",
+            "scenes:val:0",
+            "scenes:train",
+            "scenes:x",
+            "cuda",
+            "cpu",
+            "auto",
+            "cuda:99",
+            "teacher",
+            "clip",
+            "affinity",
+            "1e-4",
+            "nan",
+            "-1",
+            "0",
+        ]
+    ),
+)
+anything = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.one_of(
+                st.text(max_size=8),
+                st.sampled_from(
+                    ["image", "text", "weight", "affinity", "clip", "embed_dim", "layers", "heads", "mlp", "width"]
+                ),
+            ),
+            children,
+            max_size=3,
+        ),
+    ),
+    max_leaves=6,
+)
 
 
 @st.composite
@@ -196,11 +240,20 @@ def check_loaded(recipe: Recipe) -> None:
 
 def test_the_walk_covers_every_section():
     paths = {p for p, _ in FIELDS}
-    for p in ("stages.0.prune.mask_steps", "stages.0.name", "export.on_parity_failure", "export.calib_method",
-              "bench.seconds", "bench.power_interval_ms", "eval.batch_size", "data.workers", "device"):
+    for p in (
+        "stages.0.prune.mask_steps",
+        "stages.0.name",
+        "export.on_parity_failure",
+        "export.calib_method",
+        "bench.seconds",
+        "bench.power_interval_ms",
+        "eval.batch_size",
+        "data.workers",
+        "device",
+    ):
         assert p in paths
     assert len(paths) > 80
-    check_loaded(load_recipe(copy.deepcopy(BASE)))   # the base recipe is valid (positive control)
+    check_loaded(load_recipe(copy.deepcopy(BASE)))  # the base recipe is valid (positive control)
 
 
 def test_the_domain_check_catches_values_outside():

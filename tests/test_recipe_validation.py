@@ -25,47 +25,85 @@ def _fails(args: list[str], message: str) -> str:
 
 # (override, expected message, the nearest valid override: the positive control)
 CASES = [
-    ("export.on_parity_failure=erorr",
-     "'export.on_parity_failure' must be one of error, warn, got 'erorr' (did you mean 'error'?)",
-     "export.on_parity_failure=warn"),
-    ("stages.0.precision=fp61", "'stages.0.precision' must be one of auto, fp32, bf16, got 'fp61'",
-     "stages.0.precision=bf16"),
-    ("stages.0.losses={affinity: -1}", "stages.0.losses.affinity: the weight must be a finite number >= 0, got -1",
-     "stages.0.losses={affinity: 0, clip: 1}"),
-    ("stages.0.losses={affinity: .nan}", "the weight must be a finite number >= 0, got nan",
-     "stages.0.losses={affinity: {weight: 2.5}}"),
-    ("stages.0.losses={affinity: 0}", "every loss weight is 0: nothing would be trained",
-     "stages.0.losses={affinity: 1e-3}"),
+    (
+        "export.on_parity_failure=erorr",
+        "'export.on_parity_failure' must be one of error, warn, got 'erorr' (did you mean 'error'?)",
+        "export.on_parity_failure=warn",
+    ),
+    (
+        "stages.0.precision=fp61",
+        "'stages.0.precision' must be one of auto, fp32, bf16, got 'fp61'",
+        "stages.0.precision=bf16",
+    ),
+    (
+        "stages.0.losses={affinity: -1}",
+        "stages.0.losses.affinity: the weight must be a finite number >= 0, got -1",
+        "stages.0.losses={affinity: 0, clip: 1}",
+    ),
+    (
+        "stages.0.losses={affinity: .nan}",
+        "the weight must be a finite number >= 0, got nan",
+        "stages.0.losses={affinity: {weight: 2.5}}",
+    ),
+    (
+        "stages.0.losses={affinity: 0}",
+        "every loss weight is 0: nothing would be trained",
+        "stages.0.losses={affinity: 1e-3}",
+    ),
     ("stages.0.grad_clip=-1", "'stages.0.grad_clip' must be a number > 0, got -1", "stages.0.grad_clip=null"),
     ("stages.0.weight_decay=-1", "'stages.0.weight_decay' must be a number >= 0, got -1", "stages.0.weight_decay=0"),
-    ("stages.0.prune.mask_steps=1.5", "'stages.0.prune.mask_steps' must be a number in (0, 1), got 1.5",
-     "stages.0.prune.mask_steps=0.99"),
-    ("stages.0.method=continue", "'stages.0.method' must be one of inherit, prune, scratch, dclip-meta, got 'continue'",
-     "stages.0.method=prune"),
+    (
+        "stages.0.prune.mask_steps=1.5",
+        "'stages.0.prune.mask_steps' must be a number in (0, 1), got 1.5",
+        "stages.0.prune.mask_steps=0.99",
+    ),
+    (
+        "stages.0.method=continue",
+        "'stages.0.method' must be one of inherit, prune, scratch, dclip-meta, got 'continue'",
+        "stages.0.method=prune",
+    ),
     ("stages.0.lr=-1", "'stages.0.lr' must be a number > 0, got -1", "stages.0.lr=1e-4"),
-    ("stages.0.prune.lambda_lr=-1", "'stages.0.prune.lambda_lr' must be a number > 0, got -1",
-     "stages.0.prune.lambda_lr=0.5"),
+    (
+        "stages.0.prune.lambda_lr=-1",
+        "'stages.0.prune.lambda_lr' must be a number > 0, got -1",
+        "stages.0.prune.lambda_lr=0.5",
+    ),
     ("stages.0.log_every=0", "'stages.0.log_every' must be an integer >= 1, got 0", "stages.0.log_every=1"),
-    ("stages.0.checkpoint_every=0", "'stages.0.checkpoint_every' must be an integer >= 1, got 0",
-     "stages.0.checkpoint_every=1"),
+    (
+        "stages.0.checkpoint_every=0",
+        "'stages.0.checkpoint_every' must be an integer >= 1, got 0",
+        "stages.0.checkpoint_every=1",
+    ),
     ("stages.0.min_lr=0.5", "stages.0.min_lr 0.5 is above stages.0.lr 0.001", "stages.0.min_lr=0.001"),
-    ("stages.0.grad_accum=3", "stages.0.batch_size 128 is not divisible by stages.0.grad_accum 3",
-     "stages.0.grad_accum=4"),
+    (
+        "stages.0.grad_accum=3",
+        "stages.0.batch_size 128 is not divisible by stages.0.grad_accum 3",
+        "stages.0.grad_accum=4",
+    ),
     ("data.train=scenes:val:-5", "bad scenes size '-5' in 'scenes:val:-5'", "data.train=scenes:val:5"),
     ("eval.data=scenes:test", "unknown scenes data 'scenes:test'", "eval.data=scenes:calib"),
     ("export.calib=images/", "export.calib 'images/' is not a data spec", "export.calib=images/list.csv"),
     ("device=bogus", "'device' must be a device: auto, cpu, cuda or cuda:N, got 'bogus'", "device=cpu"),
     ("export.models=x", "'export.models' must be one of all, students, last, got 'x'", "export.models=last"),
-    ("export.precisions=[fp32, fp32]", "export.precisions must list one or more distinct precisions",
-     "export.precisions=[fp32, fp16]"),
+    (
+        "export.precisions=[fp32, fp32]",
+        "export.precisions must list one or more distinct precisions",
+        "export.precisions=[fp32, fp16]",
+    ),
     ("export.exporter=dynamo", "export.exporter dynamo writes opset 18 or newer", "export.opset=18"),
     ("bench.precisions=[fp16]", "bench.precisions ['fp16'] are not exported", "bench.precisions=[fp32]"),
     ("bench.backend=trt", "bench.backend: the pipeline times ONNX bundles", "bench.backend=onnxrt"),
     ("bench.iters=1", "'bench.iters' must be an integer >= 2, got 1", "bench.iters=2"),
-    ("baselines.scratch_loss=affinity", "'baselines.scratch_loss' must be one of clip, got 'affinity'",
-     "baselines.scratch_loss=clip"),
-    ("stages.1.shape={image: {layers: 0}}", "'stages.1.shape.image.layers' must be an integer in [1, 1e+06], got 0",
-     "stages.1.shape={image: {layers: 1, mlp: [0]}}"),
+    (
+        "baselines.scratch_loss=affinity",
+        "'baselines.scratch_loss' must be one of clip, got 'affinity'",
+        "baselines.scratch_loss=clip",
+    ),
+    (
+        "stages.1.shape={image: {layers: 0}}",
+        "'stages.1.shape.image.layers' must be an integer in [1, 1e+06], got 0",
+        "stages.1.shape={image: {layers: 1, mlp: [0]}}",
+    ),
     ("stages.1.shape=vit-b-99", "stages.1.shape: unknown model preset 'vit-b-99'", "stages.1.shape=scenes-tiny"),
 ]
 
@@ -74,17 +112,20 @@ CASES = [
 def test_bad_recipe_value_is_one_line_and_exit_1(tmp_path, bad, message, good):
     run_dir = tmp_path / "run"
     _fails(["compress", "quickstart", f"run_dir={run_dir}", bad], message)
-    assert not run_dir.exists()   # refused before any work: no run directory was made
-    load_recipe("quickstart", [f"run_dir={run_dir}", good])   # positive control: the nearest valid value loads
+    assert not run_dir.exists()  # refused before any work: no run directory was made
+    load_recipe("quickstart", [f"run_dir={run_dir}", good])  # positive control: the nearest valid value loads
 
 
 def test_warmup_must_be_a_fraction_or_fewer_steps_than_the_stage():
-    with pytest.raises(UserError, match=r"stages.0.warmup must be a fraction of the steps in \[0, 1\) or a whole "
-                                        r"number of steps below stages.0.steps \(2\), got 5"):
+    with pytest.raises(
+        UserError,
+        match=r"stages.0.warmup must be a fraction of the steps in \[0, 1\) or a whole "
+        r"number of steps below stages.0.steps \(2\), got 5",
+    ):
         load_recipe("quickstart", ["stages.0.steps=2", "stages.0.warmup=5"])
     _fails(["compress", "quickstart", "stages.0.steps=2", "stages.0.warmup=5"], "stages.0.warmup must be")
     with pytest.raises(UserError, match="got 1.5"):
-        load_recipe("quickstart", ["stages.0.steps=10", "stages.0.warmup=1.5"])   # neither a fraction nor steps
+        load_recipe("quickstart", ["stages.0.steps=10", "stages.0.warmup=1.5"])  # neither a fraction nor steps
     assert load_recipe("quickstart", ["stages.0.steps=2", "stages.0.warmup=1"]).stages[0].warmup == 1
     assert load_recipe("quickstart", ["stages.0.steps=2", "stages.0.warmup=0.99"]).stages[0].warmup == 0.99
 
@@ -98,10 +139,13 @@ def test_a_cuda_device_on_a_machine_without_one():
 
 def test_duplicate_yaml_keys_are_errors_with_their_lines(tmp_path):
     recipe = tmp_path / "dup.yaml"
-    recipe.write_text("name: dup\nteacher: builtin:scenes-teacher\nstages:\n  - steps: 2\n    lr: 0.001\n"
-                      "    steps: 3000\n")
-    _fails(["compress", recipe, f"run_dir={tmp_path / 'run'}"],
-           "is not valid YAML: duplicate key 'steps' (line 4 and line 6); keep one")
+    recipe.write_text(
+        "name: dup\nteacher: builtin:scenes-teacher\nstages:\n  - steps: 2\n    lr: 0.001\n    steps: 3000\n"
+    )
+    _fails(
+        ["compress", recipe, f"run_dir={tmp_path / 'run'}"],
+        "is not valid YAML: duplicate key 'steps' (line 4 and line 6); keep one",
+    )
     assert not (tmp_path / "run").exists()
     _fails(["compress", "quickstart", "stages.0.losses={clip: 1, clip: 2}"], "duplicate key 'clip'")
     # positive control: one `steps`, and YAML merge keys may still override what they merge in
@@ -109,19 +153,22 @@ def test_duplicate_yaml_keys_are_errors_with_their_lines(tmp_path):
     assert [s.steps for s in load_recipe(str(recipe)).stages] == [2, 3]
 
 
-@pytest.mark.parametrize("name, message", [
-    ("../../victim", "'stages.0.name' must be a plain name"),
-    (".", "'stages.0.name' must be a plain name"),
-    ("..", "'stages.0.name' must be a plain name"),
-    ("/tmp/abs", "'stages.0.name' must be a plain name"),
-    ("-rf", "'stages.0.name' must be a plain name"),
-    ("x.masks", "'stages.0.name' must be a plain name"),
-    ("teacher", "stages.0.name 'teacher' is reserved"),
-    ("Checkpoints", "stages.0.name 'Checkpoints' is reserved"),
-    ("baselines", "stages.0.name 'baselines' is reserved"),
-    ("export", "stages.0.name 'export' is reserved"),
-    ("stage-2", "stages.1.name 'stage-2' is already the name of stages.0"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("../../victim", "'stages.0.name' must be a plain name"),
+        (".", "'stages.0.name' must be a plain name"),
+        ("..", "'stages.0.name' must be a plain name"),
+        ("/tmp/abs", "'stages.0.name' must be a plain name"),
+        ("-rf", "'stages.0.name' must be a plain name"),
+        ("x.masks", "'stages.0.name' must be a plain name"),
+        ("teacher", "stages.0.name 'teacher' is reserved"),
+        ("Checkpoints", "stages.0.name 'Checkpoints' is reserved"),
+        ("baselines", "stages.0.name 'baselines' is reserved"),
+        ("export", "stages.0.name 'export' is reserved"),
+        ("stage-2", "stages.1.name 'stage-2' is already the name of stages.0"),
+    ],
+)
 def test_stage_names_cannot_reach_outside_the_run_or_collide(tmp_path, name, message):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -142,8 +189,7 @@ def test_valid_stage_names_and_defaults():
 def test_run_refuses_a_bad_export_or_bench_section_before_training(tmp_path):
     run_dir = tmp_path / "run"
     _fails(["run", "quickstart", f"run_dir={run_dir}", "export.models=x"], "'export.models' must be one of")
-    _fails(["run", "quickstart", f"run_dir={run_dir}", "export=null"],
-           "a bench: section needs an export: section")
+    _fails(["run", "quickstart", f"run_dir={run_dir}", "export=null"], "a bench: section needs an export: section")
     _fails(["run", "quickstart", f"run_dir={run_dir}", "bench.seconds=0"], "'bench.seconds' must be a number > 0")
     _fails(["quickstart", "--run-dir", run_dir, "export.calib_method=kl"], "'export.calib_method' must be one of")
     assert not run_dir.exists()
@@ -152,10 +198,14 @@ def test_run_refuses_a_bad_export_or_bench_section_before_training(tmp_path):
 def test_eval_options_are_validated_before_any_model_is_read(tmp_path):
     _fails(["eval", tmp_path / "no-model", "--batch-size", "0"], "option '--batch-size' must be an integer >= 1, got 0")
     _fails(["eval", tmp_path / "no-model", "--max-pairs", "-1"], "option '--max-pairs' must be an integer >= 1")
-    _fails(["eval", tmp_path / "no-model", "--data", "scenes:val:-5"],
-           "bad scenes size '-5' in 'scenes:val:-5': the number of pairs must be a positive integer")
-    _fails(["eval", tmp_path / "no-model", "--device", "bogus"],
-           "option '--device' must be a device: cpu, cuda or cuda:N, got 'bogus'")
+    _fails(
+        ["eval", tmp_path / "no-model", "--data", "scenes:val:-5"],
+        "bad scenes size '-5' in 'scenes:val:-5': the number of pairs must be a positive integer",
+    )
+    _fails(
+        ["eval", tmp_path / "no-model", "--device", "bogus"],
+        "option '--device' must be a device: cpu, cuda or cuda:N, got 'bogus'",
+    )
     # positive control: valid options get as far as reading the (missing) model
     out = CliRunner().invoke(main, ["eval", str(tmp_path / "no-model"), "--batch-size", "1", "--data", "scenes:val:5"])
     assert out.exit_code == 1 and "no-model" in out.output and "must be" not in out.output

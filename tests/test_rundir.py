@@ -19,20 +19,33 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_package
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.compress.recipe import load_recipe
-from tinyclip_edge.compress.rundir import (LOCK_FILE, MARKER_FILE, RunLayout, check_entry_name, recipe_differences,
-                                           run_lock)
+from tinyclip_edge.compress.rundir import (
+    LOCK_FILE,
+    MARKER_FILE,
+    RunLayout,
+    check_entry_name,
+    recipe_differences,
+    run_lock,
+)
 from tinyclip_edge.compress.runner import run_compress, run_entries
 from tinyclip_edge.models import load_model_dir, save_model_dir
 
-from conftest import make_package
-
 # two tiny stages, no evaluation, export or bench: what every run-directory test needs and no more
-FAST = ["baselines.scratch=false", "eval.data=null", "export=null", "bench=null", "stages.0.steps=2",
-        "stages.0.batch_size=8", "stages.1.steps=2", "stages.1.batch_size=8"]
+FAST = [
+    "baselines.scratch=false",
+    "eval.data=null",
+    "export=null",
+    "bench=null",
+    "stages.0.steps=2",
+    "stages.0.batch_size=8",
+    "stages.1.steps=2",
+    "stages.1.batch_size=8",
+]
 
 
 @pytest.fixture
@@ -72,13 +85,29 @@ def _tree(root: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------ item 1: stage names
 
 
-@pytest.mark.parametrize("name, why", [
-    ("../../victim", "it is a path"), ("../victim", "it is a path"), (".", "it is a path"), ("..", "it is a path"),
-    ("a/b", "it is a path"), ("teacher", "reserved for the teacher copy"), ("Teacher", "reserved for the teacher"),
-    ("checkpoints", "reserved"), ("baselines", "reserved"), ("run.json", "reserved"), ("recipe.yaml", "reserved"),
-    ("metrics.jsonl", "reserved"), ("report.md", "reserved"), ("report.html", "'report.*' names are reserved"),
-    ("export", "reserved"), (".hidden", "names starting with '.'"), (MARKER_FILE, "starting with '.'"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("../../victim", "it is a path"),
+        ("../victim", "it is a path"),
+        (".", "it is a path"),
+        ("..", "it is a path"),
+        ("a/b", "it is a path"),
+        ("teacher", "reserved for the teacher copy"),
+        ("Teacher", "reserved for the teacher"),
+        ("checkpoints", "reserved"),
+        ("baselines", "reserved"),
+        ("run.json", "reserved"),
+        ("recipe.yaml", "reserved"),
+        ("metrics.jsonl", "reserved"),
+        ("report.md", "reserved"),
+        ("report.html", "'report.*' names are reserved"),
+        ("export", "reserved"),
+        (".hidden", "names starting with '.'"),
+        (MARKER_FILE, "starting with '.'"),
+        ("", ""),
+    ],
+)
 def test_the_run_layout_refuses_unsafe_stage_names(tmp_path, name, why):
     """The one mapping from a stage name to a directory refuses it, for stages, checkpoints and baselines alike,
     before anything is written."""
@@ -112,7 +141,9 @@ def test_a_run_with_an_unsafe_stage_name_changes_nothing_inside_or_outside(tmp_p
 def test_cli_stage_name_outside_the_run_is_one_line_error_and_the_victim_survives(tmp_path, teacher_dir):
     victim = _victim(tmp_path)
     run = tmp_path / "x" / "run"
-    r = invoke("compress", "quickstart", *FAST, f"run_dir={run}", "stages.0.name=../../victim", "--teacher", teacher_dir)
+    r = invoke(
+        "compress", "quickstart", *FAST, f"run_dir={run}", "stages.0.name=../../victim", "--teacher", teacher_dir
+    )
     one_line_error(r, "../../victim")  # the recipe loader or the run layout: either names the bad name
     assert _tree(victim) == {"precious.txt": b"keep me"}
     r = invoke("compress", "quickstart", *FAST, f"run_dir={run}", "stages.1.name=teacher", "--teacher", teacher_dir)
@@ -164,7 +195,8 @@ def test_marker_lists_what_the_run_wrote(tmp_path, teacher_dir):
     marker = json.loads((run / MARKER_FILE).read_text())
     assert len(marker["run_id"]) == 32
     assert {"recipe.yaml", "run.json", "metrics.jsonl", "teacher", "checkpoints", "stage-1", "stage-2"} <= set(
-        marker["entries"])
+        marker["entries"]
+    )
     assert set(marker["entries"]) >= {p.name for p in run.iterdir()} - {MARKER_FILE, LOCK_FILE}
 
 
@@ -228,14 +260,16 @@ def _hold_lock(run: Path) -> subprocess.Popen:
     return child
 
 
-def test_a_second_process_gets_an_error_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path, teacher_dir,
-                                                                                           caplog):
+def test_a_second_process_gets_an_error_naming_the_first_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, teacher_dir, caplog
+):
     run = tmp_path / "run"
     child = _hold_lock(run)
     try:
         r = invoke("compress", "quickstart", *FAST, f"run_dir={run}", "--teacher", teacher_dir)
-        one_line_error(r, f"run directory {run} is in use by process {child.pid} on {socket.gethostname()}",
-                       "(started 20")
+        one_line_error(
+            r, f"run directory {run} is in use by process {child.pid} on {socket.gethostname()}", "(started 20"
+        )
         with pytest.raises(UserError, match=f"in use by process {child.pid}"):
             run_compress(_recipe(run, teacher_dir))
         assert not (run / "run.json").exists(), "the second process did nothing"
@@ -288,8 +322,10 @@ def test_quickstart_does_not_silently_resume_a_run_made_with_other_settings(tmp_
 def test_recipe_differences_flatten_to_dotted_keys():
     old = {"name": "a", "run_dir": "x", "stages": [{"steps": 1, "losses": {"affinity": 1.0}}], "data": {"workers": 0}}
     new = {"name": "a", "run_dir": "y", "stages": [{"steps": 1, "losses": {"clip": 1.0}}], "data": {"workers": 6}}
-    assert recipe_differences(old, new) == ["stages.0.losses.clip: (absent) → 1.0",
-                                            "stages.0.losses.affinity: 1.0 → (absent)"]
+    assert recipe_differences(old, new) == [
+        "stages.0.losses.clip: (absent) → 1.0",
+        "stages.0.losses.affinity: 1.0 → (absent)",
+    ]
     assert recipe_differences(old, old) == []
 
 
@@ -338,11 +374,20 @@ TRAIN = textwrap.dedent("""
 
 def test_sigterm_checkpoints_like_ctrl_c_and_resume_reaches_the_same_weights(tmp_path, teacher_dir):
     """Every run in its own fresh process: the same torch settings (threads) for all three, so bit-equality holds."""
-    args = [*FAST, "stages.0.steps=30", "stages.0.checkpoint_every=1000", "stages.0.log_every=1",
-            f"teacher={teacher_dir}"]
+    args = [
+        *FAST,
+        "stages.0.steps=30",
+        "stages.0.checkpoint_every=1000",
+        "stages.0.log_every=1",
+        f"teacher={teacher_dir}",
+    ]
     run = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-c", TRAIN, "slow", *args, f"run_dir={run}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", TRAIN, "slow", *args, f"run_dir={run}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
@@ -355,8 +400,9 @@ def test_sigterm_checkpoints_like_ctrl_c_and_resume_reaches_the_same_weights(tmp
     assert 3 <= step < 30, "the SIGTERM checkpoint (periodic ones are every 1000 steps)"
 
     for mode, where in (("resume", run), ("straight", tmp_path / "straight")):
-        done = subprocess.run([sys.executable, "-c", TRAIN, mode, *args, f"run_dir={where}"], capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", TRAIN, mode, *args, f"run_dir={where}"], capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
     for name in ("stage-1", "stage-2"):
         sa = load_model_dir(tmp_path / "straight" / name).model.state_dict()

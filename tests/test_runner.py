@@ -15,9 +15,19 @@ from tinyclip_edge.models import load_model_dir, save_model_dir
 
 
 def _recipe(run_dir, teacher_dir, *extra):
-    base = [f"run_dir={run_dir}", f"teacher={teacher_dir}", "baselines.scratch=false", "eval.data=null",
-            "stages.0.steps=8", "stages.0.batch_size=16", "stages.0.checkpoint_every=3", "stages.0.log_every=1",
-            "stages.1.steps=4", "stages.1.batch_size=16", "stages.1.checkpoint_every=2"]
+    base = [
+        f"run_dir={run_dir}",
+        f"teacher={teacher_dir}",
+        "baselines.scratch=false",
+        "eval.data=null",
+        "stages.0.steps=8",
+        "stages.0.batch_size=16",
+        "stages.0.checkpoint_every=3",
+        "stages.0.log_every=1",
+        "stages.1.steps=4",
+        "stages.1.batch_size=16",
+        "stages.1.checkpoint_every=2",
+    ]
     return load_recipe("quickstart", [*base, *extra])
 
 
@@ -69,8 +79,15 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, teacher_dir)
 
 def test_divergence_is_detected_and_the_checkpoint_kept(tmp_path, teacher_dir):
     with pytest.raises(Diverged, match="last good checkpoint"):
-        run_compress(_recipe(tmp_path / "nan", teacher_dir, "stages.0.lr=1e30", "stages.0.grad_clip=null",
-                             "stages.0.checkpoint_every=1"))
+        run_compress(
+            _recipe(
+                tmp_path / "nan",
+                teacher_dir,
+                "stages.0.lr=1e30",
+                "stages.0.grad_clip=null",
+                "stages.0.checkpoint_every=1",
+            )
+        )
 
 
 def test_stage_targets_must_shrink(tmp_path, teacher_dir):

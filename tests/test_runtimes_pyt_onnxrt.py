@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _export_helpers import CAPTIONS, clip_tokens, images, open_clip_dir, open_clip_text_reference
 from conftest import tiny_open_clip
+
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export import export_bundle
 from tinyclip_edge.runtimes import RuntimeInputError, open_runtime
@@ -63,7 +63,10 @@ def test_pyt_raw_embeddings_and_precisions(tiny_package):
 
 def test_pyt_compile_mode_matches_eager(tiny_package):
     x = images(2)
-    with open_runtime(tiny_package) as eager, open_runtime(tiny_package, mode="compile", compile_backend="eager") as comp:
+    with (
+        open_runtime(tiny_package) as eager,
+        open_runtime(tiny_package, mode="compile", compile_backend="eager") as comp,
+    ):
         np.testing.assert_allclose(comp.encode_image(x), eager.encode_image(x), atol=1e-6)
         assert comp.describe()["mode"] == "compile"
 
@@ -155,4 +158,3 @@ def test_onnxrt_fp16_bundle_takes_float16_images(tmp_path, tiny_model_dir):
         assert out.dtype == np.float32
         assert _cos(out, ref.encode_image(x)).min() > 0.999
         np.testing.assert_allclose(rt.encode_image(x.astype(np.float16)), out, atol=1e-6)
-

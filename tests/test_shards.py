@@ -27,8 +27,17 @@ def shards(tmp_path) -> Path:
 
 
 def _stream(pkg, spec, batch=4, rank=0, world=1, **kw) -> ShardBatches:
-    return ShardBatches(str(spec), pkg.preprocess, pkg.tokenizer(), batch * world, seed=1, rank=rank, world=world,
-                        shuffle_buffer=16, **kw)
+    return ShardBatches(
+        str(spec),
+        pkg.preprocess,
+        pkg.tokenizer(),
+        batch * world,
+        seed=1,
+        rank=rank,
+        world=world,
+        shuffle_buffer=16,
+        **kw,
+    )
 
 
 def _keys(batches) -> list[list[str]]:
@@ -67,8 +76,10 @@ def test_build_from_csv_coco_and_a_folder_skips_unreadable_images(tmp_path):
     (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{n},caption {n}\n" for n in rows))
     rep = build_shards(str(tmp_path / "pairs.csv"), tmp_path / "from_csv", 2, progress=False)
     assert (rep.samples, rep.skipped, len(rep.shards)) == (3, 2, 2)
-    coco = {"images": [{"id": i, "file_name": f"imgs/{n}"} for i, n in enumerate(names)],
-            "annotations": [{"image_id": i, "caption": f"a picture {i}"} for i in range(3)]}
+    coco = {
+        "images": [{"id": i, "file_name": f"imgs/{n}"} for i, n in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": f"a picture {i}"} for i in range(3)],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     assert build_shards(str(tmp_path / "captions.json"), tmp_path / "from_coco", 10, progress=False).samples == 3
     for n in names[:2]:  # the third image has no sidecar: left out
@@ -84,8 +95,10 @@ def test_build_from_csv_coco_and_a_folder_skips_unreadable_images(tmp_path):
 
 
 def test_data_build_cli_and_its_bad_input(tmp_path):
-    res = CliRunner().invoke(main, ["data", "build", "scenes:val:10", "--out", str(tmp_path / "s"),
-                                    "--shard-size", "4", "--image-size", "32"])
+    res = CliRunner().invoke(
+        main,
+        ["data", "build", "scenes:val:10", "--out", str(tmp_path / "s"), "--shard-size", "4", "--image-size", "32"],
+    )
     assert res.exit_code == 0, res.output
     assert "wrote 10 pairs in 3 shard(s)" in res.output and "{000000..000002}.tar" in res.output
     again = CliRunner().invoke(main, ["data", "build", "scenes:val:10", "--out", str(tmp_path / "s")])
@@ -141,8 +154,16 @@ def test_missing_and_corrupt_shards_are_skipped_and_counted(tmp_path, shards, ti
 
 
 def test_compress_on_unreadable_shards_is_one_line(tmp_path, tiny_model_dir):
-    res = CliRunner().invoke(main, ["compress", "quickstart", f"run_dir={tmp_path / 'r'}", f"teacher={tiny_model_dir}",
-                                    f"data.train={tmp_path}/nope/{{000000..000003}}.tar"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "compress",
+            "quickstart",
+            f"run_dir={tmp_path / 'r'}",
+            f"teacher={tiny_model_dir}",
+            f"data.train={tmp_path}/nope/{{000000..000003}}.tar",
+        ],
+    )
     assert res.exit_code == 1 and "none of the 4 shard(s) could be read" in res.output
     assert "Traceback" not in res.output
 
@@ -157,8 +178,21 @@ def test_too_few_shards_for_the_readers_is_a_clear_error(tiny_package, shards):
 
 @pytest.fixture
 def cache(tmp_path, shards, tiny_model_dir) -> Path:
-    res = CliRunner().invoke(main, ["data", "cache-teacher", str(tiny_model_dir), str(shards), "--out",
-                                    str(tmp_path / "cache"), "--aug-seed", "7", "--batch-size", "16"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "data",
+            "cache-teacher",
+            str(tiny_model_dir),
+            str(shards),
+            "--out",
+            str(tmp_path / "cache"),
+            "--aug-seed",
+            "7",
+            "--batch-size",
+            "16",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "cached 40 pairs of 5 shard(s)" in res.output
     return tmp_path / "cache"
@@ -183,7 +217,9 @@ def test_cached_teacher_step_gives_the_losses_of_a_live_teacher_step(tiny_model_
     losses = parse_losses({"affinity": 1.0, "clip": 0.5})
     cached = (batch["teacher_image"], batch["teacher_text"], batch["teacher_logit_scale"])
     _, live = step_loss(task, teacher.model.eval(), losses, batch["images"], batch["ids"], 0, nullcontext())
-    _, from_cache = step_loss(copy.deepcopy(task), None, losses, batch["images"], batch["ids"], 0, nullcontext(), cached)
+    _, from_cache = step_loss(
+        copy.deepcopy(task), None, losses, batch["images"], batch["ids"], 0, nullcontext(), cached
+    )
     for term in ("affinity", "clip", "total"):
         assert from_cache[term] == pytest.approx(live[term], abs=1e-6), term
     # positive control: the same samples WITHOUT the cache's fixed augmentation give the teacher other inputs
@@ -202,8 +238,16 @@ def test_a_cache_made_by_another_teacher_is_refused(tmp_path, shards, cache, tin
     from tinyclip_edge.models import save_model_dir
 
     other = save_model_dir(make_package(seed=9, jitter=0.02), tmp_path / "other-teacher")
-    base = ["baselines.scratch=false", "eval.data=null", f"data.train={shards}", "stages.0.steps=2",
-            "stages.0.batch_size=8", f"stages.0.teacher_cache={cache}", "stages.1.steps=1", "stages.1.batch_size=8"]
+    base = [
+        "baselines.scratch=false",
+        "eval.data=null",
+        f"data.train={shards}",
+        "stages.0.steps=2",
+        "stages.0.batch_size=8",
+        f"stages.0.teacher_cache={cache}",
+        "stages.1.steps=1",
+        "stages.1.batch_size=8",
+    ]
     with pytest.raises(UserError, match="was made by another teacher"):
         run_compress(load_recipe("quickstart", [f"run_dir={tmp_path / 'a'}", f"teacher={other}", *base]))
     result = run_compress(load_recipe("quickstart", [f"run_dir={tmp_path / 'b'}", f"teacher={tiny_model_dir}", *base]))

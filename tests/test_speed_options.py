@@ -67,10 +67,23 @@ def teacher_dir(tmp_path, tiny_package):
 
 
 def _run(tmp_path, teacher_dir, name, *extra):
-    recipe = load_recipe("quickstart", [
-        f"run_dir={tmp_path / name}", f"teacher={teacher_dir}", "baselines.scratch=false", "eval.data=null",
-        "data.train=scenes:val:40", "stages.0.steps=3", "stages.0.batch_size=16", "stages.0.log_every=1",
-        "stages.1.steps=2", "stages.1.batch_size=16", "stages.1.log_every=1", *extra])
+    recipe = load_recipe(
+        "quickstart",
+        [
+            f"run_dir={tmp_path / name}",
+            f"teacher={teacher_dir}",
+            "baselines.scratch=false",
+            "eval.data=null",
+            "data.train=scenes:val:40",
+            "stages.0.steps=3",
+            "stages.0.batch_size=16",
+            "stages.0.log_every=1",
+            "stages.1.steps=2",
+            "stages.1.batch_size=16",
+            "stages.1.log_every=1",
+            *extra,
+        ],
+    )
     res = run_compress(recipe)
     logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     return load_model_dir(res.stage_dirs[-1]).model.state_dict(), [r["total"] for r in logs]

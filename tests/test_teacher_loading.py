@@ -54,11 +54,14 @@ def test_open_clip_local_dir(tmp_path):
     model = tiny_open_clip()
     d = tmp_path / "oc"
     d.mkdir()
-    cfg = {"model_cfg": {"embed_dim": 32,
-                         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-                         "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2,
-                                      "eos_id": 34}},
-           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    cfg = {
+        "model_cfg": {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": {"context_length": 24, "vocab_size": 35, "width": 48, "heads": 2, "layers": 2, "eos_id": 34},
+        },
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    }
     (d / "open_clip_config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
     pkg = resolve_teacher(str(d))

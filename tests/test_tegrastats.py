@@ -4,38 +4,58 @@ from __future__ import annotations
 
 import pytest
 
-from tinyclip_edge.runtimes.devices import (cpu_facts, device_facts, jetpack_from_l4t, library_versions,
-                                            parse_cpuinfo_model, parse_l4t_release, parse_nvpmodel)
+from tinyclip_edge.runtimes.devices import (
+    cpu_facts,
+    device_facts,
+    jetpack_from_l4t,
+    library_versions,
+    parse_cpuinfo_model,
+    parse_l4t_release,
+    parse_nvpmodel,
+)
 from tinyclip_edge.runtimes.tegrastats import PowerSample, TegraStats, parse_rails, total_power_mw, window_mean_mw
 
 # JetPack 4 on a Jetson Nano: board input rail POM_5V_IN, no units, RAM/SWAP/IRAM fields that look like rails
-NANO = ("RAM 2108/3956MB (lfb 64x4MB) SWAP 0/1978MB (cached 0MB) IRAM 0/252kB(lfb 252kB) "
-        "CPU [11%@1479,3%@1479,4%@1479,2%@1479] EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@21.5C CPU@24C "
-        "PMIC@100C GPU@22C AO@30C thermal@23C POM_5V_IN 2000/2100 POM_5V_GPU 0/0 POM_5V_CPU 407/407")
+NANO = (
+    "RAM 2108/3956MB (lfb 64x4MB) SWAP 0/1978MB (cached 0MB) IRAM 0/252kB(lfb 252kB) "
+    "CPU [11%@1479,3%@1479,4%@1479,2%@1479] EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@21.5C CPU@24C "
+    "PMIC@100C GPU@22C AO@30C thermal@23C POM_5V_IN 2000/2100 POM_5V_GPU 0/0 POM_5V_CPU 407/407"
+)
 # JetPack 4 on a TX2: module input VDD_IN among the VDD_SYS_* rails
-TX2 = ("RAM 2397/7851MB (lfb 1058x4MB) SWAP 0/3926MB (cached 0MB) CPU [3%@345,off,off,2%@345,1%@345,2%@345] "
-       "EMC_FREQ 0%@1866 GR3D_FREQ 0%@114 APE 150 PLL@34C MCPU@34C PMIC@100C Tboard@30C GPU@32C BCPU@34C "
-       "thermal@33.2C Tdiode@31.5C VDD_SYS_GPU 152/152 VDD_SYS_SOC 609/609 VDD_4V0_WIFI 0/0 VDD_IN 2437/2437 "
-       "VDD_SYS_CPU 152/152 VDD_SYS_DDR 410/410")
+TX2 = (
+    "RAM 2397/7851MB (lfb 1058x4MB) SWAP 0/3926MB (cached 0MB) CPU [3%@345,off,off,2%@345,1%@345,2%@345] "
+    "EMC_FREQ 0%@1866 GR3D_FREQ 0%@114 APE 150 PLL@34C MCPU@34C PMIC@100C Tboard@30C GPU@32C BCPU@34C "
+    "thermal@33.2C Tdiode@31.5C VDD_SYS_GPU 152/152 VDD_SYS_SOC 609/609 VDD_4V0_WIFI 0/0 VDD_IN 2437/2437 "
+    "VDD_SYS_CPU 152/152 VDD_SYS_DDR 410/410"
+)
 # AGX Xavier (JetPack 4/5): no input rail, rails named GPU/CPU/SOC/CV/VDDRQ/SYS5V (same names as temperatures!)
-XAVIER = ("RAM 3453/31919MB (lfb 6246x4MB) SWAP 0/15959MB (cached 0MB) CPU [2%@1190,1%@1190,off,off] "
-          "EMC_FREQ 0% GR3D_FREQ 0% AUX@31C CPU@33C thermal@32.55C Tboard@32C AO@32.5C GPU@32C Tdiode@34.75C "
-          "PMIC@50C GPU 0/0 CPU 311/311 SOC 1244/1244 CV 0/0 VDDRQ 311/311 SYS5V 1619/1619")
+XAVIER = (
+    "RAM 3453/31919MB (lfb 6246x4MB) SWAP 0/15959MB (cached 0MB) CPU [2%@1190,1%@1190,off,off] "
+    "EMC_FREQ 0% GR3D_FREQ 0% AUX@31C CPU@33C thermal@32.55C Tboard@32C AO@32.5C GPU@32C Tdiode@34.75C "
+    "PMIC@50C GPU 0/0 CPU 311/311 SOC 1244/1244 CV 0/0 VDDRQ 311/311 SYS5V 1619/1619"
+)
 # Orin Nano / NX (JetPack 5/6): timestamp prefix, mW units, VDD_IN
-ORIN_NX = ("11-23-2026 06:52:35 RAM 3051/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) CPU [2%@729,0%@729,1%@729,"
-           "0%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[305] VIC_FREQ 729 APE 200 CPU@48.5C SOC2@45.9C "
-           "VDD_IN 5012mW/5012mW VDD_CPU_GPU_CV 598mW/601mW VDD_SOC 1435mW/1436mW")
+ORIN_NX = (
+    "11-23-2026 06:52:35 RAM 3051/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) CPU [2%@729,0%@729,1%@729,"
+    "0%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[305] VIC_FREQ 729 APE 200 CPU@48.5C SOC2@45.9C "
+    "VDD_IN 5012mW/5012mW VDD_CPU_GPU_CV 598mW/601mW VDD_SOC 1435mW/1436mW"
+)
 # AGX Orin (JetPack 5/6): no VDD_IN; rails summed
-ORIN_AGX = ("RAM 2462/30536MB (lfb 6693x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@729,2%@729] EMC_FREQ 0%@2133 "
-            "GR3D_FREQ 0%@[0,0] VIC_FREQ 729 APE 174 CV0@-256C CPU@46.343C VDD_GPU_SOC 2380mW/2390mW "
-            "VDD_CPU_CV 396mW/396mW VIN_SYS_5V0 2524mW/2524mW VDDQ_VDD2_1V8AO 503mW/503mW")
+ORIN_AGX = (
+    "RAM 2462/30536MB (lfb 6693x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@729,2%@729] EMC_FREQ 0%@2133 "
+    "GR3D_FREQ 0%@[0,0] VIC_FREQ 729 APE 174 CV0@-256C CPU@46.343C VDD_GPU_SOC 2380mW/2390mW "
+    "VDD_CPU_CV 396mW/396mW VIN_SYS_5V0 2524mW/2524mW VDDQ_VDD2_1V8AO 503mW/503mW"
+)
 
 
-@pytest.mark.parametrize("line, rail, watts_mw", [
-    (NANO, "POM_5V_IN", 2000.0),
-    (TX2, "VDD_IN", 2437.0),
-    (ORIN_NX, "VDD_IN", 5012.0),
-])
+@pytest.mark.parametrize(
+    "line, rail, watts_mw",
+    [
+        (NANO, "POM_5V_IN", 2000.0),
+        (TX2, "VDD_IN", 2437.0),
+        (ORIN_NX, "VDD_IN", 5012.0),
+    ],
+)
 def test_input_rail_is_preferred(line, rail, watts_mw):
     rails = parse_rails(line)
     assert rail in rails
@@ -97,10 +117,12 @@ def test_device_facts_on_this_cpu():
 def fake_tegrastats(directory, line: str = ORIN_NX):
     """An executable named tegrastats that prints a captured line every --interval ms, like the real tool."""
     script = directory / "tegrastats"
-    script.write_text("#!/bin/sh\n"
-                      "ms=1000; [ \"$1\" = \"--interval\" ] && ms=$2\n"
-                      "s=$(awk \"BEGIN{print $ms/1000}\")\n"
-                      f"while true; do echo '{line}'; sleep $s; done\n")
+    script.write_text(
+        "#!/bin/sh\n"
+        'ms=1000; [ "$1" = "--interval" ] && ms=$2\n'
+        's=$(awk "BEGIN{print $ms/1000}")\n'
+        f"while true; do echo '{line}'; sleep $s; done\n"
+    )
     script.chmod(0o755)
     return script
 
@@ -116,7 +138,7 @@ def test_sampler_runs_the_tool_and_averages_a_window(tmp_path):
         watts, n, rail = ts.mean_power_w(t0, time.perf_counter())
     assert rail == "VDD_IN" and n >= 2
     assert watts == pytest.approx(5.012)
-    assert ts.mean_power_w(0.0, 0.0) is None   # a window before the tool started has no samples
+    assert ts.mean_power_w(0.0, 0.0) is None  # a window before the tool started has no samples
 
 
 def _stream(watts_by_end_time: dict[float, float]) -> list[PowerSample]:

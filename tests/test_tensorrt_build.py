@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, reseal, unsupported_onnx
+
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
 from tinyclip_edge.runtimes.artifacts import inspect_artifact
@@ -22,6 +22,7 @@ from tinyclip_edge.runtimes.trtlib import TrtLib, load_tensorrt
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """fp32 / fp16 / int8 (QDQ) bundles of one tiny student, exported once for the module."""
     from conftest import make_package
+
     from tinyclip_edge.models import save_model_dir
 
     root = tmp_path_factory.mktemp("trt")
@@ -31,12 +32,18 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 def _graph_io(path: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     g = onnx.load(str(path), load_external_data=False).graph
-    return ([(i.name, i.type.tensor_type.elem_type) for i in g.input],
-            [(o.name, o.type.tensor_type.elem_type) for o in g.output])
+    return (
+        [(i.name, i.type.tensor_type.elem_type) for i in g.input],
+        [(o.name, o.type.tensor_type.elem_type) for o in g.output],
+    )
 
 
-_ONNX_DTYPE = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-               "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
+_ONNX_DTYPE = {
+    "float32": onnx.TensorProto.FLOAT,
+    "float16": onnx.TensorProto.FLOAT16,
+    "int32": onnx.TensorProto.INT32,
+    "int64": onnx.TensorProto.INT64,
+}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -103,7 +110,7 @@ def test_parser_errors_are_one_readable_user_error(bundles, tmp_path):
     assert "cannot parse" in msg and "image.onnx" in msg and "FancyPool" in msg and "\n" not in msg
     assert not (bundle / "image.engine").exists() and not (bundle / "text.engine").exists()
     assert (bundle / "manifest.json").read_text() == before
-    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]   # no temporary leftovers
+    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_corrupt_onnx_is_reported(bundles, tmp_path):
@@ -116,21 +123,24 @@ def test_corrupt_onnx_is_reported(bundles, tmp_path):
 
 def test_no_tensorrt_library_says_how_to_get_one(bundles, monkeypatch):
     for name in ("tensorrt", "tensorrt_rtx"):
-        monkeypatch.setitem(sys.modules, name, None)   # makes `import name` fail as if not installed
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail as if not installed
     with pytest.raises(UserError) as err:
         build_engines(bundles["fp32"])
     msg = str(err.value)
     assert "JetPack" in msg and "tinyclip-edge[rtx]" in msg and "pypi.nvidia.com" in msg
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(batch=(4, 2, 8)), "1 <= min <= opt <= max"),
-    (dict(batch=(0, 1, 1)), "1 <= min <= opt <= max"),
-    (dict(batch=("a", 1, 2)), "three integers"),
-    (dict(towers=("audio",)), "unknown tower 'audio'"),
-    (dict(workspace_mb=0), "--workspace must be a positive"),
-    (dict(precision="int4"), "unknown precision 'int4'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch=(4, 2, 8)), "1 <= min <= opt <= max"),
+        (dict(batch=(0, 1, 1)), "1 <= min <= opt <= max"),
+        (dict(batch=("a", 1, 2)), "three integers"),
+        (dict(towers=("audio",)), "unknown tower 'audio'"),
+        (dict(workspace_mb=0), "--workspace must be a positive"),
+        (dict(precision="int4"), "unknown precision 'int4'"),
+    ],
+)
 def test_bad_options(bundles, kwargs, message):
     with pytest.raises(UserError, match=message):
         build_engines(bundles["fp32"], **kwargs)
@@ -147,11 +157,14 @@ rtx_only = pytest.mark.skipif(not load_tensorrt().is_rtx, reason="checks TensorR
 
 
 @rtx_only
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(dla_core=0), "TensorRT for RTX has no DLA"),
-    (dict(precision="fp16"), "export a bundle with --precision fp16"),
-    (dict(precision="int8"), "no int8 calibration"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dla_core=0), "TensorRT for RTX has no DLA"),
+        (dict(precision="fp16"), "export a bundle with --precision fp16"),
+        (dict(precision="int8"), "no int8 calibration"),
+    ],
+)
 def test_rtx_limits_are_clear_errors(bundles, kwargs, message):
     with pytest.raises(UserError, match=message):
         build_engines(bundles["fp32"], **kwargs)
@@ -169,8 +182,7 @@ def test_rtx_ignores_timing_cache_with_a_note(bundles, tmp_path, capsys):
 def test_dynamic_int8_bundle_is_refused(tmp_path, tiny_model_dir):
     from tinyclip_edge.export import export_bundle
 
-    bundle = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", progress=False,
-                           towers=("text",))
+    bundle = export_bundle(tiny_model_dir, tmp_path / "dyn", precision="int8-dynamic", progress=False, towers=("text",))
     with pytest.raises(UserError, match="static QDQ int8"):
         build_engines(bundle, towers=("text",))
 
@@ -194,13 +206,32 @@ def test_tensorrt_proper_plans():
 
 
 def test_tensorrt_proper_command_line():
-    job = _Job(TRT, Path("b"), {}, _plan(TRT, "fp32", "int8", 1, "scenes:calib"), (1, 8, 32), 1024, 1, None,
-               "scenes:calib", 64, None)
+    job = _Job(
+        TRT,
+        Path("b"),
+        {},
+        _plan(TRT, "fp32", "int8", 1, "scenes:calib"),
+        (1, 8, 32),
+        1024,
+        1,
+        None,
+        "scenes:calib",
+        64,
+        None,
+    )
     cmd = job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 224, 224]}])
     assert cmd.startswith("trtexec --onnx=image.onnx --saveEngine=image.engine")
-    for part in ("--minShapes=images:1x3x224x224", "--optShapes=images:8x3x224x224", "--maxShapes=images:32x3x224x224",
-                 "--int8", "--fp16", "--calib=image.calib.cache", "--memPoolSize=workspace:1024", "--useDLACore=1",
-                 "--allowGPUFallback"):
+    for part in (
+        "--minShapes=images:1x3x224x224",
+        "--optShapes=images:8x3x224x224",
+        "--maxShapes=images:32x3x224x224",
+        "--int8",
+        "--fp16",
+        "--calib=image.calib.cache",
+        "--memPoolSize=workspace:1024",
+        "--useDLACore=1",
+        "--allowGPUFallback",
+    ):
         assert part in cmd
 
 
@@ -218,7 +249,10 @@ def test_engine_matches_onnxruntime(bundles, tmp_path, precision, min_cos):
     with open_runtime(bundle, backend="onnxrt") as ref, open_runtime(bundle, backend="trt", device="cuda") as rt:
         images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
         tokens = ref.tokenize(["a red circle", "a small blue square on the left", "a green cross"])
-        for a, b in ((ref.encode_image(images), rt.encode_image(images)), (ref.encode_text(tokens), rt.encode_text(tokens))):
+        for a, b in (
+            (ref.encode_image(images), rt.encode_image(images)),
+            (ref.encode_text(tokens), rt.encode_text(tokens)),
+        ):
             cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
             assert cos.min() >= min_cos
         with pytest.raises(UserError, match="outside"):
@@ -255,25 +289,27 @@ def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precisio
 def test_tensorrt_proper_uses_strong_typing_where_it_has_it():
     from types import SimpleNamespace
 
-    trt10 = TrtLib(module=SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1)),
-                   name="tensorrt", version="10.3.0")
+    trt10 = TrtLib(
+        module=SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1)),
+        name="tensorrt",
+        version="10.3.0",
+    )
     for precision in ("fp32", "fp16", "int8"):
         plan = _plan(trt10, precision, None, None, None)
         assert plan.strongly_typed and plan.flags == [], precision
     assert _plan(trt10, "int8", None, None, None).mode == "explicit-int8"
-    assert not _plan(trt10, "fp32", "fp16", None, None).strongly_typed   # precision change: the FP16 flag
-    dla = _plan(trt10, "fp16", None, 0, None)                               # DLA needs the precision flags
+    assert not _plan(trt10, "fp32", "fp16", None, None).strongly_typed  # precision change: the FP16 flag
+    dla = _plan(trt10, "fp16", None, 0, None)  # DLA needs the precision flags
     assert not dla.strongly_typed and dla.flags == ["FP16"]
     plan = _plan(trt10, "fp16", None, None, None)
     job = _Job(trt10, Path("b"), {}, plan, (1, 8, 32), None, None, None, None, 0, None)
     assert "--stronglyTyped" in job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 8, 8]}])
-    old = _plan(TRT, "fp16", None, None, None)                              # TensorRT 8: no strong typing
+    old = _plan(TRT, "fp16", None, None, None)  # TensorRT 8: no strong typing
     assert not old.strongly_typed and old.flags == ["FP16"]
 
 
 def test_calibration_data_is_read_and_checked_before_building(bundles):
     from tinyclip_edge.export.calibrator import calibration_batches
-
     from tinyclip_edge.runtimes.bundle import read_manifest
 
     bundle = bundles["fp32"]
@@ -299,6 +335,6 @@ def test_dla_core_from_the_sidecar_is_applied_at_run_time():
     lib = load_tensorrt()
     assert dla_core_of({"flags": {"dla_core": 1}}) == 1 and dla_core_of({"flags": {"dla_core": None}}) is None
     assert dla_core_of(None) is None
-    assert int(engine_runtime(lib, lib.logger("ERROR"), None).DLA_core) == -1   # GPU engines: no DLA core set
+    assert int(engine_runtime(lib, lib.logger("ERROR"), None).DLA_core) == -1  # GPU engines: no DLA core set
     with pytest.raises(UserError, match="built for DLA core 1, but .* has no DLA"):
-        engine_runtime(lib, lib.logger("ERROR"), 1)   # never silently run a DLA engine elsewhere
+        engine_runtime(lib, lib.logger("ERROR"), 1)  # never silently run a DLA engine elsewhere

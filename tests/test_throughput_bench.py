@@ -25,8 +25,15 @@ def test_throughput_tiny_reports_every_configuration(tmp_path):
         sys.path.pop(0)
     assert [r["name"] for r in res["results"]] == [name_of(c) for c in CONFIGS]
     for r in res["results"]:
-        nums = [r["samples_per_s"], r["step_ms"], r["model_tflops_per_s"], r["mfu"], *r["losses"],
-                r["profile"]["step_ms"], *r["profile"]["shares"].values()]
+        nums = [
+            r["samples_per_s"],
+            r["step_ms"],
+            r["model_tflops_per_s"],
+            r["mfu"],
+            *r["losses"],
+            r["profile"]["step_ms"],
+            *r["profile"]["shares"].values(),
+        ]
         assert all(math.isfinite(x) for x in nums), r
         assert r["samples_per_s"] > 0 and r["model_flops_per_pair"] > 0 and r["profile"]["verdict"]
         assert (out / f"profile-{r['name'].replace('/', '_')}.txt").is_file()
@@ -40,6 +47,8 @@ def test_throughput_tiny_reports_every_configuration(tmp_path):
     # host- and device-side normalisation of the same rendered stream: identical losses
     assert by["eager/live/render-cpu"]["losses"] == by["eager/live/render-cpu-uint8"]["losses"]
     md = (out / "throughput.md").read_text()
-    assert md.splitlines()[0].startswith("# Distillation step throughput (`python benchmarks/throughput.py --device cpu --tiny")
+    assert md.splitlines()[0].startswith(
+        "# Distillation step throughput (`python benchmarks/throughput.py --device cpu --tiny"
+    )
     assert (out / "throughput.png").is_file()
     assert res["meta"]["peak"]["flops_per_s"] > 0

@@ -20,8 +20,17 @@ from tinyclip_edge.models import load_model_dir
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "tinyclip_edge", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tinyclip_edge",
+        *args,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -30,10 +39,22 @@ def _env() -> dict[str, str]:
 
 def test_quickstart_recipe_with_a_learned_mask_stage_end_to_end_under_torchrun(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
-    cmd = _torchrun("compress", "quickstart", f"run_dir={run}", f"teacher={tiny_model_dir}",
-                    "stages.0.steps=4", "stages.0.batch_size=16", "stages.0.log_every=1",
-                    "stages.1.method=prune", "stages.1.steps=6", "stages.1.batch_size=16", "stages.1.grad_accum=2",
-                    "stages.1.log_every=1", "baselines.scratch=true", "eval.data=scenes:val:64")
+    cmd = _torchrun(
+        "compress",
+        "quickstart",
+        f"run_dir={run}",
+        f"teacher={tiny_model_dir}",
+        "stages.0.steps=4",
+        "stages.0.batch_size=16",
+        "stages.0.log_every=1",
+        "stages.1.method=prune",
+        "stages.1.steps=6",
+        "stages.1.batch_size=16",
+        "stages.1.grad_accum=2",
+        "stages.1.log_every=1",
+        "baselines.scratch=true",
+        "eval.data=scenes:val:64",
+    )
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "distributed: 2 processes, backend gloo" in res.stderr
@@ -49,8 +70,13 @@ def test_quickstart_recipe_with_a_learned_mask_stage_end_to_end_under_torchrun(t
     for r in lines:
         steps.setdefault(r["stage"], []).append(r["step"])
     # every step logged exactly once (rank 0 alone writes), baselines included
-    assert steps == {"stage-1": [1, 2, 3, 4], "stage-2.masks": [1, 2, 3, 4], "stage-2": [1, 2],
-                     "scratch-stage-1": [1, 2, 3, 4], "scratch-stage-2": list(range(1, 11))}
+    assert steps == {
+        "stage-1": [1, 2, 3, 4],
+        "stage-2.masks": [1, 2, 3, 4],
+        "stage-2": [1, 2],
+        "scratch-stage-1": [1, 2, 3, 4],
+        "scratch-stage-2": list(range(1, 11)),
+    }
     assert lines[0]["samples"] == 16  # global samples, both ranks together
 
 
@@ -74,9 +100,19 @@ def test_killing_one_rank_stops_the_others_and_the_run_resumes(tmp_path, tiny_mo
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs /proc to find the worker processes")
     run = tmp_path / "run"
-    args = ["compress", "quickstart", f"run_dir={run}", f"teacher={tiny_model_dir}", "baselines.scratch=false",
-            "eval.data=null", "stages.0.steps=80", "stages.0.batch_size=16", "stages.0.checkpoint_every=5",
-            "stages.1.steps=2", "stages.1.batch_size=16"]
+    args = [
+        "compress",
+        "quickstart",
+        f"run_dir={run}",
+        f"teacher={tiny_model_dir}",
+        "baselines.scratch=false",
+        "eval.data=null",
+        "stages.0.steps=80",
+        "stages.0.batch_size=16",
+        "stages.0.checkpoint_every=5",
+        "stages.1.steps=2",
+        "stages.1.batch_size=16",
+    ]
     proc = subprocess.Popen(_torchrun(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     ckpt = run / "checkpoints" / "stage-1" / "checkpoint.json"
     deadline = time.monotonic() + 240
@@ -92,8 +128,14 @@ def test_killing_one_rank_stops_the_others_and_the_run_resumes(tmp_path, tiny_mo
     assert not (run / "stage-1" / "config.json").exists()
     killed_at = json.loads(ckpt.read_text())["step"]
     assert 5 <= killed_at < 80
-    res = subprocess.run(_torchrun("compress", "--resume", str(run)), check=False, capture_output=True, text=True, env=_env(),
-                         timeout=300)
+    res = subprocess.run(
+        _torchrun("compress", "--resume", str(run)),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stage-1: resuming from step" in res.stderr
     assert load_model_dir(run / "stage-1").provenance["steps"] == 80

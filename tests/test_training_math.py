@@ -51,8 +51,14 @@ def test_warmup_edges():
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=st.integers(1, 400), frac=st.floats(0, 0.999), count=st.integers(1, 500), use_count=st.booleans(),
-       lr=st.floats(1e-6, 1.0), floor=st.floats(0, 1))
+@given(
+    steps=st.integers(1, 400),
+    frac=st.floats(0, 0.999),
+    count=st.integers(1, 500),
+    use_count=st.booleans(),
+    lr=st.floats(1e-6, 1.0),
+    floor=st.floats(0, 1),
+)
 def test_schedule_stays_within_floor_and_peak_and_is_monotone(steps, frac, count, use_count, lr, floor):
     cfg = StageCfg(steps=steps, warmup=count if use_count else frac, lr=lr, min_lr=floor * lr)
     mults = [lr_at(s, cfg) for s in range(steps)]
@@ -60,7 +66,7 @@ def test_schedule_stays_within_floor_and_peak_and_is_monotone(steps, frac, count
     assert all(lo - 1e-9 <= m <= 1.0 for m in mults)
     warm = min(warmup_steps(cfg), steps)
     ramp, decay = mults[:warm], mults[warm:]
-    assert all(a <= b for a, b in itertools.pairwise(ramp))           # non-decreasing during warm-up
+    assert all(a <= b for a, b in itertools.pairwise(ramp))  # non-decreasing during warm-up
     assert all(a >= b - 1e-12 for a, b in itertools.pairwise(decay))  # non-increasing after it
     if warm < steps and warm:
         assert ramp[-1] == 1.0 and decay[0] <= 1.0
@@ -74,8 +80,7 @@ def _affinity_outputs(s_scale: float, t_scale: float):
 
     g = torch.Generator().manual_seed(0)
     s_img, s_txt, t_img, t_txt = (F.normalize(torch.randn(6, 16, generator=g), dim=-1) for _ in range(4))
-    return DistillOutputs(s_img, s_txt, torch.tensor(s_scale, requires_grad=True), t_img, t_txt,
-                          torch.tensor(t_scale))
+    return DistillOutputs(s_img, s_txt, torch.tensor(s_scale, requires_grad=True), t_img, t_txt, torch.tensor(t_scale))
 
 
 def _affinity_reference(out, s_scale, t_scale):
@@ -99,19 +104,24 @@ def test_affinity_with_a_fixed_scale():
     out = _affinity_outputs(12.0, 80.0)
     opts = parse_losses({"affinity": {"weight": 1, "scale": "fixed", "fixed_scale": 30}})[0].options
     assert float(get_loss("affinity")(out, opts)["affinity"]) == pytest.approx(
-        float(_affinity_reference(out, 30.0, 30.0)), rel=1e-5)
+        float(_affinity_reference(out, 30.0, 30.0)), rel=1e-5
+    )
     opts = parse_losses({"affinity": {"scale": "fixed"}})[0].options  # fixed_scale defaults to 50
     assert float(get_loss("affinity")(out, opts)["affinity"]) == pytest.approx(
-        float(_affinity_reference(out, 50.0, 50.0)), rel=1e-5)
+        float(_affinity_reference(out, 50.0, 50.0)), rel=1e-5
+    )
 
 
-@pytest.mark.parametrize("opts, message", [
-    ({"scale": 50.0}, "scale must be own (each model's logit scale) or fixed"),
-    ({"scale": "teacher"}, "scale must be own"),
-    ({"scale": "fixed", "fixed_scale": -1}, "fixed_scale must be a positive number"),
-    ({"scale": "fixed", "fixed_scale": "big"}, "fixed_scale must be a positive number"),
-    ({"fixed_scale": 50}, "fixed_scale is only used with scale: fixed"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        ({"scale": 50.0}, "scale must be own (each model's logit scale) or fixed"),
+        ({"scale": "teacher"}, "scale must be own"),
+        ({"scale": "fixed", "fixed_scale": -1}, "fixed_scale must be a positive number"),
+        ({"scale": "fixed", "fixed_scale": "big"}, "fixed_scale must be a positive number"),
+        ({"fixed_scale": 50}, "fixed_scale is only used with scale: fixed"),
+    ],
+)
 def test_bad_affinity_options_fail_when_the_recipe_is_read(opts, message):
     with pytest.raises(UserError, match=re.escape(message)):
         parse_losses({"affinity": {"weight": 1.0, **opts}})
@@ -123,9 +133,19 @@ def test_bad_affinity_scale_is_one_line_from_the_cli(tmp_path, tiny_package):
     from tinyclip_edge.cli import main
 
     teacher = save_model_dir(tiny_package, tmp_path / "teacher")
-    args = ["compress", "quickstart", f"run_dir={tmp_path / 'r'}", "--teacher", str(teacher),
-            "stages.0.steps=1", "stages.0.batch_size=4", "stages.1.steps=1", "stages.1.batch_size=4",
-            "baselines.scratch=false", "eval.data=null"]
+    args = [
+        "compress",
+        "quickstart",
+        f"run_dir={tmp_path / 'r'}",
+        "--teacher",
+        str(teacher),
+        "stages.0.steps=1",
+        "stages.0.batch_size=4",
+        "stages.1.steps=1",
+        "stages.1.batch_size=4",
+        "baselines.scratch=false",
+        "eval.data=null",
+    ]
     bad = CliRunner().invoke(main, [*args, "stages.0.losses={affinity: {scale: 50}}"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     errors = [ln for ln in bad.output.splitlines() if ln.startswith("Error:")]
@@ -151,10 +171,22 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, k):
         b = self.batches[k]
         if b is None:
-            return {"images": torch.zeros(0, 3, 32, 32), "ids": torch.zeros(0, 24, dtype=torch.int64),
-                    "captions": [], "keys": [], "skipped": 4, "skip_examples": ["bad.jpg: unreadable"]}
-        return {"images": b[0], "ids": b[1], "captions": [""] * len(b[0]), "keys": [], "skipped": 0,
-                "skip_examples": []}
+            return {
+                "images": torch.zeros(0, 3, 32, 32),
+                "ids": torch.zeros(0, 24, dtype=torch.int64),
+                "captions": [],
+                "keys": [],
+                "skipped": 4,
+                "skip_examples": ["bad.jpg: unreadable"],
+            }
+        return {
+            "images": b[0],
+            "ids": b[1],
+            "captions": [""] * len(b[0]),
+            "keys": [],
+            "skipped": 0,
+            "skip_examples": [],
+        }
 
 
 def _real_batches(n, size=8):
@@ -170,11 +202,20 @@ def _real_batches(n, size=8):
 def _train(task, batches, tmp_path, name, accum, steps=3, teacher=None, losses=None):
     from tinyclip_edge.compress.trainer import train_stage
 
-    cfg = StageCfg(steps=steps, grad_accum=accum, lr=3e-3, warmup=0, checkpoint_every=1000, log_every=1,
-                   precision="fp32")
-    train_stage(task, teacher, _Batches(batches), cfg, parse_losses(losses or {"clip": 1.0}),
-                device=torch.device("cpu"), ckpt_dir=tmp_path / name / "ckpt", metrics_path=tmp_path / name / "m.jsonl",
-                label=name)
+    cfg = StageCfg(
+        steps=steps, grad_accum=accum, lr=3e-3, warmup=0, checkpoint_every=1000, log_every=1, precision="fp32"
+    )
+    train_stage(
+        task,
+        teacher,
+        _Batches(batches),
+        cfg,
+        parse_losses(losses or {"clip": 1.0}),
+        device=torch.device("cpu"),
+        ckpt_dir=tmp_path / name / "ckpt",
+        metrics_path=tmp_path / name / "m.jsonl",
+        label=name,
+    )
     return [json.loads(x) for x in (tmp_path / name / "m.jsonl").read_text().splitlines()]
 
 
@@ -230,8 +271,16 @@ def test_every_micro_batch_of_a_step_draws_its_own_mask_noise(tmp_path):
     full = model.shape.params()
     task = RecordingPrune(model, PruneCfg(), {t: 0.6 * full[t] for t in TOWERS}, mask_steps=2)
     task.calls = []
-    _train(task, _real_batches(6, size=4), tmp_path, "noise", accum=3, steps=2,
-           teacher=make_package(seed=1).model, losses={"affinity": 1.0})
+    _train(
+        task,
+        _real_batches(6, size=4),
+        tmp_path,
+        "noise",
+        accum=3,
+        steps=2,
+        teacher=make_package(seed=1).model,
+        losses={"affinity": 1.0},
+    )
     assert task.calls == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # the trainer says which micro-batch
 
     # the task turns (seed, step, micro) into distinct noise, and the same triple into the same noise
@@ -267,8 +316,9 @@ def _oracle_masks(task, plan):
         for i, b in enumerate(m.blocks):
             a = b.attn_gate * (_louizos(g.attn_layer[i].log_alpha)[0] if g.attn_layer is not None else 1)
             f = b.mlp_gate * (_louizos(g.mlp_layer[i].log_alpha)[0] if g.mlp_layer is not None else 1)
-            blocks.append(BlockMasks(hidden, b.heads * _louizos(g.heads[i].log_alpha),
-                                     b.mlp * _louizos(g.mlp[i].log_alpha), a, f))
+            blocks.append(
+                BlockMasks(hidden, b.heads * _louizos(g.heads[i].log_alpha), b.mlp * _louizos(g.mlp[i].log_alpha), a, f)
+            )
         out[t] = TowerMasks(hidden, blocks)
     return out
 
@@ -283,8 +333,10 @@ def _inputs():
 def _max_gap(model, masks, student):
     images, ids = _inputs()
     with torch.no_grad():
-        return max(float((model.encode_image(images, masks=masks["image"]) - student.encode_image(images)).abs().max()),
-                   float((model.encode_text(ids, masks=masks["text"]) - student.encode_text(ids)).abs().max()))
+        return max(
+            float((model.encode_image(images, masks=masks["image"]) - student.encode_image(images)).abs().max()),
+            float((model.encode_text(ids, masks=masks["text"]) - student.encode_text(ids)).abs().max()),
+        )
 
 
 @pytest.mark.parametrize("layers", [False, True])
@@ -402,10 +454,22 @@ def test_one_tower_prune_target_runs_through_the_runner(tmp_path, tiny_package, 
     from tinyclip_edge.models import load_model_dir
 
     teacher = save_model_dir(tiny_package, tmp_path / "teacher")
-    recipe = load_recipe("quickstart-auto", [
-        f"run_dir={tmp_path / 'run'}", f"teacher={teacher}", "eval.data=null", "stages=[{}]",
-        "stages.0.method=prune", "stages.0.target={image: 0.5}", f"stages.0.prune.joint={joint}",
-        "stages.0.steps=4", "stages.0.batch_size=8", "stages.0.prune.mask_steps=0.5", "stages.0.grad_accum=2"])
+    recipe = load_recipe(
+        "quickstart-auto",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher={teacher}",
+            "eval.data=null",
+            "stages=[{}]",
+            "stages.0.method=prune",
+            "stages.0.target={image: 0.5}",
+            f"stages.0.prune.joint={joint}",
+            "stages.0.steps=4",
+            "stages.0.batch_size=8",
+            "stages.0.prune.mask_steps=0.5",
+            "stages.0.grad_accum=2",
+        ],
+    )
     result = run_compress(recipe)
     student = load_model_dir(result.stage_dirs[0]).model
     assert student.shape.text == tiny_package.model.shape.text

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _edge_helpers import copy_bundle, export_tiny
+
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.runtimes import detect_backend, open_runtime
 from tinyclip_edge.runtimes.trt import engine_files
@@ -17,6 +17,7 @@ from tinyclip_edge.runtimes.trt import engine_files
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> Path:
     from conftest import make_package
+
     from tinyclip_edge.export.tensorrt import build_engines
     from tinyclip_edge.models import save_model_dir
 
@@ -36,14 +37,17 @@ def test_engine_files_of_a_bundle_and_a_file(engines):
     assert detect_backend(engines / "image.engine") == "trt"
 
 
-@pytest.mark.parametrize("target, kwargs, message", [
-    ("image.engine", dict(device="cpu"), "engines run on a CUDA GPU"),
-    ("image.engine", dict(device="cuda", precision="fp16"), "built as fp32; an engine's precision is fixed"),
-    ("image.engine", dict(device="cuda", workspace=5), "takes no options"),
-    ("", dict(device="cuda", tower="audio"), "has no audio engine"),
-    ("missing.engine", dict(device="cuda"), "engine not found"),
-    ("manifest.json", dict(device="cuda"), "neither a TensorRT engine"),
-])
+@pytest.mark.parametrize(
+    "target, kwargs, message",
+    [
+        ("image.engine", dict(device="cpu"), "engines run on a CUDA GPU"),
+        ("image.engine", dict(device="cuda", precision="fp16"), "built as fp32; an engine's precision is fixed"),
+        ("image.engine", dict(device="cuda", workspace=5), "takes no options"),
+        ("", dict(device="cuda", tower="audio"), "has no audio engine"),
+        ("missing.engine", dict(device="cuda"), "engine not found"),
+        ("manifest.json", dict(device="cuda"), "neither a TensorRT engine"),
+    ],
+)
 def test_open_errors(engines, target, kwargs, message):
     with pytest.raises(UserError, match=message):
         open_runtime(engines / target if target else engines, backend="trt", **kwargs)

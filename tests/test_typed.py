@@ -35,22 +35,25 @@ def test_valid_values_are_kept_and_coerced() -> None:
     assert isinstance(cfg.threads, int)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"mode": "erorr"}, "'mode' must be one of error, warn, got 'erorr' (did you mean 'error'?)"),
-    ({"mode": True}, "'mode' must be one of error, warn"),
-    ({"ratio": 0}, "'ratio' must be a number in (0, 1], got 0"),
-    ({"ratio": 1.5}, "'ratio' must be a number in (0, 1]"),
-    ({"ratio": float("nan")}, "'ratio' must be a finite number"),
-    ({"ratio": True}, "'ratio' must be a number"),
-    ({"threads": 0}, "'threads' must be an integer >= 1"),
-    ({"threads": 1.5}, "'threads' must be an integer"),
-    ({"inner": {"count": -1}}, "'inner.count' must be an integer >= 1"),
-    ({"inner": 3}, "'inner' must be a mapping"),
-    ({"batches": [1, 0]}, "'batches.1' must be an integer >= 1"),
-    ({"batches": 4}, "'batches' must be a list"),
-    ({"thread": 2}, "unknown key 'thread' (did you mean 'threads'?)"),
-    ({"mode": "warn", "ratio": 1}, "warn mode needs a ratio below 1"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"mode": "erorr"}, "'mode' must be one of error, warn, got 'erorr' (did you mean 'error'?)"),
+        ({"mode": True}, "'mode' must be one of error, warn"),
+        ({"ratio": 0}, "'ratio' must be a number in (0, 1], got 0"),
+        ({"ratio": 1.5}, "'ratio' must be a number in (0, 1]"),
+        ({"ratio": float("nan")}, "'ratio' must be a finite number"),
+        ({"ratio": True}, "'ratio' must be a number"),
+        ({"threads": 0}, "'threads' must be an integer >= 1"),
+        ({"threads": 1.5}, "'threads' must be an integer"),
+        ({"inner": {"count": -1}}, "'inner.count' must be an integer >= 1"),
+        ({"inner": 3}, "'inner' must be a mapping"),
+        ({"batches": [1, 0]}, "'batches.1' must be an integer >= 1"),
+        ({"batches": 4}, "'batches' must be a list"),
+        ({"thread": 2}, "unknown key 'thread' (did you mean 'threads'?)"),
+        ({"mode": "warn", "ratio": 1}, "warn mode needs a ratio below 1"),
+    ],
+)
 def test_bad_values_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(UserError) as e:
         from_dict(_Cfg, data)

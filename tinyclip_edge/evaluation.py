@@ -29,11 +29,11 @@ from .models.package import ClipPackage
 
 @dataclass
 class Embedded:
-    images: np.ndarray                 # [Ni, E], normalised
-    texts: np.ndarray                  # [Nt, E], normalised
-    text_image: np.ndarray             # [Nt] index of the image each text belongs to
+    images: np.ndarray  # [Ni, E], normalised
+    texts: np.ndarray  # [Nt, E], normalised
+    text_image: np.ndarray  # [Nt] index of the image each text belongs to
     captions: list[str]
-    labels: np.ndarray | None = None   # [Ni] class index or -1
+    labels: np.ndarray | None = None  # [Ni] class index or -1
     negatives: np.ndarray | None = None  # [Ni, E] embedding of each image's hard-negative caption
     skipped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -43,13 +43,18 @@ def _batched(fn, items: list, batch_size: int, desc: str) -> np.ndarray:
     outs = []
     quiet = len(items) <= 4 * batch_size or not sys.stderr.isatty()
     for i in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=quiet):
-        outs.append(fn(items[i:i + batch_size]))
+        outs.append(fn(items[i : i + batch_size]))
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
-def embed(pkg: ClipPackage, source: PairSource, batch_size: int = 256, max_pairs: int | None = None,
-          device: str | torch.device = "cpu") -> Embedded:
+def embed(
+    pkg: ClipPackage,
+    source: PairSource,
+    batch_size: int = 256,
+    max_pairs: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Embedded:
     model = pkg.model.to(device).eval()
     tok = pkg.tokenizer()
     n = len(source) if max_pairs is None else min(len(source), max_pairs)
@@ -75,15 +80,22 @@ def embed(pkg: ClipPackage, source: PairSource, batch_size: int = 256, max_pairs
         ids = torch.from_numpy(tok(batch)).to(device)
         return model.encode_text(ids, normalize=True).float().cpu().numpy()
 
-    out = Embedded(_batched(enc_img, images, batch_size, "images"), _batched(enc_txt, captions, batch_size, "texts"),
-                   np.asarray(text_image), captions, np.asarray(labels), skipped=stats.skipped)
+    out = Embedded(
+        _batched(enc_img, images, batch_size, "images"),
+        _batched(enc_txt, captions, batch_size, "texts"),
+        np.asarray(text_image),
+        captions,
+        np.asarray(labels),
+        skipped=stats.skipped,
+    )
     if all(neg is not None for neg in negatives):
         out.negatives = _batched(enc_txt, negatives, batch_size, "negatives")
     if isinstance(source, ScenesSource):
         classes, templates = source.class_names(), source.templates()
         prompts = [t.format(c) for c in classes for t in templates]
-        out.extra["class_embeddings"] = E.class_embeddings(_batched(enc_txt, prompts, batch_size, "prompts"),
-                                                            len(classes))
+        out.extra["class_embeddings"] = E.class_embeddings(
+            _batched(enc_txt, prompts, batch_size, "prompts"), len(classes)
+        )
     return out
 
 
@@ -124,8 +136,11 @@ def metrics(e: Embedded) -> dict[str, Any]:
         logits = e.images[mask] @ e.extra["class_embeddings"].T
         top = np.argsort(-logits, axis=1)[:, :5]
         y = e.labels[mask][:, None]
-        res["zero_shot"] = {"top1": float((top[:, :1] == y).any(1).mean() * 100),
-                            "top5": float((top == y).any(1).mean() * 100), "images": int(mask.sum())}
+        res["zero_shot"] = {
+            "top1": float((top[:, :1] == y).any(1).mean() * 100),
+            "top5": float((top == y).any(1).mean() * 100),
+            "images": int(mask.sum()),
+        }
     return res
 
 
@@ -141,14 +156,22 @@ def agreement(student: Embedded, teacher: Embedded) -> dict[str, float]:
     return out
 
 
-def embed_spec(pkg: ClipPackage, data: str, *, batch_size: int = 256, max_pairs: int | None = None,
-               device: str | torch.device = "cpu", data_options: dict[str, Any] | None = None) -> Embedded:
+def embed_spec(
+    pkg: ClipPackage,
+    data: str,
+    *,
+    batch_size: int = 256,
+    max_pairs: int | None = None,
+    device: str | torch.device = "cpu",
+    data_options: dict[str, Any] | None = None,
+) -> Embedded:
     src = open_source(data, image_size=pkg.preprocess.image_size, **(data_options or {}))
     return embed(pkg, src, batch_size, max_pairs, device)
 
 
-def evaluate(pkg: ClipPackage, data: str, *, teacher: ClipPackage | Embedded | None = None,
-             **kw: Any) -> dict[str, Any]:
+def evaluate(
+    pkg: ClipPackage, data: str, *, teacher: ClipPackage | Embedded | None = None, **kw: Any
+) -> dict[str, Any]:
     """Metrics of `pkg` on `data` (a source spec), plus agreement with `teacher` (a package, or its
     embeddings of the same data when evaluating several students against one teacher)."""
     e = embed_spec(pkg, data, **kw)
@@ -163,10 +186,15 @@ def evaluate(pkg: ClipPackage, data: str, *, teacher: ClipPackage | Embedded | N
 
 def table_row(name: str, res: dict[str, Any], teacher_params: int | None = None) -> dict[str, Any]:
     p = res["params"]["total"]
-    row = {"model": name, "params": f"{p / 1e6:.2f}M" if p >= 1e5 else f"{p / 1e3:.0f}K",
-           "% teacher": f"{100 * p / teacher_params:.0f}%" if teacher_params else "",
-           "i2t R@1": f"{res['i2t']['R@1']:.1f}", "t2i R@1": f"{res['t2i']['R@1']:.1f}",
-           "i2t R@5": f"{res['i2t']['R@5']:.1f}", "mAP": f"{(res['i2t']['mAP'] + res['t2i']['mAP']) / 2:.1f}"}
+    row = {
+        "model": name,
+        "params": f"{p / 1e6:.2f}M" if p >= 1e5 else f"{p / 1e3:.0f}K",
+        "% teacher": f"{100 * p / teacher_params:.0f}%" if teacher_params else "",
+        "i2t R@1": f"{res['i2t']['R@1']:.1f}",
+        "t2i R@1": f"{res['t2i']['R@1']:.1f}",
+        "i2t R@5": f"{res['i2t']['R@5']:.1f}",
+        "mAP": f"{(res['i2t']['mAP'] + res['t2i']['mAP']) / 2:.1f}",
+    }
     if "zero_shot" in res:
         row["zero-shot top1"] = f"{res['zero_shot']['top1']:.1f}"
     if "compositional_acc" in res:

@@ -11,14 +11,19 @@ from ..common.errors import UserError
 from ..common.options import ExportOptions, cli_name
 from ..common.typed import from_dict
 
-_FORMAT_HELP = ("onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle); "
-                "open_clip: model -> a folder open_clip loads with local-dir:DIR")
+_FORMAT_HELP = (
+    "onnx: model -> ONNX bundle; engine: bundle -> TensorRT engines (written into the bundle); "
+    "open_clip: model -> a folder open_clip loads with local-dir:DIR"
+)
 
 
 def _given(ctx: click.Context) -> set[str]:
     """Options the user typed (not defaults), as CLI names."""
-    return {p.opts[-1].lstrip("-") for p in ctx.command.params if isinstance(p, click.Option)
-            and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+    return {
+        p.opts[-1].lstrip("-")
+        for p in ctx.command.params
+        if isinstance(p, click.Option) and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
+    }
 
 
 def export_options(**flags: Any) -> ExportOptions:
@@ -43,47 +48,85 @@ def _io(spec: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
 
 
-_EXPORT = ExportOptions()   # flag defaults come from the option schema, so they cannot differ
+_EXPORT = ExportOptions()  # flag defaults come from the option schema, so they cannot differ
 
 
 @click.command("export")
 @click.argument("source")
 @click.option("--format", "fmt", default="onnx", show_default=True, help=_FORMAT_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="[onnx, open_clip] directory to write")
-@click.option("--precision", help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 "
-              "(default: the bundle's)")
+@click.option(
+    "--precision",
+    help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 (default: the bundle's)",
+)
 @click.option("--opset", type=int, default=_EXPORT.opset, show_default=True, help="[onnx] ONNX opset (14 to 23)")
-@click.option("--raw", is_flag=True, default=_EXPORT.raw,
-              help="[onnx] output raw embeddings instead of L2-normalised ones")
-@click.option("--calib", default=_EXPORT.calib,
-              help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
-              "for implicit int8 from an fp32 bundle with TensorRT proper")
+@click.option(
+    "--raw", is_flag=True, default=_EXPORT.raw, help="[onnx] output raw embeddings instead of L2-normalised ones"
+)
+@click.option(
+    "--calib",
+    default=_EXPORT.calib,
+    help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
+    "for implicit int8 from an fp32 bundle with TensorRT proper",
+)
 @click.option("--calib-count", type=int, default=_EXPORT.calib_count, show_default=True, help="calibration images")
-@click.option("--calib-method", default=_EXPORT.calib_method, show_default=True,
-              help="[onnx] minmax | percentile | entropy")
-@click.option("--int8-keep", default=_EXPORT.int8_keep, show_default=True,
-              help="[onnx] nodes kept float: auto (sensitivity search), none, or comma-separated name parts")
-@click.option("--int8-min-cosine", type=float, default=_EXPORT.int8_min_cosine, show_default=True,
-              help="[onnx] target of the auto search (per tower, vs fp32, on calibration inputs), in (0, 1]")
-@click.option("--exporter", default=_EXPORT.exporter, show_default=True,
-              help="[onnx] torchscript (opset <= 20) | dynamo (opset >= 18)")
+@click.option(
+    "--calib-method", default=_EXPORT.calib_method, show_default=True, help="[onnx] minmax | percentile | entropy"
+)
+@click.option(
+    "--int8-keep",
+    default=_EXPORT.int8_keep,
+    show_default=True,
+    help="[onnx] nodes kept float: auto (sensitivity search), none, or comma-separated name parts",
+)
+@click.option(
+    "--int8-min-cosine",
+    type=float,
+    default=_EXPORT.int8_min_cosine,
+    show_default=True,
+    help="[onnx] target of the auto search (per tower, vs fp32, on calibration inputs), in (0, 1]",
+)
+@click.option(
+    "--exporter",
+    default=_EXPORT.exporter,
+    show_default=True,
+    help="[onnx] torchscript (opset <= 20) | dynamo (opset >= 18)",
+)
 @click.option("--batch", default="1,8,32", show_default=True, help="[engine] optimisation profile MIN,OPT,MAX")
 @click.option("--workspace", type=int, help="[engine] builder workspace limit in MB")
 @click.option("--dla", type=int, help="[engine] DLA core (Jetson)")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="[engine] timing cache file (read and updated)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.pass_context
-def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, precision: str | None, opset: int,
-               raw: bool, calib: str | None, calib_count: int, calib_method: str, int8_keep: str,
-               int8_min_cosine: float, exporter: str, batch: str, workspace: int | None, dla: int | None,
-               timing_cache: Path | None, quiet: bool) -> None:
+def export_cmd(
+    ctx: click.Context,
+    source: str,
+    fmt: str,
+    out: Path | None,
+    precision: str | None,
+    opset: int,
+    raw: bool,
+    calib: str | None,
+    calib_count: int,
+    calib_method: str,
+    int8_keep: str,
+    int8_min_cosine: float,
+    exporter: str,
+    batch: str,
+    workspace: int | None,
+    dla: int | None,
+    timing_cache: Path | None,
+    quiet: bool,
+) -> None:
     """Export SOURCE: a model directory / open_clip spec (--format onnx) or a bundle (--format engine)."""
     from ..export.formats import check_options, get_format, parse_batch
 
     f = get_format(fmt)
     check_options(f, _given(ctx) - {"format", "quiet"})
     if precision is not None and precision not in f.precisions:
-        raise UserError(f"--precision {precision} is not available for --format {fmt}; choose from {', '.join(f.precisions)}")
+        raise UserError(
+            f"--precision {precision} is not available for --format {fmt}; choose from {', '.join(f.precisions)}"
+        )
     if fmt == "engine":
         _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache, calib, calib_count)
         return
@@ -96,8 +139,16 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
     from ..export import export_bundle
 
     keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
-    options = export_options(opset=opset, raw=raw, calib=calib, calib_count=calib_count, calib_method=calib_method,
-                             int8_keep=keep, int8_min_cosine=int8_min_cosine, exporter=exporter)
+    options = export_options(
+        opset=opset,
+        raw=raw,
+        calib=calib,
+        calib_count=calib_count,
+        calib_method=calib_method,
+        int8_keep=keep,
+        int8_min_cosine=int8_min_cosine,
+        exporter=exporter,
+    )
     bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
     from ..runtimes.bundle import read_manifest
 
@@ -105,10 +156,23 @@ def export_cmd(ctx: click.Context, source: str, fmt: str, out: Path | None, prec
     rows = []
     for tower, t in m.to_dict()["towers"].items():
         d = m.precision_details.get(tower, {})
-        note = (f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float" if "quantized_nodes" in d
-                else f"fp32 ops: {','.join(d['fp32_ops'])}" if "fp32_ops" in d else "")
-        rows.append({"tower": tower, "file": t["file"], "input": _io(t["inputs"]), "output": _io(t["outputs"]),
-                     "MB": f"{t['bytes'] / 1e6:.2f}", "notes": note})
+        note = (
+            f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float"
+            if "quantized_nodes" in d
+            else f"fp32 ops: {','.join(d['fp32_ops'])}"
+            if "fp32_ops" in d
+            else ""
+        )
+        rows.append(
+            {
+                "tower": tower,
+                "file": t["file"],
+                "input": _io(t["inputs"]),
+                "output": _io(t["outputs"]),
+                "MB": f"{t['bytes'] / 1e6:.2f}",
+                "notes": note,
+            }
+        )
     click.echo(_table(rows, ["tower", "file", "input", "output", "MB", "notes"]))
     click.echo(f"\n{m.precision} bundle (opset {m.opset}, normalized={m.normalized}) written to {bundle}")
 
@@ -117,10 +181,14 @@ def _open_clip(source: str, out: Path) -> None:
     from ..export.open_clip_dir import export_open_clip
 
     result = export_open_clip(source, out)
-    click.echo(f"open_clip folder written to {result.path}: load it with "
-               f"open_clip.create_model_and_transforms('local-dir:{result.path}')")
-    click.echo(f"parameters: student {result.params['student']:,}, open_clip {result.params['open_clip']:,}; "
-               f"reloaded embeddings differ from the student's by at most {result.max_abs:.1e}")
+    click.echo(
+        f"open_clip folder written to {result.path}: load it with "
+        f"open_clip.create_model_and_transforms('local-dir:{result.path}')"
+    )
+    click.echo(
+        f"parameters: student {result.params['student']:,}, open_clip {result.params['open_clip']:,}; "
+        f"reloaded embeddings differ from the student's by at most {result.max_abs:.1e}"
+    )
     for note in result.notes:
         click.echo(f"note: {note}")
 
@@ -128,8 +196,16 @@ def _open_clip(source: str, out: Path) -> None:
 _ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]
 
 
-def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], workspace: int | None,
-            dla: int | None, timing_cache: Path | None, calib: str | None, calib_count: int) -> None:
+def _engine(
+    bundle: Path,
+    precision: str | None,
+    batch: tuple[int, int, int],
+    workspace: int | None,
+    dla: int | None,
+    timing_cache: Path | None,
+    calib: str | None,
+    calib_count: int,
+) -> None:
     from ..runtimes.bundle import read_manifest
 
     read_manifest(bundle)  # a clear error when SOURCE is not a bundle
@@ -138,12 +214,20 @@ def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], wo
     except ModuleNotFoundError as e:
         if e.name != "tinyclip_edge.export.tensorrt":
             raise
-        raise UserError("TensorRT engine building is not part of this installation (tinyclip_edge.export.tensorrt "
-                        "is missing)") from None
+        raise UserError(
+            "TensorRT engine building is not part of this installation (tinyclip_edge.export.tensorrt is missing)"
+        ) from None
     # calibration is only for implicit int8 from an fp32 bundle (TensorRT proper); passed only when given
     extra = {"calib": calib, "calib_count": calib_count} if calib else {}
-    engines = build_engines(bundle, precision=precision, batch=batch, workspace_mb=workspace, dla_core=dla,
-                            timing_cache=timing_cache, **extra)
+    engines = build_engines(
+        bundle,
+        precision=precision,
+        batch=batch,
+        workspace_mb=workspace,
+        dla_core=dla,
+        timing_cache=timing_cache,
+        **extra,
+    )
     rows = []
     for e in engines:
         row = dict(e)
@@ -152,7 +236,9 @@ def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], wo
         if "size_bytes" in e:
             row["MiB"] = f"{e['size_bytes'] / 2**20:.1f}"
         rows.append(row)
-    columns = [c for c in _ENGINE_COLUMNS if any(c in r for r in rows)] or list(dict.fromkeys(k for r in rows for k in r))
+    columns = [c for c in _ENGINE_COLUMNS if any(c in r for r in rows)] or list(
+        dict.fromkeys(k for r in rows for k in r)
+    )
     click.echo(_table(rows, columns))
     click.echo(f"\n{len(engines)} engine(s) written into {bundle}")
 
@@ -165,32 +251,71 @@ def _engine(bundle: Path, precision: str | None, batch: tuple[int, int, int], wo
 @click.option("--count", type=int, default=256, show_default=True, help="pairs to read from --data")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--min-cosine", type=float, help="override the per-tower min cosine, in [-1, 1] (default by precision)")
-@click.option("--min-agreement", type=float, help="override the top-1 agreement threshold on confident queries, a "
-              "fraction in [0, 1] (default: int8 0.97)")
+@click.option(
+    "--min-agreement",
+    type=float,
+    help="override the top-1 agreement threshold on confident queries, a fraction in [0, 1] (default: int8 0.97)",
+)
 @click.option("--max-abs", type=float, help="also require max abs error <= this")
-@click.option("--max-task-drop", type=float, help="points of R@1 / zero-shot top-1 an artifact may significantly lose "
-              "(default: fp32 0.5, fp16 1, int8 2)")
-@click.option("--agreement-margin", type=float, help="agreement counts queries whose reference top-1 beats the "
-              "runner-up by more than this cosine gap (default 0.01)")
+@click.option(
+    "--max-task-drop",
+    type=float,
+    help="points of R@1 / zero-shot top-1 an artifact may significantly lose (default: fp32 0.5, fp16 1, int8 2)",
+)
+@click.option(
+    "--agreement-margin",
+    type=float,
+    help="agreement counts queries whose reference top-1 beats the "
+    "runner-up by more than this cosine gap (default 0.01)",
+)
 @click.option("--device", default="cpu", show_default=True, help="ONNX Runtime device: cpu | cuda | tensorrt")
-@click.option("--provider", help="ONNX Runtime execution provider to run the ONNX graphs with (default "
-              "CPUExecutionProvider, or what --device picks); overrides --device")
+@click.option(
+    "--provider",
+    help="ONNX Runtime execution provider to run the ONNX graphs with (default "
+    "CPUExecutionProvider, or what --device picks); overrides --device",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="where parity.json/.md go (default: the bundle)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.pass_context
-def parity_cmd(ctx: click.Context, bundle: Path, reference: str | None, teacher: str | None, data: str | None,
-               count: int, batch_size: int, min_cosine: float | None, min_agreement: float | None,
-               max_abs: float | None, max_task_drop: float | None, agreement_margin: float | None, device: str,
-               provider: str | None, out: Path | None, quiet: bool) -> None:
+def parity_cmd(
+    ctx: click.Context,
+    bundle: Path,
+    reference: str | None,
+    teacher: str | None,
+    data: str | None,
+    count: int,
+    batch_size: int,
+    min_cosine: float | None,
+    min_agreement: float | None,
+    max_abs: float | None,
+    max_task_drop: float | None,
+    agreement_margin: float | None,
+    device: str,
+    provider: str | None,
+    out: Path | None,
+    quiet: bool,
+) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
     from ..common.io import atomic_write_text
     from ..export import run_parity
 
     _builtin_teachers(reference, teacher)
-    report = run_parity(bundle, reference=reference, teacher=teacher, data=data, count=count,
-                        batch_size=batch_size, min_cosine=min_cosine, min_agreement=min_agreement,
-                        max_abs=max_abs, max_task_drop=max_task_drop, agreement_margin=agreement_margin,
-                        device=device, provider=provider, progress=not quiet)
+    report = run_parity(
+        bundle,
+        reference=reference,
+        teacher=teacher,
+        data=data,
+        count=count,
+        batch_size=batch_size,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+        max_abs=max_abs,
+        max_task_drop=max_task_drop,
+        agreement_margin=agreement_margin,
+        device=device,
+        provider=provider,
+        progress=not quiet,
+    )
     out = out or bundle
     try:
         atomic_write_text(out / "parity.json", report.to_json())

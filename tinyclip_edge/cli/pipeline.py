@@ -29,7 +29,7 @@ log = logging.getLogger("tinyclip_edge")
 @dataclass
 class PipelineResult:
     run: RunResult
-    bundles: dict[str, Path] = field(default_factory=dict)     # "<model>-<precision>" -> bundle dir
+    bundles: dict[str, Path] = field(default_factory=dict)  # "<model>-<precision>" -> bundle dir
     parity_failed: list[str] = field(default_factory=list)
 
 
@@ -39,7 +39,7 @@ def _models(recipe: Recipe, run: RunResult) -> dict[str, Path]:
         return dict(list(stages.items())[-1:])
     if recipe.export.models == "students" or run.teacher_dir is None:
         return stages
-    return {"teacher": run.teacher_dir, **stages}   # "all" (the recipe's schema allows nothing else)
+    return {"teacher": run.teacher_dir, **stages}  # "all" (the recipe's schema allows nothing else)
 
 
 def _up_to_date(bundle: Path, model_dir: Path) -> bool:
@@ -80,14 +80,25 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
             if not _up_to_date(bundle, model_dir):
                 click.echo(f"export {key}", err=True)
                 # the section IS an ExportOptions (plus pipeline fields, which export_bundle ignores)
-                export_bundle(model_dir, bundle, precision=precision, options=cfg,
-                              calib=_calib_spec(recipe) if precision == "int8" else None, progress=False)
+                export_bundle(
+                    model_dir,
+                    bundle,
+                    precision=precision,
+                    options=cfg,
+                    calib=_calib_spec(recipe) if precision == "int8" else None,
+                    progress=False,
+                )
             out.bundles[key] = bundle
             if not cfg.parity:
                 continue
-            rep = run_parity(bundle, reference=model_dir, teacher=teacher if name != "teacher" else None,
-                             data=cfg.parity_data or recipe.eval.data or "scenes:val", count=cfg.parity_count,
-                             progress=False)
+            rep = run_parity(
+                bundle,
+                reference=model_dir,
+                teacher=teacher if name != "teacher" else None,
+                data=cfg.parity_data or recipe.eval.data or "scenes:val",
+                count=cfg.parity_count,
+                progress=False,
+            )
             atomic_write_json(bundle / "parity.json", rep.to_dict())
             atomic_write_text(bundle / "parity.md", rep.to_markdown())
             parity[key] = rep.to_dict()
@@ -95,9 +106,15 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
             if not rep:
                 out.parity_failed.append(key)
     if cfg.parity:
-        _add_to_report(run.run_dir, "parity", parity, "## Export and parity (ONNX Runtime vs PyTorch)",
-                       "Each bundle against its own PyTorch model on the evaluation data; full reports in "
-                       "`export/<bundle>/parity.md`.", rows)
+        _add_to_report(
+            run.run_dir,
+            "parity",
+            parity,
+            "## Export and parity (ONNX Runtime vs PyTorch)",
+            "Each bundle against its own PyTorch model on the evaluation data; full reports in "
+            "`export/<bundle>/parity.md`.",
+            rows,
+        )
     return out
 
 
@@ -132,14 +149,27 @@ def bench(recipe: Recipe, result: PipelineResult) -> None:
         raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
     # the section IS a BenchOptions (plus `precisions`, which run_bench ignores)
     rep = run_bench(targets, cfg, out_dir=RunLayout(result.run.run_dir).path(BENCH_DIR), progress=False)
-    _add_to_report(result.run.run_dir, "latency", rep.to_dict(), "## Latency (teacher vs students)",
-                   f"p50 latency in ms (speed-up over the first row), ONNX Runtime on {cfg.device}, "
-                   f"{cfg.iters} timed runs per cell, interleaved; every statistic in `bench/bench.md`.", None,
-                   rep.summary(size_digits=2))
+    _add_to_report(
+        result.run.run_dir,
+        "latency",
+        rep.to_dict(),
+        "## Latency (teacher vs students)",
+        f"p50 latency in ms (speed-up over the first row), ONNX Runtime on {cfg.device}, "
+        f"{cfg.iters} timed runs per cell, interleaved; every statistic in `bench/bench.md`.",
+        None,
+        rep.summary(size_digits=2),
+    )
 
 
-def _add_to_report(run_dir: Path, key: str, data: Any, title: str, caption: str,
-                   rows: list[dict[str, Any]] | None, table: str | None = None) -> None:
+def _add_to_report(
+    run_dir: Path,
+    key: str,
+    data: Any,
+    title: str,
+    caption: str,
+    rows: list[dict[str, Any]] | None,
+    table: str | None = None,
+) -> None:
     """Add a section to report.json and report.md (replacing an older one of the same title)."""
     layout = RunLayout(run_dir)
     rj = layout.path(REPORT_JSON)
@@ -169,8 +199,10 @@ def preflight(recipe: Recipe) -> None:
 
             if not TegraStats.available():
                 raise UserError("bench.power: true needs tegrastats (a Jetson); it is not on PATH")
-    needs_ort = recipe.bench is not None or (recipe.export is not None and (
-        recipe.export.parity or any(p.startswith("int8") for p in recipe.export.precisions)))
+    needs_ort = recipe.bench is not None or (
+        recipe.export is not None
+        and (recipe.export.parity or any(p.startswith("int8") for p in recipe.export.precisions))
+    )
     if needs_ort and importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")
 
@@ -189,26 +221,27 @@ def _run_recipe(recipe: Recipe, resume: bool) -> PipelineResult:
         return result
     if recipe.export is not None:
         result = export_and_check(recipe, run)
-    if recipe.bench is not None:   # the recipe's schema guarantees an export: section beside it
+    if recipe.bench is not None:  # the recipe's schema guarantees an export: section beside it
         bench(recipe, result)
     if result.parity_failed:
-        msg = (f"parity failed for {', '.join(result.parity_failed)} (see report.md and "
-               f"export/<bundle>/parity.md)")
+        msg = f"parity failed for {', '.join(result.parity_failed)} (see report.md and export/<bundle>/parity.md)"
         if recipe.export.on_parity_failure == "error":
             raise UserError(msg + "; set export.on_parity_failure=warn to accept it")
         click.echo(f"warning: {msg}", err=True)
     return result
 
 
-def run_quickstart(run_dir: str = "runs/quickstart", resume: bool = True,
-                   overrides: list[str] | None = None) -> PipelineResult:
+def run_quickstart(
+    run_dir: str = "runs/quickstart", resume: bool = True, overrides: list[str] | None = None
+) -> PipelineResult:
     """The quick start in `run_dir`. By default it continues the run there (refused if that run was made with
     other settings). `resume=False` (--fresh) first deletes what the marker says the toolkit wrote there,
     nothing else, and refuses a directory that holds a run without a marker."""
     recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
     if not resume and dist.launched():  # every process would clear the directory while the others read it
-        raise UserError("quickstart --fresh runs in one process only: start over without torchrun, or choose "
-                        "another --run-dir")
+        raise UserError(
+            "quickstart --fresh runs in one process only: start over without torchrun, or choose another --run-dir"
+        )
     with run_lock(run_dir):  # held from the clean-up to the end: nobody can start a run in between
         layout = RunLayout(run_dir)
         if not resume:

@@ -17,8 +17,17 @@ COMMANDS: list[click.Command] = []
 @click.option("--csv-image-key", default="filepath", show_default=True)
 @click.option("--csv-caption-key", default="title", show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False), help="Detection cache (default: the user cache).")
-def regions_cmd(data: str, detector: str, out: str, confidence: float, max_regions: int, image_root: str | None,
-                csv_image_key: str, csv_caption_key: str, cache: str | None) -> None:
+def regions_cmd(
+    data: str,
+    detector: str,
+    out: str,
+    confidence: float,
+    max_regions: int,
+    image_root: str | None,
+    csv_image_key: str,
+    csv_caption_key: str,
+    cache: str | None,
+) -> None:
     """Detect regions in every image of DATA (a CSV/TSV, a COCO captions JSON, or scenes:val) with a YOLO
     detector; write one JSON line per image (key, sha256, boxes, scores, classes) for dclip.regions=OUT.
     Results are cached by image content, so a second pass over the same images detects nothing again."""
@@ -27,11 +36,13 @@ def regions_cmd(data: str, detector: str, out: str, confidence: float, max_regio
     from ..data import check_readable, open_source
     from ..data.regions import detect_regions
 
-    src = open_source(data, image_size=224, csv_image_key=csv_image_key, csv_caption_key=csv_caption_key,
-                      image_root=image_root)
+    src = open_source(
+        data, image_size=224, csv_image_key=csv_image_key, csv_caption_key=csv_caption_key, image_root=image_root
+    )
     check_readable(src)
-    rep = detect_regions(src, detector, out, confidence=confidence, max_regions=max_regions,
-                         cache=Path(cache) if cache else None)
+    rep = detect_regions(
+        src, detector, out, confidence=confidence, max_regions=max_regions, cache=Path(cache) if cache else None
+    )
     click.echo(f"regions: {rep.summary()}; wrote {out}")
 
 

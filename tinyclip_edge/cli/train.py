@@ -23,8 +23,9 @@ def _logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
 
-def _recipe_for(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None,
-                run_dir: str | None):
+def _recipe_for(
+    recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None, run_dir: str | None
+):
     """The recipe of a new run (RECIPE + overrides), or the one saved in a run being resumed."""
     from ..compress.recipe import load_recipe
     from ..compress.runner import RUN_STATE
@@ -32,11 +33,15 @@ def _recipe_for(recipe: str | None, overrides: tuple[str, ...], teacher: str | N
     if resume_dir:
         saved = Path(resume_dir) / "recipe.yaml"
         if not (Path(resume_dir) / RUN_STATE).is_file() or not saved.is_file():
-            raise UserError(f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
-                            "start one with `tinyclip-edge compress RECIPE run_dir=DIR`")
+            raise UserError(
+                f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
+                "start one with `tinyclip-edge compress RECIPE run_dir=DIR`"
+            )
         if recipe or overrides or teacher:
-            click.echo(f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher "
-                       "are ignored", err=True)
+            click.echo(
+                f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher are ignored",
+                err=True,
+            )
         return load_recipe(str(saved), [f"run_dir={resume_dir}"])
     if not recipe:
         raise UserError("give a RECIPE (a YAML file or one of the packaged recipes) or --resume DIR")
@@ -50,11 +55,16 @@ def _recipe_for(recipe: str | None, overrides: tuple[str, ...], teacher: str | N
 @click.argument("recipe", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this directory (uses the recipe saved there).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory (uses the recipe saved there).",
+)
 @click.option("--run-dir", help="Where to write the run (default: runs/<recipe name>).")
-def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None,
-             run_dir: str | None) -> None:
+def compress(
+    recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None, run_dir: str | None
+) -> None:
     """Compress a teacher with RECIPE (a YAML file or a packaged recipe name), stage by stage.
 
     OVERRIDES are dotted key=value pairs, e.g. stages.0.steps=200 data.train=pairs.csv.
@@ -72,9 +82,13 @@ def compress(recipe: str | None, overrides: tuple[str, ...], teacher: str | None
 @click.command()
 @click.argument("overrides", nargs=-1)
 @click.option("--run-dir", default="runs/quickstart", show_default=True)
-@click.option("--resume/--fresh", default=True, show_default=True,
-              help="Continue the quick start in --run-dir (refused if it was made with other settings), or start "
-                   "over: --fresh deletes only what tinyclip-edge recorded writing there, never other files.")
+@click.option(
+    "--resume/--fresh",
+    default=True,
+    show_default=True,
+    help="Continue the quick start in --run-dir (refused if it was made with other settings), or start "
+    "over: --fresh deletes only what tinyclip-edge recorded writing there, never other files.",
+)
 def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
     """Train a small teacher on built-in data, compress it twice, compare with scratch, export to ONNX,
     check parity and time teacher vs students; writes RUN_DIR/report.md and report.json (CPU, minutes).
@@ -93,8 +107,12 @@ def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
 @click.argument("recipe", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this directory (uses the recipe saved there).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory (uses the recipe saved there).",
+)
 def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None) -> None:
     """Run RECIPE end to end: compress, then export / parity / bench when the recipe has those sections."""
     from .pipeline import run_recipe
@@ -102,8 +120,10 @@ def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None,
     _logging()
     rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
     result = run_recipe(rec, resume=bool(resume_dir))
-    click.echo(f"done: report in {result.run.run_dir / 'report.md'}"
-               + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else ""))
+    click.echo(
+        f"done: report in {result.run.run_dir / 'report.md'}"
+        + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else "")
+    )
 
 
 @_command
@@ -115,8 +135,9 @@ def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None,
 @click.option("--max-pairs", type=int, help="Evaluate on the first N pairs only.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
-def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pairs: int | None, device: str,
-             out: str | None) -> None:
+def eval_cmd(
+    model: str, data: str, teacher: str | None, batch_size: int, max_pairs: int | None, device: str, out: str | None
+) -> None:
     """Evaluate MODEL (a model directory or an open_clip spec): retrieval, zero-shot, compositional."""
     from ..common.devices import check_device
     from ..common.io import atomic_write_json
@@ -128,8 +149,9 @@ def eval_cmd(model: str, data: str, teacher: str | None, batch_size: int, max_pa
 
     _logging()
     # the recipe's eval: schema checks the same options here (data spec, batch size, pair count)
-    from_dict(EvalCfg, {"data": data, "batch_size": batch_size, "max_pairs": max_pairs}, label="option",
-              key_format=cli_name)
+    from_dict(
+        EvalCfg, {"data": data, "batch_size": batch_size, "max_pairs": max_pairs}, label="option", key_format=cli_name
+    )
     check_device(device)
     pkg = resolve_teacher(model)
     tpkg = resolve_teacher(teacher) if teacher else None
@@ -158,13 +180,17 @@ def info(model: str, as_json: bool) -> None:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
     p, shape = cfg.params, cfg.shape
-    click.echo(f"{model}: {p['total']:,} parameters (image {p['image']:,}, text {p['text']:,}), "
-               f"embedding dim {shape['embed_dim']}")
+    click.echo(
+        f"{model}: {p['total']:,} parameters (image {p['image']:,}, text {p['text']:,}), "
+        f"embedding dim {shape['embed_dim']}"
+    )
     for tower in ("vision", "text"):
         s = shape[tower]
         click.echo(f"  {tower:6s} width {s['width']}, {len(s['heads'])} layers, heads {s['heads']}, mlp {s['mlp']}")
     v = shape["vision"]
-    click.echo(f"  image  {v['image_size']}px, patch {v['patch_size']}; text context {shape['text']['context_length']}, "
-               f"tokenizer {cfg.tokenizer.get('kind')} {cfg.tokenizer.get('model', '')}".rstrip())
+    click.echo(
+        f"  image  {v['image_size']}px, patch {v['patch_size']}; text context {shape['text']['context_length']}, "
+        f"tokenizer {cfg.tokenizer.get('kind')} {cfg.tokenizer.get('model', '')}".rstrip()
+    )
     prov = cfg.provenance
     click.echo("  provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if v is not None))

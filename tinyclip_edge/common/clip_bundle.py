@@ -127,7 +127,10 @@ def preprocess_image(image: Any, cfg: dict[str, Any]) -> np.ndarray:
         with Image.open(image) as im:
             im.load()
             image = im.copy()
-    mean, std = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+    mean, std = (
+        cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+        cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+    )
     return normalize(np.asarray(resize_crop(image, cfg)), mean, std)
 
 
@@ -238,7 +241,7 @@ class BpeTokens:
         with gzip.open(path) as f:
             lines = f.read().decode("utf-8").split("\n")
         count = int(cfg.get("merges", 49152 - 256 - 2))
-        merges = [tuple(line.split()) for line in lines[1:1 + count]]
+        merges = [tuple(line.split()) for line in lines[1 : 1 + count]]
         symbols, self.byte_symbol = _byte_symbols()
         vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
         self.specials = list(cfg.get("special_tokens", ["<start_of_text>", "<end_of_text>"]))
@@ -248,8 +251,10 @@ class BpeTokens:
         self.sot_id, self.eot_id = self.ids[self.specials[0]], self.ids[self.specials[1]]
         self.pad_id = int(cfg.get("pad_id", 0))
         if (cfg.get("sot_id", self.sot_id), cfg.get("eot_id", self.eot_id)) != (self.sot_id, self.eot_id):
-            raise ValueError(f"{path.name} gives sot/eot ids {self.sot_id}/{self.eot_id} but the manifest says "
-                             f"{cfg.get('sot_id')}/{cfg.get('eot_id')}; the bundle's tokenizer files do not match")
+            raise ValueError(
+                f"{path.name} gives sot/eot ids {self.sot_id}/{self.eot_id} but the manifest says "
+                f"{cfg.get('sot_id')}/{cfg.get('eot_id')}; the bundle's tokenizer files do not match"
+            )
         self._cache: dict[str, list[int]] = {}
 
     def normalize(self, text: str) -> str:
@@ -270,7 +275,7 @@ class BpeTokens:
         while i < n:
             special = next((s for s in self.specials if text.startswith(s, i)), None)
             if special is None:
-                special = next((c for c in self.CONTRACTIONS if text[i:i + len(c)].lower() == c), None)
+                special = next((c for c in self.CONTRACTIONS if text[i : i + len(c)].lower() == c), None)
             if special is not None:
                 yield special
                 i += len(special)
@@ -350,8 +355,7 @@ def make_tokenizer(cfg: dict[str, Any], base_dir: str | os.PathLike) -> WordToke
 
 # ----------------------------------------------------------------------------------------------- the bundle
 
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-       "tensor(int64)": np.int64}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
 class Bundle:
@@ -365,12 +369,17 @@ class Bundle:
         if self.manifest.get("format") != "tinyclip-edge/bundle":
             raise ValueError(f"{self.path / MANIFEST} is not a tinyclip-edge bundle manifest")
         self.preprocess_cfg = self.manifest["preprocess"]
-        self.tokenizer = make_tokenizer(self.manifest["tokenizer"], self.path) if self.manifest.get("tokenizer") else None
+        self.tokenizer = (
+            make_tokenizer(self.manifest["tokenizer"], self.path) if self.manifest.get("tokenizer") else None
+        )
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.sessions = {tower: ort.InferenceSession(str(inside(self.path, t["file"])), sess_options=options,
-                                                     providers=list(providers))
-                         for tower, t in self.manifest["towers"].items()}
+        self.sessions = {
+            tower: ort.InferenceSession(
+                str(inside(self.path, t["file"])), sess_options=options, providers=list(providers)
+            )
+            for tower, t in self.manifest["towers"].items()
+        }
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:
         sess = self.sessions[tower]

@@ -29,8 +29,10 @@ def require_device(spec: str, what: str = "device") -> None:
         raise UserError(f"{what} '{spec}' requested but no CUDA GPU is available here; use cpu")
     index = int(spec.split(":", 1)[1]) if ":" in spec else 0
     if index >= torch.cuda.device_count():
-        raise UserError(f"{what} '{spec}' requested but this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        raise UserError(
+            f"{what} '{spec}' requested but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
 
 
 def check_device(spec: object, what: str = "--device", allow_auto: bool = False) -> str:

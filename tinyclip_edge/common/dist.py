@@ -91,15 +91,18 @@ def choose_backend(backend: str, device_type: str) -> str:
     if backend == "auto":
         return "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl" and (device_type != "cuda" or not torch.cuda.is_available()):
-        where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"device={device_type} was asked for"
-        raise UserError(f"distributed.backend=nccl needs CUDA GPUs, but {where}; "
-                        "use distributed.backend=gloo (or auto) to train on CPUs")
+        where = (
+            "this machine has no CUDA GPU" if not torch.cuda.is_available() else f"device={device_type} was asked for"
+        )
+        raise UserError(
+            f"distributed.backend=nccl needs CUDA GPUs, but {where}; "
+            "use distributed.backend=gloo (or auto) to train on CPUs"
+        )
     return backend
 
 
 @contextmanager
-def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 1800,
-            hint: str = "") -> Iterator[None]:
+def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 1800, hint: str = "") -> Iterator[None]:
     """Join torchrun's process group for the duration of a run (no-op outside torchrun).
 
     `timeout_s` bounds every collective: a process that hangs (rather than dies) stops the others after
@@ -120,8 +123,10 @@ def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 
         if not owned or not _comm_failure(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise PeerLost(f"rank {rank()} of {world_size()}: another training process stopped or stopped answering "
-                       f"({first}); this process stops too" + (f"; {hint}" if hint else "")) from None
+        raise PeerLost(
+            f"rank {rank()} of {world_size()}: another training process stopped or stopped answering "
+            f"({first}); this process stops too" + (f"; {hint}" if hint else "")
+        ) from None
     finally:
         if owned:
             try:
@@ -131,12 +136,29 @@ def session(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 
 
 
 _COLLECTIVE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    t for t in (getattr(tdist, "DistError", None), getattr(tdist, "DistBackendError", None),
-                getattr(tdist, "DistNetworkError", None)) if t is not None)
+    t
+    for t in (
+        getattr(tdist, "DistError", None),
+        getattr(tdist, "DistBackendError", None),
+        getattr(tdist, "DistNetworkError", None),
+    )
+    if t is not None
+)
 
 
-_COMM_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "timeout",
-               "socket", "process group", "processgroup", "c10d")
+_COMM_WORDS = (
+    "gloo",
+    "nccl",
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "socket",
+    "process group",
+    "processgroup",
+    "c10d",
+)
 
 
 def _comm_failure(e: BaseException) -> bool:

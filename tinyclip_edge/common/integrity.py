@@ -24,7 +24,7 @@ from .errors import UserError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CACHE_NAME = "hashes.json"
-_CACHE_MAX = 4096     # entries kept; the oldest go first
+_CACHE_MAX = 4096  # entries kept; the oldest go first
 
 
 def is_sha256(value: Any) -> bool:
@@ -39,13 +39,17 @@ def inside(root: str | os.PathLike, rel: Any, what: str) -> Path:
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise UserError(f"{what} must be a file name inside the artifact, got {rel!r}")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
-        raise UserError(f"{what} is an absolute path ({rel}); artifacts may only name files inside their own "
-                        "directory: the file is corrupt or was tampered with, re-export it")
+        raise UserError(
+            f"{what} is an absolute path ({rel}); artifacts may only name files inside their own "
+            "directory: the file is corrupt or was tampered with, re-export it"
+        )
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:
-        raise UserError(f"{what} = {rel!r} points outside {Path(root)} (to {target}); artifacts may only name files "
-                        "inside their own directory: the file is corrupt or was tampered with, re-export it")
+        raise UserError(
+            f"{what} = {rel!r} points outside {Path(root)} (to {target}); artifacts may only name files "
+            "inside their own directory: the file is corrupt or was tampered with, re-export it"
+        )
     return Path(root) / rel
 
 
@@ -111,8 +115,10 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         raise UserError(f"{what}: {path.name} is missing from {path.parent}; the artifact is incomplete, re-export it")
     got = sha256_file(path)
     if got != expected:
-        raise UserError(f"{what}: {path.name} does not match its recorded sha256 (recorded {expected[:12]}..., "
-                        f"found {got[:12]}...); the file was modified or replaced after export: re-export the bundle")
+        raise UserError(
+            f"{what}: {path.name} does not match its recorded sha256 (recorded {expected[:12]}..., "
+            f"found {got[:12]}...); the file was modified or replaced after export: re-export the bundle"
+        )
 
 
 def check_onnx_external_data(graph: str | os.PathLike, root: str | os.PathLike | None = None) -> None:

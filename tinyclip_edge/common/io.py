@@ -81,8 +81,11 @@ def write_error(e: BaseException, path: str | os.PathLike) -> WriteError | None:
 
 
 def _is_temp_of(candidate: Path, path: Path) -> bool:
-    return candidate.parent == path.parent and candidate.name.startswith(f".{path.name}.") and \
-        candidate.name.endswith(".tmp")
+    return (
+        candidate.parent == path.parent
+        and candidate.name.startswith(f".{path.name}.")
+        and candidate.name.endswith(".tmp")
+    )
 
 
 def _existing_parent(path: Path) -> Path:
@@ -129,9 +132,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         if name == f"{prefix}old":
             stale = True
         elif name.startswith(prefix) and name.endswith(".tmp"):
-            m = _TMP_MIDDLE.match(name[len(prefix):-len(".tmp")])
-            stale = bool(m) and (m.group(1) is None or
-                                 (int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))))
+            m = _TMP_MIDDLE.match(name[len(prefix) : -len(".tmp")])
+            stale = bool(m) and (
+                m.group(1) is None or (int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))))
+            )
         else:
             stale = False
         if not stale:
@@ -247,8 +251,9 @@ def read_error(e: BaseException, path: str | os.PathLike, what: str = "file") ->
         code = int(m.group(1)) if m else None
     if code in (errno.EACCES, errno.EPERM):
         where = getattr(e, "filename", None) or path
-        return UserError(f"cannot read {what} {where}: permission denied; fix its permissions or run as a user "
-                         "who can read it")
+        return UserError(
+            f"cannot read {what} {where}: permission denied; fix its permissions or run as a user who can read it"
+        )
     return None
 
 

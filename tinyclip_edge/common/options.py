@@ -35,30 +35,34 @@ DYNAMO_MIN_OPSET = 18
 Tower = Literal["image", "text", "both"]
 Backend = Literal["pyt", "onnxrt", "trt"]
 PytPrecision = Literal["fp32", "fp16", "bf16"]
-MAX_BATCH = 65536   # a batch above this is a typo (CLIP towers at that batch need >100 GB of activations)
+MAX_BATCH = 65536  # a batch above this is a typo (CLIP towers at that batch need >100 GB of activations)
 
 
 @dataclass
 class ExportOptions:
     """How to export a model to an ONNX bundle (what and where, precision and out, are per call)."""
 
-    opset: Annotated[int, OPSET_RANGE] = 17                 # ONNX opset, in [14, 23]; fp16 needs >= 17
-    raw: bool = False                                       # raw embeddings instead of L2-normalised ones
-    calib: str | None = None                                # calibration data for static int8 (e.g. scenes:calib)
-    calib_count: Annotated[int, Range(1, None)] = 512       # calibration images, >= 1
-    calib_method: CalibMethod = "minmax"                    # static int8 calibration: minmax | percentile | entropy
+    opset: Annotated[int, OPSET_RANGE] = 17  # ONNX opset, in [14, 23]; fp16 needs >= 17
+    raw: bool = False  # raw embeddings instead of L2-normalised ones
+    calib: str | None = None  # calibration data for static int8 (e.g. scenes:calib)
+    calib_count: Annotated[int, Range(1, None)] = 512  # calibration images, >= 1
+    calib_method: CalibMethod = "minmax"  # static int8 calibration: minmax | percentile | entropy
     int8_keep: Literal["auto", "none"] | list[str] = "auto"  # nodes kept float: auto search, none, or name parts
     int8_min_cosine: Annotated[float, Range(0, 1, lo_open=True)] = 0.995  # auto search target, in (0, 1]
-    exporter: Exporter = "torchscript"                      # torchscript (opset <= 20) | dynamo (opset >= 18)
+    exporter: Exporter = "torchscript"  # torchscript (opset <= 20) | dynamo (opset >= 18)
 
     def validate_fields(self, path: str) -> None:
         at = f"{path}." if path else ""
         if self.exporter == "dynamo" and self.opset < DYNAMO_MIN_OPSET:
-            raise UserError(f"{at}exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, got {at}opset "
-                            f"{self.opset}; set opset to 18 or use the torchscript exporter")
+            raise UserError(
+                f"{at}exporter dynamo writes opset {DYNAMO_MIN_OPSET} or newer, got {at}opset "
+                f"{self.opset}; set opset to 18 or use the torchscript exporter"
+            )
         if self.exporter == "torchscript" and self.opset > TORCHSCRIPT_MAX_OPSET:
-            raise UserError(f"{at}exporter torchscript writes opset {TORCHSCRIPT_MAX_OPSET} at most, got "
-                            f"{at}opset {self.opset}; lower it or use exporter dynamo")
+            raise UserError(
+                f"{at}exporter torchscript writes opset {TORCHSCRIPT_MAX_OPSET} at most, got "
+                f"{at}opset {self.opset}; lower it or use exporter dynamo"
+            )
         if isinstance(self.int8_keep, list) and not all(k.strip() for k in self.int8_keep):
             raise UserError(f"{at}int8_keep must list non-empty node-name parts, got {self.int8_keep!r}")
 
@@ -68,16 +72,16 @@ class BenchOptions:
     """How to time artifacts (which artifacts, and where the report goes, are per call)."""
 
     batches: list[Annotated[int, Range(1, MAX_BATCH)]] = field(default_factory=lambda: [1])  # batch sizes
-    tower: Tower = "both"                                   # image | text | both
-    device: CONCRETE_DEVICE = "cpu"                         # cpu | cuda | cuda:N
-    iters: Annotated[int, Range(2, None)] | None = None     # timed repetitions per cell, >= 2 (default 20)
+    tower: Tower = "both"  # image | text | both
+    device: CONCRETE_DEVICE = "cpu"  # cpu | cuda | cuda:N
+    iters: Annotated[int, Range(2, None)] | None = None  # timed repetitions per cell, >= 2 (default 20)
     seconds: Annotated[float, Range(0, None, lo_open=True)] | None = None  # or: timed seconds per cell, > 0
-    warmup: Annotated[int, Range(0, None)] = 5              # untimed calls first, >= 0
-    end_to_end: bool = False                                # include preprocessing and tokenising
-    backend: Backend | None = None                          # force a runtime; default: picked per artifact
-    threads: Annotated[int, Range(1, None)] | None = None   # CPU threads for PyTorch / ONNX Runtime, >= 1
-    precision: PytPrecision | None = None                   # PyTorch model dirs only: fp32 | fp16 | bf16
-    power: bool | None = None                               # sample tegrastats (None: when it exists)
+    warmup: Annotated[int, Range(0, None)] = 5  # untimed calls first, >= 0
+    end_to_end: bool = False  # include preprocessing and tokenising
+    backend: Backend | None = None  # force a runtime; default: picked per artifact
+    threads: Annotated[int, Range(1, None)] | None = None  # CPU threads for PyTorch / ONNX Runtime, >= 1
+    precision: PytPrecision | None = None  # PyTorch model dirs only: fp32 | fp16 | bf16
+    power: bool | None = None  # sample tegrastats (None: when it exists)
     power_interval_ms: Annotated[int, Range(1, 60_000)] = 100  # tegrastats interval in ms, in [1, 60000]
 
     def validate_fields(self, path: str) -> None:
@@ -85,7 +89,7 @@ class BenchOptions:
             raise UserError(f"{path + '.' if path else ''}batches must list at least one batch size")
 
 
-O = TypeVar("O")
+OptionsT = TypeVar("OptionsT")
 
 
 def cli_name(key: str) -> str:
@@ -93,8 +97,13 @@ def cli_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def resolve_options(cls: type[O], options: Any, overrides: dict[str, Any], label: str = "option",
-                    key_format: Callable[[str], str] | None = None) -> O:
+def resolve_options(
+    cls: type[OptionsT],
+    options: Any,
+    overrides: dict[str, Any],
+    label: str = "option",
+    key_format: Callable[[str], str] | None = None,
+) -> OptionsT:
     """``options`` (an instance of ``cls`` or a subclass, or None for the defaults) with keyword ``overrides``
     applied, validated against ``cls``: the one door of the Python API. Unknown keywords are errors."""
     base = cls() if options is None else options

@@ -27,7 +27,7 @@ class Preprocess:
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"  # resize the shortest side, then centre-crop (open_clip's default)
-    fill_color: int = 0            # padding value of resize_mode "longest" (open_clip's fill_color)
+    fill_color: int = 0  # padding value of resize_mode "longest" (open_clip's fill_color)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,7 +36,7 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         known = {k: d[k] for k in ("image_size", "interpolation", "resize_mode", "fill_color") if k in d}
         return cls(mean=tuple(d.get("mean", OPENAI_MEAN)), std=tuple(d.get("std", OPENAI_STD)), **known)
 

@@ -28,12 +28,12 @@ from .io import atomic_write_json, read_json
 from .typed import Range, from_dict
 
 # ---------------------------------------------------------------------------------------------- file names
-MANIFEST_NAME = "manifest.json"          # export bundle
-PREPROCESS_NAME = "preprocess.json"      # export bundle: the image preprocessing, for non-Python consumers
-TOKENIZER_DIR = "tokenizer"              # export bundle: vocabulary files
-CONFIG_NAME = "config.json"              # model directory
-WEIGHTS_NAME = "model.safetensors"       # model directory
-SIDECAR_SUFFIX = ".json"                 # <engine file name> + this = the engine's sidecar
+MANIFEST_NAME = "manifest.json"  # export bundle
+PREPROCESS_NAME = "preprocess.json"  # export bundle: the image preprocessing, for non-Python consumers
+TOKENIZER_DIR = "tokenizer"  # export bundle: vocabulary files
+CONFIG_NAME = "config.json"  # model directory
+WEIGHTS_NAME = "model.safetensors"  # model directory
+SIDECAR_SUFFIX = ".json"  # <engine file name> + this = the engine's sidecar
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 MODEL_FORMAT, MODEL_VERSION = "tinyclip-edge/model", 1
@@ -47,7 +47,7 @@ BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 MAX_IMAGE_SIZE = 8192
 MAX_CONTEXT = 8192
 MAX_DIM = 1 << 16
-MAX_BATCH = 4096                         # engine optimisation profiles
+MAX_BATCH = 4096  # engine optimisation profiles
 
 Dim = Annotated[int, Range(1, MAX_DIM)]
 Count = Annotated[int, Range(0, None)]
@@ -111,7 +111,7 @@ def check_tokenizer(cfg: Any, where: str) -> dict[str, Any]:
 class TensorSpec:
     name: str
     dtype: str
-    shape: list[int | str]     # symbolic dims are strings (ONNX) or -1 (TensorRT)
+    shape: list[int | str]  # symbolic dims are strings (ONNX) or -1 (TensorRT)
 
 
 @dataclass
@@ -147,12 +147,15 @@ class _Artifact:
         if not isinstance(data, dict):
             raise UserError(f"{file or cls.WHAT} is not a {cls.WHAT} (it holds {type(data).__name__}, not an object)")
         if data.get("format") != cls.FORMAT:
-            raise UserError(f"{file or 'this file'} is not a {cls.WHAT} (format={data.get('format')!r}, "
-                            f"expected {cls.FORMAT!r})")
+            raise UserError(
+                f"{file or 'this file'} is not a {cls.WHAT} (format={data.get('format')!r}, expected {cls.FORMAT!r})"
+            )
         version = data.get("format_version", 1)
         if isinstance(version, int) and not isinstance(version, bool) and version > cls.VERSION:
-            raise UserError(f"{file or 'this file'} was written by a newer tinyclip-edge ({cls.WHAT} format "
-                            f"{version}, this version reads up to {cls.VERSION}); upgrade tinyclip-edge to read it")
+            raise UserError(
+                f"{file or 'this file'} was written by a newer tinyclip-edge ({cls.WHAT} format "
+                f"{version}, this version reads up to {cls.VERSION}); upgrade tinyclip-edge to read it"
+            )
         return in_file(file, lambda: from_dict(cls, data, label="field"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,8 +189,10 @@ class ModelConfig(_Artifact):
         if not model_dir.exists():
             raise UserError(f"model directory not found: {model_dir}")
         if not (model_dir / CONFIG_NAME).is_file():
-            raise UserError(f"{model_dir} is not a tinyclip-edge model directory (no {CONFIG_NAME}); "
-                            "pass a directory written by `tinyclip-edge compress`")
+            raise UserError(
+                f"{model_dir} is not a tinyclip-edge model directory (no {CONFIG_NAME}); "
+                "pass a directory written by `tinyclip-edge compress`"
+            )
         file = model_dir / CONFIG_NAME
         return cls.from_data(read_json(file, what="model config"), file)
 
@@ -335,8 +340,10 @@ class BundleManifest(_Artifact):
         if not bundle_dir.exists():
             raise UserError(f"export bundle not found: {bundle_dir}")
         if not is_bundle(bundle_dir):
-            raise UserError(f"{bundle_dir} is not an export bundle (no {MANIFEST_NAME}); "
-                            "create one with `tinyclip-edge export MODEL_DIR --format onnx --out DIR`")
+            raise UserError(
+                f"{bundle_dir} is not an export bundle (no {MANIFEST_NAME}); "
+                "create one with `tinyclip-edge export MODEL_DIR --format onnx --out DIR`"
+            )
         file = bundle_dir / MANIFEST_NAME
         manifest = cls.from_data(read_json(file, what="bundle manifest"), file)
         manifest.check_paths(bundle_dir)
@@ -395,7 +402,7 @@ class EngineSidecar(_Artifact):
     params: Count | None = None
     onnx: str | None = None
     onnx_sha256: str | None = None
-    engine_sha256: str | None = None      # format 2: the engine file's digest, checked when it is opened
+    engine_sha256: str | None = None  # format 2: the engine file's digest, checked when it is opened
     size_bytes: Count = 0
     build_seconds: Annotated[float, Range(0, None)] = 0.0
     flags: dict[str, Any] = field(default_factory=dict)
@@ -430,8 +437,10 @@ class EngineSidecar(_Artifact):
         if sidecar.tokenizer is not None and sidecar.tokenizer.get("kind") == "bpe":
             inside(engine.parent, sidecar.tokenizer.get("file"), where + "'tokenizer.file'")
         if target.resolve() != engine.resolve():
-            raise UserError(f"{side} describes {sidecar.engine}, not {engine.name}; the sidecar belongs to another "
-                            "engine: rebuild the engine")
+            raise UserError(
+                f"{side} describes {sidecar.engine}, not {engine.name}; the sidecar belongs to another "
+                "engine: rebuild the engine"
+            )
         if verify and sidecar.engine_sha256 is not None:
             verify_sha256(engine, sidecar.engine_sha256, f"engine {engine.name}")
         return sidecar

@@ -71,9 +71,17 @@ class WordTokenizer:
 
     def describe(self) -> dict[str, Any]:
         """The config plus everything a reader without this package needs to tokenize exactly alike."""
-        return {**self.config(), "pad_id": self.PAD, "sot_id": self.SOT, "unk_id": self.UNK, "first_word_id": 3,
-                "eot_id": self.eot_id, "normalization": "lower-case", "pattern": _WORD.pattern,
-                "truncation": "sot, the first context_length - 2 word ids, eot; then pad_id up to context_length"}
+        return {
+            **self.config(),
+            "pad_id": self.PAD,
+            "sot_id": self.SOT,
+            "unk_id": self.UNK,
+            "first_word_id": 3,
+            "eot_id": self.eot_id,
+            "normalization": "lower-case",
+            "pattern": _WORD.pattern,
+            "truncation": "sot, the first context_length - 2 word ids, eot; then pad_id up to context_length",
+        }
 
 
 class BpeTokenizer:
@@ -95,8 +103,10 @@ class BpeTokenizer:
             self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
         except Exception as e:  # gzip, unicode and index errors from a file that is not a BPE vocabulary
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"tokenizer vocabulary {file} is not a gzipped CLIP BPE merges file ({first}); "
-                            "re-export the bundle or restore the file") from None
+            raise UserError(
+                f"tokenizer vocabulary {file} is not a gzipped CLIP BPE merges file ({first}); "
+                "re-export the bundle or restore the file"
+            ) from None
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:
         return self._tok(texts).numpy().astype(np.int64)
@@ -111,7 +121,7 @@ CLEAN_MODES = {
     "lower": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space, lower-case",
     "whitespace": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space",
     "canonicalize": "ftfy.fix_text, html.unescape twice, strip, '_' to space, drop ASCII punctuation, "
-                    "lower-case, collapse whitespace",
+    "lower-case, collapse whitespace",
 }
 
 
@@ -123,18 +133,31 @@ def describe_bpe(inner: Any, file_name: str, context_length: int, vocab_size: in
     from open_clip import tokenizer as oct
 
     if getattr(inner, "reduction_fn", None) is not None:
-        raise UserError("this BPE tokenizer uses a token reduction mask (random/shuffle/syntax); bundles carry "
-                        "only plain truncation; tokenize without reduction_mask")
+        raise UserError(
+            "this BPE tokenizer uses a token reduction mask (random/shuffle/syntax); bundles carry "
+            "only plain truncation; tokenize without reduction_mask"
+        )
     clean = next((name for name in CLEAN_MODES if inner.clean_fn is oct.get_clean_fn(name)), None)
     if clean is None:
         raise UserError(f"unknown text cleaning function {inner.clean_fn!r} in the BPE tokenizer")
     specials = [inner.decoder[i] for i in inner.all_special_ids]
-    return {"kind": "bpe", "file": file_name, "context_length": context_length, "vocab_size": vocab_size,
-            "merges": len(inner.bpe_ranks), "special_tokens": specials, "sot_id": int(inner.sot_token_id),
-            "eot_id": int(inner.eot_token_id), "pad_id": 0, "clean": clean, "normalization": CLEAN_MODES[clean],
-            "pattern": inner.pat.pattern, "pattern_flags": "IGNORECASE (the 'regex' module's \\p{L}, \\p{N})",
-            "truncation": "sot, ids, eot; rows longer than context_length keep their first context_length - 1 "
-                          "ids and end with eot; then pad_id up to context_length"}
+    return {
+        "kind": "bpe",
+        "file": file_name,
+        "context_length": context_length,
+        "vocab_size": vocab_size,
+        "merges": len(inner.bpe_ranks),
+        "special_tokens": specials,
+        "sot_id": int(inner.sot_token_id),
+        "eot_id": int(inner.eot_token_id),
+        "pad_id": 0,
+        "clean": clean,
+        "normalization": CLEAN_MODES[clean],
+        "pattern": inner.pat.pattern,
+        "pattern_flags": "IGNORECASE (the 'regex' module's \\p{L}, \\p{N})",
+        "truncation": "sot, ids, eot; rows longer than context_length keep their first context_length - 1 "
+        "ids and end with eot; then pad_id up to context_length",
+    }
 
 
 class OpenClipTokenizer:
@@ -159,8 +182,12 @@ class OpenClipTokenizer:
         return self._tok(texts).numpy().astype(np.int64)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "open_clip", "model": self.model, "context_length": self.context_length,
-                "vocab_size": self.vocab_size}
+        return {
+            "kind": "open_clip",
+            "model": self.model,
+            "context_length": self.context_length,
+            "vocab_size": self.vocab_size,
+        }
 
 
 def tokenizer_from_config(cfg: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Tokenizer:

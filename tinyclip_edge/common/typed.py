@@ -23,8 +23,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from .errors import UserError, closest
 
@@ -181,8 +182,9 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
         if not isinstance(value, dict):
             raise _fail(label, path, "a mapping", value)
         kt, vt = typing.get_args(tp) or (Any, Any)
-        return {check_value(k, kt, f"{path}.{k}", label): check_value(v, vt, f"{path}.{k}", label)
-                for k, v in value.items()}
+        return {
+            check_value(k, kt, f"{path}.{k}", label): check_value(v, vt, f"{path}.{k}", label) for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is dict:
@@ -225,8 +227,9 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key",
-              key_format: Callable[[str], str] | None = None) -> Any:
+def from_dict(
+    cls: type, data: dict[str, Any], path: str = "", label: str = "key", key_format: Callable[[str], str] | None = None
+) -> Any:
     """An instance of dataclass ``cls`` built from ``data``; every field checked against its type.
 
     ``key_format`` spells a top-level key in messages (the CLI passes ``--calib-count`` for ``calib_count``).
@@ -240,14 +243,18 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     for key, value in data.items():
         full = f"{path}.{key}" if path else key_format(str(key)) if key_format else str(key)
         if key not in names:
-            raise UserError(f"unknown {label} {_q(full)}{closest(str(key), names)}; "
-                            f"valid keys here: {', '.join(names)}")
+            raise UserError(
+                f"unknown {label} {_q(full)}{closest(str(key), names)}; valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = check_value(value, hints[key], full, label)
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
-        missing = [f.name for f in fields if f.name not in kwargs
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         where = f" in {_q(path)}" if path else ""
         raise UserError(f"missing {label} '{missing[0] if missing else e}'{where}") from None
     validate = getattr(obj, "validate_fields", None)
@@ -256,8 +263,9 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "", label: str = "key
     return obj
 
 
-def validate(obj: Any, cls: type | None = None, label: str = "key",
-             key_format: Callable[[str], str] | None = None) -> Any:
+def validate(
+    obj: Any, cls: type | None = None, label: str = "key", key_format: Callable[[str], str] | None = None
+) -> Any:
     """A checked copy of dataclass instance ``obj`` (as ``cls``, default its own class: a subclass instance
     checked as its base keeps only the base's fields). Tuples become lists, so ``batches=(1, 8)`` passes."""
     cls = cls or type(obj)

@@ -30,7 +30,8 @@ def _mapping(loader: StrictSafeLoader, node: yaml.MappingNode, deep: bool = Fals
         line = key_node.start_mark.line + 1
         if first is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key '{key}' (line {first} and line {line}); keep one", key_node.start_mark)
+                None, None, f"duplicate key '{key}' (line {first} and line {line}); keep one", key_node.start_mark
+            )
         seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 

@@ -36,8 +36,8 @@ PLANNED_METHODS = ("inherit", "prune")
 
 @dataclass
 class StagePlan:
-    shape: ClipShape | None = None      # the planned student shape (manual stages)
-    floor: ClipShape | None = None      # the smallest shape a learned-mask stage must keep
+    shape: ClipShape | None = None  # the planned student shape (manual stages)
+    floor: ClipShape | None = None  # the smallest shape a learned-mask stage must keep
 
 
 def _planned(st: Any) -> bool:
@@ -67,14 +67,19 @@ def plan_chain(teacher: ClipShape, stages: list[Any]) -> list[StagePlan]:
         ratios = [(i, targets[i][tower]) for i in chain if targets[i][tower] is not None]
         for (_, a), (j, b) in zip(ratios, ratios[1:]):
             if b >= a:
-                raise UserError(f"stage {stages[j].name}: target {b} of the teacher's {tower} parameters is not "
-                                f"smaller than the previous stage's {a}; stage targets must shrink")
+                raise UserError(
+                    f"stage {stages[j].name}: target {b} of the teacher's {tower} parameters is not "
+                    f"smaller than the previous stage's {a}; stage targets must shrink"
+                )
     shapes: dict[int, ClipShape] = {i: teacher for i in manual}
     for tower in TOWERS:
         sized = [i for i in manual if targets[i][tower] is not None]
         last = sized[-1] if sized else None
-        final = (shape_for_tower(teacher, tower, targets[last][tower], stages[last].shape_policy)
-                 if last is not None else None)
+        final = (
+            shape_for_tower(teacher, tower, targets[last][tower], stages[last].shape_policy)
+            if last is not None
+            else None
+        )
         prev = teacher.tower(tower)
         for i in manual:
             if targets[i][tower] is None:  # no target for this tower: keep it as the previous stage left it
@@ -89,7 +94,7 @@ def plan_chain(teacher: ClipShape, stages: list[Any]) -> list[StagePlan]:
         plans[i].shape = shapes[i].validate()
     for k, i in enumerate(chain):
         if stages[i].method == "prune":
-            later = [j for j in chain[k + 1:] if stages[j].method == "inherit"]
+            later = [j for j in chain[k + 1 :] if stages[j].method == "inherit"]
             if later:
                 plans[i].floor = plans[later[0]].shape
     return plans

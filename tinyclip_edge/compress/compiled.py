@@ -36,8 +36,9 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def step_functions(net: nn.Module, task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device,
-                   label: str = "") -> tuple[nn.Module, Forward | None]:
+def step_functions(
+    net: nn.Module, task: StageTask, teacher: ClipModel | None, cfg: Any, device: torch.device, label: str = ""
+) -> tuple[nn.Module, Forward | None]:
     """(student step module, teacher forward or None) for one stage: ``net`` (the task, or its DDP wrapper,
     called as ``net(images, ids, step, micro)``) and ``teacher`` as given, or torch.compile'd wrappers of them
     (the modules themselves are untouched: parameter names and checkpoints stay the same)."""
@@ -46,12 +47,21 @@ def step_functions(net: nn.Module, task: StageTask, teacher: ClipModel | None, c
         return net, teacher
     mode = None if cfg.compile_mode == "default" or COMPILE_BACKEND != "inductor" else cfg.compile_mode
     # DCLIP's meta teacher reads whole batches (forward_batch): it stays eager
-    t_fn = (teacher if teacher is None or hasattr(teacher, "forward_batch")
-            else torch.compile(teacher, mode=mode, backend=COMPILE_BACKEND))
-    plain = (type(task).encode is StageTask.encode and type(task).extra_losses is StageTask.extra_losses
-             and not getattr(task, "wants_batch", False))
+    t_fn = (
+        teacher
+        if teacher is None or hasattr(teacher, "forward_batch")
+        else torch.compile(teacher, mode=mode, backend=COMPILE_BACKEND)
+    )
+    plain = (
+        type(task).encode is StageTask.encode
+        and type(task).extra_losses is StageTask.extra_losses
+        and not getattr(task, "wants_batch", False)
+    )
     if not plain:
-        log.info("%s: %s does more than a plain model call per step (masks, whole batches); its student stays "
-                 "eager", label, type(task).__name__)
+        log.info(
+            "%s: %s does more than a plain model call per step (masks, whole batches); its student stays eager",
+            label,
+            type(task).__name__,
+        )
         return net, t_fn
     return torch.compile(net, mode=mode, backend=COMPILE_BACKEND), t_fn

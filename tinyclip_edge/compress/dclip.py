@@ -80,7 +80,10 @@ class CrossBlock(nn.Module):
         heads = _heads_for(cfg.dim, cfg.heads)
         self.span_to_region, self.region_to_span = _Attention(cfg.dim, heads), _Attention(cfg.dim, heads)
         self.ln_span, self.ln_region = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.proj_image, self.proj_text = nn.Linear(cfg.dim, cfg.dim, bias=False), nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.proj_image, self.proj_text = (
+            nn.Linear(cfg.dim, cfg.dim, bias=False),
+            nn.Linear(cfg.dim, cfg.dim, bias=False),
+        )
         nn.init.zeros_(self.proj_image.weight)  # untrained: the meta teacher's embeddings are the teacher's
         nn.init.zeros_(self.proj_text.weight)
 
@@ -126,7 +129,7 @@ class MetaTeacher(nn.Module):
     def embed_dim(self) -> int:
         return self.clip.shape.embed_dim
 
-    def train(self, mode: bool = True) -> "MetaTeacher":
+    def train(self, mode: bool = True) -> MetaTeacher:
         super().train(mode)
         self.clip.eval()  # the teacher is frozen, also in train mode
         return self
@@ -160,10 +163,14 @@ class MetaTeacher(nn.Module):
         span_emb = clip.encode_text(torch.from_numpy(self._tok(flat)).to(dev), True).float() if flat else None
         r_rows, s_rows, w_rows, pos_r, pos_s = [], [], [], 0, 0
         for i in range(B):
-            s_i = torch.cat([g_txt[i: i + 1].float(), span_emb[pos_s: pos_s + len(spans[i])]]) if flat else g_txt[i: i + 1]
+            s_i = (
+                torch.cat([g_txt[i : i + 1].float(), span_emb[pos_s : pos_s + len(spans[i])]])
+                if flat
+                else g_txt[i : i + 1]
+            )
             pos_s += len(spans[i])
-            r_i = torch.cat([g_img[i: i + 1].float(), crops_emb[pos_r: pos_r + counts[i]]])
-            ac = torch.tensor([1.0] + area_conf[pos_r: pos_r + counts[i]], device=dev)
+            r_i = torch.cat([g_img[i : i + 1].float(), crops_emb[pos_r : pos_r + counts[i]]])
+            ac = torch.tensor([1.0] + area_conf[pos_r : pos_r + counts[i]], device=dev)
             pos_r += counts[i]
             best = (r_i @ s_i.T).max(1).values.clamp_min(0)
             w_rows.append(ac * best + 1e-6)
@@ -202,8 +209,9 @@ class MetaTask(StageTask):
     def encode(self, images: Tensor, ids: Tensor, step: int, micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         raise UserError("the DCLIP meta teacher trains on batches with captions and regions")
 
-    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
-                     micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_batch(
+        self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int, micro: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return self.model.forward_batch(batch, images, ids)
 
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -227,7 +235,7 @@ class MetaTask(StageTask):
         return meta
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> "MetaTask":
+    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> MetaTask:
         clip = ClipModel(ClipShape.from_dict(meta["shape"]))
         return cls(MetaTeacher(clip, meta["tokenizer"], HeadCfg(**meta["head"])))
 
@@ -251,8 +259,10 @@ def save_meta_teacher(pkg: ClipPackage, path: str | Path) -> Path:
         save_model_dir(pkg.with_model(meta.clip, meta_teacher=True), tmp)
         head = {k: v.detach().cpu().contiguous() for k, v in meta.head.state_dict().items()}
         save_file(head, str(tmp / HEAD_WEIGHTS), metadata={"format": "tinyclip-edge/dclip-meta-head"})
-        atomic_write_json(tmp / HEAD_CONFIG, {"format": "tinyclip-edge/dclip-meta-head", "format_version": 1,
-                                              "head": asdict(meta.cfg)})
+        atomic_write_json(
+            tmp / HEAD_CONFIG,
+            {"format": "tinyclip-edge/dclip-meta-head", "format_version": 1, "head": asdict(meta.cfg)},
+        )
     return path
 
 
@@ -266,8 +276,10 @@ def load_meta_teacher(path: str | Path) -> ClipPackage:
 
     path = Path(path)
     if not is_meta_teacher_dir(path):
-        raise UserError(f"{path} is not a DCLIP meta-teacher directory (no {HEAD_CONFIG} / {HEAD_WEIGHTS}); "
-                        "it is written by a stage with method: dclip-meta")
+        raise UserError(
+            f"{path} is not a DCLIP meta-teacher directory (no {HEAD_CONFIG} / {HEAD_WEIGHTS}); "
+            "it is written by a stage with method: dclip-meta"
+        )
     pkg = load_model_dir(path)
     cfg = read_json(path / HEAD_CONFIG, "meta-teacher head config")
     try:

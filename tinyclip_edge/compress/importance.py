@@ -31,10 +31,10 @@ METHODS = ("magnitude", "activation")
 
 @dataclass
 class TowerScores:
-    layers: Tensor            # [L]
-    hidden: Tensor            # [W]
-    heads: list[Tensor]       # per layer [H_l] (empty when the layer has no attention)
-    mlp: list[Tensor]         # per layer [M_l]
+    layers: Tensor  # [L]
+    hidden: Tensor  # [W]
+    heads: list[Tensor]  # per layer [H_l] (empty when the layer has no attention)
+    mlp: list[Tensor]  # per layer [M_l]
 
 
 def _head_norms(w: Tensor, heads: int, head_dim: int, dim: int) -> Tensor:
@@ -55,7 +55,7 @@ def magnitude_scores(model: ClipModel) -> dict[str, TowerScores]:
         for blk in tower.blocks:
             if blk.attn is not None:
                 h, d = blk.attn.heads, s.head_dim
-                v_rows = blk.attn.qkv.weight[2 * h * d:]
+                v_rows = blk.attn.qkv.weight[2 * h * d :]
                 heads.append(_head_norms(v_rows, h, d, 0) * _head_norms(blk.attn.out.weight, h, d, 1))
                 hidden += blk.attn.qkv.weight.float().norm(dim=0) + blk.attn.out.weight.float().norm(dim=1)
             else:
@@ -68,9 +68,16 @@ def magnitude_scores(model: ClipModel) -> dict[str, TowerScores]:
                 mlp.append(torch.zeros(0))
         hidden += tower.proj.weight.float().norm(dim=0) + tower.positional_embedding.float().norm(dim=0)
         # a layer matters as much as what it writes into the residual stream
-        layers = torch.tensor([sum(float(m.weight.float().norm()) for m in (getattr(b.attn, "out", None),
-                                                                            getattr(b.mlp, "fc2", None)) if m is not None)
-                               for b in tower.blocks])
+        layers = torch.tensor(
+            [
+                sum(
+                    float(m.weight.float().norm())
+                    for m in (getattr(b.attn, "out", None), getattr(b.mlp, "fc2", None))
+                    if m is not None
+                )
+                for b in tower.blocks
+            ]
+        )
         out[name] = TowerScores(layers, hidden, heads, mlp)
     return out
 
@@ -109,6 +116,7 @@ class _Recorder:
             self.hidden += self._mean(x_in.abs())
             cos = torch.nn.functional.cosine_similarity(x_in, out.float(), dim=-1)
             self.layers[i] += self._mean((1 - cos).unsqueeze(-1)).squeeze()
+
         return hook
 
     def _heads_hook(self, i: int, out_proj: torch.nn.Linear):
@@ -119,6 +127,7 @@ class _Recorder:
             w = out_proj.weight.float().reshape(-1, h, d)  # [W, H, D]
             contrib = torch.einsum("bnhd,whd->bnhw", o.reshape(b, n, h, d), w).norm(dim=-1)
             self.heads[i] += self._mean(contrib)
+
         return hook
 
     def _mlp_hook(self, i: int, fc2: torch.nn.Linear):
@@ -128,6 +137,7 @@ class _Recorder:
             a = args[0].float()
             std = (self._mean(a * a) - self._mean(a) ** 2).clamp_min(0).sqrt()
             self.mlp[i] += std * fc2.weight.float().norm(dim=0)
+
         return hook
 
     def scores(self) -> TowerScores:
@@ -161,8 +171,9 @@ def activation_scores(model: ClipModel, batches: Iterable[dict[str, Tensor]]) ->
     return out
 
 
-def compute_scores(model: ClipModel, method: str, batches: Iterable[dict[str, Tensor]] | None = None
-                   ) -> dict[str, TowerScores]:
+def compute_scores(
+    model: ClipModel, method: str, batches: Iterable[dict[str, Tensor]] | None = None
+) -> dict[str, TowerScores]:
     if method == "magnitude":
         return magnitude_scores(model)
     if method == "activation":

@@ -50,15 +50,21 @@ def tower_plan(src: TowerShape, dst: TowerShape, scores: TowerScores, layer_sele
     return TowerPlan(layers, _top(scores.hidden, dst.width), heads, mlp)
 
 
-def manual_inherit(source: ClipModel, target: ClipShape, *, importance: str = "magnitude",
-                   layer_selection: str = "even", calib: Iterable[dict[str, Tensor]] | None = None,
-                   ) -> tuple[ClipModel, KeepPlan]:
+def manual_inherit(
+    source: ClipModel,
+    target: ClipShape,
+    *,
+    importance: str = "magnitude",
+    layer_selection: str = "even",
+    calib: Iterable[dict[str, Tensor]] | None = None,
+) -> tuple[ClipModel, KeepPlan]:
     """Cut `target` out of `source`; returns the student and the plan (which units it kept)."""
     check_fits(source.shape, target)
     if target == source.shape:
         plan = full_plan(source.shape)
     else:
         scores = compute_scores(source, importance, calib)
-        plan = KeepPlan(*(tower_plan(source.shape.tower(t), target.tower(t), scores[t], layer_selection)
-                          for t in TOWERS))
+        plan = KeepPlan(
+            *(tower_plan(source.shape.tower(t), target.tower(t), scores[t], layer_selection) for t in TOWERS)
+        )
     return slice_model(source, plan), plan

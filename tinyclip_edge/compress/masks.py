@@ -29,9 +29,9 @@ from ..models.layers import BlockMasks
 from ..models.shape import TowerShape, block_param_count
 from .slicing import TowerPlan
 
-BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1   # temperature and stretch interval of the hard-concrete distribution
-INIT_LOG_ALPHA = 2.0                    # P(kept) ~ 0.97 at the start: everything begins switched on, and
-                                        # the gates can move within the few hundred steps of a CPU run
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # temperature and stretch interval of the hard-concrete distribution
+INIT_LOG_ALPHA = 2.0  # P(kept) ~ 0.97 at the start: everything begins switched on, and
+# the gates can move within the few hundred steps of a CPU run
 
 
 class HardConcrete(nn.Module):
@@ -71,10 +71,15 @@ class TowerGates(nn.Module):
         hidden = self.hidden.sample(generator) if self.hidden is not None else None
         blocks = []
         for i in range(len(self.heads)):
-            blocks.append(BlockMasks(
-                hidden, self.heads[i].sample(generator), self.mlp[i].sample(generator),
-                self.attn_layer[i].sample(generator)[0] if self.attn_layer is not None else None,
-                self.mlp_layer[i].sample(generator)[0] if self.mlp_layer is not None else None))
+            blocks.append(
+                BlockMasks(
+                    hidden,
+                    self.heads[i].sample(generator),
+                    self.mlp[i].sample(generator),
+                    self.attn_layer[i].sample(generator)[0] if self.attn_layer is not None else None,
+                    self.mlp_layer[i].sample(generator)[0] if self.mlp_layer is not None else None,
+                )
+            )
         return TowerMasks(hidden, blocks)
 
     def expected_params(self, embed_params_per_channel: Tensor | float, const: float) -> Tensor:
@@ -108,10 +113,13 @@ class _Units:
 
 def _units(g: TowerGates) -> _Units:
     la = lambda m: m.log_alpha.detach().float().cpu()  # noqa: E731
-    return _Units(la(g.hidden) if g.hidden is not None else torch.full((g.shape.width,), math.inf),
-                  [la(h) for h in g.heads], [la(m) for m in g.mlp],
-                  [float(la(a)[0]) for a in g.attn_layer] if g.attn_layer is not None else None,
-                  [float(la(a)[0]) for a in g.mlp_layer] if g.mlp_layer is not None else None)
+    return _Units(
+        la(g.hidden) if g.hidden is not None else torch.full((g.shape.width,), math.inf),
+        [la(h) for h in g.heads],
+        [la(m) for m in g.mlp],
+        [float(la(a)[0]) for a in g.attn_layer] if g.attn_layer is not None else None,
+        [float(la(a)[0]) for a in g.mlp_layer] if g.mlp_layer is not None else None,
+    )
 
 
 def _top(scores: Tensor, tau: float, floor: int) -> list[int]:
@@ -149,12 +157,19 @@ def plan_at(u: _Units, tau: float, allow_empty_layers: bool, floor: Floor | int 
 
 def drop_empty_layers(plan: TowerPlan) -> TowerPlan:
     keep = [i for i in range(len(plan.layers)) if plan.heads[i] or plan.mlp[i]]
-    return TowerPlan([plan.layers[i] for i in keep], plan.hidden, [plan.heads[i] for i in keep],
-                     [plan.mlp[i] for i in keep])
+    return TowerPlan(
+        [plan.layers[i] for i in keep], plan.hidden, [plan.heads[i] for i in keep], [plan.mlp[i] for i in keep]
+    )
 
 
-def budget_plans(gates: dict[str, TowerGates], count: "callable", budget: dict[str, float], joint: bool,
-                 allow_empty_layers: bool, floors: dict[str, TowerShape] | None = None) -> dict[str, TowerPlan]:
+def budget_plans(
+    gates: dict[str, TowerGates],
+    count: callable,
+    budget: dict[str, float],
+    joint: bool,
+    allow_empty_layers: bool,
+    floors: dict[str, TowerShape] | None = None,
+) -> dict[str, TowerPlan]:
     """The plans with the most units that fit the budget: per tower, or for both towers together.
 
     `count(tower, plan) -> params` counts a plan exactly. A global log-alpha threshold is bisected, then the
@@ -168,22 +183,36 @@ def budget_plans(gates: dict[str, TowerGates], count: "callable", budget: dict[s
     out: dict[str, TowerPlan] = {}
     for towers in groups:
         limit = sum(budget[t] for t in towers)
-        scores = torch.cat([torch.cat([units[t].hidden[units[t].hidden.isfinite()], *units[t].heads, *units[t].mlp])
-                            for t in towers]).sort(descending=True).values
-        total = lambda tau: sum(count(t, plan_at(units[t], tau, allow_empty_layers, floor[t]))  # noqa: E731
-                                for t in towers)
+        scores = (
+            torch.cat(
+                [
+                    torch.cat([units[t].hidden[units[t].hidden.isfinite()], *units[t].heads, *units[t].mlp])
+                    for t in towers
+                ]
+            )
+            .sort(descending=True)
+            .values
+        )
+        total = lambda tau, towers=towers: sum(
+            count(t, plan_at(units[t], tau, allow_empty_layers, floor[t])) for t in towers
+        )
         smallest = sum(count(t, plan_at(units[t], math.inf, allow_empty_layers, floor[t])) for t in towers)
         if smallest > limit:
-            with_layers = sum(count(t, drop_empty_layers(plan_at(units[t], math.inf, True, floor[t])))
-                              for t in towers)
-            how = ("enable prune.layers: true (whole attention/MLP sub-layers may go) or raise the target"
-                   if not allow_empty_layers and with_layers <= limit else "raise the target")
+            with_layers = sum(count(t, drop_empty_layers(plan_at(units[t], math.inf, True, floor[t]))) for t in towers)
+            how = (
+                "enable prune.layers: true (whole attention/MLP sub-layers may go) or raise the target"
+                if not allow_empty_layers and with_layers <= limit
+                else "raise the target"
+            )
             if floors:
-                how = ("raise this stage's target: it must keep the shape the next stage inherits "
-                       "(compress/chain.py), or lower that stage's target")
+                how = (
+                    "raise this stage's target: it must keep the shape the next stage inherits "
+                    "(compress/chain.py), or lower that stage's target"
+                )
             raise UserError(
                 f"the pruning target for {' + '.join(towers)} ({limit:,.0f} parameters) is below the smallest "
-                f"student it can produce ({smallest:,} parameters): it would remove every head of a layer; {how}")
+                f"student it can produce ({smallest:,} parameters): it would remove every head of a layer; {how}"
+            )
         lo, hi = 0, len(scores) - 1  # find the smallest index (lowest tau) that still fits
         best = math.inf
         while lo <= hi:
@@ -203,11 +232,12 @@ def _floor(shape: TowerShape, need: TowerShape | None) -> Floor:
     base = min(shape.width, shape.head_dim)
     if need is None:
         return Floor(hidden=base)
-    return Floor(hidden=max(base, min(shape.width, need.width)), heads=max(need.heads, default=0),
-                 mlp=max(need.mlp, default=0))
+    return Floor(
+        hidden=max(base, min(shape.width, need.width)), heads=max(need.heads, default=0), mlp=max(need.mlp, default=0)
+    )
 
 
-def _greedy_fill(plans: dict[str, TowerPlan], units: dict[str, _Units], count: "callable", limit: float) -> None:
+def _greedy_fill(plans: dict[str, TowerPlan], units: dict[str, _Units], count: callable, limit: float) -> None:
     """Add the best remaining heads and neurons (fine-grained units) while they fit the budget; a
     sub-layer the threshold removed stays removed."""
     cands = []
@@ -246,8 +276,15 @@ def masks_for_plan(plan: TowerPlan, shape: TowerShape, device: torch.device | st
         h[heads] = 1
         m = torch.zeros(shape.mlp[li], device=device)
         m[mlp] = 1
-        blocks.append(BlockMasks(hidden, h, m, torch.tensor(1.0 if heads else 0.0, device=device),
-                                 torch.tensor(1.0 if mlp else 0.0, device=device)))
+        blocks.append(
+            BlockMasks(
+                hidden,
+                h,
+                m,
+                torch.tensor(1.0 if heads else 0.0, device=device),
+                torch.tensor(1.0 if mlp else 0.0, device=device),
+            )
+        )
     return TowerMasks(hidden, blocks)
 
 
@@ -271,7 +308,7 @@ def drop_closed_channels(plan: TowerPlan, gates: TowerGates, min_hidden: int = 1
     open_ = [c for c in plan.hidden if z[c] > 0]
     closed = sorted((c for c in plan.hidden if z[c] <= 0), key=lambda c: -float(la[c]))
     need = max(1, min(min_hidden, len(plan.hidden))) - len(open_)
-    return TowerPlan(plan.layers, sorted(open_ + closed[:max(0, need)]), plan.heads, plan.mlp)
+    return TowerPlan(plan.layers, sorted(open_ + closed[: max(0, need)]), plan.heads, plan.mlp)
 
 
 @torch.no_grad()
@@ -285,6 +322,9 @@ def deterministic_masks(plan: TowerPlan, gates: TowerGates) -> TowerMasks:
     for i, b in enumerate(m.blocks):
         attn = b.attn_gate * gates.attn_layer[i].deterministic()[0] if gates.attn_layer is not None else b.attn_gate
         mlp = b.mlp_gate * gates.mlp_layer[i].deterministic()[0] if gates.mlp_layer is not None else b.mlp_gate
-        blocks.append(BlockMasks(hidden, b.heads * gates.heads[i].deterministic(),
-                                 b.mlp * gates.mlp[i].deterministic(), attn, mlp))
+        blocks.append(
+            BlockMasks(
+                hidden, b.heads * gates.heads[i].deterministic(), b.mlp * gates.mlp[i].deterministic(), attn, mlp
+            )
+        )
     return TowerMasks(hidden, blocks)

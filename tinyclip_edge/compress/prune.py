@@ -117,10 +117,16 @@ class PruneTask(StageTask):
     def optimizers(self, cfg: Any, device: torch.device) -> list[torch.optim.Optimizer]:
         opts = super().optimizers(cfg, device)
         masks = [p for g in self.gates.values() for p in g.parameters()]
-        opts.append(torch.optim.Adam([{"params": masks, "base_lr": self.cfg.mask_lr, "constant_lr": True}],
-                                     lr=self.cfg.mask_lr))
-        opts.append(torch.optim.Adam([{"params": [self.lambdas], "base_lr": self.cfg.lambda_lr, "constant_lr": True}],
-                                     lr=self.cfg.lambda_lr, maximize=True))
+        opts.append(
+            torch.optim.Adam([{"params": masks, "base_lr": self.cfg.mask_lr, "constant_lr": True}], lr=self.cfg.mask_lr)
+        )
+        opts.append(
+            torch.optim.Adam(
+                [{"params": [self.lambdas], "base_lr": self.cfg.lambda_lr, "constant_lr": True}],
+                lr=self.cfg.lambda_lr,
+                maximize=True,
+            )
+        )
         return opts
 
     # ---------------------------------------------------------------- materialise
@@ -135,10 +141,11 @@ class PruneTask(StageTask):
         gates = dict(self.gates.items())
         floor = ClipShape.from_dict(self.cfg.floor) if self.cfg.floor else None
         floors = {t: floor.tower(t) for t in gates} if floor is not None else None
-        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers,
-                             floors)
-        plans = {t: drop_closed_channels(p, gates[t], hidden_floor(gates[t].shape, (floors or {}).get(t)))
-                 for t, p in plans.items()}
+        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers, floors)
+        plans = {
+            t: drop_closed_channels(p, gates[t], hidden_floor(gates[t].shape, (floors or {}).get(t)))
+            for t, p in plans.items()
+        }
         full = {t: full_tower_plan(shape.tower(t)) for t in TOWERS}  # ungated towers contain any floor
         return KeepPlan(plans.get("image", full["image"]), plans.get("text", full["text"]))
 
@@ -155,10 +162,15 @@ class PruneTask(StageTask):
     def checkpoint_meta(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {**super().checkpoint_meta(), "prune": asdict(self.cfg), "budget": self.budget,
-                "mask_steps": self.mask_steps, "seed": self.seed}
+        return {
+            **super().checkpoint_meta(),
+            "prune": asdict(self.cfg),
+            "budget": self.budget,
+            "mask_steps": self.mask_steps,
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> "PruneTask":
+    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> PruneTask:
         model = ClipModel(ClipShape.from_dict(meta["shape"]))
         return cls(model, PruneCfg(**meta["prune"]), meta["budget"], meta["mask_steps"], meta["seed"])

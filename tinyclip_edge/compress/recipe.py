@@ -33,16 +33,26 @@ from ..models.shape import ClipShape
 # field's comment as well); common/typed.py checks them when the recipe is loaded, and each dataclass's
 # validate_fields adds the rules that involve several fields. Nothing here is re-checked later.
 
-RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]      # a fraction of parameters, in (0, 1)
-TowerRatios = dict[Literal["image", "text"], RATIO | None]          # {image: r, text: r}; null keeps a tower
+RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a fraction of parameters, in (0, 1)
+TowerRatios = dict[Literal["image", "text"], RATIO | None]  # {image: r, text: r}; null keeps a tower
 POSITIVE_INT = Annotated[int, Range(1, None)]
 # A stage name becomes a directory of the run (and a checkpoint directory), so it is a plain name: letters,
 # digits, '-' and '_', starting with a letter, digit or '_' (never '.', '..', a path or an option-like '-x').
-STAGE_NAME = Annotated[str, Pattern(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}",
-                                    "a plain name of up to 64 letters, digits, '-' and '_', not starting with '-'")]
+STAGE_NAME = Annotated[
+    str,
+    Pattern(
+        r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}",
+        "a plain name of up to 64 letters, digits, '-' and '_', not starting with '-'",
+    ),
+]
 # The recipe name is the default run directory's last part (runs/<name>): never a path, '.' or '..'.
-RECIPE_NAME = Annotated[str, Pattern(r"[^/\\.\x00-\x1f][^/\\\x00-\x1f]{0,99}",
-                                     "a name of up to 100 characters without '/' or '\\', not starting with '.'")]
+RECIPE_NAME = Annotated[
+    str,
+    Pattern(
+        r"[^/\\.\x00-\x1f][^/\\\x00-\x1f]{0,99}",
+        "a name of up to 100 characters without '/' or '\\', not starting with '.'",
+    ),
+]
 # Names the run directory uses itself (compress/runner.py's layout, cli/pipeline.py's export/ and bench/);
 # compared case-insensitively, since macOS and Windows file systems are. `<name>.masks` (the prune stage's
 # mask-learning half) cannot clash: '.' is not allowed in a stage name.
@@ -62,14 +72,18 @@ def _check_data(spec: str | None, path: str) -> None:
 
 @dataclass
 class DataCfg:
-    train: str = "scenes:train"       # scenes:train | pairs.csv | captions.json
-    val: str = "scenes:val"           # used by evaluation
-    calib: str | None = None          # images for activation importance; default: train
+    train: str = "scenes:train"  # scenes:train | pairs.csv | captions.json
+    val: str = "scenes:val"  # used by evaluation
+    calib: str | None = None  # images for activation importance; default: train
     csv_image_key: Annotated[str, Pattern(r".+", "a column name")] = "filepath"
     csv_caption_key: Annotated[str, Pattern(r".+", "a column name")] = "title"
-    csv_separator: Annotated[str, Pattern(r".", "one character")] | None = None  # default: tab for .tsv, comma otherwise
-    image_root: str | None = None     # image paths are relative to this (default: the list file's folder)
-    workers: Annotated[int, Range(0, 256)] | None = None  # data-loading processes, in [0, 256]; default 0 on CPU, 6 on CUDA
+    csv_separator: Annotated[str, Pattern(r".", "one character")] | None = (
+        None  # default: tab for .tsv, comma otherwise
+    )
+    image_root: str | None = None  # image paths are relative to this (default: the list file's folder)
+    workers: Annotated[int, Range(0, 256)] | None = (
+        None  # data-loading processes, in [0, 256]; default 0 on CPU, 6 on CUDA
+    )
     # where uint8 pixels become normalised floats: auto = device on CUDA (a quarter of the bytes to copy, no
     # float work in the loaders), host on CPU; both give identical model inputs (data/arrays.py)
     normalize_on: Literal["auto", "host", "device"] = "auto"
@@ -87,16 +101,20 @@ class DataCfg:
 class PruneCfg:
     """Automatic inheritance: learnable hard-concrete masks (method: prune)."""
 
-    target: RATIO | TowerRatios | None = None   # fraction of parameters to keep, in (0, 1); default: the stage's
-    mask_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.05     # mask (log-alpha) learning rate, > 0
-    lambda_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.1    # Lagrange multipliers' learning rate, > 0
-    warmup: Annotated[float, Range(0, 1)] = 0.5       # fraction of mask-learning steps over which the target ramps in, in [0, 1]
-    mask_steps: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.7  # fraction of the stage spent learning masks, in (0, 1)
-    layers: bool = False                 # also gate whole attention / MLP sub-layers
-    hidden: bool = True                  # prune residual (hidden) channels
-    joint: bool = False                  # one sparsity target for both towers instead of one per tower
-    floor: dict | None = None            # a shape the materialised student must contain; the runner sets it
-                                         # from the next planned stage (compress/chain.py); rarely set by hand
+    target: RATIO | TowerRatios | None = None  # fraction of parameters to keep, in (0, 1); default: the stage's
+    mask_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.05  # mask (log-alpha) learning rate, > 0
+    lambda_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.1  # Lagrange multipliers' learning rate, > 0
+    warmup: Annotated[float, Range(0, 1)] = (
+        0.5  # fraction of mask-learning steps over which the target ramps in, in [0, 1]
+    )
+    mask_steps: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = (
+        0.7  # fraction of the stage spent learning masks, in (0, 1)
+    )
+    layers: bool = False  # also gate whole attention / MLP sub-layers
+    hidden: bool = True  # prune residual (hidden) channels
+    joint: bool = False  # one sparsity target for both towers instead of one per tower
+    floor: dict | None = None  # a shape the materialised student must contain; the runner sets it
+    # from the next planned stage (compress/chain.py); rarely set by hand
 
     def validate_fields(self, path: str) -> None:
         if self.floor is not None:
@@ -107,28 +125,34 @@ class PruneCfg:
 
 @dataclass
 class StageCfg:
-    name: STAGE_NAME | None = None       # a plain name (see STAGE_NAME), unique in the recipe; default stage-N
-    method: str = "inherit"              # a stage method of compress/methods (inherit: manual inheritance | prune:
-                                         # learned masks | scratch: random init | dclip-meta: DCLIP's meta teacher)
-    target: RATIO | TowerRatios | None = 0.5  # fraction of the *original teacher's* parameters, in (0, 1), or {image: r, text: r}
-    shape: str | dict | None = None      # explicit shape: a preset name, {image: {layers, heads, mlp, width}, text: ...} or a full shape
+    name: STAGE_NAME | None = None  # a plain name (see STAGE_NAME), unique in the recipe; default stage-N
+    method: str = "inherit"  # a stage method of compress/methods (inherit: manual inheritance | prune:
+    # learned masks | scratch: random init | dclip-meta: DCLIP's meta teacher)
+    target: RATIO | TowerRatios | None = (
+        0.5  # fraction of the *original teacher's* parameters, in (0, 1), or {image: r, text: r}
+    )
+    shape: str | dict | None = (
+        None  # explicit shape: a preset name, {image: {layers, heads, mlp, width}, text: ...} or a full shape
+    )
     shape_policy: Literal["balanced", "width", "depth"] = "balanced"
     layer_selection: Literal["even", "importance"] = "even"
     importance: Literal["magnitude", "activation"] = "magnitude"  # see compress/importance.py
     calib_batches: Annotated[int, Range(1, 10_000)] = 4  # batches for activation importance, in [1, 10000]
     teacher: Literal["original", "previous", "none"] = "original"
-    steps: POSITIVE_INT = 1000           # optimiser steps, >= 1
-    batch_size: POSITIVE_INT = 128       # samples per optimiser step, all processes together (split into grad_accum
-                                         # micro-batches, each split over the torchrun processes), >= 1
-    grad_accum: POSITIVE_INT = 1         # micro-batches per step, >= 1, dividing batch_size
-    lr: Annotated[float, Range(0, None, lo_open=True)] = 5e-4        # peak learning rate, > 0
-    min_lr: Annotated[float, Range(0, None)] = 0.0                   # cosine floor, in [0, lr]
-    warmup: Annotated[float, Range(0, None)] = 0.05  # a fraction of the steps in [0, 1), or a whole number of steps < steps
-    weight_decay: Annotated[float, Range(0, None)] = 0.1             # AdamW decoupled weight decay, >= 0
+    steps: POSITIVE_INT = 1000  # optimiser steps, >= 1
+    batch_size: POSITIVE_INT = 128  # samples per optimiser step, all processes together (split into grad_accum
+    # micro-batches, each split over the torchrun processes), >= 1
+    grad_accum: POSITIVE_INT = 1  # micro-batches per step, >= 1, dividing batch_size
+    lr: Annotated[float, Range(0, None, lo_open=True)] = 5e-4  # peak learning rate, > 0
+    min_lr: Annotated[float, Range(0, None)] = 0.0  # cosine floor, in [0, lr]
+    warmup: Annotated[float, Range(0, None)] = (
+        0.05  # a fraction of the steps in [0, 1), or a whole number of steps < steps
+    )
+    weight_decay: Annotated[float, Range(0, None)] = 0.1  # AdamW decoupled weight decay, >= 0
     grad_clip: Annotated[float, Range(0, None, lo_open=True)] | None = 1.0  # max gradient norm, > 0; null: no clipping
     losses: dict = field(default_factory=lambda: {"affinity": 1.0})  # name: weight (>= 0) or {weight: w, options}
     checkpoint_every: POSITIVE_INT = 200  # steps between checkpoints, >= 1
-    log_every: POSITIVE_INT = 10          # steps between metric rows, >= 1
+    log_every: POSITIVE_INT = 10  # steps between metric rows, >= 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # torch.compile the student's step and the teacher's forward (compress/compiled.py). auto: on CUDA only. Off by
     # default: fused kernels change results within float rounding and the first steps pay the compile time
@@ -136,22 +160,28 @@ class StageCfg:
     # torch.compile mode; reduce-overhead also captures CUDA graphs (fewer kernel launches on small batches)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     prune: PruneCfg = field(default_factory=PruneCfg)
-    teacher_cache: str | None = None     # read the teacher's embeddings from `data cache-teacher` output (shards only)
+    teacher_cache: str | None = None  # read the teacher's embeddings from `data cache-teacher` output (shards only)
 
     def validate_fields(self, path: str) -> None:
         from .methods.registry import METHODS  # late: methods import this module
 
         if self.method not in METHODS:
             names = list(METHODS)
-            raise UserError(f"recipe key '{_at(path, 'method')}' must be one of {', '.join(names)}, got "
-                            f"{self.method!r}{closest(str(self.method), names)}")
+            raise UserError(
+                f"recipe key '{_at(path, 'method')}' must be one of {', '.join(names)}, got "
+                f"{self.method!r}{closest(str(self.method), names)}"
+            )
         METHODS[self.method].check(self)
         if self.batch_size % self.grad_accum:
-            raise UserError(f"{_at(path, 'batch_size')} {self.batch_size} is not divisible by "
-                            f"{_at(path, 'grad_accum')} {self.grad_accum}")
+            raise UserError(
+                f"{_at(path, 'batch_size')} {self.batch_size} is not divisible by "
+                f"{_at(path, 'grad_accum')} {self.grad_accum}"
+            )
         if self.warmup >= 1 and (not float(self.warmup).is_integer() or self.warmup >= self.steps):
-            raise UserError(f"{_at(path, 'warmup')} must be a fraction of the steps in [0, 1) or a whole number of "
-                            f"steps below {_at(path, 'steps')} ({self.steps}), got {self.warmup:g}")
+            raise UserError(
+                f"{_at(path, 'warmup')} must be a fraction of the steps in [0, 1) or a whole number of "
+                f"steps below {_at(path, 'steps')} ({self.steps}), got {self.warmup:g}"
+            )
         if self.min_lr > self.lr:
             raise UserError(f"{_at(path, 'min_lr')} {self.min_lr:g} is above {_at(path, 'lr')} {self.lr:g}")
         bad = [k for k in self.losses if not isinstance(k, str) or not k.isprintable()]
@@ -161,12 +191,16 @@ class StageCfg:
             specs = parse_losses(self.losses)
         except UserError as e:  # the registry's messages start with "losses..." or "loss ..."
             msg = str(e)
-            raise UserError(f"{path}.{msg}" if path and msg.startswith("losses.") else f"{_at(path, 'losses')}: {msg}") from None
+            raise UserError(
+                f"{path}.{msg}" if path and msg.startswith("losses.") else f"{_at(path, 'losses')}: {msg}"
+            ) from None
         if self.teacher == "none":
             needs = [s.name for s in specs if s.name not in TEACHER_FREE_LOSSES]
             if needs:
-                raise UserError(f"{path or 'stage'}: teacher: none allows only the {', '.join(TEACHER_FREE_LOSSES)} "
-                                f"loss, not {', '.join(needs)}")
+                raise UserError(
+                    f"{path or 'stage'}: teacher: none allows only the {', '.join(TEACHER_FREE_LOSSES)} "
+                    f"loss, not {', '.join(needs)}"
+                )
         if self.shape is not None:
             check_shape(self.shape, _at(path, "shape"))
 
@@ -176,8 +210,9 @@ def check_shape(shape: Any, path: str) -> None:
     per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
     if isinstance(shape, str):
         if shape not in PRESETS:
-            raise UserError(f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; "
-                            f"presets: {', '.join(PRESETS)}")
+            raise UserError(
+                f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; presets: {', '.join(PRESETS)}"
+            )
         return
     if "embed_dim" in shape:
         try:
@@ -187,26 +222,31 @@ def check_shape(shape: Any, path: str) -> None:
         return
     for tower, spec in shape.items():
         if tower not in ("image", "text"):
-            raise UserError(f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
-                            f"name ({', '.join(PRESETS)})")
+            raise UserError(
+                f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
+                f"name ({', '.join(PRESETS)})"
+            )
         if spec is None:
             continue
         if not isinstance(spec, dict):
             raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
         for key, value in spec.items():
             if key not in ("layers", "heads", "mlp", "width"):
-                raise UserError(f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
-                                "allowed: layers, heads, mlp, width")
-            lo = 0 if key in ("heads", "mlp") else 1   # a layer may drop its attention or MLP entirely
+                raise UserError(
+                    f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
+                    "allowed: layers, heads, mlp, width"
+                )
+            lo = 0 if key in ("heads", "mlp") else 1  # a layer may drop its attention or MLP entirely
             tp = Annotated[int, Range(lo, 1_000_000)]
-            typed.check_value(value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}",
-                              "recipe key")
+            typed.check_value(
+                value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}", "recipe key"
+            )
 
 
 @dataclass
 class EvalCfg:
-    data: str | None = "scenes:val"      # None: skip evaluation
-    batch_size: POSITIVE_INT = 256       # >= 1
+    data: str | None = "scenes:val"  # None: skip evaluation
+    batch_size: POSITIVE_INT = 256  # >= 1
     max_pairs: POSITIVE_INT | None = None  # >= 1; null: all pairs
 
     def validate_fields(self, path: str) -> None:
@@ -215,7 +255,7 @@ class EvalCfg:
 
 @dataclass
 class BaselinesCfg:
-    scratch: bool = False                # also train every stage's shape from scratch, same steps, to compare
+    scratch: bool = False  # also train every stage's shape from scratch, same steps, to compare
     scratch_loss: Literal[TEACHER_FREE_LOSSES] = "clip"  # a loss that needs no teacher
 
 
@@ -226,19 +266,24 @@ class ExportCfg(ExportOptions):
     An ``ExportOptions`` (the options of ``tinyclip-edge export``, same names, types and ranges) plus what only
     the pipeline decides: which models, which precisions, and the parity check after each export."""
 
-    calib_count: Annotated[int, Range(1, None)] = 256  # calibration images, >= 1 (fewer than the CLI: a run exports many)
-    precisions: list[ExportPrecision] = field(default_factory=lambda: ["fp32", "int8-dynamic"])  # fp32 fp16 int8 int8-dynamic
+    calib_count: Annotated[int, Range(1, None)] = (
+        256  # calibration images, >= 1 (fewer than the CLI: a run exports many)
+    )
+    precisions: list[ExportPrecision] = field(
+        default_factory=lambda: ["fp32", "int8-dynamic"]
+    )  # fp32 fp16 int8 int8-dynamic
     models: Literal["all", "students", "last"] = "all"  # all (teacher + stages) | students | last
     parity: bool = True
-    parity_data: str | None = None       # default: eval.data
-    parity_count: POSITIVE_INT = 256     # pairs read for parity, >= 1
+    parity_data: str | None = None  # default: eval.data
+    parity_count: POSITIVE_INT = 256  # pairs read for parity, >= 1
     on_parity_failure: Literal["error", "warn"] = "error"  # error (non-zero exit) | warn (report it, go on)
 
     def validate_fields(self, path: str) -> None:
         super().validate_fields(path)
         if not self.precisions or len(set(self.precisions)) != len(self.precisions):
-            raise UserError(f"{_at(path, 'precisions')} must list one or more distinct precisions, "
-                            f"got {self.precisions}")
+            raise UserError(
+                f"{_at(path, 'precisions')} must list one or more distinct precisions, got {self.precisions}"
+            )
         for key in ("calib", "parity_data"):
             _check_data(getattr(self, key), _at(path, key))
 
@@ -250,54 +295,58 @@ class BenchCfg(BenchOptions):
     A ``BenchOptions`` (the options of ``tinyclip-edge bench``) plus which exported precisions to time."""
 
     batches: list[Annotated[int, Range(1, MAX_BATCH)]] = field(default_factory=lambda: [1, 8])  # batch sizes
-    warmup: Annotated[int, Range(0, None)] = 3   # untimed calls first, >= 0
+    warmup: Annotated[int, Range(0, None)] = 3  # untimed calls first, >= 0
     precisions: list[ExportPrecision] | None = None  # which exported precisions to time; default all
 
     def validate_fields(self, path: str) -> None:
         super().validate_fields(path)
         if self.backend not in (None, "onnxrt"):
-            raise UserError(f"{_at(path, 'backend')}: the pipeline times ONNX bundles; use onnxrt or leave it "
-                            f"unset, not {self.backend}")
+            raise UserError(
+                f"{_at(path, 'backend')}: the pipeline times ONNX bundles; use onnxrt or leave it "
+                f"unset, not {self.backend}"
+            )
 
 
 @dataclass
 class DistributedCfg:
     """Only read under torchrun (several processes); see README "Many GPUs"."""
 
-    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on CUDA, gloo on CPU
-    timeout_s: Annotated[float, Range(1, None)] = 1800.0   # seconds, >= 1: a process that stops answering stops the others
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: Annotated[float, Range(1, None)] = (
+        1800.0  # seconds, >= 1: a process that stops answering stops the others
+    )
 
 
 @dataclass
 class DclipCfg:
     """DCLIP's region-aware meta teacher (method: dclip-meta) and the regions every stage's batches carry."""
 
-    regions: str = "boxes"               # boxes (dataset boxes: scenes, dclip.instances) | grid | yolo | a .jsonl
-    detector: str | None = None          # YOLO detection weights for regions: yolo (ultralytics, extra `detect`)
-    instances: str | None = None         # COCO instances JSON for regions: boxes on COCO data
+    regions: str = "boxes"  # boxes (dataset boxes: scenes, dclip.instances) | grid | yolo | a .jsonl
+    detector: str | None = None  # YOLO detection weights for regions: yolo (ultralytics, extra `detect`)
+    instances: str | None = None  # COCO instances JSON for regions: boxes on COCO data
     confidence: Annotated[float, Range(0, 1)] = 0.25  # YOLO confidence threshold, in [0, 1]
-    max_regions: POSITIVE_INT = 6        # region crops per image, >= 1 (the whole image comes on top)
-    max_spans: POSITIVE_INT = 6          # caption spans per caption, >= 1 (the whole caption comes on top)
-    heads: POSITIVE_INT = 8              # attention heads of the cross-attention block (a divisor of the width)
+    max_regions: POSITIVE_INT = 6  # region crops per image, >= 1 (the whole image comes on top)
+    max_spans: POSITIVE_INT = 6  # caption spans per caption, >= 1 (the whole caption comes on top)
+    heads: POSITIVE_INT = 8  # attention heads of the cross-attention block (a divisor of the width)
     pool_temperature: Annotated[float, Range(0, None, lo_open=True)] = 2.0  # pooling: softmax(cos(x_i, mean) / T)
 
 
 @dataclass
 class Recipe:
-    name: RECIPE_NAME = "run"            # also the default run directory: runs/<name>
+    name: RECIPE_NAME = "run"  # also the default run directory: runs/<name>
     description: str = ""
-    teacher: str = ""                    # open_clip name[:tag|:file], hf-hub:..., a model dir, or builtin:NAME
-    run_dir: str | None = None           # default: runs/<name>
+    teacher: str = ""  # open_clip name[:tag|:file], hf-hub:..., a model dir, or builtin:NAME
+    run_dir: str | None = None  # default: runs/<name>
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # in [0, 2^32 - 1]
-    device: DEVICE = "auto"              # auto | cpu | cuda | cuda:N (checked to exist here)
+    device: DEVICE = "auto"  # auto | cpu | cuda | cuda:N (checked to exist here)
     data: DataCfg = field(default_factory=DataCfg)
     stages: list[StageCfg] = field(default_factory=list)
     eval: EvalCfg = field(default_factory=EvalCfg)
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
-    export: ExportCfg | None = None      # optional: export + parity after compressing (`tinyclip-edge run`)
-    bench: BenchCfg | None = None        # optional: benchmark the exports (`tinyclip-edge run`)
+    export: ExportCfg | None = None  # optional: export + parity after compressing (`tinyclip-edge run`)
+    bench: BenchCfg | None = None  # optional: benchmark the exports (`tinyclip-edge run`)
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
-    dclip: DclipCfg | None = None        # optional: regions + meta-teacher settings (method: dclip-meta)
+    dclip: DclipCfg | None = None  # optional: regions + meta-teacher settings (method: dclip-meta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,19 +360,25 @@ class Recipe:
         for i, st in enumerate(self.stages):
             st.name = st.name or f"stage-{i + 1}"
             if st.name.lower() in RESERVED_STAGE_NAMES:
-                raise UserError(f"stages.{i}.name '{st.name}' is reserved: the run directory uses "
-                                f"{', '.join(RESERVED_STAGE_NAMES)} itself; pick another name")
+                raise UserError(
+                    f"stages.{i}.name '{st.name}' is reserved: the run directory uses "
+                    f"{', '.join(RESERVED_STAGE_NAMES)} itself; pick another name"
+                )
             if st.name.lower() in seen:
-                raise UserError(f"stages.{i}.name '{st.name}' is already the name of stages.{seen[st.name.lower()]} "
-                                "(names are directories of the run: they must differ, also in letter case)")
+                raise UserError(
+                    f"stages.{i}.name '{st.name}' is already the name of stages.{seen[st.name.lower()]} "
+                    "(names are directories of the run: they must differ, also in letter case)"
+                )
             seen[st.name.lower()] = i
         if self.bench is not None:
             if self.export is None:
                 raise UserError("a bench: section needs an export: section (it times the exported bundles)")
             missing = [p for p in self.bench.precisions or () if p not in self.export.precisions]
             if missing:
-                raise UserError(f"bench.precisions {missing} are not exported; add them to export.precisions "
-                                f"({', '.join(self.export.precisions)})")
+                raise UserError(
+                    f"bench.precisions {missing} are not exported; add them to export.precisions "
+                    f"({', '.join(self.export.precisions)})"
+                )
         require_device(self.device, "device")
 
 
@@ -352,10 +407,12 @@ def _read_yaml(spec: str) -> tuple[dict[str, Any], str]:
         if "/" in spec and not path.exists() and not res.is_file():
             raise UserError(f"recipe file not found: {spec}")
         if not res.is_file():
-            raise UserError(f"recipe not found: '{spec}' is neither a file nor a packaged recipe"
-                            f"{closest(name, packaged_recipes())}; packaged: {', '.join(packaged_recipes())}")
+            raise UserError(
+                f"recipe not found: '{spec}' is neither a file nor a packaged recipe"
+                f"{closest(name, packaged_recipes())}; packaged: {', '.join(packaged_recipes())}"
+            )
         text, where = res.read_text(encoding="utf-8"), f"packaged recipe '{name}'"
-    data = load_yaml(text, where) or {}   # safe, and a key given twice is an error (common/yamlfile.py)
+    data = load_yaml(text, where) or {}  # safe, and a key given twice is an error (common/yamlfile.py)
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a YAML mapping at the top level")
     return data, where

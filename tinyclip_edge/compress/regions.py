@@ -23,9 +23,11 @@ def region_source(src: PairSource, cfg: DclipCfg, run_dir: Path) -> RegionSource
         if cfg.instances:
             return _lookup(src, read_coco_instances(cfg.instances), cfg, f"COCO instances {cfg.instances}")
         if not isinstance(src, ScenesSource):
-            raise UserError(f"dclip.regions=boxes needs boxes in the dataset: {src.name} has none; give COCO "
-                            "instances (dclip.instances=instances.json), detect them (dclip.regions=yolo "
-                            "dclip.detector=yolo11n.pt), or use dclip.regions=grid")
+            raise UserError(
+                f"dclip.regions=boxes needs boxes in the dataset: {src.name} has none; give COCO "
+                "instances (dclip.instances=instances.json), detect them (dclip.regions=yolo "
+                "dclip.detector=yolo11n.pt), or use dclip.regions=grid"
+            )
         return RegionSource(src, "boxes", max_regions=cfg.max_regions)
     if mode == "yolo":
         if not cfg.detector:

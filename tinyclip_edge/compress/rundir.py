@@ -58,10 +58,19 @@ MARKER_FORMAT = "tinyclip-edge/run-dir"
 
 # what each reserved name holds, for the error message when a stage name collides with one
 RESERVED = {
-    RECIPE_FILE: "the resolved recipe", STATE_FILE: "the run state", METRICS_FILE: "the training metrics",
-    TEACHER_DIR: "the teacher copy", CHECKPOINTS_DIR: "the checkpoints", BASELINES_DIR: "the scratch baselines",
-    EXPORT_DIR: "the exported bundles", BENCH_DIR: "the latency results", REPORT_JSON: "the report",
-    REPORT_MD: "the report", REGIONS_FILE: "the detected regions (dclip.regions=yolo)", MARKER_FILE: "the run marker", LOCK_FILE: "the run lock",
+    RECIPE_FILE: "the resolved recipe",
+    STATE_FILE: "the run state",
+    METRICS_FILE: "the training metrics",
+    TEACHER_DIR: "the teacher copy",
+    CHECKPOINTS_DIR: "the checkpoints",
+    BASELINES_DIR: "the scratch baselines",
+    EXPORT_DIR: "the exported bundles",
+    BENCH_DIR: "the latency results",
+    REPORT_JSON: "the report",
+    REPORT_MD: "the report",
+    REGIONS_FILE: "the detected regions (dclip.regions=yolo)",
+    MARKER_FILE: "the run marker",
+    LOCK_FILE: "the run lock",
 }
 
 # the entries a run writes (the marker and lock are the directory's bookkeeping, not the run's output)
@@ -98,8 +107,10 @@ def check_entry_name(name: Any, what: str = "stage name") -> str:
     elif name.casefold().startswith("report."):
         why = "'report.*' names are reserved for the report"
     if why:
-        raise UserError(f"{what} {name!r} cannot name a directory of the run: {why}; "
-                        "use a plain name such as stage-1 (letters, digits, '-', '_', '.')")
+        raise UserError(
+            f"{what} {name!r} cannot name a directory of the run: {why}; "
+            "use a plain name such as stage-1 (letters, digits, '-', '_', '.')"
+        )
     return name
 
 
@@ -148,8 +159,10 @@ class RunLayout:
         base = self.root if under is None else self.path(under)
         out = base / name
         if not inside(base, out) or not inside(self.root, out):
-            raise UserError(f"{what} {name!r} resolves to {out.resolve()}, outside the run directory "
-                            f"{self.root}; use a plain name such as stage-1")
+            raise UserError(
+                f"{what} {name!r} resolves to {out.resolve()}, outside the run directory "
+                f"{self.root}; use a plain name such as stage-1"
+            )
         if under is None:
             self.claim(name)
         return out
@@ -176,14 +189,25 @@ class RunLayout:
         if not path.is_file():
             return None
         data = read_json(path, "run marker")
-        if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("entries"), list):
-            raise UserError(f"{path} is not a tinyclip-edge run marker; it was changed by hand — restore or remove "
-                            "it (without it, tinyclip-edge never deletes anything in this directory)")
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != MARKER_FORMAT
+            or not isinstance(data.get("entries"), list)
+        ):
+            raise UserError(
+                f"{path} is not a tinyclip-edge run marker; it was changed by hand — restore or remove "
+                "it (without it, tinyclip-edge never deletes anything in this directory)"
+            )
         return data
 
     def create_marker(self) -> dict[str, Any]:
-        data = {"format": MARKER_FORMAT, "version": 1, "run_id": uuid.uuid4().hex,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "entries": []}
+        data = {
+            "format": MARKER_FORMAT,
+            "version": 1,
+            "run_id": uuid.uuid4().hex,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "entries": [],
+        }
         if is_rank_zero():
             atomic_write_json(self.root / MARKER_FILE, data)
         self._claimed = set()
@@ -218,9 +242,11 @@ class RunLayout:
         m = self.marker()
         if m is None:
             if (self.root / STATE_FILE).exists():
-                raise UserError(f"{self.root} holds a run but no {MARKER_FILE} listing what tinyclip-edge wrote "
-                                "there (it predates markers, or the marker was removed), so nothing was deleted; "
-                                "delete the directory yourself or choose another --run-dir")
+                raise UserError(
+                    f"{self.root} holds a run but no {MARKER_FILE} listing what tinyclip-edge wrote "
+                    "there (it predates markers, or the marker was removed), so nothing was deleted; "
+                    "delete the directory yourself or choose another --run-dir"
+                )
             return []
         removed = []
         for name in m["entries"]:
@@ -302,11 +328,15 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     except BlockingIOError:
         holder = _read_info(fd)
         os.close(fd)
-        raise UserError(f"run directory {root} is in use by {_describe(holder)}; wait for it to finish or stop it, "
-                        "or use another run_dir") from None
+        raise UserError(
+            f"run directory {root} is in use by {_describe(holder)}; wait for it to finish or stop it, "
+            "or use another run_dir"
+        ) from None
     previous = _read_info(fd)
     if previous:
-        log.warning("took over the lock of %s on %s: that process ended without releasing it", _describe(previous), root)
+        log.warning(
+            "took over the lock of %s on %s: that process ended without releasing it", _describe(previous), root
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_lock_info()).encode(), 0)
     os.fsync(fd)
@@ -350,8 +380,9 @@ def _show(v: Any) -> str:
     return "(absent)" if v is _ABSENT else json.dumps(v, default=str)
 
 
-def recipe_differences(old: dict[str, Any], new: dict[str, Any],
-                       may_differ: tuple[str, ...] = RESUME_MAY_DIFFER) -> list[str]:
+def recipe_differences(
+    old: dict[str, Any], new: dict[str, Any], may_differ: tuple[str, ...] = RESUME_MAY_DIFFER
+) -> list[str]:
     """'dotted.key: old → new' for every recipe value that differs, except the keys in `may_differ`
     (in the recipe's order)."""
     a, b = _flatten(old), _flatten(new)

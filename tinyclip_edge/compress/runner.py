@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -32,11 +33,11 @@ from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
+from ..models.resolve import resolve_model
 from .chain import plan_chain
 from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
 from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
-from ..models.resolve import resolve_model
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
@@ -82,12 +83,13 @@ def planned_stages(stages: list[StageCfg], teacher: ClipShape) -> list[StageCfg]
 def _scenes_package(recipe: Recipe) -> ClipPackage:
     """Reference package for teacher-less runs: the scenes tokenizer and preprocessing."""
     if not recipe.data.train.startswith("scenes:"):
-        raise UserError("a recipe without a teacher trains from scratch on the built-in scenes data only; "
-                        "set teacher: to an open_clip model or a model directory")
+        raise UserError(
+            "a recipe without a teacher trains from scratch on the built-in scenes data only; "
+            "set teacher: to an open_clip model or a model directory"
+        )
     st = recipe.stages[0]
     if not isinstance(st.shape, str):
-        raise UserError("a recipe without a teacher needs stages.0.shape: <preset> "
-                        f"({', '.join(PRESETS)})")
+        raise UserError(f"a recipe without a teacher needs stages.0.shape: <preset> ({', '.join(PRESETS)})")
     shape = preset_shape(st.shape)
     pre = Preprocess.from_dict(scenes_data.preprocess_config(shape.vision.image_size))
     tok = scenes_data.tokenizer_config(shape.text.context_length)
@@ -99,9 +101,11 @@ def check_world_split(recipe: Recipe) -> None:
     world = dist.world_size()
     for st in recipe.stages:
         if st.batch_size % (st.grad_accum * world):
-            raise UserError(f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
-                            f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
-                            f"{st.grad_accum * world}")
+            raise UserError(
+                f"stage {st.name}: batch_size {st.batch_size} (the global batch) does not split evenly "
+                f"into grad_accum {st.grad_accum} x {world} processes; use a multiple of "
+                f"{st.grad_accum * world}"
+            )
 
 
 def run_entries(recipe: Recipe) -> list[str]:
@@ -119,8 +123,10 @@ def run_entries(recipe: Recipe) -> list[str]:
     seen: dict[str, str] = {}
     for n in names:
         if n.casefold() in seen:
-            raise UserError(f"stage name '{n}' is used twice (as '{seen[n.casefold()]}' and '{n}'; prune stages also "
-                            "write <name>.masks); give every stage its own name")
+            raise UserError(
+                f"stage name '{n}' is used twice (as '{seen[n.casefold()]}' and '{n}'; prune stages also "
+                "write <name>.masks); give every stage its own name"
+            )
         seen[n.casefold()] = n
     if recipe.baselines.scratch:
         for st in recipe.stages:
@@ -146,12 +152,15 @@ class Run:
         state_file = self.dir / RUN_STATE
         old = read_json(state_file, "run state") if state_file.is_file() else None
         if resume and old is None:
-            raise UserError(f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
-                            f"`tinyclip-edge compress RECIPE run_dir={self.dir}`")
+            raise UserError(
+                f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
+                f"`tinyclip-edge compress RECIPE run_dir={self.dir}`"
+            )
         started = bool(old and old.get("stages"))
         if started and not resume:
-            raise UserError(f"{self.dir} already holds a run; continue it with --resume {self.dir} "
-                            "or pick another run_dir=...")
+            raise UserError(
+                f"{self.dir} already holds a run; continue it with --resume {self.dir} or pick another run_dir=..."
+            )
         self.device = dist.local_device(resolve_device(recipe.device))
         if started:
             self._check_same_recipe()
@@ -162,8 +171,10 @@ class Run:
             elif self.layout.marker() is None:
                 foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
                 if foreign:
-                    raise UserError(f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
-                                    "write there and a run would overwrite; choose an empty or new run_dir")
+                    raise UserError(
+                        f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
+                        "write there and a run would overwrite; choose an empty or new run_dir"
+                    )
             # the teacher copy is kept only if it came from the same teacher spec (see teacher())
             self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
         baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
@@ -190,9 +201,11 @@ class Run:
         diff = recipe_differences(old, self.recipe.to_dict())
         if diff:
             more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
-            raise UserError(f"{self.dir} holds a run made by a different recipe; resuming would mix two experiments: "
-                            f"{'; '.join(diff[:6])}{more}. Resume with the saved recipe (`tinyclip-edge compress "
-                            f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh")
+            raise UserError(
+                f"{self.dir} holds a run made by a different recipe; resuming would mix two experiments: "
+                f"{'; '.join(diff[:6])}{more}. Resume with the saved recipe (`tinyclip-edge compress "
+                f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh"
+            )
 
     def _save_state(self) -> None:
         if dist.is_main():
@@ -219,17 +232,35 @@ class Run:
         self.state["teacher"] = spec
         return load_model_dir(tdir)
 
-    def batches(self, ref: ClipPackage, spec: str, batch_size: int, seed: int,
-                cache: TeacherCache | None = None, *, train: bool = False, workers: int = 0) -> TrainBatches:
+    def batches(
+        self,
+        ref: ClipPackage,
+        spec: str,
+        batch_size: int,
+        seed: int,
+        cache: TeacherCache | None = None,
+        *,
+        train: bool = False,
+        workers: int = 0,
+    ) -> TrainBatches:
         d = self.recipe.data
         if is_shard_spec(spec) and train and d.prerender:
-            raise UserError("data.prerender reads a CSV/COCO/scenes source into memory; shards stream instead: "
-                            "drop data.prerender (or set it to null) for shard data")
+            raise UserError(
+                "data.prerender reads a CSV/COCO/scenes source into memory; shards stream instead: "
+                "drop data.prerender (or set it to null) for shard data"
+            )
         if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
-            return ShardBatches(spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(),
-                                dist.world_size(), cache=cache)
-        src = open_source(spec, image_size=ref.preprocess.image_size, csv_image_key=d.csv_image_key,
-                          csv_caption_key=d.csv_caption_key, csv_separator=d.csv_separator, image_root=d.image_root)
+            return ShardBatches(
+                spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size(), cache=cache
+            )
+        src = open_source(
+            spec,
+            image_size=ref.preprocess.image_size,
+            csv_image_key=d.csv_image_key,
+            csv_caption_key=d.csv_caption_key,
+            csv_separator=d.csv_separator,
+            image_root=d.image_root,
+        )
         check_readable(src)
         check_readable(src)
         if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
@@ -238,13 +269,33 @@ class Run:
             src = region_source(src, self.recipe.dclip, self.dir)
         if train and d.prerender:  # uint8 arrays rendered once, held on the training device (data/arrays.py)
             if self.recipe.dclip is not None:
-                raise UserError("data.prerender keeps pixels and captions only, but DCLIP needs each pair's regions; "
-                                "drop data.prerender for a recipe with dclip:")
-            return PrerenderedBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, size=d.prerender,
-                                      device=self.device, workers=workers, rank=dist.rank(), world=dist.world_size())
+                raise UserError(
+                    "data.prerender keeps pixels and captions only, but DCLIP needs each pair's regions; "
+                    "drop data.prerender for a recipe with dclip:"
+                )
+            return PrerenderedBatches(
+                src,
+                ref.preprocess,
+                ref.tokenizer(),
+                batch_size,
+                seed,
+                size=d.prerender,
+                device=self.device,
+                workers=workers,
+                rank=dist.rank(),
+                world=dist.world_size(),
+            )
         on_device = d.normalize_on == "device" or (d.normalize_on == "auto" and self.device.type == "cuda")
-        return TrainBatches(src, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size(),
-                            uint8=train and on_device)
+        return TrainBatches(
+            src,
+            ref.preprocess,
+            ref.tokenizer(),
+            batch_size,
+            seed,
+            dist.rank(),
+            dist.world_size(),
+            uint8=train and on_device,
+        )
 
     def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
         """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
@@ -253,8 +304,10 @@ class Run:
         from .teacher_cache import teacher_hash
 
         if not is_shard_spec(self.recipe.data.train):
-            raise UserError(f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
-                            f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}")
+            raise UserError(
+                f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
+                f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}"
+            )
         if teacher is None:
             raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
         cache = TeacherCache.open(st.teacher_cache)
@@ -262,8 +315,15 @@ class Run:
         cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
         return cache
 
-    def run_stage(self, st: StageCfg, index: int, out_dir: Path, source: ClipPackage, teacher: ClipPackage | None,
-                  original: ClipPackage) -> ClipPackage:
+    def run_stage(
+        self,
+        st: StageCfg,
+        index: int,
+        out_dir: Path,
+        source: ClipPackage,
+        teacher: ClipPackage | None,
+        original: ClipPackage,
+    ) -> ClipPackage:
         """Walk the phases of the stage's method (``compress/methods``): resume after the last phase whose
         output is saved, or inside a train phase from its checkpoint; save the student in `out_dir`."""
         method = get_method(st.method, st.name)
@@ -273,8 +333,9 @@ class Run:
         phases = method.phases(st)
         seed = self.recipe.seed + index
         micro = st.batch_size // st.grad_accum
-        ctx = StageContext(st, index, source, original, teacher, seed, lambda: self._calib(source, st, micro),
-                           self.recipe)
+        ctx = StageContext(
+            st, index, source, original, teacher, seed, lambda: self._calib(source, st, micro), self.recipe
+        )
         pkg, carry, start = source, Carry(source.model), 0
         done = {"steps": 0, "samples": 0, "skipped_images": 0}  # what saved phases trained already
         for i, ph in enumerate(phases):  # resume after the last phase whose model directory is saved
@@ -292,13 +353,22 @@ class Run:
             resume, start = (opt_state, tstate), nxt
             written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
             if dist.is_main():
-                log.warning("%s: resuming from step %d (%d global samples; phase %s)", sub.name, tstate.step,
-                            tstate.samples, phases[nxt].name)
+                log.warning(
+                    "%s: resuming from step %d (%d global samples; phase %s)",
+                    sub.name,
+                    tstate.step,
+                    tstate.samples,
+                    phases[nxt].name,
+                )
                 if written_by != dist.world_size():
-                    log.warning("%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
-                                "global batch and the data position counts global samples, so training continues "
-                                "from the same place (CSV/COCO/scenes data: with the very same batches)",
-                                sub.name, written_by, dist.world_size())
+                    log.warning(
+                        "%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                        "global batch and the data position counts global samples, so training continues "
+                        "from the same place (CSV/COCO/scenes data: with the very same batches)",
+                        sub.name,
+                        written_by,
+                        dist.world_size(),
+                    )
         totals = dict(done)
         for i, ph in enumerate(phases[start:], start):
             if ph.build is not None:
@@ -308,18 +378,38 @@ class Run:
                 sub = ph.train(st)
                 if carry.task is None:
                     carry.task = ph.task(ctx, carry)
-                workers = self.recipe.data.workers if self.recipe.data.workers is not None else (
-                    6 if self.device.type == "cuda" else 0)
+                workers = (
+                    self.recipe.data.workers
+                    if self.recipe.data.workers is not None
+                    else (6 if self.device.type == "cuda" else 0)
+                )
                 cache = self.teacher_cache(st, teacher, source)
-                batches = self.batches(source, self.recipe.data.train, micro, self.recipe.seed + 7 * index, cache,
-                                       train=True, workers=workers)
+                batches = self.batches(
+                    source,
+                    self.recipe.data.train,
+                    micro,
+                    self.recipe.seed + 7 * index,
+                    cache,
+                    train=True,
+                    workers=workers,
+                )
                 # marked only once the data opened: a run that failed before training can be started over
                 self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
                 self._save_state()
-                tstate = train_stage(carry.task, teacher.model if teacher and cache is None else None, batches, sub,
-                                     parse_losses(sub.losses), device=self.device, ckpt_dir=self._ckpt(sub),
-                                     metrics_path=self.layout.metrics, label=sub.name, resume=resume,
-                                     workers=workers, on_step=self.on_step)
+                tstate = train_stage(
+                    carry.task,
+                    teacher.model if teacher and cache is None else None,
+                    batches,
+                    sub,
+                    parse_losses(sub.losses),
+                    device=self.device,
+                    ckpt_dir=self._ckpt(sub),
+                    metrics_path=self.layout.metrics,
+                    label=sub.name,
+                    resume=resume,
+                    workers=workers,
+                    on_step=self.on_step,
+                )
                 resume = None
                 totals["steps"] += tstate.step
                 totals["samples"] += tstate.samples
@@ -332,8 +422,14 @@ class Run:
             if name is None:
                 continue
             path = out_dir if last else self.layout.stage(name)
-            prov = {"teacher": self.recipe.teacher or None, "recipe": self.recipe.name, "stage": name,
-                    "method": st.method, **totals, **(method.provenance(st) if last else {})}
+            prov = {
+                "teacher": self.recipe.teacher or None,
+                "recipe": self.recipe.name,
+                "stage": name,
+                "method": st.method,
+                **totals,
+                **(method.provenance(st) if last else {}),
+            }
             out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
             self.state["stages"][name] = "done"
 
@@ -355,8 +451,9 @@ class Run:
         n = get_method(st.method).calib_batches(st)
         if not n:
             return []
-        cb = self.batches(source, self.recipe.data.calib or self.recipe.data.train, min(64, micro),
-                          self.recipe.seed + 1_000_003)
+        cb = self.batches(
+            source, self.recipe.data.calib or self.recipe.data.train, min(64, micro), self.recipe.seed + 1_000_003
+        )
         cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
         return [cb[i] for i in range(n)]
 
@@ -392,19 +489,30 @@ class Run:
             if st.method == "scratch":
                 continue
             shape = load_model_dir(sdir).shape.to_dict()
-            bl = replace(st, name=f"scratch-{st.name}", method="scratch", shape=shape, teacher="none",
-                         losses={self.recipe.baselines.scratch_loss: 1.0}, steps=total)
+            bl = replace(
+                st,
+                name=f"scratch-{st.name}",
+                method="scratch",
+                shape=shape,
+                teacher="none",
+                losses={self.recipe.baselines.scratch_loss: 1.0},
+                steps=total,
+            )
             path = self.layout.baseline(bl.name)
             self.run_stage(bl, 100 + i, path, reference, None, reference)
             out[st.name] = path
         return out
 
 
-def run_compress(recipe: Recipe, *, resume: bool = False,
-                 on_step: Callable[[TrainState], None] | None = None) -> RunResult:
+def run_compress(
+    recipe: Recipe, *, resume: bool = False, on_step: Callable[[TrainState], None] | None = None
+) -> RunResult:
     """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
     hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
-    with dist.session(recipe.distributed.backend, resolve_device(recipe.device).type,
-                      recipe.distributed.timeout_s, hint), run_lock(recipe.run_dir):
+    with (
+        dist.session(
+            recipe.distributed.backend, resolve_device(recipe.device).type, recipe.distributed.timeout_s, hint
+        ),
+        run_lock(recipe.run_dir),
+    ):
         return Run(recipe, resume, on_step).execute()
-

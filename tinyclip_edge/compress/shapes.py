@@ -29,8 +29,9 @@ def check_ratio(ratio: Any, what: str = "target") -> float:
     try:
         r = float(ratio)
     except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number between 0 and 1 (a fraction of the teacher's parameters), "
-                        f"got {ratio!r}") from None
+        raise UserError(
+            f"{what} must be a number between 0 and 1 (a fraction of the teacher's parameters), got {ratio!r}"
+        ) from None
     if not 0.0 < r < 1.0:
         raise UserError(f"{what} must be between 0 and 1 exclusive (a fraction of the teacher's parameters), got {r}")
     return r
@@ -55,8 +56,13 @@ def _candidate(ts: TowerShape, layers: int, heads: int, mlp: int) -> TowerShape:
     return replace(ts, width=heads * ts.head_dim, heads=[heads] * layers, mlp=[mlp] * layers)
 
 
-def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "balanced",
-                    within: tuple[TowerShape, TowerShape] | None = None) -> TowerShape:
+def shape_for_tower(
+    shape: ClipShape,
+    tower: str,
+    ratio: float,
+    policy: str = "balanced",
+    within: tuple[TowerShape, TowerShape] | None = None,
+) -> TowerShape:
     """The uniform tower shape that best uses `ratio` of the tower's parameters under `policy`.
 
     `within` = (upper, lower) restricts layers, heads and MLP width to lie between two shapes (the chain
@@ -67,7 +73,7 @@ def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "b
     ts = shape.tower(tower)
     full = _tower_params(shape, tower, ts)
     budget = ratio * full
-    layers0, heads0, mlp0 = ts.layers, max(ts.heads), max(ts.mlp)
+    layers0, mlp0 = ts.layers, max(ts.mlp)
     width0 = ts.width
     up, lo = within or (ts, None)
     l_hi, h_hi, m_hi = up.layers, max(up.heads), max(up.mlp)
@@ -94,8 +100,10 @@ def shape_for_tower(shape: ClipShape, tower: str, ratio: float, policy: str = "b
             cands.append((cand, _tower_params(shape, tower, cand) / budget, cost))
     if not cands:
         other = "" if policy == "balanced" else " or use shape_policy: balanced"
-        raise UserError(f"no {tower} student fits {ratio:.1%} of the teacher's {tower} parameters "
-                        f"({full:,}) with shape_policy '{policy}'; raise the target{other}")
+        raise UserError(
+            f"no {tower} student fits {ratio:.1%} of the teacher's {tower} parameters "
+            f"({full:,}) with shape_policy '{policy}'; raise the target{other}"
+        )
     # Use (nearly) the whole budget, keep MLPs at least half as wide as the stream, then balance.
     roomy = [c for c in cands if c[0].mlp[0] >= MIN_MLP_RATIO * c[0].width] or cands
     best_fill = max(c[1] for c in roomy)
@@ -144,5 +152,7 @@ def check_fits(teacher: ClipShape, student: ClipShape) -> None:
         if s.head_dim != t.head_dim:
             problems.append(f"head_dim {s.head_dim} != {t.head_dim}")
         if problems:
-            raise UserError(f"the {tower} student is larger than its teacher ({'; '.join(problems)}); "
-                            "a student inherits a subset of the teacher's weights, so shrink the shape or the target")
+            raise UserError(
+                f"the {tower} student is larger than its teacher ({'; '.join(problems)}); "
+                "a student inherits a subset of the teacher's weights, so shrink the shape or the target"
+            )

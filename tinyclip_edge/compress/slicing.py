@@ -18,14 +18,15 @@ from ..models.shape import TOWERS, ClipShape, TowerShape
 
 @dataclass
 class TowerPlan:
-    layers: list[int]          # source layer of each student layer
-    hidden: list[int]          # kept residual channels, ascending
-    heads: list[list[int]]     # per student layer: kept source heads, ascending
-    mlp: list[list[int]]       # per student layer: kept source MLP neurons, ascending
+    layers: list[int]  # source layer of each student layer
+    hidden: list[int]  # kept residual channels, ascending
+    heads: list[list[int]]  # per student layer: kept source heads, ascending
+    mlp: list[list[int]]  # per student layer: kept source MLP neurons, ascending
 
     def shape(self, source: TowerShape) -> TowerShape:
-        return replace(source, width=len(self.hidden), heads=[len(h) for h in self.heads],
-                       mlp=[len(m) for m in self.mlp])
+        return replace(
+            source, width=len(self.hidden), heads=[len(h) for h in self.heads], mlp=[len(m) for m in self.mlp]
+        )
 
 
 @dataclass
@@ -45,8 +46,9 @@ class KeepPlan:
 
 def full_tower_plan(s: TowerShape) -> TowerPlan:
     """The plan that keeps every unit of a tower."""
-    return TowerPlan(list(range(s.layers)), list(range(s.width)),
-                     [list(range(h)) for h in s.heads], [list(range(m)) for m in s.mlp])
+    return TowerPlan(
+        list(range(s.layers)), list(range(s.width)), [list(range(h)) for h in s.heads], [list(range(m)) for m in s.mlp]
+    )
 
 
 def full_plan(shape: ClipShape) -> KeepPlan:

@@ -11,7 +11,8 @@ learnable scales and width projection train, checkpoint and resume with the task
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from ..losses.objective import Objective
 from ..models.clip import ClipModel
 from ..models.shape import ClipShape
 
-TASKS: dict[str, type["StageTask"]] = {}
+TASKS: dict[str, type[StageTask]] = {}
 
 
 def register_task(name: str) -> Callable[[type], type]:
@@ -28,6 +29,7 @@ def register_task(name: str) -> Callable[[type], type]:
         cls.kind = name
         TASKS[name] = cls
         return cls
+
     return deco
 
 
@@ -54,14 +56,16 @@ class StageTask(nn.Module):
         < grad_accum) of optimiser step `step`; randomness (mask noise) must be a pure function of both."""
         return self.model(images, ids)
 
-    def encode_batch(self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int,
-                     micro: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_batch(
+        self, batch: dict[str, Any], images: Tensor, ids: Tensor, step: int, micro: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Like ``encode``, for tasks that also read the batch (captions, regions: DCLIP's meta teacher,
         ``wants_batch = True``)."""
         return self.encode(images, ids, step, micro)
 
-    def forward(self, images: Tensor, ids: Tensor, step: int, micro: int = 0,
-                batch: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, Tensor, dict]:
+    def forward(
+        self, images: Tensor, ids: Tensor, step: int, micro: int = 0, batch: dict[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, dict]:
         """encode() plus extra_losses(): everything with parameters runs inside forward, which is what
         DistributedDataParallel watches (a parameter used outside forward breaks its gradient sync)."""
         img, txt, scale = self.encode_batch(batch or {}, images, ids, step, micro)
@@ -71,8 +75,10 @@ class StageTask(nn.Module):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if _no_decay(name, p) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-                  {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+            {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+        ]
         if self.objective is not None:
             groups += self.objective.param_groups(cfg.lr, cfg.weight_decay)
         fused = device.type == "cuda"
@@ -107,7 +113,7 @@ class StageTask(nn.Module):
         return meta
 
     @classmethod
-    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> "StageTask":
+    def from_checkpoint(cls, meta: dict[str, Any], cfg: Any) -> StageTask:
         return cls(ClipModel(ClipShape.from_dict(meta["shape"])))
 
 

@@ -37,28 +37,49 @@ def teacher_hash(model: ClipModel) -> str:
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher: ClipPackage, teacher_spec: str, shards: str, out: str | Path, *,
-                        aug_seed: int | None = None, batch_size: int = 256, device: str = "cpu",
-                        progress: bool = True) -> dict[str, Any]:
+def build_teacher_cache(
+    teacher: ClipPackage,
+    teacher_spec: str,
+    shards: str,
+    out: str | Path,
+    *,
+    aug_seed: int | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     import webdataset as wds
     from tqdm.auto import tqdm
 
     urls, bad = check_shards(expand_shards(shards))
     if bad:
-        raise UserError(f"a teacher cache must cover every shard, but {len(bad)} cannot be read (e.g. {bad[0]}); "
-                        "fix or rebuild them first")
+        raise UserError(
+            f"a teacher cache must cover every shard, but {len(bad)} cannot be read (e.g. {bad[0]}); "
+            "fix or rebuild them first"
+        )
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; remove it or choose another --out")
     model = teacher.model.to(device).eval()
     tok, pre = teacher.tokenizer(), teacher.preprocess
-    meta = {"format": CACHE_FORMAT, "version": 1, "teacher": teacher_spec, "teacher_hash": teacher_hash(teacher.model),
-            "data_hash": data_hash(urls), "aug_seed": aug_seed, "embed_dim": teacher.shape.embed_dim,
-            "logit_scale": float(model.logit_scale.exp()), "preprocess": pre.to_dict(),
-            "tokenizer": teacher.tokenizer_cfg, "shards": [Path(u).name for u in urls], "samples": 0}
+    meta = {
+        "format": CACHE_FORMAT,
+        "version": 1,
+        "teacher": teacher_spec,
+        "teacher_hash": teacher_hash(teacher.model),
+        "data_hash": data_hash(urls),
+        "aug_seed": aug_seed,
+        "embed_dim": teacher.shape.embed_dim,
+        "logit_scale": float(model.logit_scale.exp()),
+        "preprocess": pre.to_dict(),
+        "tokenizer": teacher.tokenizer_cfg,
+        "shards": [Path(u).name for u in urls],
+        "samples": 0,
+    }
     with atomic_path(out) as tmp:
         tmp.mkdir()
         bar = tqdm(desc="cache-teacher", unit="pair", disable=not progress, mininterval=0.5)
+
         def embed(pending: list[tuple[np.ndarray, str]], img_rows: list, txt_rows: list) -> None:
             if not pending:
                 return
@@ -85,8 +106,10 @@ def build_teacher_cache(teacher: ClipPackage, teacher_spec: str, shards: str, ou
                     embed(pending, img_rows, txt_rows)
             embed(pending, img_rows, txt_rows)
             dim = meta["embed_dim"]
-            tensors = {"image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
-                       "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim)}
+            tensors = {
+                "image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
+                "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim),
+            }
             save_file(tensors, str(tmp / f"{Path(url).stem}.safetensors"), metadata={"keys": json.dumps(keys)})
             meta["samples"] += len(keys)
         bar.close()

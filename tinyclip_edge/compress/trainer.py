@@ -18,10 +18,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Self
+from typing import Any, Self
 
 import torch
 from safetensors.torch import load_file
@@ -124,14 +125,21 @@ def optimizer_state_dicts(tensors: dict[str, torch.Tensor], layout: dict[str, An
     """The inverse of `optimizer_tensors`: state dicts ready for `Optimizer.load_state_dict`."""
     out = []
     for opt in layout["optimizers"]:
-        state = {int(pid): {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entries.items()}
-                 for pid, entries in opt["state"].items()}
+        state = {
+            int(pid): {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entries.items()}
+            for pid, entries in opt["state"].items()
+        }
         out.append({"state": state, "param_groups": opt["param_groups"]})
     return out
 
 
-def save_checkpoint(path: Path, task: StageTask, optimizers: list[torch.optim.Optimizer], state: TrainState,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    task: StageTask,
+    optimizers: list[torch.optim.Optimizer],
+    state: TrainState,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Atomic (a directory renamed into place), pickle-free, with the file modes the user's umask gives."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items()}
     opt_tensors, opt_layout = optimizer_tensors(optimizers)
@@ -140,9 +148,17 @@ def save_checkpoint(path: Path, task: StageTask, optimizers: list[torch.optim.Op
         save_safetensors(tensors, tmp / CKPT_TENSORS)
         save_safetensors(opt_tensors, tmp / CKPT_OPT, metadata={"layout": json.dumps(opt_layout)})
         # samples: GLOBAL samples (all processes); world_size: how many processes wrote it (resume may differ)
-        atomic_write_json(tmp / CKPT_META, {**task.checkpoint_meta(), "step": state.step, "samples": state.samples,
-                                            "skipped": state.skipped, "world_size": dist.world_size(),
-                                            **(extra or {})})
+        atomic_write_json(
+            tmp / CKPT_META,
+            {
+                **task.checkpoint_meta(),
+                "step": state.step,
+                "samples": state.samples,
+                "skipped": state.skipped,
+                "world_size": dist.world_size(),
+                **(extra or {}),
+            },
+        )
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
@@ -157,8 +173,10 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
     if kind not in TASKS:
         raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
     if not (path / CKPT_OPT).exists() and (path / LEGACY_CKPT_OPT).exists():
-        raise UserError(f"checkpoint {path} was written by an older tinyclip-edge ({LEGACY_CKPT_OPT}, a pickle, which "
-                        "is never loaded); delete that checkpoint directory to restart the stage")
+        raise UserError(
+            f"checkpoint {path} was written by an older tinyclip-edge ({LEGACY_CKPT_OPT}, a pickle, which "
+            "is never loaded); delete that checkpoint directory to restart the stage"
+        )
     task = TASKS[kind].from_checkpoint(meta, cfg)
     if "objective" in meta:  # the losses' learned scales / projection: their tensors are in the checkpoint
         task.objective = Objective.from_config(meta["objective"])
@@ -191,10 +209,14 @@ def teacher_embed_dim(teacher: torch.nn.Module | None) -> int | None:
 
 def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
     meta = read_checkpoint_meta(ckpt_dir)
-    kept = ("no checkpoint had been written yet" if meta is None
-            else f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}")
-    return Diverged(f"{label}: {what} at step {step}; {kept} — lower the learning rates (lr, prune.lambda_lr) "
-                    "and resume")
+    kept = (
+        "no checkpoint had been written yet"
+        if meta is None
+        else f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}"
+    )
+    return Diverged(
+        f"{label}: {what} at step {step}; {kept} — lower the learning rates (lr, prune.lambda_lr) and resume"
+    )
 
 
 def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
@@ -228,8 +250,10 @@ class _StopFlag:
         if self.set:
             raise KeyboardInterrupt
         self.set = True
-        log.warning("%s received: checkpointing at the end of this step (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: checkpointing at the end of this step (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def __exit__(self, *_: object) -> None:
         for sig, old in self._old.items():
@@ -246,17 +270,27 @@ def gather_outputs(out: DistillOutputs) -> DistillOutputs:
     if dist.world_size() == 1:
         return out
     n = out.student_image.shape[0]
-    names = [k for k in ("student_image", "student_text", "teacher_image", "teacher_text") if getattr(out, k) is not None]
+    names = [
+        k for k in ("student_image", "student_text", "teacher_image", "teacher_text") if getattr(out, k) is not None
+    ]
     extra = [k for k, v in out.extra.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n]
     rows = dist.gather_rows([getattr(out, k) for k in names] + [out.extra[k] for k in extra])
-    return replace(out, **dict(zip(names, rows)), extra={**out.extra, **dict(zip(extra, rows[len(names):]))})
+    return replace(out, **dict(zip(names, rows)), extra={**out.extra, **dict(zip(extra, rows[len(names) :]))})
 
 
-def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[LossSpec], images: torch.Tensor,
-              ids: torch.Tensor, step: int, amp: Any,
-              cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              micro: int = 0, objective: Objective | None = None,
-              batch: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def step_loss(
+    net: torch.nn.Module,
+    teacher: ClipModel | None,
+    losses: list[LossSpec],
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    step: int,
+    amp: Any,
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    micro: int = 0,
+    objective: Objective | None = None,
+    batch: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and its named terms (for the log).
 
     Distributed, the embeddings of all ranks are gathered ONCE here (``gather_outputs``) before the loss
@@ -271,8 +305,9 @@ def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[Loss
     `batch`: the whole batch, for tasks and teachers that read captions and regions (DCLIP's meta teacher).
     """
     with amp:
-        s_img, s_txt, s_scale, extra = net(images, ids, step, micro, batch) if batch is not None else net(
-            images, ids, step, micro)
+        s_img, s_txt, s_scale, extra = (
+            net(images, ids, step, micro, batch) if batch is not None else net(images, ids, step, micro)
+        )
         out = DistillOutputs(s_img.float(), s_txt.float(), s_scale.float())
         if cached is not None:
             out.teacher_image, out.teacher_text, out.teacher_logit_scale = (c.float() for c in cached)
@@ -280,27 +315,44 @@ def step_loss(net: torch.nn.Module, teacher: ClipModel | None, losses: list[Loss
             # inference_mode: no autograd bookkeeping at all for the frozen teacher; its outputs are copied out
             # of it because the losses save them for the student's backward
             with torch.inference_mode():
-                t_img, t_txt, t_scale = (teacher.forward_batch(batch or {}, images, ids)  # DCLIP's meta teacher
-                                         if hasattr(teacher, "forward_batch") else teacher(images, ids))
+                t_img, t_txt, t_scale = (
+                    teacher.forward_batch(batch or {}, images, ids)  # DCLIP's meta teacher
+                    if hasattr(teacher, "forward_batch")
+                    else teacher(images, ids)
+                )
             out.teacher_image, out.teacher_text, out.teacher_logit_scale = (
-                t.to(torch.float32, copy=True) for t in (t_img, t_txt, t_scale))
+                t.to(torch.float32, copy=True) for t in (t_img, t_txt, t_scale)
+            )
     gathered = gather_outputs(out)
     loss, part = objective(gathered) if objective is not None else combine(losses, gathered)
     if dist.world_size() > 1:
         # DDP needs a gradient for every parameter each step: a zero-weight term for outputs a loss may ignore
         loss = loss + 0.0 * (s_scale.float() + s_img.float().sum() + s_txt.float().sum())
         if objective is not None:  # the objective's extras: every rank computes the same global loss for them
-            loss = loss + 0.0 * sum((p.float().sum() for p in objective.parameters()), torch.zeros((), device=loss.device))
+            loss = loss + 0.0 * sum(
+                (p.float().sum() for p in objective.parameters()), torch.zeros((), device=loss.device)
+            )
     for k, v in extra.items():
         loss = loss + v
         part[k] = float(v.detach())
     return loss, part
 
 
-def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatches, cfg: StageCfg,
-                losses: list[LossSpec], *, device: torch.device, ckpt_dir: Path, metrics_path: Path, label: str,
-                resume: tuple[dict[str, Any], TrainState] | None = None, workers: int = 0,
-                on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+def train_stage(
+    task: StageTask,
+    teacher: ClipModel | None,
+    batches: TrainBatches,
+    cfg: StageCfg,
+    losses: list[LossSpec],
+    *,
+    device: torch.device,
+    ckpt_dir: Path,
+    metrics_path: Path,
+    label: str,
+    resume: tuple[dict[str, Any], TrainState] | None = None,
+    workers: int = 0,
+    on_step: Callable[[TrainState], None] | None = None,
+) -> TrainState:
     if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
         t_dim = teacher_embed_dim(teacher)
         task.objective = Objective(losses, task.shape.embed_dim, t_dim)
@@ -322,8 +374,16 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
     loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers, pin_memory=device.type == "cuda")
     net, teacher_fwd = step_functions(net, task, teacher, cfg, device, label)  # eager, or torch.compile'd
     # in a log file (CI, nohup) a bar redrawn every step would bury everything else
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=label, unit="step", dynamic_ncols=True, leave=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not main)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state.step,
+        desc=label,
+        unit="step",
+        dynamic_ncols=True,
+        leave=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+        disable=not main,
+    )
     t0, samples0 = time.perf_counter(), state.samples
     with _StopFlag() as stop, open(metrics_path if main else os.devnull, "a", encoding="utf-8") as mlog:
         while state.step < cfg.steps:
@@ -339,22 +399,41 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 n, skipped = dist.all_sum(len(batch["images"]), batch["skipped"])
                 state.skipped += skipped
                 if batch["skipped"]:
-                    log.warning("skipped %d unreadable image(s) (e.g. %s); %d so far",
-                                batch["skipped"], batch["skip_examples"][0], state.skipped)
+                    log.warning(
+                        "skipped %d unreadable image(s) (e.g. %s); %d so far",
+                        batch["skipped"],
+                        batch["skip_examples"][0],
+                        state.skipped,
+                    )
                 if n < 2:  # a contrastive batch needs at least two pairs
                     continue
                 # uint8 batches are normalised here, on the device; any Dataset of float batches works too
                 images = to_device_images(batch["images"], getattr(batches, "preprocess", None), device)
                 ids = batch["ids"].to(device, non_blocking=True)
                 last = micro == accum - 1  # DDP all-reduces the accumulated gradients in the last backward only
-                with (dist.no_sync(net) if not last else nullcontext()):
-                    cached = (tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
-                              if "teacher_image" in batch else None)
-                    loss, part = step_loss(net, teacher_fwd, losses, images, ids, step, amp, cached, micro, task.objective,
-                                            batch if task.wants_batch else None)
+                with dist.no_sync(net) if not last else nullcontext():
+                    cached = (
+                        tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
+                        if "teacher_image" in batch
+                        else None
+                    )
+                    loss, part = step_loss(
+                        net,
+                        teacher_fwd,
+                        losses,
+                        images,
+                        ids,
+                        step,
+                        amp,
+                        cached,
+                        micro,
+                        task.objective,
+                        batch if task.wants_batch else None,
+                    )
                     if not torch.isfinite(loss):
-                        raise _diverged(label, task.check_finite() or f"the loss became {float(loss.detach())}",
-                                        step, ckpt_dir)
+                        raise _diverged(
+                            label, task.check_finite() or f"the loss became {float(loss.detach())}", step, ckpt_dir
+                        )
                     (loss / accum).backward()
                 synced |= last
                 n_micro += 1
@@ -388,10 +467,16 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
             bar.update(1)
             if main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
                 rate = (state.samples - samples0) / max(1e-9, time.perf_counter() - t0)
-                rec = {"stage": label, "step": state.step, "lr": optimizers[0].param_groups[0]["lr"],
-                       "samples": state.samples, "elapsed_s": round(time.perf_counter() - t0, 3),
-                       "samples_per_s": round(rate, 1), "skipped": state.skipped,
-                       **{k: round(v, 5) for k, v in logs.items()}}
+                rec = {
+                    "stage": label,
+                    "step": state.step,
+                    "lr": optimizers[0].param_groups[0]["lr"],
+                    "samples": state.samples,
+                    "elapsed_s": round(time.perf_counter() - t0, 3),
+                    "samples_per_s": round(rate, 1),
+                    "skipped": state.skipped,
+                    **{k: round(v, 5) for k, v in logs.items()},
+                }
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
                 bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
@@ -403,7 +488,8 @@ def train_stage(task: StageTask, teacher: ClipModel | None, batches: TrainBatche
                 on_step(state)
             if stopping:
                 bar.close()
-                raise Interrupted(f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; "
-                                  "continue with --resume")
+                raise Interrupted(
+                    f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; continue with --resume"
+                )
     bar.close()
     return state

@@ -76,8 +76,9 @@ class _Pool:
 class _Chunks(torch.utils.data.Dataset):
     """Chunk c of the pairs to pre-render, as a uint8 batch (built in loader processes)."""
 
-    def __init__(self, source: PairSource, offset: int, n: int, chunk: int, preprocess: Preprocess,
-                 tokenizer: Tokenizer):
+    def __init__(
+        self, source: PairSource, offset: int, n: int, chunk: int, preprocess: Preprocess, tokenizer: Tokenizer
+    ):
         self.source, self.offset, self.n, self.chunk = source, offset, n, chunk
         self.preprocess, self.tokenizer = preprocess, tokenizer
 
@@ -95,15 +96,28 @@ class PrerenderedBatches(TrainBatches):
 
     in_memory = True
 
-    def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
-                 seed: int = 0, *, size: int, device: torch.device | str = "cpu", workers: int = 0,
-                 chunk: int = 256, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        source: PairSource,
+        preprocess: Preprocess,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        size: int,
+        device: torch.device | str = "cpu",
+        workers: int = 0,
+        chunk: int = 256,
+        rank: int = 0,
+        world: int = 1,
+    ):
         n = min(size, len(source)) if source.finite else size
         # an unlimited source: the same far-away stretch TrainBatches would stream for this seed
         offset = 0 if source.finite else seed * 2**40
         images, ids, captions, skipped = [], [], [], 0
-        loader = torch.utils.data.DataLoader(_Chunks(source, offset, n, chunk, preprocess, tokenizer),
-                                             batch_size=None, num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            _Chunks(source, offset, n, chunk, preprocess, tokenizer), batch_size=None, num_workers=workers
+        )
         for b in loader:
             images.append(b["images"])
             ids.append(b["ids"])
@@ -115,8 +129,16 @@ class PrerenderedBatches(TrainBatches):
             from ..common.errors import UserError
 
             raise UserError(f"data.prerender: no readable pair among the first {n} of {source.name}")
-        super().__init__(_Pool(f"{source.name} (pre-rendered {len(captions)})", len(captions)), preprocess,
-                         tokenizer, batch_size, seed, rank, world, uint8=True)
+        super().__init__(
+            _Pool(f"{source.name} (pre-rendered {len(captions)})", len(captions)),
+            preprocess,
+            tokenizer,
+            batch_size,
+            seed,
+            rank,
+            world,
+            uint8=True,
+        )
         self.device = torch.device(device)
         self.images = torch.cat(images).to(self.device)
         self.ids = torch.cat(ids).to(self.device)
@@ -126,6 +148,11 @@ class PrerenderedBatches(TrainBatches):
     def __getitem__(self, step: int) -> dict[str, Any]:
         idx = self.rank_indices(step)  # under torchrun: this rank's slice of the global batch
         sel = torch.as_tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
-        return {"images": self.images.index_select(0, sel), "ids": self.ids.index_select(0, sel),
-                "captions": [self.captions[i] for i in idx], "keys": [f"{self.source.name}/{i}" for i in idx],
-                "skipped": 0, "skip_examples": []}
+        return {
+            "images": self.images.index_select(0, sel),
+            "ids": self.ids.index_select(0, sel),
+            "captions": [self.captions[i] for i in idx],
+            "keys": [f"{self.source.name}/{i}" for i in idx],
+            "skipped": 0,
+            "skip_examples": [],
+        }

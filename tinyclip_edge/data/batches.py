@@ -27,8 +27,17 @@ from .sources import PairSource
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    def __init__(self, source: PairSource, preprocess: Preprocess, tokenizer: Tokenizer,
-                 batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, uint8: bool = False):
+    def __init__(
+        self,
+        source: PairSource,
+        preprocess: Preprocess,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        uint8: bool = False,
+    ):
         self.source, self.preprocess, self.tokenizer = source, preprocess, tokenizer
         self.batch_size, self.seed, self.uint8 = batch_size, seed, uint8
         self.rank, self.world = rank, world
@@ -56,14 +65,15 @@ class TrainBatches(torch.utils.data.Dataset):
         """This rank's contiguous share of the global batch `step`."""
         idx = self.indices(step)
         share = len(idx) // self.world
-        return idx[self.rank * share:(self.rank + 1) * share]
+        return idx[self.rank * share : (self.rank + 1) * share]
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         return collate(self.source, self.rank_indices(step), self.preprocess, self.tokenizer, self.uint8)
 
 
-def collate(source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer,
-            uint8: bool = False) -> dict[str, Any]:
+def collate(
+    source: PairSource, indices: list[int], preprocess: Preprocess, tokenizer: Tokenizer, uint8: bool = False
+) -> dict[str, Any]:
     """One batch; ``uint8``: images as [B, H, W, 3] uint8 pixels (normalised later, on the device)."""
     images, captions, keys, stats, regions = [], [], [], ReadStats(), []
     for pair in read_pairs(source, indices, stats):
@@ -78,15 +88,22 @@ def collate(source: PairSource, indices: list[int], preprocess: Preprocess, toke
         size = preprocess.image_size
         image_t = torch.zeros(0, size, size, 3, dtype=torch.uint8) if uint8 else torch.zeros(0, 3, size, size)
         ids = torch.zeros(0, tokenizer.context_length, dtype=torch.int64)
-    batch = {"images": image_t, "ids": ids, "captions": captions, "keys": keys,
-             "skipped": stats.skipped, "skip_examples": stats.examples}
+    batch = {
+        "images": image_t,
+        "ids": ids,
+        "captions": captions,
+        "keys": keys,
+        "skipped": stats.skipped,
+        "skip_examples": stats.examples,
+    }
     if any(r is not None for r in regions):
         batch["regions"] = regions
     return batch
 
 
-def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+def batch_loader(
+    batches: TrainBatches, start: int, stop: int, workers: int = 0, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
     """Batches start..stop-1 in order; with workers, built in parallel processes (4 batches ahead per worker).
     ``pin_memory`` (the trainer sets it on CUDA) lets the host-to-device copy run asynchronously.
     Batches already held in memory (``in_memory``: pre-rendered arrays, possibly on the device) are indexed
@@ -96,9 +113,16 @@ def batch_loader(batches: TrainBatches, start: int, stop: int, workers: int = 0,
     elif getattr(batches, "in_memory", False):
         it = (batches[i] for i in range(start, stop))
     else:
-        it = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
-                                              num_workers=workers, prefetch_factor=4 if workers else None,
-                                              pin_memory=pin_memory))
+        it = iter(
+            torch.utils.data.DataLoader(
+                batches,
+                batch_size=None,
+                sampler=range(start, stop),
+                num_workers=workers,
+                prefetch_factor=4 if workers else None,
+                pin_memory=pin_memory,
+            )
+        )
     while True:
         with torch.profiler.record_function("data: next batch"):  # what profiles call waiting for data
             batch = next(it, None)

@@ -74,9 +74,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_shards(spec: str, out: str | os.PathLike, shard_size: int, *, image_size: int = 64,
-                 csv_image_key: str = "filepath", csv_caption_key: str = "title", csv_separator: str | None = None,
-                 image_root: str | None = None, progress: bool = True) -> BuildReport:
+def build_shards(
+    spec: str,
+    out: str | os.PathLike,
+    shard_size: int,
+    *,
+    image_size: int = 64,
+    csv_image_key: str = "filepath",
+    csv_caption_key: str = "title",
+    csv_separator: str | None = None,
+    image_root: str | None = None,
+    progress: bool = True,
+) -> BuildReport:
     import webdataset as wds
     from tqdm.auto import tqdm
 
@@ -85,17 +94,29 @@ def build_shards(spec: str, out: str | os.PathLike, shard_size: int, *, image_si
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; remove it or choose another --out")
-    src = open_source(spec, image_size=image_size, csv_image_key=csv_image_key, csv_caption_key=csv_caption_key,
-                      csv_separator=csv_separator, image_root=image_root)
+    src = open_source(
+        spec,
+        image_size=image_size,
+        csv_image_key=csv_image_key,
+        csv_caption_key=csv_caption_key,
+        csv_separator=csv_separator,
+        image_root=image_root,
+    )
     if len(src) >= UNLIMITED:
         raise UserError(f"'{spec}' is unlimited; give a size, e.g. {spec}:10000")
     report = BuildReport(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        with wds.ShardWriter(str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0,
-                             mtime=0.0) as sink:
-            for i in tqdm(range(len(src)), desc=f"data build {Path(spec).name or spec}", unit="pair",
-                          disable=not progress, mininterval=0.5):
+        with wds.ShardWriter(
+            str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0
+        ) as sink:
+            for i in tqdm(
+                range(len(src)),
+                desc=f"data build {Path(spec).name or spec}",
+                unit="pair",
+                disable=not progress,
+                mininterval=0.5,
+            ):
                 try:
                     data, ext, caption, _key, meta = _sample(src, i)
                 except UnreadableImage as e:
@@ -103,19 +124,37 @@ def build_shards(spec: str, out: str | os.PathLike, shard_size: int, *, image_si
                     if len(report.skip_examples) < 3:
                         report.skip_examples.append(str(e))
                     continue
-                sink.write({"__key__": f"{report.samples:09d}", ext: data, "txt": caption.encode("utf-8"),
-                            "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                sink.write(
+                    {
+                        "__key__": f"{report.samples:09d}",
+                        ext: data,
+                        "txt": caption.encode("utf-8"),
+                        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                    }
+                )
                 report.samples += 1
         if report.samples == 0:
-            raise UserError(f"no readable image in {spec} ({report.skipped} skipped, e.g. "
-                            f"{report.skip_examples[0] if report.skip_examples else 'none listed'}); nothing written")
+            raise UserError(
+                f"no readable image in {spec} ({report.skipped} skipped, e.g. "
+                f"{report.skip_examples[0] if report.skip_examples else 'none listed'}); nothing written"
+            )
         tars = sorted(tmp.glob("*.tar"))
         counts = [min(shard_size, report.samples - k * shard_size) for k in range(len(tars))]
         report.shards = [{"name": t.name, "samples": c, "sha256": _sha256(t)} for t, c in zip(tars, counts)]
         report.data_hash = hashlib.sha256("".join(s["sha256"] for s in report.shards).encode()).hexdigest()
-        atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "version": 1, "source": spec, "samples": report.samples,
-                                           "skipped": report.skipped, "shard_size": shard_size,
-                                           "data_hash": report.data_hash, "shards": report.shards})
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": 1,
+                "source": spec,
+                "samples": report.samples,
+                "skipped": report.skipped,
+                "shard_size": shard_size,
+                "data_hash": report.data_hash,
+                "shards": report.shards,
+            },
+        )
     if report.skipped:
         log.warning("skipped %d unreadable image(s) (e.g. %s)", report.skipped, report.skip_examples[0])
     return report

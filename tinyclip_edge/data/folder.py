@@ -25,8 +25,10 @@ def folder_rows(folder: Path) -> list[tuple[str, str]]:
             continue
         rows.append((str(img.relative_to(folder)), caption))
     if not rows:
-        raise UserError(f"{folder} holds no image with a caption sidecar (e.g. cat.jpg + cat.txt); "
-                        "or pass a CSV/TSV, a COCO captions JSON or shards")
+        raise UserError(
+            f"{folder} holds no image with a caption sidecar (e.g. cat.jpg + cat.txt); "
+            "or pass a CSV/TSV, a COCO captions JSON or shards"
+        )
     if lonely:
         log.warning("%s: %d image(s) without a .txt caption left out", folder, lonely)
     return rows

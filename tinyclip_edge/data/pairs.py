@@ -21,7 +21,7 @@ EXAMPLES_KEPT = 3
 class ReadStats:
     read: int = 0
     skipped: int = 0
-    examples: list[str] = field(default_factory=list)   # why the first few images were skipped
+    examples: list[str] = field(default_factory=list)  # why the first few images were skipped
 
     def skip(self, reason: str) -> None:
         self.skipped += 1
@@ -29,8 +29,14 @@ class ReadStats:
             self.examples.append(reason)
 
 
-def read_pairs(source: PairSource, indices: Iterable[int], stats: ReadStats | None = None, *,
-               progress: bool = False, desc: str = "read") -> Iterator[Pair]:
+def read_pairs(
+    source: PairSource,
+    indices: Iterable[int],
+    stats: ReadStats | None = None,
+    *,
+    progress: bool = False,
+    desc: str = "read",
+) -> Iterator[Pair]:
     """The readable pairs at `indices`, in order; unreadable ones are counted in `stats` and skipped."""
     stats = stats if stats is not None else ReadStats()
     indices = list(indices)

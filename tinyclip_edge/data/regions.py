@@ -62,8 +62,10 @@ def image_hash(image: Any) -> str:
 def read_regions_jsonl(path: str | os.PathLike) -> dict[str, Regions]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"regions file not found: {path}; write one with `tinyclip-edge regions DATA --detector "
-                        "yolo11n.pt --out regions.jsonl` or use dclip.regions=boxes|grid")
+        raise UserError(
+            f"regions file not found: {path}; write one with `tinyclip-edge regions DATA --detector "
+            "yolo11n.pt --out regions.jsonl` or use dclip.regions=boxes|grid"
+        )
     out = {}
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -72,8 +74,10 @@ def read_regions_jsonl(path: str | os.PathLike) -> dict[str, Regions]:
             rec = json.loads(line)
             out[str(rec["key"])] = _clean(rec["boxes"], rec.get("scores"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path} line {n} is not a regions record ({e}); expected "
-                            '{"key": ..., "boxes": [[x0, y0, x1, y1], ...], "scores": [...]}') from None
+            raise UserError(
+                f"{path} line {n} is not a regions record ({e}); expected "
+                '{"key": ..., "boxes": [[x0, y0, x1, y1], ...], "scores": [...]}'
+            ) from None
     return out
 
 
@@ -92,8 +96,9 @@ def read_coco_instances(path: str | os.PathLike) -> dict[str, Regions]:
     except FileNotFoundError:
         raise UserError(f"COCO instances file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
-        raise UserError(f"{path} is not a COCO instances file ({e}); expected images with width/height and "
-                        "annotations with bbox") from None
+        raise UserError(
+            f"{path} is not a COCO instances file ({e}); expected images with width/height and annotations with bbox"
+        ) from None
     return {k: _clean(v) for k, v in boxes.items()}
 
 
@@ -102,7 +107,7 @@ class RegionSource:
     """A pair source whose pairs carry ``extra["regions"]`` (a dict: boxes, scores)."""
 
     source: PairSource
-    mode: str                                     # boxes | grid | lookup
+    mode: str  # boxes | grid | lookup
     lookup: dict[str, Regions] = field(default_factory=dict)
     max_regions: int = 6
 
@@ -189,11 +194,14 @@ def load_detector(path: str) -> Any:
     try:
         model = YOLO(str(p))
     except Exception as e:  # noqa: BLE001  ultralytics raises many types for a file that is not a model
-        raise UserError(f"{path} is not a YOLO model ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        "pass ultralytics YOLO detection weights (.pt) or a model .yaml") from None
+        raise UserError(
+            f"{path} is not a YOLO model ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "pass ultralytics YOLO detection weights (.pt) or a model .yaml"
+        ) from None
     if getattr(model, "task", None) != "detect":
-        raise UserError(f"{path} is a YOLO '{getattr(model, 'task', '?')}' model, not a detector; "
-                        "pass YOLO detection weights")
+        raise UserError(
+            f"{path} is a YOLO '{getattr(model, 'task', '?')}' model, not a detector; pass YOLO detection weights"
+        )
     return model
 
 
@@ -210,21 +218,33 @@ class DetectionReport:
     images: int = 0
     cached: int = 0
     detected: int = 0
-    fallback: int = 0            # images with no detected region: they use the whole image
+    fallback: int = 0  # images with no detected region: they use the whole image
     unreadable: int = 0
 
     def summary(self) -> str:
-        return (f"{self.images} images: {self.detected} detected, {self.cached} from the cache, {self.fallback} with "
-                f"no region (the whole image is used), {self.unreadable} unreadable")
+        return (
+            f"{self.images} images: {self.detected} detected, {self.cached} from the cache, {self.fallback} with "
+            f"no region (the whole image is used), {self.unreadable} unreadable"
+        )
 
 
-def detect_regions(source: PairSource, detector: str, out: str | os.PathLike, *, confidence: float = 0.25,
-                   max_regions: int = 6, progress: bool = True, cache: Path | None = None) -> DetectionReport:
+def detect_regions(
+    source: PairSource,
+    detector: str,
+    out: str | os.PathLike,
+    *,
+    confidence: float = 0.25,
+    max_regions: int = 6,
+    progress: bool = True,
+    cache: Path | None = None,
+) -> DetectionReport:
     """Run the detector once over every distinct image of `source`, write ``regions.jsonl`` (one record per
     image key: key, sha256, boxes, scores, classes). Results are cached by (detector file hash, image hash)."""
     if not source.finite:
-        raise UserError(f"{source.name} is unlimited; detect regions on a finite dataset (a CSV, a COCO file, "
-                        "scenes:val) or use dclip.regions=boxes for the scenes' ground truth")
+        raise UserError(
+            f"{source.name} is unlimited; detect regions on a finite dataset (a CSV, a COCO file, "
+            "scenes:val) or use dclip.regions=boxes for the scenes' ground truth"
+        )
     model = load_detector(detector)
     root = (cache or cache_dir() / "detections") / _file_hash(Path(detector))[:16]
     root.mkdir(parents=True, exist_ok=True)
@@ -250,8 +270,11 @@ def detect_regions(source: PairSource, detector: str, out: str | os.PathLike, *,
         else:
             res = model.predict(pair.image, conf=confidence, max_det=max_regions, verbose=False)[0]
             b = res.boxes
-            rec = {"boxes": b.xyxyn.tolist() if b is not None else [], "scores": b.conf.tolist() if b is not None else [],
-                   "classes": [int(c) for c in b.cls.tolist()] if b is not None else []}
+            rec = {
+                "boxes": b.xyxyn.tolist() if b is not None else [],
+                "scores": b.conf.tolist() if b is not None else [],
+                "classes": [int(c) for c in b.cls.tolist()] if b is not None else [],
+            }
             atomic_write_json(cached, rec)
             rep.detected += 1
         rep.fallback += not rec["boxes"]

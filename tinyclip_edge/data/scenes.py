@@ -15,24 +15,44 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
-    "yellow": (240, 220, 40), "purple": (160, 60, 200), "white": (245, 245, 245),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 200),
+    "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 0.2, "large": 0.36}  # diameter as a fraction of the image side
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 PLACES = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
-PLACE_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-               "centre": "in the centre"}
+PLACE_WORDS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
 TEMPLATES = ("a {}.", "a picture of a {}.", "a drawing of a {}.", "a {} on a plain background.")
 CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 # The closed vocabulary of every caption, template and class name this module can write.
-VOCAB = sorted({w for text in (
-    " ".join(COLOURS), " ".join(SHAPES), " ".join(SIZES), " ".join(RELATIONS.values()),
-    " ".join(PLACE_WORDS.values()), " ".join(TEMPLATES).replace("{}", ""), "a and",
-) for w in text.replace(".", " ").split()})
+VOCAB = sorted(
+    {
+        w
+        for text in (
+            " ".join(COLOURS),
+            " ".join(SHAPES),
+            " ".join(SIZES),
+            " ".join(RELATIONS.values()),
+            " ".join(PLACE_WORDS.values()),
+            " ".join(TEMPLATES).replace("{}", ""),
+            "a and",
+        )
+        for w in text.replace(".", " ").split()
+    }
+)
 
 SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "calib": 2_000_029}
 
@@ -100,8 +120,9 @@ def make_scene(seed: int, index: int, max_shapes: int = 3) -> Scene:
         size = list(SIZES)[int(rng.integers(2))]
         jitter = rng.uniform(-0.06, 0.06, size=2)
         cx, cy = (np.clip(PLACES[place][i] + jitter[i], SIZES[size] / 2, 1 - SIZES[size] / 2) for i in range(2))
-        s = Shape(colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))], size,
-                  float(cx), float(cy))
+        s = Shape(
+            colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))], size, float(cx), float(cy)
+        )
         wrong = [c for c in colours if c != s.colour][int(rng.integers(len(colours) - 1))]
         scene = Scene([s], bg, int(rng.integers(2**31)))
         scene.caption = f"{s.phrase()} {PLACE_WORDS[place]}"
@@ -170,5 +191,10 @@ def tokenizer_config(context_length: int = 24) -> dict:
 
 def preprocess_config(image_size: int = 32) -> dict:
     """Scenes images are rendered at the model's size; normalise with the data's own statistics."""
-    return {"image_size": image_size, "mean": [0.25, 0.25, 0.25], "std": [0.3, 0.3, 0.3],
-            "interpolation": "bicubic", "resize_mode": "shortest"}
+    return {
+        "image_size": image_size,
+        "mean": [0.25, 0.25, 0.25],
+        "std": [0.3, 0.3, 0.3],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }

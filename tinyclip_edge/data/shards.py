@@ -90,8 +90,10 @@ def check_shards(urls: list[str]) -> tuple[list[str], list[str]]:
         except (tarfile.TarError, OSError, EOFError) as e:
             bad.append(f"{url}: corrupt ({e})")
     if not good:
-        raise UserError(f"none of the {len(urls)} shard(s) could be read (first: {bad[0]}); "
-                        "check the data.train pattern, or rebuild them with `tinyclip-edge data build`")
+        raise UserError(
+            f"none of the {len(urls)} shard(s) could be read (first: {bad[0]}); "
+            "check the data.train pattern, or rebuild them with `tinyclip-edge data build`"
+        )
     if bad:
         log.warning("skipping %d of %d shard(s) that are missing or corrupt (e.g. %s)", len(bad), len(urls), bad[0])
     return good, bad
@@ -158,8 +160,18 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     finite = False
 
-    def __init__(self, spec: str, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, cache: TeacherCache | None = None):
+    def __init__(
+        self,
+        spec: str,
+        preprocess: Preprocess,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 1000,
+        cache: TeacherCache | None = None,
+    ):
         self.spec, self.cache = spec, cache
         # a stage reading cached teacher embeddings sees the very augmentation they were made with
         self.augment_seed = cache.aug_seed if cache is not None else None
@@ -180,17 +192,22 @@ class ShardBatches(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
             # the split of wds.split_by_node + wds.split_by_worker, with the reader's ROLE instead of the
             # DataLoader's worker id (they differ after a resume) and no dependence on the environment
-            mine = order[self.rank::self.world][worker::workers]
-            pipe = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=skips),
-                                    wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+            mine = order[self.rank :: self.world][worker::workers]
+            pipe = wds.DataPipeline(
+                wds.SimpleShardList(mine),
+                wds.tarfile_to_samples(handler=skips),
+                wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng),
+            )
             got = False
             for sample in pipe:
                 got = True
                 yield sample
             if not got:
-                raise UserError(f"reader {worker} of rank {self.rank} found no readable sample in its share of "
-                                f"{len(self.urls)} shard(s); write more, smaller shards (data build --shard-size) "
-                                "or use fewer data.workers")
+                raise UserError(
+                    f"reader {worker} of rank {self.rank} found no readable sample in its share of "
+                    f"{len(self.urls)} shard(s); write more, smaller shards (data build --shard-size) "
+                    "or use fewer data.workers"
+                )
 
     def _batch(self, raw: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
         images, captions, keys, boxes, ids_, skipped = [], [], [], [], [], list(skips.events)
@@ -212,8 +229,16 @@ class ShardBatches(torch.utils.data.IterableDataset):
         else:
             image_t = torch.zeros(0, 3, self.preprocess.image_size, self.preprocess.image_size)
             ids = torch.zeros(0, self.tokenizer.context_length, dtype=torch.int64)
-        batch = {"images": image_t, "ids": ids, "captions": captions, "keys": keys, "boxes": boxes,
-                 "sample_ids": ids_, "skipped": len(skipped), "skip_examples": skipped[:3]}
+        batch = {
+            "images": image_t,
+            "ids": ids,
+            "captions": captions,
+            "keys": keys,
+            "boxes": boxes,
+            "sample_ids": ids_,
+            "skipped": len(skipped),
+            "skip_examples": skipped[:3],
+        }
         if self.cache is not None:
             batch["teacher_image"], batch["teacher_text"] = self.cache.lookup(ids_)
             batch["teacher_logit_scale"] = torch.tensor(self.cache.logit_scale)
@@ -238,11 +263,14 @@ class ShardBatches(torch.utils.data.IterableDataset):
         """Batches start..stop-1 of this rank, read by `workers` processes (0: in this process)."""
         self.start, self.workers = start, max(1, workers)
         if len(self.urls) < self.world * self.workers:
-            raise UserError(f"{len(self.urls)} readable shard(s) cannot feed {self.world} process(es) x "
-                            f"{self.workers} data worker(s); write more, smaller shards (data build --shard-size) "
-                            "or lower data.workers")
-        dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None)
+            raise UserError(
+                f"{len(self.urls)} readable shard(s) cannot feed {self.world} process(es) x "
+                f"{self.workers} data worker(s); write more, smaller shards (data build --shard-size) "
+                "or lower data.workers"
+            )
+        dl = torch.utils.data.DataLoader(
+            self, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+        )
         yield from itertools.islice(dl, stop - start)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

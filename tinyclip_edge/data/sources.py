@@ -34,7 +34,7 @@ class UnreadableImage(Exception):
 class Pair:
     image: Image.Image
     caption: str
-    key: str                                   # identifies the image (several captions may share it)
+    key: str  # identifies the image (several captions may share it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,8 +64,13 @@ class ScenesSource:
 
     def __getitem__(self, i: int) -> Pair:
         scene = sc.make_scene(self.seed, i)
-        extra = {"negative": scene.negative, "label": scene.label, "boxes": scene.boxes,
-                 "objects": [f"{s.colour} {s.kind}" for s in scene.shapes], **scene.meta}
+        extra = {
+            "negative": scene.negative,
+            "label": scene.label,
+            "boxes": scene.boxes,
+            "objects": [f"{s.colour} {s.kind}" for s in scene.shapes],
+            **scene.meta,
+        }
         return Pair(sc.render(scene, self.image_size), scene.caption, f"{self.name}/{i}", extra)
 
     def class_names(self) -> list[str]:
@@ -113,8 +118,10 @@ def _read_csv(path: Path, image_key: str, caption_key: str, sep: str | None) -> 
             cols = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
                 if key not in cols:
-                    raise UserError(f"{path} has no column '{key}' (columns: {', '.join(cols) or 'none'}); "
-                                    f"set data.{what}=<column>" + ("" if sep != "," else " or data.csv_separator"))
+                    raise UserError(
+                        f"{path} has no column '{key}' (columns: {', '.join(cols) or 'none'}); "
+                        f"set data.{what}=<column>" + ("" if sep != "," else " or data.csv_separator")
+                    )
             rows = [(r[image_key], r[caption_key]) for r in reader if r.get(image_key) and r.get(caption_key)]
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a UTF-8 text CSV") from None
@@ -129,7 +136,9 @@ def _read_coco(path: Path) -> list[tuple[str, str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     except (KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a COCO captions file (missing {e}); expected 'images' and 'annotations'") from None
+        raise UserError(
+            f"{path} is not a COCO captions file (missing {e}); expected 'images' and 'annotations'"
+        ) from None
 
 
 def parse_scenes_spec(spec: str) -> tuple[str, int]:
@@ -137,14 +146,17 @@ def parse_scenes_spec(spec: str) -> tuple[str, int]:
     parts = spec.split(":")
     split = parts[1] if len(parts) > 1 else "train"
     if split not in sc.SPLIT_SEEDS or len(parts) > 3:
-        raise UserError(f"unknown scenes data {spec!r}; use scenes:train, scenes:val or scenes:calib, "
-                        "optionally with a size (scenes:val:500)")
+        raise UserError(
+            f"unknown scenes data {spec!r}; use scenes:train, scenes:val or scenes:calib, "
+            "optionally with a size (scenes:val:500)"
+        )
     if len(parts) < 3:
         return split, UNLIMITED if split == "train" else SCENES_VAL_SIZE
     size = parts[2]
     if not size.isdigit() or not 1 <= int(size) < UNLIMITED:  # isdigit: no sign, no spaces, no 1e3
-        raise UserError(f"bad scenes size {size!r} in {spec!r}: the number of pairs must be a positive integer, "
-                        "e.g. scenes:val:500")
+        raise UserError(
+            f"bad scenes size {size!r} in {spec!r}: the number of pairs must be a positive integer, e.g. scenes:val:500"
+        )
     return split, int(size)
 
 
@@ -161,14 +173,22 @@ def check_spec(spec: str, what: str = "data") -> None:
     elif is_shard_spec(spec) or Path(spec).is_dir():
         return  # read (and every shard checked) when the stage starts
     elif Path(spec).suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
-        raise UserError(f"{what} {spec!r} is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
-                        "file, a COCO captions .json, WebDataset shards (.tar, a {000..009}.tar pattern or a "
-                        "folder of them) or a folder of images with .txt captions")
+        raise UserError(
+            f"{what} {spec!r} is not a data spec: expected scenes:train / scenes:val[:N], a .csv/.tsv "
+            "file, a COCO captions .json, WebDataset shards (.tar, a {000..009}.tar pattern or a "
+            "folder of them) or a folder of images with .txt captions"
+        )
 
 
-def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepath",
-                csv_caption_key: str = "title", csv_separator: str | None = None,
-                image_root: str | None = None) -> PairSource:
+def open_source(
+    spec: str,
+    *,
+    image_size: int = 64,
+    csv_image_key: str = "filepath",
+    csv_caption_key: str = "title",
+    csv_separator: str | None = None,
+    image_root: str | None = None,
+) -> PairSource:
     if spec.startswith("scenes:"):
         split, size = parse_scenes_spec(spec)
         src = ScenesSource(split, size, image_size)
@@ -176,7 +196,9 @@ def open_source(spec: str, *, image_size: int = 64, csv_image_key: str = "filepa
         return src
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"data file not found: {spec} (use a CSV/TSV, a COCO captions JSON, or scenes:train / scenes:val)")
+        raise UserError(
+            f"data file not found: {spec} (use a CSV/TSV, a COCO captions JSON, or scenes:train / scenes:val)"
+        )
     if path.is_dir():  # images with caption sidecars (shard folders are recognised before this, by the runner)
         from .folder import folder_rows
 
@@ -207,5 +229,7 @@ def check_readable(src: PairSource, probe: int = 16) -> None:
             return
         except UnreadableImage as e:
             errors.append(str(e))
-    raise UserError(f"none of the {len(idx)} images checked in {src.name} could be read (first: {errors[0]}); "
-                    "check the image paths, data.image_root and data.csv_image_key")
+    raise UserError(
+        f"none of the {len(idx)} images checked in {src.name} could be read (first: {errors[0]}); "
+        "check the image paths, data.image_root and data.csv_image_key"
+    )

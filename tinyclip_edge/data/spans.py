@@ -22,9 +22,12 @@ BREAKS = frozenset(
     "and or but with without of to on onto in into at near next by from for above below under over behind "
     "beside besides between while that which who where is are was were be being has have having holds "
     "holding sits sitting stands standing lies lying riding eating playing walking running flying wearing "
-    "looking carrying".split())
-EMPTY = frozenset("a an the this that these those some its their his her left right top bottom centre center "
-                  "middle side front back picture drawing photo image plain background".split())
+    "looking carrying".split()
+)
+EMPTY = frozenset(
+    "a an the this that these those some its their his her left right top bottom centre center "
+    "middle side front back picture drawing photo image plain background".split()
+)
 _NON_WORD = re.compile(r"[^a-z0-9'\-]+")
 
 

@@ -44,8 +44,10 @@ class TeacherCache:
         root = Path(path)
         meta = read_json(root / CACHE_META, "teacher cache")
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-            raise UserError(f"{root} is not a teacher cache (no {CACHE_FORMAT} {CACHE_META}); "
-                            "make one with `tinyclip-edge data cache-teacher TEACHER SHARDS --out DIR`")
+            raise UserError(
+                f"{root} is not a teacher cache (no {CACHE_FORMAT} {CACHE_META}); "
+                "make one with `tinyclip-edge data cache-teacher TEACHER SHARDS --out DIR`"
+            )
         return cls(root, meta)
 
     @property
@@ -59,15 +61,21 @@ class TeacherCache:
     def check(self, teacher_hash: str, data_hash: str, preprocess: dict[str, Any], tokenizer: dict[str, Any]) -> None:
         m = self.meta
         if m["teacher_hash"] != teacher_hash:
-            raise UserError(f"teacher cache {self.root} was made by another teacher ({m.get('teacher')}, hash "
-                            f"{m['teacher_hash'][:12]}) than this stage's (hash {teacher_hash[:12]}); rebuild it with "
-                            "`tinyclip-edge data cache-teacher` for this teacher, or drop teacher_cache")
+            raise UserError(
+                f"teacher cache {self.root} was made by another teacher ({m.get('teacher')}, hash "
+                f"{m['teacher_hash'][:12]}) than this stage's (hash {teacher_hash[:12]}); rebuild it with "
+                "`tinyclip-edge data cache-teacher` for this teacher, or drop teacher_cache"
+            )
         if m["data_hash"] != data_hash:
-            raise UserError(f"teacher cache {self.root} was made for other data (hash {m['data_hash'][:12]}, "
-                            f"data.train has {data_hash[:12]}); rebuild it for these shards")
+            raise UserError(
+                f"teacher cache {self.root} was made for other data (hash {m['data_hash'][:12]}, "
+                f"data.train has {data_hash[:12]}); rebuild it for these shards"
+            )
         if m.get("preprocess") != preprocess or m.get("tokenizer") != tokenizer:
-            raise UserError(f"teacher cache {self.root} was made with another image preprocessing or tokenizer than "
-                            "this stage's student uses; rebuild it")
+            raise UserError(
+                f"teacher cache {self.root} was made with another image preprocessing or tokenizer than "
+                "this stage's student uses; rebuild it"
+            )
 
     def _shard(self, shard: str) -> dict[str, Any]:
         if shard not in self._open:
@@ -78,8 +86,11 @@ class TeacherCache:
                 raise UserError(f"teacher cache {self.root} has no embeddings for shard {shard}; rebuild it")
             with safe_open(str(path), "pt") as f:
                 keys = json.loads(f.metadata()["keys"])
-                self._open[shard] = {"rows": {k: i for i, k in enumerate(keys)},
-                                     "image": f.get_tensor("image"), "text": f.get_tensor("text")}
+                self._open[shard] = {
+                    "rows": {k: i for i, k in enumerate(keys)},
+                    "image": f.get_tensor("image"),
+                    "text": f.get_tensor("text"),
+                }
             while len(self._open) > 4:  # readers stream shards in turn: a few open ones suffice
                 self._open.popitem(last=False)
         return self._open[shard]

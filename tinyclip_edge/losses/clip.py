@@ -47,8 +47,10 @@ def check_affinity(cfg: dict[str, Any]) -> None:
     """Recipe-time check of the affinity options (a bad value fails before any training)."""
     mode = cfg.get("scale", "own")
     if mode not in AFFINITY_SCALES:
-        raise UserError(f"losses.affinity.scale must be own (each model's logit scale) or fixed (fixed_scale for "
-                        f"both), not {mode!r}; e.g. {{affinity: {{weight: 1, scale: fixed, fixed_scale: 50}}}}")
+        raise UserError(
+            f"losses.affinity.scale must be own (each model's logit scale) or fixed (fixed_scale for "
+            f"both), not {mode!r}; e.g. {{affinity: {{weight: 1, scale: fixed, fixed_scale: 50}}}}"
+        )
     fixed = cfg.get("fixed_scale", 50.0)
     if isinstance(fixed, bool) or not isinstance(fixed, (int, float)) or not 0 < fixed < float("inf"):
         raise UserError(f"losses.affinity.fixed_scale must be a positive number, not {fixed!r}")

@@ -38,9 +38,11 @@ def vrd_loss(out: DistillOutputs, cfg: dict[str, Any]) -> dict[str, Tensor]:
     a_i, a_t = out.scale("vrd", "alpha_image"), out.scale("vrd", "alpha_text")
     ts_i, st_i = a_i * t_img @ s_img.T, a_i * s_img @ t_img.T
     ts_t, st_t = a_t * t_txt @ s_txt.T, a_t * s_txt @ t_txt.T
-    return {"kl": (kl_rows(ts_i, ts_t) + kl_rows(st_i, st_t)) / 2,
-            "ce_image": (ce_diag(ts_i) + ce_diag(st_i)) / 2,
-            "ce_text": (ce_diag(ts_t) + ce_diag(st_t)) / 2}
+    return {
+        "kl": (kl_rows(ts_i, ts_t) + kl_rows(st_i, st_t)) / 2,
+        "ce_image": (ce_diag(ts_i) + ce_diag(st_i)) / 2,
+        "ce_text": (ce_diag(ts_t) + ce_diag(st_t)) / 2,
+    }
 
 
 @register_loss("xrd", learned={"kappa": Learned()}, cross_model=True)

@@ -19,8 +19,9 @@ from .registry import DistillOutputs, register_loss
 def _cosine_terms(out: DistillOutputs, loss: str) -> Tensor:
     t_img, t_txt = out.teacher(loss)
     s_img, s_txt = out.s_image_t.float(), out.s_text_t.float()
-    return ((1 - F.cosine_similarity(s_img, t_img, dim=-1)).mean()
-            + (1 - F.cosine_similarity(s_txt, t_txt, dim=-1)).mean())
+    return (1 - F.cosine_similarity(s_img, t_img, dim=-1)).mean() + (
+        1 - F.cosine_similarity(s_txt, t_txt, dim=-1)
+    ).mean()
 
 
 @register_loss("cosine", cross_model=True)
@@ -33,8 +34,9 @@ def check_hybrid(cfg: dict[str, Any]) -> None:
     tau, weight = cfg.get("temperature", 0.05), cfg.get("contrastive", 1.0)
     ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (tau, weight))
     if not ok or not tau > 0 or not weight >= 0:
-        raise UserError(f"losses.hybrid: temperature must be a number > 0 and contrastive a number >= 0, "
-                        f"got {tau!r} and {weight!r}")
+        raise UserError(
+            f"losses.hybrid: temperature must be a number > 0 and contrastive a number >= 0, got {tau!r} and {weight!r}"
+        )
 
 
 @register_loss("hybrid", options=("temperature", "contrastive"), cross_model=True, check=check_hybrid)
@@ -46,5 +48,7 @@ def hybrid_loss(out: DistillOutputs, cfg: dict[str, Any]) -> dict[str, Tensor]:
     """
     check_hybrid(cfg)
     tau, weight = float(cfg.get("temperature", 0.05)), float(cfg.get("contrastive", 1.0))
-    return {"cosine": _cosine_terms(out, "hybrid"),
-            "infonce": weight * symmetric_infonce(out.student_image, out.student_text, 1.0 / tau)}
+    return {
+        "cosine": _cosine_terms(out, "hybrid"),
+        "infonce": weight * symmetric_infonce(out.student_image, out.student_text, 1.0 / tau),
+    }

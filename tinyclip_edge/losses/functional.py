@@ -1,8 +1,8 @@
 """The building blocks of the relational objectives (notation of docs/ARCHITECTURE.md, "Losses"):
 
-    CE(M)      cross-entropy of the rows of logits M against the diagonal (pair i matches pair i), mean over rows
-    KL(x ‖ y)  row-wise KL(softmax(y) ‖ softmax(x)), averaged over rows ("batchmean"), temperature 1;
-               y is the target and is detached (no gradient flows into it)
+CE(M)      cross-entropy of the rows of logits M against the diagonal (pair i matches pair i), mean over rows
+KL(x ‖ y)  row-wise KL(softmax(y) ‖ softmax(x)), averaged over rows ("batchmean"), temperature 1;
+           y is the target and is detached (no gradient flows into it)
 """
 
 from __future__ import annotations

@@ -29,9 +29,14 @@ class Objective(nn.Module):
         super().__init__()
         self.specs = list(specs)
         self.student_dim, self.teacher_dim, self.seed = int(student_dim), teacher_dim, int(seed)
-        self.scales = nn.ParameterDict({
-            _key(s.name, n): nn.Parameter(torch.tensor(float(spec.init)))
-            for s in self.specs if s.weight > 0 for n, spec in LEARNED[s.name].items()})  # (a switched-off loss:
+        self.scales = nn.ParameterDict(
+            {
+                _key(s.name, n): nn.Parameter(torch.tensor(float(spec.init)))
+                for s in self.specs
+                if s.weight > 0
+                for n, spec in LEARNED[s.name].items()
+            }
+        )  # (a switched-off loss:
         # no parameters, which would get no gradient: DDP needs one for every parameter)
         needs = any(s.name in CROSS_MODEL and s.weight > 0 for s in self.specs)
         self.proj: nn.Linear | None = None
@@ -43,8 +48,9 @@ class Objective(nn.Module):
                 self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=g) / math.sqrt(self.student_dim))
 
     @classmethod
-    def from_losses(cls, losses: dict[str, Any], student_dim: int, teacher_dim: int | None = None,
-                    seed: int = 0) -> "Objective":
+    def from_losses(
+        cls, losses: dict[str, Any], student_dim: int, teacher_dim: int | None = None, seed: int = 0
+    ) -> Objective:
         return cls(parse_losses(losses), student_dim, teacher_dim, seed)
 
     def forward(self, out: DistillOutputs) -> tuple[Tensor, dict[str, float]]:
@@ -83,9 +89,13 @@ class Objective(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this objective from a checkpoint (its tensors come from the checkpoint's weights)."""
-        return {"losses": {s.name: {"weight": s.weight, **s.options} for s in self.specs},
-                "student_dim": self.student_dim, "teacher_dim": self.teacher_dim, "seed": self.seed}
+        return {
+            "losses": {s.name: {"weight": s.weight, **s.options} for s in self.specs},
+            "student_dim": self.student_dim,
+            "teacher_dim": self.teacher_dim,
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Objective":
+    def from_config(cls, cfg: dict[str, Any]) -> Objective:
         return cls.from_losses(cfg["losses"], cfg["student_dim"], cfg.get("teacher_dim"), cfg.get("seed", 0))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ class DistillOutputs:
 
     student_image: Tensor
     student_text: Tensor
-    student_logit_scale: Tensor          # exp'd, scalar
+    student_logit_scale: Tensor  # exp'd, scalar
     teacher_image: Tensor | None = None  # None when a stage trains without a teacher
     teacher_text: Tensor | None = None
     teacher_logit_scale: Tensor | None = None
@@ -86,9 +87,13 @@ CROSS_MODEL: set[str] = set()  # losses that compare student and teacher vectors
 LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-def register_loss(name: str, options: tuple[str, ...] = (), learned: dict[str, Learned] | None = None,
-                  cross_model: bool = False,
-                  check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str,
+    options: tuple[str, ...] = (),
+    learned: dict[str, Learned] | None = None,
+    cross_model: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[LossFn], LossFn]:
     """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
     values (raising UserError); both run when the recipe is read, before any training. `learned` are its
     learnable scalars (owned by the stage's Objective), `cross_model` whether it compares student vectors
@@ -143,8 +148,10 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
         unknown = set(opts) - LOSS_OPTIONS[name]
         if unknown:
             bad = min(str(k) for k in unknown)
-            raise UserError(f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
-                            f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}")
+            raise UserError(
+                f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
+                f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}"
+            )
         weight = check_weight(opts.pop("weight", 1.0), name)
         if name in LOSS_CHECKS:
             LOSS_CHECKS[name](opts)

@@ -18,6 +18,18 @@ def load_package(spec: str | os.PathLike, device: str = "cpu") -> ClipPackage:
 
 
 __all__ = [
-    "TOWERS", "BlockMasks", "ClipModel", "ClipPackage", "ClipShape", "TextShape", "TowerMasks", "TowerShape",
-    "VisionShape", "is_model_dir", "load_model_dir", "load_package", "read_config", "save_model_dir",
+    "TOWERS",
+    "BlockMasks",
+    "ClipModel",
+    "ClipPackage",
+    "ClipShape",
+    "TextShape",
+    "TowerMasks",
+    "TowerShape",
+    "VisionShape",
+    "is_model_dir",
+    "load_model_dir",
+    "load_package",
+    "read_config",
+    "save_model_dir",
 ]

@@ -39,9 +39,9 @@ class TowerFlops:
     """Forward FLOPs of one sample through one tower, by part."""
 
     tokens: int
-    embed: int       # patch embedding (0 for text: a lookup)
+    embed: int  # patch embedding (0 for text: a lookup)
     qkv: int
-    attention: int   # q·kᵀ and p·v
+    attention: int  # q·kᵀ and p·v
     attn_out: int
     mlp: int
     proj: int
@@ -85,13 +85,19 @@ def forward_flops(shape: ClipShape) -> dict[str, int]:
     return {"image": img, "text": txt, "pair": img + txt}
 
 
-def distill_step_flops(student: ClipShape, teacher: ClipShape | None = None, *, batch: int = 1,
-                       cached_teacher: bool = False) -> dict[str, Any]:
+def distill_step_flops(
+    student: ClipShape, teacher: ClipShape | None = None, *, batch: int = 1, cached_teacher: bool = False
+) -> dict[str, Any]:
     """Model FLOPs of one distillation step of ``batch`` pairs: the frozen teacher's forward (0 when its
     embeddings come from a cache or there is no teacher) + the student's forward and backward
     (``(1 + BACKWARD_FACTOR) × forward`` = 3 × forward)."""
     s = forward_flops(student)["pair"]
     t = forward_flops(teacher)["pair"] if teacher is not None and not cached_teacher else 0
     per_pair = t + (1 + BACKWARD_FACTOR) * s
-    return {"teacher_forward_per_pair": t, "student_forward_per_pair": s, "per_pair": per_pair,
-            "per_step": per_pair * batch, "batch": batch}
+    return {
+        "teacher_forward_per_pair": t,
+        "student_forward_per_pair": s,
+        "per_pair": per_pair,
+        "per_step": per_pair * batch,
+        "batch": batch,
+    }

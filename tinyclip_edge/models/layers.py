@@ -58,11 +58,11 @@ def masked_layer_norm(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps
 
 @dataclass
 class BlockMasks:
-    hidden: Tensor | None = None      # [width]
-    heads: Tensor | None = None       # [heads]
-    mlp: Tensor | None = None         # [mlp]
-    attn_gate: Tensor | None = None   # scalar: keep this layer's attention
-    mlp_gate: Tensor | None = None    # scalar: keep this layer's MLP
+    hidden: Tensor | None = None  # [width]
+    heads: Tensor | None = None  # [heads]
+    mlp: Tensor | None = None  # [mlp]
+    attn_gate: Tensor | None = None  # scalar: keep this layer's attention
+    mlp_gate: Tensor | None = None  # scalar: keep this layer's MLP
 
 
 class Attention(nn.Module):
@@ -99,8 +99,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block; attention and/or MLP may be absent (width 0 after pruning)."""
 
-    def __init__(self, width: int, heads: int, head_dim: int, mlp: int, act: str, causal: bool,
-                 layer_scale: bool, eps: float):
+    def __init__(
+        self, width: int, heads: int, head_dim: int, mlp: int, act: str, causal: bool, layer_scale: bool, eps: float
+    ):
         super().__init__()
         self.ln_1 = LayerNorm(width, eps=eps) if heads else None
         self.attn = Attention(width, heads, head_dim, causal) if heads else None

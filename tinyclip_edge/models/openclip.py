@@ -43,8 +43,10 @@ def _check_blocks(resblocks: nn.ModuleList, tower: str) -> None:
 
     for b in resblocks:
         if not isinstance(b, ResidualAttentionBlock):
-            raise NotConvertible(f"{tower} tower uses {type(b).__name__} (qk-norm / scaled attention); "
-                                 "only standard pre-norm blocks convert")
+            raise NotConvertible(
+                f"{tower} tower uses {type(b).__name__} (qk-norm / scaled attention); "
+                "only standard pre-norm blocks convert"
+            )
 
 
 def _tower_common(resblocks: nn.ModuleList, tower: str) -> dict[str, Any]:
@@ -73,12 +75,26 @@ def _text_parts(model: nn.Module) -> dict[str, Any]:
             raise NotConvertible(f"text tower {type(text).__name__} (e.g. a Hugging Face model) does not convert")
         if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
             raise NotConvertible("text towers with a class embedding or padding mask (CoCa) do not convert")
-        return dict(token_embedding=text.token_embedding, positional_embedding=text.positional_embedding,
-                    transformer=text.transformer, ln_final=text.ln_final, text_projection=text.text_projection,
-                    pool=text.pool_type, eos_id=getattr(text, "eos_id", 2), attn_mask=text.attn_mask)
-    return dict(token_embedding=model.token_embedding, positional_embedding=model.positional_embedding,
-                transformer=model.transformer, ln_final=model.ln_final, text_projection=model.text_projection,
-                pool=model.text_pool_type, eos_id=getattr(model, "text_eos_id", 2), attn_mask=model.attn_mask)
+        return dict(
+            token_embedding=text.token_embedding,
+            positional_embedding=text.positional_embedding,
+            transformer=text.transformer,
+            ln_final=text.ln_final,
+            text_projection=text.text_projection,
+            pool=text.pool_type,
+            eos_id=getattr(text, "eos_id", 2),
+            attn_mask=text.attn_mask,
+        )
+    return dict(
+        token_embedding=model.token_embedding,
+        positional_embedding=model.positional_embedding,
+        transformer=model.transformer,
+        ln_final=model.ln_final,
+        text_projection=model.text_projection,
+        pool=model.text_pool_type,
+        eos_id=getattr(model, "text_eos_id", 2),
+        attn_mask=model.attn_mask,
+    )
 
 
 def shape_of_open_clip(model: nn.Module) -> ClipShape:
@@ -100,8 +116,11 @@ def shape_of_open_clip(model: nn.Module) -> ClipShape:
         raise NotConvertible("text tower has no projection")
     vision = VisionShape(
         **_tower_common(v.transformer.resblocks, "image"),
-        image_size=v.image_size[0], patch_size=v.patch_size[0], pool=v.pool_type,
-        ln_pre=not isinstance(v.ln_pre, nn.Identity), final_ln_after_pool=bool(v.final_ln_after_pool),
+        image_size=v.image_size[0],
+        patch_size=v.patch_size[0],
+        pool=v.pool_type,
+        ln_pre=not isinstance(v.ln_pre, nn.Identity),
+        final_ln_after_pool=bool(v.final_ln_after_pool),
     )
     if v.image_size[0] != v.image_size[1] or v.patch_size[0] != v.patch_size[1]:
         raise NotConvertible("only square images and patches convert")
@@ -109,8 +128,11 @@ def shape_of_open_clip(model: nn.Module) -> ClipShape:
     embed_dim = v.proj.shape[1]
     text = TextShape(
         **_tower_common(t["transformer"].resblocks, "text"),
-        context_length=t["positional_embedding"].shape[0], vocab_size=t["token_embedding"].num_embeddings,
-        pool=t["pool"], eos_id=int(t["eos_id"]), causal=t["attn_mask"] is not None,
+        context_length=t["positional_embedding"].shape[0],
+        vocab_size=t["token_embedding"].num_embeddings,
+        pool=t["pool"],
+        eos_id=int(t["eos_id"]),
+        causal=t["attn_mask"] is not None,
         proj_bias=isinstance(proj, nn.Linear) and proj.bias is not None,
     )
     return ClipShape(embed_dim=embed_dim, vision=vision, text=text).validate()
@@ -118,13 +140,20 @@ def shape_of_open_clip(model: nn.Module) -> ClipShape:
 
 # student block parameter -> open_clip block parameter (the same tensors, in the same layout)
 _BLOCK_PARAMS = {
-    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
-    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
-    "attn.out.weight": "attn.out_proj.weight", "attn.out.bias": "attn.out_proj.bias",
-    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
-    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
-    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
-    "ls_1": "ls_1.gamma", "ls_2": "ls_2.gamma",
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.qkv.weight": "attn.in_proj_weight",
+    "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.out.weight": "attn.out_proj.weight",
+    "attn.out.bias": "attn.out_proj.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.fc1.weight": "mlp.c_fc.weight",
+    "mlp.fc1.bias": "mlp.c_fc.bias",
+    "mlp.fc2.weight": "mlp.c_proj.weight",
+    "mlp.fc2.bias": "mlp.c_proj.bias",
+    "ls_1": "ls_1.gamma",
+    "ls_2": "ls_2.gamma",
 }
 
 
@@ -135,8 +164,10 @@ def _copy_blocks(students: nn.ModuleList, open_clips: nn.ModuleList, to_student:
             if sk not in sp:  # e.g. no layer scale
                 continue
             if sp[sk].shape != op[ok].shape:
-                raise NotConvertible(f"block parameter {sk} has shape {tuple(sp[sk].shape)} here but "
-                                     f"{tuple(op[ok].shape)} in open_clip (open_clip rounds mlp_ratio)")
+                raise NotConvertible(
+                    f"block parameter {sk} has shape {tuple(sp[sk].shape)} here but "
+                    f"{tuple(op[ok].shape)} in open_clip (open_clip rounds mlp_ratio)"
+                )
             (sp[sk] if to_student else op[ok]).copy_(op[ok] if to_student else sp[sk])
 
 
@@ -147,15 +178,23 @@ def _tensor_pairs(student: ClipModel, oc: nn.Module) -> list[tuple[torch.Tensor,
     def ln(a: nn.Module, b: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
         return [(a.weight, b.weight, False), (a.bias, b.bias, False)]
 
-    pairs = [(v.patch_embed.weight, ov.conv1.weight, False), (v.class_embedding, ov.class_embedding, False),
-             (v.positional_embedding, ov.positional_embedding, False), (v.proj.weight, ov.proj, True),
-             *ln(v.ln_post, ov.ln_post), *(ln(v.ln_pre, ov.ln_pre) if v.ln_pre is not None else []),
-             (t.token_embedding.weight, ot["token_embedding"].weight, False),
-             (t.positional_embedding, ot["positional_embedding"], False), *ln(t.ln_final, ot["ln_final"]),
-             (student.logit_scale, oc.logit_scale, False)]
+    pairs = [
+        (v.patch_embed.weight, ov.conv1.weight, False),
+        (v.class_embedding, ov.class_embedding, False),
+        (v.positional_embedding, ov.positional_embedding, False),
+        (v.proj.weight, ov.proj, True),
+        *ln(v.ln_post, ov.ln_post),
+        *(ln(v.ln_pre, ov.ln_pre) if v.ln_pre is not None else []),
+        (t.token_embedding.weight, ot["token_embedding"].weight, False),
+        (t.positional_embedding, ot["positional_embedding"], False),
+        *ln(t.ln_final, ot["ln_final"]),
+        (student.logit_scale, oc.logit_scale, False),
+    ]
     proj = ot["text_projection"]
     if isinstance(proj, nn.Linear):  # proj_bias models keep a Linear; the others a [width, embed] matrix
-        pairs += [(t.proj.weight, proj.weight, False)] + ([(t.proj.bias, proj.bias, False)] if proj.bias is not None else [])
+        pairs += [(t.proj.weight, proj.weight, False)] + (
+            [(t.proj.bias, proj.bias, False)] if proj.bias is not None else []
+        )
     else:
         pairs.append((t.proj.weight, proj, True))
     return pairs
@@ -180,12 +219,16 @@ def from_open_clip(model: nn.Module) -> ClipModel:
 def _uniform(tower: str, s: Any) -> tuple[int, float]:
     heads, mlp = set(s.heads), set(s.mlp)
     if len(heads) != 1 or len(mlp) != 1 or 0 in heads or 0 in mlp:
-        raise NotConvertible(f"{tower} tower has per-layer widths (heads {s.heads}, mlp {s.mlp}); "
-                             "only uniform students convert to open_clip")
+        raise NotConvertible(
+            f"{tower} tower has per-layer widths (heads {s.heads}, mlp {s.mlp}); "
+            "only uniform students convert to open_clip"
+        )
     h = heads.pop()
     if h * s.head_dim != s.width:
-        raise NotConvertible(f"{tower} tower's attention width {h}x{s.head_dim} differs from its hidden "
-                             f"width {s.width}; open_clip cannot hold it")
+        raise NotConvertible(
+            f"{tower} tower's attention width {h}x{s.head_dim} differs from its hidden "
+            f"width {s.width}; open_clip cannot hold it"
+        )
     return s.head_dim, mlp.pop() / s.width
 
 
@@ -210,12 +253,16 @@ def padded_widths(tower: str, s: Any) -> tuple[int, int]:
     hidden width that is not a multiple of head_dim, or a layer with more heads than it holds, is refused.
     """
     if s.width % s.head_dim:
-        raise NotConvertible(f"{tower} tower's hidden width {s.width} is not a multiple of its head size "
-                             f"{s.head_dim} (the hidden width was pruned); open_clip needs heads x head_dim = width")
+        raise NotConvertible(
+            f"{tower} tower's hidden width {s.width} is not a multiple of its head size "
+            f"{s.head_dim} (the hidden width was pruned); open_clip needs heads x head_dim = width"
+        )
     heads = s.width // s.head_dim
     if max(s.heads) > heads:
-        raise NotConvertible(f"{tower} tower has a layer with {max(s.heads)} heads of {s.head_dim} channels, "
-                             f"more than its hidden width {s.width} holds in open_clip")
+        raise NotConvertible(
+            f"{tower} tower has a layer with {max(s.heads)} heads of {s.head_dim} channels, "
+            f"more than its hidden width {s.width} holds in open_clip"
+        )
     return heads, max(max(s.mlp), 1)
 
 
@@ -229,23 +276,46 @@ def open_clip_config(shape: ClipShape, pad: bool = False) -> dict[str, Any]:
     """The open_clip model config (``model_cfg``) of a student; `pad`: hold per-layer widths by zero padding."""
     v, t = shape.vision, shape.text
     if pad:
-        (vheads, vmlp), (theads, tmlp) = padded_widths("image", v), padded_widths("text", t)
+        (_, vmlp), (_, tmlp) = padded_widths("image", v), padded_widths("text", t)
         vhd, vratio, thd, tratio = v.head_dim, _mlp_ratio(vmlp, v.width), t.head_dim, _mlp_ratio(tmlp, t.width)
     else:
         vhd, vratio = _uniform("image", v)
         thd, tratio = _uniform("text", t)
     if v.act != t.act:
         raise NotConvertible("open_clip uses one activation for both towers")
-    vision_cfg = dict(layers=v.layers, width=v.width, head_width=vhd, mlp_ratio=vratio, patch_size=v.patch_size,
-                      image_size=v.image_size, no_ln_pre=not v.ln_pre, pool_type=v.pool,
-                      final_ln_after_pool=v.final_ln_after_pool, ls_init_value=1.0 if v.layer_scale else None,
-                      norm_kwargs={"eps": v.ln_eps})
-    text_cfg = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.width // thd,
-                    layers=t.layers, mlp_ratio=tratio, pool_type=t.pool, eos_id=t.eos_id, no_causal_mask=not t.causal,
-                    proj_bias=t.proj_bias, ls_init_value=1.0 if t.layer_scale else None,
-                    norm_kwargs={"eps": t.ln_eps})
-    return {"embed_dim": shape.embed_dim, "quick_gelu": v.act == "quick_gelu",
-            "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    vision_cfg = dict(
+        layers=v.layers,
+        width=v.width,
+        head_width=vhd,
+        mlp_ratio=vratio,
+        patch_size=v.patch_size,
+        image_size=v.image_size,
+        no_ln_pre=not v.ln_pre,
+        pool_type=v.pool,
+        final_ln_after_pool=v.final_ln_after_pool,
+        ls_init_value=1.0 if v.layer_scale else None,
+        norm_kwargs={"eps": v.ln_eps},
+    )
+    text_cfg = dict(
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        width=t.width,
+        heads=t.width // thd,
+        layers=t.layers,
+        mlp_ratio=tratio,
+        pool_type=t.pool,
+        eos_id=t.eos_id,
+        no_causal_mask=not t.causal,
+        proj_bias=t.proj_bias,
+        ls_init_value=1.0 if t.layer_scale else None,
+        norm_kwargs={"eps": t.ln_eps},
+    )
+    return {
+        "embed_dim": shape.embed_dim,
+        "quick_gelu": v.act == "quick_gelu",
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+    }
 
 
 def _copy_padded_blocks(students: nn.ModuleList, open_clips: nn.ModuleList) -> None:
@@ -314,9 +384,14 @@ def _preprocess_of(model: nn.Module) -> Preprocess:
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return Preprocess(image_size=int(size), mean=tuple(cfg.get("mean", OPENAI_MEAN)),
-                      std=tuple(cfg.get("std", OPENAI_STD)), interpolation=cfg.get("interpolation", "bicubic"),
-                      resize_mode=cfg.get("resize_mode", "shortest"), fill_color=int(cfg.get("fill_color", 0)))
+    return Preprocess(
+        image_size=int(size),
+        mean=tuple(cfg.get("mean", OPENAI_MEAN)),
+        std=tuple(cfg.get("std", OPENAI_STD)),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        fill_color=int(cfg.get("fill_color", 0)),
+    )
 
 
 def _network_reachable(host: str = "huggingface.co") -> bool:
@@ -342,8 +417,10 @@ def _create(name: str, pretrained: str | None) -> nn.Module:
         msg = str(e).splitlines()[0]
         if "download" in msg.lower() or "locate the file" in msg.lower() or "connection" in msg.lower():
             what = name if pretrained is None else f"{name}:{pretrained}"
-            raise UserError(f"could not download pretrained weights for '{what}' (no network access?): "
-                            f"download the checkpoint elsewhere and pass --teacher {name}:/path/to/file") from None
+            raise UserError(
+                f"could not download pretrained weights for '{what}' (no network access?): "
+                f"download the checkpoint elsewhere and pass --teacher {name}:/path/to/file"
+            ) from None
         raise _creation_error(name, e) from None
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
@@ -355,13 +432,17 @@ def _creation_error(name: str, e: Exception) -> UserError:
     """One line for whatever open_clip raised while building `name` from its config and weights."""
     text = " ".join(str(e).split()) or type(e).__name__
     if "weights_only" in text or "Unpickl" in text or "Unsupported global" in text:
-        return UserError(f"refusing to load the weights of '{name}': the checkpoint holds pickled Python objects, "
-                         "not just tensors, and tinyclip-edge never unpickles code; convert it to safetensors "
-                         "(open_clip_model.safetensors) from a trusted environment")
+        return UserError(
+            f"refusing to load the weights of '{name}': the checkpoint holds pickled Python objects, "
+            "not just tensors, and tinyclip-edge never unpickles code; convert it to safetensors "
+            "(open_clip_model.safetensors) from a trusted environment"
+        )
     if isinstance(e, KeyError):
         text = f"missing key {e}"
-    return UserError(f"open_clip could not create '{name}': {type(e).__name__}: {text[:300]}; check its "
-                     "open_clip_config.json (model_cfg with vision_cfg and text_cfg) and weights")
+    return UserError(
+        f"open_clip could not create '{name}': {type(e).__name__}: {text[:300]}; check its "
+        "open_clip_config.json (model_cfg with vision_cfg and text_cfg) and weights"
+    )
 
 
 def _offline_hub() -> None:
@@ -459,8 +540,14 @@ def package_from_open_clip(spec: str) -> ClipPackage:
         tok = {**tok_name, "context_length": text.context_length}
     else:
         if text.vocab_size < BPE_VOCAB and not str(tok_name).startswith(("hf-hub:", "local-dir:")):
-            raise UserError(f"'{spec}' has a {text.vocab_size}-token vocabulary, too small for CLIP's BPE tokenizer "
-                            f"({BPE_VOCAB}); add a \"tokenizer\" entry to its config file (see docs/FORMATS.md)")
-        tok = {"kind": "open_clip", "model": tok_name, "context_length": text.context_length,
-               "vocab_size": text.vocab_size}
+            raise UserError(
+                f"'{spec}' has a {text.vocab_size}-token vocabulary, too small for CLIP's BPE tokenizer "
+                f'({BPE_VOCAB}); add a "tokenizer" entry to its config file (see docs/FORMATS.md)'
+            )
+        tok = {
+            "kind": "open_clip",
+            "model": tok_name,
+            "context_length": text.context_length,
+            "vocab_size": text.vocab_size,
+        }
     return ClipPackage(student, _preprocess_of(model), tok, {"teacher": spec, "source": "open_clip"})

@@ -24,8 +24,18 @@ from .clip import ClipModel
 from .shape import ClipShape
 
 FORMAT = MODEL_FORMAT
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ClipPackage", "is_model_dir", "save_model_dir", "read_config",
-           "load_model_dir", "config_shape", "check_weights"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FORMAT",
+    "ClipPackage",
+    "is_model_dir",
+    "save_model_dir",
+    "read_config",
+    "load_model_dir",
+    "config_shape",
+    "check_weights",
+]
 
 
 @dataclass
@@ -43,7 +53,7 @@ class ClipPackage:
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_config(self.tokenizer_cfg)
 
-    def with_model(self, model: ClipModel, **provenance: Any) -> "ClipPackage":
+    def with_model(self, model: ClipModel, **provenance: Any) -> ClipPackage:
         return ClipPackage(model, self.preprocess, self.tokenizer_cfg, {**self.provenance, **provenance})
 
 
@@ -52,16 +62,18 @@ def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
     Files get the mode the user's umask gives (safetensors alone would make the weights 0600)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in pkg.model.state_dict().items()}
-    config = ModelConfig.from_data({
-        "format": FORMAT,
-        "format_version": MODEL_VERSION,
-        "toolkit_version": __version__,
-        "shape": pkg.model.shape.to_dict(),
-        "preprocess": pkg.preprocess.to_dict(),
-        "tokenizer": pkg.tokenizer_cfg,
-        "params": pkg.model.num_params(),
-        "provenance": pkg.provenance,
-    })
+    config = ModelConfig.from_data(
+        {
+            "format": FORMAT,
+            "format_version": MODEL_VERSION,
+            "toolkit_version": __version__,
+            "shape": pkg.model.shape.to_dict(),
+            "preprocess": pkg.preprocess.to_dict(),
+            "tokenizer": pkg.tokenizer_cfg,
+            "params": pkg.model.num_params(),
+            "provenance": pkg.provenance,
+        }
+    )
     with atomic_path(path) as tmp:
         tmp.mkdir()
         save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
@@ -118,14 +130,18 @@ def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], weights: 
         return
     if bad:
         k = bad[0]
-        detail = (f"{len(bad)} tensor(s) differ in shape, e.g. {k}: {CONFIG_NAME} implies {list(expected[k])}, "
-                  f"the weights hold {list(found[k])}")
+        detail = (
+            f"{len(bad)} tensor(s) differ in shape, e.g. {k}: {CONFIG_NAME} implies {list(expected[k])}, "
+            f"the weights hold {list(found[k])}"
+        )
     elif missing:
         detail = f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}"
     else:
         detail = f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}"
-    raise UserError(f"{weights} does not match {CONFIG_NAME} ({detail}); the model directory is inconsistent: "
-                    "re-create it (config and weights must be written together)")
+    raise UserError(
+        f"{weights} does not match {CONFIG_NAME} ({detail}); the model directory is inconsistent: "
+        "re-create it (config and weights must be written together)"
+    )
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> ClipPackage:
@@ -157,7 +173,12 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or bad:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape mismatch in {bad[:3]}")
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"shape mismatch in {bad[:3]}"
+        )
         raise UserError(f"weights in {source} do not match config.json ({detail}); the directory is inconsistent")
     model.load_state_dict(state)

@@ -45,15 +45,20 @@ def register_builtin(hook: Callable[[str], Path]) -> None:
 
 @dataclass
 class ResolvedModel:
-    package: Any                 # ClipPackage
-    spec: str                    # what was given (directories and files made absolute)
-    kind: str                    # "model_dir" | "open_clip" | "package"
-    weights: str | None          # the file whose sha256 is recorded, if any
+    package: Any  # ClipPackage
+    spec: str  # what was given (directories and files made absolute)
+    kind: str  # "model_dir" | "open_clip" | "package"
+    weights: str | None  # the file whose sha256 is recorded, if any
     sha256: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "weights": self.weights, "sha256": self.sha256,
-                "provenance": dict(self.package.provenance)}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "weights": self.weights,
+            "sha256": self.sha256,
+            "provenance": dict(self.package.provenance),
+        }
 
 
 def sha256_state(model: Any) -> str:
@@ -106,18 +111,24 @@ def resolve_model(spec: Any, device: Any = "cpu", *, what: str = "model") -> Res
         raise UserError(f"no {what} given: pass a model directory or an open_clip spec")
     if spec.startswith(BUILTIN_PREFIX):
         if _builtin_hook is None:
-            raise UserError(f"'{spec}' is a built-in teacher, which the compression core trains; it is not loaded in "
-                            "this program (use the tinyclip-edge CLI, or import tinyclip_edge.compress.runner first)")
-        return _from_model_dir(_builtin_hook(spec[len(BUILTIN_PREFIX):]), device)
+            raise UserError(
+                f"'{spec}' is a built-in teacher, which the compression core trains; it is not loaded in "
+                "this program (use the tinyclip-edge CLI, or import tinyclip_edge.compress.runner first)"
+            )
+        return _from_model_dir(_builtin_hook(spec[len(BUILTIN_PREFIX) :]), device)
     path = Path(spec)
     if is_bundle(path):
-        raise UserError(f"{spec} is an export bundle, not a model; pass the model directory it was exported from "
-                        "(`--format engine` builds TensorRT engines from a bundle)")
+        raise UserError(
+            f"{spec} is an export bundle, not a model; pass the model directory it was exported from "
+            "(`--format engine` builds TensorRT engines from a bundle)"
+        )
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         return _from_model_dir(path, device)
     if path.is_dir() and not (path / OPEN_CLIP_LOCAL_CONFIG).is_file():
-        raise UserError(f"{spec} is a directory but not a model directory (no {CONFIG_NAME}); pass a directory "
-                        "written by `tinyclip-edge compress` or an open_clip spec")
+        raise UserError(
+            f"{spec} is a directory but not a model directory (no {CONFIG_NAME}); pass a directory "
+            "written by `tinyclip-edge compress` or an open_clip spec"
+        )
     if not path.exists() and ":" not in spec:
         if "/" in spec or os.sep in spec:
             raise UserError(f"model directory not found: {spec}")
@@ -128,13 +139,16 @@ def resolve_model(spec: Any, device: Any = "cpu", *, what: str = "model") -> Res
     pkg.model.to(device)
     weights = _weights_file(spec)
     digest = sha256_file(weights) if weights else sha256_state(pkg.model)
-    return ResolvedModel(pkg, _absolute_spec(spec), "open_clip", str(Path(weights).resolve()) if weights else None,
-                         digest)
+    return ResolvedModel(
+        pkg, _absolute_spec(spec), "open_clip", str(Path(weights).resolve()) if weights else None, digest
+    )
 
 
 def _check_open_clip_name(name: str) -> None:
     import open_clip
 
     if name not in open_clip.list_models():
-        raise UserError(f"model not found: '{name}' is neither a model directory nor an open_clip model name"
-                        f"{closest(name, open_clip.list_models())}")
+        raise UserError(
+            f"model not found: '{name}' is neither a model directory nor an open_clip model name"
+            f"{closest(name, open_clip.list_models())}"
+        )

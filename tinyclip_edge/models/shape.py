@@ -15,13 +15,13 @@ from ..common.errors import UserError
 
 @dataclass
 class TowerShape:
-    width: int                    # residual-stream (hidden) channels
-    head_dim: int                 # channels per attention head (kept fixed when heads are pruned)
-    heads: list[int]              # attention heads per layer; 0 = this layer has no attention
-    mlp: list[int]                # MLP hidden neurons per layer; 0 = this layer has no MLP
-    act: str = "gelu"             # "gelu" or "quick_gelu" (OpenAI-trained weights use QuickGELU)
+    width: int  # residual-stream (hidden) channels
+    head_dim: int  # channels per attention head (kept fixed when heads are pruned)
+    heads: list[int]  # attention heads per layer; 0 = this layer has no attention
+    mlp: list[int]  # MLP hidden neurons per layer; 0 = this layer has no MLP
+    act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI-trained weights use QuickGELU)
     ln_eps: float = 1e-5
-    layer_scale: bool = False     # per-channel LayerScale after attention and MLP
+    layer_scale: bool = False  # per-channel LayerScale after attention and MLP
 
     @property
     def layers(self) -> int:
@@ -41,8 +41,14 @@ class TowerShape:
         return block_param_count(self, self.width, self.heads, self.mlp)
 
 
-def block_param_count(s: TowerShape, width: Any, heads: list[Any], mlp: list[Any],
-                      attn_on: list[Any] | None = None, mlp_on: list[Any] | None = None) -> Any:
+def block_param_count(
+    s: TowerShape,
+    width: Any,
+    heads: list[Any],
+    mlp: list[Any],
+    attn_on: list[Any] | None = None,
+    mlp_on: list[Any] | None = None,
+) -> Any:
     """Parameters of a tower's blocks. Works on ints (an exact shape) and on tensors (expected counts
     under independent keep-probabilities: E[W*h] = E[W]*E[h]), so a pruning budget and the materialised
     model are counted by the same formula. `attn_on`/`mlp_on`: whether each sub-layer exists."""
@@ -60,7 +66,7 @@ def block_param_count(s: TowerShape, width: Any, heads: list[Any], mlp: list[Any
 class VisionShape(TowerShape):
     image_size: int = 224
     patch_size: int = 16
-    pool: str = "tok"                  # "tok" (class token) or "avg" (mean of patch tokens)
+    pool: str = "tok"  # "tok" (class token) or "avg" (mean of patch tokens)
     ln_pre: bool = True
     final_ln_after_pool: bool = False
 
@@ -88,8 +94,8 @@ class VisionShape(TowerShape):
 class TextShape(TowerShape):
     context_length: int = 77
     vocab_size: int = 49408
-    pool: str = "argmax"               # "argmax" (EOT = largest id), "eos", "first" or "last"
-    eos_id: int = 2                    # used by pool="eos"
+    pool: str = "argmax"  # "argmax" (EOT = largest id), "eos", "first" or "last"
+    eos_id: int = 2  # used by pool="eos"
     causal: bool = True
     proj_bias: bool = False
 
@@ -113,7 +119,7 @@ class ClipShape:
     text: TextShape
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> "ClipShape":
+    def validate(self) -> ClipShape:
         self.vision.validate()
         self.text.validate()
         return self
@@ -125,14 +131,14 @@ class ClipShape:
     def tower(self, name: str) -> TowerShape:
         return {"image": self.vision, "text": self.text}[name]
 
-    def with_tower(self, name: str, shape: TowerShape) -> "ClipShape":
+    def with_tower(self, name: str, shape: TowerShape) -> ClipShape:
         return replace(self, **{"vision" if name == "image" else "text": shape})
 
     def to_dict(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim, "vision": asdict(self.vision), "text": asdict(self.text)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipShape":
+    def from_dict(cls, d: dict[str, Any]) -> ClipShape:
         try:
             return cls(
                 embed_dim=int(d["embed_dim"]),

@@ -33,13 +33,13 @@ class StageContext:
     """What a phase may read."""
 
     st: StageCfg
-    index: int                                # position of the stage in the recipe
-    source: ClipPackage                       # what the stage starts from (the previous stage's student)
-    original: ClipPackage                     # the original teacher: stage targets are fractions of it
-    teacher: ClipPackage | None               # who teaches this stage
+    index: int  # position of the stage in the recipe
+    source: ClipPackage  # what the stage starts from (the previous stage's student)
+    original: ClipPackage  # the original teacher: stage targets are fractions of it
+    teacher: ClipPackage | None  # who teaches this stage
     seed: int
     calib: Callable[[], list[dict[str, Any]]]  # calibration batches, built on first use
-    recipe: Any = None                        # the whole Recipe, for methods with their own sections
+    recipe: Any = None  # the whole Recipe, for methods with their own sections
 
 
 @dataclass
@@ -55,10 +55,10 @@ class Carry:
 class Phase:
     name: str
     build: Callable[[StageContext, Carry], None] | None = None
-    train: Callable[[StageCfg], StageCfg] | None = None       # the (sub-)config the train phase runs with;
+    train: Callable[[StageCfg], StageCfg] | None = None  # the (sub-)config the train phase runs with;
     task: Callable[[StageContext, Carry], StageTask] | None = None  # its name labels metrics and checkpoints
     finalize: bool = True
-    output: Callable[[StageCfg], str] | None = None            # save the model as this directory afterwards
+    output: Callable[[StageCfg], str] | None = None  # save the model as this directory afterwards
 
     def __post_init__(self) -> None:
         if (self.build is None) == (self.train is None):
@@ -73,7 +73,7 @@ class StageMethod:
 
     name = "base"
     needs_teacher = False  # True: the stage cannot run with teacher: none
-    compresses = True      # False: the stage makes a teacher, not a student (no scratch baseline for it)
+    compresses = True  # False: the stage makes a teacher, not a student (no scratch baseline for it)
 
     def phases(self, st: StageCfg) -> list[Phase]:
         raise NotImplementedError

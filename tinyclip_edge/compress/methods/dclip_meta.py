@@ -21,8 +21,9 @@ from .base import Carry, Phase, StageContext, StageMethod
 
 def _head_cfg(ctx: StageContext, dim: int) -> HeadCfg:
     d = ctx.recipe.dclip if ctx.recipe is not None and ctx.recipe.dclip is not None else DclipCfg()
-    return HeadCfg(dim=dim, heads=d.heads, max_regions=d.max_regions, max_spans=d.max_spans,
-                   pool_temperature=d.pool_temperature)
+    return HeadCfg(
+        dim=dim, heads=d.heads, max_regions=d.max_regions, max_spans=d.max_spans, pool_temperature=d.pool_temperature
+    )
 
 
 def _meta_task(ctx: StageContext, carry: Carry) -> StageTask:
@@ -39,8 +40,10 @@ class DclipMetaMethod(StageMethod):
 
     def check(self, st: StageCfg) -> None:
         if st.teacher != "none":
-            raise UserError(f"stage {st.name}: a dclip-meta stage trains its head on the frozen model it starts "
-                            "from and needs no distillation teacher; set teacher: none")
+            raise UserError(
+                f"stage {st.name}: a dclip-meta stage trains its head on the frozen model it starts "
+                "from and needs no distillation teacher; set teacher: none"
+            )
 
     def save(self, pkg: ClipPackage, path: Path) -> None:
         save_meta_teacher(pkg, path)

@@ -26,8 +26,9 @@ def _plan(ctx: StageContext, carry: Carry) -> None:
         return
     calib = ctx.calib() if st.importance == "activation" else None
     scores = compute_scores(source, st.importance, calib)
-    carry.notes["plan"] = KeepPlan(*(tower_plan(source.shape.tower(t), target.tower(t), scores[t], st.layer_selection)
-                                     for t in TOWERS))
+    carry.notes["plan"] = KeepPlan(
+        *(tower_plan(source.shape.tower(t), target.tower(t), scores[t], st.layer_selection) for t in TOWERS)
+    )
 
 
 def _slice(ctx: StageContext, carry: Carry) -> None:
@@ -38,8 +39,11 @@ class InheritMethod(StageMethod):
     name = "inherit"
 
     def phases(self, st: StageCfg) -> list[Phase]:
-        return [Phase("plan", build=_plan), Phase("slice", build=_slice),
-                Phase("distil", train=lambda s: s, task=lambda ctx, c: DistillTask(c.model))]
+        return [
+            Phase("plan", build=_plan),
+            Phase("slice", build=_slice),
+            Phase("distil", train=lambda s: s, task=lambda ctx, c: DistillTask(c.model)),
+        ]
 
     def calib_batches(self, st: StageCfg) -> int:
         return st.calib_batches if st.importance == "activation" else 0

@@ -44,8 +44,10 @@ def _prune_task(ctx: StageContext, carry: Carry) -> StageTask:
             continue
         budget[tower] = r * t_p[tower]
         if budget[tower] >= src_p[tower]:
-            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
-                            f"the model it prunes ({src_p[tower] / t_p[tower]:.2f}); stage targets must shrink")
+            raise UserError(
+                f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
+                f"the model it prunes ({src_p[tower] / t_p[tower]:.2f}); stage targets must shrink"
+            )
     # A copy of the model: the source may be the teacher itself, which must stay frozen and untouched.
     task = PruneTask(copy.deepcopy(carry.model), st.prune, budget, mask_steps(st), ctx.seed)
     task.plan()  # fail now, not after training, if the budget cannot be met at all
@@ -62,9 +64,11 @@ class PruneMethod(StageMethod):
     name = "prune"
 
     def phases(self, st: StageCfg) -> list[Phase]:
-        return [Phase("masks", train=_masks_cfg, task=_prune_task, finalize=False),
-                Phase("materialise", build=_materialise, output=lambda s: f"{s.name}.masks"),
-                Phase("distil", train=_distil_cfg, task=lambda ctx, c: DistillTask(copy.deepcopy(c.model)))]
+        return [
+            Phase("masks", train=_masks_cfg, task=_prune_task, finalize=False),
+            Phase("materialise", build=_materialise, output=lambda s: f"{s.name}.masks"),
+            Phase("distil", train=_distil_cfg, task=lambda ctx, c: DistillTask(copy.deepcopy(c.model))),
+        ]
 
     def provenance(self, st: StageCfg) -> dict[str, Any]:
         return {"mask_steps": mask_steps(st)}

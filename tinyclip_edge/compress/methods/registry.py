@@ -10,13 +10,15 @@ from .inherit import InheritMethod
 from .prune import PruneMethod
 from .scratch import ScratchMethod
 
-METHODS: dict[str, StageMethod] = {m.name: m for m in (InheritMethod(), PruneMethod(), ScratchMethod(),
-                                                       DclipMetaMethod())}
+METHODS: dict[str, StageMethod] = {
+    m.name: m for m in (InheritMethod(), PruneMethod(), ScratchMethod(), DclipMetaMethod())
+}
 
 
 def get_method(name: str, stage: str | None = None) -> StageMethod:
     if name not in METHODS:
         where = f"stage {stage}: " if stage else ""
-        raise UserError(f"{where}unknown method '{name}'{closest(str(name), METHODS)}; "
-                        f"choose from {', '.join(METHODS)}")
+        raise UserError(
+            f"{where}unknown method '{name}'{closest(str(name), METHODS)}; choose from {', '.join(METHODS)}"
+        )
     return METHODS[name]

@@ -22,4 +22,7 @@ class ScratchMethod(StageMethod):
     name = "scratch"
 
     def phases(self, st: StageCfg) -> list[Phase]:
-        return [Phase("init", build=_init), Phase("distil", train=lambda s: s, task=lambda ctx, c: DistillTask(c.model))]
+        return [
+            Phase("init", build=_init),
+            Phase("distil", train=lambda s: s, task=lambda ctx, c: DistillTask(c.model)),
+        ]

@@ -21,8 +21,10 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
             return ClipShape.from_dict(st.shape)
         unknown = set(st.shape) - {"image", "text"}
         if unknown:
-            raise UserError(f"stage {st.name}: shape has unknown towers {sorted(unknown)}; use image and text, "
-                            f"or a preset name ({', '.join(PRESETS)})")
+            raise UserError(
+                f"stage {st.name}: shape has unknown towers {sorted(unknown)}; use image and text, "
+                f"or a preset name ({', '.join(PRESETS)})"
+            )
         out = source
         for tower, spec in st.shape.items():
             out = out.with_tower(tower, explicit_tower(source, tower, spec or {}))
@@ -45,8 +47,10 @@ def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShap
             if abs(src_p[tower] - r * t_p[tower]) / t_p[tower] < 0.01:
                 relative[tower] = None  # already at the target
                 continue
-            raise UserError(f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
-                            f"the previous stage's {src_p[tower] / t_p[tower]:.2f}; stage targets must shrink")
+            raise UserError(
+                f"stage {st.name}: target {r} of the teacher's {tower} parameters is not smaller than "
+                f"the previous stage's {src_p[tower] / t_p[tower]:.2f}; stage targets must shrink"
+            )
         relative[tower] = rel
     return shape_for_ratio(source, relative, st.shape_policy)
 
