@@ -41,23 +41,11 @@ TINY = False  # --tiny: a tiny teacher instead of ViT-B/32 (set by main)
 @functools.lru_cache(maxsize=2)
 def vit_b32_shape() -> tuple[Any, str]:
     """The teacher's shape: from open_clip when installed, else the same numbers written out."""
-    from tinyclip_edge.models.presets import uniform_shape
+    from tinyclip_edge.models.presets import uniform_shape, vit_b_32_shape
 
     if TINY:
         return uniform_shape(64, 2, 2, embed_dim=32), "tiny teacher (--tiny: 64 wide, 2+2 layers, 32 px)"
-    shape = uniform_shape(
-        768,
-        12,
-        12,
-        image_size=224,
-        patch_size=32,
-        embed_dim=512,
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        vocab_size=49408,
-    )
+    shape = vit_b_32_shape()
     try:
         import open_clip  # noqa: F401
     except ImportError:

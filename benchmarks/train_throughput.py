@@ -25,7 +25,7 @@ from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.data import scenes
 from tinyclip_edge.models import ClipModel, ClipPackage, save_model_dir
-from tinyclip_edge.models.presets import uniform_shape
+from tinyclip_edge.models.presets import vit_b_32_shape
 
 
 def main() -> None:
@@ -38,19 +38,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
     work = args.out / "throughput-run"
-    shape = uniform_shape(
-        768,
-        12,
-        12,
-        image_size=224,
-        patch_size=32,
-        embed_dim=512,
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        vocab_size=49408,
-    )
+    shape = vit_b_32_shape()
     teacher = ClipPackage(
         ClipModel(shape),
         Preprocess.from_dict(scenes.preprocess_config(224)),

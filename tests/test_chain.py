@@ -15,25 +15,13 @@ from tinyclip_edge.compress.recipe import PruneCfg, StageCfg, load_recipe
 from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.compress.shapes import shape_for_ratio
 from tinyclip_edge.models import load_model_dir, save_model_dir
-from tinyclip_edge.models.presets import preset_shape, uniform_shape
+from tinyclip_edge.models.presets import preset_shape, vit_b_32_shape
 from tinyclip_edge.models.shape import TOWERS
 
 TEACHERS = {
     "scenes": preset_shape("scenes-teacher"),
     # ViT-B/32-like proportions, so the planner also sees deep and wide towers
-    "b32": uniform_shape(
-        768,
-        12,
-        12,
-        image_size=224,
-        patch_size=32,
-        embed_dim=512,
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        vocab_size=49408,
-    ),
+    "b32": vit_b_32_shape(),
 }
 
 

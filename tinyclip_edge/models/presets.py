@@ -44,12 +44,9 @@ def uniform_shape(
     ).validate()
 
 
-# vocab_size 35 = the scenes word vocabulary (31 words) + pad, start, unknown and end-of-text.
-PRESETS = {
-    # the quick start's teacher: ~1.7M parameters, ~400 training samples/s on 2 CPU cores
-    "scenes-teacher": lambda: uniform_shape(128, 4, 4, embed_dim=128),
-    # benchmarks/compression.py --scale b32: ViT-B/32's towers (224 px, 12+12 layers) on the scenes vocabulary
-    "vit-b-32-scenes": lambda: uniform_shape(
+def vit_b_32_shape(vocab_size: int = 49408) -> ClipShape:
+    """OpenAI/open_clip ViT-B/32's shape (224 px, 12+12 layers, context 77); 49408 is its BPE vocabulary."""
+    return uniform_shape(
         768,
         12,
         12,
@@ -60,7 +57,16 @@ PRESETS = {
         text_layers=12,
         text_heads=8,
         context_length=77,
-    ),
+        vocab_size=vocab_size,
+    )
+
+
+# vocab_size 35 = the scenes word vocabulary (31 words) + pad, start, unknown and end-of-text.
+PRESETS = {
+    # the quick start's teacher: ~1.7M parameters, ~400 training samples/s on 2 CPU cores
+    "scenes-teacher": lambda: uniform_shape(128, 4, 4, embed_dim=128),
+    # benchmarks/compression.py --scale b32: ViT-B/32's towers (224 px, 12+12 layers) on the scenes vocabulary
+    "vit-b-32-scenes": lambda: vit_b_32_shape(vocab_size=35),
     # unit tests: builds and runs in milliseconds
     "scenes-tiny": lambda: uniform_shape(64, 2, 2, embed_dim=32),
 }
