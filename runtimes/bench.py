@@ -308,12 +308,13 @@ def _call(rt: Runtime, tower: str, batch: int, end_to_end: bool, device: str) ->
 
 
 def _token_ids(rt: Runtime, captions: list[str]) -> np.ndarray:
-    try:
+    """Real token ids from the artifact's tokenizer. Only an artifact that carries none (a bare nn.Module) gets
+    synthetic ids; a tokenizer that is there but broken is the user's error, never silently replaced."""
+    if rt.tokenizer_cfg:
         return rt.tokenize(captions)
-    except UserError:  # no tokenizer (a bare nn.Module): start token, a few words, end-of-text as the largest id
-        ids = np.zeros((len(captions), rt.input_spec().context_length), dtype=np.int64)
-        ids[:, 0], ids[:, 1:6], ids[:, 6] = 1, 2, 3
-        return ids
+    ids = np.zeros((len(captions), rt.input_spec().context_length), dtype=np.int64)
+    ids[:, 0], ids[:, 1:6], ids[:, 6] = 1, 2, 3  # start token, a few words, end-of-text as the largest id
+    return ids
 
 
 def _on_device(x: np.ndarray, rt: Runtime, device: str) -> Any:

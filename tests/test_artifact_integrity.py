@@ -216,7 +216,8 @@ def test_manifest_that_is_not_an_object(bundles, tmp_path):
 
 
 def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
-    """A BPE vocabulary that is not one (its digest recorded): parity tokenizes captions and says so in one line."""
+    """A BPE vocabulary that is not one (its digest recorded): parity and bench both tokenize captions and say so
+    in one line (bench used to time synthetic token ids instead)."""
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     (bundle / "tokenizer").mkdir()
     (bundle / "tokenizer" / "bpe.txt.gz").write_bytes(b"not gzip at all")
@@ -230,6 +231,8 @@ def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
         ["parity", bundle, "--data", "scenes:val", "--count", "4", "--out", tmp_path / "p", "--quiet"],
         "tokenizer vocabulary",
     )
+    _fails(COMMANDS["bench"](bundle, tmp_path) + ["--tower", "text"], "tokenizer vocabulary")
+    assert not (tmp_path / "bench").exists()
 
 
 def test_good_bundle_passes_every_check(bundles, tmp_path):
