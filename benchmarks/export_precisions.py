@@ -65,8 +65,7 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         report = run_parity(bundle, data=args.data, count=args.count, teacher=args.teacher, device=args.device)
-        atomic_write_text(bundle / "parity.md", report.to_markdown())
-        atomic_write_json(bundle / "parity.json", report.to_dict())
+        report.write(bundle)
         rows.append(_row(precision, seconds, json.loads((bundle / "manifest.json").read_text()), report))
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(args.out / "precisions.json", rows)

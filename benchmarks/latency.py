@@ -169,8 +169,11 @@ def run_cuda(args: argparse.Namespace) -> Any:
             )
         )
     report = reports[0]
-    for r in reports[1:]:
+    for r in reports[1:]:  # per-batch runtimes (cudagraph) appear in one report each: merge artifacts and rows
+        known = {a["name"] for a in report.artifacts}
+        report.artifacts += [a for a in r.artifacts if a["name"] not in known]
         report.rows += r.rows
+    report.add_speedups()  # against the merged report's first artifact, for every batch
     report.settings["batches"] = list(batches)
     report.settings["modes"] = list(args.modes)
     report.settings["precisions"] = list(args.precisions)

@@ -31,6 +31,7 @@ from .report import (
     Check,
     ParityReport,
     TaskScores,
+    TeacherView,
     Tolerance,
 )
 
@@ -428,14 +429,14 @@ def _compare(
 
 def _teacher_view(
     pkg: Any, name: str, inp: _Inputs, student: _Embeddings, student_preds: tuple[Any, Any], batch: int, progress: bool
-) -> dict[str, Any]:
+) -> TeacherView:
     """Student vs teacher on the same pairs: embedding cosine where dims match, top-1 agreement."""
     with open_runtime(pkg, backend="pyt") as rt:
         _check_vocab(inp.tokens, pkg.shape.text.vocab_size, "teacher")
         emb = _Embeddings(rt, inp, batch, "teacher", progress)
-    view: dict[str, Any] = {"spec": name, "tasks": _tasks(emb, inp, student_preds).__dict__}
+    view = TeacherView(name, _tasks(emb, inp, student_preds))
     if emb.image is not None and student.image is not None and emb.image.shape == student.image.shape:
-        view["cosine"] = {
+        view.cosine = {
             t: {"mean_cosine": float(c.mean()), "min_cosine": float(c.min())}
             for t, c in (
                 ("image", M.row_cosine(student.image, emb.image)),
@@ -444,6 +445,5 @@ def _teacher_view(
         }
     else:
         dims = (student.image.shape[-1], emb.image.shape[-1]) if emb.image is not None else ("?", "?")
-        view["cosine"] = None
-        view["cosine_note"] = f"student {dims[0]}-d vs teacher {dims[1]}-d embeddings"
+        view.cosine_note = f"student {dims[0]}-d vs teacher {dims[1]}-d embeddings"
     return view

@@ -1,38 +1,57 @@
-"""``ParityReport``: what parity measured, the checks with their thresholds, JSON and markdown forms."""
+"""``ParityReport``: what parity measured, the checks with their thresholds, JSON and markdown forms.
+
+The report is a versioned file (``parity.json``, format ``tinyclip-edge/parity``): every field below is typed
+and ranged, ``ParityReport.read`` validates a file against them and checks that each verdict (a check's
+``passed``, the report's ``passed``, an artifact's ``batch_invariant``) follows from the numbers it is
+derived from. A report that says PASS over a failing number was edited or is corrupt, and is refused.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from ..common.errors import UserError
+from ..common.io import atomic_write_text, read_json
+from ..common.schemas import PARITY_FORMAT, PARITY_NAME, PARITY_VERSION, VersionedFile, in_file
+from ..common.typed import Range
 
 if TYPE_CHECKING:
     from ..common.embeddings import PairedDelta
+
+Fraction = Annotated[float, Range(0.0, 1.0)]
+Points = Annotated[float, Range(-100.0, 100.0)]
+NonNegative = Annotated[float, Range(0.0, None)]
+Count = Annotated[int, Range(0, None)]
+Tower = Literal["image", "text"]
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
 
 
 @dataclass
 class Tolerance:
     """What parity demands of an artifact; every field has a domain (``check_domains``)."""
 
-    min_cosine: float  # per tower, every row, in [-1, 1]
-    min_agreement: float | None = None  # top-1 agreement with PyTorch on confident queries, a fraction in [0, 1]
-    max_abs: float | None = None  # per tower, largest absolute difference, >= 0
+    min_cosine: Annotated[float, Range(-1.0, 1.0)]  # per tower, every row
+    min_agreement: Fraction | None = None  # top-1 agreement with PyTorch on confident queries
+    max_abs: NonNegative | None = None  # per tower, largest absolute difference
     # Task checks: an artifact fails when its R@1 or zero-shot top-1 is significantly below the reference's
-    # (the paired interval's upper end < 0) AND the drop is larger than this many points (0..100).
-    max_task_drop: float | None = None
-    # Agreement counts only queries whose reference top-1 beats its runner-up by more than this (cosine units,
-    # in [0, 2]); closer ones are near-ties that tiny numeric differences flip, for better or worse.
-    agreement_margin: float = 0.01
-    confidence: float = 0.95  # of the task intervals (two-sided), in (0, 1)
+    # (the paired interval's upper end < 0) AND the drop is larger than this many points.
+    max_task_drop: Annotated[float, Range(0.0, 100.0)] | None = None
+    # Agreement counts only queries whose reference top-1 beats its runner-up by more than this (cosine units);
+    # closer ones are near-ties that tiny numeric differences flip, for better or worse.
+    agreement_margin: Annotated[float, Range(0.0, 2.0)] = 0.01
+    confidence: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.95  # of the task intervals
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def check_domains(self) -> None:
-        """One clear error per value outside its domain (e.g. --min-cosine 7, or agreement given in percent)."""
-        from ..common.errors import UserError
-
+        """One clear error per value outside its domain, in the CLI's words (e.g. --min-cosine 7, or agreement
+        given in percent); the same domains as the field types, which guard files."""
         if not -1.0 <= self.min_cosine <= 1.0:
             raise UserError(f"--min-cosine must be a cosine similarity in [-1, 1], got {self.min_cosine:g}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
@@ -64,88 +83,136 @@ BATCH_INVARIANT_MAX_ABS = 1e-5  # embeddings at batch 1 and batch N closer than 
 @dataclass
 class Check:
     artifact: str
-    scope: str  # "image" | "text" | "retrieval" | "zero-shot"
-    metric: str  # "min_cosine" | "max_abs" | "confident_top1_agreement" | "delta_points"
-    value: float
+    scope: Literal["image", "text", "retrieval", "zero-shot"]
+    metric: Literal["min_cosine", "max_abs", "confident_top1_agreement", "delta_points"]
+    value: float | None  # None in a file: the measurement was NaN (JSON has no NaN), which never passes
     threshold: float
     passed: bool
     interval: list[float] | None = None  # delta_points: the paired interval of the change, in points
 
+    def rule(self) -> bool:
+        """Whether the value meets the threshold: the one definition of each metric's verdict."""
+        v = self.value
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return False
+        if self.metric == "delta_points":  # fails only when significantly negative AND beyond the allowed drop
+            return not (self.interval is not None and self.interval[1] < 0 and v < self.threshold)
+        return bool(v <= self.threshold) if self.metric == "max_abs" else bool(v >= self.threshold)
+
+    def validate_fields(self, path: str) -> None:
+        if self.metric == "delta_points" and (self.interval is None or len(self.interval) != 2):
+            raise UserError(f"'{path}.interval' of a delta_points check must be [low, high], got {self.interval!r}")
+        if self.passed != self.rule():
+            raise UserError(
+                f"'{path}.passed' is {str(self.passed).lower()} but {self.metric} {self.value} against "
+                f"{self.threshold} {'passes' if self.rule() else 'fails'}: the report was edited or is corrupt; "
+                "run parity again"
+            )
+
+    @classmethod
+    def _judged(cls, *fields: Any) -> Check:
+        c = cls(*fields, passed=False) if len(fields) == 5 else cls(*fields[:5], False, fields[5])
+        c.passed = c.rule()
+        return c
+
     @classmethod
     def at_least(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
-        return cls(artifact, scope, metric, value, threshold, bool(value >= threshold))
+        return cls._judged(artifact, scope, metric, value, threshold)
 
     @classmethod
     def at_most(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
-        return cls(artifact, scope, metric, value, threshold, bool(value <= threshold))
+        return cls._judged(artifact, scope, metric, value, threshold)
 
     @classmethod
     def task_drop(cls, artifact: str, scope: str, delta: PairedDelta, max_drop: float) -> Check:
         """Fails only when the change is significantly negative (interval entirely below 0) AND below -max_drop."""
-        pts = [100 * delta.delta, 100 * delta.low, 100 * delta.high]
-        failed = pts[2] < 0 and pts[0] < -max_drop
-        return cls(artifact, scope, "delta_points", pts[0], -max_drop, not failed, pts[1:])
+        return cls._judged(
+            artifact, scope, "delta_points", 100 * delta.delta, -max_drop, [100 * delta.low, 100 * delta.high]
+        )
 
 
 @dataclass
 class TaskScores:
     """Task-level numbers of one model on the parity data (None when not measurable)."""
 
-    retrieval_r1: float | None = None
-    retrieval_agreement: float | None = None  # raw: with the PyTorch reference (or, for the teacher, the student)
-    zero_shot_top1: float | None = None
-    zero_shot_agreement: float | None = None
+    retrieval_r1: Fraction | None = None
+    retrieval_agreement: Fraction | None = None  # raw: with the PyTorch reference (or, for the teacher, the student)
+    zero_shot_top1: Fraction | None = None
+    zero_shot_agreement: Fraction | None = None
     # median similarity margin, in the reference's own scores, between its top-1 caption and the one this model
     # picked instead (disagreements only): tiny values mean the disagreements are near-ties
     retrieval_disagreement_margin: float | None = None
     # agreement over the queries whose reference top-1 margin exceeds Tolerance.agreement_margin, and how many
-    retrieval_agreement_confident: float | None = None
-    retrieval_confident_queries: int | None = None
-    zero_shot_agreement_confident: float | None = None
-    zero_shot_confident_queries: int | None = None
+    retrieval_agreement_confident: Fraction | None = None
+    retrieval_confident_queries: Count | None = None
+    zero_shot_agreement_confident: Fraction | None = None
+    zero_shot_confident_queries: Count | None = None
     # change against the reference in points (artifact - reference) with its paired interval [low, high]
-    retrieval_r1_delta: float | None = None
-    retrieval_r1_delta_interval: list[float] | None = None
-    zero_shot_top1_delta: float | None = None
-    zero_shot_top1_delta_interval: list[float] | None = None
+    retrieval_r1_delta: Points | None = None
+    retrieval_r1_delta_interval: list[Points] | None = None
+    zero_shot_top1_delta: Points | None = None
+    zero_shot_top1_delta_interval: list[Points] | None = None
+
+    def validate_fields(self, path: str) -> None:
+        for key in ("retrieval_r1_delta_interval", "zero_shot_top1_delta_interval"):
+            v = getattr(self, key)
+            if v is not None and (len(v) != 2 or v[0] > v[1]):
+                raise UserError(f"'{path}.{key}' must be [low, high] with low <= high, got {v!r}")
 
 
 @dataclass
 class ArtifactResult:
     name: str  # e.g. "onnxrt" or "trt"
     backend: str
-    precision: str
-    towers: dict[str, dict[str, float]]  # tower -> max_abs / mean_abs / min_cosine / mean_cosine
+    precision: Precision
+    towers: dict[Tower, dict[str, float | None]]  # tower -> max_abs / mean_abs / min_cosine / mean_cosine
     tasks: TaskScores = field(default_factory=TaskScores)
     provider: str | None = None  # ONNX Runtime execution provider that ran it
     # tower -> max abs difference between each input's embedding computed alone (batch 1) and in a batch
-    batch_invariance: dict[str, float] = field(default_factory=dict)
-    batch_invariance_batch: int | None = None  # the batch size N of that comparison
+    batch_invariance: dict[Tower, NonNegative | None] = field(default_factory=dict)
+    batch_invariance_batch: Annotated[int, Range(1, None)] | None = None  # the batch size N of that comparison
 
     @property
     def batch_invariant(self) -> bool | None:
         if not self.batch_invariance:
             return None
-        return all(v <= BATCH_INVARIANT_MAX_ABS for v in self.batch_invariance.values())
+        return all(v is not None and v <= BATCH_INVARIANT_MAX_ABS for v in self.batch_invariance.values())
 
 
 @dataclass
-class ParityReport:
+class TeacherView:
+    """The compression view: the student (the PyTorch reference) against the teacher on the same pairs."""
+
+    spec: str
+    tasks: TaskScores
+    # per tower mean_cosine / min_cosine, when student and teacher embeddings have the same width
+    cosine: dict[Tower, dict[str, float | None]] | None = None
+    cosine_note: str | None = None  # why the cosine is not comparable
+
+
+@dataclass
+class ParityReport(VersionedFile):
+    WHAT: ClassVar[str] = "tinyclip-edge parity report"
+    FORMAT: ClassVar[str] = PARITY_FORMAT
+    VERSION: ClassVar[int] = PARITY_VERSION
+
     bundle: str
-    precision: str
+    precision: Precision
     reference: str
     data: str  # the data spec, or "random" (fallback without data)
-    samples: int
+    samples: Annotated[int, Range(1, None)]
     normalized: bool
     tolerance: Tolerance
     reference_tasks: TaskScores
     artifacts: list[ArtifactResult]
     checks: list[Check]
-    teacher: dict[str, Any] | None = None
+    teacher: TeacherView | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # captions, distinct captions, distinct token sequences of the parity data (None for random inputs)
-    data_quality: dict[str, int] | None = None
+    data_quality: dict[str, Count] | None = None
+    format: Literal["tinyclip-edge/parity"] = PARITY_FORMAT
+    format_version: Annotated[int, Range(1, PARITY_VERSION)] = PARITY_VERSION
 
     @property
     def passed(self) -> bool:
@@ -167,6 +234,58 @@ class ParityReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    # ------------------------------------------------------------------ read / write
+    @classmethod
+    def from_data(cls, data: Any, file: str | os.PathLike = "") -> ParityReport:
+        """Validate a parsed ``parity.json``; the derived fields (``passed``, ``artifacts[].batch_invariant``)
+        must agree with what they are derived from."""
+        if not isinstance(data, dict) or not isinstance(data.get("artifacts", []), list):
+            return super().from_data(data, file)
+        data = dict(data)
+        passed = data.pop("passed", None)
+        derived = []
+        arts = []
+        for a in data.get("artifacts", []):
+            a = dict(a) if isinstance(a, dict) else a
+            derived.append(a.pop("batch_invariant", None) if isinstance(a, dict) else None)
+            arts.append(a)
+        if "artifacts" in data:
+            data["artifacts"] = arts
+        report = super().from_data(data, file)
+
+        def consistent() -> None:
+            if passed is not None and passed != report.passed:
+                raise UserError(
+                    f"'passed' is {str(passed).lower()} but the checks say {str(report.passed).lower()}: the "
+                    "report was edited or is corrupt; run parity again"
+                )
+            for i, (said, art) in enumerate(zip(derived, report.artifacts)):
+                if said is not None and said != art.batch_invariant:
+                    raise UserError(
+                        f"'artifacts.{i}.batch_invariant' is {str(said).lower()} but its batch_invariance "
+                        f"{art.batch_invariance} says otherwise: the report was edited or is corrupt"
+                    )
+
+        in_file(file, consistent)
+        return report
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ParityReport:
+        """A validated report from ``parity.json`` or a directory holding one (a bundle, a ``parity --out``)."""
+        path = Path(path)
+        file = path / PARITY_NAME if path.is_dir() else path
+        return cls.from_data(read_json(file, what="parity report"), file)
+
+    def write(self, out_dir: str | os.PathLike) -> Path:
+        """Validate, then atomically write ``parity.json`` and ``parity.md`` into `out_dir`; the JSON path."""
+        out = Path(out_dir)
+        data = self.to_dict()
+        type(self).from_data(json.loads(json.dumps(data)), out / PARITY_NAME)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / PARITY_NAME, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(out / Path(PARITY_NAME).with_suffix(".md"), self.to_markdown())
+        return out / PARITY_NAME
+
     def to_markdown(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         lines = [
@@ -182,8 +301,9 @@ class ParityReport:
         for a in self.artifacts:
             for tower, d in a.towers.items():
                 lines.append(
-                    f"| {a.name} {a.precision} | {tower} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | "
-                    f"{d['min_cosine']:.6f} | {d['mean_cosine']:.6f} |"
+                    f"| {a.name} {a.precision} | {tower} | {_fmt(d.get('max_abs'), '.3g')} | "
+                    f"{_fmt(d.get('mean_abs'), '.3g')} | {_fmt(d.get('min_cosine'), '.6f')} | "
+                    f"{_fmt(d.get('mean_cosine'), '.6f')} |"
                 )
         eps = self.tolerance.agreement_margin
         lines += [
@@ -204,7 +324,7 @@ class ParityReport:
             ]
             lines += [
                 f"| {a.name} {a.precision} | "
-                + ", ".join(f"{t} {v:.3g}" for t, v in a.batch_invariance.items())
+                + ", ".join(f"{t} {_fmt(v, '.3g')}" for t, v in a.batch_invariance.items())
                 + f" (N={a.batch_invariance_batch}) | {'yes' if a.batch_invariant else 'NO'} |"
                 for a in inv
             ]
@@ -257,7 +377,7 @@ def _task_row(name: str, t: TaskScores, margin: bool = True) -> str:
 def _check_value(c: Check) -> str:
     if c.metric == "delta_points":
         return _delta(c.value, c.interval)
-    return f"{c.value:.6g}"
+    return _fmt(c.value, ".6g")
 
 
 def _check_rule(c: Check) -> str:
@@ -266,20 +386,30 @@ def _check_rule(c: Check) -> str:
     return f"{'<=' if c.metric == 'max_abs' else '>='} {c.threshold:.6g}"
 
 
-def _teacher_section(t: dict[str, Any]) -> str:
-    cos = t.get("cosine")
+def _teacher_section(t: TeacherView) -> str:
     cos_text = (
-        "; ".join(f"{k} mean cosine {v['mean_cosine']:.4f} (min {v['min_cosine']:.4f})" for k, v in cos.items())
-        if cos
-        else f"embedding cosine not comparable ({t.get('cosine_note', 'dims differ')})"
+        "; ".join(
+            f"{k} mean cosine {_num(v.get('mean_cosine'))} (min {_num(v.get('min_cosine'))})"
+            for k, v in t.cosine.items()
+        )
+        if t.cosine
+        else f"embedding cosine not comparable ({t.cosine_note or 'dims differ'})"
     )
-    tasks = TaskScores(**t["tasks"])
     return (
         "## Compression view: student (PyTorch reference) vs teacher\n\n"
-        f"teacher: {t['spec']} | {cos_text}\n\n"
+        f"teacher: {t.spec} | {cos_text}\n\n"
         "| model | R@1 image->text | top-1 agreement with student | zero-shot top-1 | zero-shot agreement |\n"
-        "|---|---|---|---|---|\n" + _task_row("teacher", tasks, margin=False)
+        "|---|---|---|---|---|\n" + _task_row("teacher", t.tasks, margin=False)
     )
+
+
+def _num(x: float | None) -> str:
+    return _fmt(x, ".4f")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    """A number in a table; NaN (in memory) and null (read back from JSON) both show as 'nan'."""
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _finite(obj: Any) -> Any:

@@ -1,19 +1,33 @@
-"""The latency benchmark's report: statistics, JSON / CSV / markdown / text table, and a plot."""
+"""The latency benchmark's report: statistics, JSON / CSV / markdown / text table, and a plot.
+
+``bench.json`` is a versioned file (format ``tinyclip-edge/bench``). Rows and artifacts stay plain dicts in
+memory (the CSV and tables are generic over columns), and their schemas are ``BenchRow`` and ``BenchArtifact``:
+``BenchReport.save`` validates against them before writing and ``BenchReport.read`` validates a file, including
+that the percentiles are ordered and that each speed-up is the first artifact's p50 over the row's.
+``device`` and ``settings`` describe the machine and the run and are free-form mappings.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
-from ..common.io import atomic_path, atomic_write_json, atomic_write_text
+from ..common.errors import UserError
+from ..common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from ..common.schemas import BENCH_FORMAT, BENCH_STEM, BENCH_VERSION, VersionedFile, in_file
+from ..common.typed import Range, from_dict
 
-BENCH_FORMAT = "tinyclip-edge/bench"
+Ms = Annotated[float, Range(0.0, None)]
+NonNegative = Annotated[float, Range(0.0, None)]
+SPEEDUP_RTOL = 1e-9  # a recorded speed-up must equal the recomputed one to rounding
 
 # (column, header, format) for the human tables; the JSON and CSV hold every field
 COLUMNS = [
@@ -50,18 +64,117 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict[str, float]:
 
 
 @dataclass
-class BenchReport:
+class BenchRow:
+    """One timed cell: an artifact's tower at one batch size (``latency_stats`` plus what was measured beside)."""
+
+    artifact: str
+    tower: Literal["image", "text"]
+    batch: Annotated[int, Range(1, None)]
+    backend: str
+    precision: str | None
+    iters: Annotated[int, Range(1, None)]
+    p50_ms: Ms
+    p90_ms: Ms
+    p99_ms: Ms
+    mean_ms: Ms
+    std_ms: Ms
+    min_ms: Ms
+    max_ms: Ms
+    throughput: NonNegative  # items per second
+    memory_mb: float | None = None  # process RSS growth when opened + peak while warming up
+    gpu_memory_mb: float | None = None
+    speedup: NonNegative | None = None  # the first artifact's p50 / this row's p50, same tower and batch
+    power_w: NonNegative | None = None  # tegrastats (Jetson)
+    power_samples: Annotated[int, Range(0, None)] | None = None
+    power_rail: str | None = None
+    energy_mj_per_item: NonNegative | None = None
+    dynamic_energy_mj_per_item: NonNegative | None = None
+
+    def validate_fields(self, path: str) -> None:
+        order = [self.min_ms, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms]
+        if any(a > b * (1 + 1e-9) for a, b in zip(order, order[1:])) or not (
+            self.min_ms * (1 - 1e-9) <= self.mean_ms <= self.max_ms * (1 + 1e-9)
+        ):
+            raise UserError(
+                f"'{path}' latencies are out of order (min {self.min_ms}, p50 {self.p50_ms}, p90 {self.p90_ms}, "
+                f"p99 {self.p99_ms}, max {self.max_ms}, mean {self.mean_ms}): the report was edited or is corrupt"
+            )
+
+
+@dataclass
+class BenchArtifact:
+    """What was benchmarked (``runtimes.artifacts.ArtifactInfo.to_dict()``) and what opening it cost."""
+
+    name: str
+    path: str | None
+    backend: str
+    kind: str
+    towers: list[Literal["image", "text"]]
+    precision: str | None
+    size_bytes: Annotated[int, Range(0, None)]
+    params: Annotated[int, Range(0, None)] | None = None
+    params_by_tower: dict[str, Annotated[int, Range(0, None)]] | None = None
+    batch_range: dict[str, list[int | None]] = field(default_factory=dict)
+    open_mb: float | None = None
+    gpu_memory_mb: float | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)  # Runtime.describe()
+
+
+@dataclass
+class BenchReport(VersionedFile):
+    WHAT: ClassVar[str] = "tinyclip-edge bench report"
+    FORMAT: ClassVar[str] = BENCH_FORMAT
+    VERSION: ClassVar[int] = BENCH_VERSION
+
     device: dict[str, Any]  # devices.device_facts()
     settings: dict[str, Any]  # batches, tower, iters/seconds, warm-up, end_to_end, ...
-    artifacts: list[dict[str, Any]] = field(default_factory=list)  # name, path, backend, precision, size, params
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per artifact x tower x batch
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # BenchArtifact fields
+    rows: list[dict[str, Any]] = field(default_factory=list)  # BenchRow fields; one per artifact x tower x batch
     notes: list[str] = field(default_factory=list)
-    written: dict[str, Path] = field(default_factory=dict, repr=False)  # set by save(); not serialised
+    written: dict[str, Path] = field(default_factory=dict, repr=False, init=False)  # set by save(); not in files
+    format: Literal["tinyclip-edge/bench"] = BENCH_FORMAT
+    format_version: Annotated[int, Range(1, BENCH_VERSION)] = BENCH_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("written")
-        return {"format": BENCH_FORMAT, "format_version": 1, **d}
+        return d
+
+    # ------------------------------------------------------------------ read / validate
+    @classmethod
+    def from_data(cls, data: Any, file: str | os.PathLike = "") -> BenchReport:
+        """Validate a parsed ``bench.json``: the envelope, then every artifact and row against its schema."""
+        report = super().from_data(data, file)
+        in_file(file, report.validate_contents)
+        return report
+
+    def validate_contents(self) -> None:
+        """Every artifact and row against ``BenchArtifact`` / ``BenchRow``, and each speed-up recomputed."""
+        for i, a in enumerate(self.artifacts):
+            from_dict(BenchArtifact, a, f"artifacts.{i}", "field")
+        names = [a["name"] for a in self.artifacts]
+        if len(set(names)) != len(names):
+            raise UserError(f"'artifacts' names are not unique: {names}")
+        for i, r in enumerate(self.rows):
+            from_dict(BenchRow, r, f"rows.{i}", "field")
+            if names and r["artifact"] not in names:
+                raise UserError(f"'rows.{i}.artifact' is {r['artifact']!r}, which is not among the artifacts {names}")
+        base = {(r["tower"], r["batch"]): r["p50_ms"] for r in self.rows if names and r["artifact"] == names[0]}
+        for i, r in enumerate(self.rows):
+            ref, got = base.get((r["tower"], r["batch"])), r.get("speedup")
+            want = ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None
+            if got is not None and (want is None or not math.isclose(got, want, rel_tol=SPEEDUP_RTOL)):
+                raise UserError(
+                    f"'rows.{i}.speedup' is {got} but the first artifact's p50 over this row's is {want}: the "
+                    "report was edited or is corrupt"
+                )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> BenchReport:
+        """A validated report from ``bench.json`` or a directory holding one."""
+        path = Path(path)
+        file = path / f"{BENCH_STEM}.json" if path.is_dir() else path
+        return cls.from_data(read_json(file, what="bench report"), file)
 
     def add_speedups(self) -> None:
         """speedup = the first artifact's p50 / this row's p50, for the same tower and batch (>1: faster)."""
@@ -183,8 +296,9 @@ class BenchReport:
         plt.close(fig)
         return True
 
-    def save(self, out_dir: str | os.PathLike, stem: str = "bench") -> dict[str, Path]:
-        """Write <stem>.json, .csv, .md and .png (when matplotlib is there) into out_dir."""
+    def save(self, out_dir: str | os.PathLike, stem: str = BENCH_STEM) -> dict[str, Path]:
+        """Validate, then write <stem>.json, .csv, .md and .png (when matplotlib is there) into out_dir."""
+        type(self).from_data(json.loads(json.dumps(self.to_dict())), Path(out_dir) / f"{stem}.json")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}

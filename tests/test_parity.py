@@ -52,8 +52,8 @@ def test_parity_fp32_with_teacher(tmp_path, tiny_model_dir):
     assert art.tasks.retrieval_agreement == 1.0 and art.tasks.zero_shot_agreement == 1.0
     assert report.reference_tasks.retrieval_r1 is not None and report.reference_tasks.zero_shot_top1 is not None
     t = report.teacher
-    assert t["spec"] == str(teacher.resolve()) and set(t["cosine"]) == {"image", "text"}  # both 32-d: comparable
-    assert t["tasks"]["retrieval_agreement"] is not None
+    assert t.spec == str(teacher.resolve()) and set(t.cosine) == {"image", "text"}  # both 32-d: comparable
+    assert t.tasks.retrieval_agreement is not None
     d = json.loads(report.to_json())
     assert d["passed"] is True and d["tolerance"]["min_cosine"] == 0.9999 and d["notes"] == []
     md = report.to_markdown()

@@ -296,7 +296,7 @@ def parity_cmd(
     quiet: bool,
 ) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
-    from ..common.io import atomic_write_text
+    from ..common.schemas import PARITY_NAME
     from ..export import run_parity
 
     _builtin_teachers(reference, teacher)
@@ -318,16 +318,15 @@ def parity_cmd(
     )
     out = out or bundle
     try:
-        atomic_write_text(out / "parity.json", report.to_json())
-        atomic_write_text(out / "parity.md", report.to_markdown())
+        report.write(out)
     except OSError as e:
         raise UserError(f"cannot write the parity report to {out}: {e.strerror or e}") from None
     click.echo(report.to_markdown())
     failed = report.failures()
     if not report:
-        click.echo(f"parity FAILED: {len(failed)} of {len(report.checks)} checks ({out / 'parity.md'})", err=True)
+        click.echo(f"parity FAILED: {len(failed)} of {len(report.checks)} checks ({out / PARITY_NAME})", err=True)
         ctx.exit(1)
-    click.echo(f"parity passed: {len(report.checks)} checks ({out / 'parity.json'})")
+    click.echo(f"parity passed: {len(report.checks)} checks ({out / PARITY_NAME})")
 
 
 COMMANDS: list[click.Command] = [export_cmd, parity_cmd]

@@ -99,8 +99,7 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
                 count=cfg.parity_count,
                 progress=False,
             )
-            atomic_write_json(bundle / "parity.json", rep.to_dict())
-            atomic_write_text(bundle / "parity.md", rep.to_markdown())
+            rep.write(bundle)
             parity[key] = rep.to_dict()
             rows.append(_parity_row(key, rep))
             if not rep:

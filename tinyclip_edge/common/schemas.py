@@ -4,6 +4,10 @@
   ``models.package``, which knows the architecture).
 - ``BundleManifest``: an export bundle's ``manifest.json``.
 - ``EngineSidecar``: the ``<tower>.engine.json`` next to a TensorRT engine.
+- The two reports build on ``VersionedFile`` beside the code that renders them (their file names and formats are
+  defined here): ``export.report.ParityReport`` (``parity.json``) and ``runtimes.report.BenchReport``
+  (``bench.json``). Their ``read`` checks types and ranges and that derived fields (a verdict, a speed-up)
+  agree with the numbers they are derived from, so an edited or corrupt report is an error, not a wrong table.
 
 ``read`` validates every field's type and range (``common.typed``), that every path the file names stays inside
 the artifact's directory (symlinks resolved), and for bundles that every file's recorded sha256 matches
@@ -35,10 +39,14 @@ CONFIG_NAME = "config.json"  # model directory
 WEIGHTS_NAME = "model.safetensors"  # model directory
 SIDECAR_SUFFIX = ".json"  # <engine file name> + this = the engine's sidecar
 ENGINE_SUFFIXES = (".engine", ".plan")
+PARITY_NAME = "parity.json"  # + parity.md; in the bundle unless `parity --out` says elsewhere
+BENCH_STEM = "bench"  # bench.json, .csv, .md, .png
 
 MODEL_FORMAT, MODEL_VERSION = "tinyclip-edge/model", 1
 BUNDLE_FORMAT, BUNDLE_VERSION = "tinyclip-edge/bundle", 2
 ENGINE_FORMAT, ENGINE_VERSION = "tinyclip-edge/engine", 2
+PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 1
+BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
 TOWER_NAMES = ("image", "text")
 BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
@@ -134,8 +142,9 @@ class Profile:
             raise UserError(f"'{path}' must satisfy min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
 
 
-class _Artifact:
-    """read/write shared by the schemas: JSON in, typed object out, and back."""
+class VersionedFile:
+    """read/write shared by the schemas: JSON in, typed object out, and back. A subclass is a dataclass with
+    ``format`` and ``format_version`` fields and sets WHAT, FORMAT and VERSION."""
 
     WHAT: ClassVar[str] = "file"
     FORMAT: ClassVar[str] = ""
@@ -164,7 +173,7 @@ class _Artifact:
 
 # ---------------------------------------------------------------------------------------------- model directory
 @dataclass
-class ModelConfig(_Artifact):
+class ModelConfig(VersionedFile):
     """``config.json`` of a model directory. ``shape`` is checked by ``models.ClipShape`` (the architecture)."""
 
     WHAT: ClassVar[str] = "tinyclip-edge model config"
@@ -243,7 +252,7 @@ class SourceInfo:
 
 
 @dataclass
-class BundleManifest(_Artifact):
+class BundleManifest(VersionedFile):
     """``manifest.json`` of an export bundle.
 
     ``files`` (format 2) maps every file of the bundle (graphs, external data, tokenizer, preprocess.json,
@@ -377,7 +386,7 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------------------------------------- engine sidecar
 @dataclass
-class EngineSidecar(_Artifact):
+class EngineSidecar(VersionedFile):
     """``<tower>.engine.json``: everything a runtime needs to open the engine alone, and how it was built."""
 
     WHAT: ClassVar[str] = "tinyclip-edge engine sidecar"
