@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tinyclip_edge.common.io import atomic_write_json, atomic_write_text
+from tinyclip_edge.common.schemas import BundleManifest
 from tinyclip_edge.export import export_bundle, run_parity
 
 
@@ -22,12 +23,12 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _row(precision: str, seconds: float, manifest: dict, report) -> dict:
+def _row(precision: str, seconds: float, manifest: BundleManifest, report) -> dict:
     art = report.artifacts[0]
     return {
         "precision": precision,
         "export_s": round(seconds, 1),
-        "MB": round(sum(t["bytes"] for t in manifest["towers"].values()) / 1e6, 1),
+        "MB": round(sum(t.bytes for t in manifest.towers.values()) / 1e6, 1),
         "image_min_cos": round(art.towers["image"]["min_cosine"], 6),
         "text_min_cos": round(art.towers["text"]["min_cosine"], 6),
         "R@1": _r(art.tasks.retrieval_r1),
@@ -36,7 +37,7 @@ def _row(precision: str, seconds: float, manifest: dict, report) -> dict:
         "R@1_delta_pts": _r(art.tasks.retrieval_r1_delta),
         "zs_top1": _r(art.tasks.zero_shot_top1),
         "zs_agree": _r(art.tasks.zero_shot_agreement),
-        "float_nodes": {t: len(d.get("float_nodes", [])) for t, d in manifest["precision_details"].items()},
+        "float_nodes": {t: len(d.get("float_nodes", [])) for t, d in manifest.precision_details.items()},
         "passed": report.passed,
     }
 
@@ -66,7 +67,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         report = run_parity(bundle, data=args.data, count=args.count, teacher=args.teacher, device=args.device)
         report.write(bundle)
-        rows.append(_row(precision, seconds, json.loads((bundle / "manifest.json").read_text()), report))
+        rows.append(_row(precision, seconds, BundleManifest.read(bundle), report))
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(args.out / "precisions.json", rows)
     cols = list(rows[0])

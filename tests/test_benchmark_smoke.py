@@ -74,3 +74,23 @@ def test_objectives_benchmark_tiny_writes_table_json_and_plot(tmp_path):
     # a second run reuses the finished runs instead of training again
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "student:" not in again.stderr
+
+
+def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_path):
+    from conftest import make_package
+
+    from tinyclip_edge.export.report import ParityReport
+    from tinyclip_edge.models import save_model_dir
+
+    model = save_model_dir(make_package(jitter=0.02), tmp_path / "model")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "export_precisions.py"), str(model), "--out", str(out)]
+    cmd += ["--data", "scenes:val:24", "--count", "24", "--precisions", "fp32,int8-dynamic"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((out / "precisions.json").read_text())
+    assert [r["precision"] for r in rows] == ["fp32", "int8-dynamic"]
+    assert rows[0]["image_min_cos"] > 0.9999 and rows[0]["MB"] > 0
+    for r in rows:  # the table's verdict is the bundle's own parity.json, which reads back valid
+        assert ParityReport.read(out / r["precision"]).passed == r["passed"]
+    assert (out / "precisions.md").read_text().startswith("| precision |")
