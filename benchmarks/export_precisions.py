@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(args.out / "precisions.json", rows)
     cols = list(rows[0])
-    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    title = f"# Export precisions (`python benchmarks/export_precisions.py {' '.join(sys.argv[1:])}`)"
+    table = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     table += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     atomic_write_text(args.out / "precisions.md", "\n".join(table) + "\n")
     print("\n".join(table))

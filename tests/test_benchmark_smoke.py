@@ -93,4 +93,5 @@ def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_pat
     assert rows[0]["image_min_cos"] > 0.9999 and rows[0]["MB"] > 0
     for r in rows:  # the table's verdict is the bundle's own parity.json, which reads back valid
         assert ParityReport.read(out / r["precision"]).passed == r["passed"]
-    assert (out / "precisions.md").read_text().startswith("| precision |")
+    md = (out / "precisions.md").read_text()
+    assert "export_precisions.py" in md.splitlines()[0] and "| precision |" in md
