@@ -68,6 +68,7 @@ def test_objectives_benchmark_tiny_writes_table_json_and_plot(tmp_path):
     }
     run = data["results"]["25%"]["CLIP-RD full"][0]
     assert {"R@1", "R@5", "mAP", "zero-shot top1", "compositional", "agreement"} <= set(run)
+    assert run["seconds"] > 0 and data["meta"]["run_seconds"] >= run["seconds"]
     md = (out / "objectives.md").read_text()
     assert "objectives.py --tiny" in md.splitlines()[0] and "| 25% | DCLIP hybrid |" in md
     assert (out / "objectives.png").stat().st_size > 1000
