@@ -260,6 +260,11 @@ def plot(results: dict, path: Path, title: str) -> None:
                 ys.append(statistics.mean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             ax.bar(xs, ys, width, yerr=es, capsize=2, label=f"{b} of the teacher")
+        first = next(iter(next(iter(results.values())).values()))[0]["teacher"]
+        ax.axhline(first[col], color="gray", linestyle="--", linewidth=1, label="teacher")
+        if col == "compositional":  # every model sits within a few points of the teacher: show the differences
+            lows = [statistics.mean(r[col] for r in runs) for by in results.values() for runs in by.values()]
+            ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, first[col] + 3))
         ax.set_xticks([i + width * (len(budgets) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(f"{col} (%)")
