@@ -254,6 +254,11 @@ class ParityReport(VersionedFile):
         report = super().from_data(data, file)
 
         def consistent() -> None:
+            for where, said in [("passed", passed)] + [
+                (f"artifacts.{i}.batch_invariant", d) for i, d in enumerate(derived)
+            ]:
+                if said is not None and not isinstance(said, bool):
+                    raise UserError(f"field '{where}' must be true or false, got {said!r}")
             if passed is not None and passed != report.passed:
                 raise UserError(
                     f"'passed' is {str(passed).lower()} but the checks say {str(report.passed).lower()}: the "

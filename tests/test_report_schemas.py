@@ -83,6 +83,7 @@ def _set(path: str, value):
     "edit, message",
     [
         (lambda d: d.update(passed=not d["passed"]), "'passed' is"),
+        (_set("passed", "yes"), "field 'passed' must be true or false, got 'yes'"),
         (_flip_check, "'checks.0.passed' is true but min_cosine 0.5"),
         (_set("artifacts.0.batch_invariant", False), "'artifacts.0.batch_invariant' is false"),
         (_set("tolerance.min_cosine", 7), "'tolerance.min_cosine' must be a number in [-1, 1], got 7"),
