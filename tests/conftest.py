@@ -20,6 +20,20 @@ atexit.register(shutil.rmtree, _CACHE, True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# the quickstart recipe cut to two 2-step stages with no evaluation, export or bench: what every run-directory
+# test needs and no more
+FAST_QUICKSTART = [
+    "baselines.scratch=false",
+    "eval.data=null",
+    "export=null",
+    "bench=null",
+    "stages.0.steps=2",
+    "stages.0.batch_size=8",
+    "stages.1.steps=2",
+    "stages.1.batch_size=8",
+]
+
+
 def make_package(shape=None, seed: int = 0, jitter: float = 0.0):
     """A randomly initialised ClipPackage for the scenes data (words tokenizer, 32 px)."""
     from tinyclip_edge.common.preprocess import Preprocess

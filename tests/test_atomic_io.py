@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_QUICKSTART as FAST
 from conftest import make_package
 
 from tinyclip_edge.common.errors import UserError
@@ -33,16 +34,6 @@ from tinyclip_edge.compress.trainer import (
 )
 from tinyclip_edge.models import save_model_dir
 
-FAST = [
-    "baselines.scratch=false",
-    "eval.data=null",
-    "export=null",
-    "bench=null",
-    "stages.0.steps=2",
-    "stages.0.batch_size=8",
-    "stages.1.steps=2",
-    "stages.1.batch_size=8",
-]
 CLI = [sys.executable, "-c", "from tinyclip_edge.cli import main; main()"]
 
 

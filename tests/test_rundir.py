@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FAST_QUICKSTART as FAST
 from conftest import make_package
 
 from tinyclip_edge.cli import main
@@ -34,18 +35,6 @@ from tinyclip_edge.compress.rundir import (
 )
 from tinyclip_edge.compress.runner import run_compress, run_entries
 from tinyclip_edge.models import load_model_dir, save_model_dir
-
-# two tiny stages, no evaluation, export or bench: what every run-directory test needs and no more
-FAST = [
-    "baselines.scratch=false",
-    "eval.data=null",
-    "export=null",
-    "bench=null",
-    "stages.0.steps=2",
-    "stages.0.batch_size=8",
-    "stages.1.steps=2",
-    "stages.1.batch_size=8",
-]
 
 
 @pytest.fixture
