@@ -12,7 +12,7 @@ same data also measures how far the student is from its teacher (informational, 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -211,6 +211,42 @@ def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, s
     return ref.package, ref.spec, same
 
 
+def _check_front_end(manifest: BundleManifest, ref_pkg: Any, ref_name: str) -> None:
+    """The bundle must tokenize and preprocess as its reference does. Parity feeds both the same token ids and
+    pixels, so a bundle whose vocabulary or normalisation was changed would otherwise pass against itself."""
+    mine = {k: v for k, v in asdict(manifest.preprocess).items() if k != "extra"}
+    theirs = ref_pkg.preprocess.to_dict()
+    for key, value in mine.items():
+        other = theirs.get(key)
+        close = (
+            isinstance(value, list)
+            and isinstance(other, list)
+            and len(value) == len(other)
+            and all(abs(a - b) <= 1e-6 for a, b in zip(value, other))
+        )
+        if other is not None and value != other and not close:
+            raise UserError(
+                f"the bundle's preprocessing differs from its reference {ref_name}: {key} {value} vs {other}; "
+                "re-export the bundle from that model"
+            )
+
+
+def _check_tokens(inp: _Inputs, ref_pkg: Any, ref_name: str) -> None:
+    """The bundle's tokenizer must give the reference's token ids on the parity captions (compared by behaviour:
+    an open_clip tokenizer is bundled as the equivalent BPE description)."""
+    if not inp.captions or not ref_pkg.tokenizer_cfg:
+        return
+    theirs = np.asarray(ref_pkg.tokenizer()(inp.captions))
+    if theirs.shape != inp.tokens.shape or not np.array_equal(theirs, inp.tokens):
+        bad = next(
+            (i for i in range(min(len(theirs), len(inp.tokens))) if not np.array_equal(theirs[i], inp.tokens[i])), 0
+        )
+        raise UserError(
+            f"the bundle's tokenizer differs from its reference {ref_name}'s: caption {inp.captions[bad]!r} gives "
+            "other token ids; re-export the bundle from that model"
+        )
+
+
 def _data_quality(inp: _Inputs) -> tuple[dict[str, int] | None, list[str]]:
     """(caption / distinct caption / distinct token-sequence counts, a warning when there are duplicates).
 
@@ -332,6 +368,7 @@ def run_parity(
             raise UserError("pass either provider or providers, not both")
         providers = _resolve_provider(provider)
     ref_pkg, ref_name, same_weights = _resolve_reference(reference, manifest)
+    _check_front_end(manifest, ref_pkg, ref_name)
     teacher_pkg, teacher_name = None, None
     if teacher is not None:
         from .source import resolve_source
@@ -352,6 +389,7 @@ def run_parity(
             progress,
         )
         _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
+        _check_tokens(inp, ref_pkg, ref_name)
         with open_runtime(ref_pkg, backend="pyt", normalize=manifest.normalized) as ref_rt:
             ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
         ref_tasks = _tasks(ref, inp, None)

@@ -19,7 +19,7 @@ import numpy as np
 from ..common.errors import MissingDependency, UserError
 from ..common.integrity import check_onnx_external_data
 from ..common.schemas import BundleManifest
-from .base import TOWERS, InputSpec, Runtime, register_backend
+from .base import TOWERS, InputSpec, Runtime, RuntimeInputError, register_backend
 from .bundle import is_bundle, read_manifest, tower_file
 
 SHORT_PROVIDERS = {
@@ -135,9 +135,24 @@ def run_session(sess: Any, x: Any, batch_size: int | None = None) -> np.ndarray:
         x = x.detach().cpu().numpy()
     x = np.ascontiguousarray(np.asarray(x).astype(_NP_TYPES.get(inp.type, np.float32), copy=False))
     if batch_size is None or len(x) <= batch_size:
-        return np.asarray(sess.run(None, {inp.name: x})[0], dtype=np.float32)
-    parts = [sess.run(None, {inp.name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        return np.asarray(_run(sess, inp.name, x), dtype=np.float32)
+    parts = [_run(sess, inp.name, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def _run(sess: Any, name: str, x: np.ndarray) -> np.ndarray:
+    """One ``sess.run``; inputs ONNX Runtime refuses (ids beyond the vocabulary, a wrong rank or size) mean the
+    artifact's description does not match its graph, which is one line for the user, not a traceback."""
+    try:
+        return sess.run(None, {name: x})[0]
+    except Exception as e:
+        if type(e).__name__ != "InvalidArgument":  # onnxruntime's own exception class, not importable stably
+            raise
+        first = (str(e).splitlines() or [""])[0][:400]
+        raise RuntimeInputError(
+            f"ONNX Runtime refused the input '{name}' {list(x.shape)} ({first}); the artifact's tokenizer, image "
+            "size or tower files do not match its graph: re-export it"
+        ) from None
 
 
 def _props(sess: Any) -> dict[str, str]:

@@ -290,6 +290,10 @@ class BundleManifest(VersionedFile):
                 raise UserError(f"'{group}' names unknown tower(s) {bad}; towers are image and text")
         if not self.towers:
             raise UserError("'towers' is empty: the bundle holds no graph")
+        if self.preprocess.image_size != self.image_size:
+            raise UserError(
+                f"'image_size' {self.image_size} differs from 'preprocess.image_size' {self.preprocess.image_size}"
+            )
         if self.tokenizer is not None:
             check_tokenizer(self.tokenizer, "tokenizer")
 
@@ -318,9 +322,27 @@ class BundleManifest(VersionedFile):
         what = f"bundle {root}"
         for name, entry in self.files.items():
             verify_sha256(inside(root, name, what), entry.sha256, what)
-        for e in self.towers.values():
+        for t, e in self.towers.items():
             if e.file not in self.files:
                 verify_sha256(inside(root, e.file, what), e.sha256, what)
+            elif self.files[e.file].sha256 != e.sha256:  # e.g. the towers' files swapped in the manifest
+                raise UserError(
+                    f"{Path(root) / MANIFEST_NAME}: 'towers.{t}' names {e.file}, whose digest is not the {t} "
+                    "graph's recorded one; the manifest was edited: re-export the bundle"
+                )
+        self._check_preprocess_file(root)
+
+    def _check_preprocess_file(self, root: Path) -> None:
+        """The runtimes read the manifest's ``preprocess``; ``preprocess.json`` (digest-checked) must say the same."""
+        if PREPROCESS_NAME not in self.files:
+            return
+        on_disk = read_json(inside(root, PREPROCESS_NAME, f"bundle {root}"), what="preprocess file")
+        mine = dataclasses.asdict(self.preprocess)
+        if not isinstance(on_disk, dict) or any(on_disk.get(k) != v for k, v in mine.items() if k in on_disk):
+            raise UserError(
+                f"{root / MANIFEST_NAME}: 'preprocess' differs from {PREPROCESS_NAME}, whose digest is recorded; "
+                "the manifest was edited: re-export the bundle"
+            )
 
     def tower_path(self, root: str | os.PathLike, tower: str) -> Path:
         """The ONNX graph of one tower, inside the bundle; a clear error when the bundle lacks it."""

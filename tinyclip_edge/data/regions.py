@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import MissingDependency, UserError
-from ..common.io import atomic_write_json, atomic_write_text, cache_dir
+from ..common.io import atomic_write_json, atomic_write_text, cache_dir, read_json
 from .pairs import ReadStats, read_pairs
 from .sources import Pair, PairSource
 
@@ -85,7 +85,7 @@ def read_coco_instances(path: str | os.PathLike) -> dict[str, Regions]:
     """COCO instances (``images`` with width/height + ``annotations`` with ``bbox`` [x, y, w, h] in pixels),
     keyed by the image's file name."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path, what="COCO instances file")
         images = {im["id"]: im for im in data["images"]}
         boxes: dict[str, list[list[float]]] = {im["file_name"]: [] for im in images.values()}
         for a in data["annotations"]:

@@ -11,7 +11,6 @@ stops a long run. ``check_readable`` fails fast (one clear line) when none of a 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ..common.errors import UserError
+from ..common.io import read_json
 from . import scenes as sc
 
 SCENES_VAL_SIZE = 1000
@@ -129,15 +129,15 @@ def _read_csv(path: Path, image_key: str, caption_key: str, sep: str | None) -> 
 
 
 def _read_coco(path: Path) -> list[tuple[str, str]]:
+    data = read_json(path, what="COCO captions file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         files = {img["id"]: img["file_name"] for img in data["images"]}
         return [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
+        why = f"missing {e}" if isinstance(e, KeyError) else "a field has the wrong type"
         raise UserError(
-            f"{path} is not a COCO captions file (missing {e}); expected 'images' and 'annotations'"
+            f"{path} is not a COCO captions file ({why}); expected 'images' (id, file_name) and 'annotations' "
+            "(image_id, caption)"
         ) from None
 
 
