@@ -279,7 +279,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints beyond Python's digit limit
         raise UserError(f"{what} {path} is not valid JSON ({e}); was it truncated? Re-create it.") from None
     except RecursionError:
-        raise UserError(f"{what} {path} is nested too deeply to parse (beyond Python's recursion limit); check or re-create the file") from None
+        raise UserError(
+            f"{what} {path} is nested too deeply to parse (beyond Python's recursion limit); check or re-create the file"
+        ) from None
     except OSError as e:
         err = read_error(e, path, what)
         if err is None:
