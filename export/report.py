@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..common.errors import UserError
-from ..common.io import atomic_write_text, read_json
+from ..common.io import atomic_write_text, prepare_out_dir, read_json
 from ..common.schemas import PARITY_FORMAT, PARITY_NAME, PARITY_VERSION, VersionedFile, in_file
 from ..common.typed import Range
 
@@ -58,14 +58,19 @@ class Tolerance:
             pct = 1 < self.min_agreement <= 100
             hint = f" (write {self.min_agreement / 100:g} for {self.min_agreement:g}%)" if pct else ""
             raise UserError(f"--min-agreement must be a fraction in [0, 1]{hint}, got {self.min_agreement:g}")
-        if self.max_abs is not None and not self.max_abs >= 0:
-            raise UserError(f"--max-abs must be >= 0, got {self.max_abs:g}")
+        if self.max_abs is not None and not (self.max_abs >= 0 and math.isfinite(self.max_abs)):
+            raise UserError(f"--max-abs must be a finite number >= 0, got {self.max_abs:g}")
         if self.max_task_drop is not None and not 0.0 <= self.max_task_drop <= 100.0:
             raise UserError(f"--max-task-drop is in accuracy points, from 0 to 100, got {self.max_task_drop:g}")
         if not 0.0 <= self.agreement_margin <= 2.0:
             raise UserError(f"--agreement-margin is a cosine-similarity gap in [0, 2], got {self.agreement_margin:g}")
         if not 0.0 < self.confidence < 1.0:
             raise UserError(f"confidence must be in (0, 1), got {self.confidence:g}")
+
+
+def output_names() -> list[str]:
+    """The files a parity report writes: parity.json and parity.md."""
+    return [PARITY_NAME, str(Path(PARITY_NAME).with_suffix(".md"))]
 
 
 # Embedding checks for every precision; task checks (points of R@1 / zero-shot top-1 that may be lost, and only
@@ -218,6 +223,38 @@ class ParityReport(VersionedFile):
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
+    def validate_fields(self, path: str) -> None:
+        """Each check belongs to a measured artifact, uses the report's own tolerance as its threshold and, for
+        the embedding checks, the value measured for that tower; every measured tower has its cosine check."""
+        tol = self.tolerance
+        wanted = {
+            "min_cosine": tol.min_cosine,
+            "max_abs": tol.max_abs,
+            "confident_top1_agreement": tol.min_agreement,
+            "delta_points": None if tol.max_task_drop is None else -tol.max_task_drop,
+        }
+        arts = {a.name: a for a in self.artifacts}
+        for i, c in enumerate(self.checks):
+            if c.artifact not in arts:
+                raise UserError(f"'checks.{i}.artifact' {c.artifact!r} is not one of the artifacts {list(arts)}")
+            if wanted[c.metric] is None or c.threshold != wanted[c.metric]:
+                raise UserError(
+                    f"'checks.{i}.threshold' {c.threshold} is not the tolerance's {c.metric} ({wanted[c.metric]}): "
+                    "the report was edited or is corrupt; run parity again"
+                )
+            if c.scope in ("image", "text"):
+                measured = arts[c.artifact].towers.get(c.scope, {}).get(c.metric)
+                if c.scope not in arts[c.artifact].towers or measured != c.value:
+                    raise UserError(
+                        f"'checks.{i}.value' {c.value} is not the {c.scope} tower's measured {c.metric} "
+                        f"({measured}): the report was edited or is corrupt; run parity again"
+                    )
+        have = {(c.artifact, c.scope) for c in self.checks if c.metric == "min_cosine"}
+        for a in self.artifacts:
+            for tower in a.towers:
+                if (a.name, tower) not in have:
+                    raise UserError(f"artifact {a.name!r} has no min_cosine check for its {tower} tower")
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -283,12 +320,11 @@ class ParityReport(VersionedFile):
 
     def write(self, out_dir: str | os.PathLike) -> Path:
         """Validate, then atomically write ``parity.json`` and ``parity.md`` into `out_dir`; the JSON path."""
-        out = Path(out_dir)
         data = self.to_dict()
-        type(self).from_data(json.loads(json.dumps(data)), out / PARITY_NAME)
-        out.mkdir(parents=True, exist_ok=True)
+        type(self).from_data(json.loads(json.dumps(data)), Path(out_dir) / PARITY_NAME)
+        out = prepare_out_dir(out_dir, output_names(), "parity report")
         atomic_write_text(out / PARITY_NAME, json.dumps(data, indent=2) + "\n")
-        atomic_write_text(out / Path(PARITY_NAME).with_suffix(".md"), self.to_markdown())
+        atomic_write_text(out / output_names()[1], self.to_markdown())
         return out / PARITY_NAME
 
     def to_markdown(self) -> str:

@@ -21,13 +21,14 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from ..common.io import atomic_path, atomic_write_json, atomic_write_text, prepare_out_dir, read_json
 from ..common.schemas import BENCH_FORMAT, BENCH_STEM, BENCH_VERSION, VersionedFile, in_file
 from ..common.typed import Range, from_dict
 
 Ms = Annotated[float, Range(0.0, None)]
 NonNegative = Annotated[float, Range(0.0, None)]
-SPEEDUP_RTOL = 1e-9  # a recorded speed-up must equal the recomputed one to rounding
+SPEEDUP_RTOL = 1e-9
+OUTPUT_SUFFIXES = ("json", "csv", "md", "png")  # a recorded speed-up must equal the recomputed one to rounding
 
 # (column, header, format) for the human tables; the JSON and CSV hold every field
 COLUMNS = [
@@ -111,13 +112,26 @@ class BenchArtifact:
     kind: str
     towers: list[Literal["image", "text"]]
     precision: str | None
-    size_bytes: Annotated[int, Range(0, None)]
-    params: Annotated[int, Range(0, None)] | None = None
-    params_by_tower: dict[str, Annotated[int, Range(0, None)]] | None = None
+    size_bytes: Annotated[int, Range(0, 2**53)]
+    params: Annotated[int, Range(0, 2**53)] | None = None
+    params_by_tower: dict[str, Annotated[int, Range(0, 2**53)]] | None = None
     batch_range: dict[str, list[int | None]] = field(default_factory=dict)
     open_mb: float | None = None
     gpu_memory_mb: float | None = None
     runtime: dict[str, Any] = field(default_factory=dict)  # Runtime.describe()
+
+
+@dataclass
+class BenchDevice:
+    """``runtimes.devices.device_facts()``: the parts the tables read are typed; their insides are free-form."""
+
+    os: str
+    python: str
+    cpu: dict[str, Any]
+    libraries: dict[str, str | None] = field(default_factory=dict)
+    load_average: list[float] | None = None
+    gpu: dict[str, Any] | None = None
+    jetson: dict[str, Any] | None = None
 
 
 @dataclass
@@ -150,13 +164,17 @@ class BenchReport(VersionedFile):
 
     def validate_contents(self) -> None:
         """Every artifact and row against ``BenchArtifact`` / ``BenchRow``, and each speed-up recomputed."""
+        from_dict(BenchDevice, self.device, "device", "field")
+        # keep the checked values (an int written as 1.0 is an int again), and only the keys the file had
         for i, a in enumerate(self.artifacts):
-            from_dict(BenchArtifact, a, f"artifacts.{i}", "field")
+            typed = from_dict(BenchArtifact, a, f"artifacts.{i}", "field")
+            self.artifacts[i] = {k: getattr(typed, k) for k in a}
         names = [a["name"] for a in self.artifacts]
         if len(set(names)) != len(names):
             raise UserError(f"'artifacts' names are not unique: {names}")
         for i, r in enumerate(self.rows):
-            from_dict(BenchRow, r, f"rows.{i}", "field")
+            typed = from_dict(BenchRow, r, f"rows.{i}", "field")
+            self.rows[i] = r = {k: getattr(typed, k) for k in r}
             if names and r["artifact"] not in names:
                 raise UserError(f"'rows.{i}.artifact' is {r['artifact']!r}, which is not among the artifacts {names}")
         base = {(r["tower"], r["batch"]): r["p50_ms"] for r in self.rows if names and r["artifact"] == names[0]}
@@ -219,7 +237,8 @@ class BenchReport(VersionedFile):
             for t, b in cells:
                 r = by.get((a["name"], t, b))
                 digits = 1 if r is None or r["p50_ms"] >= 1 else 3
-                row.append("-" if r is None else f"{r['p50_ms']:.{digits}f} ({r['speedup']:.2f}x)")
+                speedup = "" if r is None or r.get("speedup") is None else f" ({r['speedup']:.2f}x)"
+                row.append("-" if r is None else f"{r['p50_ms']:.{digits}f}{speedup}")
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
 
@@ -299,8 +318,7 @@ class BenchReport(VersionedFile):
     def save(self, out_dir: str | os.PathLike, stem: str = BENCH_STEM) -> dict[str, Path]:
         """Validate, then write <stem>.json, .csv, .md and .png (when matplotlib is there) into out_dir."""
         type(self).from_data(json.loads(json.dumps(self.to_dict())), Path(out_dir) / f"{stem}.json")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_out_dir(out_dir, [f"{stem}.{ext}" for ext in OUTPUT_SUFFIXES], "bench report")
         files = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
         if not self.plot(out / f"{stem}.png"):
             self.notes.append("no plot: matplotlib is not installed (pip install 'tinyclip-edge[plot]')")

@@ -235,6 +235,52 @@ def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"towers__image__file": "text.onnx", "towers__text__file": "image.onnx"}, "not the image graph's recorded"),
+        ({"preprocess__mean": [0.9, 0.0, 0.9]}, "'preprocess' differs from preprocess.json"),
+        ({"image_size": 64}, "'image_size' 64 differs from 'preprocess.image_size' 32"),
+    ],
+)
+def test_manifest_edits_that_contradict_recorded_files(bundles, tmp_path, changes, message):
+    """The manifest itself carries no digest, but what it says about digest-checked files must agree with them."""
+    bundle = copy_bundle(bundles["student"], tmp_path / "b")
+    _edit_manifest(bundle, **changes)
+    for args in COMMANDS.values():
+        _fails(args(bundle, tmp_path), message)
+
+
+def test_tokenizer_that_no_longer_fits_the_model(bundles, tmp_path):
+    """Words appended to the manifest's vocabulary: ids beyond the text tower's embedding table. bench (ONNX
+    Runtime refuses the ids) and parity (checked before running) say so in one line."""
+    bundle = copy_bundle(bundles["student"], tmp_path / "b")
+    vocab = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["vocab"]
+    _edit_manifest(bundle, tokenizer__vocab=[f"w{i}" for i in range(100)] + vocab)
+    _fails(COMMANDS["bench"](bundle, tmp_path) + ["--tower", "text"], "ONNX Runtime refused the input 'tokens'")
+    _fails(
+        ["parity", bundle, "--data", "scenes:val:8", "--count", "8", "--quiet"], "the bundle's tokenizer produces ids"
+    )
+
+
+def test_parity_refuses_a_tokenizer_that_differs_from_the_reference(bundles, tmp_path):
+    """A reordered vocabulary keeps every id in range, so only comparing with the reference model's tokenizer
+    catches it; without that, parity fed both the same wrong ids and passed."""
+    bundle = copy_bundle(bundles["student"], tmp_path / "b")
+    vocab = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["vocab"]
+    _edit_manifest(bundle, tokenizer__vocab=vocab[::-1])
+    _fails(
+        ["parity", bundle, "--data", "scenes:val:8", "--count", "8", "--quiet"],
+        "the bundle's tokenizer differs from its reference",
+    )
+
+
+def test_deeply_nested_manifest_is_one_line(bundles, tmp_path):
+    bundle = copy_bundle(bundles["student"], tmp_path / "b")
+    (bundle / "manifest.json").write_text("[" * 5000 + "]" * 5000)
+    _fails(COMMANDS["bench"](bundle, tmp_path), "is nested too deeply to parse")
+
+
 def test_good_bundle_passes_every_check(bundles, tmp_path):
     """The positive control: the same commands on the untouched bundle get past every check."""
     bundle = copy_bundle(bundles["student"], tmp_path / "b")

@@ -182,6 +182,8 @@ def test_cli_bench_writes_files_and_prints_table(artifacts, tmp_path):
     [
         (["nope"], "Error: artifact not found: nope"),
         (["{model}", "--batch", "1,x"], "Error: --batch must be comma-separated positive integers"),
+        (["{model}", "--batch", "1,,2"], "Error: --batch must be comma-separated positive integers"),
+        (["{model}", "--batch", "1,1"], "Error: batches lists a batch size twice: [1, 1]"),
         (["{engines}/image.engine", "--tower", "text"], "Error: image.engine has no text tower"),
         (["{engines}/text.engine", "--tower", "text", "--batch", "64"], "Error: batch 64 is outside text.engine's"),
     ],

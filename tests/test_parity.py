@@ -208,7 +208,8 @@ def test_parity_provider(tmp_path, tiny_model_dir):
         (["--min-cosine", "-1.5"], "Error: --min-cosine must be a cosine similarity in [-1, 1], got -1.5"),
         (["--min-agreement", "97"], "Error: --min-agreement must be a fraction in [0, 1] (write 0.97 for 97%), got 97"),
         (["--min-agreement", "-0.1"], "Error: --min-agreement must be a fraction in [0, 1], got -0.1"),
-        (["--max-abs", "-1"], "Error: --max-abs must be >= 0, got -1"),
+        (["--max-abs", "-1"], "Error: --max-abs must be a finite number >= 0, got -1"),
+        (["--max-abs", "inf"], "Error: --max-abs must be a finite number >= 0, got inf"),
         (["--max-task-drop", "150"], "Error: --max-task-drop is in accuracy points, from 0 to 100, got 150"),
         (["--agreement-margin", "3"], "Error: --agreement-margin is a cosine-similarity gap in [0, 2], got 3"),
         (

@@ -68,6 +68,18 @@ def _flip_check(d):
     c["value"], c["passed"] = 0.5, True  # a failing cosine marked as passed
 
 
+def _lower_the_bar(d):
+    """A failing cosine made to pass by lowering its threshold and the tower's number to match."""
+    c = next(c for c in d["checks"] if c["metric"] == "min_cosine")
+    c["value"], c["threshold"], c["passed"] = 0.5, 0.1, True
+    d["artifacts"][0]["towers"][c["scope"]]["min_cosine"] = 0.5
+
+
+def _inflate_value(d):
+    c = next(c for c in d["checks"] if c["metric"] == "min_cosine")
+    c["value"] = 1.0  # the tower measured less
+
+
 def _set(path: str, value):
     def edit(d):
         node = d
@@ -84,6 +96,10 @@ def _set(path: str, value):
     [
         (lambda d: d.update(passed=not d["passed"]), "'passed' is"),
         (_set("passed", "yes"), "field 'passed' must be true or false, got 'yes'"),
+        (_lower_the_bar, "'checks.0.threshold' 0.1 is not the tolerance's min_cosine (0.9999)"),
+        (_inflate_value, "'checks.0.value' 1.0 is not the image tower's measured min_cosine"),
+        (_set("checks.0.artifact", "ghost"), "'checks.0.artifact' 'ghost' is not one of the artifacts"),
+        (lambda d: d.update(checks=d["checks"][1:]), "has no min_cosine check for its image tower"),
         (_flip_check, "'checks.0.passed' is true but min_cosine 0.5"),
         (_set("artifacts.0.batch_invariant", False), "'artifacts.0.batch_invariant' is false"),
         (_set("tolerance.min_cosine", 7), "'tolerance.min_cosine' must be a number in [-1, 1], got 7"),
@@ -144,6 +160,9 @@ def _swap_percentiles(d):
         (_set("artifacts.0.size_bytes", "big"), "'artifacts.0.size_bytes' must be an integer"),
         (_set("format_version", 2), "written by a newer tinyclip-edge"),
         (_set("written", {}), "unknown field 'written'"),
+        (_set("device.cpu", "x"), "'device.cpu' must be a mapping"),
+        (_set("device.load_average", True), "'device.load_average' must be a list"),
+        (_set("artifacts.0.size_bytes", 1e29), "'artifacts.0.size_bytes' must be an integer in [0, 9.0072e+15]"),
     ],
 )
 def test_edited_or_corrupt_bench_report_is_refused(written, tmp_path, edit, message):
@@ -156,3 +175,34 @@ def test_bench_refuses_to_write_a_report_its_reader_would_refuse(written, tmp_pa
     with pytest.raises(UserError, match="'rows.0.tower' must be one of image, text"):
         report.save(tmp_path / "out")
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_bench_report_keeps_checked_values_and_renders_what_it_accepts(written, tmp_path):
+    """A row without a speed-up (the first artifact lacks that cell) is valid and renders; numbers written as
+    floats come back as the integers they are."""
+
+    def edit(d):
+        d["rows"][-1]["speedup"] = None
+        d["rows"][0]["batch"] = 1.0
+        d["artifacts"][0]["backend"] = 7
+
+    report = BenchReport.read(_edited(written["bench"], tmp_path, edit))
+    assert type(report.rows[0]["batch"]) is int and report.artifacts[0]["backend"] == "7"
+    assert report.summary() and report.to_markdown() and report.table()
+
+
+@pytest.mark.parametrize("command, in_the_way", [("bench", "bench.csv"), ("parity", "parity.md")])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(written, tmp_path, command, in_the_way):
+    """A directory where a report file goes, or --out under a file: one line up front, nothing written."""
+    bundle = written["parity"].parents[1] / "bundle"
+    extra = ["--iters", "2", "--warmup", "0"] if command == "bench" else ["--data", "scenes:val:8", "--count", "8"]
+    out = tmp_path / "out"
+    (out / in_the_way).mkdir(parents=True)
+    for target, message in (
+        (out, f"cannot write {out / in_the_way}: a directory is in the way"),
+        (written["bench"] / "sub", f"{written['bench']} is a file"),
+    ):
+        result = CliRunner().invoke(main, [command, str(bundle), *extra, "--out", str(target), "--quiet"])
+        lines = [x for x in result.output.splitlines() if x.startswith("Error:")]
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+    assert [p.name for p in out.iterdir()] == [in_the_way]

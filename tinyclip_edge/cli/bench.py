@@ -15,7 +15,7 @@ _BENCH = BenchOptions()  # flag defaults come from the option schema, so they ca
 
 def parse_batches(text: str) -> list[int]:
     try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
+        batches = [int(b) for b in text.split(",")]  # an empty item ("1,,2") is a typo, not a skip
     except ValueError:
         batches = []
     if not batches or any(b < 1 for b in batches):

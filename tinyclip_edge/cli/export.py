@@ -296,10 +296,14 @@ def parity_cmd(
     quiet: bool,
 ) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
+    from ..common.io import prepare_out_dir
     from ..common.schemas import PARITY_NAME
     from ..export import run_parity
+    from ..export.report import output_names
 
     _builtin_teachers(reference, teacher)
+    if out is not None or Path(bundle).is_dir():  # before the work (a bad BUNDLE gets run_parity's own message)
+        prepare_out_dir(out or bundle, output_names(), "parity report", create=False)
     report = run_parity(
         bundle,
         reference=reference,

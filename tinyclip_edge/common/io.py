@@ -243,6 +243,31 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
     default_file_mode(path)
 
 
+def prepare_out_dir(
+    out_dir: str | os.PathLike, names: list[str] | tuple[str, ...], what: str = "output", create: bool = True
+) -> Path:
+    """Check that the files `names` can be written into `out_dir`, and create it (`create`). Called with
+    ``create=False`` before long work, it changes nothing: a directory that cannot be created or written, a
+    file in its place, or a directory standing where one of the files goes is one line up front."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write the {what} into {out}: it is a file, not a directory; pick another --out")
+    existing = out if out.exists() else _existing_parent(out)
+    if not existing.is_dir():
+        raise UserError(f"cannot create {out} for the {what}: {existing} is a file; pick another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the {what} into {existing}: permission denied; pick another --out")
+    for name in names:
+        if (out / name).is_dir():
+            raise UserError(f"cannot write {out / name}: a directory is in the way; remove it or pick another --out")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {out} for the {what}: {e.strerror or e}; pick another --out") from None
+    return out
+
+
 def read_error(e: BaseException, path: str | os.PathLike, what: str = "file") -> UserError | None:
     """The one-line error for a read that failed because of permissions (not corruption), or None."""
     code = e.errno if isinstance(e, OSError) else None

@@ -87,6 +87,8 @@ class BenchOptions:
     def validate_fields(self, path: str) -> None:
         if not self.batches:
             raise UserError(f"{path + '.' if path else ''}batches must list at least one batch size")
+        if len(set(self.batches)) != len(self.batches):  # a cell timed twice, and a speed-up taken from the copy
+            raise UserError(f"{path + '.' if path else ''}batches lists a batch size twice: {self.batches}")
 
 
 OptionsT = TypeVar("OptionsT")
