@@ -75,6 +75,40 @@ def _check_out(out: Path, source: Source) -> None:
         )
     if source.kind == "model_dir" and out.resolve() == Path(source.spec):
         raise UserError("--out is the model directory itself; choose a different directory for the bundle")
+    if out.is_dir() and is_bundle(out):
+        foreign = _foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(
+                f"--out {out} is a bundle that also holds files this toolkit did not write ({shown}); replacing "
+                "it would delete them: move them out or choose a new directory"
+            )
+
+
+_OWN_SUFFIXES = (".onnx", ".onnx.data", ".engine", ".plan", ".engine.json", ".plan.json", ".calib.cache", ".tmp")
+_OWN_NAMES = {"manifest.json", PREPROCESS_NAME, "clip_bundle.py", "parity.json", "parity.md"}
+
+
+def _foreign_files(bundle: Path) -> list[str]:
+    """Files in an existing bundle that neither its manifest lists nor a bundle ever holds: re-exporting
+    replaces the whole directory, so only what the toolkit provably wrote may be in it."""
+    try:
+        listed = set(BundleManifest.read(bundle, verify=False).files)
+    except UserError:  # a damaged manifest: fall back to the names a bundle holds
+        listed = set()
+    out = []
+    for p in sorted(bundle.rglob("*")):
+        rel = p.relative_to(bundle).as_posix()
+        if p.is_dir():
+            if rel != "tokenizer" and not rel.startswith("tokenizer/") and not any(p.iterdir()):
+                out.append(rel + "/")  # an empty directory of the user's would go too
+            continue
+        if rel in listed or rel in _OWN_NAMES or rel.startswith("tokenizer/"):
+            continue
+        if "/" not in rel and rel.endswith(_OWN_SUFFIXES):
+            continue
+        out.append(rel)
+    return out
 
 
 def _calibration(pkg: Any, spec: str, count: int, towers: Sequence[str], progress: bool) -> tuple[dict, dict]:

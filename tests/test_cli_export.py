@@ -176,3 +176,17 @@ def test_parity_bad_input(tmp_path, tiny_model_dir):
     assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
     assert "data file not found" in _error_line(_run("parity", out, "--data", tmp_path / "missing.csv"))
     assert "model directory not found" in _error_line(_run("parity", out, "--reference", tmp_path / "gone" / "model"))
+
+
+def test_re_export_keeps_files_the_toolkit_did_not_write(tmp_path, tiny_model_dir):
+    """Re-exporting replaces the whole bundle directory: a bundle holding the user's own files is refused, so
+    nothing the toolkit did not write is deleted; a bundle holding only its own outputs is replaced."""
+    out = tmp_path / "b"
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    assert _run("parity", out, "--data", "scenes:val:8", "--count", "8", "--quiet").exit_code in (0, 1)
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0  # own files only: replaced
+    (out / "notes.txt").write_text("keep me")
+    (out / "mine").mkdir()
+    line = _error_line(_run("export", tiny_model_dir, "--out", out, "--quiet"))
+    assert "also holds files this toolkit did not write (mine/, notes.txt)" in line
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "mine").is_dir()
