@@ -190,3 +190,10 @@ def test_re_export_keeps_files_the_toolkit_did_not_write(tmp_path, tiny_model_di
     line = _error_line(_run("export", tiny_model_dir, "--out", out, "--quiet"))
     assert "also holds files this toolkit did not write (mine/, notes.txt)" in line
     assert (out / "notes.txt").read_text() == "keep me" and (out / "mine").is_dir()
+
+
+def test_info_on_a_bundle_says_what_it_is(tmp_path, tiny_model_dir):
+    out = tmp_path / "b"
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    assert "is an export bundle, not a model directory" in _error_line(_run("info", out))
+    assert _run("info", tiny_model_dir).exit_code == 0

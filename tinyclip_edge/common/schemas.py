@@ -197,6 +197,11 @@ class ModelConfig(VersionedFile):
         model_dir = Path(model_dir)
         if not model_dir.exists():
             raise UserError(f"model directory not found: {model_dir}")
+        if not (model_dir / CONFIG_NAME).is_file() and is_bundle(model_dir):
+            raise UserError(
+                f"{model_dir} is an export bundle, not a model directory: pass the model directory it was "
+                "exported from, or use `tinyclip-edge bench` / `parity` on the bundle"
+            )
         if not (model_dir / CONFIG_NAME).is_file():
             raise UserError(
                 f"{model_dir} is not a tinyclip-edge model directory (no {CONFIG_NAME}); "
