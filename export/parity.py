@@ -448,9 +448,9 @@ def _compare(
             continue
         d = M.compare(got, want)
         towers[tower] = d.to_dict()
-        checks.append(Check.at_least(name, tower, "min_cosine", d.min_cosine, tol.min_cosine))
+        checks.append(Check.judged(name, tower, "min_cosine", d.min_cosine, tol.min_cosine))
         if tol.max_abs is not None:
-            checks.append(Check.at_most(name, tower, "max_abs", d.max_abs, tol.max_abs))
+            checks.append(Check.judged(name, tower, "max_abs", d.max_abs, tol.max_abs))
     tasks, paired = _against_reference(emb, ref, inp, tol)
     if tasks.retrieval_agreement is not None and tasks.retrieval_agreement < 1.0:
         tasks.retrieval_disagreement_margin = M.disagreement_margin(ref.image, ref.text, emb.retrieval())
@@ -459,7 +459,7 @@ def _compare(
             checks.append(Check.task_drop(name, scope, paired[task], tol.max_task_drop))
         confident = getattr(tasks, f"{task}_agreement_confident")
         if tol.min_agreement is not None and confident is not None:
-            checks.append(Check.at_least(name, scope, "confident_top1_agreement", confident, tol.min_agreement))
+            checks.append(Check.judged(name, scope, "confident_top1_agreement", confident, tol.min_agreement))
     invariance, n = _batch_invariance(rt, inp)
     provider = (rt.describe().get("providers") or [None])[0] if rt.backend == "onnxrt" else None
     return ArtifactResult(name, rt.backend, rt.precision, towers, tasks, provider, invariance, n), checks

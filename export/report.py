@@ -115,23 +115,18 @@ class Check:
             )
 
     @classmethod
-    def _judged(cls, *fields: Any) -> Check:
-        c = cls(*fields, passed=False) if len(fields) == 5 else cls(*fields[:5], False, fields[5])
+    def judged(
+        cls, artifact: str, scope: str, metric: str, value: float, threshold: float, interval: list[float] | None = None
+    ) -> Check:
+        """A check whose ``passed`` is its metric's ``rule`` (>= threshold, or <= for max_abs)."""
+        c = cls(artifact, scope, metric, value, threshold, False, interval)  # type: ignore[arg-type]
         c.passed = c.rule()
         return c
 
     @classmethod
-    def at_least(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
-        return cls._judged(artifact, scope, metric, value, threshold)
-
-    @classmethod
-    def at_most(cls, artifact: str, scope: str, metric: str, value: float, threshold: float) -> Check:
-        return cls._judged(artifact, scope, metric, value, threshold)
-
-    @classmethod
     def task_drop(cls, artifact: str, scope: str, delta: PairedDelta, max_drop: float) -> Check:
         """Fails only when the change is significantly negative (interval entirely below 0) AND below -max_drop."""
-        return cls._judged(
+        return cls.judged(
             artifact, scope, "delta_points", 100 * delta.delta, -max_drop, [100 * delta.low, 100 * delta.high]
         )
 
@@ -322,10 +317,11 @@ class ParityReport(VersionedFile):
         """Validate, then atomically write ``parity.json`` and ``parity.md`` into `out_dir`; the JSON path."""
         data = self.to_dict()
         type(self).from_data(json.loads(json.dumps(data)), Path(out_dir) / PARITY_NAME)
-        out = prepare_out_dir(out_dir, output_names(), "parity report")
-        atomic_write_text(out / PARITY_NAME, json.dumps(data, indent=2) + "\n")
-        atomic_write_text(out / output_names()[1], self.to_markdown())
-        return out / PARITY_NAME
+        json_name, md_name = output_names()
+        out = prepare_out_dir(out_dir, [json_name, md_name], "parity report")
+        atomic_write_text(out / json_name, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(out / md_name, self.to_markdown())
+        return out / json_name
 
     def to_markdown(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"

@@ -29,12 +29,11 @@ from ..common.devices import require_device
 from ..common.errors import UserError
 from ..common.io import prepare_out_dir
 from ..common.options import BenchOptions, Tower, resolve_options
-from ..common.schemas import BENCH_STEM
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
 from .measure import DeviceMemory, MemoryProbe, Timer
-from .report import OUTPUT_SUFFIXES, BenchReport, latency_stats
+from .report import BenchReport, latency_stats, output_names
 from .tegrastats import TegraStats
 
 TOWER_CHOICES: tuple[str, ...] = typing.get_args(Tower)
@@ -111,7 +110,7 @@ def run_bench(
     cuda = device.startswith("cuda")
     _check_device(device)  # after the artifacts are verified (their errors say more), before any is opened
     if out_dir is not None:  # before the timing, not after it; creates nothing yet
-        prepare_out_dir(out_dir, [f"{BENCH_STEM}.{ext}" for ext in OUTPUT_SUFFIXES], "bench report", create=False)
+        prepare_out_dir(out_dir, output_names(), "bench report", create=False)
     _set_threads(threads)
     settings = {
         "batches": list(batches),

@@ -27,8 +27,14 @@ from ..common.typed import Range, from_dict
 
 Ms = Annotated[float, Range(0.0, None)]
 NonNegative = Annotated[float, Range(0.0, None)]
-SPEEDUP_RTOL = 1e-9
-OUTPUT_SUFFIXES = ("json", "csv", "md", "png")  # a recorded speed-up must equal the recomputed one to rounding
+SPEEDUP_RTOL = 1e-9  # a recorded speed-up must equal the recomputed one to rounding
+OUTPUT_SUFFIXES = ("json", "csv", "md", "png")
+
+
+def output_names(stem: str = BENCH_STEM) -> list[str]:
+    """The files a bench report writes: <stem>.json, .csv, .md and .png."""
+    return [f"{stem}.{ext}" for ext in OUTPUT_SUFFIXES]
+
 
 # (column, header, format) for the human tables; the JSON and CSV hold every field
 COLUMNS = [
@@ -177,10 +183,8 @@ class BenchReport(VersionedFile):
             self.rows[i] = r = {k: getattr(typed, k) for k in r}
             if names and r["artifact"] not in names:
                 raise UserError(f"'rows.{i}.artifact' is {r['artifact']!r}, which is not among the artifacts {names}")
-        base = {(r["tower"], r["batch"]): r["p50_ms"] for r in self.rows if names and r["artifact"] == names[0]}
-        for i, r in enumerate(self.rows):
-            ref, got = base.get((r["tower"], r["batch"])), r.get("speedup")
-            want = ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None
+        for i, (r, want) in enumerate(zip(self.rows, self.expected_speedups())):
+            got = r.get("speedup")
             if got is not None and (want is None or not math.isclose(got, want, rel_tol=SPEEDUP_RTOL)):
                 raise UserError(
                     f"'rows.{i}.speedup' is {got} but the first artifact's p50 over this row's is {want}: the "
@@ -194,15 +198,22 @@ class BenchReport(VersionedFile):
         file = path / f"{BENCH_STEM}.json" if path.is_dir() else path
         return cls.from_data(read_json(file, what="bench report"), file)
 
-    def add_speedups(self) -> None:
-        """speedup = the first artifact's p50 / this row's p50, for the same tower and batch (>1: faster)."""
+    def expected_speedups(self) -> list[float | None]:
+        """Per row: the first artifact's p50 / this row's p50, for the same tower and batch (>1: faster); None
+        where there is no first artifact or it lacks that cell."""
         if not self.artifacts:
-            return
+            return [None] * len(self.rows)
         first = self.artifacts[0]["name"]
         base = {(r["tower"], r["batch"]): r["p50_ms"] for r in self.rows if r["artifact"] == first}
-        for r in self.rows:
-            ref = base.get((r["tower"], r["batch"]))
-            r["speedup"] = ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None
+        refs = [base.get((r["tower"], r["batch"])) for r in self.rows]
+        return [ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None for ref, r in zip(refs, self.rows)]
+
+    def add_speedups(self) -> None:
+        """Set each row's ``speedup`` (``expected_speedups``)."""
+        if not self.artifacts:
+            return
+        for r, speedup in zip(self.rows, self.expected_speedups()):
+            r["speedup"] = speedup
 
     # ------------------------------------------------------------------ renderings
     def _cells(self) -> tuple[list[str], list[list[str]]]:
@@ -318,7 +329,7 @@ class BenchReport(VersionedFile):
     def save(self, out_dir: str | os.PathLike, stem: str = BENCH_STEM) -> dict[str, Path]:
         """Validate, then write <stem>.json, .csv, .md and .png (when matplotlib is there) into out_dir."""
         type(self).from_data(json.loads(json.dumps(self.to_dict())), Path(out_dir) / f"{stem}.json")
-        out = prepare_out_dir(out_dir, [f"{stem}.{ext}" for ext in OUTPUT_SUFFIXES], "bench report")
+        out = prepare_out_dir(out_dir, output_names(stem), "bench report")
         files = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
         if not self.plot(out / f"{stem}.png"):
             self.notes.append("no plot: matplotlib is not installed (pip install 'tinyclip-edge[plot]')")
