@@ -275,14 +275,12 @@ class ParityReport(VersionedFile):
             return super().from_data(data, file)
         data = dict(data)
         passed = data.pop("passed", None)
-        derived = []
-        arts = []
-        for a in data.get("artifacts", []):
-            a = dict(a) if isinstance(a, dict) else a
-            derived.append(a.pop("batch_invariant", None) if isinstance(a, dict) else None)
-            arts.append(a)
-        if "artifacts" in data:
-            data["artifacts"] = arts
+        listed = data.get("artifacts", [])
+        derived = [a.get("batch_invariant") if isinstance(a, dict) else None for a in listed]
+        if "artifacts" in data:  # the schema has no batch_invariant: it is derived, and checked below
+            data["artifacts"] = [
+                {k: v for k, v in a.items() if k != "batch_invariant"} if isinstance(a, dict) else a for a in listed
+            ]
         report = super().from_data(data, file)
 
         def consistent() -> None:

@@ -84,8 +84,8 @@ def read_regions_jsonl(path: str | os.PathLike) -> dict[str, Regions]:
 def read_coco_instances(path: str | os.PathLike) -> dict[str, Regions]:
     """COCO instances (``images`` with width/height + ``annotations`` with ``bbox`` [x, y, w, h] in pixels),
     keyed by the image's file name."""
+    data = read_json(path, what="COCO instances file")  # missing, unreadable or not JSON: its own one line
     try:
-        data = read_json(path, what="COCO instances file")
         images = {im["id"]: im for im in data["images"]}
         boxes: dict[str, list[list[float]]] = {im["file_name"]: [] for im in images.values()}
         for a in data["annotations"]:
@@ -93,9 +93,7 @@ def read_coco_instances(path: str | os.PathLike) -> dict[str, Regions]:
             x, y, w, h = a["bbox"]
             W, H = float(im["width"]), float(im["height"])
             boxes[im["file_name"]].append([x / W, y / H, (x + w) / W, (y + h) / H])
-    except FileNotFoundError:
-        raise UserError(f"COCO instances file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
+    except (KeyError, TypeError, ZeroDivisionError) as e:
         raise UserError(
             f"{path} is not a COCO instances file ({e}); expected images with width/height and annotations with bbox"
         ) from None
