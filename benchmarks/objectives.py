@@ -90,15 +90,15 @@ def metrics(s: dict) -> dict[str, float]:
     }
 
 
-def run_seconds(rd: Path) -> float:
-    """Training (the last ``elapsed_s`` of each stage in metrics.jsonl) plus evaluation time of one finished run:
-    the run's own cost, also when a later invocation only reuses it."""
+def run_seconds(rd: Path, report: dict) -> float:
+    """Training (the last ``elapsed_s`` of each stage in metrics.jsonl) plus evaluation time (from the run's
+    report) of one finished run: its own cost, also when a later invocation only reuses it."""
     last: dict[str, float] = {}
     for line in (rd / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "elapsed_s" in row:
             last[row.get("stage", "")] = row["elapsed_s"]
-    return round(sum(last.values()) + json.loads((rd / "report.json").read_text()).get("eval_seconds", 0.0), 1)
+    return round(sum(last.values()) + report.get("eval_seconds", 0.0), 1)
 
 
 def mean_std(vals: list[float]) -> str:
@@ -169,7 +169,12 @@ def main() -> None:
                 rep = json.loads(report.read_text())
                 student = next(s for s in rep["students"] if s["name"] == "student")
                 runs.append(
-                    {"seed": seed, **metrics(student), "teacher": metrics(rep["teacher"]), "seconds": run_seconds(rd)}
+                    {
+                        "seed": seed,
+                        **metrics(student),
+                        "teacher": metrics(rep["teacher"]),
+                        "seconds": run_seconds(rd, rep),
+                    }
                 )
             results.setdefault(f"{int(target * 100)}%", {})[name] = runs
             write(args, out, results, teacher, t0)  # after every objective: a killed run keeps its results
@@ -231,11 +236,11 @@ def write(args: argparse.Namespace, out: Path, results: dict, teacher, t0: float
     if args.notes:
         md += ["## Notes", "", Path(args.notes).read_text(), ""]
     atomic_write_text(out / "objectives.md", "\n".join(md))
-    plot(results, out / "objectives.png", command)
+    plot(results, first, out / "objectives.png", command)
     print("\n".join(md), flush=True)
 
 
-def plot(results: dict, path: Path, title: str) -> None:
+def plot(results: dict, teacher: dict[str, float], path: Path, title: str) -> None:
     try:
         import matplotlib
 
@@ -260,11 +265,10 @@ def plot(results: dict, path: Path, title: str) -> None:
                 ys.append(statistics.mean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             ax.bar(xs, ys, width, yerr=es, capsize=2, label=f"{b} of the teacher")
-        first = next(iter(next(iter(results.values())).values()))[0]["teacher"]
-        ax.axhline(first[col], color="gray", linestyle="--", linewidth=1, label="teacher")
+        ax.axhline(teacher[col], color="gray", linestyle="--", linewidth=1, label="teacher")
         if col == "compositional":  # every model sits within a few points of the teacher: show the differences
             lows = [statistics.mean(r[col] for r in runs) for by in results.values() for runs in by.values()]
-            ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, first[col] + 3))
+            ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, teacher[col] + 3))
         ax.set_xticks([i + width * (len(budgets) - 1) / 2 for i in range(len(names))])
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(f"{col} (%)")
