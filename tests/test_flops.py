@@ -1,7 +1,15 @@
 """The FLOP counter from shapes (models/flops.py) against torch's FlopCounterMode on real tiny models.
 
 Tolerances: the forward count must equal FlopCounterMode's exactly (both count matmuls, convolutions and
-SDPA as 2 FLOPs per multiply-accumulate, and nothing else). The distillation step (teacher forward +
+attention as 2 FLOPs per multiply-accumulate, and nothing else).
+
+Which attention kernel PyTorch dispatches depends on the PyTorch release and the CPU
+(``ATEN_CPU_CAPABILITY=default|avx2|avx512``), and FlopCounterMode does not count every one of them: torch 2.14's
+CPU flash-attention kernel is not counted at all, so a count taken through it is short by exactly the q·kᵀ and
+p·v terms (seen on an AVX2-only AMD EPYC and, with torch 2.14.1, on every capability of an AVX-512 Xeon). The
+reference count is therefore always taken with the math SDPA backend, which spells attention out as the two
+batched matmuls our formula counts, whatever the machine would dispatch. ``.ci/run`` runs this file under the
+``default`` and ``avx2`` capabilities as well. The distillation step (teacher forward +
 student forward and backward) uses the 3 × forward convention, which is within 3% of what torch counts
 on these models (the patch embedding needs no input gradient; the loss's small matmuls are not counted).
 """
@@ -10,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyclip_edge.models import ClipModel
@@ -35,10 +44,20 @@ def _inputs(shape: ClipShape) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, 3, v.image_size, v.image_size), torch.randint(0, t.vocab_size, (B, t.context_length))
 
 
-def _counted(fn) -> float:
-    with FlopCounterMode(display=False) as fc:
+def _counted(fn, backend: SDPBackend = SDPBackend.MATH) -> float:
+    """FLOPs per sample that FlopCounterMode sees, with attention forced onto ``backend`` (math by default: the
+    one kernel whose work FlopCounterMode always sees, see the module docstring)."""
+    with sdpa_kernel(backend), FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops() / B
+
+
+def _attention_counted(model: ClipModel, img: torch.Tensor) -> float:
+    """Only the attention matmuls (bmm) of an image forward, under the math backend."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model.encode_image(img)
+    counts = fc.get_flop_counts()["Global"]
+    return sum(v for k, v in counts.items() if "bmm" in str(k)) / B
 
 
 @pytest.mark.parametrize(
@@ -51,6 +70,29 @@ def test_forward_flops_equal_flop_counter_mode(shape):
         assert tower_flops(shape, "image").total == _counted(lambda: model.encode_image(img))
         assert tower_flops(shape, "text").total == _counted(lambda: model.encode_text(ids))
     assert forward_flops(shape)["pair"] == tower_flops(shape, "image").total + tower_flops(shape, "text").total
+
+
+def test_attention_term_is_counted_on_its_own():
+    """The reference really contains attention: its bmm FLOPs equal our q·kᵀ + p·v term, which is not 0."""
+    shape = _per_layer_student()
+    model = ClipModel(shape).eval()
+    img, _ = _inputs(shape)
+    attention = tower_flops(shape, "image").attention
+    assert attention > 0 and _attention_counted(model, img) == attention
+
+
+def test_a_count_that_misses_attention_is_caught():
+    """Positive control for the kernel-independence: a reference taken through a kernel FlopCounterMode may not
+    see (here: any backend but math, as main did before) is not accepted as equal when it lacks the attention
+    term; the same model under the math backend is."""
+    shape = uniform_shape(64, 2, 2, embed_dim=32)
+    model = ClipModel(shape).eval()
+    img, _ = _inputs(shape)
+    total = tower_flops(shape, "image")
+    with torch.no_grad():
+        assert _counted(lambda: model.encode_image(img)) == total.total
+        without_attention = _counted(lambda: model.encode_image(img)) - _attention_counted(model, img)
+    assert without_attention == total.total - total.attention != total.total
 
 
 def test_a_wrong_count_is_caught():
