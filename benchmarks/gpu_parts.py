@@ -195,10 +195,11 @@ def c_scale(a: argparse.Namespace, budget: Any, out: Any, left: float) -> Any:
     if left < budget.estimate("c:min"):
         return None
     t_step, s_step = budget.estimate("c:teacher_step"), budget.estimate("c:student_step")
-    a_items = {i["name"]: i for i in out.part("a")["items"] if i["status"] == "measured"}
+    part_a = out.data["parts"].get("a", {"items": []})
+    a_items = {i["name"]: i for i in part_a["items"] if i["status"] == "measured"}
     if "eager/live/prerendered" in a_items:
         step_s = a_items["eager/live/prerendered"]["step_ms"] / 1e3  # batch 512, teacher fwd + 3 x student fwd
-        m = out.part("a")["meta"]
+        m = part_a["meta"]
         t_step = step_s * 3 * m["teacher_gflops_pair"] / (m["teacher_gflops_pair"] + 3 * m["student_gflops_pair"])
         s_step = step_s * 256 / 512
         t_step, s_step = 1.5 * t_step, 1.5 * s_step  # the runner renders its batches on the host: slower

@@ -4,6 +4,7 @@ folder holds at most one JSON, one Markdown report and four plots. Never asserts
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -106,3 +107,46 @@ def test_gpu_run_rejects_bad_arguments_in_one_line(tmp_path, args):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--budget-s" in proc.stderr or "--parts" in proc.stderr
+
+
+@pytest.fixture
+def gpu_modules():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_parts
+        import gpu_run
+
+        yield gpu_run, gpu_parts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_budget_refuses_what_does_not_fit_its_part(gpu_modules):
+    gpu_run, _ = gpu_modules
+    b = gpu_run.Budget(100.0, 10.0, {"small": 40.0, "big": 60.0})
+    assert b.refusal("a", "small") is None  # part a may use 55 s: 40 fits
+    why = b.refusal("a", "big")
+    assert why and why.startswith("budget: estimated 60 s needed") and "part a" in why
+    assert b.refusal("c", "big", extra=31.0) is not None  # 91 s > 100 - 10 reserve
+    b.timed("big", lambda: None)  # measured now (about 0 s): the estimate follows the measurement
+    assert b.refusal("a", "big") is None
+
+
+def test_part_c_is_sized_to_the_budget_left(gpu_modules, tmp_path):
+    gpu_run, gpu_parts = gpu_modules
+    budget = gpu_run.Budget(540.0, 15.0, gpu_parts.PRIORS["gpu"])
+    out = gpu_run.Output(tmp_path, {"_t0": budget.t0})
+    gpu = argparse.Namespace(tiny=False)
+    assert gpu_parts.c_scale(gpu, budget, out, 60.0) is None  # under the minimum: skipped, not started
+    sc = gpu_parts.c_scale(gpu, budget, out, 200.0)
+    assert sc.teacher_preset == "vit-b-32-scenes" and sc.batch == 256 and sc.teacher_batch == 512
+    assert sc.steps % 4 == 0 and sc.eval_every == sc.steps // 4 and 20 <= sc.teacher_steps <= 2000
+    more = gpu_parts.c_scale(gpu, budget, out, 400.0)
+    assert more.steps > sc.steps and more.teacher_steps > sc.teacher_steps
+    # a measured distillation step from part a replaces the priors
+    out.data["parts"]["a"] = {
+        "meta": {"teacher_gflops_pair": 14.8, "student_gflops_pair": 7.0},
+        "items": [{"name": "eager/live/prerendered", "status": "measured", "step_ms": 50.0}],
+    }
+    fast = gpu_parts.c_scale(gpu, budget, out, 200.0)
+    assert fast.steps > sc.steps and fast.teacher_steps > sc.teacher_steps
