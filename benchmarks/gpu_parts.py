@@ -290,7 +290,7 @@ def render(data: dict[str, Any]) -> str:
     ]
     for name, part in data["parts"].items():
         lines += [f"## {TITLES[name]} ({part['status']})", ""]
-        lines += _RENDER[name](part, m["command"])
+        lines += _RENDER[name](part, m["command"]) + [""]
         lines += [
             f"- {i['name']}: {i['status']}: {i.get('reason') or i.get('error')}"
             for i in part["items"]
