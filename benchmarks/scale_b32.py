@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tinyclip_edge.common.io import atomic_write_json, read_json
@@ -158,6 +159,110 @@ def speedup(scratch: list[tuple[int, float]], inherited: list[tuple[int, float]]
     return None
 
 
+def train_teacher(sc: Scale, work: Path, device: str, deadline: float, data: dict | None = None) -> Path | None:
+    """Train the teacher from scratch with the CLIP loss, in pieces; its model directory once finished, None
+    when `deadline` came first (running again continues). `data`: the recipe's data settings, if not the
+    defaults."""
+    tdir = work / "teacher" / TEACHER_STAGE
+    if (tdir / "config.json").is_file():
+        return tdir
+    every = sc.eval_every * 5
+    stage = {
+        "name": TEACHER_STAGE,
+        "method": "scratch",
+        "shape": sc.teacher_preset,
+        "teacher": "none",
+        "losses": {"clip": 1.0},
+        "steps": sc.teacher_steps,
+        "batch_size": sc.teacher_batch,
+        "lr": sc.teacher_lr,
+        "warmup": 0.05,
+        "checkpoint_every": every,
+        "log_every": 20,
+    }
+    recipe = {
+        "name": "b32-teacher",
+        "run_dir": str(work / "teacher"),
+        "device": device,
+        "seed": 0,
+        "stages": [stage],
+        "eval": {"data": None},
+        **({"data": data} if data else {}),
+    }
+    return tdir if run_in_pieces(recipe, every, deadline) is not None else None
+
+
+def run_experiment(
+    entry: dict[str, Any], stages: list[dict[str, Any]], sc: Scale, teacher: Any, tdir: Path, work: Path, how: Any
+) -> bool:
+    """One student experiment (`stages`) with its learning curve in `entry`, in pieces; True once finished.
+    `how`: device, deadline, save (called whenever `entry` changed) and optionally data (recipe settings)."""
+    offsets, total = {}, 0
+    for i, st in enumerate(stages):
+        st.update(
+            {
+                "name": f"s{i + 1}",
+                "batch_size": sc.batch,
+                "lr": sc.lr,
+                "losses": {"affinity": 1.0},
+                "checkpoint_every": sc.eval_every,
+                "log_every": sc.eval_every,
+            }
+        )
+        offsets[st["name"]] = total
+        total += st["steps"] * sc.batch
+
+    def point(stage: str, cfg: Any, ckpt: Path) -> None:
+        step, value = _checkpoint_r1(ckpt, cfg, teacher, sc.val, how.device)
+        masks = cfg.method == "prune" and not stage.endswith(".masks")
+        samples = offsets[cfg.name] + (step + (round(cfg.steps * cfg.prune.mask_steps) if masks else 0)) * sc.batch
+        if all(p["samples"] != samples for p in entry["curve"]):
+            entry["curve"].append({"stage": stage, "samples": samples, "R@1": round(value, 2)})
+            how.save()
+
+    key = f"{entry['name']} [seed {entry['seed']}]"
+    recipe = {
+        "name": _slug(key),
+        "teacher": str(tdir),
+        "run_dir": str(work / _slug(key)),
+        "device": how.device,
+        "seed": entry["seed"],
+        "stages": stages,
+        "eval": {"data": sc.val},
+        **({"data": how.data} if getattr(how, "data", None) else {}),
+    }
+    report = run_in_pieces(recipe, sc.eval_every, how.deadline, point)
+    if report is None:
+        return False
+    final = report["students"][-1]
+    entry["curve"] = [p for p in entry["curve"] if p["samples"] != total]
+    entry["curve"].append({"stage": "final", "samples": total, "R@1": round(r1(final), 2)})
+    entry.update(
+        {
+            "done": True,
+            "R@1": round(r1(final), 2),
+            "params": final["params"]["total"],
+            "zero_shot_top1": final.get("zero_shot", {}).get("top1"),
+            "samples": total,
+        }
+    )
+    how.save()
+    return True
+
+
+def evaluate_teacher(results: dict[str, Any], sc: Scale, tdir: Path, device: str) -> Any:
+    """The trained teacher, with its R@1 recorded in `results` once."""
+    teacher = load_model_dir(tdir)
+    if "teacher" not in results:
+        res = evaluate(teacher, sc.val, batch_size=256, device=device)
+        results["teacher"] = {
+            "params": teacher.model.num_params()["total"],
+            "R@1": r1(res),
+            "samples": sc.teacher_steps * sc.teacher_batch,
+        }
+    return teacher
+
+
 def run_scale(args: Any, out: Path) -> dict[str, Any]:
     sc = SCALES["tiny" if args.tiny else "b32"]
     deadline = time.monotonic() + 60 * args.minutes
@@ -171,114 +276,24 @@ def run_scale(args: Any, out: Path) -> dict[str, Any]:
         **sc.__dict__,
         "seeds": args.seeds,
     }
-
-    # 1. the teacher, trained from scratch with the CLIP loss, in pieces
-    tdir = work / "teacher" / TEACHER_STAGE
-    if not (tdir / "config.json").is_file():
-        every = sc.eval_every * 5
-        report = run_in_pieces(
-            {
-                "name": "b32-teacher",
-                "run_dir": str(work / "teacher"),
-                "device": args.device,
-                "seed": 0,
-                "stages": [
-                    {
-                        "name": TEACHER_STAGE,
-                        "method": "scratch",
-                        "shape": sc.teacher_preset,
-                        "teacher": "none",
-                        "losses": {"clip": 1.0},
-                        "steps": sc.teacher_steps,
-                        "batch_size": sc.teacher_batch,
-                        "lr": sc.teacher_lr,
-                        "warmup": 0.05,
-                        "checkpoint_every": every,
-                        "log_every": 20,
-                    }
-                ],
-                "eval": {"data": None},
-            },
-            every,
-            deadline,
-        )
-        if report is None:
-            atomic_write_json(state_file, results)
-            return {"done": False, "phase": "teacher"}
-    teacher = load_model_dir(tdir)
-    if "teacher" not in results:
-        res = evaluate(teacher, sc.val, batch_size=256, device=args.device)
-        results["teacher"] = {
-            "params": teacher.model.num_params()["total"],
-            "R@1": r1(res),
-            "samples": sc.teacher_steps * sc.teacher_batch,
-        }
+    tdir = train_teacher(sc, work, args.device, deadline)
+    if tdir is None:
         atomic_write_json(state_file, results)
-
-    # 2. the students, each with its curve
+        return {"done": False, "phase": "teacher"}
+    teacher = evaluate_teacher(results, sc, tdir, args.device)
+    atomic_write_json(state_file, results)
     for seed in range(args.seeds):
         for name, stages in experiments(teacher.shape, sc.steps, sc.small).items():
             key = f"{name} [seed {seed}]"
             entry = results["experiments"].setdefault(key, {"name": name, "seed": seed, "curve": [], "done": False})
             if entry["done"]:
                 continue
-            offsets, total = {}, 0
-            for i, st in enumerate(stages):
-                st.update(
-                    {
-                        "name": f"s{i + 1}",
-                        "batch_size": sc.batch,
-                        "lr": sc.lr,
-                        "losses": {"affinity": 1.0},
-                        "checkpoint_every": sc.eval_every,
-                        "log_every": sc.eval_every,
-                    }
-                )
-                offsets[st["name"]] = total
-                total += st["steps"] * sc.batch
-
-            def point(stage: str, cfg: Any, ckpt: Path, entry: dict = entry, offsets: dict = offsets) -> None:
-                step, value = _checkpoint_r1(ckpt, cfg, teacher, sc.val, args.device)
-                done_steps = step + (
-                    round(cfg.steps * cfg.prune.mask_steps)
-                    if cfg.method == "prune" and not stage.endswith(".masks")
-                    else 0
-                )
-                samples = offsets[cfg.name] + done_steps * sc.batch
-                if all(p["samples"] != samples for p in entry["curve"]):
-                    entry["curve"].append({"stage": stage, "samples": samples, "R@1": round(value, 2)})
-                    atomic_write_json(state_file, results)
-
-            report = run_in_pieces(
-                {
-                    "name": _slug(key),
-                    "teacher": str(tdir),
-                    "run_dir": str(work / _slug(key)),
-                    "device": args.device,
-                    "seed": seed,
-                    "stages": stages,
-                    "eval": {"data": sc.val},
-                },
-                sc.eval_every,
-                deadline,
-                point,
+            how = SimpleNamespace(
+                device=args.device, deadline=deadline, save=lambda: atomic_write_json(state_file, results)
             )
-            if report is None:
+            if not run_experiment(entry, stages, sc, teacher, tdir, work, how):
                 atomic_write_json(state_file, results)
                 return {"done": False, "phase": key}
-            final = report["students"][-1]
-            entry["curve"] = [p for p in entry["curve"] if p["samples"] != total]
-            entry["curve"].append({"stage": "final", "samples": total, "R@1": round(r1(final), 2)})
-            entry.update(
-                {
-                    "done": True,
-                    "R@1": round(r1(final), 2),
-                    "params": final["params"]["total"],
-                    "zero_shot_top1": final.get("zero_shot", {}).get("top1"),
-                    "samples": total,
-                }
-            )
-            atomic_write_json(state_file, results)
     results["speedups"] = _speedups(results)
     atomic_write_json(state_file, results)
     return {"done": True, "results": results}

@@ -247,7 +247,7 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
             marks[str(state.step)] = time.perf_counter()
         prof.step()
 
-    run_dir = a.out / "work" / name_of(cfg).replace("/", "_")
+    run_dir = a.work / "work" / name_of(cfg).replace("/", "_")
     t0 = time.perf_counter()
     with prof:
         train_stage(
@@ -274,7 +274,7 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
     table = prof.key_averages().table(
         sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25
     )
-    atomic_write_text(a.out / f"profile-{name_of(cfg).replace('/', '_')}.txt", table)
+    atomic_write_text(a.work / f"profile-{name_of(cfg).replace('/', '_')}.txt", table)
     losses = [json.loads(x)["total"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     res = {
         "name": name_of(cfg),
@@ -356,33 +356,75 @@ def plot(results: list[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes and few steps (the CPU smoke test)")
-    ap.add_argument("--batch", type=int, default=None, help="default 512 (cuda), 8 (tiny)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration; default 20 (tiny 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation); default 6 (tiny 1)")
-    ap.add_argument("--profile-steps", type=int, default=None, help="profiled steps; default 3 (tiny 1)")
-    ap.add_argument(
-        "--workers", type=int, default=None, help="loader processes for render-cpu; default cores-2, max 14"
-    )
-    ap.add_argument("--pool", type=int, default=None, help="pairs to pre-render; default 4096 (tiny 32)")
-    ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
-    a = ap.parse_args(argv)
-    tiny = a.tiny
-    a.batch = a.batch or (8 if tiny else 512)
-    a.steps = a.steps or (1 if tiny else 20)
-    a.warmup = a.warmup if a.warmup is not None else (1 if tiny else 6)
-    a.profile_steps = a.profile_steps or (1 if tiny else 3)
-    a.pool = a.pool or (32 if tiny else 4096)
-    a.out.mkdir(parents=True, exist_ok=True)
+def shapes_for(tiny: bool) -> tuple[Any, str]:
+    """The teacher's shape and label: ViT-B/32-shaped (vit-b-32-scenes), or a tiny one for the CPU smoke runs."""
+    if tiny:
+        return uniform_shape(64, 2, 2, embed_dim=32), "tiny teacher (64 wide, 2+2 layers, 32 px)"
+    return preset_shape(
+        "vit-b-32-scenes"
+    ), "ViT-B/32-shaped teacher (vit-b-32-scenes: 224 px, 12+12 layers, context 77)"
+
+
+def build_env(a: argparse.Namespace, device: torch.device, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything the configurations share (teacher, pre-rendered pool, cached teacher, measured peak) and the
+    report's meta. ``a``: batch, pool, tiny, steps, warmup, profile_steps."""
+    teacher_shape, teacher_label = shapes_for(a.tiny)
+    student_shape = shape_for_ratio(teacher_shape, 0.5)
+    size = teacher_shape.vision.image_size
+    pre = Preprocess.from_dict(sc.preprocess_config(size))
+    tok = tokenizer_from_config(sc.tokenizer_config(teacher_shape.text.context_length))
+    stage = load_recipe(
+        "vit-b-32-to-50pct", ["stages.0.log_every=1", "stages.0.checkpoint_every=1000000", "stages.0.warmup=0"]
+    ).stages[0]
+    torch.manual_seed(1)
+    teacher = ClipModel(teacher_shape)
+    t0 = time.perf_counter()
+    src = open_source("scenes:train", image_size=size)
+    pool = PrerenderedBatches(src, pre, tok, a.batch, seed=0, size=a.pool, device=device, workers=workers)
+    prerender_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cached = CachedTeacher(teacher, pool, device, chunk=256)
+    cache_s = time.perf_counter() - t0
+    peak = matmul_peak(device, a.tiny)
+    env = {
+        "device": device,
+        "teacher": teacher,
+        "teacher_shape": teacher_shape,
+        "student_shape": student_shape,
+        "pre": pre,
+        "tok": tok,
+        "stage": stage,
+        "pool": pool,
+        "cached": cached,
+        "workers": workers,
+        "peak": peak,
+    }
+    meta = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "teacher": teacher_label,
+        "student": f"~50% student ({student_shape.params()['total'] / 1e6:.2f} M of "
+        f"{teacher_shape.params()['total'] / 1e6:.2f} M params)",
+        "teacher_gflops_pair": forward_flops(teacher_shape)["pair"] / 1e9,
+        "student_gflops_pair": forward_flops(student_shape)["pair"] / 1e9,
+        **{k: getattr(a, k) for k in ("batch", "steps", "warmup", "profile_steps")},
+        "workers": workers,
+        "peak": peak,
+        "prerender": {"pairs": len(pool.captions), "seconds": prerender_s, "bytes": pool.bytes},
+        "teacher_cache_seconds": cache_s,
+        "tiny": a.tiny,
+    }
+    return env, meta
+
+
+def prepare(a: argparse.Namespace) -> tuple[torch.device, int, list[str]]:
+    """Device checks and settings shared with benchmarks/gpu_run.py: (device, loader workers, notes)."""
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible (use --device cpu --tiny for the smoke run)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    tiny = a.tiny
     workers = a.workers if a.workers is not None else (0 if tiny else max(0, min(14, (os.cpu_count() or 2) - 2)))
     notes = [
         (
@@ -398,75 +440,34 @@ def main(argv: list[str] | None = None) -> None:
             "code generation) and CUDA graphs do not exist on a CPU: the wiring is exercised, the numbers "
             "mean nothing"
         )
-        teacher_shape = uniform_shape(64, 2, 2, embed_dim=32)
-        teacher_label = "tiny teacher (64 wide, 2+2 layers, 32 px)"
-    else:
-        teacher_shape = preset_shape("vit-b-32-scenes")
-        teacher_label = "ViT-B/32-shaped teacher (vit-b-32-scenes: 224 px, 12+12 layers, context 77)"
-    student_shape = shape_for_ratio(teacher_shape, 0.5)
-    size = teacher_shape.vision.image_size
-    pre = Preprocess.from_dict(sc.preprocess_config(size))
-    tok = tokenizer_from_config(sc.tokenizer_config(teacher_shape.text.context_length))
-    stage = load_recipe(
-        "vit-b-32-to-50pct", ["stages.0.log_every=1", "stages.0.checkpoint_every=1000000", "stages.0.warmup=0"]
-    ).stages[0]
-    torch.manual_seed(1)
-    teacher = ClipModel(teacher_shape)
+    return device, workers, notes
 
-    t0 = time.perf_counter()
-    pool = PrerenderedBatches(
-        open_source("scenes:train", image_size=size),
-        pre,
-        tok,
-        a.batch,
-        seed=0,
-        size=a.pool,
-        device=device,
-        workers=workers,
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes and few steps (the CPU smoke test)")
+    ap.add_argument("--batch", type=int, default=None, help="default 512 (cuda), 8 (tiny)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration; default 20 (tiny 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation); default 6 (tiny 1)")
+    ap.add_argument("--profile-steps", type=int, default=None, help="profiled steps; default 3 (tiny 1)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="loader processes for render-cpu; default cores-2, max 14"
     )
-    prerender_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cached = CachedTeacher(teacher, pool, device, chunk=256)
-    cache_s = time.perf_counter() - t0
-    peak = matmul_peak(device, tiny)
-    env = {
-        "device": device,
-        "teacher": teacher,
-        "teacher_shape": teacher_shape,
-        "student_shape": student_shape,
-        "pre": pre,
-        "tok": tok,
-        "stage": stage,
-        "pool": pool,
-        "cached": cached,
-        "workers": workers,
-        "peak": peak,
-    }
-    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    t_f, s_f = forward_flops(teacher_shape)["pair"], forward_flops(student_shape)["pair"]
-    meta = {
-        "command": command,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "torch": torch.__version__,
-        "teacher": teacher_label,
-        "student": f"~50% student ({student_shape.params()['total'] / 1e6:.2f} M of "
-        f"{teacher_shape.params()['total'] / 1e6:.2f} M params)",
-        "teacher_gflops_pair": t_f / 1e9,
-        "student_gflops_pair": s_f / 1e9,
-        "batch": a.batch,
-        "steps": a.steps,
-        "warmup": a.warmup,
-        "profile_steps": a.profile_steps,
-        "workers": workers,
-        "peak": peak,
-        "prerender": {"pairs": len(pool.captions), "seconds": prerender_s, "bytes": pool.bytes},
-        "teacher_cache_seconds": cache_s,
-        "notes": notes,
-        "tiny": tiny,
-    }
+    ap.add_argument("--pool", type=int, default=None, help="pairs to pre-render; default 4096 (tiny 32)")
+    ap.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    a = ap.parse_args(argv)
+    step_defaults(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.work = a.out
     chosen = CONFIGS if not a.configs else [c for c in CONFIGS if name_of(c) in a.configs.split(",")]
     if a.configs and len(chosen) != len(a.configs.split(",")):
         raise SystemExit(f"unknown configuration in --configs; choose from {', '.join(map(name_of, CONFIGS))}")
+    device, workers, notes = prepare(a)
+    env, meta = build_env(a, device, workers)
+    meta["command"] = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta["notes"] = notes
     results: list[dict[str, Any]] = []
     for cfg in chosen:
         print(f"== {name_of(cfg)}", flush=True)
@@ -486,6 +487,16 @@ def main(argv: list[str] | None = None) -> None:
     bad = [r["name"] for r in results if not all(math.isfinite(v) for v in (r["samples_per_s"], r["mfu"]))]
     if bad:
         raise SystemExit(f"non-finite results for {bad}")
+
+
+def step_defaults(a: argparse.Namespace) -> None:
+    """Fill the unset step counts, batch and pool size: the GPU defaults, or the tiny smoke run's."""
+    tiny = a.tiny
+    a.batch = a.batch or (8 if tiny else 512)
+    a.steps = a.steps or (1 if tiny else 20)
+    a.warmup = a.warmup if a.warmup is not None else (1 if tiny else 6)
+    a.profile_steps = a.profile_steps or (1 if tiny else 3)
+    a.pool = a.pool or (32 if tiny else 4096)
 
 
 if __name__ == "__main__":
