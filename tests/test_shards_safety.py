@@ -347,3 +347,25 @@ def test_cache_files_follow_the_umask(tmp_path, shards, tiny_model_dir):
     assert res.exit_code == 0, res.output
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "cache").iterdir()}
     assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+def test_allow_remote_data_on_the_command_line_lets_a_pipe_url_train(tmp_path, shards, tiny_model_dir):
+    """The positive control of the refusal above: the opt-in reaches the stream (cat is the command)."""
+    args = [
+        "compress",
+        "quickstart",
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher={tiny_model_dir}",
+        f"data.train='pipe:cat {shards}/{{000000..000002}}.tar'",
+        "stages.0.steps=1",
+        "stages.0.batch_size=4",
+        "stages.1.steps=1",
+        "stages.1.batch_size=4",
+        "baselines.scratch=false",
+        "eval.data=null",
+    ]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "--allow-remote-data" in res.output
+    res = CliRunner().invoke(main, [*args, "--allow-remote-data"])
+    assert res.exit_code == 0, res.output
+    assert "done: students in" in res.output
