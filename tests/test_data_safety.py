@@ -4,7 +4,6 @@ CSVs with a byte-order mark."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -142,10 +141,3 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     src = open_source(str(tmp_path / "pairs.csv"))
     assert src.rows == [("a.png", "a caption")] and src[0].image.size == (32, 32)
     Image.open(tmp_path / "a.png").close()
-
-
-def test_data_build_and_cache_teacher_write_their_temporaries_beside_out_only(tmp_path):
-    res = CliRunner().invoke(
-        main, ["data", "build", "scenes:val:4", "--out", str(tmp_path / "s"), "--image-size", "16"]
-    )
-    assert res.exit_code == 0 and _hidden(tmp_path) == [] and os.listdir(tmp_path) == ["s"]
