@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.data import open_source, scenes
 from tinyclip_edge.data.batches import TrainBatches
+from tinyclip_edge.data.optin import opted_in
 from tinyclip_edge.data.regions import GRID, RegionSource, load_detector
 from tinyclip_edge.data.spans import caption_spans
 from tinyclip_edge.models import save_model_dir
@@ -140,6 +142,18 @@ def yolo_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def yolo_yaml(tmp_path_factory, yolo_file):
+    """The packaged YOLO11 architecture as a file: a detector that loads without unpickling anything."""
+    import shutil
+
+    import ultralytics
+
+    path = tmp_path_factory.mktemp("yaml") / "yolo11n.yaml"
+    shutil.copy(Path(ultralytics.__file__).parent / "cfg" / "models" / "11" / "yolo11.yaml", path)
+    return path
+
+
 @pytest.fixture
 def pairs_csv(tmp_path):
     rows = ["filepath,title"]
@@ -155,6 +169,7 @@ def pairs_csv(tmp_path):
 def test_regions_command_detects_once_caches_and_reports_fallbacks(tmp_path, yolo_file, pairs_csv):
     out, cache = tmp_path / "regions.jsonl", tmp_path / "cache"
     args = ["regions", str(pairs_csv), "--detector", str(yolo_file), "--out", str(out), "--cache", str(cache)]
+    args.append("--trust-detector")  # our own file: a pickle
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
@@ -193,8 +208,13 @@ def test_detector_bad_inputs(tmp_path, pairs_csv, yolo_file):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a model")
     res = CliRunner().invoke(main, ["regions", str(pairs_csv), "--detector", str(bad), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "would be unpickled" in res.output  # refused before anything reads it
+    res = CliRunner().invoke(
+        main, ["regions", str(pairs_csv), "--detector", str(bad), "--out", str(tmp_path / "r"), "--trust-detector"]
+    )
     assert res.exit_code == 1 and "is not a YOLO model" in res.output
-    assert load_detector(str(yolo_file)).task == "detect"  # positive control: a real detector loads
+    with opted_in(trust_detector=True):
+        assert load_detector(str(yolo_file)).task == "detect"  # positive control: a real detector loads
 
 
 def test_missing_ultralytics_names_the_extra(tmp_path, monkeypatch):
@@ -214,7 +234,7 @@ def test_boxes_mode_needs_boxes(tmp_path, pairs_csv):
     assert res.exit_code == 1 and "dclip.regions must be one of boxes, grid, yolo" in res.output
 
 
-def test_loading_a_detector_leaves_pil_and_corrupt_image_errors_alone(tmp_path, yolo_file):
+def test_loading_a_detector_leaves_pil_and_corrupt_image_errors_alone(tmp_path, yolo_yaml):
     """ultralytics replaces PIL.Image.open on import (an unreadable image then tries a pip install and raises
     ModuleNotFoundError); after our detector import, a corrupt image is an ordinary unreadable image again."""
     from PIL import Image
@@ -223,7 +243,7 @@ def test_loading_a_detector_leaves_pil_and_corrupt_image_errors_alone(tmp_path, 
     from tinyclip_edge.data.sources import UnreadableImage, load_image
 
     Image.open = patches.image_open  # the state right after `import ultralytics`
-    load_detector(str(yolo_file))
+    load_detector(str(yolo_yaml))
     assert Image.open is patches._image_open
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")

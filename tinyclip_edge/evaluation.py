@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from .common.errors import UserError
 from .data.pairs import ReadStats, read_pairs
 from .data.sources import PairSource, ScenesSource, open_source
 from .models.package import ClipPackage
+
+log = logging.getLogger("tinyclip_edge")
 
 
 @dataclass
@@ -69,8 +72,19 @@ def embed(
             negatives.append(pair.extra.get("negative"))
         captions.append(pair.caption)
         text_image.append(keys[pair.key])
+    if stats.skipped:  # said on the terminal: metrics over fewer pairs than the data lists must not look complete
+        log.warning(
+            "eval on %s: dropped %d of %d pair(s) whose image could not be read (e.g. %s)",
+            source.name,
+            stats.skipped,
+            n,
+            stats.examples[0],
+        )
     if not images:
-        raise UserError(f"no readable image-caption pairs in {source.name}")
+        raise UserError(
+            f"no readable image-caption pairs in {source.name}: all {n} dropped"
+            + (f" (e.g. {stats.examples[0]})" if stats.examples else "")
+        )
 
     def enc_img(batch: list) -> np.ndarray:
         x = torch.from_numpy(np.stack(batch)).to(device)

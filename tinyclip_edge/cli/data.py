@@ -6,6 +6,8 @@ import logging
 
 import click
 
+from ..data.limits import CACHE_BATCH, IMAGE_SIZES
+
 COMMANDS: list[click.Command] = []
 
 
@@ -23,7 +25,13 @@ COMMANDS.append(data)
     "--out", required=True, type=click.Path(file_okay=False), help="Folder for the shards (must not exist or be empty)."
 )
 @click.option("--shard-size", default=10000, show_default=True, help="Samples per shard.")
-@click.option("--image-size", default=64, show_default=True, help="Render size of scenes:* sources.")
+@click.option(
+    "--image-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(*IMAGE_SIZES),
+    help="Render size of scenes:* sources, in pixels.",
+)
 @click.option("--csv-image-key", default="filepath", show_default=True)
 @click.option("--csv-caption-key", default="title", show_default=True)
 @click.option("--csv-separator", default=None)
@@ -68,15 +76,17 @@ def build(
 @click.option(
     "--aug-seed", type=int, default=None, help="Fixed augmentation seed (default: none, plain preprocessing)."
 )
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(*CACHE_BATCH))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def cache_teacher(teacher: str, shards: str, out: str, aug_seed: int | None, batch_size: int, device: str) -> None:
     """Store TEACHER's embeddings of every sample of SHARDS (a folder or brace pattern of .tar files) in OUT;
     a stage with teacher_cache=OUT then reads them instead of running the teacher."""
+    from ..common.devices import check_device
     from ..compress.teacher import resolve_teacher
     from ..compress.teacher_cache import build_teacher_cache
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    check_device(device)  # before the teacher is resolved (which may train a built-in one)
     meta = build_teacher_cache(
         resolve_teacher(teacher), teacher, shards, out, aug_seed=aug_seed, batch_size=batch_size, device=device
     )

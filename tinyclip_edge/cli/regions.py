@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import click
 
+from ..data.limits import MAX_REGIONS
+
 COMMANDS: list[click.Command] = []
 
 
 @click.command("regions")
 @click.argument("data")
-@click.option("--detector", required=True, help="YOLO detection weights (ultralytics), e.g. yolo11n.pt.")
+@click.option(
+    "--detector",
+    required=True,
+    help="A YOLO model .yaml, or ultralytics detection weights (.pt: a pickle, needs --trust-detector).",
+)
+@click.option(
+    "--trust-detector",
+    is_flag=True,
+    help="Allow a pickled .pt detector (unpickling runs any code the file holds: only files you trust).",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write regions.jsonl.")
-@click.option("--confidence", default=0.25, show_default=True, help="Detection confidence threshold.")
-@click.option("--max-regions", default=6, show_default=True, help="Keep at most this many boxes per image.")
+@click.option(
+    "--confidence",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Detection confidence threshold, in [0, 1].",
+)
+@click.option(
+    "--max-regions",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1, MAX_REGIONS),
+    help=f"Keep at most this many boxes per image (1..{MAX_REGIONS}).",
+)
 @click.option("--image-root", help="Image paths in DATA are relative to this (default: DATA's folder).")
 @click.option("--csv-image-key", default="filepath", show_default=True)
 @click.option("--csv-caption-key", default="title", show_default=True)
@@ -20,6 +43,7 @@ COMMANDS: list[click.Command] = []
 def regions_cmd(
     data: str,
     detector: str,
+    trust_detector: bool,
     out: str,
     confidence: float,
     max_regions: int,
@@ -34,15 +58,17 @@ def regions_cmd(
     from pathlib import Path
 
     from ..data import check_readable, open_source
+    from ..data.optin import opted_in
     from ..data.regions import detect_regions
 
     src = open_source(
         data, image_size=224, csv_image_key=csv_image_key, csv_caption_key=csv_caption_key, image_root=image_root
     )
     check_readable(src)
-    rep = detect_regions(
-        src, detector, out, confidence=confidence, max_regions=max_regions, cache=Path(cache) if cache else None
-    )
+    with opted_in(trust_detector=trust_detector):
+        rep = detect_regions(
+            src, detector, out, confidence=confidence, max_regions=max_regions, cache=Path(cache) if cache else None
+        )
     click.echo(f"regions: {rep.summary()}; wrote {out}")
 
 

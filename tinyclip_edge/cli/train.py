@@ -23,6 +23,20 @@ def _logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
 
+def _opt_ins(fn: click.Command) -> click.Command:
+    """What only the command line may allow (data/optin.py): a recipe alone never runs or unpickles anything."""
+    fn = click.option(
+        "--trust-detector",
+        is_flag=True,
+        help="Let dclip.detector be a pickled ultralytics .pt (unpickling runs code: only files you trust).",
+    )(fn)
+    return click.option(
+        "--allow-remote-data",
+        is_flag=True,
+        help="Let data specs be URLs webdataset fetches or runs (pipe:, http:, s3:, ...); never from a recipe alone.",
+    )(fn)
+
+
 def _recipe_for(
     recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None, run_dir: str | None
 ):
@@ -62,18 +76,27 @@ def _recipe_for(
     help="Continue the run in this directory (uses the recipe saved there).",
 )
 @click.option("--run-dir", help="Where to write the run (default: runs/<recipe name>).")
+@_opt_ins
 def compress(
-    recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None, run_dir: str | None
+    recipe: str | None,
+    overrides: tuple[str, ...],
+    teacher: str | None,
+    resume_dir: str | None,
+    run_dir: str | None,
+    allow_remote_data: bool,
+    trust_detector: bool,
 ) -> None:
     """Compress a teacher with RECIPE (a YAML file or a packaged recipe name), stage by stage.
 
     OVERRIDES are dotted key=value pairs, e.g. stages.0.steps=200 data.train=pairs.csv.
     """
     from ..compress.runner import run_compress
+    from ..data.optin import opted_in
 
     _logging()
-    rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
-    result = run_compress(rec, resume=bool(resume_dir))
+    with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
+        rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
+        result = run_compress(rec, resume=bool(resume_dir))
     if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
         click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
 
@@ -113,13 +136,23 @@ def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
     type=click.Path(file_okay=False),
     help="Continue the run in this directory (uses the recipe saved there).",
 )
-def run_cmd(recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None) -> None:
+@_opt_ins
+def run_cmd(
+    recipe: str | None,
+    overrides: tuple[str, ...],
+    teacher: str | None,
+    resume_dir: str | None,
+    allow_remote_data: bool,
+    trust_detector: bool,
+) -> None:
     """Run RECIPE end to end: compress, then export / parity / bench when the recipe has those sections."""
+    from ..data.optin import opted_in
     from .pipeline import run_recipe
 
     _logging()
-    rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
-    result = run_recipe(rec, resume=bool(resume_dir))
+    with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
+        rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
+        result = run_recipe(rec, resume=bool(resume_dir))
     click.echo(
         f"done: report in {result.run.run_dir / 'report.md'}"
         + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else "")

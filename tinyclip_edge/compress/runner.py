@@ -312,7 +312,13 @@ class Run:
             raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
         cache = TeacherCache.open(st.teacher_cache)
         urls, _ = check_shards(expand_shards(self.recipe.data.train))
-        cache.check(teacher_hash(teacher.model), data_hash(urls), ref.preprocess.to_dict(), ref.tokenizer_cfg)
+        cache.check(
+            teacher_hash(teacher.model),
+            data_hash(urls),
+            ref.preprocess.to_dict(),
+            ref.tokenizer_cfg,
+            embed_dim=teacher.shape.embed_dim,
+        )
         return cache
 
     def run_stage(

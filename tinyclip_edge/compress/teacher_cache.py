@@ -4,26 +4,31 @@ Every sample of every shard, in order, gets the teacher's normalised image embed
 fixed augmentation for ``--aug-seed``; none by default) and text embedding, computed with the teacher's
 own preprocessing and tokenizer. A stage with ``teacher_cache: DIR`` then reads them instead of running
 the teacher (data/teacher_cache.py documents the layout and the checks). The whole folder is written to
-a temporary sibling and renamed at the end.
+a temporary sibling and renamed at the end (data/staging.py: SIGTERM and stale temporaries).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from ..common.devices import check_device
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json
+from ..common.io import atomic_write_json, save_safetensors
 from ..data.augment import fixed_crop
-from ..data.shards import _decode, check_shards, data_hash, expand_shards
-from ..data.teacher_cache import CACHE_FORMAT, CACHE_META, sample_id
+from ..data.limits import CACHE_BATCH
+from ..data.shards import Unusable, _decode, check_shards, expand_shards, shard_digests
+from ..data.staging import check_new_out, staging_dir
+from ..data.teacher_cache import CACHE_FORMAT, CACHE_META, CACHE_VERSION, sample_id
 from ..models import ClipModel, ClipPackage
+
+log = logging.getLogger("tinyclip_edge")
 
 
 def teacher_hash(model: ClipModel) -> str:
@@ -51,33 +56,38 @@ def build_teacher_cache(
     import webdataset as wds
     from tqdm.auto import tqdm
 
+    lo, hi = CACHE_BATCH
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not lo <= batch_size <= hi:
+        raise UserError(f"--batch-size must be a whole number in {lo}..{hi}, not {batch_size!r}")
+    device = check_device(device)
+    out = Path(out)
+    check_new_out(out, "teacher cache")
     urls, bad = check_shards(expand_shards(shards))
     if bad:
         raise UserError(
             f"a teacher cache must cover every shard, but {len(bad)} cannot be read (e.g. {bad[0]}); "
             "fix or rebuild them first"
         )
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; remove it or choose another --out")
+    digests = shard_digests(urls)
     model = teacher.model.to(device).eval()
     tok, pre = teacher.tokenizer(), teacher.preprocess
     meta = {
         "format": CACHE_FORMAT,
-        "version": 1,
+        "version": CACHE_VERSION,
         "teacher": teacher_spec,
         "teacher_hash": teacher_hash(teacher.model),
-        "data_hash": data_hash(urls),
+        "data_hash": hashlib.sha256("".join(digests).encode()).hexdigest(),
         "aug_seed": aug_seed,
         "embed_dim": teacher.shape.embed_dim,
         "logit_scale": float(model.logit_scale.exp()),
         "preprocess": pre.to_dict(),
         "tokenizer": teacher.tokenizer_cfg,
-        "shards": [Path(u).name for u in urls],
+        "shards": [],
         "samples": 0,
+        "unusable": 0,
     }
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    examples: list[str] = []
+    with staging_dir(out) as tmp:
         bar = tqdm(desc="cache-teacher", unit="pair", disable=not progress, mininterval=0.5)
 
         def embed(pending: list[tuple[np.ndarray, str]], img_rows: list, txt_rows: list) -> None:
@@ -91,15 +101,22 @@ def build_teacher_cache(
             bar.update(len(pending))
             pending.clear()
 
-        for url in urls:
+        done: dict[str, int] = {}  # the same shard bytes twice (copies in two folders): embedded once
+        for url, digest in zip(urls, digests):
+            if digest in done:
+                meta["shards"].append({"name": Path(url).name, "sha256": digest, "samples": done[digest]})
+                meta["samples"] += done[digest]
+                continue
             keys, img_rows, txt_rows, pending = [], [], [], []
             for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
                 try:
                     image, caption, _, _ = _decode(sample)
-                except Exception as e:  # the trainer skips it too; the cache simply has no row for it
-                    bar.write(f"skipped {url}:{sample.get('__key__')}: {e}")
+                except Unusable as e:  # the trainer skips it too; the cache simply has no row for it
+                    meta["unusable"] += 1
+                    if len(examples) < 3:
+                        examples.append(f"{url}:{sample.get('__key__')}: {e}")
                     continue
-                sid = sample_id(url, sample["__key__"])
+                sid = sample_id(digest, sample["__key__"])
                 keys.append(sample["__key__"])
                 pending.append((pre(fixed_crop(image, aug_seed, sid)), caption))
                 if len(pending) == batch_size:
@@ -110,8 +127,17 @@ def build_teacher_cache(
                 "image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
                 "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim),
             }
-            save_file(tensors, str(tmp / f"{Path(url).stem}.safetensors"), metadata={"keys": json.dumps(keys)})
+            save_safetensors(tensors, tmp / f"{digest}.safetensors", metadata={"keys": json.dumps(keys)})
+            done[digest] = len(keys)
+            meta["shards"].append({"name": Path(url).name, "sha256": digest, "samples": len(keys)})
             meta["samples"] += len(keys)
         bar.close()
+        if meta["samples"] == 0:
+            raise UserError(
+                f"no usable sample in the {len(urls)} shard(s) of {shards} ({meta['unusable']} unusable, e.g. "
+                f"{examples[0] if examples else 'the shards hold no sample'}); nothing written"
+            )
         atomic_write_json(tmp / CACHE_META, meta)
+    if meta["unusable"]:
+        log.warning("skipped %d unusable sample(s) (e.g. %s)", meta["unusable"], examples[0])
     return meta

@@ -2,14 +2,18 @@
 
 SOURCE is a CSV/TSV, a COCO captions JSON, a folder of images with .txt sidecars, or scenes
 (``scenes:train:10000``; the unlimited ``scenes:train`` needs a size). Each sample is written as
-``KEY.<image ext>`` (the file's original bytes; scenes are rendered and PNG-encoded), ``KEY.txt`` and
-``KEY.json`` (``{"key": the source's id, "boxes": ...}`` where the source has boxes). KEY is the
-sample's running index (``000000042``), shards are ``000000.tar``, ``000001.tar``, ...
+``KEY.<image ext>``, ``KEY.txt`` and ``KEY.json`` (``{"key": the source's id, "boxes": ...}`` where the
+source has boxes). The image keeps its original bytes when its extension is one the trainer decodes
+(``shards.IMAGE_EXTS``: jpg, png, webp, bmp); any other file (``.tif``, ``.gif``, an image named ``.txt``)
+is decoded and written as PNG, so the image member never collides with the caption or metadata and every
+image written can be read back. Scenes are rendered and PNG-encoded. KEY is the sample's running index
+(``000000042``), shards are ``000000.tar``, ``000001.tar``, ...
 
 Deterministic: the same source gives byte-identical shards (fixed order, fixed tar metadata, mtime 0),
 so ``manifest.json`` (samples per shard, sha256 of each shard and of all of them: the data hash that the
 teacher cache keys on) identifies the data. Unreadable images are skipped and counted. The shards are
-written into a temporary sibling folder that is renamed to --out at the end: nothing half-written.
+written into a temporary sibling folder that is renamed to --out at the end: nothing half-written
+(data/staging.py: SIGTERM removes it, a later build removes one a killed build left).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json
+from ..common.integrity import sha256_file
+from ..common.io import atomic_write_json
+from .limits import IMAGE_SIZES
+from .shards import IMAGE_EXTS
 from .sources import (
     UNLIMITED,
     FileSource,
@@ -33,6 +40,7 @@ from .sources import (
     load_image,
     open_source,
 )
+from .staging import check_new_out, staging_dir
 
 log = logging.getLogger("tinyclip_edge")
 MANIFEST = "manifest.json"
@@ -54,9 +62,14 @@ def _sample(src: PairSource, i: int) -> tuple[bytes, str, str, str, dict[str, An
     if isinstance(src, FileSource):
         rel, caption = src.rows[i]
         path = Path(rel) if os.path.isabs(rel) else src.root / rel
-        load_image(path)  # raises UnreadableImage: never ship a file no reader can decode
-        ext = path.suffix.lower().lstrip(".") or "jpg"
-        return path.read_bytes(), "jpg" if ext == "jpeg" else ext, caption, rel, {"key": rel}
+        image = load_image(path)  # raises UnreadableImage: never ship a file no reader can decode
+        ext = path.suffix.lower().lstrip(".")
+        ext = "jpg" if ext == "jpeg" else ext
+        if ext not in IMAGE_EXTS:  # the trainer would never decode it (or it would collide with txt/json)
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            return buf.getvalue(), "png", caption, rel, {"key": rel}
+        return path.read_bytes(), ext, caption, rel, {"key": rel}
     pair = src[i]
     buf = io.BytesIO()
     pair.image.save(buf, format="PNG")
@@ -64,14 +77,6 @@ def _sample(src: PairSource, i: int) -> tuple[bytes, str, str, str, dict[str, An
     if pair.extra.get("boxes") is not None:
         meta["boxes"] = [list(map(float, b)) for b in pair.extra["boxes"]]
     return buf.getvalue(), "png", pair.caption, pair.key, meta
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_shards(
@@ -91,9 +96,11 @@ def build_shards(
 
     if shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of samples, not {shard_size}")
+    lo, hi = IMAGE_SIZES
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not lo <= image_size <= hi:
+        raise UserError(f"--image-size must be a whole number of pixels in {lo}..{hi}, not {image_size!r}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; remove it or choose another --out")
+    check_new_out(out, "shards")
     src = open_source(
         spec,
         image_size=image_size,
@@ -105,8 +112,7 @@ def build_shards(
     if len(src) >= UNLIMITED:
         raise UserError(f"'{spec}' is unlimited; give a size, e.g. {spec}:10000")
     report = BuildReport(out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with staging_dir(out) as tmp:
         with wds.ShardWriter(
             str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0
         ) as sink:
@@ -140,7 +146,9 @@ def build_shards(
             )
         tars = sorted(tmp.glob("*.tar"))
         counts = [min(shard_size, report.samples - k * shard_size) for k in range(len(tars))]
-        report.shards = [{"name": t.name, "samples": c, "sha256": _sha256(t)} for t, c in zip(tars, counts)]
+        report.shards = [
+            {"name": t.name, "samples": c, "sha256": sha256_file(t, cached=False)} for t, c in zip(tars, counts)
+        ]
         report.data_hash = hashlib.sha256("".join(s["sha256"] for s in report.shards).encode()).hexdigest()
         atomic_write_json(
             tmp / MANIFEST,

@@ -31,6 +31,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -39,16 +40,48 @@ from ..common.errors import UserError
 from ..common.preprocess import Preprocess
 from ..common.tokenizers import Tokenizer
 from .augment import fixed_crop
+from .optin import OPT_INS
 from .teacher_cache import TeacherCache, sample_id
 
 log = logging.getLogger("tinyclip_edge")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
+OWN_SCHEMES = ("scenes:",)  # data names of ours that look like URLs but are never handed to webdataset
+
+
+def url_scheme(url: str) -> str:
+    """The scheme webdataset's gopen would dispatch `url` on ('' for a local file; '-' is its stdin)."""
+    if url == "-":
+        return "-"
+    try:
+        return urlparse(url).scheme
+    except ValueError:  # a malformed URL (e.g. an unclosed IPv6 bracket) is not a local path either
+        return "?"
+
+
+def is_remote(url: str) -> bool:
+    """True for anything webdataset would not open as a plain local file: pipe:, http(s):, s3:, gs:, ais:..."""
+    return bool(url_scheme(url))
+
+
+def check_local(url: str, spec: str | None = None) -> str:
+    """`url`, refused when webdataset would fetch it or run it as a command, unless the command line
+    allowed remote data. Every shard URL goes through here (`expand_shards`) before webdataset sees it."""
+    scheme = url_scheme(url)
+    if scheme and not OPT_INS.remote_data:
+        where = f" (from {spec!r})" if spec is not None and spec != url else ""
+        raise UserError(
+            f"data shard {url!r}{where} is a '{scheme}:' URL, which webdataset would fetch or run as a "
+            "command; tinyclip-edge reads local shard files only, unless you pass --allow-remote-data on "
+            "the command line (a recipe cannot allow it). For a local path containing ':', write it as ./PATH"
+        )
+    return url
 
 
 def is_shard_spec(spec: str) -> bool:
-    """A tar shard, a brace pattern of shards, or a directory of *.tar files."""
-    if spec.startswith(REMOTE):
+    """A tar shard, a brace pattern of shards, a directory of *.tar files, or a URL (refused unless allowed)."""
+    if spec.startswith(OWN_SCHEMES):
+        return False
+    if is_remote(spec):
         return True
     if "{" in spec and ".tar" in spec:
         return True
@@ -60,13 +93,14 @@ def expand_shards(spec: str) -> list[str]:
     """Shard URLs of a spec: brace expansion (``shards/{000000..000999}.tar``), or a directory's *.tar."""
     import braceexpand
 
-    if not spec.startswith(REMOTE) and Path(spec).is_dir():
-        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    if not is_remote(spec) and Path(spec).is_dir():
+        # a glob's names are local files: './' keeps a name with ':' from reading as a URL scheme
+        urls = sorted(str(p) if not is_remote(str(p)) else f"./{p}" for p in Path(spec).glob("*.tar"))
     else:
         urls = list(braceexpand.braceexpand(spec))
     if not urls:
         raise UserError(f"'{spec}' names no shards; use e.g. shards/{{000000..000099}}.tar or a folder of .tar files")
-    return urls
+    return [check_local(u, spec) for u in urls]
 
 
 def check_shards(urls: list[str]) -> tuple[list[str], list[str]]:
@@ -77,7 +111,7 @@ def check_shards(urls: list[str]) -> tuple[list[str], list[str]]:
     """
     good, bad = [], []
     for url in urls:
-        if url.startswith(REMOTE):
+        if is_remote(url):  # allowed on the command line (expand_shards refused it otherwise)
             good.append(url)
             continue
         try:
@@ -88,7 +122,7 @@ def check_shards(urls: list[str]) -> tuple[list[str], list[str]]:
         except FileNotFoundError:
             bad.append(f"{url}: missing")
         except (tarfile.TarError, OSError, EOFError) as e:
-            bad.append(f"{url}: corrupt ({e})")
+            bad.append(f"{url}: corrupt ({'; '.join(str(e).split()) or type(e).__name__})")  # one line
     if not good:
         raise UserError(
             f"none of the {len(urls)} shard(s) could be read (first: {bad[0]}); "
@@ -99,35 +133,23 @@ def check_shards(urls: list[str]) -> tuple[list[str], list[str]]:
     return good, bad
 
 
-def data_hash(urls: list[str]) -> str:
-    """sha256 over the shards' sha256s, in order: what identifies the data for the teacher cache.
+def shard_digests(urls: list[str]) -> list[str]:
+    """The sha256 of each shard's own bytes, in order (cached while the file is unchanged: inode, size,
+    mtime, ctime). Never what a manifest beside them claims: replaced shards are other data."""
+    from ..common.integrity import sha256_file
 
-    Per-shard hashes come from a ``manifest.json`` beside the shards (data build writes it) where it lists
-    the shard, else from reading the file; for a complete build this equals the manifest's data_hash.
-    """
+    for u in urls:
+        if is_remote(u):
+            raise UserError(f"cannot hash remote shard {u}; copy the shards locally to build or check a teacher cache")
+    return [sha256_file(u) for u in urls]
+
+
+def data_hash(urls: list[str]) -> str:
+    """sha256 over the shards' sha256s, in order: what identifies the data for the teacher cache (for a
+    complete build it equals the data_hash of the build's manifest.json, which is not read)."""
     import hashlib
 
-    known: dict[str, str] = {}
-    for parent in {Path(u).parent for u in urls if not u.startswith(REMOTE)}:
-        man = parent / "manifest.json"
-        if man.is_file():
-            try:
-                known.update({str(parent / e["name"]): e["sha256"] for e in json.loads(man.read_text())["shards"]})
-            except (ValueError, KeyError, TypeError):
-                pass  # not ours: hash the files
-    parts = []
-    for u in urls:
-        if str(Path(u)) in known:
-            parts.append(known[str(Path(u))])
-            continue
-        if u.startswith(REMOTE):
-            raise UserError(f"cannot hash remote shard {u}; copy the shards locally to build or check a teacher cache")
-        h = hashlib.sha256()
-        with open(u, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        parts.append(h.hexdigest())
-    return hashlib.sha256("".join(parts).encode()).hexdigest()
+    return hashlib.sha256("".join(shard_digests(urls)).encode()).hexdigest()
 
 
 class _Skips:
@@ -141,18 +163,71 @@ class _Skips:
         return True
 
 
+class Unusable(ValueError):
+    """A shard sample the trainer cannot use; the message says why."""
+
+
 def _decode(sample: dict[str, Any]) -> tuple[Any, str, str, dict[str, Any]]:
-    """(PIL image, caption, key, extra) of a raw sample; raises ValueError when a field is missing/unreadable."""
+    """(PIL image, caption, key, extra) of a raw sample; raises `Unusable` saying which field is missing
+    or unreadable. The one judge of a sample: the trainer, the probe and cache-teacher all call it."""
     from PIL import Image
 
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or "txt" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} has no image or no .txt caption")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        im.load()
-        image = im.convert("RGB")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return image, sample["txt"].decode("utf-8").strip(), str(meta.get("key", sample["__key__"])), meta
+    if ext is None:
+        others = sorted(k for k in sample if not k.startswith("__") and k not in ("txt", "json"))
+        raise Unusable(
+            f"no image ({'/'.join(IMAGE_EXTS)})" + (f"; it has {', '.join('.' + o for o in others)}" if others else "")
+        )
+    if "txt" not in sample:
+        raise Unusable("no .txt caption")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            im.load()
+            image = im.convert("RGB")
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise Unusable(f".{ext} image cannot be decoded ({type(e).__name__}: {str(e)[:80]})") from None
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise Unusable(".txt caption is not UTF-8") from None
+    if not caption:
+        raise Unusable("the .txt caption is empty")
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, RecursionError):
+        raise Unusable(".json is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise Unusable(".json is not an object")
+    return image, caption, str(meta.get("key", sample["__key__"])), meta
+
+
+def first_usable(urls: list[str]) -> None:
+    """Refuse shards in which no sample is usable, naming each shard and why, before any step trains.
+
+    Reads samples in order until the first usable one: one sample for good data. Where none is, every
+    shard was read to the end and the error counts, per shard, what was wrong."""
+    import webdataset as wds
+
+    report = []
+    for url in urls:
+        skips, n, reasons = _Skips(), 0, {}
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=skips)):
+            n += 1
+            try:
+                _decode(sample)
+                return
+            except Unusable as e:
+                reasons[str(e)] = reasons.get(str(e), 0) + 1
+        why = ", ".join(f"{c} x {r}" for r, c in reasons.items())
+        if skips.events:
+            why += ("; " if why else "") + f"unreadable tar ({skips.events[0]})"
+        report.append(f"{url}: {n} sample(s), none usable" + (f" ({why})" if why else ""))
+    raise UserError(
+        f"no usable sample in the {len(urls)} shard(s) of the data: {'; '.join(report[:3])}"
+        + (f"; and {len(report) - 3} more" if len(report) > 3 else "")
+        + ". A sample needs an image (.jpg/.png/.webp/.bmp) and a non-empty UTF-8 .txt caption; "
+        "rebuild the shards with `tinyclip-edge data build`"
+    )
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -176,6 +251,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
         # a stage reading cached teacher embeddings sees the very augmentation they were made with
         self.augment_seed = cache.aug_seed if cache is not None else None
         self.urls, self.bad = check_shards(expand_shards(spec))
+        if not any(is_remote(u) for u in self.urls):
+            first_usable(self.urls)
+        # a cached sample is found by its shard's content, wherever the shard lies (the cache's key)
+        self.shard_ids = dict(zip(self.urls, shard_digests(self.urls))) if cache is not None else {}
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.shuffle_buffer = shuffle_buffer
@@ -215,10 +294,11 @@ class ShardBatches(torch.utils.data.IterableDataset):
         for sample in raw:
             try:
                 image, caption, key, meta = _decode(sample)
-            except Exception as e:  # PIL raises many types for broken images
+            except Unusable as e:
                 skipped.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {e}")
                 continue
-            sid = sample_id(sample.get("__url__", ""), sample["__key__"])
+            url = sample.get("__url__", "")
+            sid = sample_id(self.shard_ids.get(url, url), sample["__key__"])
             images.append(self.preprocess(fixed_crop(image, self.augment_seed, sid)))
             captions.append(caption)
             keys.append(key)

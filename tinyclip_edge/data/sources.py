@@ -11,6 +11,7 @@ stops a long run. ``check_readable`` fails fast (one clear line) when none of a 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..common.errors import UserError
 from ..common.io import read_json
 from . import scenes as sc
 
+log = logging.getLogger("tinyclip_edge")
 SCENES_VAL_SIZE = 1000
 UNLIMITED = 2**62
 
@@ -113,7 +115,8 @@ def _read_csv(path: Path, image_key: str, caption_key: str, sep: str | None) -> 
     if sep is None:
         sep = "\t" if path.suffix == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=sep)
             cols = reader.fieldnames or []
             for key, what in ((image_key, "csv_image_key"), (caption_key, "csv_caption_key")):
@@ -122,23 +125,34 @@ def _read_csv(path: Path, image_key: str, caption_key: str, sep: str | None) -> 
                         f"{path} has no column '{key}' (columns: {', '.join(cols) or 'none'}); "
                         f"set data.{what}=<column>" + ("" if sep != "," else " or data.csv_separator")
                     )
-            rows = [(r[image_key], r[caption_key]) for r in reader if r.get(image_key) and r.get(caption_key)]
+            rows = [(r[image_key] or "", (r[caption_key] or "").strip()) for r in reader]
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a UTF-8 text CSV") from None
-    return rows
+    return _nonempty(path, rows)
+
+
+def _nonempty(path: Path, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rows with both an image path and a caption; the others are dropped and counted on the terminal."""
+    kept = [(i, c) for i, c in rows if i.strip() and c]
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: dropped %d of %d row(s) with an empty image path or caption", path, len(rows) - len(kept), len(rows)
+        )
+    return kept
 
 
 def _read_coco(path: Path) -> list[tuple[str, str]]:
     data = read_json(path, what="COCO captions file")
     try:
         files = {img["id"]: img["file_name"] for img in data["images"]}
-        return [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
+        rows = [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing {e}" if isinstance(e, KeyError) else "a field has the wrong type"
         raise UserError(
             f"{path} is not a COCO captions file ({why}); expected 'images' (id, file_name) and 'annotations' "
             "(image_id, caption)"
         ) from None
+    return _nonempty(path, rows)
 
 
 def parse_scenes_spec(spec: str) -> tuple[str, int]:
@@ -164,13 +178,15 @@ def check_spec(spec: str, what: str = "data") -> None:
     """The syntax of a data spec, checked without reading anything (recipes call it at load time): scenes
     specs must parse; otherwise a .csv/.tsv/.txt list, a COCO captions .json, WebDataset shards (a .tar, a
     brace pattern of them, or a folder of them) or a folder of images with caption sidecars."""
-    from .shards import is_shard_spec
+    from .shards import expand_shards, is_shard_spec
 
     if not spec:
         raise UserError(f"{what} is empty; use scenes:train / scenes:val, a CSV/TSV or a COCO captions JSON")
     if spec.startswith("scenes:"):
         parse_scenes_spec(spec)
-    elif is_shard_spec(spec) or Path(spec).is_dir():
+    elif is_shard_spec(spec):
+        expand_shards(spec)  # refuses URLs webdataset would fetch or run (unless the command line allowed them)
+    elif Path(spec).is_dir():
         return  # read (and every shard checked) when the stage starts
     elif Path(spec).suffix.lower() not in (".json", ".csv", ".tsv", ".txt"):
         raise UserError(
