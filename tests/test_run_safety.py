@@ -148,6 +148,16 @@ def test_a_run_folder_linked_out_of_the_run_is_refused_and_the_target_unchanged(
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
 
 
+@pytest.mark.parametrize(
+    "name, text", [("run.json", "[1, 2]"), ("checkpoints/stage-1/checkpoint.json", '{"task": "distill"}')]
+)
+def test_a_hand_edited_run_state_or_checkpoint_is_one_line(tmp_path, teacher_dir, name, text):
+    run = tmp_path / "run"
+    _crashed_run(run, teacher_dir)
+    (run / name).write_text(text)
+    one_line_error(invoke("compress", "--resume", run), "changed by hand")
+
+
 # ------------------------------------------------------------------------------ 4: every step logged once
 
 

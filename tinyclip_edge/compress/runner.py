@@ -171,6 +171,11 @@ class Run:
         entries = run_entries(recipe)
         state_file = self.dir / RUN_STATE
         old = read_json(state_file, "run state") if state_file.is_file() else None
+        if old is not None and not (isinstance(old, dict) and isinstance(old.get("stages", {}), dict)):
+            raise UserError(
+                f"{state_file} is not a tinyclip-edge run state (changed by hand?); restore it, or start "
+                "over in another run_dir"
+            )
         if resume and old is None:
             raise UserError(
                 f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "

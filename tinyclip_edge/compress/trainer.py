@@ -172,6 +172,7 @@ def save_checkpoint(
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's record, or None when there is none (`load_checkpoint` refuses a damaged one)."""
     return read_json(path / CKPT_META, "checkpoint") if (path / CKPT_META).is_file() else None
 
 
@@ -179,6 +180,11 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
     from safetensors import safe_open
 
     meta = read_json(path / CKPT_META, "checkpoint")
+    counts = ("step", "samples", "skipped")  # samples and skipped may be absent (older checkpoints)
+    if not isinstance(meta, dict) or "step" not in meta or not all(isinstance(meta.get(k, 0), int) for k in counts):
+        raise UserError(
+            f"checkpoint {path} has no valid {CKPT_META} (changed by hand?); delete it to restart the stage"
+        )
     kind = meta.get("task")
     if kind not in TASKS:
         raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
