@@ -197,10 +197,10 @@ class Run:
         self.device = dist.local_device(resolve_device(recipe.device))
         self._check_shard_split()  # before anything is written: a refused split leaves the directory as it was
         if started:
-            self._check_same_recipe(new_lr)
+            changed = self._check_same_recipe(new_lr)
             self.state = old
-            if getattr(self, "_lr_changes", None):
-                self.state.setdefault("resumed_with_new_lr", []).append(self._lr_changes)
+            if changed:  # new learning rates on --resume: the record of the run says so
+                self.state.setdefault("resumed_with_new_lr", []).append(changed)
         else:
             if old is not None:
                 log.warning(
@@ -259,10 +259,12 @@ class Run:
             urls, _ = check_shards(expand_shards(spec))
             check_reader_split(len(urls), dist.world_size(), self.workers)
 
-    def _check_same_recipe(self, new_lr: bool = False) -> None:
+    def _check_same_recipe(self, new_lr: bool = False) -> list[str]:
+        """Refuse a recipe that differs from the saved one beyond what a resume may change; return the
+        learning-rate changes an explicit --resume brought (`new_lr`), as 'key: old → new'."""
         saved = self.dir / RECIPE_FILE
         if not saved.is_file():
-            return  # a run without its recipe: nothing to compare with
+            return []  # a run without its recipe: nothing to compare with
         try:
             old = load_recipe(str(saved)).to_dict()
         except UserError as e:
@@ -278,9 +280,9 @@ class Run:
                 + ("" if new_lr else "; `compress --resume DIR` may change the learning rates (stages.N.lr=...)")
             )
         changed = recipe_differences(old, current, RESUME_MAY_DIFFER)
-        if changed:  # learning rates changed on --resume: say so, and keep the record in run.json
+        if changed:
             log.warning("%s: resuming with new learning rates: %s", self.dir, "; ".join(changed))
-            self._lr_changes = changed
+        return changed
 
     def _save_state(self) -> None:
         if dist.is_main():
