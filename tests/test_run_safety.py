@@ -20,8 +20,9 @@ from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.io import LinkOut, check_no_links, open_inside
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
-from tinyclip_edge.compress.rundir import LOCK_FILE
+from tinyclip_edge.compress.rundir import LOCK_FILE, RESUME_MAY_CHANGE, RESUME_MAY_DIFFER, recipe_differences
 from tinyclip_edge.compress.runner import run_compress
+from tinyclip_edge.compress.step_memory import check_step_memory
 from tinyclip_edge.compress.tasks import DistillTask
 from tinyclip_edge.compress.trainer import Diverged, Interrupted, nonfinite_cause, train_stage
 from tinyclip_edge.data import open_source
@@ -217,6 +218,15 @@ def test_a_stage_that_failed_before_its_first_checkpoint_does_not_hold_the_direc
         run_compress(_recipe(tmp_path / "saved", teacher_dir, "stages.0.steps=6"))
 
 
+def test_the_step_memory_bound_refuses_only_what_cannot_fit(tiny_package):
+    cpu, shape = torch.device("cpu"), tiny_package.shape
+    check_step_memory(shape, StageCfg(name="s", batch_size=8), cpu, 1)  # positive control: fits
+    with pytest.raises(UserError, match="lower batch_size or raise grad_accum"):
+        check_step_memory(shape, StageCfg(name="s", batch_size=10**8), cpu, 1)
+    # the same global batch in 10**7 micro-batches of 10 pairs fits: the bound is per micro-batch
+    check_step_memory(shape, StageCfg(name="s", batch_size=10**8, grad_accum=10**7), cpu, 1)
+
+
 class _SignalAt(TrainBatches):
     """The scenes batches, sending this process SIGTERM when micro-batch `at` is read; counts what is read."""
 
@@ -298,6 +308,15 @@ def test_a_non_finite_input_is_named(tiny_package):
     assert "region" in nonfinite_cause(task, None, regions, *args)[0]
     what, fix = nonfinite_cause(task, pkg.model, batch, *args)  # everything finite: the loss itself
     assert "teacher cache" not in what and "region" not in what
+
+
+def test_only_learning_rates_may_change_on_an_explicit_resume():
+    old = {"stages": [{"lr": 1e-3, "min_lr": 0.0, "steps": 5, "prune": {"lambda_lr": 0.1, "mask_lr": 0.05}}]}
+    new = {"stages": [{"lr": 1e-4, "min_lr": 1e-5, "steps": 5, "prune": {"lambda_lr": 0.01, "mask_lr": 0.01}}]}
+    assert recipe_differences(old, new, RESUME_MAY_DIFFER + RESUME_MAY_CHANGE) == []
+    assert len(recipe_differences(old, new)) == 4  # a plain resume (quickstart) refuses them all
+    new["stages"][0]["steps"] = 6
+    assert recipe_differences(old, new, RESUME_MAY_DIFFER + RESUME_MAY_CHANGE) == ["stages.0.steps: 5 → 6"]
 
 
 def test_resume_takes_new_learning_rates_and_refuses_other_changes(tmp_path, teacher_dir):
