@@ -172,3 +172,28 @@ def run_recipe(overrides: list[str], crash_at: int | None = None) -> None:
         run_compress(load_recipe("quickstart", overrides), on_step=crash)
     except SystemExit:
         pass
+
+
+def start_checks(out_dir: str, teacher: str, shards: str) -> None:
+    """What every rank must refuse alike at the start of a run (ranks started with another lr; 3 shards on 2
+    processes) next to a run that passes both (the same recipe, 4 shards); each rank records what it saw."""
+    from tinyclip_edge.common import dist
+    from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.compress.recipe import load_recipe
+    from tinyclip_edge.compress.runner import run_compress
+
+    fast = ["baselines.scratch=false", "eval.data=null", "export=null", "bench=null", "data.workers=0"]
+    fast += ["stages.0.steps=1", "stages.0.batch_size=8", "stages.1.steps=1", "stages.1.batch_size=8"]
+    cases = {
+        "lr": [f"stages.0.lr={0.001 * (1 + dist.rank())}"],
+        "shards": [f"data.train={shards}/{{000000..000002}}.tar"],
+        "even": [f"data.train={shards}/{{000000..000003}}.tar"],
+    }
+    seen: dict[str, str | None] = {}
+    for case, extra in cases.items():
+        try:
+            run_compress(load_recipe("quickstart", [*fast, f"run_dir={out_dir}/{case}", f"teacher={teacher}", *extra]))
+            seen[case] = None
+        except UserError as e:
+            seen[case] = str(e)
+    Path(out_dir, f"start-{dist.rank()}.json").write_text(json.dumps(seen))

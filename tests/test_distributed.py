@@ -150,3 +150,19 @@ def test_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tm
         check_world_split(
             load_recipe("quickstart", _overrides(tmp_path / "r", tiny_model_dir, "stages.0.batch_size=15"))
         )
+
+
+def test_ranks_with_different_recipes_or_an_uneven_shard_split_are_refused_on_every_rank(tmp_path, tiny_model_dir):
+    from tinyclip_edge.data.build import build_shards
+
+    build_shards("scenes:val:32", tmp_path / "shards", 8, image_size=32, progress=False)  # 4 shards
+    out = tmp_path / "out"
+    out.mkdir()
+    W.launch(W.start_checks, 2, str(out), str(tiny_model_dir), str(tmp_path / "shards"))
+    for r in (0, 1):
+        seen = json.loads((out / f"start-{r}.json").read_text())
+        assert "rank 1 was started with another recipe than rank 0 (stages.0.lr: 0.001 → 0.002)" in seen["lr"]
+        assert "3 readable shard(s) do not split evenly over 2 processes" in seen["shards"]
+        assert seen["even"] is None  # positive control: the same recipe on 4 shards trains
+    assert not (out / "lr").exists() and not (out / "shards" / "run.json").exists()  # refused before any write
+    assert (out / "even" / "stage-2" / "config.json").is_file()

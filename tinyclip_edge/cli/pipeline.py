@@ -206,15 +206,16 @@ def preflight(recipe: Recipe) -> None:
         raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")
 
 
-def run_recipe(recipe: Recipe, resume: bool = False) -> PipelineResult:
-    """Compress, then export / parity / bench as the recipe asks, holding the run directory's lock throughout."""
+def run_recipe(recipe: Recipe, resume: bool = False, new_lr: bool = False) -> PipelineResult:
+    """Compress, then export / parity / bench as the recipe asks, holding the run directory's lock throughout.
+    `new_lr`: an explicit --resume that may change the learning rates (see `run_compress`)."""
     preflight(recipe)
     with run_lock(recipe.run_dir):
-        return _run_recipe(recipe, resume)
+        return _run_recipe(recipe, resume, new_lr)
 
 
-def _run_recipe(recipe: Recipe, resume: bool) -> PipelineResult:
-    run = run_compress(recipe, resume=resume)
+def _run_recipe(recipe: Recipe, resume: bool, new_lr: bool = False) -> PipelineResult:
+    run = run_compress(recipe, resume=resume, new_lr=new_lr)
     result = PipelineResult(run)
     if dist.env_rank() != 0:  # under torchrun, rank 0 alone exports, checks parity and benchmarks
         return result

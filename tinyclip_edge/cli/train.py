@@ -40,7 +40,8 @@ def _opt_ins(fn: click.Command) -> click.Command:
 def _recipe_for(
     recipe: str | None, overrides: tuple[str, ...], teacher: str | None, resume_dir: str | None, run_dir: str | None
 ):
-    """The recipe of a new run (RECIPE + overrides), or the one saved in a run being resumed."""
+    """The recipe of a new run (RECIPE + overrides), or the one saved in a run being resumed with the
+    overrides given (the runner refuses any but the learning rates: `rundir.RESUME_MAY_CHANGE`)."""
     from ..compress.recipe import load_recipe
     from ..compress.runner import RUN_STATE
 
@@ -51,12 +52,11 @@ def _recipe_for(
                 f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
                 "start one with `tinyclip-edge compress RECIPE run_dir=DIR`"
             )
-        if recipe or overrides or teacher:
-            click.echo(
-                f"note: resuming with the recipe saved in {saved}; RECIPE, overrides and --teacher are ignored",
-                err=True,
-            )
-        return load_recipe(str(saved), [f"run_dir={resume_dir}"])
+        if recipe and "=" in recipe:  # `--resume DIR stages.0.lr=1e-4`: click took the override for RECIPE
+            recipe, overrides = None, (recipe, *overrides)
+        if recipe or teacher:
+            click.echo(f"note: resuming with the recipe saved in {saved}; RECIPE and --teacher are ignored", err=True)
+        return load_recipe(str(saved), [*overrides, f"run_dir={resume_dir}"])
     if not recipe:
         raise UserError("give a RECIPE (a YAML file or one of the packaged recipes) or --resume DIR")
     extra = [f"teacher={teacher}"] if teacher else []
@@ -96,7 +96,7 @@ def compress(
     _logging()
     with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
         rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
-        result = run_compress(rec, resume=bool(resume_dir))
+        result = run_compress(rec, resume=bool(resume_dir), new_lr=bool(resume_dir))
     if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
         click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
 
@@ -152,7 +152,7 @@ def run_cmd(
     _logging()
     with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
         rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
-        result = run_recipe(rec, resume=bool(resume_dir))
+        result = run_recipe(rec, resume=bool(resume_dir), new_lr=bool(resume_dir))
     click.echo(
         f"done: report in {result.run.run_dir / 'report.md'}"
         + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else "")

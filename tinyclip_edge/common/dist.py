@@ -11,7 +11,9 @@ What the rest of the project uses:
 - ``gather_rows(tensors)``: the global batch, with gradient through this rank's rows;
 - ``all_sum(*ints)``: global counts (batch sizes, skipped images), so every rank decides alike;
 - ``run_on_main(fn)``: rank-0 I/O; every rank waits, and an error on rank 0 raises everywhere (no hang);
-- ``barrier()``; ``PeerLost``: a collective failed because another process died or hung.
+- ``barrier()``; ``PeerLost``: a collective failed because another process died or hung;
+- ``gather_object(obj)``: every rank's small value (the runner compares the ranks' recipes with it);
+- ``elastic_restart()``: how many times torchrun restarted the group (``--max-restarts``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def env_rank() -> int:
     """The launcher's RANK (0 outside torchrun); valid before the group is joined and after it is left."""
     try:
         return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this group (TORCHELASTIC_RESTART_COUNT; 0 outside torchrun).
+
+    torchrun --max-restarts N re-runs the very command that failed: the runner treats a restart as a
+    resume of the run that command started."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
     except ValueError:
         return 0
 
@@ -190,6 +203,15 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (a one-element list outside a group). Small values only."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def run_on_main(fn: Callable[[], T]) -> T | None:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +234,72 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                     shutil.rmtree(tmp, ignore_errors=True)
                 elif tmp.exists():
                     tmp.unlink()
+
+
+class LinkOut(UserError):
+    """A path the toolkit would write goes through a symbolic or hard link: the write could reach a file elsewhere."""
+
+
+def check_no_links(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path`, checked to be `root` or below it with no existing component after `root` a symbolic link.
+
+    Why: a write into a directory the toolkit owns (a run directory) must never reach a file outside it,
+    and a link planted in the directory (by hand, by a shared folder, by an attacker) would send it there.
+    `root` itself may be a link (the user chose that path); what is under it may not. Missing components
+    are fine: they will be created as real directories and files."""
+    root, path = Path(root), Path(path)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise LinkOut(f"{path} is not inside {root}; nothing is written outside the directory it belongs to") from None
+    if ".." in rel.parts:
+        raise LinkOut(f"{path} leaves {root} ('..'); nothing is written outside the directory it belongs to")
+    cur = root
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise LinkOut(
+                f"{cur} is a symbolic link (to {os.readlink(cur)}); tinyclip-edge writes only real files and "
+                f"folders inside {root}, never through a link: remove the link (or move its target there)"
+            )
+        if not cur.exists():
+            break
+    return path
+
+
+def open_inside(root: str | os.PathLike, path: str | os.PathLike, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """The one way to open a file of a toolkit-owned directory for writing in place (append, a lock): the
+    file descriptor of `path`, created if missing (mode 0666 minus the umask), refused when it would reach
+    anything but a regular file of `root`'s own.
+
+    Atomic writes replace a name and so never write through a link at it; a file written in place would.
+    So: no directory between `root` and the file may be a symbolic link (`check_no_links`), the file is
+    opened with O_NOFOLLOW (a symbolic link at its name fails instead of being followed, with no window
+    between check and open), and the opened file must be a regular file with a single name (a hard link
+    to a file elsewhere would be written just the same). Nothing is truncated or written before these
+    checks pass: `flags` must not include O_TRUNC (truncate the returned descriptor yourself)."""
+    assert not flags & os.O_TRUNC, "truncate after the checks, not in open()"
+    path = check_no_links(root, path)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LinkOut(
+                f"{path} is a symbolic link (to {os.readlink(path)}); tinyclip-edge never writes through a "
+                f"link in {root}: remove the link"
+            ) from None
+        raise write_error(e, path) or UserError(f"cannot open {path} for writing: {e.strerror}") from None
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_nlink > 1:
+        why = f"is a hard link ({st.st_nlink} names share it), so writing it would change a file elsewhere"
+    if why:
+        os.close(fd)
+        raise LinkOut(f"{path} {why}; tinyclip-edge writes only its own files in {root}: remove it")
+    os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO at that name from hanging the open
+    return fd
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from ..common import dist
 from ..common.errors import UserError
-from ..common.io import atomic_write_json, read_json, remove_stale_temps, write_error
+from ..common.io import atomic_write_json, check_no_links, open_inside, read_json, remove_stale_temps, write_error
 
 log = logging.getLogger("tinyclip_edge")
 
@@ -79,6 +79,10 @@ LAYOUT_ENTRIES = tuple(n for n in RESERVED if n not in (MARKER_FILE, LOCK_FILE))
 # Recipe keys that may differ when a run is resumed: where the run lives, its description, and how (not
 # what) it computes. Everything else would mix two experiments in one directory, so it is refused.
 RESUME_MAY_DIFFER = ("run_dir", "description", "device", "data.workers", "distributed")
+# What an explicit `--resume DIR key=value` may change besides: the learning rates ('*' is any stage). A run
+# that diverged is continued from its last good checkpoint with lower rates; the step, the data position and
+# every other setting stay those of the run. Not for quickstart's implicit resume: that would be silent.
+RESUME_MAY_CHANGE = ("stages.*.lr", "stages.*.min_lr", "stages.*.prune.mask_lr", "stages.*.prune.lambda_lr")
 
 
 def is_rank_zero() -> bool:
@@ -133,7 +137,7 @@ class RunLayout:
         if name not in RESERVED:
             raise ValueError(f"not an entry of the run layout: {name}")  # a bug, not a user error
         self.claim(name)
-        return self.root / name
+        return check_no_links(self.root, self.root / name)
 
     @property
     def recipe(self) -> Path:
@@ -165,7 +169,7 @@ class RunLayout:
             )
         if under is None:
             self.claim(name)
-        return out
+        return check_no_links(self.root, out)
 
     def stage(self, name: str) -> Path:
         return self.named(name)
@@ -179,13 +183,13 @@ class RunLayout:
     def remove_stale_temps(self, names: list[str]) -> None:
         """Remove what killed writes of these entries (and of the checkpoints of stages `names`) left behind."""
         for name in names:
-            remove_stale_temps(self.root / name)
-            remove_stale_temps(self.root / CHECKPOINTS_DIR / name)
-            remove_stale_temps(self.root / BASELINES_DIR / name)
+            for parent in (self.root, self.root / CHECKPOINTS_DIR, self.root / BASELINES_DIR):
+                # a linked folder is refused, not scanned: its temporaries are not the run's to delete
+                remove_stale_temps(check_no_links(self.root, parent) / name)
 
     # -- the marker
     def marker(self) -> dict[str, Any] | None:
-        path = self.root / MARKER_FILE
+        path = check_no_links(self.root, self.root / MARKER_FILE)
         if not path.is_file():
             return None
         data = read_json(path, "run marker")
@@ -318,11 +322,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             _HELD[key][1] -= 1
         return
     lock_path = root / LOCK_FILE
-    made_lock = not lock_path.exists()
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise (write_error(e, lock_path) or UserError(f"cannot lock the run directory {root}: {e.strerror}")) from None
+    made_lock = not os.path.lexists(lock_path)
+    fd = open_inside(root, lock_path, os.O_RDWR)  # a link at the lock's name is refused, never truncated
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -380,6 +381,12 @@ def _show(v: Any) -> str:
     return "(absent)" if v is _ABSENT else json.dumps(v, default=str)
 
 
+def _covers(pattern: str, key: str) -> bool:
+    """Whether dotted `key` is `pattern` or below it; a '*' part of the pattern matches any one part."""
+    want, got = pattern.split("."), key.split(".")
+    return len(got) >= len(want) and all(w in ("*", g) for w, g in zip(want, got))
+
+
 def recipe_differences(
     old: dict[str, Any], new: dict[str, Any], may_differ: tuple[str, ...] = RESUME_MAY_DIFFER
 ) -> list[str]:
@@ -388,7 +395,7 @@ def recipe_differences(
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in [*b, *(k for k in a if k not in b)]:
-        if any(key == m or key.startswith(m + ".") for m in may_differ):
+        if any(_covers(m, key) for m in may_differ):
             continue
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if va != vb:

@@ -28,7 +28,7 @@ from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.arrays import PrerenderedBatches
 from ..data.batches import TrainBatches
-from ..data.shards import ShardBatches, check_shards, data_hash, expand_shards, is_shard_spec
+from ..data.shards import ShardBatches, check_reader_split, check_shards, data_hash, expand_shards, is_shard_spec
 from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
@@ -37,7 +37,19 @@ from ..models.resolve import resolve_model
 from .chain import plan_chain
 from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
-from .rundir import LAYOUT_ENTRIES, RECIPE_FILE, STATE_FILE, RunLayout, check_entry_name, recipe_differences, run_lock
+from .rundir import (
+    CHECKPOINTS_DIR,
+    LAYOUT_ENTRIES,
+    RECIPE_FILE,
+    RESUME_MAY_CHANGE,
+    RESUME_MAY_DIFFER,
+    STATE_FILE,
+    RunLayout,
+    check_entry_name,
+    recipe_differences,
+    run_lock,
+)
+from .step_memory import check_step_memory
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
 log = logging.getLogger("tinyclip_edge")
@@ -138,11 +150,19 @@ class Run:
     """One run directory: state on disk, stages executed in order, resumable at any point.
 
     Decisions (docs/GUARANTEES.md): a new run never overwrites an entry of the layout that the toolkit did
-    not write there; a run that never started a stage (it failed on the teacher or the data) does not hold
-    its directory: running again, with any recipe, starts it over; a run that did start resumes only with
-    the same recipe (up to `rundir.RESUME_MAY_DIFFER`)."""
+    not write there; a run that saved no work (no stage done, no checkpoint: it failed on the teacher, the
+    data, the memory check or the first steps) does not hold its directory: running again, with any recipe,
+    starts it over; a run that did save work resumes only with the same recipe (up to
+    `rundir.RESUME_MAY_DIFFER`, and the learning rates on an explicit ``--resume``: `new_lr`). Under a
+    torchrun restart (``--max-restarts``) the same command resumes."""
 
-    def __init__(self, recipe: Recipe, resume: bool, on_step: Callable[[TrainState], None] | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        resume: bool,
+        on_step: Callable[[TrainState], None] | None = None,
+        new_lr: bool = False,
+    ):
         self.recipe, self.on_step = recipe, on_step
         self.dir = Path(recipe.run_dir)
         self.layout = RunLayout(self.dir)
@@ -151,23 +171,41 @@ class Run:
         entries = run_entries(recipe)
         state_file = self.dir / RUN_STATE
         old = read_json(state_file, "run state") if state_file.is_file() else None
+        if old is not None and not (isinstance(old, dict) and isinstance(old.get("stages", {}), dict)):
+            raise UserError(
+                f"{state_file} is not a tinyclip-edge run state (changed by hand?); restore it, or start "
+                "over in another run_dir"
+            )
         if resume and old is None:
             raise UserError(
                 f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
                 f"`tinyclip-edge compress RECIPE run_dir={self.dir}`"
             )
-        started = bool(old and old.get("stages"))
+        started = self._saved_work(old)
+        if started and not resume and dist.elastic_restart():
+            if dist.is_main():
+                log.warning(
+                    "%s: torchrun restart %d of this command: resuming the run from its last checkpoint",
+                    self.dir,
+                    dist.elastic_restart(),
+                )
+            resume = True
         if started and not resume:
             raise UserError(
                 f"{self.dir} already holds a run; continue it with --resume {self.dir} or pick another run_dir=..."
             )
         self.device = dist.local_device(resolve_device(recipe.device))
+        self._check_shard_split()  # before anything is written: a refused split leaves the directory as it was
         if started:
-            self._check_same_recipe()
+            changed = self._check_same_recipe(new_lr)
             self.state = old
+            if changed:  # new learning rates on --resume: the record of the run says so
+                self.state.setdefault("resumed_with_new_lr", []).append(changed)
         else:
             if old is not None:
-                log.warning("%s: the previous attempt stopped before any stage started; starting again", self.dir)
+                log.warning(
+                    "%s: the previous attempt saved no work (no stage done, no checkpoint); starting again", self.dir
+                )
             elif self.layout.marker() is None:
                 foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
                 if foreign:
@@ -190,22 +228,61 @@ class Run:
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
         dist.run_on_main(write)
 
-    def _check_same_recipe(self) -> None:
+    def _saved_work(self, old: dict[str, Any] | None) -> bool:
+        """Whether the run in the directory saved anything a new attempt would lose: a stage (or phase) done,
+        or a checkpoint of one in progress. A stage marked running without a checkpoint (the data, the memory
+        check or the first steps failed) holds nothing, so the corrected command simply starts over."""
+        stages = old.get("stages") if isinstance(old, dict) else None
+        if not isinstance(stages, dict) or not stages:
+            return False
+        if any(v == "done" for v in stages.values()):
+            return True
+        for name in stages:
+            try:
+                check_entry_name(name)
+            except UserError:
+                continue  # a hand-edited run.json never makes us look outside the run
+            if read_checkpoint_meta(self.dir / CHECKPOINTS_DIR / name) is not None:
+                return True
+        return False
+
+    @property
+    def workers(self) -> int:
+        d = self.recipe.data.workers
+        return d if d is not None else (6 if self.device.type == "cuda" else 0)
+
+    def _check_shard_split(self) -> None:
+        """Shards must feed every reader, evenly over the processes (`data.shards.check_reader_split`), checked
+        here before the run writes anything; the data loader checks the same again."""
+        spec = self.recipe.data.train
+        if is_shard_spec(spec):
+            urls, _ = check_shards(expand_shards(spec))
+            check_reader_split(len(urls), dist.world_size(), self.workers)
+
+    def _check_same_recipe(self, new_lr: bool = False) -> list[str]:
+        """Refuse a recipe that differs from the saved one beyond what a resume may change; return the
+        learning-rate changes an explicit --resume brought (`new_lr`), as 'key: old → new'."""
         saved = self.dir / RECIPE_FILE
         if not saved.is_file():
-            return  # a run without its recipe: nothing to compare with
+            return []  # a run without its recipe: nothing to compare with
         try:
             old = load_recipe(str(saved)).to_dict()
         except UserError as e:
             raise UserError(f"the recipe saved in {saved} no longer loads ({e}); start a new run_dir") from None
-        diff = recipe_differences(old, self.recipe.to_dict())
+        current = self.recipe.to_dict()
+        diff = recipe_differences(old, current, RESUME_MAY_DIFFER + (RESUME_MAY_CHANGE if new_lr else ()))
         if diff:
             more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
             raise UserError(
                 f"{self.dir} holds a run made by a different recipe; resuming would mix two experiments: "
                 f"{'; '.join(diff[:6])}{more}. Resume with the saved recipe (`tinyclip-edge compress "
                 f"--resume {self.dir}`), start over in another run_dir, or (quickstart) use --fresh"
+                + ("" if new_lr else "; `compress --resume DIR` may change the learning rates (stages.N.lr=...)")
             )
+        changed = recipe_differences(old, current, RESUME_MAY_DIFFER)
+        if changed:
+            log.warning("%s: resuming with new learning rates: %s", self.dir, "; ".join(changed))
+        return changed
 
     def _save_state(self) -> None:
         if dist.is_main():
@@ -384,11 +461,7 @@ class Run:
                 sub = ph.train(st)
                 if carry.task is None:
                     carry.task = ph.task(ctx, carry)
-                workers = (
-                    self.recipe.data.workers
-                    if self.recipe.data.workers is not None
-                    else (6 if self.device.type == "cuda" else 0)
-                )
+                workers = self.workers
                 cache = self.teacher_cache(st, teacher, source)
                 batches = self.batches(
                     source,
@@ -470,6 +543,8 @@ class Run:
         prev_teacher = prev
         reference = original or prev
         stages = planned_stages(self.recipe.stages, reference.shape)
+        for st in stages:  # every stage (and its baseline: same batches), before the first one trains
+            check_step_memory(reference.shape, st, self.device, dist.world_size())
         for i, st in enumerate(stages):
             teacher = {"original": original, "previous": prev_teacher, "none": None}[st.teacher]
             if st.teacher == "previous" and i == 0:
@@ -510,15 +585,38 @@ class Run:
         return out
 
 
+def check_same_recipe_on_all_ranks(recipe: Recipe) -> None:
+    """Every process of a torchrun group must run the same recipe: ranks started with different commands (say
+    another lr) would train one model with two experiments. Compared before anything else, so that every rank
+    refuses alike; only where the run lives and its description may differ (paths to one shared folder)."""
+    if dist.world_size() == 1:
+        return
+    mine = recipe.to_dict()
+    recipes = dist.gather_object(mine)
+    for r, other in enumerate(recipes):
+        diff = recipe_differences(recipes[0], other, ("run_dir", "description"))
+        if diff:
+            raise UserError(
+                f"rank {r} was started with another recipe than rank 0 ({'; '.join(diff[:6])}): every process "
+                "of a torchrun group must run the same command with the same overrides; start them again alike"
+            )
+
+
 def run_compress(
-    recipe: Recipe, *, resume: bool = False, on_step: Callable[[TrainState], None] | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    on_step: Callable[[TrainState], None] | None = None,
+    new_lr: bool = False,
 ) -> RunResult:
-    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``)."""
+    """Run (or resume) a recipe; under torchrun, as one process of the group (see ``common/dist.py``).
+
+    `new_lr`: an explicit resume whose learning rates may differ from the saved recipe's (``compress --resume
+    DIR stages.0.lr=...``); every other difference is still refused."""
     hint = f"resume with the same command and --resume {recipe.run_dir} (any number of processes)"
-    with (
-        dist.session(
-            recipe.distributed.backend, resolve_device(recipe.device).type, recipe.distributed.timeout_s, hint
-        ),
-        run_lock(recipe.run_dir),
+    with dist.session(
+        recipe.distributed.backend, resolve_device(recipe.device).type, recipe.distributed.timeout_s, hint
     ):
-        return Run(recipe, resume, on_step).execute()
+        check_same_recipe_on_all_ranks(recipe)
+        with run_lock(recipe.run_dir):
+            return Run(recipe, resume, on_step, new_lr).execute()

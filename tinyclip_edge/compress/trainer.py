@@ -1,9 +1,10 @@
 """The training loop of one stage: AdamW, warm-up + cosine, bf16 autocast on GPU, gradient
 accumulation, a frozen teacher, atomic checkpoints every N steps, exact resume, JSONL metrics.
 
-Exact resume works because batch ``k`` is a pure function of (data, seed, k) and every piece of
-state (weights, masks, optimiser moments, step) is checkpointed: an interrupted and resumed run ends
-with the same weights as an uninterrupted one (tested on CPU).
+Exact resume works because batch ``k`` is a pure function of (data, seed, k) — for WebDataset shards,
+of (data, seed, k, number of processes, data.workers): each reader streams its own shards — and every
+piece of state (weights, masks, optimiser moments, step) is checkpointed: an interrupted and resumed run
+ends with the same weights as an uninterrupted one (tested on CPU).
 
 Under torchrun (``common/dist.py``) the task runs under DDP, the batch losses see the global batch
 (``step_loss``), and rank 0 alone logs and writes checkpoints; every rank resumes from them.
@@ -30,7 +31,15 @@ from tqdm.auto import tqdm
 
 from ..common import dist
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, open_for_reading, read_json, save_safetensors
+from ..common.io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    open_for_reading,
+    open_inside,
+    read_json,
+    save_safetensors,
+)
 from ..data.arrays import to_device_images
 from ..data.batches import TrainBatches, batch_loader
 from ..losses import DistillOutputs, Objective
@@ -38,6 +47,7 @@ from ..losses.registry import LossSpec, combine
 from ..models.clip import ClipModel
 from .compiled import step_functions
 from .recipe import StageCfg
+from .step_memory import check_step_memory
 from .tasks import TASKS, StageTask
 
 log = logging.getLogger("tinyclip_edge")
@@ -162,6 +172,7 @@ def save_checkpoint(
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's record, or None when there is none (`load_checkpoint` refuses a damaged one)."""
     return read_json(path / CKPT_META, "checkpoint") if (path / CKPT_META).is_file() else None
 
 
@@ -169,6 +180,11 @@ def load_checkpoint(path: Path, cfg: StageCfg) -> tuple[StageTask, dict[str, Any
     from safetensors import safe_open
 
     meta = read_json(path / CKPT_META, "checkpoint")
+    counts = ("step", "samples", "skipped")  # samples and skipped may be absent (older checkpoints)
+    if not isinstance(meta, dict) or "step" not in meta or not all(isinstance(meta.get(k, 0), int) for k in counts):
+        raise UserError(
+            f"checkpoint {path} has no valid {CKPT_META} (changed by hand?); delete it to restart the stage"
+        )
     kind = meta.get("task")
     if kind not in TASKS:
         raise UserError(f"checkpoint {path} was written by an unknown stage task '{kind}'")
@@ -207,16 +223,98 @@ def teacher_embed_dim(teacher: torch.nn.Module | None) -> int | None:
     return int(dim) if dim is not None else int(teacher.shape.embed_dim)
 
 
-def _diverged(label: str, what: str, step: int, ckpt_dir: Path) -> Diverged:
+LOWER_LR = (
+    "lower the learning rates (lr, prune.mask_lr, prune.lambda_lr) and resume with them: "
+    "`tinyclip-edge compress --resume RUN_DIR stages.N.lr=...` (--resume takes new learning rates)"
+)
+
+
+def _diverged(label: str, what: str, step: int, ckpt_dir: Path, fix: str = LOWER_LR) -> Diverged:
     meta = read_checkpoint_meta(ckpt_dir)
     kept = (
         "no checkpoint had been written yet"
         if meta is None
         else f"the last good checkpoint (step {meta['step']}) is kept in {ckpt_dir}"
     )
-    return Diverged(
-        f"{label}: {what} at step {step}; {kept} — lower the learning rates (lr, prune.lambda_lr) and resume"
-    )
+    return Diverged(f"{label}: {what} at step {step}; {kept} — {fix}")
+
+
+def _finite(x: Any) -> bool:
+    if torch.is_tensor(x):
+        return bool(torch.isfinite(x.float()).all()) if x.is_floating_point() else True
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_finite(v) for v in x)
+    return True
+
+
+def nonfinite_cause(
+    task: StageTask,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, Any],
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    part: dict[str, float],
+    losses: list[LossSpec],
+    step: int,
+    micro: int,
+    updated: bool,
+) -> tuple[str, str]:
+    """(what went non-finite, how to fix it) for a loss that is NaN/inf: the first culprit in the order inputs
+    (teacher cache, regions, images, the teacher's outputs), the student's outputs, each loss term and its
+    weight, and only then the learning rate. Runs on the rare failing step only (one extra forward)."""
+    if "teacher_image" in batch and not _finite(
+        [batch[k] for k in ("teacher_image", "teacher_text", "teacher_logit_scale")]
+    ):
+        return (
+            "the teacher cache holds NaN/inf embeddings for this batch",
+            "rebuild the teacher cache (`tinyclip-edge cache-teacher`) or drop stages.N.teacher_cache",
+        )
+    for key in ("regions", "boxes"):
+        if not _finite(batch.get(key)):
+            return (
+                f"the batch's region {'boxes or scores' if key == 'regions' else 'boxes'} hold NaN/inf",
+                "fix or regenerate the regions (dclip.regions, dclip.instances, the shards' .json boxes)",
+            )
+    if not _finite(images):
+        return "the input images hold NaN/inf", "check the training data and its preprocessing"
+    wants = batch if task.wants_batch else None
+    with torch.no_grad():
+        if teacher is not None and "teacher_image" not in batch:
+            t_out = (
+                teacher.forward_batch(batch, images, ids) if hasattr(teacher, "forward_batch") else teacher(images, ids)
+            )
+            if not _finite(list(t_out)):
+                return (
+                    "the teacher's outputs are NaN/inf on this batch",
+                    "check the teacher's weights (stages.N.teacher)",
+                )
+        s_out = task(images, ids, step, micro, wants) if wants is not None else task(images, ids, step, micro)
+    if not _finite(list(s_out[:3])):
+        what = task.check_finite() or "the student's outputs became NaN/inf"
+        if not updated:  # no optimiser step ran in this process yet: the starting weights themselves
+            return what + " before any update of this run", "check the stage's starting model (its checkpoint)"
+        return what, LOWER_LR
+    for spec in losses:
+        raw = {k: v for k, v in part.items() if k == spec.name or k.startswith(spec.name + "/")}
+        bad = [k for k, v in raw.items() if not math.isfinite(v)]
+        if bad:
+            return (
+                f"loss term '{bad[0]}' became {raw[bad[0]]} on finite inputs and outputs",
+                f"check that loss's options in stages.N.losses.{spec.name}",
+            )
+        if not math.isfinite(float(torch.tensor(sum(raw.values()), dtype=torch.float32) * spec.weight)):
+            return (
+                f"loss '{spec.name}' (weight {spec.weight:g}) overflowed the total",
+                f"lower stages.N.losses.{spec.name} (loss weights of order 1 are typical)",
+            )
+    task_terms = [k for k, v in part.items() if k != "total" and not math.isfinite(v)]
+    if task_terms:  # the task's own terms (a prune stage's Lagrangian): driven by its learning rates
+        return f"the stage's term '{task_terms[0]}' became {part[task_terms[0]]}", LOWER_LR
+    return f"the loss became {part.get('total')}", LOWER_LR
 
 
 def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
@@ -228,9 +326,10 @@ def _rescale_grads(optimizers: list[torch.optim.Optimizer], factor: float) -> No
 
 
 class _StopFlag:
-    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop at the next step boundary;
-    a second one stops at once. SIGTERM is what Slurm, `docker stop` and `kill` send: treating it like Ctrl-C
-    keeps the work done since the last periodic checkpoint (a grace period must cover one step)."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop before its next micro-batch
+    (the step in progress is dropped: the checkpoint holds the last whole step); a second one stops at once.
+    SIGTERM is what Slurm, `docker stop` and `kill` send: treating it like Ctrl-C keeps the work done since
+    the last periodic checkpoint (a grace period must cover one micro-batch, not a whole step)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -251,7 +350,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.set = True
         log.warning(
-            "%s received: checkpointing at the end of this step (send it again to stop at once)",
+            "%s received: checkpointing before the next micro-batch (send it again to stop at once)",
             signal.Signals(signum).name,
         )
 
@@ -338,6 +437,30 @@ def step_loss(
     return loss, part
 
 
+def trim_metrics(path: Path, label: str, step: int) -> None:
+    """Drop the lines of stage `label` past `step` from the metrics log: a stage resumed from its checkpoint
+    at `step` (or restarted from 0) logs those steps again, and every step must appear once. Other stages'
+    lines stay as they are; the log is rewritten atomically, and only when something is dropped."""
+    os.close(open_inside(path.parent, path))  # refuses a link before anything is read or written
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def stale(line: str) -> bool:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        return (
+            isinstance(rec, dict)
+            and rec.get("stage") == label
+            and isinstance(rec.get("step"), int)
+            and rec["step"] > step
+        )
+
+    kept = [ln for ln in lines if not stale(ln)]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
 def train_stage(
     task: StageTask,
     teacher: ClipModel | None,
@@ -353,6 +476,8 @@ def train_stage(
     workers: int = 0,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
+    # what one micro-batch needs, bounded before anything is allocated (the runner checks every stage earlier)
+    check_step_memory(task.shape, cfg, device, dist.world_size())
     if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
         t_dim = teacher_embed_dim(teacher)
         task.objective = Objective(losses, task.shape.embed_dim, t_dim)
@@ -365,12 +490,17 @@ def train_stage(
     if resume is not None:
         opt_state, state = resume
         for o, s in zip(optimizers, opt_state["optimizers"]):
+            base = [g["base_lr"] for g in o.param_groups]
             o.load_state_dict(s)
+            # the recipe's learning rates, not the checkpoint's: `--resume` may lower them (the same on a plain resume)
+            for g, lr in zip(o.param_groups, base):
+                g["base_lr"] = lr
     accum = cfg.grad_accum
     amp = autocast_for(device, cfg.precision)
     main = dist.is_main()  # rank 0 alone logs and checkpoints
     if main:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        trim_metrics(metrics_path, label, state.step)
     loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers, pin_memory=device.type == "cuda")
     net, teacher_fwd = step_functions(net, task, teacher, cfg, device, label)  # eager, or torch.compile'd
     # in a log file (CI, nohup) a bar redrawn every step would bury everything else
@@ -385,18 +515,29 @@ def train_stage(
         disable=not main,
     )
     t0, samples0 = time.perf_counter(), state.samples
-    with _StopFlag() as stop, open(metrics_path if main else os.devnull, "a", encoding="utf-8") as mlog:
+    # appended in place, so opened through open_inside: never through a link out of the run directory
+    log_file = os.fdopen(open_inside(metrics_path.parent, metrics_path), "a", encoding="utf-8") if main else None
+    updated = False  # whether this process has applied an optimiser step (divergence before one is not the lr)
+    with _StopFlag() as stop, log_file or open(os.devnull, "a", encoding="utf-8") as mlog:
         while state.step < cfg.steps:
             step = state.step
+            at_start = (state.samples, state.skipped)
             for o in optimizers:
                 for g in o.param_groups:  # masks and Lagrange multipliers keep a constant rate
                     g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
             logs: dict[str, float] = {}
             n_micro, synced = 0, False
+            abandoned = False
             for micro in range(accum):
+                if micro and stop.set and dist.world_size() == 1:
+                    abandoned = True  # a stop between micro-batches: drop the step, keep the last whole one
+                    break
                 batch = next(loader)
-                # global counts, so every rank skips (or not) the same micro-batches
-                n, skipped = dist.all_sum(len(batch["images"]), batch["skipped"])
+                # global counts, so every rank skips (or not) the same micro-batches; and any rank's stop
+                n, skipped, stops = dist.all_sum(len(batch["images"]), batch["skipped"], int(stop.set))
+                if micro and stops:
+                    abandoned = True
+                    break
                 state.skipped += skipped
                 if batch["skipped"]:
                     log.warning(
@@ -431,15 +572,26 @@ def train_stage(
                         batch if task.wants_batch else None,
                     )
                     if not torch.isfinite(loss):
-                        raise _diverged(
-                            label, task.check_finite() or f"the loss became {float(loss.detach())}", step, ckpt_dir
+                        what, fix = nonfinite_cause(
+                            task, teacher, batch, images, ids, part, losses, step, micro, updated
                         )
+                        raise _diverged(label, what, step, ckpt_dir, fix)
                     (loss / accum).backward()
                 synced |= last
                 n_micro += 1
                 state.samples += n
                 for k, v in part.items():
                     logs[k] = logs.get(k, 0.0) + v
+            if abandoned:
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                state.samples, state.skipped = at_start
+                if main:
+                    save_checkpoint(ckpt_dir, task, optimizers, state)
+                bar.close()
+                raise Interrupted(
+                    f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; continue with --resume"
+                )
             if n_micro and not synced:  # the window's last micro-batch was empty everywhere
                 dist.average_gradients(list(task.parameters()))
             if n_micro:
@@ -457,6 +609,7 @@ def train_stage(
                         if "overflow" not in str(e):
                             raise
                         raise _diverged(label, f"an optimiser step overflowed ({e})", step, ckpt_dir) from None
+                updated = True
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             logs.update(task.after_step(step))

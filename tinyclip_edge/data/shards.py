@@ -152,6 +152,34 @@ def data_hash(urls: list[str]) -> str:
     return hashlib.sha256("".join(shard_digests(urls)).encode()).hexdigest()
 
 
+def check_reader_split(shards: int, world: int, workers: int) -> None:
+    """Every reader (process x data worker) streams whole shards, and every reader yields batches at the
+    same rate: too few shards leave a reader without data, and an uneven split makes the shards of the
+    readers holding fewer come round more often. Too few, or uneven over the processes: an error; uneven
+    over one process's data workers only: a warning (the default of 6 workers on CUDA would refuse most
+    shard counts)."""
+    readers = world * max(1, workers)
+    if shards < readers:
+        raise UserError(
+            f"{shards} readable shard(s) cannot feed {world} process(es) x {max(1, workers)} data worker(s); "
+            "write more, smaller shards (data build --shard-size) or lower data.workers"
+        )
+    if shards % world:
+        raise UserError(
+            f"{shards} readable shard(s) do not split evenly over {world} processes: the samples of the processes "
+            f"holding fewer would be seen more often; write a multiple of {world} shards (data build "
+            f"--shard-size) or run a number of processes that divides {shards}"
+        )
+    if (shards // world) % max(1, workers):
+        log.warning(
+            "%d shard(s) per process do not split evenly over %d data workers: the shards of the workers holding "
+            "fewer are seen more often; set data.workers to a divisor of %d",
+            shards // world,
+            workers,
+            shards // world,
+        )
+
+
 class _Skips:
     """webdataset error handler: count the failure (a corrupt shard or member) and continue."""
 
@@ -342,12 +370,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def loader(self, start: int, stop: int, workers: int = 0) -> Iterator[dict[str, Any]]:
         """Batches start..stop-1 of this rank, read by `workers` processes (0: in this process)."""
         self.start, self.workers = start, max(1, workers)
-        if len(self.urls) < self.world * self.workers:
-            raise UserError(
-                f"{len(self.urls)} readable shard(s) cannot feed {self.world} process(es) x "
-                f"{self.workers} data worker(s); write more, smaller shards (data build --shard-size) "
-                "or lower data.workers"
-            )
+        check_reader_split(len(self.urls), self.world, self.workers)
         dl = torch.utils.data.DataLoader(
             self, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
         )
