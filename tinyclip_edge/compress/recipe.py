@@ -339,6 +339,8 @@ class Recipe:
     run_dir: str | None = None  # default: runs/<name>
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # in [0, 2^32 - 1]
     device: DEVICE = "auto"  # auto | cpu | cuda | cuda:N (checked to exist here)
+    # PyTorch threads per process on the CPU: auto = the cores free at start (common/threads.py), or a number
+    cpu_threads: Annotated[int, Range(1, 1024)] | Literal["auto"] = "auto"
     data: DataCfg = field(default_factory=DataCfg)
     stages: list[StageCfg] = field(default_factory=list)
     eval: EvalCfg = field(default_factory=EvalCfg)

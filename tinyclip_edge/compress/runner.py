@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..common import dist
+from ..common.threads import apply_cpu_threads
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
@@ -618,5 +619,6 @@ def run_compress(
         recipe.distributed.backend, resolve_device(recipe.device).type, recipe.distributed.timeout_s, hint
     ):
         check_same_recipe_on_all_ranks(recipe)
+        apply_cpu_threads(recipe.cpu_threads, resolve_device(recipe.device).type, announce=dist.is_main())
         with run_lock(recipe.run_dir):
             return Run(recipe, resume, on_step, new_lr).execute()
