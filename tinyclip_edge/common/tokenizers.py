@@ -104,7 +104,7 @@ class BpeTokenizer:
         try:  # open_clip decompresses the whole file: bound it first, as the standalone reader does
             read_merges(file)
         except ReaderError as e:
-            raise UserError(str(e)) from None
+            raise UserError(f"tokenizer vocabulary {e}") from None
         try:
             self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
         except Exception as e:  # gzip, unicode and index errors from a file that is not a BPE vocabulary
