@@ -140,21 +140,17 @@ def normalize(rgb_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]
 
 
 def open_image(path: str | os.PathLike) -> Any:
-    """A fully decoded PIL image; `ReaderError` for a missing, unreadable or oversized one (Pillow refuses
-    images over twice its MAX_IMAGE_PIXELS as decompression bombs, and so does this reader beyond it)."""
-    import warnings
-
+    """A fully decoded PIL image; `ReaderError` for a missing or unreadable one, or one Pillow refuses as a
+    decompression bomb (over twice its MAX_IMAGE_PIXELS), as the toolkit's runtimes do."""
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
     except FileNotFoundError:
         raise ReaderError(f"image {path}: file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ReaderError(f"cannot read the image {path}: {first}") from None
 
@@ -627,7 +623,10 @@ def verify_bundle(root: Path, manifest: dict[str, Any]) -> None:
     for name, keys in ((PREPROCESS_NAME, None), (RUNTIME_NAME, RUNTIME_FIELDS)):
         if name not in files:
             continue
-        mirror = json.loads(inside(root, name).read_text(encoding="utf-8"))
+        try:
+            mirror = json.loads(inside(root, name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ReaderError(f"cannot read {root / name}: {e}; re-export the bundle") from None
         mine = manifest.get("preprocess") if keys is None else {k: manifest.get(k) for k in keys}
         if not isinstance(mirror, dict) or not isinstance(mine, dict):
             raise ReaderError(f"{where}: {name} does not mirror the manifest; re-export the bundle")
@@ -663,24 +662,35 @@ class Bundle:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         verify_bundle(self.path, self.manifest)
-        self.preprocess_cfg = self.manifest["preprocess"]
-        self.tokenizer = (
-            make_tokenizer(self.manifest["tokenizer"], self.path) if self.manifest.get("tokenizer") else None
-        )
+        try:  # verified, so malformed here means crafted with recomputed digests: still one line
+            self.preprocess_cfg = self.manifest["preprocess"]
+            self.tokenizer = (
+                make_tokenizer(self.manifest["tokenizer"], self.path) if self.manifest.get("tokenizer") else None
+            )
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ReaderError(f"{self.path / MANIFEST} is malformed ({type(e).__name__}: {e}); re-export it") from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.sessions = {
-            tower: ort.InferenceSession(
-                str(inside(self.path, t["file"])), sess_options=options, providers=list(providers)
-            )
-            for tower, t in self.manifest["towers"].items()
-        }
+        self.sessions = {}
+        for tower, t in self.manifest["towers"].items():
+            try:
+                self.sessions[tower] = ort.InferenceSession(
+                    str(inside(self.path, t["file"])), sess_options=options, providers=list(providers)
+                )
+            except Exception as e:  # noqa: BLE001  (onnxruntime's errors derive from Exception only)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ReaderError(f"ONNX Runtime cannot open the {tower} graph of {self.path}: {first}") from None
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:
         sess = self.sessions[tower]
         inp = sess.get_inputs()[0]
         x = np.ascontiguousarray(x.astype(_NP.get(inp.type, np.float32), copy=False))
-        return np.asarray(sess.run(None, {inp.name: x})[0], dtype=np.float32)
+        try:
+            out = sess.run(None, {inp.name: x})[0]
+        except Exception as e:  # noqa: BLE001  (e.g. token ids beyond an edited vocabulary's embeddings)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ReaderError(f"ONNX Runtime failed on the {tower} graph of {self.path}: {first}") from None
+        return np.asarray(out, dtype=np.float32)
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         return np.stack([preprocess_image(im, self.preprocess_cfg) for im in images])
