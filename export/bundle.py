@@ -26,7 +26,6 @@ from ..common.schemas import (
     BUNDLE_VERSION,
     MANIFEST_NAME,
     PREPROCESS_NAME,
-    RUNTIME_NAME,
     TOKENIZER_DIR,
     BundleManifest,
     bundle_record,
@@ -239,7 +238,7 @@ def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
     """Validate the manifest against its schema, mirror what changes what runs into ``runtime.json`` and record
     every file's digest before writing it."""
     m = BundleManifest.from_data(manifest, tmp / MANIFEST_NAME)
-    atomic_write_json(tmp / RUNTIME_NAME, m.runtime_fields())
+    m.write_runtime(tmp)
     for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
         m.record_file(tmp, f.relative_to(tmp).as_posix())
     m.write(tmp)

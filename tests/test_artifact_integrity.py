@@ -74,12 +74,8 @@ def _edit_manifest(bundle: Path, **changes) -> None:
 def _mirror_runtime(bundle: Path) -> None:
     """Make runtime.json say what the edited manifest says and record its digest: a tamperer who does this gets
     past the mirror check, so the checks behind it (the tokenizer's own) are what the test exercises."""
-    from tinyclip_edge.common.io import atomic_write_json
-    from tinyclip_edge.common.schemas import RUNTIME_NAME
-
     m = BundleManifest.read(bundle, verify=False)
-    atomic_write_json(bundle / RUNTIME_NAME, m.runtime_fields())
-    m.record_file(bundle, RUNTIME_NAME)
+    m.write_runtime(bundle)
     m.write(bundle)
 
 

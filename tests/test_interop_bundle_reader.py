@@ -403,3 +403,21 @@ def test_the_reader_names_files_as_the_toolkit_does() -> None:
     assert clip_bundle.RUNTIME_NAME == schemas.RUNTIME_NAME
     assert clip_bundle.RUNTIME_FIELDS == schemas.RUNTIME_FIELDS
     assert clip_bundle.READS_UP_TO == schemas.BUNDLE_VERSION
+
+
+def test_format_2_bundles_are_still_read(bundles, tmp_path: Path) -> None:
+    """Bundles exported before runtime.json (format 2) open in the toolkit and the reader, unchecked mirror and
+    all (docs/FORMATS.md says so); the same edit on format 3 is refused (the positive control above)."""
+    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.runtimes.bundle import read_manifest
+
+    bundle = _copy(bundles["words"], tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    del manifest["files"]["runtime.json"]
+    (bundle / "runtime.json").unlink()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(bundle).format_version == 2
+    np.testing.assert_array_equal(
+        Bundle(bundle).tokenize("a red circle"), Bundle(bundles["words"]).tokenize("a red circle")
+    )

@@ -420,6 +420,11 @@ class BundleManifest(VersionedFile):
         path = inside(root, name, f"bundle {root}")
         self.files[name] = FileEntry(sha256_file(path), path.stat().st_size)
 
+    def write_runtime(self, bundle_dir: str | os.PathLike) -> None:
+        """Write ``runtime.json`` (what this manifest says runs) and record its digest; `write` the manifest after."""
+        atomic_write_json(Path(bundle_dir) / RUNTIME_NAME, self.runtime_fields())
+        self.record_file(bundle_dir, RUNTIME_NAME)
+
     def write(self, bundle_dir: str | os.PathLike) -> None:
         """Validate (types, ranges, paths) and atomically replace the manifest."""
         data = self.to_dict()
@@ -452,9 +457,11 @@ def record_in_bundle(bundle_dir: str | os.PathLike, names: list[str]) -> None:
     """List files the toolkit wrote into an existing bundle (a parity report) in its manifest, with their
     digests: the manifest is the record of what a re-export may replace, and what opening it verifies."""
     manifest = BundleManifest.read(bundle_dir, verify=False)
+    before = dict(manifest.files)
     for name in names:
         manifest.record_file(bundle_dir, name)
-    manifest.write(bundle_dir)
+    if manifest.files != before:  # an identical report leaves the manifest untouched
+        manifest.write(bundle_dir)
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
