@@ -54,7 +54,7 @@ def no_ftfy(monkeypatch):
 def _lite(text: str) -> str | None:
     try:
         return cb.fix_text_lite(text)
-    except cb.NeedsFtfy:
+    except getattr(cb, "NeedsFtfy", ()):  # (getattr: so that a reader without it fails on the text, not here)
         return None
 
 
