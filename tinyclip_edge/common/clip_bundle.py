@@ -18,7 +18,12 @@ own mode (so RGBA/LA are resized with premultiplied alpha and palette images wit
 as torchvision does), torchvision's centre-crop rounding, then ``convert("RGB")``, ``/255`` and
 ``(x - mean) / std`` in float32. Tokenizers are rebuilt from the manifest's complete description:
 ``words`` (a closed word vocabulary) and ``bpe`` (CLIP's byte-pair encoding, reimplemented here; its
-merges file ships in the bundle's ``tokenizer/`` folder).
+merges file ships in the bundle's ``tokenizer/`` folder). Without ftfy, captions are cleaned by a port of
+``ftfy.fix_text`` below; those ftfy would repair as mojibake are refused (``NeedsFtfy``).
+
+Opening a bundle verifies what tinyclip-edge verifies (``verify_bundle``): paths inside the bundle, every
+recorded sha256, and the manifest fields that change what runs against their digest-checked mirrors. Every
+problem a user can fix is a ``ReaderError``: one line from the command line, no traceback.
 
 This module must import nothing outside the standard library, numpy, Pillow and (lazily) onnxruntime:
 tests run it in a subprocess where tinyclip_edge, torch and open_clip cannot be imported.
