@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..common.errors import UserError
+from ..common.integrity import check_replaceable
 from ..common.io import atomic_path, atomic_write_json
 from ..common.options import ExportOptions, ExportPrecision, resolve_options
 from ..common.schemas import (
@@ -27,6 +28,7 @@ from ..common.schemas import (
     PREPROCESS_NAME,
     TOKENIZER_DIR,
     BundleManifest,
+    bundle_record,
     is_bundle,
 )
 from ..common.tokenizers import export_tokenizer
@@ -67,48 +69,10 @@ def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[s
 
 
 def _check_out(out: Path, source: Source) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is a file; choose a directory path for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not is_bundle(out):
-        raise UserError(
-            f"--out {out} exists and is not an export bundle; refusing to replace it, choose a new directory"
-        )
     if source.kind == "model_dir" and out.resolve() == Path(source.spec):
         raise UserError("--out is the model directory itself; choose a different directory for the bundle")
-    if out.is_dir() and is_bundle(out):
-        foreign = _foreign_files(out)
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UserError(
-                f"--out {out} is a bundle that also holds files this toolkit did not write ({shown}); replacing "
-                "it would delete them: move them out or choose a new directory"
-            )
-
-
-_OWN_SUFFIXES = (".onnx", ".onnx.data", ".engine", ".plan", ".engine.json", ".plan.json", ".calib.cache", ".tmp")
-_OWN_NAMES = {"manifest.json", PREPROCESS_NAME, "clip_bundle.py", "parity.json", "parity.md"}
-
-
-def _foreign_files(bundle: Path) -> list[str]:
-    """Files in an existing bundle that neither its manifest lists nor a bundle ever holds: re-exporting
-    replaces the whole directory, so only what the toolkit provably wrote may be in it."""
-    try:
-        listed = set(BundleManifest.read(bundle, verify=False).files)
-    except UserError:  # a damaged manifest: fall back to the names a bundle holds
-        listed = set()
-    out = []
-    for p in sorted(bundle.rglob("*")):
-        rel = p.relative_to(bundle).as_posix()
-        if p.is_dir():
-            if rel != "tokenizer" and not rel.startswith("tokenizer/") and not any(p.iterdir()):
-                out.append(rel + "/")  # an empty directory of the user's would go too
-            continue
-        if rel in listed or rel in _OWN_NAMES or rel.startswith("tokenizer/"):
-            continue
-        if "/" not in rel and rel.endswith(_OWN_SUFFIXES):
-            continue
-        out.append(rel)
-    return out
+    # re-exporting replaces the whole directory: only what the old manifest lists, unchanged, may go
+    check_replaceable(out, bundle_record(out) if is_bundle(out) else None, "an export bundle")
 
 
 def _calibration(pkg: Any, spec: str, count: int, towers: Sequence[str], progress: bool) -> tuple[dict, dict]:
@@ -271,8 +235,10 @@ def export_bundle(
 
 
 def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
-    """Validate the manifest against its schema and record every file's digest before writing it."""
+    """Validate the manifest against its schema, mirror what changes what runs into ``runtime.json`` and record
+    every file's digest before writing it."""
     m = BundleManifest.from_data(manifest, tmp / MANIFEST_NAME)
+    m.write_runtime(tmp)
     for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
         m.record_file(tmp, f.relative_to(tmp).as_posix())
     m.write(tmp)

@@ -12,6 +12,7 @@ sibling, loaded back with open_clip and compared with the student, and only then
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json
+from ..common.integrity import check_replaceable, is_sha256, sha256_file
+from ..common.io import atomic_path, atomic_write_json, save_safetensors
 from ..common.tokenizers import WordTokenizer, describe_bpe, tokenizer_from_config
 from ..runtimes.pyt import placed_model
 from .source import resolve_source
@@ -42,14 +44,23 @@ class OpenClipExport:
 
 
 def _check_out(out: Path, source_spec: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is a file; choose a directory path for the open_clip folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise UserError(
-            f"--out {out} exists and is not an open_clip folder; refusing to replace it, choose a new directory"
-        )
     if Path(source_spec).exists() and out.resolve() == Path(source_spec).resolve():
         raise UserError("--out is the source directory itself; choose a different directory")
+    # re-exporting replaces the whole folder: only what the old export recorded, unchanged, may go
+    check_replaceable(out, _record(out), "an open_clip folder")
+
+
+def _record(folder: Path) -> dict[str, str | None] | None:
+    """What an earlier export wrote into `folder`, from its config's ``tinyclip_edge.files`` (name -> sha256);
+    None for a folder this toolkit did not write (a user's own open_clip folder has no such record)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        files = config["tinyclip_edge"]["files"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and is_sha256(v) for k, v in files.items()):
+        return None
+    return {CONFIG_NAME: None, **files}
 
 
 def _preprocess_cfg(pre: Any) -> dict[str, Any]:
@@ -139,8 +150,6 @@ def _verify(folder: Path, model: Any, pre: Any, seed: int = 0) -> float:
 
 def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -> OpenClipExport:
     """Write `source` (model dir, open_clip spec or ClipPackage) as an open_clip local-dir folder at `out`."""
-    from safetensors.torch import save_file
-
     from ..models.openclip import NotConvertible, open_clip_config, to_open_clip
 
     src = resolve_source(source)
@@ -182,7 +191,8 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
     try:
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            config["tinyclip_edge"]["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
             atomic_write_json(tmp / CONFIG_NAME, config)
             if verify:
                 max_abs = _verify(tmp, model, pkg.preprocess)

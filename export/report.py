@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..common.errors import UserError
 from ..common.io import atomic_write_text, prepare_out_dir, read_json
-from ..common.schemas import PARITY_FORMAT, PARITY_NAME, PARITY_VERSION, VersionedFile, in_file
+from ..common.schemas import (
+    PARITY_FORMAT,
+    PARITY_NAME,
+    PARITY_VERSION,
+    VersionedFile,
+    in_file,
+    is_bundle,
+    record_in_bundle,
+)
 from ..common.typed import Range
 
 if TYPE_CHECKING:
@@ -319,6 +327,8 @@ class ParityReport(VersionedFile):
         out = prepare_out_dir(out_dir, [json_name, md_name], "parity report")
         atomic_write_text(out / json_name, json.dumps(data, indent=2) + "\n")
         atomic_write_text(out / md_name, self.to_markdown())
+        if is_bundle(out):  # the bundle's manifest lists the report, so a re-export knows it is the toolkit's
+            record_in_bundle(out, [json_name, md_name])
         return out / json_name
 
     def to_markdown(self) -> str:

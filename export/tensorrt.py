@@ -469,4 +469,6 @@ def _record_in_manifest(bundle: Path, manifest: BundleManifest, entries: list[di
         )
         manifest.record_file(bundle, e["engine"])
         manifest.record_file(bundle, e["engine"] + SIDECAR_SUFFIX)
+        if (bundle / f"{e['tower']}.calib.cache").is_file():  # TensorRT's int8 calibration, written into the bundle
+            manifest.record_file(bundle, f"{e['tower']}.calib.cache")
     write_manifest(bundle, manifest)

@@ -54,6 +54,9 @@ def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
+DROP = object()  # _edit_manifest: remove the key
+
+
 def _edit_manifest(bundle: Path, **changes) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
     for dotted, value in changes.items():
@@ -61,8 +64,19 @@ def _edit_manifest(bundle: Path, **changes) -> None:
         *parents, last = dotted.split("__")
         for key in parents:
             node = node[key]
-        node[last] = value
+        if value is DROP:
+            del node[last]
+        else:
+            node[last] = value
     (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _mirror_runtime(bundle: Path) -> None:
+    """Make runtime.json say what the edited manifest says and record its digest: a tamperer who does this gets
+    past the mirror check, so the checks behind it (the tokenizer's own) are what the test exercises."""
+    m = BundleManifest.read(bundle, verify=False)
+    m.write_runtime(bundle)
+    m.write(bundle)
 
 
 def _fails(args: list, message: str) -> str:
@@ -227,6 +241,7 @@ def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
     m = BundleManifest.read(bundle, verify=False)
     m.record_file(bundle, "tokenizer/bpe.txt.gz")
     m.write(bundle)
+    _mirror_runtime(bundle)
     _fails(
         ["parity", bundle, "--data", "scenes:val", "--count", "4", "--out", tmp_path / "p", "--quiet"],
         "tokenizer vocabulary",
@@ -241,6 +256,10 @@ def test_bad_tokenizer_file_in_a_bundle_is_one_line(bundles, tmp_path):
         ({"towers__image__file": "text.onnx", "towers__text__file": "image.onnx"}, "not the image graph's recorded"),
         ({"preprocess__mean": [0.9, 0.0, 0.9]}, "'preprocess' differs from preprocess.json"),
         ({"image_size": 64}, "'image_size' 64 differs from 'preprocess.image_size' 32"),
+        ({"tokenizer__context_length": 8}, "'tokenizer' differs from runtime.json"),
+        ({"normalized": False}, "'normalized' differs from runtime.json"),
+        ({"precision": "fp16"}, "'precision' differs from runtime.json"),
+        ({"files__runtime.json": DROP}, "lacks runtime.json"),
     ],
 )
 def test_manifest_edits_that_contradict_recorded_files(bundles, tmp_path, changes, message):
@@ -257,6 +276,7 @@ def test_tokenizer_that_no_longer_fits_the_model(bundles, tmp_path):
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     vocab = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["vocab"]
     _edit_manifest(bundle, tokenizer__vocab=[f"w{i}" for i in range(100)] + vocab)
+    _mirror_runtime(bundle)
     _fails(COMMANDS["bench"](bundle, tmp_path) + ["--tower", "text"], "ONNX Runtime refused the input 'tokens'")
     _fails(
         ["parity", bundle, "--data", "scenes:val:8", "--count", "8", "--quiet"], "the bundle's tokenizer produces ids"
@@ -269,6 +289,7 @@ def test_parity_refuses_a_tokenizer_that_differs_from_the_reference(bundles, tmp
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     vocab = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["vocab"]
     _edit_manifest(bundle, tokenizer__vocab=vocab[::-1])
+    _mirror_runtime(bundle)
     _fails(
         ["parity", bundle, "--data", "scenes:val:8", "--count", "8", "--quiet"],
         "the bundle's tokenizer differs from its reference",
@@ -285,7 +306,7 @@ def test_good_bundle_passes_every_check(bundles, tmp_path):
     """The positive control: the same commands on the untouched bundle get past every check."""
     bundle = copy_bundle(bundles["student"], tmp_path / "b")
     m = BundleManifest.read(bundle)
-    assert set(m.files) == {"image.onnx", "text.onnx", "preprocess.json", "clip_bundle.py"}
+    assert set(m.files) == {"image.onnx", "text.onnx", "preprocess.json", "runtime.json", "clip_bundle.py"}
     result = CliRunner().invoke(main, [str(a) for a in COMMANDS["bench"](bundle, tmp_path)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, [str(a) for a in COMMANDS["parity"](bundle, tmp_path)])

@@ -197,3 +197,43 @@ def test_info_on_a_bundle_says_what_it_is(tmp_path, tiny_model_dir):
     assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
     assert "is an export bundle, not a model directory" in _error_line(_run("info", out))
     assert _run("info", tiny_model_dir).exit_code == 0
+
+
+def _snapshot(root):
+    """Every path under `root` with its bytes (None for directories), to show nothing changed."""
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in root.rglob("*")}
+
+
+def test_re_export_refuses_user_files_with_toolkit_like_names(tmp_path, tiny_model_dir):
+    """Only what the old manifest lists, by name and digest, is the toolkit's: a user's `.onnx`, `.tmp` or file
+    under tokenizer/ is not, nor is a listed file the user changed. The refusal names them; nothing changes."""
+    out = tmp_path / "b"
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    (out / "my_experiment.onnx").write_bytes(b"my graph")
+    (out / "notes.tmp").write_text("my notes")
+    (out / "tokenizer").mkdir(exist_ok=True)
+    (out / "tokenizer" / "my_vocab.txt").write_text("my words")
+    before = _snapshot(tmp_path)
+    line = _error_line(_run("export", tiny_model_dir, "--out", out, "--quiet"))
+    assert "also holds files this toolkit did not write" in line
+    assert "my_experiment.onnx" in line and "notes.tmp" in line and "tokenizer/my_vocab.txt" in line
+    assert _snapshot(tmp_path) == before
+    for name in ("my_experiment.onnx", "notes.tmp", "tokenizer/my_vocab.txt"):
+        (out / name).unlink()
+    (out / "preprocess.json").write_text('{"mine": true}\n')  # a listed name, other content: the user's now
+    before = _snapshot(tmp_path)
+    line = _error_line(_run("export", tiny_model_dir, "--out", out, "--quiet"))
+    assert "preprocess.json (changed since export)" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_re_export_after_parity_and_engine_records_replaces_the_bundle(tmp_path, tiny_model_dir):
+    """What the toolkit writes into a bundle later (the parity report) is listed in its manifest, so a re-export
+    replaces it (positive control for the refusals above)."""
+    out = tmp_path / "b"
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    assert _run("parity", out, "--data", "scenes:val:8", "--count", "8", "--quiet").exit_code in (0, 1)
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"parity.json", "parity.md"} <= set(files)
+    assert _run("export", tiny_model_dir, "--out", out, "--quiet").exit_code == 0
+    assert not (out / "parity.json").exists()

@@ -35,15 +35,17 @@ def test_fp32_bundle_contents(tmp_path, tiny_model_dir):
         "image.onnx",
         "manifest.json",
         "preprocess.json",
+        "runtime.json",
         "text.onnx",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     m = json.loads((out / "manifest.json").read_text())
-    assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 2, "fp32", 17)
+    assert (m["format"], m["format_version"], m["precision"], m["opset"]) == ("tinyclip-edge/bundle", 3, "fp32", 17)
     assert sorted(m["files"]) == [
         "clip_bundle.py",
         "image.onnx",
         "preprocess.json",
+        "runtime.json",
         "text.onnx",
     ]  # all but the manifest
     assert all(m["files"][f]["sha256"] == _sha256(out / f) for f in m["files"])

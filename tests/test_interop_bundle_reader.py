@@ -207,20 +207,217 @@ def test_the_blocker_really_blocks_positive_control(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr
 
 
-def test_a_tokenizer_mismatch_is_caught_positive_control(bundles, tmp_path: Path) -> None:
-    """The reader's BPE is compared for real: a manifest whose ids disagree with the merges file is refused."""
+def _rewrite(bundle: Path, edit=None, rehash: tuple[str, ...] = ()) -> None:
+    """Edit a bundle as a careful tamperer would: the manifest changed, ``runtime.json`` mirroring it and the
+    digests of `rehash` (and of runtime.json) recomputed, so only checks beyond the digests can catch it."""
+    import hashlib
+
+    from tinyclip_edge.common.schemas import RUNTIME_FIELDS, RUNTIME_NAME
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if edit is not None:
+        edit(manifest)
+    (bundle / RUNTIME_NAME).write_text(json.dumps({k: manifest[k] for k in RUNTIME_FIELDS}))
+    for name in (*rehash, RUNTIME_NAME):
+        data = (bundle / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _copy(src: Path, dst: Path) -> Path:
     import shutil
 
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_tokenizer_mismatch_is_caught_positive_control(bundles, tmp_path: Path) -> None:
+    """The reader's BPE is compared for real: a manifest whose ids disagree with the merges file is refused."""
     from tinyclip_edge.common.clip_bundle import Bundle
 
-    broken = tmp_path / "broken"
-    shutil.copytree(bundles["bpe"], broken)
-    manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["tokenizer"]["eot_id"] = 49000
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    broken = _copy(bundles["bpe"], tmp_path / "broken")
+    _rewrite(broken, lambda m: m["tokenizer"].update(eot_id=49000))
     with pytest.raises(ValueError, match="sot/eot ids"):
         Bundle(broken)
-    manifest["tokenizer"]["file"] = "../../outside.txt.gz"
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite(broken, lambda m: m["tokenizer"].update(file="../../outside.txt.gz"))
     with pytest.raises(ValueError, match="outside the bundle"):
         Bundle(broken)
+
+
+def _swap_words(manifest: dict) -> None:
+    vocab = manifest["tokenizer"]["vocab"]
+    i, j = vocab.index("red"), vocab.index("blue")
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (_swap_words, "tokenizer"),
+        (lambda m: m.update(normalized=not m["normalized"]), "normalized"),
+        (lambda m: m["tokenizer"].update(context_length=8), "tokenizer"),
+    ],
+)
+def test_an_edited_manifest_is_refused_by_the_reader_and_the_runtime(bundles, tmp_path: Path, edit, field) -> None:
+    """The word vocabulary (and every manifest field that changes what runs) is mirrored in the digest-checked
+    runtime.json: swapping "red" and "blue" in manifest.json is an error, not a model that reads red as blue."""
+    from tinyclip_edge.common.clip_bundle import Bundle, WordTokens
+    from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.runtimes import open_runtime
+
+    bundle = _copy(bundles["words"], tmp_path / "b")
+    assert Bundle(bundle).tokenize("red")[0, 1] != Bundle(bundle).tokenize("blue")[0, 1]  # intact: opens
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    if field == "tokenizer" and "vocab" in manifest["tokenizer"]:  # the edit would matter: other ids for "red"
+        ids = WordTokens(manifest["tokenizer"])("red")
+        assert not np.array_equal(ids, Bundle(bundle).tokenize("red"))
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"'{field}' differs from runtime.json"):
+        Bundle(bundle)
+    with pytest.raises(UserError, match=f"'{field}' differs from runtime.json"):
+        open_runtime(bundle)
+
+
+def test_a_manifest_that_drops_its_runtime_record_is_refused(bundles, tmp_path: Path) -> None:
+    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.runtimes.bundle import read_manifest
+
+    bundle = _copy(bundles["words"], tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["runtime.json"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lacks runtime.json"):
+        Bundle(bundle)
+    with pytest.raises(UserError, match="lacks runtime.json"):
+        read_manifest(bundle)
+
+
+def _shuffle_merges(path: Path) -> None:
+    import gzip
+    import random
+
+    lines = gzip.decompress(path.read_bytes()).decode().split("\n")
+    body = lines[1:]
+    random.Random(0).shuffle(body)
+    path.write_bytes(gzip.compress("\n".join([lines[0], *body]).encode()))
+
+
+def test_the_reader_verifies_every_recorded_digest(bundles, tmp_path: Path) -> None:
+    """What the toolkit verifies, the reader verifies: a shuffled merges file, a changed graph or
+    preprocess.json, a missing file are refused before anything runs."""
+    from tinyclip_edge.common.clip_bundle import Bundle
+
+    bundle = _copy(bundles["bpe"], tmp_path / "b")
+    Bundle(bundle)  # intact: opens
+    merges = bundle / json.loads((bundle / "manifest.json").read_text())["tokenizer"]["file"]
+    original = merges.read_bytes()
+    _shuffle_merges(merges)
+    with pytest.raises(ValueError, match=f"{merges.name} does not match its recorded sha256"):
+        Bundle(bundle)
+    merges.write_bytes(original)
+    graph = bundle / "text.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="text.onnx does not match its recorded sha256"):
+        Bundle(bundle)
+    graph.unlink()
+    with pytest.raises(ValueError, match="text.onnx is missing"):
+        Bundle(bundle)
+
+
+def test_a_gzip_bomb_is_refused_in_bounded_memory(bundles, tmp_path: Path) -> None:
+    """A merges file that decompresses to 96 MiB (its digest recorded, as a tamperer would) is refused after
+    reading at most the limit: the reader's peak allocation stays far below the decompressed size."""
+    import gzip
+    import tracemalloc
+
+    from tinyclip_edge.common.clip_bundle import MAX_MERGES_BYTES, Bundle
+    from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.common.tokenizers import BpeTokenizer
+
+    bundle = _copy(bundles["bpe"], tmp_path / "b")
+    name = json.loads((bundle / "manifest.json").read_text())["tokenizer"]["file"]
+    (bundle / name).write_bytes(gzip.compress(b"#version\n" + b"a b\n" * (24 << 20), compresslevel=1))
+    _rewrite(bundle, rehash=(name,))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="decompresses to more than 32 MiB"):
+            Bundle(bundle)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_MERGES_BYTES + (16 << 20), peak
+    with pytest.raises(UserError, match="decompresses to more than"):
+        BpeTokenizer(str(bundle / name))
+
+
+def _bomb_png(path: Path, side: int = 40000) -> None:
+    """A PNG whose header claims side x side pixels (Pillow's decompression-bomb check fires on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_reader_command_line_errors_are_one_line(bundles, tmp_path: Path) -> None:
+    """An unreadable image, a decompression bomb, a missing image or a damaged bundle: one line on stderr,
+    exit status 1, no traceback, in the bare process."""
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    bomb = tmp_path / "bomb.png"
+    _bomb_png(bomb)
+    damaged = _copy(bundles["words"], tmp_path / "damaged")
+    (damaged / "preprocess.json").write_text("{}")
+    cases = [
+        (bundles["words"], ["--image", str(garbage)], "cannot read the image"),
+        (bundles["words"], ["--image", str(bomb)], "decompression bomb"),
+        (bundles["words"], ["--image", str(tmp_path / "missing.png")], "file not found"),
+        (damaged, ["--text", "a red circle"], "preprocess.json does not match its recorded sha256"),
+    ]
+    for bundle, args, message in cases:
+        script = f"""
+            import runpy, sys
+            sys.argv = ["clip_bundle.py", {str(bundle)!r}, *{args!r}]
+            runpy.run_path({str(bundle / "clip_bundle.py")!r}, run_name="__main__")
+        """
+        proc = _run_bare(script, tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("clip_bundle.py: error:"), proc.stderr[-2000:]
+        assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_the_reader_names_files_as_the_toolkit_does() -> None:
+    """clip_bundle.py stands alone, so it repeats the schema's names; they must not drift apart."""
+    from tinyclip_edge.common import clip_bundle, schemas
+
+    assert clip_bundle.MANIFEST == schemas.MANIFEST_NAME
+    assert clip_bundle.PREPROCESS_NAME == schemas.PREPROCESS_NAME
+    assert clip_bundle.RUNTIME_NAME == schemas.RUNTIME_NAME
+    assert clip_bundle.RUNTIME_FIELDS == schemas.RUNTIME_FIELDS
+    assert clip_bundle.READS_UP_TO == schemas.BUNDLE_VERSION
+
+
+def test_format_2_bundles_are_still_read(bundles, tmp_path: Path) -> None:
+    """Bundles exported before runtime.json (format 2) open in the toolkit and the reader, unchecked mirror and
+    all (docs/FORMATS.md says so); the same edit on format 3 is refused (the positive control above)."""
+    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.runtimes.bundle import read_manifest
+
+    bundle = _copy(bundles["words"], tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    del manifest["files"]["runtime.json"]
+    (bundle / "runtime.json").unlink()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(bundle).format_version == 2
+    np.testing.assert_array_equal(
+        Bundle(bundle).tokenize("a red circle"), Bundle(bundles["words"]).tokenize("a red circle")
+    )

@@ -153,3 +153,47 @@ def test_options_of_other_formats_are_rejected(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["export", str(src), "--format", "open_clip"])
     assert result.exit_code == 1 and "--format open_clip needs --out DIR" in result.output
     assert not (tmp_path / "oc").exists()
+
+
+def _snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in root.rglob("*")}
+
+
+def test_refuses_a_users_own_open_clip_folder_and_foreign_files(tmp_path: Path) -> None:
+    """A user's open_clip folder (their config, weights, README, eval_results/) has no record of this toolkit's
+    export: refused, nothing changed. Our own export with a user's file added: refused, naming it."""
+    src = save_model_dir(make_package(jitter=0.02), tmp_path / "scenes")
+    theirs = tmp_path / "theirs"
+    (theirs / "eval_results").mkdir(parents=True)
+    (theirs / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {}}))
+    (theirs / "open_clip_model.safetensors").write_bytes(b"their weights")
+    (theirs / "README.md").write_text("their readme")
+    (theirs / "eval_results" / "imagenet.json").write_text("{}")
+    before = _snapshot(tmp_path)
+    result = _export(src, theirs)
+    assert result.exit_code == 1 and "not an open_clip folder" in result.output and "Traceback" not in result.output
+    assert _snapshot(tmp_path) == before
+    ours = tmp_path / "ours"
+    assert _export(src, ours).exit_code == 0
+    (ours / "README.md").write_text("my notes")
+    before = _snapshot(tmp_path)
+    result = _export(src, ours)
+    assert result.exit_code == 1 and "did not write (README.md)" in result.output
+    assert _snapshot(tmp_path) == before
+    (ours / "README.md").unlink()
+    (ours / "open_clip_model.safetensors").write_bytes(b"replaced by the user")
+    result = _export(src, ours)
+    assert result.exit_code == 1 and "open_clip_model.safetensors (changed since export)" in result.output
+
+
+def test_weights_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    src = save_model_dir(make_package(jitter=0.02), tmp_path / "scenes")
+    old = os.umask(0o022)
+    try:
+        assert _export(src, tmp_path / "oc").exit_code == 0
+    finally:
+        os.umask(old)
+    for name in ("open_clip_model.safetensors", "open_clip_config.json"):
+        assert (tmp_path / "oc" / name).stat().st_mode & 0o777 == 0o644, name

@@ -43,6 +43,7 @@ def _rehash(bundle: Path, precision: str | None = None) -> None:
             m.record_file(bundle, t.file)
     if precision:
         m.precision = precision
+        m.write_runtime(bundle)  # runtime.json mirrors the precision
     write_manifest(bundle, m)
 
 

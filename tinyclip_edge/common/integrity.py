@@ -160,3 +160,50 @@ def _all_tensors(graph: Any) -> Any:
                 yield from _all_tensors(attr.g)
             for sub in attr.graphs:
                 yield from _all_tensors(sub)
+
+
+def foreign_files(folder: str | os.PathLike, record: dict[str, str | None]) -> list[str]:
+    """What in `folder` the toolkit cannot prove it wrote, so replacing the folder would destroy it.
+
+    `record` is the folder's own record of what an export wrote: relative name -> sha256 (None for the
+    record file itself, which cannot hold its own digest). Any other name, a listed file whose content
+    changed, a symlink, an empty directory or anything that is not a regular file is foreign.
+    """
+    root = Path(folder)
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            out.append(rel)
+        elif p.is_dir():
+            if not any(p.iterdir()):
+                out.append(rel + "/")
+        elif rel not in record:
+            out.append(rel)
+        elif record[rel] is not None and sha256_file(p) != record[rel]:
+            out.append(f"{rel} (changed since export)")
+    return out
+
+
+def check_replaceable(folder: str | os.PathLike, record: dict[str, str | None] | None, what: str) -> None:
+    """The one rule every export goes through before replacing an existing output folder: only files the
+    folder's own record lists, by name and unchanged digest, may be deleted. `record` None: no record was
+    found (not one of this toolkit's outputs); an empty folder is always fine. `what` has its article
+    ("an export bundle")."""
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} exists and is a file; choose a directory path for {what}")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if record is None:
+        raise UserError(
+            f"--out {root} exists and is not {what}; refusing to replace it (it holds no record of an export by "
+            "this toolkit), choose a new directory"
+        )
+    foreign = foreign_files(root, record)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(
+            f"--out {root} is {what} that also holds files this toolkit did not write ({shown}); replacing "
+            "it would delete them: move them out or choose a new directory"
+        )

@@ -35,6 +35,7 @@ from .typed import Range, from_dict
 MANIFEST_NAME = "manifest.json"  # export bundle
 PREPROCESS_NAME = "preprocess.json"  # export bundle: the image preprocessing, for non-Python consumers
 TOKENIZER_DIR = "tokenizer"  # export bundle: vocabulary files
+RUNTIME_NAME = "runtime.json"  # export bundle (format 3): the manifest fields that change what runs, digest-checked
 CONFIG_NAME = "config.json"  # model directory
 WEIGHTS_NAME = "model.safetensors"  # model directory
 SIDECAR_SUFFIX = ".json"  # <engine file name> + this = the engine's sidecar
@@ -43,12 +44,16 @@ PARITY_NAME = "parity.json"  # + parity.md; in the bundle unless `parity --out` 
 BENCH_STEM = "bench"  # bench.json, .csv, .md, .png
 
 MODEL_FORMAT, MODEL_VERSION = "tinyclip-edge/model", 1
-BUNDLE_FORMAT, BUNDLE_VERSION = "tinyclip-edge/bundle", 2
+BUNDLE_FORMAT, BUNDLE_VERSION = "tinyclip-edge/bundle", 3
 ENGINE_FORMAT, ENGINE_VERSION = "tinyclip-edge/engine", 2
 PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 1
 BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
 TOWER_NAMES = ("image", "text")
+# Manifest fields that change what a bundle computes, mirrored in RUNTIME_NAME (format 3) so that their digest is
+# checked like every file's: the word vocabulary, the preprocessing, the tokenizer's ids, whether outputs are
+# normalised. The graphs themselves are bound to 'towers' by digest.
+RUNTIME_FIELDS = ("precision", "normalized", "embed_dim", "image_size", "context_length", "preprocess", "tokenizer")
 BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 
 # Sane limits: far above any CLIP, far below what overflows a builder or allocator.
@@ -335,19 +340,40 @@ class BundleManifest(VersionedFile):
                     f"{Path(root) / MANIFEST_NAME}: 'towers.{t}' names {e.file}, whose digest is not the {t} "
                     "graph's recorded one; the manifest was edited: re-export the bundle"
                 )
-        self._check_preprocess_file(root)
+        self._check_mirrors(root)
 
-    def _check_preprocess_file(self, root: Path) -> None:
-        """The runtimes read the manifest's ``preprocess``; ``preprocess.json`` (digest-checked) must say the same."""
-        if PREPROCESS_NAME not in self.files:
-            return
-        on_disk = read_json(inside(root, PREPROCESS_NAME, f"bundle {root}"), what="preprocess file")
-        mine = dataclasses.asdict(self.preprocess)
-        if not isinstance(on_disk, dict) or any(on_disk.get(k) != v for k, v in mine.items() if k in on_disk):
+    def runtime_fields(self) -> dict[str, Any]:
+        """The fields ``runtime.json`` mirrors, as JSON."""
+        data = self.to_dict()
+        return {k: data[k] for k in RUNTIME_FIELDS}
+
+    def _check_mirrors(self, root: Path) -> None:
+        """The runtimes read these manifest fields; the digest-checked files that mirror them must say the same.
+
+        ``runtime.json`` (format 3) mirrors every field that changes what runs; format 1 and 2 bundles only had
+        ``preprocess.json``. A format-3 manifest without ``runtime.json`` among its files was edited."""
+        what = f"{root / MANIFEST_NAME}"
+        if self.format_version >= 3 and RUNTIME_NAME not in self.files:
             raise UserError(
-                f"{root / MANIFEST_NAME}: 'preprocess' differs from {PREPROCESS_NAME}, whose digest is recorded; "
-                "the manifest was edited: re-export the bundle"
+                f"{what}: 'files' lacks {RUNTIME_NAME}, which every format-3 bundle records; the manifest was "
+                "edited: re-export the bundle"
             )
+        mirrors = [(PREPROCESS_NAME, dataclasses.asdict(self.preprocess), True)]
+        if RUNTIME_NAME in self.files:
+            mirrors.append((RUNTIME_NAME, self.runtime_fields(), False))
+        for name, mine, subset in mirrors:
+            if name not in self.files:
+                continue
+            on_disk = read_json(inside(root, name, f"bundle {root}"), what=name)
+            if not isinstance(on_disk, dict):
+                on_disk = {}
+            keys = [k for k in mine if not subset or k in on_disk] if on_disk else list(mine)
+            bad = next((k for k in keys if _json_value(on_disk.get(k)) != _json_value(mine[k])), None)
+            if bad is not None:
+                raise UserError(
+                    f"{what}: '{'preprocess' if subset else bad}' differs from {name}, whose digest is recorded; "
+                    "the manifest was edited: re-export the bundle"
+                )
 
     def tower_path(self, root: str | os.PathLike, tower: str) -> Path:
         """The ONNX graph of one tower, inside the bundle; a clear error when the bundle lacks it."""
@@ -394,12 +420,48 @@ class BundleManifest(VersionedFile):
         path = inside(root, name, f"bundle {root}")
         self.files[name] = FileEntry(sha256_file(path), path.stat().st_size)
 
+    def write_runtime(self, bundle_dir: str | os.PathLike) -> None:
+        """Write ``runtime.json`` (what this manifest says runs) and record its digest; `write` the manifest after."""
+        atomic_write_json(Path(bundle_dir) / RUNTIME_NAME, self.runtime_fields())
+        self.record_file(bundle_dir, RUNTIME_NAME)
+
     def write(self, bundle_dir: str | os.PathLike) -> None:
         """Validate (types, ranges, paths) and atomically replace the manifest."""
         data = self.to_dict()
         file = Path(bundle_dir) / MANIFEST_NAME
         type(self).from_data(data, file).check_paths(bundle_dir)
         atomic_write_json(file, data)
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as JSON reads it back (tuples become lists), so a mirror compares equal to its source."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def bundle_record(bundle_dir: str | os.PathLike) -> dict[str, str | None] | None:
+    """What an existing bundle's manifest says the toolkit wrote there (name -> sha256; the manifest itself
+    None), for ``integrity.check_replaceable``; None when there is no readable manifest."""
+    try:
+        manifest = BundleManifest.read(bundle_dir, verify=False)
+    except UserError:
+        return None
+    record: dict[str, str | None] = {MANIFEST_NAME: None}
+    record.update({t.file: t.sha256 for t in manifest.towers.values()})  # format 1 listed only the graphs
+    record.update({name: e.sha256 for name, e in manifest.files.items()})
+    return record
+
+
+def record_in_bundle(bundle_dir: str | os.PathLike, names: list[str]) -> None:
+    """List files the toolkit wrote into an existing bundle (a parity report) in its manifest, with their
+    digests: the manifest is the record of what a re-export may replace, and what opening it verifies."""
+    manifest = BundleManifest.read(bundle_dir, verify=False)
+    before = dict(manifest.files)
+    for name in names:
+        manifest.record_file(bundle_dir, name)
+    if manifest.files != before:  # an identical report leaves the manifest untouched
+        manifest.write(bundle_dir)
 
 
 def is_bundle(path: str | os.PathLike) -> bool:

@@ -99,6 +99,12 @@ class BpeTokenizer:
         if clean not in CLEAN_MODES:
             raise UserError(f"unknown BPE clean mode {clean!r}; choose from {', '.join(CLEAN_MODES)}")
         self.file, self.context_length, self.vocab_size, self.clean = file, context_length, vocab_size, clean
+        from .clip_bundle import ReaderError, read_merges
+
+        try:  # open_clip decompresses the whole file: bound it first, as the standalone reader does
+            read_merges(file)
+        except ReaderError as e:
+            raise UserError(f"tokenizer vocabulary {e}") from None
         try:
             self._tok = SimpleTokenizer(bpe_path=file, context_length=context_length, clean=clean)
         except Exception as e:  # gzip, unicode and index errors from a file that is not a BPE vocabulary
