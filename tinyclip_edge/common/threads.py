@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+
 @dataclass(frozen=True)
 class ThreadChoice:
     threads: int
@@ -64,7 +65,9 @@ def choose_threads(
     return ThreadChoice(threads, why + (" leaves fewer free cores" if threads < share else ""))
 
 
-def apply_cpu_threads(setting: int | Literal["auto"], device_type: str, *, announce: bool = True) -> ThreadChoice | None:
+def apply_cpu_threads(
+    setting: int | Literal["auto"], device_type: str, *, announce: bool = True
+) -> ThreadChoice | None:
     """Set torch's intra-op threads for a run on the CPU and print the choice (``announce``: rank 0 only under
     torchrun); None (nothing changed) on a GPU, where the host threads only feed the device."""
     if device_type != "cpu":

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from ..common import dist
-from ..common.threads import apply_cpu_threads
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
+from ..common.threads import apply_cpu_threads
 from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
 from ..data.arrays import PrerenderedBatches
