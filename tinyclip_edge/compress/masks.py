@@ -328,27 +328,24 @@ def _round_hidden(
     limit: float,
     allow_empty_layers: bool,
 ) -> dict[str, TowerPlan]:
-    """Plans whose residual widths are multiples of the head size, each as near the unrounded width as the
-    budget allows (within 2% of it if any such width is; otherwise the fullest). Per tower the width is
-    rounded down or up, its best-scoring channels kept, every layer capped at width / head_dim heads, and
-    the rest of the budget filled again."""
-    choices = {}
+    """Plans whose residual widths are multiples of the head size: of the widths whose plans land within 2%
+    of the budget, the nearest to the unrounded ones. For each width tried (nearest first), a tower keeps
+    its best-scoring channels, caps every layer at width / head_dim heads, and fills the budget again."""
+    widths = {}
     for t in plans:
         s, k = gates[t].shape, len(plans[t].hidden)
-        d, fl = s.head_dim, floor[t].hidden
         if gates[t].hidden is None:
-            choices[t] = [None]
+            widths[t] = [None]
             continue
-        least = max(d, -(-fl // d) * d)
-        cands = {max(least, k // d * d), max(least, -(-k // d) * d)}
-        choices[t] = sorted(c for c in cands if c <= s.width)
-        if not choices[t]:
-            raise UserError(
-                f"prune.round_hidden_to_head: the {t} tower's residual width {s.width} holds no multiple of "
-                f"its head size {d} at or above {least}; set round_hidden_to_head: false"
-            )
-    options = []
-    for combo in itertools.product(*choices.values()):
+        d = s.head_dim
+        least = max(d, -(-floor[t].hidden // d) * d)
+        widths[t] = sorted(range(least, s.width + 1, d), key=lambda w, k=k: (abs(w - k), w))
+    combos = sorted(
+        itertools.product(*widths.values()),
+        key=lambda c: sum(abs(w - len(p.hidden)) for w, p in zip(c, plans.values()) if w is not None),
+    )
+    fullest = 0
+    for combo in combos:
         us = {}
         for t, width in zip(plans, combo):
             u, d = units[t], gates[t].shape.head_dim
@@ -362,15 +359,14 @@ def _round_hidden(
             continue
         p = _fill(us, floor, count, limit, allow_empty_layers)
         used = sum(count(t, q) for t, q in p.items())
-        off = sum(abs(len(p[t].hidden) - len(plans[t].hidden)) for t in p)
-        options.append((used < 0.98 * limit, off, -used, p))
-    if not options:
-        towers = " + ".join(plans)
-        raise UserError(
-            f"prune.round_hidden_to_head: no residual width that is a multiple of the head size fits the "
-            f"budget of {towers} ({limit:,.0f} parameters); raise the target or set round_hidden_to_head: false"
-        )
-    return min(options, key=lambda o: o[:3])[3]
+        if used >= 0.98 * limit:
+            return p
+        fullest = max(fullest, used)
+    raise UserError(
+        f"prune.round_hidden_to_head: no residual width that is a multiple of the head size lets "
+        f"{' + '.join(plans)} use its budget ({limit:,.0f} parameters; the best such student holds "
+        f"{fullest / limit:.0%} of it); raise or lower the target, or set round_hidden_to_head: false"
+    )
 
 
 def _floor(shape: TowerShape, need: TowerShape | None) -> Floor:
