@@ -162,7 +162,14 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
         model_cfg = open_clip_config(model.shape, pad=True)
         oc = to_open_clip(model, pad=True)
     except NotConvertible as e:
-        raise UserError(f"cannot export to open_clip: {e}") from None
+        towers = (model.shape.vision, model.shape.text)
+        hint = (
+            "; a learned-mask (prune) student gets a width open_clip holds when compressed with "
+            "prune.round_hidden_to_head=true (or prune.hidden=false)"
+            if any(s.width % s.head_dim or max(s.heads) > s.width // s.head_dim for s in towers)
+            else ""
+        )
+        raise UserError(f"cannot export to open_clip: {e}{hint}") from None
     text_extra, own_tokenizer, tok_note = _tokenizer_settings(pkg.tokenizer_cfg, model.shape.text.vocab_size)
     model_cfg["text_cfg"].update(text_extra)
     config: dict[str, Any] = {

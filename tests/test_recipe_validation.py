@@ -68,6 +68,31 @@ CASES = [
         "'stages.0.prune.lambda_lr' must be a number > 0, got -1",
         "stages.0.prune.lambda_lr=0.5",
     ),
+    (
+        "stages.0.prune.eval_gates=cofy",
+        "'stages.0.prune.eval_gates' must be one of louizos, cofi, got 'cofy' (did you mean 'cofi'?)",
+        "stages.0.prune.eval_gates=cofi",
+    ),
+    (
+        "stages.0.prune.lagrangian=onesided",
+        "'stages.0.prune.lagrangian' must be one of two-sided, one-sided, got 'onesided' (did you mean 'one-sided'?)",
+        "stages.0.prune.lagrangian=one-sided",
+    ),
+    (
+        "stages.0.prune.log_alpha=clamp",
+        "'stages.0.prune.log_alpha' must be one of free, clamped, got 'clamp' (did you mean 'clamped'?)",
+        "stages.0.prune.log_alpha=clamped",
+    ),
+    (
+        "stages.0.prune.sparsity=block",
+        "'stages.0.prune.sparsity' must be one of tower, blocks, got 'block' (did you mean 'blocks'?)",
+        "stages.0.prune.sparsity=blocks",
+    ),
+    (
+        "stages.0.prune.round_hidden_to_head=32",
+        "'stages.0.prune.round_hidden_to_head' must be true or false, got 32",
+        "stages.0.prune.round_hidden_to_head=true",
+    ),
     ("stages.0.log_every=0", "'stages.0.log_every' must be an integer >= 1, got 0", "stages.0.log_every=1"),
     (
         "stages.0.checkpoint_every=0",

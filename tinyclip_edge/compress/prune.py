@@ -7,9 +7,16 @@ s is the expected sparsity (1 - E[kept params] / params of the model being prune
 sparsity, ramped linearly from 0 over the warm-up. The masks' log-alphas descend on L with their own
 learning rate; lambda1 and lambda2 *ascend* on L (a separate optimiser with maximize=True), so a
 violated budget makes them grow until the masks comply. At the end the gates become deterministic and
-the model is materialised (``finalize``) to a smaller dense student with per-layer widths: the kept units'
-deterministic gate values are folded into the weights (``folding.py``), so the student is the network
-that was trained, and the rest is sliced away.
+the model is materialised (``finalize``) to a smaller dense student with per-layer widths, exactly at the
+budget whatever the gates did (``masks.budget_plans``): the kept units' deterministic gate values are
+folded into the weights (``folding.py``), so the student is the network that was trained, and the rest
+is sliced away.
+
+TinyCLIP's released code differs in four rules, each a ``prune`` option (today's form is the default):
+``lagrangian: one-sided`` (lambda1 * max(t - s, 0) + lambda2 * max(t - s, 0)^2, both lambdas starting at
+10), ``log_alpha: clamped`` (initialised at 10, clamped to +-4.6 after every step), ``eval_gates: cofi``
+(``HardConcrete.ranked``) and ``sparsity: blocks`` (s over the transformer blocks only,
+``TowerGates.expected_block_weights``).
 
 Only towers with a target get gates. A tower without one (``target: {image: 0.5}``) trains without masks
 and is materialised as it is; with ``joint: true`` the towers that have targets share one budget.
@@ -26,7 +33,7 @@ from ..common.errors import UserError
 from ..models.clip import ClipModel, TowerMasks
 from ..models.shape import TOWERS, ClipShape
 from .folding import fold_masks
-from .masks import TowerGates, budget_plans, deterministic_masks, drop_closed_channels, hidden_floor
+from .masks import INIT_LOG_ALPHA, TINYCLIP_INIT_LOG_ALPHA, TowerGates, budget_plans, deterministic_masks
 from .recipe import PruneCfg
 from .slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
 from .tasks import StageTask, register_task
@@ -53,10 +60,14 @@ class PruneTask(StageTask):
         if not gated:
             raise UserError("a prune stage needs a target for at least one tower (image or text)")
         gen = torch.Generator().manual_seed(seed)
-        self.gates = nn.ModuleDict({t: TowerGates(model.shape.tower(t), cfg.hidden, cfg.layers, gen) for t in gated})
+        init = TINYCLIP_INIT_LOG_ALPHA if cfg.log_alpha == "clamped" else INIT_LOG_ALPHA
+        self.gates = nn.ModuleDict(
+            {t: TowerGates(model.shape.tower(t), cfg.hidden, cfg.layers, gen, init, cfg.eval_gates) for t in gated}
+        )
         groups = [gated] if cfg.joint else [[t] for t in gated]
         self.groups = groups
-        self.lambdas = nn.Parameter(torch.zeros(len(groups), 2))
+        # TinyCLIP starts both multipliers at 10: its one-sided penalty only ever pushes them up
+        self.lambdas = nn.Parameter(torch.full((len(groups), 2), 10.0 if cfg.lagrangian == "one-sided" else 0.0))
         self._full = {t: float(model.shape.params()[t]) for t in TOWERS}
         self._last: dict[str, float] = {}
 
@@ -87,18 +98,30 @@ class PruneTask(StageTask):
         ramp = max(1.0, self.cfg.warmup * self.mask_steps)
         return final * min(1.0, (step + 1) / ramp)
 
-    def extra_losses(self, step: int) -> dict[str, Tensor]:
+    def expected_sparsity(self, towers: list[str]) -> Tensor:
+        """s of a group of towers: over every parameter (default) or the blocks' weights (sparsity: blocks)."""
+        if self.cfg.sparsity == "blocks":
+            counts = [self.gates[t].expected_block_weights() for t in towers]
+            return 1 - sum(c[0] for c in counts) / sum(c[1] for c in counts)
         expected = self.expected_params()
+        return 1 - sum(expected[t] for t in towers) / sum(self._full[t] for t in towers)
+
+    def extra_losses(self, step: int) -> dict[str, Tensor]:
         total = torch.zeros((), device=self.lambdas.device)
         for gi, towers in enumerate(self.groups):
-            s = 1 - sum(expected[t] for t in towers) / sum(self._full[t] for t in towers)
+            s = self.expected_sparsity(towers)
             gap = s - self.target_sparsity(step, towers)
+            if self.cfg.lagrangian == "one-sided":  # only a sparsity below the target is penalised
+                gap = torch.clamp(-gap, min=0)
             total = total + self.lambdas[gi, 0] * gap + self.lambdas[gi, 1] * gap**2
             self._last[f"sparsity/{'+'.join(towers)}"] = float(s.detach())
         return {"lagrangian": total}
 
     def after_step(self, step: int) -> dict[str, float]:
         logs = super().after_step(step)
+        if self.cfg.log_alpha == "clamped":
+            for g in self.gates.values():
+                g.clamp_()
         logs.update(self._last)
         for gi, towers in enumerate(self.groups):
             logs[f"lambda1/{'+'.join(towers)}"] = float(self.lambdas[gi, 0].detach())
@@ -131,8 +154,8 @@ class PruneTask(StageTask):
 
     # ---------------------------------------------------------------- materialise
     def plan(self) -> KeepPlan:
-        """What the materialised student keeps: the budget's plan for each gated tower (without residual
-        channels whose deterministic gate is 0, see ``drop_closed_channels``); ungated towers keep everything."""
+        """What the materialised student keeps: the budget's plan for each gated tower (``budget_plans``);
+        ungated towers keep everything."""
         shape = self.model.shape
 
         def count(tower: str, plan: TowerPlan) -> int:
@@ -141,11 +164,9 @@ class PruneTask(StageTask):
         gates = dict(self.gates.items())
         floor = ClipShape.from_dict(self.cfg.floor) if self.cfg.floor else None
         floors = {t: floor.tower(t) for t in gates} if floor is not None else None
-        plans = budget_plans(gates, count, {t: self.budget[t] for t in gates}, self.cfg.joint, self.cfg.layers, floors)
-        plans = {
-            t: drop_closed_channels(p, gates[t], hidden_floor(gates[t].shape, (floors or {}).get(t)))
-            for t, p in plans.items()
-        }
+        budget = {t: self.budget[t] for t in gates}
+        c = self.cfg
+        plans = budget_plans(gates, count, budget, c.joint, c.layers, floors, c.round_hidden_to_head)
         full = {t: full_tower_plan(shape.tower(t)) for t in TOWERS}  # ungated towers contain any floor
         return KeepPlan(plans.get("image", full["image"]), plans.get("text", full["text"]))
 
