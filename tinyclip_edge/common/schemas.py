@@ -49,7 +49,7 @@ PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 1
 BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
 TOWER_NAMES = ("image", "text")
-BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "fp8")
 
 # Sane limits: far above any CLIP, far below what overflows a builder or allocator.
 MAX_IMAGE_SIZE = 8192
@@ -239,7 +239,7 @@ class EngineEntry:
     sidecar: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "int8", "fp8"]
     profile: Profile
     size_bytes: Count
 
@@ -269,7 +269,7 @@ class BundleManifest(VersionedFile):
     VERSION: ClassVar[int] = BUNDLE_VERSION
 
     format: Literal["tinyclip-edge/bundle"]
-    precision: Literal["fp32", "fp16", "int8", "int8-dynamic"]
+    precision: Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
     embed_dim: Dim
     image_size: Annotated[int, Range(1, MAX_IMAGE_SIZE)]
     context_length: Annotated[int, Range(1, MAX_CONTEXT)]
@@ -425,7 +425,7 @@ class EngineSidecar(VersionedFile):
     engine: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "int8", "fp8"]
     profile: Profile
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
