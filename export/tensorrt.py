@@ -226,7 +226,7 @@ def _gpu_plan(caps: TrtCaps, bundle_precision: str, want: str, calib: str | None
     if bundle_precision != "fp32":
         raise UserError(
             f"cannot build a {want} engine from this {bundle_precision} bundle; export a bundle with "
-            f"--precision {want} (or fp32) and build from that"
+            f"--precision {want}{' (or fp32)' if caps.weakly_typed else ''} and build from that"
         )
     if want == "fp16":
         if not caps.weakly_typed:

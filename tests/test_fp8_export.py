@@ -147,3 +147,23 @@ def test_a_broken_fp8_bundle_fails_parity(teacher_fp8, tmp_path):
     report = run_parity(broken, data=DATA, progress=False)
     assert not report.passed
     assert ("image", "min_cosine") in {(c.scope, c.metric) for c in report.failures()}, report.to_markdown()
+
+
+def test_bench_times_an_fp8_bundle(fp8_bundle, tmp_path):
+    from tinyclip_edge.runtimes.bench import run_bench
+
+    report = run_bench(
+        [fp8_bundle],
+        batches=(1, 2),
+        tower="both",
+        out_dir=tmp_path / "bench",
+        iters=3,
+        warmup=1,
+        threads=1,
+        progress=False,
+    )
+    assert {(r["tower"], r["batch"]) for r in report.rows} == {("image", 1), ("image", 2), ("text", 1), ("text", 2)}
+    assert all(r["backend"] == "onnxrt" and r["p50_ms"] > 0 for r in report.rows)
+    assert report.artifacts[0]["size_bytes"] == sum(
+        (fp8_bundle / f).stat().st_size for f in ("image.onnx", "text.onnx")
+    )
