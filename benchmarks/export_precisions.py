@@ -1,7 +1,7 @@
 """Export one model at every precision and run parity on each bundle; write a table of the results.
 
     python benchmarks/export_precisions.py runs/x/stage-2 --data scenes:val --calib scenes:calib \
-        --out artifacts/precisions [--teacher runs/x/teacher] [--precisions fp32,fp16,int8,int8-dynamic]
+        --out artifacts/precisions [--teacher runs/x/teacher] [--precisions fp32,fp16,int8,int8-dynamic,fp8]
 
 Writes OUT/<precision>/ (bundles with parity.json/.md), OUT/precisions.json and OUT/precisions.md.
 Numbers come from ONNX Runtime on this machine (CPU unless --device says otherwise).
@@ -24,6 +24,10 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def _interval(iv: list[float] | tuple[float, float] | None) -> str | None:
+    return None if iv is None else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
+
+
 def _row(precision: str, seconds: float, manifest: BundleManifest, report) -> dict:
     art = report.artifacts[0]
     return {
@@ -36,6 +40,7 @@ def _row(precision: str, seconds: float, manifest: BundleManifest, report) -> di
         "R@1_agree": _r(art.tasks.retrieval_agreement),
         "R@1_agree_confident": _r(art.tasks.retrieval_agreement_confident),
         "R@1_delta_pts": _r(art.tasks.retrieval_r1_delta),
+        "R@1_delta_interval": _interval(art.tasks.retrieval_r1_delta_interval),
         "zs_top1": _r(art.tasks.zero_shot_top1),
         "zs_agree": _r(art.tasks.zero_shot_agreement),
         "float_nodes": {t: len(d.get("float_nodes", [])) for t, d in manifest.precision_details.items()},
@@ -53,7 +58,7 @@ def main() -> None:
     ap.add_argument("--calib-count", type=int, default=512)
     ap.add_argument("--teacher")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precisions", default="fp32,fp16,int8,int8-dynamic")
+    ap.add_argument("--precisions", default="fp32,fp16,int8,int8-dynamic,fp8")
     args = ap.parse_args()
     rows = []
     for precision in args.precisions.split(","):
@@ -62,7 +67,7 @@ def main() -> None:
             args.model,
             args.out / precision,
             precision=precision,
-            calib=args.calib if precision.startswith("int8") else None,
+            calib=args.calib if precision.startswith("int8") or precision == "fp8" else None,
             calib_count=args.calib_count,
         )
         seconds = time.perf_counter() - start

@@ -58,9 +58,9 @@ VERIFY_MIN_COSINE = 0.9999
 def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[str]) -> None:
     """Reject bad options before any work is done (the option types and ranges are ExportOptions')."""
     check_value(precision, ExportPrecision, "precision", "export option")
-    if precision == "int8" and not opts.calib:
+    if precision in ("int8", "fp8") and not opts.calib:
         raise UserError(
-            "--precision int8 needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
+            f"--precision {precision} needs calibration data: pass --calib SPEC (e.g. --calib scenes:calib, "
             "or a CSV of real images); use --precision int8-dynamic for uncalibrated CPU int8"
         )
     bad = [t for t in towers if t not in TOWERS]
@@ -167,7 +167,7 @@ def export_bundle(
     model = placed_model(pkg.model, "cpu", torch.float32)  # a copy when it is elsewhere: the caller's stays put
     calib_inputs, calib_info = (
         _calibration(pkg, opts.calib, opts.calib_count, towers, progress)
-        if opts.calib and precision.startswith("int8")
+        if opts.calib and (precision.startswith("int8") or precision == "fp8")
         else ({}, None)
     )
     shape = model.shape

@@ -1,8 +1,9 @@
-"""Implicit int8 for TensorRT proper: an entropy calibrator over real images or captions.
+"""Implicit int8 for TensorRT 8.6 and 10.x: an entropy calibrator over real images or captions.
 
 TensorRT runs the fp32 network on the GPU over these batches to pick per-tensor int8 scales, then writes
-them to a cache file; a later build with the same cache skips calibration. TensorRT for RTX has no
-calibrators (it only builds explicit QDQ int8), and neither library can calibrate without a GPU.
+them to a cache file; a later build with the same cache skips calibration. TensorRT 11 and TensorRT for RTX
+have no calibrators (``trt_caps.TrtCaps.calibrators``; the builder refuses before reaching this module): they
+build int8 only from Q/DQ bundles, calibrated by our own static int8 export. No library calibrates without a GPU.
 
 The data is read and checked (``calibration_batches``) BEFORE the build starts: TensorRT calls the
 calibrator from C++, and an exception raised inside that callback does not propagate through it (the build
@@ -39,7 +40,7 @@ def make_calibrator(
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise UserError(
             f"{lib.name} {lib.version} has no int8 calibrator; export an int8 QDQ bundle "
-            "(--precision int8) and build from that"
+            "(--precision int8 --calib DATA) and build from that"
         )
     import torch
 

@@ -47,7 +47,7 @@ FORMATS = {
         "TensorRT engines built from an ONNX bundle, written into it",
         "bundle",
         frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
-        ("fp32", "fp16", "int8"),
+        ("fp32", "fp16", "int8", "fp8"),
     ),
     "open_clip": Format(
         "open_clip",

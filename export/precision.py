@@ -262,7 +262,11 @@ def quantize(
     opts: QuantOptions,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write the int8 graph of one tower to `out`; return what the manifest records about it."""
+    """Write the int8 (or fp8: export/fp8.py) graph of one tower to `out`; return what the manifest records."""
+    if precision == "fp8":
+        from .fp8 import quantize_fp8
+
+        return quantize_fp8(fp32, out, work, tower, data)
     try:
         import onnxruntime.quantization  # noqa: F401
     except ImportError:

@@ -36,7 +36,7 @@ Points = Annotated[float, Range(-100.0, 100.0)]
 NonNegative = Annotated[float, Range(0.0, None)]
 Count = Annotated[int, Range(0, None)]
 Tower = Literal["image", "text"]
-Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
 
 
 @dataclass
@@ -89,6 +89,7 @@ DEFAULT_TOLERANCES = {
     "fp16": Tolerance(0.999, max_task_drop=1.0),
     "int8": Tolerance(0.99, 0.97, max_task_drop=2.0),
     "int8-dynamic": Tolerance(0.99, 0.97, max_task_drop=2.0),
+    "fp8": Tolerance(0.99, 0.97, max_task_drop=2.0),  # the same gates as int8
 }
 BATCH_INVARIANT_MAX_ABS = 1e-5  # embeddings at batch 1 and batch N closer than this count as batch-invariant
 

@@ -5,15 +5,17 @@ engine is built where it runs (on the Jetson itself). Each engine gets a JSON si
 a runtime needs to open it alone (I/O names and dtypes, profile, preprocessing, tokenizer) and the build's
 flags; the bundle manifest lists the engines.
 
-Precision rules (see ``_plan``):
+Precision rules (``_plan``, decided from ``trt_caps.probe`` of the loaded library; docs/ENGINES.md has the table):
 - An engine of the bundle's own precision is built from a STRONGLY TYPED network wherever the library has
-  them (TensorRT-RTX always; TensorRT >= 9): every tensor keeps the type the ONNX graph gives it, so the
-  LayerNorm, softmax and reductions an fp16 or QDQ bundle keeps in fp32 stay fp32. A weakly typed network
+  them (TensorRT-RTX, TensorRT >= 9): every tensor keeps the type the ONNX graph gives it, so the LayerNorm,
+  softmax and reductions an fp16, int8 or fp8 Q/DQ bundle keeps in fp32 stay fp32. A weakly typed network
   with the FP16 flag lets TensorRT pick fp16 for them when that is faster.
-- TensorRT-RTX has no implicit int8 calibration and no DLA.
-- TensorRT proper also builds fp16 from an fp32 bundle (builder flag, weakly typed: the only way to change
-  precision) and implicit int8 from an fp32 bundle with an entropy calibrator over real images/captions
-  (``calib``), caching the scales in a file. DLA builds are weakly typed too: DLA needs the precision flags.
+- Changing precision at build time (fp16 from an fp32 bundle with the FP16 flag; implicit int8 from an fp32
+  bundle with an entropy calibrator over real images/captions, ``calib``) needs the weak-typing API, which
+  TensorRT 8.6-10.x have and TensorRT 11 and RTX do not: there, int8 and fp8 engines come only from Q/DQ
+  bundles, whose calibration is our own export's.
+- DLA builds are weakly typed on 8.6-10.x (DLA takes the precision flags) and strongly typed on 11.4.1+;
+  RTX and TensorRT 11.0-11.4.0 have no DLA.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from ..common.schemas import (
 )
 from ..runtimes.bundle import read_manifest, tower_file, write_manifest
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
+from .trt_caps import TrtCaps, probe
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 MAX_ELEMENTS = (1 << 31) - 1  # TensorRT's limit on one tensor's volume
 
 
@@ -51,7 +54,7 @@ class _Plan:
     """How one precision request is built with the library at hand."""
 
     precision: str
-    mode: str  # strongly-typed | fp32 | fp16-flag | explicit-int8 | calibrated-int8
+    mode: str  # strongly-typed | fp32 | fp16-flag | explicit-int8 | explicit-fp8 | calibrated-int8
     flags: list[str] = field(default_factory=list)
     strongly_typed: bool = False  # network created with NetworkDefinitionCreationFlag.STRONGLY_TYPED
 
@@ -80,6 +83,8 @@ def build_engines(
     _check_towers(towers, manifest, bundle)
     _check_workspace(workspace_mb)
     lib = load_tensorrt()
+    caps = probe(lib)
+    plan = _plan(caps, manifest.precision, precision, dla_core, calib)  # every refusal comes before any build
     if timing_cache is not None and lib.is_rtx:
         print(
             "note: TensorRT for RTX ignores timing caches (it compiles kernels just in time on the GPU, "
@@ -88,9 +93,10 @@ def build_engines(
         timing_cache = None
     job = _Job(
         lib,
+        caps,
         bundle,
         manifest,
-        _plan(lib, manifest.precision, precision, dla_core, calib),
+        plan,
         batch,
         workspace_mb,
         dla_core,
@@ -175,13 +181,11 @@ def _check_towers(towers: tuple[str, ...], manifest: BundleManifest, bundle: Pat
         tower_file(bundle, manifest, t)
 
 
-def has_strong_typing(lib: TrtLib) -> bool:
-    """Whether the library can create strongly typed networks (TensorRT-RTX always; TensorRT from 9.0)."""
-    flags = getattr(lib.module, "NetworkDefinitionCreationFlag", None)
-    return lib.is_rtx or hasattr(flags, "STRONGLY_TYPED")
-
-
-def _plan(lib: TrtLib, bundle_precision: str, requested: str | None, dla_core: int | None, calib: str | None) -> _Plan:
+def _plan(
+    caps: TrtCaps, bundle_precision: str, requested: str | None, dla_core: int | None, calib: str | None
+) -> _Plan:
+    """How to build `requested` (default: the bundle's precision) with this library, or one line saying what to
+    do instead: every refusal happens here, before anything is parsed or built."""
     if bundle_precision.startswith("int8") and bundle_precision != "int8":
         raise UserError(
             f"this bundle is {bundle_precision} (dynamic int8, for ONNX Runtime on CPU); TensorRT "
@@ -190,38 +194,86 @@ def _plan(lib: TrtLib, bundle_precision: str, requested: str | None, dla_core: i
     want = requested or bundle_precision
     if want not in PRECISIONS:
         raise UserError(f"unknown precision {want!r}; choose one of {', '.join(PRECISIONS)}")
-    if dla_core is not None:
-        if lib.is_rtx:
-            raise UserError("DLA needs TensorRT proper (JetPack on a Jetson); TensorRT for RTX has no DLA: drop --dla")
-        if want == "fp32":
-            raise UserError("DLA runs fp16 or int8 only: pass --precision fp16 (or use an int8 bundle) with --dla")
+    if "fp8" in (want, bundle_precision) and want != bundle_precision:
+        raise UserError(
+            f"an fp8 engine needs an fp8 Q/DQ bundle and an fp8 bundle builds only fp8 engines; export a bundle "
+            f"with --precision {want}{' --calib DATA' if want in ('fp8', 'int8') else ''} and build from that"
+        )
+    if want == "fp8" and not caps.fp8:
+        missing = "DataType.FP8" if not caps.fp8_type else "strongly typed networks"
+        raise UserError(
+            f"{caps.label} cannot build FP8 Q/DQ graphs (no {missing}): use TensorRT 10 or newer (or TensorRT "
+            "for RTX), or export a bundle with --precision int8 --calib DATA"
+        )
+    plan = _dla_plan(caps, bundle_precision, want, calib) if dla_core is not None else None
+    if plan is None:
+        plan = _gpu_plan(caps, bundle_precision, want, calib)
+    if calib is not None and plan.mode != "calibrated-int8":
+        raise UserError(
+            f"--calib is only for implicit int8 from an fp32 bundle on a TensorRT with calibrators, and this "
+            f"{plan.precision} engine from a {bundle_precision} bundle uses none: drop --calib"
+        )
+    return plan
+
+
+def _gpu_plan(caps: TrtCaps, bundle_precision: str, want: str, calib: str | None) -> _Plan:
     if want == bundle_precision:
-        if has_strong_typing(lib) and dla_core is None:  # the engine computes in the graph's own types
-            return _Plan(want, "explicit-int8" if want == "int8" else "strongly-typed", [], strongly_typed=True)
+        if caps.strongly_typed:  # the engine computes in the graph's own types
+            return _Plan(want, _EXPLICIT.get(want, "strongly-typed"), [], strongly_typed=True)
         if want == "fp32":
             return _Plan(want, "fp32")
-        if want == "int8":
-            return _Plan(want, "explicit-int8", ["INT8", "FP16"])
-        return _Plan(want, "fp16-flag", ["FP16"])
-    if bundle_precision == "fp32" and not lib.is_rtx:
-        if want == "fp16":
-            return _Plan(want, "fp16-flag", ["FP16"])
-        if calib is None:
-            raise UserError(
-                "an int8 engine from an fp32 bundle needs calibration data (--calib scenes:calib or a "
-                "CSV/COCO source), or export an int8 QDQ bundle with --precision int8"
-            )
-        return _Plan(want, "calibrated-int8", ["INT8", "FP16"])
-    if lib.is_rtx and bundle_precision == "fp32":
-        why = " and has no int8 calibration" if want == "int8" else ""
+        return _Plan(want, _EXPLICIT.get(want, "fp16-flag"), _weak_flags(caps, want))
+    if bundle_precision != "fp32":
         raise UserError(
-            f"TensorRT for RTX builds strongly typed networks: the engine has the ONNX graph's precision "
-            f"(fp32 here){why}; export a bundle with --precision {want} and build from that"
+            f"cannot build a {want} engine from this {bundle_precision} bundle; export a bundle with "
+            f"--precision {want}{' (or fp32)' if caps.weakly_typed else ''} and build from that"
         )
-    raise UserError(
-        f"cannot build a {want} engine from this {bundle_precision} bundle; export a bundle with "
-        f"--precision {want} (or fp32) and build from that"
-    )
+    if want == "fp16":
+        if not caps.weakly_typed:
+            raise UserError(
+                f"{caps.label} builds strongly typed networks only (no BuilderFlag.FP16): the engine has the "
+                "ONNX graph's precision (fp32 here); export a bundle with --precision fp16 and build from that"
+            )
+        return _Plan(want, "fp16-flag", ["FP16"])
+    if not caps.calibrators:  # want == "int8"
+        raise UserError(
+            f"{caps.label} has no int8 calibration (implicit int8 is gone from TensorRT 11 and RTX): export an "
+            "int8 Q/DQ bundle with --precision int8 --calib DATA and build from that"
+        )
+    if calib is None:
+        raise UserError(
+            "an int8 engine from an fp32 bundle needs calibration data (--calib scenes:calib or a "
+            "CSV/COCO source), or export an int8 QDQ bundle with --precision int8"
+        )
+    return _Plan(want, "calibrated-int8", _weak_flags(caps, "int8"))
+
+
+def _dla_plan(caps: TrtCaps, bundle_precision: str, want: str, calib: str | None) -> _Plan:
+    if not caps.dla:
+        raise UserError(caps.dla_refusal())
+    if want not in ("fp16", "int8"):
+        raise UserError(
+            f"DLA runs fp16 or int8 only, not {want}: pass --precision fp16 (or use an fp16 or int8 bundle) with --dla"
+        )
+    if caps.weakly_typed:  # TensorRT 8.6 / 10.x: DLA builds take the precision flags
+        if want == bundle_precision:
+            return _Plan(want, _EXPLICIT.get(want, "fp16-flag"), _weak_flags(caps, want))
+        return _gpu_plan(caps, bundle_precision, want, calib)  # fp32 bundle: the FP16 flag or calibrated int8
+    if want != bundle_precision:  # TensorRT 11.4.1+: DLA networks are strongly typed too
+        raise UserError(
+            f"{caps.label} builds DLA engines strongly typed, in the bundle's own precision ({bundle_precision}); "
+            f"export a bundle with --precision {want}{' --calib DATA' if want == 'int8' else ''} for --dla"
+        )
+    return _Plan(want, _EXPLICIT.get(want, "strongly-typed"), [], strongly_typed=True)
+
+
+_EXPLICIT = {"int8": "explicit-int8", "fp8": "explicit-fp8"}
+
+
+def _weak_flags(caps: TrtCaps, precision: str) -> list[str]:
+    """Builder flags of a weakly typed build; int8 keeps FP16 on so unquantized layers need not run in fp32."""
+    want = {"fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision]
+    return [f for f in want if f in caps.precision_flags]
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -230,6 +282,7 @@ class _Job:
     """The options shared by every tower's build in one `build_engines` call."""
 
     lib: TrtLib
+    caps: TrtCaps
     bundle: Path
     manifest: BundleManifest
     plan: _Plan
@@ -275,7 +328,7 @@ class _Job:
         trt = self.lib.module
         builder = trt.Builder(logger)
         flags = 0
-        if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT 8.x needs it; 10.x ignores it
+        if self.caps.explicit_batch_flag:  # TensorRT 8.x needs it; 10.x ignores it; 11.x removed it
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
         if self.plan.strongly_typed:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -380,7 +433,7 @@ class _Job:
                 f"--{which}Shapes="
                 + ",".join(f"{t['name']}:" + "x".join(str(d) for d in (b, *t["shape"][1:])) for t in inputs)
             )
-        if self.plan.strongly_typed and not self.lib.is_rtx:  # TensorRT-RTX networks are always strongly typed
+        if self.plan.strongly_typed and self.caps.cli_strongly_typed_flag:  # 11.x and RTX: always strongly typed
             args.append("--stronglyTyped")
         args += [f"--{f.lower()}" for f in self.plan.flags]
         if self.plan.mode == "calibrated-int8":

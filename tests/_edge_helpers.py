@@ -12,7 +12,7 @@ import pytest
 def export_tiny(model_dir: Path, out: Path, precision: str = "fp32") -> Path:
     from tinyclip_edge.export import export_bundle
 
-    calib = dict(calib="scenes:calib", calib_count=16) if precision == "int8" else {}
+    calib = dict(calib="scenes:calib", calib_count=16) if precision in ("int8", "fp8") else {}
     return export_bundle(model_dir, out, precision=precision, progress=False, **calib)
 
 

@@ -86,11 +86,12 @@ def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_pat
     model = save_model_dir(make_package(jitter=0.02), tmp_path / "model")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "export_precisions.py"), str(model), "--out", str(out)]
-    cmd += ["--data", "scenes:val:24", "--count", "24", "--precisions", "fp32,int8-dynamic"]
+    cmd += ["--data", "scenes:val:24", "--count", "24", "--precisions", "fp32,int8-dynamic,fp8", "--calib-count", "16"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads((out / "precisions.json").read_text())
-    assert [r["precision"] for r in rows] == ["fp32", "int8-dynamic"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8-dynamic", "fp8"]
+    assert rows[2]["R@1_delta_interval"].startswith("[")  # the paired interval of the R@1 change
     assert rows[0]["image_min_cos"] > 0.9999 and rows[0]["MB"] > 0
     for r in rows:  # the table's verdict is the bundle's own parity.json, which reads back valid
         assert ParityReport.read(out / r["precision"]).passed == r["passed"]

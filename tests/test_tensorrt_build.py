@@ -14,6 +14,7 @@ from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, r
 
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
+from tinyclip_edge.export.trt_caps import probe
 from tinyclip_edge.runtimes.artifacts import inspect_artifact
 from tinyclip_edge.runtimes.trtlib import TrtLib, load_tensorrt
 
@@ -187,38 +188,38 @@ def test_dynamic_int8_bundle_is_refused(tmp_path, tiny_model_dir):
         build_engines(bundle, towers=("text",))
 
 
-# ---- TensorRT proper's build plans (no such library here: the planning logic is pure and tested directly)
-TRT = TrtLib(module=None, name="tensorrt", version="10.3.0")
+# ---- TensorRT proper's build plans, on stand-ins of its Python API (tests/_trt_standins.py; more in test_trt_caps.py)
+def _caps(version: str):
+    from _trt_standins import standin
+
+    from tinyclip_edge.export.trt_caps import probe
+
+    return probe(TrtLib(standin(version), "tensorrt", version))
 
 
 def test_tensorrt_proper_plans():
-    assert _plan(TRT, "fp32", None, None, None).mode == "fp32"
-    assert _plan(TRT, "fp32", "fp16", None, None).flags == ["FP16"]
-    assert _plan(TRT, "int8", None, None, None).mode == "explicit-int8"
-    plan = _plan(TRT, "fp32", "int8", None, "scenes:calib")
+    trt86 = _caps("8.6.1")
+    assert _plan(trt86, "fp32", None, None, None).mode == "fp32"
+    assert _plan(trt86, "fp32", "fp16", None, None).flags == ["FP16"]
+    assert _plan(trt86, "int8", None, None, None).mode == "explicit-int8"
+    plan = _plan(trt86, "fp32", "int8", None, "scenes:calib")
     assert plan.mode == "calibrated-int8" and "INT8" in plan.flags
     with pytest.raises(UserError, match="needs calibration data"):
-        _plan(TRT, "fp32", "int8", None, None)
+        _plan(trt86, "fp32", "int8", None, None)
     with pytest.raises(UserError, match="DLA runs fp16 or int8 only"):
-        _plan(TRT, "fp32", None, 0, None)
+        _plan(trt86, "fp32", None, 0, None)
     with pytest.raises(UserError, match="cannot build a fp32 engine from this fp16 bundle"):
-        _plan(TRT, "fp16", "fp32", None, None)
+        _plan(trt86, "fp16", "fp32", None, None)
+
+
+def _job(caps, plan, dla=None, workspace=None, calib=None):
+    lib = TrtLib(None, caps.name, caps.version)
+    return _Job(lib, caps, Path("b"), {}, plan, (1, 8, 32), workspace, dla, None, calib, 64, None)
 
 
 def test_tensorrt_proper_command_line():
-    job = _Job(
-        TRT,
-        Path("b"),
-        {},
-        _plan(TRT, "fp32", "int8", 1, "scenes:calib"),
-        (1, 8, 32),
-        1024,
-        1,
-        None,
-        "scenes:calib",
-        64,
-        None,
-    )
+    caps = _caps("10.3.0")
+    job = _job(caps, _plan(caps, "fp32", "int8", 1, "scenes:calib"), dla=1, workspace=1024, calib="scenes:calib")
     cmd = job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 224, 224]}])
     assert cmd.startswith("trtexec --onnx=image.onnx --saveEngine=image.engine")
     for part in (
@@ -275,9 +276,10 @@ def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precisio
 
     lib = load_tensorrt()
     manifest = read_manifest(bundle)
-    plan = _plan(lib, precision, None, None, None)
+    caps = probe(lib)
+    plan = _plan(caps, precision, None, None, None)
     assert plan.strongly_typed and plan.flags == []
-    job = _Job(lib, bundle, manifest, plan, (1, 2, 4), None, None, None, None, 0, None)
+    job = _Job(lib, caps, bundle, manifest, plan, (1, 2, 4), None, None, None, None, 0, None)
     _builder, network, _parser = job._parse(bundle / "text.onnx", lib.logger("ERROR"))
     assert network.get_flag(lib.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     entries = build_engines(bundle, batch=(1, 2, 4), verbose=False)
@@ -287,24 +289,19 @@ def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precisio
 
 
 def test_tensorrt_proper_uses_strong_typing_where_it_has_it():
-    from types import SimpleNamespace
-
-    trt10 = TrtLib(
-        module=SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1)),
-        name="tensorrt",
-        version="10.3.0",
-    )
+    trt10 = _caps("10.3.0")
     for precision in ("fp32", "fp16", "int8"):
         plan = _plan(trt10, precision, None, None, None)
         assert plan.strongly_typed and plan.flags == [], precision
     assert _plan(trt10, "int8", None, None, None).mode == "explicit-int8"
     assert not _plan(trt10, "fp32", "fp16", None, None).strongly_typed  # precision change: the FP16 flag
-    dla = _plan(trt10, "fp16", None, 0, None)  # DLA needs the precision flags
+    dla = _plan(trt10, "fp16", None, 0, None)  # DLA on 10.x takes the precision flags
     assert not dla.strongly_typed and dla.flags == ["FP16"]
     plan = _plan(trt10, "fp16", None, None, None)
-    job = _Job(trt10, Path("b"), {}, plan, (1, 8, 32), None, None, None, None, 0, None)
-    assert "--stronglyTyped" in job.command("image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 8, 8]}])
-    old = _plan(TRT, "fp16", None, None, None)  # TensorRT 8: no strong typing
+    assert "--stronglyTyped" in _job(trt10, plan).command(
+        "image.onnx", "image.engine", [{"name": "images", "shape": [-1, 3, 8, 8]}]
+    )
+    old = _plan(_caps("8.6.1"), "fp16", None, None, None)  # TensorRT 8.6: no strong typing
     assert not old.strongly_typed and old.flags == ["FP16"]
 
 

@@ -57,7 +57,8 @@ _EXPORT = ExportOptions()  # flag defaults come from the option schema, so they 
 @click.option("--out", type=click.Path(path_type=Path), help="[onnx, open_clip] directory to write")
 @click.option(
     "--precision",
-    help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic; engine: fp32 | fp16 | int8 (default: the bundle's)",
+    help="onnx: fp32 (default) | fp16 | int8 | int8-dynamic | fp8; engine: fp32 | fp16 | int8 | fp8 (default: the "
+    "bundle's)",
 )
 @click.option("--opset", type=int, default=_EXPORT.opset, show_default=True, help="[onnx] ONNX opset (14 to 23)")
 @click.option(
@@ -66,7 +67,7 @@ _EXPORT = ExportOptions()  # flag defaults come from the option schema, so they 
 @click.option(
     "--calib",
     default=_EXPORT.calib,
-    help="calibration data for int8 (e.g. scenes:calib or a CSV of real images); engine: only "
+    help="calibration data for int8 and fp8 (e.g. scenes:calib or a CSV of real images); engine: only "
     "for implicit int8 from an fp32 bundle with TensorRT proper",
 )
 @click.option("--calib-count", type=int, default=_EXPORT.calib_count, show_default=True, help="calibration images")
@@ -157,7 +158,7 @@ def export_cmd(
     for tower, t in m.to_dict()["towers"].items():
         d = m.precision_details.get(tower, {})
         note = (
-            f"{d['quantized_nodes']} int8, {len(d['float_nodes'])} float"
+            f"{d['quantized_nodes']} {'fp8' if m.precision == 'fp8' else 'int8'}, {len(d['float_nodes'])} float"
             if "quantized_nodes" in d
             else f"fp32 ops: {','.join(d['fp32_ops'])}"
             if "fp32_ops" in d

@@ -85,7 +85,7 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
                     bundle,
                     precision=precision,
                     options=cfg,
-                    calib=_calib_spec(recipe) if precision == "int8" else None,
+                    calib=_calib_spec(recipe) if precision in ("int8", "fp8") else None,
                     progress=False,
                 )
             out.bundles[key] = bundle
@@ -200,7 +200,7 @@ def preflight(recipe: Recipe) -> None:
                 raise UserError("bench.power: true needs tegrastats (a Jetson); it is not on PATH")
     needs_ort = recipe.bench is not None or (
         recipe.export is not None
-        and (recipe.export.parity or any(p.startswith("int8") for p in recipe.export.precisions))
+        and (recipe.export.parity or any(p.startswith("int8") or p == "fp8" for p in recipe.export.precisions))
     )
     if needs_ort and importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")

@@ -22,7 +22,7 @@ from .errors import UserError
 from .typed import Range, validate
 
 # What an ONNX bundle can hold (export/precision.py implements each).
-ExportPrecision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
+ExportPrecision = Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
 EXPORT_PRECISIONS: tuple[str, ...] = typing.get_args(ExportPrecision)
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 Exporter = Literal["torchscript", "dynamo"]

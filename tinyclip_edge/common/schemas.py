@@ -54,7 +54,7 @@ TOWER_NAMES = ("image", "text")
 # checked like every file's: the word vocabulary, the preprocessing, the tokenizer's ids, whether outputs are
 # normalised. The graphs themselves are bound to 'towers' by digest.
 RUNTIME_FIELDS = ("precision", "normalized", "embed_dim", "image_size", "context_length", "preprocess", "tokenizer")
-BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "fp8")
 
 # Sane limits: far above any CLIP, far below what overflows a builder or allocator.
 MAX_IMAGE_SIZE = 8192
@@ -244,7 +244,7 @@ class EngineEntry:
     sidecar: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "int8", "fp8"]
     profile: Profile
     size_bytes: Count
 
@@ -274,7 +274,7 @@ class BundleManifest(VersionedFile):
     VERSION: ClassVar[int] = BUNDLE_VERSION
 
     format: Literal["tinyclip-edge/bundle"]
-    precision: Literal["fp32", "fp16", "int8", "int8-dynamic"]
+    precision: Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
     embed_dim: Dim
     image_size: Annotated[int, Range(1, MAX_IMAGE_SIZE)]
     context_length: Annotated[int, Range(1, MAX_CONTEXT)]
@@ -487,7 +487,7 @@ class EngineSidecar(VersionedFile):
     engine: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "int8", "fp8"]
     profile: Profile
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -285,7 +285,7 @@ class ExportCfg(ExportOptions):
     )
     precisions: list[ExportPrecision] = field(
         default_factory=lambda: ["fp32", "int8-dynamic"]
-    )  # fp32 fp16 int8 int8-dynamic
+    )  # fp32 fp16 int8 int8-dynamic fp8
     models: Literal["all", "students", "last"] = "all"  # all (teacher + stages) | students | last
     parity: bool = True
     parity_data: str | None = None  # default: eval.data
