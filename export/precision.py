@@ -51,9 +51,6 @@ PROBE_SAMPLES = 32  # of those, used to rank single-node sensitivity (one probe 
 CALIB_BATCH = 16
 # 7-bit weights: no u8 x s8 pair sum can saturate int16 on an x86 CPU without VNNI (module doc)
 REDUCE_RANGE = True
-WEIGHT_FORMAT = (
-    "int8 symmetric per-channel, 7-bit range (reduce_range)" if REDUCE_RANGE else "int8 symmetric per-channel"
-)
 
 
 @dataclass
@@ -291,7 +288,7 @@ def quantize(
         keep, measured, sensitivity = _auto_keep(q, out, opts.min_cosine, progress)
     details: dict[str, Any] = {
         "mode": "static-qdq" if precision == "int8" else "dynamic",
-        "weights": WEIGHT_FORMAT,
+        "weights": "int8 symmetric per-channel" + (", 7-bit range (reduce_range)" if REDUCE_RANGE else ""),
         "activations": (
             "int8 symmetric per-tensor (calibrated)"
             if precision == "int8"

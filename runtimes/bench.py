@@ -137,9 +137,11 @@ def run_bench(
     settings["machine"] = machine
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    # an int8 bundle whose parity was measured on another ISA class: said once, and kept in the report
+    # an int8 bundle run on the CPU whose parity was measured on another ISA class: said once, kept in the report
     isa = [
-        warn_isa_mismatch_once(i.path, i.precision or "") for i in infos if i.backend == "onnxrt" and i.kind == "bundle"
+        warn_isa_mismatch_once(i.path, i.precision or "")
+        for i in infos
+        if i.backend == "onnxrt" and i.kind == "bundle" and not cuda
     ]
     report = BenchReport(device_facts(device), settings, notes=list(warnings) + [m for m in isa if m])
     use_power = TegraStats.available() if power is None else power
