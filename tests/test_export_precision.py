@@ -327,7 +327,10 @@ def test_int8_on_avx2_without_vnni_computes_what_vnni_does(tmp_path, pruned_mode
     for name, tower, _, _ in runs:
         exact, avx2 = (np.load(tmp_path / f"{name}.{tower}.{tag}.npy") for tag in ("exact", "avx2"))
         diff = float(np.abs(exact - avx2).max())
+        # Measured here (AVX-512 VNNI host): 0 to 1.8e-7 for the 7-bit formats, 0.097 and 0.156 for the controls.
+        # The bound leaves room for float kernels that round differently per ISA (a last-bit difference can move
+        # a dynamically quantized activation by one step), not for saturation.
         if name.endswith("-old"):
-            assert diff > 1e-3, f"{name} {tower}: the AVX2 kernels no longer saturate? ({diff})"
+            assert diff > 5e-2, f"{name} {tower}: the AVX2 kernels no longer saturate? ({diff})"
         else:
-            assert diff <= 1e-6, f"{name} {tower} differs on AVX2 without VNNI by {diff}"
+            assert diff <= 1e-2, f"{name} {tower} differs on AVX2 without VNNI by {diff}"
