@@ -6,7 +6,7 @@ which overflow or lose the most in half precision); the image input is float16, 
 int8 (static, ``int8``): QDQ format, symmetric int8 activations (per tensor) and weights (per channel),
 calibrated on real data. TensorRT reads this format (explicit quantization). ``int8-dynamic``: weights
 int8, activations quantized at run time (MatMulInteger) — for ONNX Runtime on CPUs; TensorRT cannot read it.
-Both keep weights in 7 bits (``reduce_range``) so that every x86 CPU computes the same numbers: without VNNI,
+Both keep weights in 7 bits (``reduce_range``) so that every x86 CPU computes the same integer products: without VNNI,
 ONNX Runtime multiplies u8 activations by s8 weights with ``vpmaddubsw``, which saturates each sum of two
 products at int16 (255 * 127 * 2 > 32767); with |w| <= 64 no such sum can (255 * 64 * 2 = 32640). docs/EXPORT.md
 ("int8 on every CPU") has the evidence and what it costs on a VNNI CPU.
