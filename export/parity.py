@@ -24,6 +24,7 @@ from ..common import embeddings as M
 from ..common.errors import UserError
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.bundle import BundleManifest, read_manifest
+from ..runtimes.host import probe_host
 from .report import (
     BATCH_INVARIANT_MAX_ABS,
     DEFAULT_TOLERANCES,
@@ -436,6 +437,7 @@ def run_parity(
         skipped,
         notes,
         quality,
+        host=probe_host(),
     )
 
 

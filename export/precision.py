@@ -6,6 +6,10 @@ which overflow or lose the most in half precision); the image input is float16, 
 int8 (static, ``int8``): QDQ format, symmetric int8 activations (per tensor) and weights (per channel),
 calibrated on real data. TensorRT reads this format (explicit quantization). ``int8-dynamic``: weights
 int8, activations quantized at run time (MatMulInteger) — for ONNX Runtime on CPUs; TensorRT cannot read it.
+Both keep weights in 7 bits (``reduce_range``) so that every x86 CPU computes the same integer products: without VNNI,
+ONNX Runtime multiplies u8 activations by s8 weights with ``vpmaddubsw``, which saturates each sum of two
+products at int16 (255 * 127 * 2 > 32767); with |w| <= 64 no such sum can (255 * 64 * 2 = 32640). docs/EXPORT.md
+("int8 on every CPU") has the evidence and what it costs on a VNNI CPU.
 Both quantize only MatMul/Gemm with constant weights: the attention products (two activations), the patch
 embedding (the image tower's Conv) and the output projection stay float by default. The patch embedding
 stays float because how a runtime executes a u8/s8 convolution differs between CPUs and libraries (without
@@ -45,6 +49,8 @@ CALIB_METHODS: tuple[str, ...] = typing.get_args(CalibMethod)
 EVAL_SAMPLES = 128  # most inputs held out to measure a quantized tower against fp32
 PROBE_SAMPLES = 32  # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
 CALIB_BATCH = 16
+# 7-bit weights: no u8 x s8 pair sum can saturate int16 on an x86 CPU without VNNI (module doc)
+REDUCE_RANGE = True
 
 
 @dataclass
@@ -212,6 +218,7 @@ class _Quantizer:
         exclude = list(self.always) + [n for n in keep if n not in self.always]
         common = dict(
             per_channel=True,
+            reduce_range=REDUCE_RANGE,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(self.op_types),
             nodes_to_quantize=list(only) if only is not None else None,
@@ -285,7 +292,7 @@ def quantize(
         keep, measured, sensitivity = _auto_keep(q, out, opts.min_cosine, progress)
     details: dict[str, Any] = {
         "mode": "static-qdq" if precision == "int8" else "dynamic",
-        "weights": "int8 symmetric per-channel",
+        "weights": "int8 symmetric per-channel" + (", 7-bit range (reduce_range)" if REDUCE_RANGE else ""),
         "activations": (
             "int8 symmetric per-tensor (calibrated)"
             if precision == "int8"

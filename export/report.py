@@ -27,6 +27,7 @@ from ..common.schemas import (
     record_in_bundle,
 )
 from ..common.typed import Range
+from ..runtimes.host import HostInfo
 
 if TYPE_CHECKING:
     from ..common.embeddings import PairedDelta
@@ -220,6 +221,8 @@ class ParityReport(VersionedFile):
     notes: list[str] = field(default_factory=list)
     # captions, distinct captions, distinct token sequences of the parity data (None for random inputs)
     data_quality: dict[str, Count] | None = None
+    # the machine it was measured on (format 2; None in format-1 files): int8 results depend on its ISA class
+    host: HostInfo | None = None
     format: Literal["tinyclip-edge/parity"] = PARITY_FORMAT
     format_version: Annotated[int, Range(1, PARITY_VERSION)] = PARITY_VERSION
 
@@ -339,7 +342,8 @@ class ParityReport(VersionedFile):
             "",
             f"reference: {self.reference} (PyTorch fp32) | data: {self.data} ({self.samples} pairs) | "
             f"normalized: {self.normalized}"
-            + "".join(f" | {a.name} on {a.provider}" for a in self.artifacts if a.provider),
+            + "".join(f" | {a.name} on {a.provider}" for a in self.artifacts if a.provider)
+            + (f" | host: {self.host.cpu} ({self.host.isa}, onnxruntime {self.host.onnxruntime})" if self.host else ""),
             "",
             "| artifact | tower | max abs | mean abs | min cosine | mean cosine |",
             "|---|---|---|---|---|---|",

@@ -32,6 +32,7 @@ from ..common.options import BenchOptions, Tower, resolve_options
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
+from .host import warn_isa_mismatch_once
 from .measure import DeviceMemory, MemoryProbe, Timer
 from .report import BenchReport, latency_stats, output_names
 from .tegrastats import TegraStats
@@ -136,7 +137,13 @@ def run_bench(
     settings["machine"] = machine
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    report = BenchReport(device_facts(device), settings, notes=list(warnings))
+    # an int8 bundle run on the CPU whose parity was measured on another ISA class: said once, kept in the report
+    isa = [
+        warn_isa_mismatch_once(i.path, i.precision or "")
+        for i in infos
+        if i.backend == "onnxrt" and i.kind == "bundle" and not cuda
+    ]
+    report = BenchReport(device_facts(device), settings, notes=list(warnings) + [m for m in isa if m])
     use_power = TegraStats.available() if power is None else power
     if use_power and not TegraStats.available():
         raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")

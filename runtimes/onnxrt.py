@@ -21,6 +21,7 @@ from ..common.integrity import check_onnx_external_data
 from ..common.schemas import BundleManifest
 from .base import TOWERS, InputSpec, Runtime, RuntimeInputError, register_backend
 from .bundle import is_bundle, read_manifest, tower_file
+from .host import warn_isa_mismatch_once
 
 SHORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -294,6 +295,8 @@ def open_onnxrt(
         raise UserError(
             f"{name} holds {found} graphs, not {precision}; export a {precision} bundle or drop --precision"
         )
+    if manifest and "CPUExecutionProvider" in next(iter(sessions.values())).get_providers()[:1]:
+        warn_isa_mismatch_once(path, found)  # int8 kernels differ by ISA; GPU providers do not care
     if manifest:
         normalized, preprocess, tokenizer = manifest.normalized, manifest.to_dict()["preprocess"], manifest.tokenizer
     else:

@@ -46,7 +46,7 @@ BENCH_STEM = "bench"  # bench.json, .csv, .md, .png
 MODEL_FORMAT, MODEL_VERSION = "tinyclip-edge/model", 1
 BUNDLE_FORMAT, BUNDLE_VERSION = "tinyclip-edge/bundle", 3
 ENGINE_FORMAT, ENGINE_VERSION = "tinyclip-edge/engine", 2
-PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 1
+PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 2  # 2: + host
 BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
 TOWER_NAMES = ("image", "text")
