@@ -76,8 +76,11 @@ def _lower_the_bar(d):
 
 
 def _inflate_value(d):
+    """A check's value that is not what its tower measured but stays above the bar, so only that rule can fire.
+    The fp32 tower's measured cosine is exactly 1.0 on some CPUs and just below it on others: pick the value that
+    differs on this one."""
     c = next(c for c in d["checks"] if c["metric"] == "min_cosine")
-    c["value"] = 1.0  # the tower measured less
+    c["value"] = 0.99995 if c["value"] == 1.0 else 1.0
 
 
 def _set(path: str, value):
@@ -97,7 +100,7 @@ def _set(path: str, value):
         (lambda d: d.update(passed=not d["passed"]), "'passed' is"),
         (_set("passed", "yes"), "field 'passed' must be true or false, got 'yes'"),
         (_lower_the_bar, "'checks.0.threshold' 0.1 is not the tolerance's min_cosine (0.9999)"),
-        (_inflate_value, "'checks.0.value' 1.0 is not the image tower's measured min_cosine"),
+        (_inflate_value, "is not the image tower's measured min_cosine"),
         (_set("checks.0.artifact", "ghost"), "'checks.0.artifact' 'ghost' is not one of the artifacts"),
         (lambda d: d.update(checks=d["checks"][1:]), "has no min_cosine check for its image tower"),
         (_flip_check, "'checks.0.passed' is true but min_cosine 0.5"),
