@@ -4,7 +4,7 @@
 # PYTHONPATH, so nothing else is reinstalled. onnxruntime 1.18 wheels are built against numpy 1.x and do not import
 # under numpy 2, so the layer carries numpy<2 as well (setup.cfg allows numpy>=1.24); its quantizer uses
 # onnx.mapping, gone since onnx 1.19, so the layer carries onnx 1.18 (setup.cfg allows onnx>=1.16). ml_dtypes (which
-# onnx imports) is built for numpy 2 from 0.6 on, so the layer carries a numpy-1 build of it too. A second run
+# onnx imports) needs numpy 2 from 0.6 on and lacks onnx 1.23's float4 type before 0.5, so the layer carries 0.5.1. A second run
 # without the onnx layer checks that the incompatible pair is one clear error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [ -z "$oldest" ]; then
 fi
 layer=$(mktemp -d)
 trap 'rm -rf "$layer"' EXIT
-python -m pip install -q --no-deps --target "$layer/ort" "onnxruntime==$oldest" "numpy<2" "ml_dtypes==0.4.1"
+python -m pip install -q --no-deps --target "$layer/ort" "onnxruntime==$oldest" "numpy<2" "ml_dtypes==0.5.1"
 python -m pip install -q --no-deps --target "$layer/onnx" "onnx==1.18.0"
 installed=$(PYTHONPATH="$layer/ort" python -c "import onnxruntime; print(onnxruntime.__version__)")
 case "$installed" in
