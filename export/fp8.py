@@ -3,9 +3,11 @@
 Placement follows what keeps ViTs accurate (and what NVIDIA ModelOpt's FP8 ONNX export does): Q/DQ pairs on
 both inputs of the weight MatMul/Gemm nodes only, so LayerNorm, softmax, GELU and the residual adds see
 no Q/DQ and TensorRT keeps them in higher precision. The same nodes as static int8 stay float (the attention
-products, the output projection, the patch embedding: ``precision._weight_nodes``). Scales are per tensor,
-``amax / 448`` (E4M3's largest finite value): weights' amax from the weights, activations' from the
-calibration inputs (static int8's split: the held-out inputs only measure, the rest only calibrate).
+products, the output projection, the patch embedding: ``precision._weight_nodes``). Scales are
+``amax / 448`` (E4M3's largest finite value): per output channel for the weights (a per-tensor weight scale
+flipped 5% of the confident retrieval top-1s of the trained test teacher, failing the 97% agreement gate that
+int8's per-channel scales pass), per tensor for the activations, from the calibration inputs (static int8's
+split: the held-out inputs only measure, the rest only calibrate).
 Weights are stored in FP8 behind a DequantizeLinear (a quarter of the fp32 size). FLOAT8E4M3FN Q/DQ needs
 opset 19, so a lower-opset graph is converted first. ONNX Runtime's CPU provider runs these Q/DQ nodes,
 so parity is measured on the CPU; the FP8 arithmetic itself needs an FP8 GPU.
@@ -56,12 +58,26 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
         dequantized[tensor] = f"{tensor}_dq"
     for node in targets:
         w = onnx.numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        peak = float(np.abs(w).max())
-        scale = _scale_initializer(graph, node.input[1], peak)
-        w8 = np.clip(w / np.float32(_scale(peak)), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+        axis = _output_axis(node, w)
+        peak = np.maximum(np.abs(w).max(axis=1 - axis), 1e-12)  # one amax per output channel
+        scale = (peak / E4M3_MAX).astype(np.float32)
+        shaped = scale[None, :] if axis == 1 else scale[:, None]
+        w8 = np.clip(w / shaped, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
         name = f"{node.input[1]}_fp8"
-        graph.initializer.append(onnx.numpy_helper.from_array(w8, name))
-        q_nodes.append(onnx.helper.make_node("DequantizeLinear", [name, scale, _zero(graph)], [f"{name}_dq"]))
+        graph.initializer.extend(
+            [
+                onnx.numpy_helper.from_array(w8, name),
+                onnx.numpy_helper.from_array(scale, f"{name}_scale"),
+                onnx.helper.make_tensor(
+                    f"{name}_zero", onnx.TensorProto.FLOAT8E4M3FN, [len(scale)], [0.0] * len(scale)
+                ),
+            ]
+        )
+        q_nodes.append(
+            onnx.helper.make_node(
+                "DequantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_dq"], axis=axis
+            )
+        )
         node.input[0] = dequantized[node.input[0]]
         node.input[1] = f"{name}_dq"
     _insert_before_consumers(graph, q_nodes)
@@ -69,7 +85,7 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
     onnx.save_model(model, str(out))
     details: dict[str, Any] = {
         "mode": "static-qdq-fp8",
-        "weights": "fp8 e4m3 per-tensor (amax)",
+        "weights": "fp8 e4m3 per output channel (amax)",
         "activations": "fp8 e4m3 per-tensor (calibrated amax)",
         "quantized_nodes": len(targets),
         "float_nodes": float_nodes + [n for n in nodes if n not in {t.name for t in targets}],
@@ -86,6 +102,12 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
             "target_min_cosine": None,
         }
     return details
+
+
+def _output_axis(node: Any, w: np.ndarray) -> int:
+    """The weight's output-channel axis: 1 for MatMul's [in, out] and Gemm's B, 0 for Gemm with transB=1."""
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return 0 if node.op_type == "Gemm" and trans_b else 1
 
 
 def _scale(peak: float) -> float:

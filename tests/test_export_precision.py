@@ -116,7 +116,7 @@ def test_precision_bad_input(tmp_path, tiny_model_dir):
         export_bundle(tiny_model_dir, tmp_path / "a", precision="int8", progress=False)
     with pytest.raises(UserError, match="fp16 export needs --opset 17"):
         export_bundle(tiny_model_dir, tmp_path / "b", precision="fp16", opset=16, progress=False)
-    with pytest.raises(UserError, match="'precision' must be one of fp32, fp16, int8, int8-dynamic, got 'int4'"):
+    with pytest.raises(UserError, match="'precision' must be one of fp32, fp16, int8, int8-dynamic, fp8, got 'int4'"):
         export_bundle(tiny_model_dir, tmp_path / "c", precision="int4", progress=False)
     # a model directory whose tokenizer (BPE, ids up to 49407) does not fit its 35 embeddings
     from conftest import make_package

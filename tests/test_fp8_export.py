@@ -41,7 +41,7 @@ def _consumers(graph) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-def test_qdq_only_on_matmul_inputs_with_per_tensor_e4m3_scales(fp8_bundle, tower):
+def test_qdq_only_on_matmul_inputs_with_e4m3_scales_per_tensor_and_per_channel(fp8_bundle, tower):
     model = onnx.load(str(fp8_bundle / f"{tower}.onnx"))
     fp32 = onnx.load(str(fp8_bundle.parent / "fp32" / f"{tower}.onnx"))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {FP8_OPSET}
@@ -54,7 +54,9 @@ def test_qdq_only_on_matmul_inputs_with_per_tensor_e4m3_scales(fp8_bundle, tower
     assert qs and len(dqs) > len(qs)  # activations get Q+DQ, weights (stored in FP8) only DQ
     for n in qs + dqs:
         assert inits[n.input[2]].data_type == FP8  # E4M3 zero point: sets the type, must be 0 for TensorRT
-        assert onnx.numpy_helper.to_array(inits[n.input[1]]).shape == ()  # per tensor
+        assert not onnx.numpy_helper.to_array(inits[n.input[2]]).astype(np.float32).any()
+    for n in qs:  # activations: one scale per tensor
+        assert onnx.numpy_helper.to_array(inits[n.input[1]]).shape == ()
     for dq in dqs:  # every dequantized tensor feeds MatMul/Gemm only: LayerNorm, softmax, adds stay unquantized
         assert {c.op_type for c in uses[dq.output[0]]} <= {"MatMul", "Gemm"}, dq.output[0]
     for n in g.node:
@@ -67,10 +69,15 @@ def test_qdq_only_on_matmul_inputs_with_per_tensor_e4m3_scales(fp8_bundle, tower
         if w8 is None:
             continue
         original = fp32_weights[dq.input[0].removesuffix("_fp8")]
-        scale = float(onnx.numpy_helper.to_array(inits[dq.input[1]]))
-        assert scale == pytest.approx(np.abs(original).max() / E4M3_MAX, rel=1e-6)  # amax / 448
-        restored = onnx.numpy_helper.to_array(w8).astype(np.float32) * scale
-        assert np.abs(restored - original).max() <= np.abs(original).max() / 8  # E4M3: 3 mantissa bits
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+        axis = next(a.i for a in dq.attribute if a.name == "axis")
+        peak = np.abs(original).max(axis=1 - axis)  # weights: one amax / 448 per output channel
+        assert scale.shape == (original.shape[axis],)
+        np.testing.assert_allclose(scale, peak / E4M3_MAX, rtol=1e-6)
+        shaped = scale[None, :] if axis == 1 else scale[:, None]
+        restored = onnx.numpy_helper.to_array(w8).astype(np.float32) * shaped
+        bound = (peak[None, :] if axis == 1 else peak[:, None]) / 8  # E4M3: 3 mantissa bits
+        assert (np.abs(restored - original) <= bound).all()
         checked += 1
     assert checked >= 4
     details = json.loads((fp8_bundle / "manifest.json").read_text())["precision_details"][tower]
