@@ -24,6 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tinyclip_edge.common.threads import busy_cores  # noqa: E402
+
 
 def _spin(stop: mp.Event) -> None:
     while not stop.is_set():
@@ -81,11 +83,11 @@ def run(conditions: list[str], steps: int) -> dict:
             for p in spinners:
                 p.start()
             time.sleep(2)
-        load = os.getloadavg()[0]
         for threads in sorted({1, cores}):
+            load = busy_cores(1.0) or 0.0  # cores busy with other work right before the cell (spinners or not)
             r = _measure(threads, steps)
-            rows.append({"condition": condition, "load_1min_at_start": round(load, 2), **r})
-            print(f"{condition:7s} threads={threads}  {r['s_per_step']:.3f} s/step  (load {load:.2f})", flush=True)
+            rows.append({"condition": condition, "busy_cores_at_start": round(load, 2), **r})
+            print(f"{condition:7s} threads={threads}  {r['s_per_step']:.3f} s/step  (busy {load:.2f})", flush=True)
         stop.set()
         for p in spinners:
             p.join()
@@ -108,14 +110,14 @@ def render(result: dict, command: str) -> str:
         "",
         f"{result['cpu']}, {result['cores']} usable cores. Quick-start-shaped distillation step, median s/step.",
         "",
-        "| condition | load at start | threads | s/step | vs 1 thread |",
+        "| condition | cores busy at start | threads | s/step | vs 1 thread |",
         "|---|---|---|---|---|",
     ]
     base = {r["condition"]: r["s_per_step"] for r in result["rows"] if r["threads"] == 1}
     for r in result["rows"]:
         ratio = r["s_per_step"] / base[r["condition"]]
         lines.append(
-            f"| {r['condition']} | {r['load_1min_at_start']} | {r['threads']} | {r['s_per_step']:.3f} | {ratio:.2f}× |"
+            f"| {r['condition']} | {r['busy_cores_at_start']} | {r['threads']} | {r['s_per_step']:.3f} | {ratio:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 

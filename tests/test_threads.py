@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.common.threads import choose_threads
+from tinyclip_edge.common.threads import busy_cores, choose_threads
 from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.models import save_model_dir
 
@@ -54,3 +57,26 @@ def test_a_cpu_run_prints_and_uses_its_thread_count(tmp_path, tiny_package, monk
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="busy_cores samples /proc/stat (Linux)")
+def test_busy_cores_sees_another_process_spinning():
+    """busy_cores is what `auto` subtracts: a process spinning on one core must show up as (most of) a core."""
+    import multiprocessing as mp
+
+    spinner = mp.get_context("spawn").Process(target=_spin, args=(4.0,))
+    spinner.start()
+    try:
+        time.sleep(1.0)  # past the child's start-up
+        busy = busy_cores(0.5)
+    finally:
+        spinner.join()
+    assert busy is not None and busy >= 0.5

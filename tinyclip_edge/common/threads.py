@@ -1,15 +1,17 @@
 """How many PyTorch CPU threads a training process uses (the recipe's ``cpu_threads``).
 
 PyTorch starts one intra-op thread per core. On a machine whose cores are already busy (a shared CI runner, a
-second job, the other ranks of a torchrun group) those threads spin-wait on each other and a step gets several
-times slower than with one thread: ``benchmarks/cpu_threads.py`` measured a quick-start-shaped distillation step
-on a 2-core AMD EPYC at load ~14 taking 4.1 s with 1 thread and 12.9 s with 2 (3.1×; the issue that asked for
-this saw 3.5–13× on another machine). On an idle machine the extra threads help only as far as the
-model's matmuls are large enough (``benchmarks/results/cpu-threads.md``).
+second job, the other ranks of a torchrun group) those threads wait on each other and a step gets slower than
+with one thread; on an idle machine the second thread helps. ``benchmarks/results/cpu-threads.md``
+(``python benchmarks/cpu_threads.py``, a quick-start-shaped distillation step on a 2-core AMD EPYC): idle, 2
+threads 0.215 s/step vs 1 thread 0.332; with both cores kept busy by other processes, 2 threads 0.674 vs 0.498.
+A run of the same script while other agents' jobs kept the load near 14 gave 12.9 vs 4.1 s/step (not saved).
 
 So ``auto`` (the default) gives a process the cores that are free when it starts: the usable cores split
-over the processes of this machine, less the load that others already put on them (the 1-minute load
-average), and at least 1. ``OMP_NUM_THREADS`` set by the user (torchrun sets it to 1 for several processes)
+over the processes of this machine, less the cores others keep busy right now, and at least 1. "Right now" is
+a 0.3 s sample of ``/proc/stat``, not the 1-minute load average: that lags by a minute, and right after another
+job it said 1.6 on a machine that was idle, where 2 threads ran 1.5× faster than 1 (the load average is the
+fallback where ``/proc/stat`` does not exist). ``OMP_NUM_THREADS`` set by the user (torchrun sets it to 1 for several processes)
 wins over ``auto``. A number pins the count. The choice and its reason are printed once per process.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +41,30 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _load() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's first line; None where it is missing."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is already in user)
+    return total - idle, total
+
+
+def busy_cores(sample_s: float = 0.3) -> float | None:
+    """How many cores other processes keep busy now (this one is not computing yet when it asks)."""
+    before = _cpu_times()
+    if before is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    time.sleep(sample_s)
+    after = _cpu_times()
+    if after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
 def choose_threads(
@@ -50,7 +75,8 @@ def choose_threads(
     load: float | None = None,
     omp_env: str | None = None,
 ) -> ThreadChoice:
-    """The thread count for one process (pure: every machine fact can be passed in, for tests)."""
+    """The thread count for one process (pure: every machine fact can be passed in, for tests). ``load``: the
+    cores that others keep busy (``busy_cores()``)."""
     if setting != "auto":
         return ThreadChoice(int(setting), "cpu_threads in the recipe")
     if omp_env is not None and omp_env.strip().isdigit() and int(omp_env) > 0:
@@ -61,7 +87,7 @@ def choose_threads(
         return ThreadChoice(share, f"{cores} cores over {local_processes} process(es); load unknown")
     free = max(1, math.floor(cores - load + 0.5))  # cores others do not already keep busy
     threads = min(share, free)
-    why = f"{cores} cores, {local_processes} process(es), load {load:.1f}"
+    why = f"{cores} cores, {local_processes} process(es), {load:.1f} busy with other work"
     return ThreadChoice(threads, why + (" leaves fewer free cores" if threads < share else ""))
 
 
@@ -78,7 +104,9 @@ def apply_cpu_threads(
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: processes on this machine
     except ValueError:
         local = 1
-    choice = choose_threads(setting, local_processes=local, load=_load(), omp_env=os.environ.get("OMP_NUM_THREADS"))
+    choice = choose_threads(
+        setting, local_processes=local, load=busy_cores(), omp_env=os.environ.get("OMP_NUM_THREADS")
+    )
     torch.set_num_threads(choice.threads)
     if announce:
         print(choice.line(), file=sys.stderr, flush=True)
