@@ -222,3 +222,10 @@ def test_run_fails_on_parity_failure_when_asked(tmp_path, teacher_dir):
     assert_one_line_error(
         invoke("run", tmp_path / "bad.yaml", f"run_dir={tmp_path / 'b'}"), "bench: section needs an export: section"
     )
+
+
+def test_quickstart_refuses_a_run_dir_override_it_would_ignore(tmp_path):
+    """`quickstart run_dir=X` used to run in runs/quickstart silently: the directory comes from --run-dir."""
+    r = invoke("quickstart", f"run_dir={tmp_path / 'x'}")
+    assert_one_line_error(r, "--run-dir DIR, not from a run_dir=DIR override")
+    assert not (tmp_path / "x").exists()

@@ -237,6 +237,8 @@ def run_quickstart(
     """The quick start in `run_dir`. By default it continues the run there (refused if that run was made with
     other settings). `resume=False` (--fresh) first deletes what the marker says the toolkit wrote there,
     nothing else, and refuses a directory that holds a run without a marker."""
+    if any(o.split("=", 1)[0].strip() == "run_dir" for o in overrides or []):  # it would be silently replaced
+        raise UserError("quickstart takes its directory from --run-dir DIR, not from a run_dir=DIR override")
     recipe = load_recipe("quickstart", [*(overrides or []), f"run_dir={run_dir}"])
     if not resume and dist.launched():  # every process would clear the directory while the others read it
         raise UserError(
