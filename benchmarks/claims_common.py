@@ -97,7 +97,6 @@ class State:
             {
                 "device": args.device,
                 "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "teacher": "tiny random (tests/conftest.py make_package)" if args.tiny else args.teacher,
                 "seeds": args.seeds,
@@ -116,6 +115,7 @@ class State:
         meta = self.data["meta"]
         meta["wall_seconds"] = round(self._base[0] + time.perf_counter() - self._t0, 1)
         meta["cpu_seconds"] = round(self._base[1] + time.process_time() - self._c0, 1)
+        meta["threads"] = torch.get_num_threads()  # the runner's choice for this machine's free cores
         atomic_write_json(self.path, self.data)
 
 

@@ -139,8 +139,9 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
             f"initialisation, same teacher and affinity loss) {args.factor * args.steps}, batch {args.batch}, lr "
             f"{args.lr}; learned masks with the {args.rules} rules; R@1 every {args.eval_every} steps. Speed-up "
             "(TinyCLIP's definition): steps scratch needs to reach the student's final R@1, linear between "
-            f"evaluation points, / {args.steps}; n/a = scratch never got there (>{args.factor}x). {meta['seeds']} "
-            f"seed(s); [min, max] over seeds. Device {meta['cpu']} ({meta['device']}, {meta['threads']} threads); "
+            f"evaluation points, / {args.steps}; n/a = scratch never got there (>{args.factor}x); "
+            f"scratch already there at its first point ({args.eval_every} steps) counts that point (an upper "
+            f"bound). {meta['seeds']} seed(s); [min, max] over seeds. Device {meta['cpu']} ({meta['device']}, {meta['threads']} threads); "
             f"{meta['wall_seconds'] / 60:.1f} min wall, {meta['cpu_seconds'] / 60:.1f} min CPU time in "
             f"{meta['pieces']} piece(s).",
             "",
