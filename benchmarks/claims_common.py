@@ -43,11 +43,16 @@ def add_common_args(ap: argparse.ArgumentParser, minutes: float) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--val", default="scenes:val")
     ap.add_argument("--rules", choices=sorted(RULES), default="cofi", help="the learned masks' rule set")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="benchmarks/results", help="where the table, JSON and plot go")
+    ap.add_argument("--work", help="where the runs and their checkpoints go (default: the git-ignored runs/<name>)")
     ap.add_argument(
         "--minutes", type=float, default=minutes, help="stop (resumably) at the first evaluation point after this"
     )
     ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random teacher, a few steps, 16 pairs")
+
+
+def work_dir(args: argparse.Namespace, stem: str) -> Path:
+    return Path(args.work) if args.work else Path("runs") / stem
 
 
 def student_stage(method: str, target: float, steps: int, rules: str) -> dict[str, Any]:

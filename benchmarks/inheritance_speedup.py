@@ -11,7 +11,7 @@ there. Reported per seed and as mean [min, max] over seeds.
     python benchmarks/inheritance_speedup.py                     # again: continues where it stopped
     python benchmarks/inheritance_speedup.py --tiny --out /tmp/s # smoke run (tests)
 
-Writes <out>/inheritance-speedup.json, .md and .png; runs live in <out>/inheritance-speedup-runs.
+Writes <out>/inheritance-speedup.json, .md and .png; runs live in runs/inheritance-speedup (--work).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main() -> None:
         args.steps, args.factor, args.eval_every, args.batch, args.val = 2, 8, 2, 8, "scenes:val:16"
 
     out = Path(args.out)
-    work = out / f"{STEM}-runs"
+    work = cc.work_dir(args, STEM)
     state = cc.State(out / f"{STEM}.json", args)
     pkg, tdir = cc.teacher(args, work, state)
     paused = cc.run_all(plan(args, pkg.shape), state, pkg, tdir, work, args)

@@ -6,13 +6,14 @@ next cut, so the chain should catch up with one-shot as the budget grows. For ea
 one-shot student trains all the steps at 10%, the chain 50% -> 25% -> 10% (compress/chain.py plans the
 nested shapes) a third of them per stage. R@1 on scenes:val every budget/6 steps; 2 seeds.
 
-    python benchmarks/multistage_budget.py                   # CPU, in pieces of at most ~30 min
-    python benchmarks/multistage_budget.py                   # again: continues where it stopped
-    python benchmarks/multistage_budget.py --rules tinyclip --seeds 1 --methods learned   # the rules pilot
+    python benchmarks/multistage_budget.py --methods learned --seeds 1 --rules cofi       # the rules pilot,
+    python benchmarks/multistage_budget.py --methods learned --seeds 1 --rules tinyclip   # one seed each
+    python benchmarks/multistage_budget.py --rules WINNER    # 2 seeds, reusing the pilot's seed 0; run it
+                                                             # again until it no longer says "paused"
     python benchmarks/multistage_budget.py --tiny --out /tmp/m                            # smoke run (tests)
 
 Writes <out>/multistage-budget.json, .md and .png (R@1 against total steps per path, the CPU time in the
-title); runs live in <out>/multistage-budget-runs. Results of both rule sets share the file.
+title); runs live in runs/multistage-budget (--work). Results of both rule sets share the file.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
     results = by_path(data["experiments"])
     budgets = sorted({b for per in results.values() for b in per})
     rows = [
-        {"path": p, **{f"{b} steps": cc.mean_range(per[b]) if b in per else "" for b in budgets}}
+        {
+            "path": p,
+            "seeds": max(len(v) for v in per.values()),  # a one-seed rules pilot shares the file
+            **{f"{b} steps": cc.mean_range(per[b]) if b in per else "" for b in budgets},
+        }
         for p, per in results.items()
     ]
     cost = (
@@ -84,7 +89,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
         f"Teacher: {meta['teacher']}, {t.get('params', 0):,} parameters, R@1 {t.get('R@1', float('nan')):.1f} on "
         f"{meta['val']}. One-shot: all the steps at {round(100 * args.chain[-1])}%; chain: {chain} (planned, "
         f"nested shapes), a third of the steps per stage. Batch {args.batch}, lr {args.lr}, affinity mimicking; "
-        f"R@1 (%), mean [min, max] over {meta['seeds']} seed(s). Device {meta['cpu']} ({meta['device']}); {cost}.",
+        f"R@1 (%), mean [min, max] over the seeds. Device {meta['cpu']} ({meta['device']}); {cost}.",
         "",
         markdown_table(rows) if rows else "(nothing finished yet)",
         "",
@@ -103,7 +108,7 @@ def main() -> None:
         args.budgets, args.chain, args.batch, args.val = [6, 12], [0.5, 0.4, 0.3], 8, "scenes:val:16"
 
     out = Path(args.out)
-    work = out / f"{STEM}-runs"
+    work = cc.work_dir(args, STEM)
     state = cc.State(out / f"{STEM}.json", args)
     pkg, tdir = cc.teacher(args, work, state)
     paused = cc.run_all(plan(args), state, pkg, tdir, work, args)

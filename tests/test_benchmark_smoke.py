@@ -133,6 +133,7 @@ def test_inheritance_speedup_tiny_writes_table_json_plot_and_reuses_finished_run
     m = _speedup_module()
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "inheritance_speedup.py"), "--tiny", "--out", str(out)]
+    cmd += ["--work", str(tmp_path / "runs")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((out / "inheritance-speedup.json").read_text())
@@ -166,7 +167,7 @@ def scratch_curve(entry: dict) -> list[tuple[int, float]]:
 def test_multistage_budget_tiny_pauses_resumes_and_compares_paths_at_equal_steps(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "multistage_budget.py"), "--tiny", "--out", str(out)]
-    cmd += ["--seeds", "1", "--rules", "tinyclip"]
+    cmd += ["--seeds", "1", "--rules", "tinyclip", "--work", str(tmp_path / "runs")]
     first = subprocess.run([*cmd, "--minutes", "0"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "run the same command again to continue" in first.stdout
@@ -183,7 +184,7 @@ def test_multistage_budget_tiny_pauses_resumes_and_compares_paths_at_equal_steps
         if e["path"].startswith("manual"):  # the planned chain ends on the one-shot shape
             assert e["params"] == one_shot["params"]
     assert data["meta"]["pieces"] == 2 and data["meta"]["rules"] == "tinyclip"
-    recipe = (out / "multistage-budget-runs" / "learned__tinyclip__chain___6__seed_0" / "recipe.yaml").read_text()
+    recipe = (tmp_path / "runs" / "learned__tinyclip__chain___6__seed_0" / "recipe.yaml").read_text()
     assert "lagrangian: one-sided" in recipe and "eval_gates: cofi" in recipe  # --rules reached the stages
     md = (out / "multistage-budget.md").read_text()
     assert "multistage_budget.py --tiny" in md.splitlines()[0] and "min CPU time" in md
