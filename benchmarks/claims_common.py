@@ -13,6 +13,7 @@ import dataclasses
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -159,8 +160,16 @@ def mean_range(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.1f} [{min(vals):.1f}, {max(vals):.1f}]"
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, log_x: bool) -> bool:
-    """One line per series; False (and no file) without matplotlib."""
+def seed_mean(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The mean over seeds at the x values every seed's curve has (an unfinished seed shortens the line)."""
+    common = set.intersection(*(set(x for x, _ in c) for c in curves)) if curves else set()
+    return [(x, statistics.mean(dict(c)[x] for c in curves)) for x in sorted(common)]
+
+
+def line_plot(
+    series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, xticks: list[float]
+) -> bool:
+    """One line per series on a log x axis labelled at `xticks`; False (and no file) without matplotlib."""
     try:
         import matplotlib
 
@@ -173,11 +182,12 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
     for label, pts in series.items():
         if pts:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=label)
-    if log_x:
-        ax.set_xscale("log")
+    ax.set_xscale("log")
+    ax.set_xticks(xticks, [f"{x:g}" for x in xticks])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("R@1 (mean of i2t, t2i), %")
-    ax.set_title(title, fontsize=8)
+    ax.set_ylabel("R@1 (mean of i2t, t2i), %, mean over seeds")
+    ax.set_title("\n".join(textwrap.fill(line, 140) for line in title.splitlines()), fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -172,8 +172,13 @@ def main() -> None:
     state.save()
     md = render(data, args)
     atomic_write_text(out / f"{STEM}.md", md)
-    series = {f"{e['name']} (seed {e['seed']})": cc.steps_curve(e, args.batch) for e in data["experiments"].values()}
-    cc.line_plot(series, out / f"{STEM}.png", data["meta"]["command"], "optimiser steps", log_x=True)
+    exps = data["experiments"].values()
+    series = {
+        name: cc.seed_mean([cc.steps_curve(e, args.batch) for e in exps if e["name"] == name])
+        for name in dict.fromkeys(e["name"] for e in exps)
+    }
+    ticks = [args.eval_every] + [args.steps * 2**k for k in range(args.factor.bit_length())]
+    cc.line_plot(series, out / f"{STEM}.png", data["meta"]["command"], "optimiser steps", sorted(set(ticks)))
     print(md, flush=True)
     if paused:
         print(f"paused during {paused} after {args.minutes} min: run the same command again to continue", flush=True)

@@ -118,7 +118,7 @@ def main() -> None:
         p: [(b, sum(v) / len(v)) for b, v in sorted(per.items())]
         for p, per in by_path(state.data["experiments"]).items()
     }
-    cc.line_plot(series, out / f"{STEM}.png", title, "total optimiser steps (mean over seeds)", log_x=True)
+    cc.line_plot(series, out / f"{STEM}.png", title, "total optimiser steps", sorted(args.budgets))
     print(md, flush=True)
     if paused:
         print(f"paused during {paused} after {args.minutes} min: run the same command again to continue", flush=True)
