@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50, help="R@1 at every multiple of this many steps")
     ap.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.25])
     args = ap.parse_args()
+    if min(args.steps, args.factor, args.eval_every) < 1 or not all(0 < t < 1 for t in args.targets):
+        ap.error("--steps, --factor and --eval-every must be >= 1 and every --targets value between 0 and 1")
     if args.tiny:
         args.steps, args.factor, args.eval_every, args.batch, args.val = 2, 8, 2, 8, "scenes:val:16"
 

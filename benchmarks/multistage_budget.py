@@ -104,6 +104,10 @@ def main() -> None:
     ap.add_argument("--chain", type=float, nargs="*", default=[0.5, 0.25, 0.1], help="the chain's targets")
     ap.add_argument("--methods", nargs="*", choices=["manual", "learned"], default=["manual", "learned"])
     args = ap.parse_args()
+    if not all(1 > a > b >= 0 for a, b in zip(args.chain, args.chain[1:] + [0])):
+        ap.error("--chain takes falling targets between 0 and 1, e.g. 0.5 0.25 0.1")
+    if not args.budgets or min(args.budgets) < len(args.chain):
+        ap.error(f"--budgets: every budget needs at least one step per chain stage (>= {len(args.chain)})")
     if args.tiny:  # the tiny teacher has no 10% student
         args.budgets, args.chain, args.batch, args.val = [6, 12], [0.5, 0.4, 0.3], 8, "scenes:val:16"
 

@@ -190,3 +190,18 @@ def test_multistage_budget_tiny_pauses_resumes_and_compares_paths_at_equal_steps
     assert "multistage_budget.py --tiny" in md.splitlines()[0] and "min CPU time" in md
     assert "| learned (tinyclip) chain |" in md
     assert (out / "multistage-budget.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "script, bad, says",
+    [
+        ("multistage_budget.py", ["--budgets", "2"], "at least one step per chain stage"),
+        ("multistage_budget.py", ["--chain", "0.25", "0.5"], "falling targets"),
+        ("inheritance_speedup.py", ["--factor", "0"], "must be >= 1"),
+    ],
+)
+def test_issue21_benchmarks_refuse_impossible_plans_in_one_line(tmp_path, script, bad, says):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *bad, "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and says in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
