@@ -94,11 +94,27 @@ class State:
     """The results file: read at start, written after every evaluation point; wall and CPU seconds add up
     over the pieces, so the total cost is known however many invocations it took."""
 
-    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+    def __init__(self, path: Path, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        """`settings`: what every finished run depends on but its key does not name; a state made with other
+        settings is refused, since reusing its runs would mix two experiments."""
         self.path = path
         self.data: dict[str, Any] = read_json(path, "results") if path.is_file() else {}
         self.data.setdefault("experiments", {})
         meta = self.data.setdefault("meta", {"wall_seconds": 0.0, "cpu_seconds": 0.0, "pieces": 0})
+        settings = {
+            **settings,
+            "tiny": args.tiny,
+            "teacher": args.teacher,
+            "batch_size": args.batch,
+            "lr": args.lr,
+            "val": args.val,
+        }
+        before = meta.setdefault("settings", settings)
+        if before != settings:
+            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v)
+            raise SystemExit(
+                f"{path} holds runs made with other settings ({changed}): use the same ones, or another --out and --work"
+            )
         meta.update(
             {
                 "device": args.device,

@@ -166,7 +166,7 @@ def main() -> None:
 
     out = Path(args.out)
     work = cc.work_dir(args, STEM)
-    state = cc.State(out / f"{STEM}.json", args)
+    state = cc.State(out / f"{STEM}.json", args, {k: vars(args)[k] for k in ("steps", "factor", "eval_every")})
     pkg, tdir = cc.teacher(args, work, state)
     paused = cc.run_all(plan(args, pkg.shape), state, pkg, tdir, work, args)
     data = state.data

@@ -113,7 +113,7 @@ def main() -> None:
 
     out = Path(args.out)
     work = cc.work_dir(args, STEM)
-    state = cc.State(out / f"{STEM}.json", args)
+    state = cc.State(out / f"{STEM}.json", args, {"chain": args.chain})
     pkg, tdir = cc.teacher(args, work, state)
     paused = cc.run_all(plan(args), state, pkg, tdir, work, args)
     md, title = render(state.data, args)

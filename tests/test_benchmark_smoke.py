@@ -157,6 +157,9 @@ def test_inheritance_speedup_tiny_writes_table_json_plot_and_reuses_finished_run
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "s1:" not in again.stderr  # nothing trains again
     assert json.loads((out / "inheritance-speedup.json").read_text())["meta"]["pieces"] == 2
+    # positive control: other settings would reuse runs made for these, which is refused in one line
+    other = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=900)
+    assert other.returncode == 1 and "lr 0.001 -> 0.01" in other.stderr and "Traceback" not in other.stderr
 
 
 def scratch_curve(entry: dict) -> list[tuple[int, float]]:
