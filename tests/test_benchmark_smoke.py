@@ -99,15 +99,15 @@ def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_pat
     assert "export_precisions.py" in md.splitlines()[0] and "| precision |" in md
 
 
-def _speedup_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def _speedup_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import inheritance_speedup
 
     return inheritance_speedup
 
 
-def test_inheritance_speedup_follows_tinyclips_definition_on_a_hand_made_curve():
-    m = _speedup_module()
+def test_inheritance_speedup_follows_tinyclips_definition_on_a_hand_made_curve(monkeypatch):
+    m = _speedup_module(monkeypatch)
     scratch = [(50.0, 10.0), (100.0, 20.0), (150.0, 30.0), (200.0, 40.0), (250.0, 35.0)]
     # 25 lies halfway between the points at 100 and 150 steps: scratch needs 125 steps, the student 150
     assert m.speedup(scratch, 25.0, 150) == pytest.approx(125 / 150)
@@ -118,9 +118,9 @@ def test_inheritance_speedup_follows_tinyclips_definition_on_a_hand_made_curve()
     assert m.steps_to_reach(noisy, 25.0) == pytest.approx(87.5)  # the first crossing counts, not a later one
 
 
-def test_inheritance_speedup_reports_beyond_the_curve_when_scratch_never_gets_there():
+def test_inheritance_speedup_reports_beyond_the_curve_when_scratch_never_gets_there(monkeypatch):
     # positive control: a student scratch never reaches has no ratio, and the summary says ">8x", not a number
-    m = _speedup_module()
+    m = _speedup_module(monkeypatch)
     scratch = [(150.0, 10.0), (600.0, 20.0), (1200.0, 30.0)]
     assert m.speedup(scratch, 30.5, 150) is None
     assert m.speedup_summary([None, None], 8) == ">8x"
@@ -129,8 +129,8 @@ def test_inheritance_speedup_reports_beyond_the_curve_when_scratch_never_gets_th
 
 
 @pytest.mark.slow
-def test_inheritance_speedup_tiny_writes_table_json_plot_and_reuses_finished_runs(tmp_path):
-    m = _speedup_module()
+def test_inheritance_speedup_tiny_writes_table_json_plot_and_reuses_finished_runs(tmp_path, monkeypatch):
+    m = _speedup_module(monkeypatch)
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "inheritance_speedup.py"), "--tiny", "--out", str(out)]
     cmd += ["--work", str(tmp_path / "runs")]
