@@ -97,3 +97,114 @@ def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_pat
         assert ParityReport.read(out / r["precision"]).passed == r["passed"]
     md = (out / "precisions.md").read_text()
     assert "export_precisions.py" in md.splitlines()[0] and "| precision |" in md
+
+
+def _speedup_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import inheritance_speedup
+
+    return inheritance_speedup
+
+
+def test_inheritance_speedup_follows_tinyclips_definition_on_a_hand_made_curve(monkeypatch):
+    m = _speedup_module(monkeypatch)
+    scratch = [(50.0, 10.0), (100.0, 20.0), (150.0, 30.0), (200.0, 40.0), (250.0, 35.0)]
+    # 25 lies halfway between the points at 100 and 150 steps: scratch needs 125 steps, the student 150
+    assert m.speedup(scratch, 25.0, 150) == pytest.approx(125 / 150)
+    assert m.speedup(scratch, 35.0, 25) == pytest.approx(7.0)  # 175 steps / 25
+    assert m.steps_to_reach(scratch, 20.0) == 100.0  # exactly on a point
+    assert m.steps_to_reach(scratch, 5.0) == 50.0  # already there at the first point: that point (a bound)
+    noisy = [(50.0, 10.0), (100.0, 30.0), (150.0, 20.0), (200.0, 40.0)]
+    assert m.steps_to_reach(noisy, 25.0) == pytest.approx(87.5)  # the first crossing counts, not a later one
+
+
+def test_inheritance_speedup_reports_beyond_the_curve_when_scratch_never_gets_there(monkeypatch):
+    # positive control: a student scratch never reaches has no ratio, and the summary says ">8x", not a number
+    m = _speedup_module(monkeypatch)
+    scratch = [(150.0, 10.0), (600.0, 20.0), (1200.0, 30.0)]
+    assert m.speedup(scratch, 30.5, 150) is None
+    assert m.speedup_summary([None, None], 8) == ">8x"
+    assert m.speedup_summary([2.0, None], 8) == "[2.00x, >8x]"
+    assert m.speedup_summary([2.0, 4.0], 8) == "3.00x [2.00, 4.00]"
+
+
+@pytest.mark.slow
+def test_inheritance_speedup_tiny_writes_table_json_plot_and_reuses_finished_runs(tmp_path, monkeypatch):
+    m = _speedup_module(monkeypatch)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "inheritance_speedup.py"), "--tiny", "--out", str(out)]
+    cmd += ["--work", str(tmp_path / "runs")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((out / "inheritance-speedup.json").read_text())
+    exps = data["experiments"]
+    assert len(exps) == 2 * 2 * 3 and all(e["done"] for e in exps.values())  # 2 targets x 2 seeds x 3 runs
+    assert {e["name"] for e in exps.values()} == {
+        f"{m} {p}" for m in ("manual", "learned (cofi)", "scratch") for p in ("50%", "25%")
+    }
+    scratch = exps["scratch 25% [seed 1]"]
+    assert [p["samples"] for p in scratch["curve"]] == [8 * s for s in range(2, 17, 2)]  # every 2 steps, to 8x
+    assert scratch["params"] == exps["manual 25% [seed 1]"]["params"]  # the manual student's shape
+    assert len(data["speedups"]) == 8
+    for s in data["speedups"]:  # each stored speed-up is the function applied to the stored curves
+        e = next(e for e in exps.values() if e["name"] == s["student"] and e["seed"] == s["seed"])
+        sk = f"scratch {round(100 * e['target'])}% [seed {s['seed']}]"
+        assert s["speedup"] == m.speedup([(x / 8, r) for x, r in scratch_curve(exps[sk])], e["R@1"], 2)
+    assert data["teacher"]["params"] > 0 and data["meta"]["cpu_seconds"] > 0
+    md = (out / "inheritance-speedup.md").read_text()
+    assert "inheritance_speedup.py --tiny" in md.splitlines()[0] and "| manual 50% |" in md
+    assert (out / "inheritance-speedup.png").stat().st_size > 1000
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "s1:" not in again.stderr  # nothing trains again
+    assert json.loads((out / "inheritance-speedup.json").read_text())["meta"]["pieces"] == 2
+    # positive control: other settings would reuse runs made for these, which is refused in one line
+    other = subprocess.run([*cmd, "--lr", "0.01"], capture_output=True, text=True, timeout=900)
+    assert other.returncode == 1 and "lr 0.001 -> 0.01" in other.stderr and "Traceback" not in other.stderr
+
+
+def scratch_curve(entry: dict) -> list[tuple[int, float]]:
+    return sorted((p["samples"], p["R@1"]) for p in entry["curve"])
+
+
+@pytest.mark.slow
+def test_multistage_budget_tiny_pauses_resumes_and_compares_paths_at_equal_steps(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multistage_budget.py"), "--tiny", "--out", str(out)]
+    cmd += ["--seeds", "1", "--rules", "tinyclip", "--work", str(tmp_path / "runs")]
+    first = subprocess.run([*cmd, "--minutes", "0"], capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "run the same command again to continue" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "run the same command again" not in second.stdout
+    data = json.loads((out / "multistage-budget.json").read_text())
+    exps = data["experiments"]
+    paths = {"manual one-shot", "manual chain", "learned (tinyclip) one-shot", "learned (tinyclip) chain"}
+    assert {e["path"] for e in exps.values()} == paths and len(exps) == 2 * 4
+    for e in exps.values():
+        assert e["done"] and e["curve"][-1]["samples"] == e["budget"] * 8  # equal total steps at batch 8
+        one_shot = exps[f"{e['path'].replace('chain', 'one-shot')} @ {e['budget']} [seed 0]"]
+        if e["path"].startswith("manual"):  # the planned chain ends on the one-shot shape
+            assert e["params"] == one_shot["params"]
+    assert data["meta"]["pieces"] == 2 and data["meta"]["rules"] == "tinyclip"
+    recipe = (tmp_path / "runs" / "learned__tinyclip__chain___6__seed_0" / "recipe.yaml").read_text()
+    assert "lagrangian: one-sided" in recipe and "eval_gates: cofi" in recipe  # --rules reached the stages
+    md = (out / "multistage-budget.md").read_text()
+    assert "multistage_budget.py --tiny" in md.splitlines()[0] and "min CPU time" in md
+    assert "| learned (tinyclip) chain |" in md
+    assert (out / "multistage-budget.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "script, bad, says",
+    [
+        ("multistage_budget.py", ["--budgets", "2"], "at least one step per chain stage"),
+        ("multistage_budget.py", ["--chain", "0.25", "0.5"], "falling targets"),
+        ("inheritance_speedup.py", ["--factor", "0"], "must be >= 1"),
+    ],
+)
+def test_issue21_benchmarks_refuse_impossible_plans_in_one_line(tmp_path, script, bad, says):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *bad, "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and says in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
