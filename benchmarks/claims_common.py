@@ -204,11 +204,4 @@ def line_plot(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("R@1 (mean of i2t, t2i), %, mean over seeds")
     ax.set_title("\n".join(textwrap.fill(line, 140) for line in title.splitlines()), fontsize=8)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    return scale_b32.save_plot(fig, ax, path)

@@ -382,6 +382,13 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             ax.plot([x for x, _ in c], [y for _, y in c], marker="o", label=f"{e['name']} (seed {e['seed']})")
     ax.set_xlabel("student samples seen")
     ax.set_ylabel("R@1 (mean of i2t, t2i), %")
+    return save_plot(fig, ax, path)
+
+
+def save_plot(fig: Any, ax: Any, path: Path) -> bool:
+    """Legend, grid and layout, then the PNG written under a temporary name and renamed (no half-written plot)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -143,6 +143,14 @@ def open_clip_checkpoint(tmp_path: Path) -> str:
     return f"{cfg_path}:{ckpt}"
 
 
+@pytest.fixture
+def teacher_dir(tmp_path, tiny_package):
+    """The tiny random teacher saved as a model directory (run-directory and CLI tests)."""
+    from tinyclip_edge.models import save_model_dir
+
+    return save_model_dir(tiny_package, tmp_path / "teacher")
+
+
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory) -> Path:
     """A scenes-tiny CLIP really trained on scenes (about 30 s on 2 cores), through the packaged

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import FAST_QUICKSTART as FAST
+from test_rundir import _recipe, invoke, one_line_error  # shared run helpers (teacher_dir: conftest)
 
-from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.io import LinkOut, check_no_links, open_inside
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
@@ -29,29 +28,6 @@ from tinyclip_edge.data import open_source
 from tinyclip_edge.data.batches import TrainBatches
 from tinyclip_edge.losses.registry import parse_losses
 from tinyclip_edge.models import load_model_dir, save_model_dir
-
-
-@pytest.fixture
-def teacher_dir(tmp_path, tiny_package):
-    return save_model_dir(tiny_package, tmp_path / "teacher")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *fragments) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
-def _recipe(run_dir, teacher_dir, *extra):
-    return load_recipe("quickstart", [*FAST, f"run_dir={run_dir}", f"teacher={teacher_dir}", *extra])
 
 
 class Crash(Exception):

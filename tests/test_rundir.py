@@ -37,11 +37,6 @@ from tinyclip_edge.compress.runner import run_compress, run_entries
 from tinyclip_edge.models import load_model_dir, save_model_dir
 
 
-@pytest.fixture
-def teacher_dir(tmp_path, tiny_package):
-    return save_model_dir(tiny_package, tmp_path / "teacher")
-
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
