@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -90,10 +91,11 @@ def test_parity_records_the_host_and_old_reports_still_read(tmp_path, tiny_model
 
 
 def _measured_on(bundle, isa):
-    """The bundle's real parity.json, as if parity had run on a CPU of another ISA class."""
-    data = json.loads((bundle / PARITY_NAME).read_text())
-    data["host"].update(isa=isa, cpu="Some Other CPU")
-    (bundle / PARITY_NAME).write_text(json.dumps(data))
+    """The bundle's real parity.json, as if parity had run on a CPU of another ISA class (written by the report's
+    own writer, which records the new file in the bundle's manifest as a parity run does)."""
+    report = ParityReport.read(bundle)
+    report.host = dataclasses.replace(report.host, isa=isa, cpu="Some Other CPU")
+    report.write(bundle)
 
 
 class _NoIsaWarning:

@@ -80,3 +80,48 @@ def test_busy_cores_sees_another_process_spinning():
     finally:
         spinner.join()
     assert busy is not None and busy >= 0.5
+
+
+def test_a_resumed_run_keeps_the_count_it_started_with():
+    """Float sums depend on the thread count, so an exact resume must not re-choose it from today's load."""
+    kept = choose_threads("auto", cores=2, load=0.0, resumed=1)
+    assert kept.threads == 1 and "resumes exactly" in kept.reason
+    assert choose_threads(2, cores=2, load=0.0, resumed=1).threads == 2  # a pinned count still wins
+    assert choose_threads("auto", cores=2, load=0.0, omp_env="2", resumed=1).threads == 2
+
+
+def test_run_state_records_the_count_and_resume_reuses_it(tmp_path, teacher_dir, monkeypatch):
+    import json
+
+    from tinyclip_edge.compress import runner
+    from tinyclip_edge.compress.runner import run_compress
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    args = ["baselines.scratch=false", "eval.data=null", "stages.0.steps=1", "stages.0.batch_size=4"]
+    args += ["stages.1.steps=1", "stages.1.batch_size=4", "device=cpu", f"run_dir={run}", f"teacher={teacher_dir}"]
+    try:
+        monkeypatch.setattr(runner, "apply_cpu_threads", _fixed_auto(1))
+        run_compress(load_recipe("quickstart", args))
+        assert json.loads((run / "run.json").read_text())["cpu_threads"] == 1
+        seen = []
+        monkeypatch.setattr(runner, "apply_cpu_threads", _fixed_auto(2, seen))  # today's load would say 2
+        run_compress(load_recipe("quickstart", args), resume=True)
+        assert seen == [1]  # the resume asked for the recorded count
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fixed_auto(free: int, seen: list | None = None):
+    """apply_cpu_threads with the machine's free cores fixed (the real function, only the load sample replaced)."""
+    from tinyclip_edge.common import threads
+
+    def apply(setting, device_type, *, announce=True, resumed=None):
+        if seen is not None:
+            seen.append(resumed)
+        choice = threads.choose_threads(setting, cores=2, load=2 - free, resumed=resumed)
+        torch.set_num_threads(choice.threads)
+        return choice
+
+    return apply

@@ -74,13 +74,17 @@ def choose_threads(
     cores: int | None = None,
     load: float | None = None,
     omp_env: str | None = None,
+    resumed: int | None = None,
 ) -> ThreadChoice:
     """The thread count for one process (pure: every machine fact can be passed in, for tests). ``load``: the
-    cores that others keep busy (``busy_cores()``)."""
+    cores that others keep busy (``busy_cores()``). ``resumed``: the count a resumed run started with; float sums
+    depend on the thread count, so an exact resume keeps it (a pinned count and OMP_NUM_THREADS still win)."""
     if setting != "auto":
         return ThreadChoice(int(setting), "cpu_threads in the recipe")
     if omp_env is not None and omp_env.strip().isdigit() and int(omp_env) > 0:
         return ThreadChoice(int(omp_env), "OMP_NUM_THREADS")
+    if resumed is not None and resumed > 0:
+        return ThreadChoice(resumed, "the count this run started with, so that it resumes exactly")
     cores = usable_cores() if cores is None else cores
     share = max(1, cores // max(1, local_processes))
     if load is None:
@@ -92,7 +96,7 @@ def choose_threads(
 
 
 def apply_cpu_threads(
-    setting: int | Literal["auto"], device_type: str, *, announce: bool = True
+    setting: int | Literal["auto"], device_type: str, *, announce: bool = True, resumed: int | None = None
 ) -> ThreadChoice | None:
     """Set torch's intra-op threads for a run on the CPU and print the choice (``announce``: rank 0 only under
     torchrun); None (nothing changed) on a GPU, where the host threads only feed the device."""
@@ -104,9 +108,9 @@ def apply_cpu_threads(
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: processes on this machine
     except ValueError:
         local = 1
-    choice = choose_threads(
-        setting, local_processes=local, load=busy_cores(), omp_env=os.environ.get("OMP_NUM_THREADS")
-    )
+    load = None if setting != "auto" or resumed else busy_cores()  # sampled only where it decides
+    omp = os.environ.get("OMP_NUM_THREADS")
+    choice = choose_threads(setting, local_processes=local, load=load, omp_env=omp, resumed=resumed)
     torch.set_num_threads(choice.threads)
     if announce:
         print(choice.line(), file=sys.stderr, flush=True)

@@ -216,6 +216,15 @@ class Run:
                     )
             # the teacher copy is kept only if it came from the same teacher spec (see teacher())
             self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
+        recorded = self.state.get("cpu_threads") if started else None
+        choice = apply_cpu_threads(
+            recipe.cpu_threads,
+            self.device.type,
+            announce=dist.is_main(),
+            resumed=recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None,
+        )
+        if choice is not None:  # a resume takes the same count: float sums, and so the weights, depend on it
+            self.state["cpu_threads"] = choice.threads
         baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
 
         def write() -> None:
@@ -619,6 +628,5 @@ def run_compress(
         recipe.distributed.backend, resolve_device(recipe.device).type, recipe.distributed.timeout_s, hint
     ):
         check_same_recipe_on_all_ranks(recipe)
-        apply_cpu_threads(recipe.cpu_threads, resolve_device(recipe.device).type, announce=dist.is_main())
         with run_lock(recipe.run_dir):
             return Run(recipe, resume, on_step, new_lr).execute()
