@@ -41,6 +41,23 @@ def _stream(pkg, spec, batch=4, **kw) -> ShardBatches:
 # ------------------------------------------------------------------------------ 1. URLs webdataset runs or fetches
 
 
+def _compress(tmp_path, teacher, data: str) -> list[str]:
+    """A two-step quick-start compress of the tiny teacher on `data` (a data.train=... override), into tmp/run."""
+    return [
+        "compress",
+        "quickstart",
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher={teacher}",
+        data,
+        "stages.0.steps=1",
+        "stages.0.batch_size=4",
+        "stages.1.steps=1",
+        "stages.1.batch_size=4",
+        "baselines.scratch=false",
+        "eval.data=null",
+    ]
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -64,20 +81,7 @@ def test_a_shard_url_webdataset_would_run_or_fetch_is_refused_on_the_command_lin
     marker = tmp_path / "MARKER"
     spec = spec.format(marker=marker, shards=shards)
     before = _tree(shards)
-    res = CliRunner().invoke(
-        main,
-        [
-            "compress",
-            "quickstart",
-            f"run_dir={tmp_path / 'run'}",
-            f"teacher={tiny_model_dir}",
-            f"data.train='{spec}'",  # quoted: overrides are YAML values
-            "stages.0.steps=1",
-            "stages.1.steps=1",
-            "baselines.scratch=false",
-            "eval.data=null",
-        ],
-    )
+    res = CliRunner().invoke(main, _compress(tmp_path, tiny_model_dir, f"data.train='{spec}'"))  # quoted: YAML
     assert res.exit_code == 1 and "--allow-remote-data" in res.output and "Traceback" not in res.output, res.output
     assert not marker.exists() and not (tmp_path / "run").exists() and _tree(shards) == before
 
@@ -160,18 +164,7 @@ def test_a_truncated_shard_is_refused_and_compress_says_so_in_one_line(tmp_path,
     cut.mkdir()
     data = _tar(cut / "000000.tar", [{"png": _png(), "txt": b"a red square"}]).read_bytes()
     (cut / "000000.tar").write_bytes(data[:540])  # the first header and part of the image
-    res = CliRunner().invoke(
-        main,
-        [
-            "compress",
-            "quickstart",
-            f"run_dir={tmp_path / 'run'}",
-            f"teacher={tiny_model_dir}",
-            f"data.train={cut}",
-            "baselines.scratch=false",
-            "eval.data=null",
-        ],
-    )
+    res = CliRunner().invoke(main, _compress(tmp_path, tiny_model_dir, f"data.train={cut}"))
     assert res.exit_code == 1 and "no usable sample" in res.output and "Traceback" not in res.output, res.output
     assert "unreadable tar" in res.output
     students = [p for p in (tmp_path / "run").rglob("model.safetensors") if p.parent.name != "teacher"]
@@ -351,19 +344,7 @@ def test_cache_files_follow_the_umask(tmp_path, shards, tiny_model_dir):
 
 def test_allow_remote_data_on_the_command_line_lets_a_pipe_url_train(tmp_path, shards, tiny_model_dir):
     """The positive control of the refusal above: the opt-in reaches the stream (cat is the command)."""
-    args = [
-        "compress",
-        "quickstart",
-        f"run_dir={tmp_path / 'run'}",
-        f"teacher={tiny_model_dir}",
-        f"data.train='pipe:cat {shards}/{{000000..000002}}.tar'",
-        "stages.0.steps=1",
-        "stages.0.batch_size=4",
-        "stages.1.steps=1",
-        "stages.1.batch_size=4",
-        "baselines.scratch=false",
-        "eval.data=null",
-    ]
+    args = _compress(tmp_path, tiny_model_dir, f"data.train='pipe:cat {shards}/{{000000..000002}}.tar'")
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "--allow-remote-data" in res.output
     res = CliRunner().invoke(main, [*args, "--allow-remote-data"])
