@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinyclip_edge.common.threads import busy_cores  # noqa: E402
+from tinyclip_edge.common.threads import busy_cores, usable_cores  # noqa: E402
+from tinyclip_edge.runtimes.devices import cpu_facts  # noqa: E402
 
 
 def _spin(stop: mp.Event) -> None:
@@ -73,7 +73,7 @@ def _measure(threads: int, steps: int) -> dict:
 
 
 def run(conditions: list[str], steps: int) -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     ctx = mp.get_context("spawn")
     rows = []
     for condition in conditions:
@@ -91,17 +91,7 @@ def run(conditions: list[str], steps: int) -> dict:
         stop.set()
         for p in spinners:
             p.join()
-    return {"cores": cores, "cpu": _cpu_model(), "torch_default_threads": cores, "rows": rows}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return {"cores": cores, "cpu": cpu_facts()["model"], "torch_default_threads": cores, "rows": rows}
 
 
 def render(result: dict, command: str) -> str:

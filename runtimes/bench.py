@@ -29,6 +29,7 @@ from ..common.devices import require_device
 from ..common.errors import UserError
 from ..common.io import prepare_out_dir
 from ..common.options import BenchOptions, Tower, resolve_options
+from ..common.threads import usable_cores
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
@@ -182,7 +183,7 @@ def machine_conditions(
 ) -> tuple[dict[str, Any], list[str]]:
     """(what the report records about the machine's state, warnings): a 1-minute load average above the usable
     cores means other work competes for the CPU; unpinned threads let each runtime take every core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if load_average is None:
         load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     overloaded = load_average is not None and load_average > cores
