@@ -50,6 +50,29 @@ def add_common_args(ap: argparse.ArgumentParser, minutes: float) -> None:
         "--minutes", type=float, default=minutes, help="stop (resumably) at the first evaluation point after this"
     )
     ap.add_argument("--tiny", action="store_true", help="smoke run: a tiny random teacher, a few steps, 16 pairs")
+    ap.add_argument(
+        "--shard",
+        type=parse_shard,
+        help="I/N: run only every N-th experiment of the plan from the I-th (0-based), for N processes side by "
+        "side; give each its own --out (they may share --work), then --merge their folders",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        type=Path,
+        help="first merge the finished experiments of these folders' result files (shards) into --out's",
+    )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (for example 0/4)") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be in 0..N-1")
+    return i, n
 
 
 def work_dir(args: argparse.Namespace, stem: str) -> Path:
@@ -98,6 +121,8 @@ class State:
         """`settings`: what every finished run depends on but its key does not name; a state made with other
         settings is refused, since reusing its runs would mix two experiments."""
         self.path = path
+        if args.merge:
+            merge_states(path, args.merge)
         self.data: dict[str, Any] = read_json(path, "results") if path.is_file() else {}
         self.data.setdefault("experiments", {})
         meta = self.data.setdefault("meta", {"wall_seconds": 0.0, "cpu_seconds": 0.0, "pieces": 0})
@@ -115,6 +140,8 @@ class State:
             raise SystemExit(
                 f"{path} holds runs made with other settings ({changed}): use the same ones, or another --out and --work"
             )
+        self.device = device_name(args.device)
+        self.ran = False  # run_all sets it: a merge-only invocation adds no device of its own
         meta.update(
             {
                 "device": args.device,
@@ -135,10 +162,74 @@ class State:
 
     def save(self) -> None:
         meta = self.data["meta"]
-        meta["wall_seconds"] = round(self._base[0] + time.perf_counter() - self._t0, 1)
-        meta["cpu_seconds"] = round(self._base[1] + time.process_time() - self._c0, 1)
-        meta["threads"] = torch.get_num_threads()  # the runner's choice for this machine's free cores
+        if self.ran:  # an invocation that only merges or renders adds no device and no cost
+            if self.device not in meta.setdefault("devices", []):
+                meta["devices"].append(self.device)
+            meta["wall_seconds"] = round(self._base[0] + time.perf_counter() - self._t0, 1)
+            meta["cpu_seconds"] = round(self._base[1] + time.process_time() - self._c0, 1)
+            meta["threads"] = torch.get_num_threads()  # the runner's choice for this machine's free cores
+        meta.setdefault("threads", torch.get_num_threads())
         atomic_write_json(self.path, self.data)
+
+
+def device_name(device: str) -> str:
+    """What ran the experiments, for the table: the GPU's name on CUDA, else the CPU's."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (cuda)"
+    return f"{platform.processor() or platform.machine()} ({device})"
+
+
+MERGED_NOTE = "; each shard's command is in the JSON, meta.merged"
+
+
+def cost_text(meta: dict[str, Any]) -> str:
+    shards = f", {meta['parallel_shards']} shards side by side" if meta.get("parallel_shards") else ""
+    return (
+        f"{', '.join(meta.get('devices', [meta['device']]))}; {meta['cpu_seconds'] / 60:.0f} min CPU time "
+        f"({meta['wall_seconds'] / 60:.0f} min wall{shards}, {meta['threads']} threads per process, "
+        f"{meta['pieces']} piece(s){MERGED_NOTE if shards else ''})"
+    )
+
+
+def merge_states(target: Path, folders: list[Path]) -> None:
+    """Merge the result files `folders`/<target's name> (shards run side by side) into `target`.
+
+    Only finished experiments are taken from the shards: an unfinished one's checkpoints live in its shard's
+    --work, possibly on another machine, so it runs again here (from its checkpoint where this --work holds
+    it). Runs made with other settings are refused in one line, as State refuses them. CPU seconds add up;
+    wall seconds add the longest shard (they ran at once). Merging a folder again adds only what its shard
+    did since (its costs are recorded per folder), so a repeated command counts nothing twice.
+    """
+    merged: dict[str, Any] = read_json(target, "results") if target.is_file() else {}
+    merged.setdefault("experiments", {})
+    meta = merged.setdefault("meta", {"wall_seconds": 0.0, "cpu_seconds": 0.0, "pieces": 0})
+    walls = []
+    for folder in folders:
+        path = folder / target.name
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist: name the folders the shards wrote (their --out)")
+        shard = read_json(path, "results")
+        sm = shard.get("meta", {})
+        if meta.setdefault("settings", sm.get("settings")) != sm.get("settings"):
+            raise SystemExit(
+                f"--merge: {path} holds runs made with other settings than {target}'s: merge like with like"
+            )
+        seen = meta.setdefault("merged", {}).get(str(folder), {"cpu_seconds": 0.0, "wall_seconds": 0.0, "pieces": 0})
+        meta["merged"][str(folder)] = {k: sm.get(k, 0) for k in seen} | {"command": sm.get("command")}
+        for key, e in shard.get("experiments", {}).items():
+            if e.get("done") and not merged["experiments"].get(key, {}).get("done"):
+                merged["experiments"][key] = e
+        merged.setdefault("teacher", shard.get("teacher"))
+        meta["cpu_seconds"] += sm.get("cpu_seconds", 0.0) - seen["cpu_seconds"]
+        meta["pieces"] += sm.get("pieces", 0) - seen["pieces"]
+        meta["devices"] = list(dict.fromkeys([*meta.get("devices", []), *sm.get("devices", [])]))
+        meta["threads"] = sm.get("threads", meta.get("threads"))
+        walls.append(sm.get("wall_seconds", 0.0) - seen["wall_seconds"])
+    meta["wall_seconds"] += max(walls)
+    meta["parallel_shards"] = max(meta.get("parallel_shards", 0), len(folders))
+    if merged.get("teacher") is None:
+        merged.pop("teacher")
+    atomic_write_json(target, merged)
 
 
 def run_all(
@@ -152,10 +243,14 @@ def run_all(
     """Run every experiment of `plan` (key -> (entry fields, stages, scale)) not yet done; the key of the one
     that was paused when ``--minutes`` ran out, or None when all are finished."""
     how = SimpleNamespace(device=args.device, deadline=time.monotonic() + 60 * args.minutes, save=state.save)
+    if args.shard:
+        i, n = args.shard
+        plan = {k: v for j, (k, v) in enumerate(plan.items()) if j % n == i}
     for key, (fields, stages, sc) in plan.items():
         entry = state.data["experiments"].setdefault(key, {**fields, "curve": [], "done": False})
         if entry["done"]:
             continue
+        state.ran = True
         if not scale_b32.run_experiment(entry, stages, sc, teacher_pkg, tdir, work, how):
             state.save()
             return key

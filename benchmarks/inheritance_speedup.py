@@ -11,6 +11,9 @@ there. Reported per seed and as mean [min, max] over seeds.
     python benchmarks/inheritance_speedup.py                     # again: continues where it stopped
     python benchmarks/inheritance_speedup.py --tiny --out /tmp/s # smoke run (tests)
 
+On one machine with many cores or a GPU: --shard I/N runs every N-th experiment (N processes side by side,
+each with its own --out), --merge DIR... joins their results; benchmarks/claims_gpu.sh does both for a GPU.
+
 Writes <out>/inheritance-speedup.json, .md and .png; runs live in runs/inheritance-speedup (--work).
 """
 
@@ -141,9 +144,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
             "(TinyCLIP's definition): steps scratch needs to reach the student's final R@1, linear between "
             f"evaluation points, / {args.steps}; n/a = scratch never got there (>{args.factor}x); "
             f"scratch already there at its first point ({args.eval_every} steps) counts that point (an upper "
-            f"bound). {meta['seeds']} seed(s); [min, max] over seeds. Device {meta['cpu']} ({meta['device']}, {meta['threads']} threads); "
-            f"{meta['wall_seconds'] / 60:.1f} min wall, {meta['cpu_seconds'] / 60:.1f} min CPU time in "
-            f"{meta['pieces']} piece(s).",
+            f"bound). {meta['seeds']} seed(s); [min, max] over seeds. Ran on {cc.cost_text(meta)}.",
             "",
             markdown_table(rows),
             "",

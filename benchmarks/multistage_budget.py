@@ -12,6 +12,9 @@ nested shapes) a third of them per stage. R@1 on scenes:val every budget/6 steps
                                                              # again until it no longer says "paused"
     python benchmarks/multistage_budget.py --tiny --out /tmp/m                            # smoke run (tests)
 
+On one machine with many cores or a GPU: --shard I/N runs every N-th experiment (N processes side by side,
+each with its own --out), --merge DIR... joins their results; benchmarks/claims_gpu.sh does both for a GPU.
+
 Writes <out>/multistage-budget.json, .md and .png (R@1 against total steps per path, the CPU time in the
 title); runs live in runs/multistage-budget (--work). Results of both rule sets share the file.
 """
@@ -78,10 +81,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
         }
         for p, per in results.items()
     ]
-    cost = (
-        f"{meta['cpu_seconds'] / 60:.0f} min CPU time ({meta['wall_seconds'] / 60:.0f} min wall, "
-        f"{meta['threads']} threads, {meta['pieces']} piece(s))"
-    )
+    cost = cc.cost_text(meta)
     chain = " -> ".join(f"{round(100 * c)}%" for c in args.chain)
     md = [
         f"# One-shot vs multi-stage by total budget (`{meta['command']}`)",
@@ -89,7 +89,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> tuple[str, str]:
         f"Teacher: {meta['teacher']}, {t.get('params', 0):,} parameters, R@1 {t.get('R@1', float('nan')):.1f} on "
         f"{meta['val']}. One-shot: all the steps at {round(100 * args.chain[-1])}%; chain: {chain} (planned, "
         f"nested shapes), a third of the steps per stage. Batch {args.batch}, lr {args.lr}, affinity mimicking; "
-        f"R@1 (%), mean [min, max] over the seeds. Device {meta['cpu']} ({meta['device']}); {cost}.",
+        f"R@1 (%), mean [min, max] over the seeds. Ran on {cost}.",
         "",
         markdown_table(rows) if rows else "(nothing finished yet)",
         "",

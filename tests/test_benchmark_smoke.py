@@ -208,3 +208,38 @@ def test_issue21_benchmarks_refuse_impossible_plans_in_one_line(tmp_path, script
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and says in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_claims_shards_merge_into_one_result_counting_each_cost_once(tmp_path):
+    # benchmarks/claims_gpu.sh runs the plan as shards side by side; --merge joins them without double counting
+    script = [sys.executable, str(ROOT / "benchmarks" / "multistage_budget.py"), "--tiny", "--seeds", "1"]
+    work = ["--work", str(tmp_path / "runs"), "--methods", "manual"]
+    for i in (0, 1):
+        res = subprocess.run([*script, *work, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")], **RUN)
+        assert res.returncode == 0, res.stderr[-2000:]
+    shard_exps = [json.loads((tmp_path / f"s{i}" / "multistage-budget.json").read_text()) for i in (0, 1)]
+    assert [len(d["experiments"]) for d in shard_exps] == [2, 2]  # 2 paths x 2 budgets, dealt in turn
+    assert not set(shard_exps[0]["experiments"]) & set(shard_exps[1]["experiments"])
+    merge = [*script, *work, "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "s0"), str(tmp_path / "s1")]
+    for _ in range(2):  # the second merge finds nothing new: no cost is added twice
+        res = subprocess.run(merge, **RUN)
+        assert res.returncode == 0 and "s1:" not in res.stderr  # nothing trained again
+        data = json.loads((tmp_path / "m" / "multistage-budget.json").read_text())
+        assert len(data["experiments"]) == 4 and all(e["done"] for e in data["experiments"].values())
+        cpu = sum(d["meta"]["cpu_seconds"] for d in shard_exps)
+        assert data["meta"]["cpu_seconds"] == pytest.approx(cpu) and data["meta"]["parallel_shards"] == 2
+        assert data["meta"]["wall_seconds"] == max(d["meta"]["wall_seconds"] for d in shard_exps)
+    assert "2 shards side by side" in (tmp_path / "m" / "multistage-budget.md").read_text()
+    # positive controls: a shard made with other settings, and a folder that holds no shard, are refused
+    other_run = ["--work", str(tmp_path / "runs-x"), "--methods", "manual", "--lr", "0.5", "--shard", "0/2"]
+    other = subprocess.run([*script, *other_run, "--out", str(tmp_path / "x")], **RUN)
+    assert other.returncode == 0, other.stderr[-2000:]
+    for folder, says in (("x", "other settings"), ("nowhere", "does not exist")):
+        res = subprocess.run([*merge[:-2], str(tmp_path / folder)], **RUN)
+        assert res.returncode == 1 and says in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr
+    bad = subprocess.run([*script, "--shard", "2/2", "--out", str(tmp_path / "y")], **RUN)
+    assert bad.returncode == 2 and "I must be in 0..N-1" in bad.stderr
+
+
+RUN = {"capture_output": True, "text": True, "timeout": 900}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.chain import nests, plan_chain
+from tinyclip_edge.compress.chain import CHAIN_EVIDENCE, chain_note, nests, plan_chain
 from tinyclip_edge.compress.prune import PruneTask
 from tinyclip_edge.compress.recipe import PruneCfg, StageCfg, load_recipe
 from tinyclip_edge.compress.runner import run_compress
@@ -114,7 +114,21 @@ def test_explicit_shapes_are_not_planned():
     assert all(p.shape is None for p in plan_chain(TEACHERS["scenes"], stages))
 
 
-def test_runner_follows_the_plan(tmp_path):
+def test_a_chain_gets_one_line_with_the_measured_comparison_and_the_one_shot_alternative():
+    stages = _stages([0.5, 0.25, 0.1], ["inherit", "prune", "prune"])
+    for stage, n in zip(stages, (100, 200, 300)):
+        stage.steps = n
+    note = chain_note(stages)
+    assert "\n" not in note and CHAIN_EVIDENCE in note and "3-stage chain" in note
+    assert "keep only stage s2 (target 0.1) and give it all 600 steps" in note
+    # positive controls: one-shot, and a stage with an explicit shape (not planned), get no line
+    assert chain_note(_stages([0.1])) is None
+    explicit = _stages([0.5, 0.25])
+    explicit[1].shape = "scenes-tiny"
+    assert chain_note(explicit) is None
+
+
+def test_runner_follows_the_plan(tmp_path, caplog):
     teacher_dir = save_model_dir(make_package(preset_shape("scenes-teacher")), tmp_path / "teacher")
     recipe = load_recipe(
         "quickstart",
@@ -133,3 +147,5 @@ def test_runner_follows_the_plan(tmp_path):
     s1, s2 = (load_model_dir(p).shape for p in result.stage_dirs)
     planned = [p.shape for p in plan_chain(load_model_dir(teacher_dir).shape, recipe.stages)]
     assert [s1, s2] == planned and nests(s1, s2)
+    notes = [r.getMessage() for r in caplog.records if CHAIN_EVIDENCE in r.getMessage()]
+    assert len(notes) == 1 and "2-stage chain" in notes[0]  # the quick start is a chain: it says so once

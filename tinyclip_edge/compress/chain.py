@@ -100,6 +100,33 @@ def plan_chain(teacher: ClipShape, stages: list[Any]) -> list[StagePlan]:
     return plans
 
 
+# benchmarks/results/multistage-budget.md (issue 21): one-shot vs the planned 50% -> 25% -> 10% chain at equal
+# total steps on the scenes teacher, 2 seeds, 150 / 450 / 1,350 steps. One-shot won at every budget, for manual
+# and learned masks and with TinyCLIP's own mask rules; the gap narrowed as the budget grew.
+CHAIN_EVIDENCE = (
+    "at equal total steps one-shot beat a 3-stage chain at every budget measured (scenes, 150 to 1,350 steps; "
+    "at 1,350 R@1 51.8 vs 45.4 manual, 52.0 vs 48.8 learned masks: benchmarks/results/multistage-budget.md)"
+)
+
+
+def chain_note(stages: list[Any]) -> str | None:
+    """One line for a recipe that compresses through a chain (two or more planned stages, each cutting the
+    previous student): what we measured against chains, and the one-shot recipe to run instead."""
+    chain = []
+    for st in stages:
+        if not _planned(st):
+            break
+        chain.append(st)
+    if len(chain) < 2:
+        return None
+    steps = sum(st.steps for st in chain)
+    last = chain[-1]
+    return (
+        f"this recipe compresses in a {len(chain)}-stage chain; {CHAIN_EVIDENCE}. For one-shot, keep only "
+        f"stage {last.name} (target {_target(last)}) and give it all {steps:,} steps"
+    )
+
+
 def nests(outer: ClipShape, inner: ClipShape) -> bool:
     """Whether `inner` can be cut out of `outer` without needing anything `outer` removed: no more layers,
     no wider residual stream, and every inner layer no wider than the narrowest outer layer."""

@@ -35,7 +35,7 @@ from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from ..models.resolve import resolve_model
-from .chain import plan_chain
+from .chain import chain_note, plan_chain
 from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
 from .rundir import (
@@ -553,6 +553,9 @@ class Run:
         prev_teacher = prev
         reference = original or prev
         stages = planned_stages(self.recipe.stages, reference.shape)
+        note = chain_note(self.recipe.stages)
+        if note and dist.is_main():
+            log.warning(note)
         for st in stages:  # every stage (and its baseline: same batches), before the first one trains
             check_step_memory(reference.shape, st, self.device, dist.world_size())
         for i, st in enumerate(stages):
