@@ -42,7 +42,8 @@ def main() -> None:
     from tinyclip_edge.data import scenes
     from tinyclip_edge.export import export_bundle
     from tinyclip_edge.export.data import load_pairs
-    from tinyclip_edge.export.precision import QuantOptions, holdout_count, quantize
+    from tinyclip_edge.export.precision import QuantOptions, quantize
+    from tinyclip_edge.export.quant_plan import holdout_count
     from tinyclip_edge.models import ClipModel, ClipPackage
     from tinyclip_edge.models.presets import uniform_shape
     from tinyclip_edge.runtimes.onnxrt import create_session, run_session

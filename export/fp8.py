@@ -3,7 +3,7 @@
 Placement follows what keeps ViTs accurate (and what NVIDIA ModelOpt's FP8 ONNX export does): Q/DQ pairs on
 both inputs of the weight MatMul/Gemm nodes only, so LayerNorm, softmax, GELU and the residual adds see
 no Q/DQ and TensorRT keeps them in higher precision. The same nodes as static int8 stay float (the attention
-products, the output projection, the patch embedding: ``precision._weight_nodes``). Scales are
+products, the output projection, the patch embedding: ``quant_plan.weight_nodes``). Scales are
 ``amax / 448`` (E4M3's largest finite value): per output channel for the weights (a per-tensor weight scale
 flipped 5% of the confident retrieval top-1s of the trained test teacher, failing the 97% agreement gate that
 int8's per-channel scales pass), per tensor for the activations, from the calibration inputs (static int8's
@@ -24,7 +24,7 @@ from ..common.embeddings import row_cosine
 from ..common.errors import UserError
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import graph_opset
-from .precision import CALIB_BATCH, _weight_nodes, holdout_count
+from .quant_plan import CALIB_BATCH, holdout_count, weight_nodes
 
 FP8_OPSET = 19
 E4M3_MAX = 448.0
@@ -42,7 +42,7 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
         model = onnx.version_converter.convert_version(model, FP8_OPSET)
     held = holdout_count(len(data))
     eval_x, calib_x = (data[:held], data[held:]) if held else (None, data)
-    nodes, float_nodes = _weight_nodes(model, ("MatMul", "Gemm"))
+    nodes, float_nodes = weight_nodes(model, ("MatMul", "Gemm"))
     weights = {i.name: i for i in model.graph.initializer}
     targets = [n for n in model.graph.node if n.name in set(nodes) and n.input[1] in weights]
     amax = _activation_amax(model, work / f"{tower}.fp8-calib.onnx", sorted({n.input[0] for n in targets}), calib_x)

@@ -40,15 +40,13 @@ from ..common.errors import MissingDependency, UserError
 from ..common.options import EXPORT_PRECISIONS, CalibMethod
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import OUTPUT_NAME, graph_opset
+from .quant_plan import CALIB_BATCH, EVAL_SAMPLES, PATCH_EMBED_OPS, holdout_count, weight_nodes
 
 PRECISIONS = EXPORT_PRECISIONS  # defined once, with the option schema (common/options.py)
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt")
 WEIGHT_OPS = {"int8": ("MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm")}
-PATCH_EMBED_OPS = ("Conv",)  # the image tower's patch embedding: float unless quantize_patch_embedding
 CALIB_METHODS: tuple[str, ...] = typing.get_args(CalibMethod)
-EVAL_SAMPLES = 128  # most inputs held out to measure a quantized tower against fp32
 PROBE_SAMPLES = 32  # of those, used to rank single-node sensitivity (one probe per node: keep it cheap)
-CALIB_BATCH = 16
 # 7-bit weights: no u8 x s8 pair sum can saturate int16 on an x86 CPU without VNNI (module doc)
 REDUCE_RANGE = True
 
@@ -74,16 +72,6 @@ def check_quantizer_compatible() -> None:
             f"which onnx {onnx.__version__} no longer has): pip install 'onnx<1.19', or upgrade "
             "onnxruntime to 1.19 or newer"
         )
-
-
-def holdout_count(n: int, precision: str = "int8") -> int:
-    """How many of `n` calibration inputs are held out to measure the quantized tower (never calibrated on).
-
-    Static int8: a quarter, at most ``EVAL_SAMPLES``, none when fewer than 2 inputs (then nothing is measured);
-    the other inputs calibrate. int8-dynamic fits nothing to the data, so up to ``EVAL_SAMPLES`` are measured on."""
-    if precision == "int8-dynamic":
-        return min(n, EVAL_SAMPLES)
-    return 0 if n < 2 else min(EVAL_SAMPLES, max(1, n // 4))
 
 
 @functools.cache
@@ -150,27 +138,6 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _weight_nodes(model: Any, op_types: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(quantizable nodes, nodes always kept float).
-
-    Quantizable: `op_types` nodes with a constant weight, except the output projection (the last weight
-    MatMul/Gemm). Always float: activation products (attention), the projection, and patch-embedding
-    convolutions unless `op_types` includes Conv."""
-    weights = {i.name for i in model.graph.initializer}
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    candidates, activations, patch = [], [], []
-    for n in model.graph.node:
-        if n.op_type in PATCH_EMBED_OPS and n.op_type not in op_types:
-            patch.append(n.name)
-            continue
-        if n.op_type not in op_types:
-            continue
-        has_weight = len(n.input) > 1 and (n.input[1] in weights or n.input[1] in consts)
-        (candidates if has_weight else activations).append(n.name)
-    projection = candidates[-1:]  # the last weight product (nodes are in topological order)
-    return candidates[:-1], patch + activations + projection
-
-
 class _Reader:
     """ORT calibration reader over an in-memory array."""
 
@@ -193,7 +160,7 @@ class _Quantizer:
         self.op_types = list(WEIGHT_OPS[precision])
         if precision == "int8" and opts.quantize_patch_embedding:
             self.op_types += list(PATCH_EMBED_OPS)
-        self.candidates, self.always = _weight_nodes(model, self.op_types)
+        self.candidates, self.always = weight_nodes(model, self.op_types)
         held = holdout_count(len(data), precision) if data is not None else 0
         # disjoint: the held-out inputs only measure, the rest only calibrate (static int8)
         self.eval_x = data[:held] if held else None

@@ -66,8 +66,8 @@ def _batches(pkg, batch_size: int):
 def _tasks(student):
     import copy
 
-    from tinyclip_edge.compress.prune import PruneTask
-    from tinyclip_edge.compress.recipe import PruneCfg
+    from tinyclip_edge.compress.stages.prune.config import PruneCfg
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
     from tinyclip_edge.compress.tasks import DistillTask
 
     full = student.shape.params()

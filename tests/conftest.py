@@ -20,6 +20,16 @@ atexit.register(shutil.rmtree, _CACHE, True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _steady_thread_choice(request, monkeypatch):
+    """Runs in one test pick the same CPU thread count whatever else loads the machine: `cpu_threads: auto`
+    reads the load at start (common/threads.py), and two runs that a test compares bit for bit (exact resume)
+    would differ in float rounding if a busy moment gave one of them 1 thread and the other 2. The tests of
+    the choice itself (test_threads.py) see the real load."""
+    if request.module.__name__ != "test_threads":
+        monkeypatch.setattr("tinyclip_edge.common.threads.busy_cores", lambda sample_s=0.3: 0.0)
+
+
 # the quickstart recipe cut to two 2-step stages with no evaluation, export or bench: what every run-directory
 # test needs and no more
 FAST_QUICKSTART = [

@@ -14,9 +14,15 @@ from conftest import make_package
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import MissingDependency, UserError
-from tinyclip_edge.compress.dclip import HeadCfg, MetaTask, load_meta_teacher, new_meta_teacher, save_meta_teacher
 from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.runner import run_compress
+from tinyclip_edge.compress.stages.dclip.meta_teacher import (
+    HeadCfg,
+    MetaTask,
+    load_meta_teacher,
+    new_meta_teacher,
+    save_meta_teacher,
+)
 from tinyclip_edge.data import open_source, scenes
 from tinyclip_edge.data.batches import TrainBatches
 from tinyclip_edge.data.optin import opted_in

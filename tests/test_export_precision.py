@@ -171,7 +171,8 @@ def test_int8_keeps_patch_embedding_and_projections_float(tmp_path, tiny_model_d
 
 def test_int8_held_out_inputs_are_not_calibrated_on(tmp_path, tiny_model_dir):
     """Held-out rows scaled x1000: had they been calibrated on, the quantized input's scale would be ~1000x larger."""
-    from tinyclip_edge.export.precision import QuantOptions, holdout_count, quantize
+    from tinyclip_edge.export.precision import QuantOptions, quantize
+    from tinyclip_edge.export.quant_plan import holdout_count
 
     fp32 = export_bundle(tiny_model_dir, tmp_path / "fp32", towers=("image",), progress=False)
     data = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)

@@ -7,9 +7,9 @@ import torch
 from conftest import make_package, pruned_shape
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.importance import activation_scores, magnitude_scores
-from tinyclip_edge.compress.inherit import manual_inherit, select_layers
 from tinyclip_edge.compress.shapes import check_fits, explicit_tower, shape_for_ratio
+from tinyclip_edge.compress.stages.inherit.importance import activation_scores, magnitude_scores
+from tinyclip_edge.compress.stages.inherit.plan import manual_inherit, select_layers
 from tinyclip_edge.data import open_source
 from tinyclip_edge.data.batches import TrainBatches
 from tinyclip_edge.evaluation import evaluate

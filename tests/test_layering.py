@@ -29,24 +29,40 @@ def _package_of(path: Path) -> str:
     raise AssertionError(f"{path} is in no package")
 
 
-def _imports(path: Path, source: str | None = None, package: str | None = None) -> set[str]:
+def _imports(path: Path, source: str | None = None, package: str | None = None, runtime_only: bool = False) -> set[str]:
     """Absolute module names a file imports (relative imports resolved against its package), lazy
-    imports inside functions included."""
+    imports inside functions included; `runtime_only` leaves out the bodies of ``if TYPE_CHECKING:``."""
     tree = ast.parse(source if source is not None else path.read_text())
     pkg = package or _package_of(path)
     out = set()
-    for node in ast.walk(tree):
+    for node in _nodes(tree, runtime_only):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _resolve(node, pkg)
             out.add(mod)
             out |= {f"{mod}.{a.name}" for a in node.names}
     return out
+
+
+def _resolve(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` names, relative levels resolved against `package`."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _nodes(tree: ast.AST, runtime_only: bool):
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if runtime_only and isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)  # never runs: a name for type hints only
+            else:
+                stack.append(child)
 
 
 @pytest.mark.parametrize("package", CORE + ["evaluation.py"])
@@ -139,3 +155,112 @@ def test_runtimes_run_a_bundle_without_the_training_core(tmp_path, tiny_model_di
     assert "tinyclip_edge.runtimes.onnxrt" in loaded
     for core in ("tinyclip_edge.compress", "tinyclip_edge.losses", "tinyclip_edge.data", "tinyclip_edge.models"):
         assert not any(m == core or m.startswith(core + ".") for m in loaded), (core, loaded)
+
+
+# ------------------------------------------------------------------ no import cycle (issue 19)
+
+
+def _module_name(path: Path, dirs: dict[str, Path]) -> str:
+    for name, folder in dirs.items():
+        if path.is_relative_to(folder):
+            parts = [name, *path.relative_to(folder).with_suffix("").parts]
+            return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    raise AssertionError(f"{path} is in no package")
+
+
+def import_graph(dirs: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the modules of `dirs` (package name -> folder) it imports at run time, late imports inside
+    functions included, ``if TYPE_CHECKING:`` left out (it never runs). `from pkg import sub` is an edge to
+    the module pkg.sub; to pkg itself only when pkg is not a package the importer lives in (Python has run
+    that __init__ already, whatever it imports)."""
+    files = {_module_name(f, dirs): f for folder in dirs.values() for f in folder.rglob("*.py")}
+    graph = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in _nodes(ast.parse(f.read_text()), runtime_only=True):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                mod = _resolve(node, package)
+                subs = {f"{mod}.{a.name}" for a in node.names} & files.keys()
+                edges |= subs
+                if len(subs) < len(node.names) or not name.startswith(mod + "."):
+                    edges.add(mod)
+        graph[name] = {m for m in edges if m in files and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other in a ring (each module with every one it can reach
+    and that reaches it back)."""
+    reach = {m: _reachable(graph, m) for m in graph}
+    rings = {frozenset({m} | {n for n in reach[m] if m in reach[n]}) for m in graph if m in reach[m]}
+    return sorted(sorted(r) for r in rings)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_no_import_cycle_anywhere():
+    graph = import_graph(PACKAGE_DIRS)
+    assert "tinyclip_edge.common.errors" in graph["tinyclip_edge.export.precision"]  # ..common resolved
+    assert "tinyclip_edge.compress.stages.registry" in graph["tinyclip_edge.compress.recipe"]
+    assert cycles(graph) == []
+
+
+def _tree(root: Path, files: dict[str, str]) -> dict[str, Path]:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return {"pkg": root / "pkg"}
+
+
+def test_the_cycle_check_catches_a_late_import_and_ignores_type_checking(tmp_path):
+    # positive control: the ring the recipe and the stage methods had ("late: methods import this module")
+    dirs = _tree(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/recipe.py": "def check():\n    from .methods import registry\n",
+            "pkg/methods/__init__.py": "",
+            "pkg/methods/registry.py": "from . import prune\n",
+            "pkg/methods/prune.py": "from ..recipe import check\n",
+            "pkg/a.py": "from . import b\n",
+            "pkg/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import X\n",
+        },
+    )
+    assert cycles(import_graph(dirs)) == [["pkg.methods.prune", "pkg.methods.registry", "pkg.recipe"]]
+    (tmp_path / "pkg" / "b.py").write_text("from .a import X\n")  # the same import at run time closes a ring
+    assert ["pkg.a", "pkg.b"] in cycles(import_graph(dirs))
+
+
+def _listed_packages() -> set[str]:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return set(cfg["options"]["packages"].split())
+
+
+def _package_folders(dirs: dict[str, Path]) -> set[str]:
+    return {_module_name(f, dirs) for folder in dirs.values() for f in folder.rglob("__init__.py")}
+
+
+def test_setup_cfg_lists_every_package_a_wheel_needs():
+    # a package missing from setup.cfg works in an editable install and is absent from a wheel
+    dirs = {**PACKAGE_DIRS, "tinyclip_edge.recipes": ROOT / "recipes"}
+    missing = _package_folders(dirs) - _listed_packages()
+    assert not missing, f"add to setup.cfg [options] packages: {sorted(missing)}"
+
+
+def test_the_package_list_check_sees_an_unlisted_subpackage(tmp_path):
+    # positive control: compress/methods/ was such a package until issue 19
+    dirs = _tree(tmp_path, {"pkg/__init__.py": "", "pkg/sub/__init__.py": "", "pkg/sub/x.py": ""})
+    assert _package_folders(dirs) - {"pkg"} == {"pkg.sub"}

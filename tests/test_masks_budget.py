@@ -12,9 +12,10 @@ from conftest import make_package
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.prune import PruneTask
-from tinyclip_edge.compress.recipe import PruneCfg, load_recipe, packaged_recipes
+from tinyclip_edge.compress.recipe import load_recipe, packaged_recipes
 from tinyclip_edge.compress.slicing import TowerPlan
+from tinyclip_edge.compress.stages.prune.config import PruneCfg
+from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.models import ClipModel, save_model_dir
 from tinyclip_edge.models.presets import preset_shape, vit_b_32_shape
 from tinyclip_edge.models.shape import TOWERS, ClipShape

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_package
 
-from tinyclip_edge.compress.masks import BETA, GAMMA, ZETA, HardConcrete, TowerGates
-from tinyclip_edge.compress.prune import PruneTask
-from tinyclip_edge.compress.recipe import PruneCfg, load_recipe
+from tinyclip_edge.compress.recipe import load_recipe
+from tinyclip_edge.compress.stages.prune.config import PruneCfg
+from tinyclip_edge.compress.stages.prune.masks import BETA, GAMMA, ZETA, HardConcrete, TowerGates
+from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.models.shape import TOWERS
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.methods import METHODS, get_method
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
+from tinyclip_edge.compress.stages import METHODS, get_method
 
 
 def test_methods_declare_their_phases():

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from tinyclip_edge.cli import main
-from tinyclip_edge.compress.methods import get_method
 from tinyclip_edge.compress.recipe import load_recipe, packaged_recipes
+from tinyclip_edge.compress.stages import get_method
 from tinyclip_edge.losses.registry import parse_losses
 from tinyclip_edge.models import load_model_dir, save_model_dir
 

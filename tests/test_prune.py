@@ -10,10 +10,11 @@ import torch
 from conftest import make_package
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.masks import HardConcrete
-from tinyclip_edge.compress.prune import PruneTask
-from tinyclip_edge.compress.recipe import PruneCfg, load_recipe
+from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.runner import run_compress
+from tinyclip_edge.compress.stages.prune.config import PruneCfg
+from tinyclip_edge.compress.stages.prune.masks import HardConcrete
+from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.compress.trainer import Diverged
 from tinyclip_edge.models import load_model_dir, save_model_dir
 from tinyclip_edge.models.presets import preset_shape

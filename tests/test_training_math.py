@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.compress.prune import noise_seed
-from tinyclip_edge.compress.recipe import PruneCfg, StageCfg
+from tinyclip_edge.compress.recipe import StageCfg
+from tinyclip_edge.compress.stages.prune.config import PruneCfg
+from tinyclip_edge.compress.stages.prune.task import noise_seed
 from tinyclip_edge.compress.trainer import lr_at, warmup_steps
 from tinyclip_edge.losses import DistillOutputs, get_loss
 from tinyclip_edge.losses.registry import parse_losses
@@ -262,7 +263,7 @@ class _Recording:
 def test_every_micro_batch_of_a_step_draws_its_own_mask_noise(tmp_path):
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     class RecordingPrune(_Recording, PruneTask):
         pass
@@ -304,7 +305,7 @@ def _louizos(log_alpha):
 
 def _oracle_masks(task, plan):
     """The masks the trained network has after mask learning: a kept unit at its deterministic gate, others 0."""
-    from tinyclip_edge.compress.masks import masks_for_plan
+    from tinyclip_edge.compress.stages.prune.masks import masks_for_plan
     from tinyclip_edge.models.clip import TowerMasks
     from tinyclip_edge.models.layers import BlockMasks
 
@@ -343,7 +344,7 @@ def _max_gap(model, masks, student):
 def test_materialised_student_is_the_masked_network_at_its_deterministic_gates(layers):
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     model = make_package(jitter=0.05).model
     full = model.shape.params()
@@ -366,8 +367,8 @@ def test_at_the_initial_gates_materialising_at_one_would_change_the_network():
     # is a different network; folding makes it the same one
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
     from tinyclip_edge.compress.slicing import slice_model
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     model = make_package(jitter=0.05).model
     full = model.shape.params()
@@ -384,7 +385,7 @@ def test_kept_residual_channels_whose_gate_is_closed_are_dropped():
     # deterministic gate is exactly 0; they would count in LayerNorm's statistics, so they go
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     model = make_package(jitter=0.05).model
     full = model.shape.params()
@@ -421,7 +422,7 @@ def test_masked_layer_norm_takes_plain_statistics_over_open_channels():
 def test_a_tower_without_a_target_gets_no_gates(joint):
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     model = make_package(jitter=0.02).model
     task = PruneTask(model, PruneCfg(joint=joint), {"image": 0.5 * model.shape.params()["image"]}, mask_steps=10)
@@ -440,7 +441,7 @@ def test_a_tower_without_a_target_gets_no_gates(joint):
 def test_a_prune_stage_needs_some_target():
     from conftest import make_package
 
-    from tinyclip_edge.compress.prune import PruneTask
+    from tinyclip_edge.compress.stages.prune.task import PruneTask
 
     with pytest.raises(UserError, match="needs a target for at least one tower"):
         PruneTask(make_package().model, PruneCfg(), {}, mask_steps=10)

@@ -58,6 +58,14 @@ class Range:
         return "any number"
 
 
+POSITIVE_INT = Annotated[int, Range(1, None)]  # a count or size, >= 1
+
+
+def join_key(path: str, key: str) -> str:
+    """`path.key`, or `key` at the top level: the dotted key an error message names."""
+    return f"{path}.{key}" if path else key
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A string that must match ``regex`` in full; ``meaning`` says what that is, for error messages."""

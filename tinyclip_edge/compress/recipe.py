@@ -22,20 +22,20 @@ from ..common import typed
 from ..common.devices import DEVICE, require_device
 from ..common.errors import UserError, closest
 from ..common.options import MAX_BATCH, BenchOptions, ExportOptions, ExportPrecision
-from ..common.typed import Pattern, Range
+from ..common.typed import POSITIVE_INT, Pattern, Range
+from ..common.typed import join_key as _at
 from ..common.yamlfile import load_yaml
 from ..data.sources import check_spec
 from ..losses.registry import parse_losses
-from ..models.presets import PRESETS
-from ..models.shape import ClipShape
+from .shapes import RATIO, TowerRatios, check_shape
+from .stages.dclip.config import DclipCfg
+from .stages.prune.config import PruneCfg
+from .stages.registry import METHODS
 
 # Every field's type is its domain: enumerations are Literal types and numbers carry a Range (written in the
 # field's comment as well); common/typed.py checks them when the recipe is loaded, and each dataclass's
 # validate_fields adds the rules that involve several fields. Nothing here is re-checked later.
 
-RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a fraction of parameters, in (0, 1)
-TowerRatios = dict[Literal["image", "text"], RATIO | None]  # {image: r, text: r}; null keeps a tower
-POSITIVE_INT = Annotated[int, Range(1, None)]
 # A stage name becomes a directory of the run (and a checkpoint directory), so it is a plain name: letters,
 # digits, '-' and '_', starting with a letter, digit or '_' (never '.', '..', a path or an option-like '-x').
 STAGE_NAME = Annotated[
@@ -59,10 +59,6 @@ RECIPE_NAME = Annotated[
 RESERVED_STAGE_NAMES = ("teacher", "checkpoints", "baselines", "export", "bench")
 # Losses that need no teacher (stages with teacher: none and the scratch baselines train with these only).
 TEACHER_FREE_LOSSES = ("clip",)
-
-
-def _at(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def _check_data(spec: str | None, path: str) -> None:
@@ -98,49 +94,9 @@ class DataCfg:
 
 
 @dataclass
-class PruneCfg:
-    """Automatic inheritance: learnable hard-concrete masks (method: prune)."""
-
-    target: RATIO | TowerRatios | None = None  # fraction of parameters to keep, in (0, 1); default: the stage's
-    mask_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.05  # mask (log-alpha) learning rate, > 0
-    lambda_lr: Annotated[float, Range(0, None, lo_open=True)] = 0.1  # Lagrange multipliers' learning rate, > 0
-    warmup: Annotated[float, Range(0, 1)] = (
-        0.5  # fraction of mask-learning steps over which the target ramps in, in [0, 1]
-    )
-    mask_steps: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = (
-        0.7  # fraction of the stage spent learning masks, in (0, 1)
-    )
-    layers: bool = False  # also gate whole attention / MLP sub-layers
-    hidden: bool = True  # prune residual (hidden) channels
-    joint: bool = False  # one sparsity target for both towers instead of one per tower
-    floor: dict | None = None  # a shape the materialised student must contain; the runner sets it
-    # from the next planned stage (compress/chain.py); rarely set by hand
-    # open_clip compatibility: keep a residual width that is a multiple of the head size and holds every
-    # layer's heads (open_clip needs heads x head_dim = width); the budget is met around it
-    round_hidden_to_head: bool = False
-    # TinyCLIP's released rules (docs/PRUNING.md); the first choice of each is the default (CoFi's paper form).
-    # lagrangian: two-sided lambda1*(s-t) + lambda2*(s-t)^2, lambdas from 0 | one-sided lambda1*max(t-s,0) +
-    # lambda2*max(t-s,0)^2, lambdas from 10
-    lagrangian: Literal["two-sided", "one-sided"] = "two-sided"
-    # log_alpha: free (starts at 2, unbounded) | clamped (starts at 10, clamped to +-4.6 after every step)
-    log_alpha: Literal["free", "clamped"] = "free"
-    # eval_gates: the kept units' gate values in the student. louizos: clamp(sigmoid(la)*1.2-0.1, 0, 1) |
-    # cofi: sigmoid(0.8*la/beta), the round(expected closed) lowest of each group set to 0
-    eval_gates: Literal["louizos", "cofi"] = "louizos"
-    # sparsity: what s counts. tower: every parameter of the towers | blocks: the blocks' weights only
-    sparsity: Literal["tower", "blocks"] = "tower"
-
-    def validate_fields(self, path: str) -> None:
-        if self.floor is not None:
-            if "embed_dim" not in self.floor:
-                raise UserError(f"{_at(path, 'floor')} must be a full model shape (with embed_dim, vision and text)")
-            check_shape(self.floor, _at(path, "floor"))
-
-
-@dataclass
 class StageCfg:
     name: STAGE_NAME | None = None  # a plain name (see STAGE_NAME), unique in the recipe; default stage-N
-    method: str = "inherit"  # a stage method of compress/methods (inherit: manual inheritance | prune:
+    method: str = "inherit"  # a stage method of compress/stages (inherit: manual inheritance | prune:
     # learned masks | scratch: random init | dclip-meta: DCLIP's meta teacher)
     target: RATIO | TowerRatios | None = (
         0.5  # fraction of the *original teacher's* parameters, in (0, 1), or {image: r, text: r}
@@ -150,7 +106,7 @@ class StageCfg:
     )
     shape_policy: Literal["balanced", "width", "depth"] = "balanced"
     layer_selection: Literal["even", "importance"] = "even"
-    importance: Literal["magnitude", "activation"] = "magnitude"  # see compress/importance.py
+    importance: Literal["magnitude", "activation"] = "magnitude"  # see compress/stages/inherit/importance.py
     calib_batches: Annotated[int, Range(1, 10_000)] = 4  # batches for activation importance, in [1, 10000]
     teacher: Literal["original", "previous", "none"] = "original"
     steps: POSITIVE_INT = 1000  # optimiser steps, >= 1
@@ -177,7 +133,6 @@ class StageCfg:
     teacher_cache: str | None = None  # read the teacher's embeddings from `data cache-teacher` output (shards only)
 
     def validate_fields(self, path: str) -> None:
-        from .methods.registry import METHODS  # late: methods import this module
 
         if self.method not in METHODS:
             names = list(METHODS)
@@ -217,44 +172,6 @@ class StageCfg:
                 )
         if self.shape is not None:
             check_shape(self.shape, _at(path, "shape"))
-
-
-def check_shape(shape: Any, path: str) -> None:
-    """An explicit stage shape, checked without a teacher: a preset name, a full shape (with embed_dim), or
-    per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
-    if isinstance(shape, str):
-        if shape not in PRESETS:
-            raise UserError(
-                f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; presets: {', '.join(PRESETS)}"
-            )
-        return
-    if "embed_dim" in shape:
-        try:
-            ClipShape.from_dict(shape)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{path} is not a valid model shape ({e})") from None
-        return
-    for tower, spec in shape.items():
-        if tower not in ("image", "text"):
-            raise UserError(
-                f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
-                f"name ({', '.join(PRESETS)})"
-            )
-        if spec is None:
-            continue
-        if not isinstance(spec, dict):
-            raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
-        for key, value in spec.items():
-            if key not in ("layers", "heads", "mlp", "width"):
-                raise UserError(
-                    f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
-                    "allowed: layers, heads, mlp, width"
-                )
-            lo = 0 if key in ("heads", "mlp") else 1  # a layer may drop its attention or MLP entirely
-            tp = Annotated[int, Range(lo, 1_000_000)]
-            typed.check_value(
-                value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}", "recipe key"
-            )
 
 
 @dataclass
@@ -329,20 +246,6 @@ class DistributedCfg:
     timeout_s: Annotated[float, Range(1, None)] = (
         1800.0  # seconds, >= 1: a process that stops answering stops the others
     )
-
-
-@dataclass
-class DclipCfg:
-    """DCLIP's region-aware meta teacher (method: dclip-meta) and the regions every stage's batches carry."""
-
-    regions: str = "boxes"  # boxes (dataset boxes: scenes, dclip.instances) | grid | yolo | a .jsonl
-    detector: str | None = None  # YOLO detection weights for regions: yolo (ultralytics, extra `detect`)
-    instances: str | None = None  # COCO instances JSON for regions: boxes on COCO data
-    confidence: Annotated[float, Range(0, 1)] = 0.25  # YOLO confidence threshold, in [0, 1]
-    max_regions: POSITIVE_INT = 6  # region crops per image, >= 1 (the whole image comes on top)
-    max_spans: POSITIVE_INT = 6  # caption spans per caption, >= 1 (the whole caption comes on top)
-    heads: POSITIVE_INT = 8  # attention heads of the cross-attention block (a divisor of the width)
-    pool_temperature: Annotated[float, Range(0, None, lo_open=True)] = 2.0  # pooling: softmax(cos(x_i, mean) / T)
 
 
 @dataclass

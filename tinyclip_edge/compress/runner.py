@@ -36,7 +36,6 @@ from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model
 from ..models.presets import PRESETS, preset_shape
 from ..models.resolve import resolve_model
 from .chain import chain_note, plan_chain
-from .methods import Carry, StageContext, get_method
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
 from .rundir import (
     CHECKPOINTS_DIR,
@@ -50,6 +49,7 @@ from .rundir import (
     recipe_differences,
     run_lock,
 )
+from .stages import Carry, StageContext, get_method
 from .step_memory import check_step_memory
 from .trainer import TrainState, load_checkpoint, read_checkpoint_meta, train_stage
 
@@ -417,7 +417,7 @@ class Run:
         teacher: ClipPackage | None,
         original: ClipPackage,
     ) -> ClipPackage:
-        """Walk the phases of the stage's method (``compress/methods``): resume after the last phase whose
+        """Walk the phases of the stage's method (``compress/stages``): resume after the last phase whose
         output is saved, or inside a train phase from its checkpoint; save the student in `out_dir`."""
         method = get_method(st.method, st.name)
         if self.state["stages"].get(st.name) == "done" and is_model_dir(out_dir):

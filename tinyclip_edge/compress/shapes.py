@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from ..common.errors import UserError
+from ..common import typed
+from ..common.errors import UserError, closest
+from ..common.typed import Range
+from ..models.presets import PRESETS
 from ..models.shape import TOWERS, ClipShape, TowerShape
+
+RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a fraction of parameters, in (0, 1)
+TowerRatios = dict[Literal["image", "text"], RATIO | None]  # {image: r, text: r}; null keeps a tower
 
 POLICIES = ("balanced", "width", "depth")
 MLP_MULTIPLE = 8
@@ -155,4 +161,42 @@ def check_fits(teacher: ClipShape, student: ClipShape) -> None:
             raise UserError(
                 f"the {tower} student is larger than its teacher ({'; '.join(problems)}); "
                 "a student inherits a subset of the teacher's weights, so shrink the shape or the target"
+            )
+
+
+def check_shape(shape: Any, path: str) -> None:
+    """An explicit stage shape, checked without a teacher: a preset name, a full shape (with embed_dim), or
+    per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
+    if isinstance(shape, str):
+        if shape not in PRESETS:
+            raise UserError(
+                f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; presets: {', '.join(PRESETS)}"
+            )
+        return
+    if "embed_dim" in shape:
+        try:
+            ClipShape.from_dict(shape)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path} is not a valid model shape ({e})") from None
+        return
+    for tower, spec in shape.items():
+        if tower not in ("image", "text"):
+            raise UserError(
+                f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
+                f"name ({', '.join(PRESETS)})"
+            )
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
+        for key, value in spec.items():
+            if key not in ("layers", "heads", "mlp", "width"):
+                raise UserError(
+                    f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
+                    "allowed: layers, heads, mlp, width"
+                )
+            lo = 0 if key in ("heads", "mlp") else 1  # a layer may drop its attention or MLP entirely
+            tp = Annotated[int, Range(lo, 1_000_000)]
+            typed.check_value(
+                value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}", "recipe key"
             )

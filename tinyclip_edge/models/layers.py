@@ -8,7 +8,7 @@ sub-layers by gate values in [0, 1]. A channel with gate 0 is removed: it stays 
 stream, and LayerNorm takes its statistics, unweighted, over the channels whose gate is > 0 (as CoFi's
 LayerNorm does). So a masked model with any fixed gate values computes exactly what the smaller model
 computes that has the zero-gated units removed and the other gate values multiplied into its weights
-(``compress/folding.py``); with 0/1 masks, no weight changes at all.
+(``compress/stages/prune/folding.py``); with 0/1 masks, no weight changes at all.
 """
 
 from __future__ import annotations

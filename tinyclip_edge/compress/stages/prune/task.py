@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..common.errors import UserError
-from ..models.clip import ClipModel, TowerMasks
-from ..models.shape import TOWERS, ClipShape
+from ....common.errors import UserError
+from ....models.clip import ClipModel, TowerMasks
+from ....models.shape import TOWERS, ClipShape
+from ...slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
+from ...tasks import StageTask, register_task
+from .config import PruneCfg
 from .folding import fold_masks
 from .masks import INIT_LOG_ALPHA, TINYCLIP_INIT_LOG_ALPHA, TowerGates, budget_plans, deterministic_masks
-from .recipe import PruneCfg
-from .slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
-from .tasks import StageTask, register_task
 
 
 def _embedding_terms(shape: ClipShape, tower: str) -> tuple[float, float]:

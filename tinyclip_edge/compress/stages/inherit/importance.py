@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..common.errors import UserError
-from ..models.clip import ClipModel
-from ..models.shape import TOWERS
+from ....common.errors import UserError
+from ....models.clip import ClipModel
+from ....models.shape import TOWERS
 
 METHODS = ("magnitude", "activation")
 

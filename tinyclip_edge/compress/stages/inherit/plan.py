@@ -13,12 +13,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ..common.errors import UserError
-from ..models.clip import ClipModel
-from ..models.shape import TOWERS, ClipShape, TowerShape
+from ....common.errors import UserError
+from ....models.clip import ClipModel
+from ....models.shape import TOWERS, ClipShape, TowerShape
+from ...shapes import check_fits
+from ...slicing import KeepPlan, TowerPlan, full_plan, full_tower_plan, slice_model
 from .importance import TowerScores, compute_scores
-from .shapes import check_fits
-from .slicing import KeepPlan, TowerPlan, full_plan, full_tower_plan, slice_model
 
 LAYER_SELECTIONS = ("even", "importance")
 

@@ -1,7 +1,7 @@
 """DCLIP's meta teacher as a stage: head (fine-tune one cross-attention block on the frozen teacher).
 
 The stage starts from the model it is given (the original teacher when it comes first) and trains only the
-block (``compress/dclip.py``), with the stage's losses (the dclip recipes: ``clip: {scale: 20}``, InfoNCE at
+block (``compress/stages/dclip/meta_teacher.py``), with the stage's losses (the dclip recipes: ``clip: {scale: 20}``, InfoNCE at
 temperature 0.05). Its output directory is the teacher's model directory plus the head; the next stage
 starts again from the teacher (not from the meta teacher), and a next stage with ``teacher: previous``
 learns from the meta teacher's enriched embeddings (with the ``hybrid`` loss in the dclip recipes).
@@ -10,13 +10,17 @@ learns from the meta teacher's enriched embeddings (with the ``hybrid`` loss in 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ...common.errors import UserError
-from ...models import ClipPackage
-from ..dclip import HeadCfg, MetaTask, load_meta_teacher, new_meta_teacher, save_meta_teacher
-from ..recipe import DclipCfg, StageCfg
-from ..tasks import StageTask
-from .base import Carry, Phase, StageContext, StageMethod
+from ....common.errors import UserError
+from ....models import ClipPackage
+from ...tasks import StageTask
+from ..base import Carry, Phase, StageContext, StageMethod
+from .config import DclipCfg
+from .meta_teacher import HeadCfg, MetaTask, load_meta_teacher, new_meta_teacher, save_meta_teacher
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ...recipe import StageCfg
 
 
 def _head_cfg(ctx: StageContext, dim: int) -> HeadCfg:

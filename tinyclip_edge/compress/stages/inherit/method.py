@@ -1,20 +1,24 @@
 """Manual weight inheritance (TinyCLIP): plan -> slice -> distil.
 
 plan: the student shape from the stage's target, and which layers, heads, neurons and channels to keep
-(importance-ranked, ``compress/inherit.py``); slice: cut the student out of the source; distil: train it.
+(importance-ranked, ``compress/stages/inherit/plan.py``); slice: cut the student out of the source; distil: train it.
 """
 
 from __future__ import annotations
 
-from ...models.shape import TOWERS
-from ..importance import compute_scores
-from ..inherit import tower_plan
-from ..recipe import StageCfg
-from ..shapes import check_fits
-from ..slicing import KeepPlan, full_plan, slice_model
-from ..tasks import DistillTask
-from .base import Carry, Phase, StageContext, StageMethod
-from .target import stage_shape
+from typing import TYPE_CHECKING
+
+from ....models.shape import TOWERS
+from ...shapes import check_fits
+from ...slicing import KeepPlan, full_plan, slice_model
+from ...tasks import DistillTask
+from ..base import Carry, Phase, StageContext, StageMethod
+from ..target import stage_shape
+from .importance import compute_scores
+from .plan import tower_plan
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ...recipe import StageCfg
 
 
 def _plan(ctx: StageContext, carry: Carry) -> None:

@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...models import ClipModel, ClipPackage, save_model_dir
-from ..recipe import StageCfg
 from ..tasks import StageTask
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ..recipe import StageCfg
 
 
 @dataclass

@@ -3,12 +3,16 @@ fraction of the ORIGINAL teacher's parameters."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ...common.errors import UserError
 from ...models import ClipShape
 from ...models.presets import PRESETS, preset_shape
 from ..chain import nests
-from ..recipe import StageCfg
 from ..shapes import explicit_tower, shape_for_ratio, tower_targets
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ..recipe import StageCfg
 
 
 def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShape:

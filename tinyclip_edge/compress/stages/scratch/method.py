@@ -3,13 +3,17 @@ baselines of the quick start."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ...models import ClipModel
-from ..recipe import StageCfg
-from ..tasks import DistillTask
-from .base import Carry, Phase, StageContext, StageMethod
-from .target import stage_shape
+from ....models import ClipModel
+from ...tasks import DistillTask
+from ..base import Carry, Phase, StageContext, StageMethod
+from ..target import stage_shape
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ...recipe import StageCfg
 
 
 def _init(ctx: StageContext, carry: Carry) -> None:

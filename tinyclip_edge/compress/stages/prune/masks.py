@@ -11,7 +11,7 @@ highest-ranked are kept until the parameter budget is used up (a global threshol
 fill), so the dense student lands on the budget whatever the gates did during training (CoFi's
 deterministic gates do the same: keep by score, up to the expected size). The kept units keep their
 deterministic gate values (``HardConcrete.value``: Louizos' clamp by default, CoFi's ranked gates with
-``prune.eval_gates: cofi``), multiplied into the weights (``compress/folding.py``), so the dense student
+``prune.eval_gates: cofi``), multiplied into the weights (``compress/stages/prune/folding.py``), so the dense student
 computes what the masked network computes with those gates: ``deterministic_masks`` builds the masks that
 define it. Units whose gate value is 0 rank below every open one, so the budget keeps them only when the
 open units cannot fill it; such a unit starts at zero weight (dead, trainable again in the distil phase).
@@ -30,11 +30,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..common.errors import UserError
-from ..models.clip import TowerMasks
-from ..models.layers import BlockMasks
-from ..models.shape import TowerShape, block_param_count
-from .slicing import TowerPlan
+from ....common.errors import UserError
+from ....models.clip import TowerMasks
+from ....models.layers import BlockMasks
+from ....models.shape import TowerShape, block_param_count
+from ...slicing import TowerPlan
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # temperature and stretch interval of the hard-concrete distribution
 INIT_LOG_ALPHA = 2.0  # P(kept) ~ 0.97 at the start: everything begins switched on, and

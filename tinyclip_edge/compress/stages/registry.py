@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from ...common.errors import UserError, closest
 from .base import StageMethod
-from .dclip_meta import DclipMetaMethod
-from .inherit import InheritMethod
-from .prune import PruneMethod
-from .scratch import ScratchMethod
+from .dclip.method import DclipMetaMethod
+from .inherit.method import InheritMethod
+from .prune.method import PruneMethod
+from .scratch.method import ScratchMethod
 
 METHODS: dict[str, StageMethod] = {
     m.name: m for m in (InheritMethod(), PruneMethod(), ScratchMethod(), DclipMetaMethod())

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..common.errors import UserError
-from ..common.io import atomic_path, atomic_write_json, read_json
-from ..common.tokenizers import tokenizer_from_config
-from ..data.spans import caption_spans
-from ..models import ClipModel, ClipPackage, ClipShape, load_model_dir, save_model_dir
-from .tasks import StageTask, register_task
+from ....common.errors import UserError
+from ....common.io import atomic_path, atomic_write_json, read_json
+from ....common.tokenizers import tokenizer_from_config
+from ....data.spans import caption_spans
+from ....models import ClipModel, ClipPackage, ClipShape, load_model_dir, save_model_dir
+from ...tasks import StageTask, register_task
 
 HEAD_WEIGHTS, HEAD_CONFIG = "meta_head.safetensors", "meta_head.json"
 

@@ -1,7 +1,7 @@
 """Automatic weight inheritance (TinyCLIP with CoFi-style masks): masks -> materialise -> distil.
 
 masks: hard-concrete gates learn what to keep under a Lagrangian budget for ``prune.mask_steps`` of the
-stage's steps (``compress/prune.py``), checkpointed as ``<name>.masks``; materialise: the gates become
+stage's steps (``compress/stages/prune/task.py``), checkpointed as ``<name>.masks``; materialise: the gates become
 deterministic and the kept units are cut out exactly at the budget, saved as the model directory
 ``<name>.masks``; distil: the materialised student keeps distilling for the rest of the steps.
 """
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...common.errors import UserError
-from ..prune import PruneTask
-from ..recipe import StageCfg
-from ..shapes import tower_targets
-from ..tasks import DistillTask, StageTask
-from .base import Carry, Phase, StageContext, StageMethod
+from ....common.errors import UserError
+from ...shapes import tower_targets
+from ...tasks import DistillTask, StageTask
+from ..base import Carry, Phase, StageContext, StageMethod
+from .task import PruneTask
+
+if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
+    from ...recipe import StageCfg
 
 
 def mask_steps(st: StageCfg) -> int:

@@ -28,8 +28,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..models.clip import ClipModel, TowerMasks
-from ..models.layers import Block, BlockMasks
+from ....models.clip import ClipModel, TowerMasks
+from ....models.layers import Block, BlockMasks
 
 
 def _rows(lin: nn.Linear, scale: Tensor) -> None:
