@@ -20,7 +20,7 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.integrity import check_replaceable
 from ..common.io import atomic_path, atomic_write_json
-from ..common.options import ExportOptions, ExportPrecision, resolve_options
+from ..common.options import ExportOptions, resolve_options
 from ..common.schemas import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -33,7 +33,7 @@ from ..common.schemas import (
 )
 from ..common.tokenizers import export_tokenizer
 from ..common.typed import check_value
-from ..runtimes.base import TOWERS
+from ..common.vocab import TOWERS, ExportPrecision
 from ..runtimes.pyt import placed_model
 from .graphs import (
     EXTERNAL_DATA_THRESHOLD,

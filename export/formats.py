@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..common.errors import UserError, closest
+from ..common.vocab import ENGINE_PRECISIONS
 from .precision import PRECISIONS
 
 
@@ -47,7 +48,7 @@ FORMATS = {
         "TensorRT engines built from an ONNX bundle, written into it",
         "bundle",
         frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
-        ("fp32", "fp16", "int8", "fp8"),
+        ENGINE_PRECISIONS,
     ),
     "open_clip": Format(
         "open_clip",

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from ..common.embeddings import row_cosine
 from ..common.errors import MissingDependency, UserError
-from ..common.options import EXPORT_PRECISIONS, CalibMethod
+from ..common.options import CalibMethod
+from ..common.vocab import EXPORT_PRECISIONS
 from ..runtimes.onnxrt import create_session, run_session
 from .graphs import OUTPUT_NAME, graph_opset
 from .quant_plan import CALIB_BATCH, EVAL_SAMPLES, PATCH_EMBED_OPS, holdout_count, weight_nodes

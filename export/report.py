@@ -27,6 +27,8 @@ from ..common.schemas import (
     record_in_bundle,
 )
 from ..common.typed import Range
+from ..common.vocab import TOWERS, Tower
+from ..common.vocab import ExportPrecision as Precision
 from ..runtimes.host import HostInfo
 
 if TYPE_CHECKING:
@@ -36,8 +38,6 @@ Fraction = Annotated[float, Range(0.0, 1.0)]
 Points = Annotated[float, Range(-100.0, 100.0)]
 NonNegative = Annotated[float, Range(0.0, None)]
 Count = Annotated[int, Range(0, None)]
-Tower = Literal["image", "text"]
-Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
 
 
 @dataclass
@@ -249,7 +249,7 @@ class ParityReport(VersionedFile):
                     f"'checks.{i}.threshold' {c.threshold} is not the tolerance's {c.metric} ({wanted[c.metric]}): "
                     "the report was edited or is corrupt; run parity again"
                 )
-            if c.scope in ("image", "text"):
+            if c.scope in TOWERS:
                 measured = arts[c.artifact].towers.get(c.scope, {}).get(c.metric)
                 if c.scope not in arts[c.artifact].towers or measured != c.value:
                     raise UserError(

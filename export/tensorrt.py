@@ -41,11 +41,11 @@ from ..common.schemas import (
     EngineEntry,
     EngineSidecar,
 )
+from ..common.vocab import ENGINE_PRECISIONS, TOWERS
 from ..runtimes.bundle import read_manifest, tower_file, write_manifest
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
 from .trt_caps import TrtCaps, probe
 
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 MAX_ELEMENTS = (1 << 31) - 1  # TensorRT's limit on one tensor's volume
 
 
@@ -67,7 +67,7 @@ def build_engines(
     workspace_mb: int | None = None,
     dla_core: int | None = None,
     timing_cache: Path | None = None,
-    towers: tuple[str, ...] = ("image", "text"),
+    towers: tuple[str, ...] = TOWERS,
     calib: str | None = None,
     calib_count: int = 256,
     calib_cache: Path | None = None,
@@ -176,7 +176,7 @@ def _check_towers(towers: tuple[str, ...], manifest: BundleManifest, bundle: Pat
     if not towers:
         raise UserError("no towers to build; pass image, text or both")
     for t in towers:
-        if t not in ("image", "text"):
+        if t not in TOWERS:
             raise UserError(f"unknown tower {t!r}; choose image or text")
         tower_file(bundle, manifest, t)
 
@@ -192,8 +192,8 @@ def _plan(
             "needs static QDQ int8: export with --precision int8"
         )
     want = requested or bundle_precision
-    if want not in PRECISIONS:
-        raise UserError(f"unknown precision {want!r}; choose one of {', '.join(PRECISIONS)}")
+    if want not in ENGINE_PRECISIONS:
+        raise UserError(f"unknown precision {want!r}; choose one of {', '.join(ENGINE_PRECISIONS)}")
     if "fp8" in (want, bundle_precision) and want != bundle_precision:
         raise UserError(
             f"an fp8 engine needs an fp8 Q/DQ bundle and an fp8 bundle builds only fp8 engines; export a bundle "

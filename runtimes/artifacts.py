@@ -13,7 +13,8 @@ from typing import Any
 
 from ..common.errors import UserError
 from ..common.schemas import ENGINE_SUFFIXES, WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
-from .base import TOWERS, Runtime, detect_backend
+from ..common.vocab import TOWERS
+from .base import Runtime, detect_backend
 from .bundle import is_bundle, read_manifest
 
 

@@ -24,8 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..common.errors import UserError, closest
-
-TOWERS = ("image", "text")
+from ..common.vocab import TOWERS
 
 
 class RuntimeInputError(UserError):

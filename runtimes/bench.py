@@ -30,6 +30,7 @@ from ..common.errors import UserError
 from ..common.io import prepare_out_dir
 from ..common.options import BenchOptions, Tower, resolve_options
 from ..common.threads import usable_cores
+from ..common.vocab import TOWERS
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
 from .devices import device_facts
@@ -98,7 +99,7 @@ def run_bench(
         o.power,
         o.power_interval_ms,
     )
-    towers = ("image", "text") if tower == "both" else (tower,)
+    towers = TOWERS if tower == "both" else (tower,)
     iters = DEFAULT_ITERS if o.iters is None and seconds is None else o.iters
     picked = [split_backend(t, backend) for t in targets]
     targets = [t for t, _ in picked]

@@ -19,7 +19,8 @@ import numpy as np
 from ..common.errors import MissingDependency, UserError
 from ..common.integrity import check_onnx_external_data
 from ..common.schemas import BundleManifest
-from .base import TOWERS, InputSpec, Runtime, RuntimeInputError, register_backend
+from ..common.vocab import TOWERS
+from .base import InputSpec, Runtime, RuntimeInputError, register_backend
 from .bundle import is_bundle, read_manifest, tower_file
 from .host import warn_isa_mismatch_once
 

@@ -24,6 +24,7 @@ from ..common.errors import UserError
 from ..common.io import atomic_path, atomic_write_json, atomic_write_text, prepare_out_dir, read_json
 from ..common.schemas import BENCH_FORMAT, BENCH_STEM, BENCH_VERSION, VersionedFile, in_file
 from ..common.typed import Range, from_dict
+from ..common.vocab import Tower
 
 Ms = Annotated[float, Range(0.0, None)]
 NonNegative = Annotated[float, Range(0.0, None)]
@@ -75,7 +76,7 @@ class BenchRow:
     """One timed cell: an artifact's tower at one batch size (``latency_stats`` plus what was measured beside)."""
 
     artifact: str
-    tower: Literal["image", "text"]
+    tower: Tower
     batch: Annotated[int, Range(1, None)]
     backend: str
     precision: str | None
@@ -116,7 +117,7 @@ class BenchArtifact:
     path: str | None
     backend: str
     kind: str
-    towers: list[Literal["image", "text"]]
+    towers: list[Tower]
     precision: str | None
     size_bytes: Annotated[int, Range(0, 2**53)]
     params: Annotated[int, Range(0, 2**53)] | None = None

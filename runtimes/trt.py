@@ -17,6 +17,7 @@ from typing import Any
 
 from ..common.errors import UserError
 from ..common.schemas import ENGINE_SUFFIXES, EngineSidecar
+from ..common.vocab import TOWERS
 from .artifacts import bundle_engines, read_sidecar
 from .base import InputSpec, Runtime, register_backend
 from .bundle import is_bundle, read_manifest
@@ -150,7 +151,7 @@ class TrtRuntime(Runtime):
             preprocess=image_side.to_dict()["preprocess"] if image_side else None,
             tokenizer=text_side.tokenizer if text_side else None,
             base_dir=base_dir,
-            towers=tuple(t for t in ("image", "text") if t in engines),
+            towers=tuple(t for t in TOWERS if t in engines),
         )
         self._engines, self._sidecars, self._lib = engines, sidecars, lib
 

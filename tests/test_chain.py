@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.vocab import TOWERS
 from tinyclip_edge.compress.chain import CHAIN_EVIDENCE, chain_note, nests, plan_chain
 from tinyclip_edge.compress.recipe import StageCfg, load_recipe
 from tinyclip_edge.compress.runner import run_compress
@@ -17,7 +18,6 @@ from tinyclip_edge.compress.stages.prune.config import PruneCfg
 from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.models import load_model_dir, save_model_dir
 from tinyclip_edge.models.presets import preset_shape, vit_b_32_shape
-from tinyclip_edge.models.shape import TOWERS
 
 TEACHERS = {
     "scenes": preset_shape("scenes-teacher"),

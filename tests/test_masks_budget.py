@@ -12,13 +12,14 @@ from conftest import make_package
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.vocab import TOWERS
 from tinyclip_edge.compress.recipe import load_recipe, packaged_recipes
 from tinyclip_edge.compress.slicing import TowerPlan
 from tinyclip_edge.compress.stages.prune.config import PruneCfg
 from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.models import ClipModel, save_model_dir
 from tinyclip_edge.models.presets import preset_shape, vit_b_32_shape
-from tinyclip_edge.models.shape import TOWERS, ClipShape
+from tinyclip_edge.models.shape import ClipShape
 
 OPEN_HIDDEN = 67  # quickstart-auto's stage-1 student had 67 residual channels (issue 17)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import make_package
 
+from tinyclip_edge.common.vocab import TOWERS
 from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.stages.prune.config import PruneCfg
 from tinyclip_edge.compress.stages.prune.masks import BETA, GAMMA, ZETA, HardConcrete, TowerGates
 from tinyclip_edge.compress.stages.prune.task import PruneTask
-from tinyclip_edge.models.shape import TOWERS
 
 
 def _task(**cfg) -> PruneTask:

@@ -10,6 +10,7 @@ import torch
 from conftest import make_package
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.vocab import TOWERS
 from tinyclip_edge.compress.recipe import load_recipe
 from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.compress.stages.prune.config import PruneCfg
@@ -18,7 +19,6 @@ from tinyclip_edge.compress.stages.prune.task import PruneTask
 from tinyclip_edge.compress.trainer import Diverged
 from tinyclip_edge.models import load_model_dir, save_model_dir
 from tinyclip_edge.models.presets import preset_shape
-from tinyclip_edge.models.shape import TOWERS
 
 
 def _randomise(task: PruneTask, seed: int = 0, spread: float = 3.0) -> None:

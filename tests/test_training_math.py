@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.vocab import TOWERS
 from tinyclip_edge.compress.recipe import StageCfg
 from tinyclip_edge.compress.stages.prune.config import PruneCfg
 from tinyclip_edge.compress.stages.prune.task import noise_seed
@@ -22,7 +23,6 @@ from tinyclip_edge.compress.trainer import lr_at, warmup_steps
 from tinyclip_edge.losses import DistillOutputs, get_loss
 from tinyclip_edge.losses.registry import parse_losses
 from tinyclip_edge.models import save_model_dir
-from tinyclip_edge.models.shape import TOWERS
 
 # ------------------------------------------------------------------------------ 1. learning-rate schedule
 

@@ -12,7 +12,6 @@ This module is a leaf: the core, ``export`` and ``runtimes`` all import it.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -20,10 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from .devices import CONCRETE_DEVICE
 from .errors import UserError
 from .typed import Range, validate
+from .vocab import PytPrecision
 
-# What an ONNX bundle can hold (export/precision.py implements each).
-ExportPrecision = Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
-EXPORT_PRECISIONS: tuple[str, ...] = typing.get_args(ExportPrecision)
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 Exporter = Literal["torchscript", "dynamo"]
 # Opsets the exporters write (torch 2.x): the torchscript exporter up to 20, dynamo from 18 to 23.
@@ -34,7 +31,6 @@ DYNAMO_MIN_OPSET = 18
 
 Tower = Literal["image", "text", "both"]
 Backend = Literal["pyt", "onnxrt", "trt"]
-PytPrecision = Literal["fp32", "fp16", "bf16"]
 MAX_BATCH = 65536  # a batch above this is a typo (CLIP towers at that batch need >100 GB of activations)
 
 

@@ -30,6 +30,7 @@ from .errors import UserError
 from .integrity import inside, is_sha256, verify_sha256
 from .io import atomic_write_json, read_json
 from .typed import Range, from_dict
+from .vocab import TOWERS, EnginePrecision, ExportPrecision, Tower
 
 # ---------------------------------------------------------------------------------------------- file names
 MANIFEST_NAME = "manifest.json"  # export bundle
@@ -49,12 +50,10 @@ ENGINE_FORMAT, ENGINE_VERSION = "tinyclip-edge/engine", 2
 PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 2  # 2: + host
 BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
-TOWER_NAMES = ("image", "text")
 # Manifest fields that change what a bundle computes, mirrored in RUNTIME_NAME (format 3) so that their digest is
 # checked like every file's: the word vocabulary, the preprocessing, the tokenizer's ids, whether outputs are
 # normalised. The graphs themselves are bound to 'towers' by digest.
 RUNTIME_FIELDS = ("precision", "normalized", "embed_dim", "image_size", "context_length", "preprocess", "tokenizer")
-BUNDLE_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "fp8")
 
 # Sane limits: far above any CLIP, far below what overflows a builder or allocator.
 MAX_IMAGE_SIZE = 8192
@@ -244,7 +243,7 @@ class EngineEntry:
     sidecar: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8", "fp8"]
+    precision: EnginePrecision
     profile: Profile
     size_bytes: Count
 
@@ -274,7 +273,7 @@ class BundleManifest(VersionedFile):
     VERSION: ClassVar[int] = BUNDLE_VERSION
 
     format: Literal["tinyclip-edge/bundle"]
-    precision: Literal["fp32", "fp16", "int8", "int8-dynamic", "fp8"]
+    precision: ExportPrecision
     embed_dim: Dim
     image_size: Annotated[int, Range(1, MAX_IMAGE_SIZE)]
     context_length: Annotated[int, Range(1, MAX_CONTEXT)]
@@ -295,7 +294,7 @@ class BundleManifest(VersionedFile):
 
     def validate_fields(self, path: str) -> None:
         for group in ("towers", "engines"):
-            bad = [t for t in getattr(self, group) if t not in TOWER_NAMES]
+            bad = [t for t in getattr(self, group) if t not in TOWERS]
             if bad:
                 raise UserError(f"'{group}' names unknown tower(s) {bad}; towers are image and text")
         if not self.towers:
@@ -483,11 +482,11 @@ class EngineSidecar(VersionedFile):
     VERSION: ClassVar[int] = ENGINE_VERSION
 
     format: Literal["tinyclip-edge/engine"]
-    tower: Literal["image", "text"]
+    tower: Tower
     engine: str
     library: str
     library_version: str
-    precision: Literal["fp32", "fp16", "int8", "fp8"]
+    precision: EnginePrecision
     profile: Profile
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..common.errors import UserError
-from ..models.shape import TOWERS, ClipShape
+from ..common.vocab import TOWERS
+from ..models.shape import ClipShape
 from .shapes import shape_for_tower, tower_targets
 
 PLANNED_METHODS = ("inherit", "prune")

@@ -21,9 +21,10 @@ import yaml
 from ..common import typed
 from ..common.devices import DEVICE, require_device
 from ..common.errors import UserError, closest
-from ..common.options import MAX_BATCH, BenchOptions, ExportOptions, ExportPrecision
+from ..common.options import MAX_BATCH, BenchOptions, ExportOptions
 from ..common.typed import POSITIVE_INT, Pattern, Range
 from ..common.typed import join_key as _at
+from ..common.vocab import ExportPrecision
 from ..common.yamlfile import load_yaml
 from ..data.sources import check_spec
 from ..losses.registry import parse_losses

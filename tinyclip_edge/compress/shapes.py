@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 from ..common import typed
 from ..common.errors import UserError, closest
 from ..common.typed import Range
+from ..common.vocab import TOWERS
 from ..models.presets import PRESETS
-from ..models.shape import TOWERS, ClipShape, TowerShape
+from ..models.shape import ClipShape, TowerShape
 
 RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a fraction of parameters, in (0, 1)
 TowerRatios = dict[Literal["image", "text"], RATIO | None]  # {image: r, text: r}; null keeps a tower
@@ -180,7 +181,7 @@ def check_shape(shape: Any, path: str) -> None:
             raise UserError(f"{path} is not a valid model shape ({e})") from None
         return
     for tower, spec in shape.items():
-        if tower not in ("image", "text"):
+        if tower not in TOWERS:
             raise UserError(
                 f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
                 f"name ({', '.join(PRESETS)})"

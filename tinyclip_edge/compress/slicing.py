@@ -11,9 +11,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..common.vocab import TOWERS
 from ..models.clip import ClipModel
 from ..models.layers import Block
-from ..models.shape import TOWERS, ClipShape, TowerShape
+from ..models.shape import ClipShape, TowerShape
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 from .clip import ClipModel, TowerMasks
 from .layers import BlockMasks
 from .package import ClipPackage, is_model_dir, load_model_dir, read_config, save_model_dir
-from .shape import TOWERS, ClipShape, TextShape, TowerShape, VisionShape
+from .shape import ClipShape, TextShape, TowerShape, VisionShape
 
 
 def load_package(spec: str | os.PathLike, device: str = "cpu") -> ClipPackage:
@@ -18,7 +18,6 @@ def load_package(spec: str | os.PathLike, device: str = "cpu") -> ClipPackage:
 
 
 __all__ = [
-    "TOWERS",
     "BlockMasks",
     "ClipModel",
     "ClipPackage",

@@ -155,6 +155,3 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     if unknown:
         raise TypeError(f"unknown fields {sorted(unknown)}")
     return cls(**d)
-
-
-TOWERS = ("image", "text")

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ....common.errors import UserError
+from ....common.vocab import TOWERS
 from ....models.clip import ClipModel
-from ....models.shape import TOWERS
 
 METHODS = ("magnitude", "activation")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ....models.shape import TOWERS
+from ....common.vocab import TOWERS
 from ...shapes import check_fits
 from ...slicing import KeepPlan, full_plan, slice_model
 from ...tasks import DistillTask

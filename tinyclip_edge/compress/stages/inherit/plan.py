@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from ....common.errors import UserError
+from ....common.vocab import TOWERS
 from ....models.clip import ClipModel
-from ....models.shape import TOWERS, ClipShape, TowerShape
+from ....models.shape import ClipShape, TowerShape
 from ...shapes import check_fits
 from ...slicing import KeepPlan, TowerPlan, full_plan, full_tower_plan, slice_model
 from .importance import TowerScores, compute_scores

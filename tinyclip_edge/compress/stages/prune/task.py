@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ....common.errors import UserError
+from ....common.vocab import TOWERS
 from ....models.clip import ClipModel, TowerMasks
-from ....models.shape import TOWERS, ClipShape
+from ....models.shape import ClipShape
 from ...slicing import KeepPlan, TowerPlan, full_tower_plan, slice_model
 from ...tasks import StageTask, register_task
 from .config import PruneCfg
