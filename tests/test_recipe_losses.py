@@ -120,3 +120,18 @@ def test_affinity_without_teacher_is_a_clear_error():
 
 def test_exponent_floats_without_a_dot():
     assert load_recipe("quickstart", ["stages.0.lr=1e-4"]).stages[0].lr == pytest.approx(1e-4)
+
+
+def test_a_stage_without_a_teacher_takes_only_the_losses_that_declare_they_need_none(monkeypatch):
+    from tinyclip_edge.losses.registry import REGISTRY, register_loss, teacher_free_losses
+
+    base = ["stages.0.teacher=none", "stages.1.teacher=none"]
+    assert load_recipe("quickstart", [*base, "stages.0.losses={clip: 1.0}", "stages.1.losses={clip: 1.0}"])
+    with pytest.raises(UserError, match=r"stages\.0: teacher: none allows only the clip loss, not affinity"):
+        load_recipe("quickstart", base)  # the quick start distils with affinity, which reads the teacher
+    # the rule is what each registration declares: a new teacher-free loss is accepted where clip is
+    monkeypatch.setattr("tinyclip_edge.losses.registry.REGISTRY", dict(REGISTRY))
+    register_loss("uniformity", needs_teacher=False)(lambda out, cfg: {})
+    assert teacher_free_losses() == ("clip", "uniformity")
+    losses = ["stages.0.losses={uniformity: 1.0}", "stages.1.losses={clip: 1.0}"]
+    assert load_recipe("quickstart", [*base, *losses]).stages[0].losses == {"uniformity": 1.0}

@@ -27,7 +27,7 @@ from ..common.typed import join_key as _at
 from ..common.vocab import ExportPrecision
 from ..common.yamlfile import load_yaml
 from ..data.sources import check_spec
-from ..losses.registry import parse_losses
+from ..losses.registry import parse_losses, teacher_free_losses
 from .shapes import RATIO, TowerRatios, check_shape
 from .stages.dclip.config import DclipCfg
 from .stages.prune.config import PruneCfg
@@ -58,8 +58,9 @@ RECIPE_NAME = Annotated[
 # compared case-insensitively, since macOS and Windows file systems are. `<name>.masks` (the prune stage's
 # mask-learning half) cannot clash: '.' is not allowed in a stage name.
 RESERVED_STAGE_NAMES = ("teacher", "checkpoints", "baselines", "export", "bench")
-# Losses that need no teacher (stages with teacher: none and the scratch baselines train with these only).
-TEACHER_FREE_LOSSES = ("clip",)
+# Losses that need no teacher (stages with teacher: none and the scratch baselines train with these only),
+# as the loss registry declares them.
+TEACHER_FREE_LOSSES = teacher_free_losses()
 
 
 def _check_data(spec: str | None, path: str) -> None:
@@ -165,11 +166,11 @@ class StageCfg:
                 f"{path}.{msg}" if path and msg.startswith("losses.") else f"{_at(path, 'losses')}: {msg}"
             ) from None
         if self.teacher == "none":
-            needs = [s.name for s in specs if s.name not in TEACHER_FREE_LOSSES]
+            free = teacher_free_losses()
+            needs = [s.name for s in specs if s.name not in free]
             if needs:
                 raise UserError(
-                    f"{path or 'stage'}: teacher: none allows only the {', '.join(TEACHER_FREE_LOSSES)} "
-                    f"loss, not {', '.join(needs)}"
+                    f"{path or 'stage'}: teacher: none allows only the {', '.join(free)} loss, not {', '.join(needs)}"
                 )
         if self.shape is not None:
             check_shape(self.shape, _at(path, "shape"))

@@ -11,6 +11,6 @@ from . import clip_kd as _clip_kd  # noqa: F401  (registers: fd, icl, crd)
 from . import clip_rd as _clip_rd  # noqa: F401  (registers: vrd, xrd)
 from . import dclip as _dclip  # noqa: F401  (registers: cosine, hybrid)
 from .objective import Objective
-from .registry import LOSSES, DistillOutputs, Learned, LossSpec, combine, get_loss, register_loss
+from .registry import REGISTRY, DistillOutputs, Learned, LossSpec, combine, get_loss, register_loss
 
-__all__ = ["LOSSES", "DistillOutputs", "Learned", "LossSpec", "Objective", "combine", "get_loss", "register_loss"]
+__all__ = ["REGISTRY", "DistillOutputs", "Learned", "LossSpec", "Objective", "combine", "get_loss", "register_loss"]

@@ -31,7 +31,7 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-@register_loss("clip", options=("scale",))
+@register_loss("clip", options=("scale",), needs_teacher=False)
 def clip_loss(out: DistillOutputs, cfg: dict[str, Any]) -> dict[str, Tensor]:
     """Symmetric InfoNCE on ground-truth pairs, with the student's learnable scale (or a fixed one)."""
     scale = out.student_logit_scale if cfg.get("scale") is None else float(cfg["scale"])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import CROSS_MODEL, LEARNED, DistillOutputs, LossSpec, combine, parse_losses
+from .registry import REGISTRY, DistillOutputs, LossSpec, combine, parse_losses
 
 
 def _key(loss: str, name: str) -> str:
@@ -34,11 +34,11 @@ class Objective(nn.Module):
                 _key(s.name, n): nn.Parameter(torch.tensor(float(spec.init)))
                 for s in self.specs
                 if s.weight > 0
-                for n, spec in LEARNED[s.name].items()
+                for n, spec in REGISTRY[s.name].learned.items()
             }
         )  # (a switched-off loss:
         # no parameters, which would get no gradient: DDP needs one for every parameter)
-        needs = any(s.name in CROSS_MODEL and s.weight > 0 for s in self.specs)
+        needs = any(REGISTRY[s.name].cross_model and s.weight > 0 for s in self.specs)
         self.proj: nn.Linear | None = None
         if needs and teacher_dim is not None and teacher_dim != student_dim:
             self.proj = nn.Linear(self.student_dim, int(teacher_dim), bias=False)
@@ -60,7 +60,7 @@ class Objective(nn.Module):
             out.student_image_proj = F.normalize(out.student_image.float() @ w.T, dim=-1)
             out.student_text_proj = F.normalize(out.student_text.float() @ w.T, dim=-1)
         for s in self.specs:
-            for n, spec in LEARNED[s.name].items():
+            for n, spec in REGISTRY[s.name].learned.items():
                 if _key(s.name, n) in self.scales:
                     out.learned[f"{s.name}.{n}"] = spec.value(self.scales[_key(s.name, n)].float())
         total, logs = combine(self.specs, out)
@@ -72,7 +72,7 @@ class Objective(nn.Module):
     def clamp_(self) -> None:
         """Keep every learned scale in [0, max] (in the parameter's own domain), like CLIP's clamp of its temperature."""
         for s in self.specs:
-            for n, spec in LEARNED[s.name].items():
+            for n, spec in REGISTRY[s.name].learned.items():
                 if _key(s.name, n) not in self.scales:
                     continue
                 p = self.scales[_key(s.name, n)]

@@ -59,7 +59,7 @@ class DistillOutputs:
         key = f"{loss}.{name}"
         if key in self.learned:
             return self.learned[key]
-        spec = LEARNED[loss][name]
+        spec = REGISTRY[loss].learned[name]
         return torch.tensor(spec.value(spec.init), device=self.student_image.device)
 
 
@@ -80,11 +80,21 @@ class Learned:
 
 
 LossFn = Callable[[DistillOutputs, dict[str, Any]], dict[str, Tensor]]
-LOSSES: dict[str, LossFn] = {}
-LOSS_OPTIONS: dict[str, set[str]] = {}
-LEARNED: dict[str, dict[str, Learned]] = {}
-CROSS_MODEL: set[str] = set()  # losses that compare student and teacher vectors (need the width projection)
-LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """A registered loss and everything the rest of the code asks about it."""
+
+    fn: LossFn
+    options: frozenset[str]  # recipe keys it accepts ("weight" included)
+    learned: dict[str, Learned]  # its learnable scalars (owned by the stage's Objective)
+    cross_model: bool  # compares student with teacher vectors: needs the width projection
+    needs_teacher: bool  # False: a stage with teacher: none (and a scratch baseline) may train with it
+    check: Callable[[dict[str, Any]], None] | None  # validates its options' values
+
+
+REGISTRY: dict[str, LossEntry] = {}
 
 
 def register_loss(
@@ -93,29 +103,38 @@ def register_loss(
     learned: dict[str, Learned] | None = None,
     cross_model: bool = False,
     check: Callable[[dict[str, Any]], None] | None = None,
+    needs_teacher: bool = True,
 ) -> Callable[[LossFn], LossFn]:
     """Register a loss; `options` are the keys it accepts from the recipe, `check(options)` validates their
     values (raising UserError); both run when the recipe is read, before any training. `learned` are its
     learnable scalars (owned by the stage's Objective), `cross_model` whether it compares student vectors
-    with teacher vectors (then a student->teacher width projection is learned when widths differ)."""
+    with teacher vectors (then a student->teacher width projection is learned when widths differ),
+    `needs_teacher` whether it reads the teacher's embeddings at all."""
 
     def deco(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        LOSS_OPTIONS[name] = {"weight", *options}
-        LEARNED[name] = dict(learned or {})
-        if cross_model:
-            CROSS_MODEL.add(name)
-        if check is not None:
-            LOSS_CHECKS[name] = check
+        REGISTRY[name] = LossEntry(
+            fn, frozenset({"weight", *options}), dict(learned or {}), cross_model, needs_teacher, check
+        )
         return fn
 
     return deco
 
 
+def teacher_free_losses() -> tuple[str, ...]:
+    """The losses a stage without a teacher may use, as their registrations declare."""
+    return tuple(name for name, entry in REGISTRY.items() if not entry.needs_teacher)
+
+
+def loss_entry(name: str) -> LossEntry:
+    if name not in REGISTRY:
+        raise UserError(
+            f"unknown loss '{name}'{closest(str(name), REGISTRY)}; registered: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
 def get_loss(name: str) -> LossFn:
-    if name not in LOSSES:
-        raise UserError(f"unknown loss '{name}'{closest(str(name), LOSSES)}; registered: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    return loss_entry(name).fn
 
 
 @dataclass
@@ -143,18 +162,18 @@ def parse_losses(cfg: dict[str, Any]) -> list[LossSpec]:
         raise UserError("losses must be a mapping of loss name to weight, e.g. {affinity: 1.0}")
     specs = []
     for name, v in cfg.items():
-        get_loss(str(name))
+        entry = loss_entry(str(name))
         opts = dict(v) if isinstance(v, dict) else {"weight": v}
-        unknown = set(opts) - LOSS_OPTIONS[name]
+        unknown = set(opts) - entry.options
         if unknown:
             bad = min(str(k) for k in unknown)
             raise UserError(
-                f"losses.{name} has no option '{bad}'{closest(bad, LOSS_OPTIONS[name])}; "
-                f"options: {', '.join(sorted(LOSS_OPTIONS[name]))}"
+                f"losses.{name} has no option '{bad}'{closest(bad, entry.options)}; "
+                f"options: {', '.join(sorted(entry.options))}"
             )
         weight = check_weight(opts.pop("weight", 1.0), name)
-        if name in LOSS_CHECKS:
-            LOSS_CHECKS[name](opts)
+        if entry.check is not None:
+            entry.check(opts)
         specs.append(LossSpec(name, weight, opts))
     if not any(s.weight > 0 for s in specs):
         raise UserError("every loss weight is 0: nothing would be trained; give at least one loss a weight > 0")
@@ -168,7 +187,7 @@ def combine(specs: list[LossSpec], out: DistillOutputs) -> tuple[Tensor, dict[st
     for spec in specs:
         if spec.weight == 0:
             continue
-        terms = LOSSES[spec.name](out, spec.options)
+        terms = REGISTRY[spec.name].fn(out, spec.options)
         for term, value in terms.items():
             logs[f"{spec.name}/{term}" if term != spec.name else spec.name] = float(value.detach())
         part = sum(terms.values()) * spec.weight
