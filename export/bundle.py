@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.integrity import check_replaceable
+from ..common.integrity import check_replaceable, sha256_file
 from ..common.io import atomic_path, atomic_write_json
 from ..common.options import ExportOptions, resolve_options
 from ..common.schemas import (
@@ -44,7 +44,6 @@ from .graphs import (
     sample_input,
     save_graph,
     set_metadata,
-    sha256_file,
     tower_module,
 )
 from .precision import QuantOptions, quantize, to_fp16

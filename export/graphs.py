@@ -202,17 +202,3 @@ def check_graph(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path.name} fails the ONNX checker: {first}") from None
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256 (one implementation: ``common.integrity``, cached by inode, size and times)."""
-    from ..common.integrity import sha256_file as digest
-
-    return digest(path)
-
-
-def sha256_state(model: nn.Module) -> str:
-    """A digest of a model's weights when there is no weights file to hash (see ``models.resolve``)."""
-    from ..models.resolve import sha256_state as digest
-
-    return digest(model)

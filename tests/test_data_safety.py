@@ -17,7 +17,7 @@ from PIL import Image
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.data import open_source, scenes
-from tinyclip_edge.data.shards import _decode
+from tinyclip_edge.data.shards import decode_sample
 
 
 def _images(folder: Path, names: list[str]) -> None:
@@ -46,7 +46,7 @@ def test_every_image_written_is_one_the_trainer_decodes_and_never_collides(tmp_p
     samples = _samples(tmp_path / "s")
     assert len(samples) == 5
     for s, name in zip(samples, names):
-        image, caption, key, _ = _decode(s)  # raises when the image was overwritten or is not decodable
+        image, caption, key, _ = decode_sample(s)  # raises when the image was overwritten or is not decodable
         assert caption == f"caption of {name}" and key == name and image.size == (32, 32)
     with tarfile.open(sorted((tmp_path / "s").glob("*.tar"))[0]) as tf:
         members = tf.getnames()

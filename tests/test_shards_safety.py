@@ -291,12 +291,12 @@ def test_a_truncated_or_empty_cache_file_is_one_line(cache, content):
 
 
 def test_a_cache_of_another_width_than_the_teacher_is_refused(cache, tiny_model_dir):
-    from tinyclip_edge.compress.teacher_cache import teacher_hash
     from tinyclip_edge.models import load_model_dir
+    from tinyclip_edge.models.resolve import weights_digest
 
     teacher = load_model_dir(tiny_model_dir)
     c = TeacherCache.open(cache)
-    args = (teacher_hash(teacher.model), c.meta["data_hash"], teacher.preprocess.to_dict(), teacher.tokenizer_cfg)
+    args = (weights_digest(teacher.model), c.meta["data_hash"], teacher.preprocess.to_dict(), teacher.tokenizer_cfg)
     c.check(*args, embed_dim=teacher.shape.embed_dim)  # positive control
     with pytest.raises(UserError, match="holds .*-wide embeddings"):
         c.check(*args, embed_dim=teacher.shape.embed_dim * 2)

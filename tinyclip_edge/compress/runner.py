@@ -388,7 +388,7 @@ class Run:
         """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
         if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
             return None
-        from .teacher_cache import teacher_hash
+        from ..models.resolve import weights_digest
 
         if not is_shard_spec(self.recipe.data.train):
             raise UserError(
@@ -400,7 +400,7 @@ class Run:
         cache = TeacherCache.open(st.teacher_cache)
         urls, _ = check_shards(expand_shards(self.recipe.data.train))
         cache.check(
-            teacher_hash(teacher.model),
+            weights_digest(teacher.model),
             data_hash(urls),
             ref.preprocess.to_dict(),
             ref.tokenizer_cfg,

@@ -23,22 +23,13 @@ from ..common.errors import UserError
 from ..common.io import atomic_write_json, save_safetensors
 from ..data.augment import fixed_crop
 from ..data.limits import CACHE_BATCH
-from ..data.shards import Unusable, _decode, check_shards, expand_shards, shard_digests
+from ..data.shards import Unusable, decode_sample, check_shards, expand_shards, shard_digests
 from ..data.staging import check_new_out, staging_dir
 from ..data.teacher_cache import CACHE_FORMAT, CACHE_META, CACHE_VERSION, sample_id
-from ..models import ClipModel, ClipPackage
+from ..models import ClipPackage
+from ..models.resolve import weights_digest
 
 log = logging.getLogger("tinyclip_edge")
-
-
-def teacher_hash(model: ClipModel) -> str:
-    """sha256 over the teacher's parameter names, shapes, dtypes and values: identifies its weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -75,7 +66,7 @@ def build_teacher_cache(
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "teacher": teacher_spec,
-        "teacher_hash": teacher_hash(teacher.model),
+        "teacher_hash": weights_digest(teacher.model),
         "data_hash": hashlib.sha256("".join(digests).encode()).hexdigest(),
         "aug_seed": aug_seed,
         "embed_dim": teacher.shape.embed_dim,
@@ -110,7 +101,7 @@ def build_teacher_cache(
             keys, img_rows, txt_rows, pending = [], [], [], []
             for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
                 try:
-                    image, caption, _, _ = _decode(sample)
+                    image, caption, _, _ = decode_sample(sample)
                 except Unusable as e:  # the trainer skips it too; the cache simply has no row for it
                     meta["unusable"] += 1
                     if len(examples) < 3:

@@ -195,7 +195,7 @@ class Unusable(ValueError):
     """A shard sample the trainer cannot use; the message says why."""
 
 
-def _decode(sample: dict[str, Any]) -> tuple[Any, str, str, dict[str, Any]]:
+def decode_sample(sample: dict[str, Any]) -> tuple[Any, str, str, dict[str, Any]]:
     """(PIL image, caption, key, extra) of a raw sample; raises `Unusable` saying which field is missing
     or unreadable. The one judge of a sample: the trainer, the probe and cache-teacher all call it."""
     from PIL import Image
@@ -242,7 +242,7 @@ def first_usable(urls: list[str]) -> None:
         for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=skips)):
             n += 1
             try:
-                _decode(sample)
+                decode_sample(sample)
                 return
             except Unusable as e:
                 reasons[str(e)] = reasons.get(str(e), 0) + 1
@@ -321,7 +321,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         skips.events.clear()
         for sample in raw:
             try:
-                image, caption, key, meta = _decode(sample)
+                image, caption, key, meta = decode_sample(sample)
             except Unusable as e:
                 skipped.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {e}")
                 continue

@@ -61,12 +61,17 @@ class ResolvedModel:
         }
 
 
-def sha256_state(model: Any) -> str:
-    """A digest of a model's weights when there is no weights file to hash (random init, in memory)."""
+def weights_digest(model: Any) -> str:
+    """sha256 over a model's parameter names, shapes, dtypes and values: identifies its weights where there is
+    no weights file to hash (random init, in memory) and keys the teacher cache (compress/teacher_cache.py).
+    Any dtype, bf16 included (the bytes are read as uint8)."""
+    import torch
+
     h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -103,7 +108,7 @@ def resolve_model(spec: Any, device: Any = "cpu", *, what: str = "model") -> Res
         if spec.path is not None and is_model_dir(spec.path):
             weights = Path(spec.path) / WEIGHTS_NAME
             return ResolvedModel(spec, str(Path(spec.path).resolve()), "model_dir", str(weights), sha256_file(weights))
-        return ResolvedModel(spec, "<in memory>", "package", None, sha256_state(spec.model))
+        return ResolvedModel(spec, "<in memory>", "package", None, weights_digest(spec.model))
     if not isinstance(spec, (str, os.PathLike)):
         raise UserError(f"cannot use a {type(spec).__name__} as a {what}: pass a model directory or an open_clip spec")
     spec = os.fspath(spec)
@@ -138,7 +143,7 @@ def resolve_model(spec: Any, device: Any = "cpu", *, what: str = "model") -> Res
     pkg = package_from_open_clip(spec)
     pkg.model.to(device)
     weights = _weights_file(spec)
-    digest = sha256_file(weights) if weights else sha256_state(pkg.model)
+    digest = sha256_file(weights) if weights else weights_digest(pkg.model)
     return ResolvedModel(
         pkg, _absolute_spec(spec), "open_clip", str(Path(weights).resolve()) if weights else None, digest
     )
