@@ -23,7 +23,7 @@ from ..common.errors import UserError
 from ..common.io import atomic_write_json, save_safetensors
 from ..data.augment import fixed_crop
 from ..data.limits import CACHE_BATCH
-from ..data.shards import Unusable, decode_sample, check_shards, expand_shards, shard_digests
+from ..data.shards import Unusable, check_shards, decode_sample, expand_shards, shard_digests
 from ..data.staging import check_new_out, staging_dir
 from ..data.teacher_cache import CACHE_FORMAT, CACHE_META, CACHE_VERSION, sample_id
 from ..models import ClipPackage
