@@ -19,7 +19,7 @@ its width), so the masks may remove only what the following budgets allow.
 
 Planning applies to chains of ``inherit`` and ``prune`` stages given by ``target``; a stage with an
 explicit ``shape`` (or a ``scratch`` stage) is taken as given, and target stages after it are sized the
-old way, relative to their source (``methods.target.stage_shape``).
+old way, relative to their source (``stages.target.stage_shape``).
 """
 
 from __future__ import annotations

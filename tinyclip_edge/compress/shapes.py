@@ -16,7 +16,7 @@ from ..common import typed
 from ..common.errors import UserError, closest
 from ..common.typed import Range
 from ..common.vocab import TOWERS
-from ..models.presets import PRESETS
+from ..models.presets import PRESETS, preset_shape
 from ..models.shape import ClipShape, TowerShape
 
 RATIO = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # a fraction of parameters, in (0, 1)
@@ -127,12 +127,9 @@ def shape_for_ratio(shape: ClipShape, ratio: float | dict[str, float | None], po
 
 
 def explicit_tower(teacher: ClipShape, tower: str, spec: dict[str, Any]) -> TowerShape:
-    """A tower shape from {layers, heads, mlp, width}: ints (uniform) or per-layer lists."""
+    """A tower shape from {layers, heads, mlp, width}: ints (uniform) or per-layer lists (keys and values
+    already checked by ``explicit_shape``)."""
     ts = teacher.tower(tower)
-    allowed = {"layers", "heads", "mlp", "width"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise UserError(f"shape.{tower} has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
     heads, mlp = spec.get("heads", max(ts.heads)), spec.get("mlp", max(ts.mlp))
     layers = spec.get("layers", len(heads) if isinstance(heads, list) else ts.layers)
     heads = heads if isinstance(heads, list) else [int(heads)] * int(layers)
@@ -165,39 +162,58 @@ def check_fits(teacher: ClipShape, student: ClipShape) -> None:
             )
 
 
-def check_shape(shape: Any, path: str) -> None:
-    """An explicit stage shape, checked without a teacher: a preset name, a full shape (with embed_dim), or
-    per-tower {layers, heads, mlp, width} with positive integers or per-layer lists."""
+TOWER_KEYS = ("layers", "heads", "mlp", "width")
+
+
+def explicit_shape(shape: Any, source: ClipShape | None, path: str) -> ClipShape | None:
+    """The one reader of an explicit stage shape: a preset name, a full shape (with embed_dim), or per-tower
+    {layers, heads, mlp, width} (positive integers or per-layer lists) over `source`'s towers. Every form is
+    checked without a model (a recipe is validated before any teacher loads): with `source` None the shape
+    is only checked and None returned."""
     if isinstance(shape, str):
         if shape not in PRESETS:
             raise UserError(
                 f"{path}: unknown model preset {shape!r}{closest(shape, PRESETS)}; presets: {', '.join(PRESETS)}"
             )
-        return
+        return preset_shape(shape) if source is not None else None
     if "embed_dim" in shape:
         try:
-            ClipShape.from_dict(shape)
+            return ClipShape.from_dict(shape)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path} is not a valid model shape ({e})") from None
-        return
     for tower, spec in shape.items():
-        if tower not in TOWERS:
+        _check_tower_spec(tower, spec, path)
+    if source is None:
+        return None
+    out = source
+    for tower, spec in shape.items():
+        out = out.with_tower(tower, explicit_tower(source, tower, spec or {}))
+    return out.validate()
+
+
+def check_shape(shape: Any, path: str) -> None:
+    """An explicit stage shape, checked without a teacher (``explicit_shape`` with no source)."""
+    explicit_shape(shape, None, path)
+
+
+def _check_tower_spec(tower: Any, spec: Any, path: str) -> None:
+    if tower not in TOWERS:
+        raise UserError(
+            f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
+            f"name ({', '.join(PRESETS)})"
+        )
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
+    for key, value in spec.items():
+        if key not in TOWER_KEYS:
             raise UserError(
-                f"{path} has unknown tower {tower!r}; use image and text, a full shape, or a preset "
-                f"name ({', '.join(PRESETS)})"
+                f"{path}.{tower} has unknown key {key!r}{closest(str(key), TOWER_KEYS)}; "
+                "allowed: layers, heads, mlp, width"
             )
-        if spec is None:
-            continue
-        if not isinstance(spec, dict):
-            raise UserError(f"{path}.{tower} must be a mapping of layers, heads, mlp, width, got {spec!r}")
-        for key, value in spec.items():
-            if key not in ("layers", "heads", "mlp", "width"):
-                raise UserError(
-                    f"{path}.{tower} has unknown key {key!r}{closest(str(key), ['layers', 'heads', 'mlp', 'width'])}; "
-                    "allowed: layers, heads, mlp, width"
-                )
-            lo = 0 if key in ("heads", "mlp") else 1  # a layer may drop its attention or MLP entirely
-            tp = Annotated[int, Range(lo, 1_000_000)]
-            typed.check_value(
-                value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}", "recipe key"
-            )
+        lo = 0 if key in ("heads", "mlp") else 1  # a layer may drop its attention or MLP entirely
+        tp = Annotated[int, Range(lo, 1_000_000)]
+        typed.check_value(
+            value, tp | list[tp] if key in ("heads", "mlp") else tp, f"{path}.{tower}.{key}", "recipe key"
+        )

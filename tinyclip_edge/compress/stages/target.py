@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING
 
 from ...common.errors import UserError
 from ...models import ClipShape
-from ...models.presets import PRESETS, preset_shape
 from ..chain import nests
-from ..shapes import explicit_tower, shape_for_ratio, tower_targets
+from ..shapes import explicit_shape, shape_for_ratio, tower_targets
 
 if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import back would be a cycle
     from ..recipe import StageCfg
@@ -18,21 +17,10 @@ if TYPE_CHECKING:  # the recipe imports the stage registry: a runtime import bac
 def stage_shape(st: StageCfg, source: ClipShape, teacher: ClipShape) -> ClipShape:
     """The student shape of a stage: explicit (preset name, per-tower dict, or a full shape), or the
     stage's target (a fraction of the ORIGINAL teacher's parameters) applied to the source model."""
-    if isinstance(st.shape, str):
-        return preset_shape(st.shape)
-    if isinstance(st.shape, dict):
-        if "embed_dim" in st.shape:
-            return ClipShape.from_dict(st.shape)
-        unknown = set(st.shape) - {"image", "text"}
-        if unknown:
-            raise UserError(
-                f"stage {st.name}: shape has unknown towers {sorted(unknown)}; use image and text, "
-                f"or a preset name ({', '.join(PRESETS)})"
-            )
-        out = source
-        for tower, spec in st.shape.items():
-            out = out.with_tower(tower, explicit_tower(source, tower, spec or {}))
-        return out.validate()
+    if st.shape is not None:
+        shape = explicit_shape(st.shape, source, f"stage {st.name}: shape")
+        assert shape is not None  # with a source, explicit_shape always builds one
+        return shape
     if st.target is None:
         raise UserError(f"stage {st.name}: give a target (fraction of the teacher's parameters) or a shape")
     targets = tower_targets(st.target)
