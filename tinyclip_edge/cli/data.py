@@ -7,6 +7,7 @@ import logging
 import click
 
 from ..data.limits import CACHE_BATCH, IMAGE_SIZES
+from ..data.sources import CSV_CAPTION_KEY, CSV_IMAGE_KEY
 
 COMMANDS: list[click.Command] = []
 
@@ -32,8 +33,8 @@ COMMANDS.append(data)
     type=click.IntRange(*IMAGE_SIZES),
     help="Render size of scenes:* sources, in pixels.",
 )
-@click.option("--csv-image-key", default="filepath", show_default=True)
-@click.option("--csv-caption-key", default="title", show_default=True)
+@click.option("--csv-image-key", default=CSV_IMAGE_KEY, show_default=True)
+@click.option("--csv-caption-key", default=CSV_CAPTION_KEY, show_default=True)
 @click.option("--csv-separator", default=None)
 @click.option("--image-root", default=None, help="Image paths are relative to this (default: the list's folder).")
 def build(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..data.limits import MAX_REGIONS
+from ..data.sources import CSV_CAPTION_KEY, CSV_IMAGE_KEY
 
 COMMANDS: list[click.Command] = []
 
@@ -37,8 +38,8 @@ COMMANDS: list[click.Command] = []
     help=f"Keep at most this many boxes per image (1..{MAX_REGIONS}).",
 )
 @click.option("--image-root", help="Image paths in DATA are relative to this (default: DATA's folder).")
-@click.option("--csv-image-key", default="filepath", show_default=True)
-@click.option("--csv-caption-key", default="title", show_default=True)
+@click.option("--csv-image-key", default=CSV_IMAGE_KEY, show_default=True)
+@click.option("--csv-caption-key", default=CSV_CAPTION_KEY, show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False), help="Detection cache (default: the user cache).")
 def regions_cmd(
     data: str,

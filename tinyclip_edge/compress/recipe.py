@@ -26,7 +26,7 @@ from ..common.typed import POSITIVE_INT, Pattern, Range
 from ..common.typed import join_key as _at
 from ..common.vocab import ExportPrecision
 from ..common.yamlfile import load_yaml
-from ..data.sources import check_spec
+from ..data.sources import CSV_CAPTION_KEY, CSV_IMAGE_KEY, check_spec
 from ..losses.registry import parse_losses, teacher_free_losses
 from .shapes import RATIO, TowerRatios, check_shape
 from .stages.dclip.config import DclipCfg
@@ -73,8 +73,8 @@ class DataCfg:
     train: str = "scenes:train"  # scenes:train | pairs.csv | captions.json
     val: str = "scenes:val"  # used by evaluation
     calib: str | None = None  # images for activation importance; default: train
-    csv_image_key: Annotated[str, Pattern(r".+", "a column name")] = "filepath"
-    csv_caption_key: Annotated[str, Pattern(r".+", "a column name")] = "title"
+    csv_image_key: Annotated[str, Pattern(r".+", "a column name")] = CSV_IMAGE_KEY
+    csv_caption_key: Annotated[str, Pattern(r".+", "a column name")] = CSV_CAPTION_KEY
     csv_separator: Annotated[str, Pattern(r".", "one character")] | None = (
         None  # default: tab for .tsv, comma otherwise
     )

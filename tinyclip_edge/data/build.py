@@ -33,6 +33,8 @@ from ..common.io import atomic_write_json
 from .limits import IMAGE_SIZES
 from .shards import IMAGE_EXTS
 from .sources import (
+    CSV_CAPTION_KEY,
+    CSV_IMAGE_KEY,
     UNLIMITED,
     FileSource,
     PairSource,
@@ -85,8 +87,8 @@ def build_shards(
     shard_size: int,
     *,
     image_size: int = 64,
-    csv_image_key: str = "filepath",
-    csv_caption_key: str = "title",
+    csv_image_key: str = CSV_IMAGE_KEY,
+    csv_caption_key: str = CSV_CAPTION_KEY,
     csv_separator: str | None = None,
     image_root: str | None = None,
     progress: bool = True,

@@ -25,6 +25,8 @@ from . import scenes as sc
 
 log = logging.getLogger("tinyclip_edge")
 SCENES_VAL_SIZE = 1000
+# open_clip's CSV column names (its --csv-img-key / --csv-caption-key defaults): every CSV reader's default
+CSV_IMAGE_KEY, CSV_CAPTION_KEY = "filepath", "title"
 UNLIMITED = 2**62
 
 
@@ -200,8 +202,8 @@ def open_source(
     spec: str,
     *,
     image_size: int = 64,
-    csv_image_key: str = "filepath",
-    csv_caption_key: str = "title",
+    csv_image_key: str = CSV_IMAGE_KEY,
+    csv_caption_key: str = CSV_CAPTION_KEY,
     csv_separator: str | None = None,
     image_root: str | None = None,
 ) -> PairSource:
