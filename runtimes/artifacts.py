@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.schemas import ENGINE_SUFFIXES, WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
+from ..common.schemas import WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
 from ..common.vocab import TOWERS
-from .base import Runtime, detect_backend
-from .bundle import is_bundle, read_manifest
+from .base import KIND_BACKENDS, Runtime, artifact_kind
+from .bundle import read_manifest
 
 
 @dataclass
@@ -73,12 +73,13 @@ def inspect_artifact(target: Any, backend: str | None = None) -> ArtifactInfo:
     path = Path(target)
     if not path.exists():
         raise UserError(f"artifact not found: {path}")
-    backend = backend or detect_backend(path)
-    if path.suffix in ENGINE_SUFFIXES:
+    kind = artifact_kind(path)
+    backend = backend or KIND_BACKENDS[kind]
+    if kind == "engine":
         return _engine_info(path)
-    if is_bundle(path):
+    if kind == "bundle":
         return _bundle_info(path, backend)
-    if path.suffix == ".onnx":
+    if kind == "onnx":
         return _onnx_info(path, backend)
     cfg = ModelConfig.read(path)
     return ArtifactInfo(

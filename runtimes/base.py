@@ -191,27 +191,37 @@ def register_backend(name: str) -> Callable[[Callable[..., Runtime]], Callable[.
     return deco
 
 
-def detect_backend(target: Any) -> str:
-    """Bundle with ONNX -> onnxrt; .engine/.plan -> trt; model directory or nn.Module -> pyt."""
-    if not isinstance(target, (str, os.PathLike)):
-        return "pyt"
+# what each kind of artifact on disk is opened with
+KIND_BACKENDS = {"engine": "trt", "bundle": "onnxrt", "model-dir": "pyt", "onnx": "onnxrt"}
+
+
+def artifact_kind(target: str | os.PathLike) -> str:
+    """The one decision of what an artifact path is (a key of KIND_BACKENDS), from its name and metadata
+    files alone: .engine/.plan, a bundle (manifest.json), a model directory (config.json), an .onnx file."""
     p = Path(target)
     from ..common.schemas import CONFIG_NAME, ENGINE_SUFFIXES, MANIFEST_NAME
 
     if p.suffix in ENGINE_SUFFIXES:
-        return "trt"
+        return "engine"
     if p.is_dir() and (p / MANIFEST_NAME).is_file():
-        return "onnxrt"
+        return "bundle"
     if p.is_dir() and (p / CONFIG_NAME).is_file():
-        return "pyt"
+        return "model-dir"
     if p.suffix == ".onnx":
-        return "onnxrt"
+        return "onnx"
     if not p.exists():
         raise UserError(f"artifact not found: {p}")
     raise UserError(
         f"cannot tell which runtime opens {p}: expected an export bundle (manifest.json), "
         "a model directory (config.json), an .onnx file or a TensorRT .engine/.plan"
     )
+
+
+def detect_backend(target: Any) -> str:
+    """Bundle or .onnx -> onnxrt; .engine/.plan -> trt; model directory or nn.Module -> pyt."""
+    if not isinstance(target, (str, os.PathLike)):
+        return "pyt"
+    return KIND_BACKENDS[artifact_kind(target)]
 
 
 def open_runtime(
