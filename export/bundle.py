@@ -20,7 +20,7 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.integrity import check_replaceable, sha256_file
 from ..common.io import atomic_path, atomic_write_json
-from ..common.options import ExportOptions, resolve_options
+from ..common.options import PARITY_TOLERANCES, ExportOptions, resolve_options
 from ..common.schemas import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -51,7 +51,8 @@ from .reader import write_reader
 from .source import Source, resolve_source
 
 DEFAULT_CALIB_COUNT = ExportOptions.calib_count
-VERIFY_MIN_COSINE = 0.9999
+# the fresh fp32 graph against PyTorch: fp32's parity gate (common/options.py)
+VERIFY_MIN_COSINE = PARITY_TOLERANCES["fp32"]["min_cosine"]
 
 
 def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[str]) -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..common import embeddings as M
 from ..common.errors import UserError
+from ..common.options import ParityOptions, resolve_options
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.bundle import BundleManifest, read_manifest
 from ..runtimes.host import probe_host
@@ -320,65 +321,39 @@ def _artifact_runtimes(
 
 def run_parity(
     bundle: str | os.PathLike,
+    options: ParityOptions | None = None,
     *,
     reference: Any = None,
     teacher: Any = None,
     data: str | None = "scenes:val",
     count: int = DEFAULT_COUNT,
-    batch_size: int = 32,
-    min_cosine: float | None = None,
-    min_agreement: float | None = None,
-    max_abs: float | None = None,
-    max_task_drop: float | None = None,
-    agreement_margin: float | None = None,
-    device: str = "cpu",
     providers: list[str] | None = None,
-    provider: str | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> ParityReport:
     """Compare every artifact of `bundle` with the PyTorch `reference` (default: the bundle's source).
 
-    `data`: an image-caption source spec (None: random tensors, embeddings only). Tolerances default by the
-    bundle's precision (``report.DEFAULT_TOLERANCES``); `min_cosine` / `min_agreement` / `max_abs` /
-    `max_task_drop` / `agreement_margin` override. `provider`: the ONNX Runtime execution provider that runs the
-    ONNX graphs (default: what `device` picks, CPUExecutionProvider for cpu).
+    `data`: an image-caption source spec (None: random tensors, embeddings only), `count` pairs of it.
+    `options` (a ``ParityOptions``) and keyword fields of it (``min_cosine=0.999``, ``provider=...``: they win)
+    set the tolerances, which default by the bundle's precision (``common.options.PARITY_TOLERANCES``), and
+    how the artifacts run. `providers`: a full ONNX Runtime provider list instead of ``provider``.
     """
+    opts = resolve_options(ParityOptions, options, overrides, "parity option")
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    precision = manifest.precision
-    tol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
-    tol = replace(
-        tol,
-        **{
-            k: v
-            for k, v in dict(
-                min_cosine=min_cosine,
-                min_agreement=min_agreement,
-                max_abs=max_abs,
-                max_task_drop=max_task_drop,
-                agreement_margin=agreement_margin,
-            ).items()
-            if v is not None
-        },
-    )
-    tol.check_domains()
-    if count < 1 or batch_size < 1:
+    tol = replace(DEFAULT_TOLERANCES.get(manifest.precision, DEFAULT_TOLERANCES["fp32"]), **opts.tolerance_overrides())
+    if count < 1:
         raise UserError("--count and --batch-size must be positive")
-    if provider is not None:
+    if opts.provider is not None:
         if providers is not None:
             raise UserError("pass either provider or providers, not both")
-        providers = _resolve_provider(provider)
+        providers = _resolve_provider(opts.provider)
     ref_pkg, ref_name, same_weights = _resolve_reference(reference, manifest)
     _check_front_end(manifest, ref_pkg, ref_name)
-    teacher_pkg, teacher_name = None, None
-    if teacher is not None:
-        from .source import resolve_source
-
-        t = resolve_source(teacher)
-        teacher_pkg, teacher_name = t.package, t.spec
+    teacher_pkg, teacher_name = _resolve_teacher(teacher)
     skipped: list[dict[str, str]] = []
     notes = [] if same_weights else ["the reference's weights differ from the bundle's source weights (sha256)"]
-    artifacts = _artifact_runtimes(bundle, manifest, device, providers, skipped)
+    artifacts = _artifact_runtimes(bundle, manifest, opts.device, providers, skipped)
     try:
         inp, t_inp, data_name, n = _load_inputs(
             data,
@@ -389,48 +364,29 @@ def run_parity(
             teacher_pkg,
             progress,
         )
-        _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
-        _check_tokens(inp, ref_pkg, ref_name)
-        with open_runtime(ref_pkg, backend="pyt", normalize=manifest.normalized) as ref_rt:
-            ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
-        ref_tasks = _tasks(ref, inp, None)
-        ref_preds = (ref.retrieval(), ref.zero_shot(inp.labels))
-        results, checks = [], []
-        for name, rt in artifacts:
-            bs = min(batch_size, rt.input_spec().max_batch or batch_size)
-            emb = _Embeddings(rt, inp, bs, name, progress)
-            result, found = _compare(name, rt, emb, ref, inp, tol)
-            results.append(result)
-            checks += found
+        ref, results, checks = _measure(artifacts, inp, ref_pkg, ref_name, manifest, tol, opts.batch_size, progress)
     finally:
         for _, rt in artifacts:
             rt.close()
+    ref_preds = (ref.retrieval(), ref.zero_shot(inp.labels))
     teacher_view = (
-        _teacher_view(teacher_pkg, teacher_name, t_inp, ref, ref_preds, batch_size, progress)
+        _teacher_view(teacher_pkg, teacher_name, t_inp, ref, ref_preds, opts.batch_size, progress)
         if t_inp is not None
         else None
     )
     if data_name == "random":
         notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
     quality, warnings = _data_quality(inp)
-    notes += warnings
-    for r in results:
-        if r.batch_invariant is False:
-            notes.append(
-                f"{r.name} {r.precision}: an input's embedding changes with its batch-mates (max abs "
-                f"{max(r.batch_invariance.values()):.2g} > {BATCH_INVARIANT_MAX_ABS:g})"
-                + (": dynamic int8 quantises activations per batch" if r.precision == "int8-dynamic" else "")
-                + "; build retrieval indexes with a batch-invariant precision (fp32, fp16, static int8)"
-            )
+    notes += warnings + _batch_invariance_notes(results)
     return ParityReport(
         str(bundle),
-        precision,
+        manifest.precision,
         ref_name,
         data_name,
         n,
         manifest.normalized,
         tol,
-        ref_tasks,
+        _tasks(ref, inp, None),
         results,
         checks,
         teacher_view,
@@ -439,6 +395,51 @@ def run_parity(
         quality,
         host=probe_host(),
     )
+
+
+def _resolve_teacher(teacher: Any) -> tuple[Any, str | None]:
+    if teacher is None:
+        return None, None
+    from .source import resolve_source
+
+    t = resolve_source(teacher)
+    return t.package, t.spec
+
+
+def _measure(
+    artifacts: list[tuple[str, Runtime]],
+    inp: _Inputs,
+    ref_pkg: Any,
+    ref_name: str,
+    manifest: Any,
+    tol: Tolerance,
+    batch_size: int,
+    progress: bool,
+) -> tuple[_Embeddings, list[ArtifactResult], list[Check]]:
+    """The reference's embeddings, then each artifact's, compared with them."""
+    _check_vocab(inp.tokens, ref_pkg.shape.text.vocab_size, "bundle")
+    _check_tokens(inp, ref_pkg, ref_name)
+    with open_runtime(ref_pkg, backend="pyt", normalize=manifest.normalized) as ref_rt:
+        ref = _Embeddings(ref_rt, inp, batch_size, "pytorch", progress)
+    results, checks = [], []
+    for name, rt in artifacts:
+        bs = min(batch_size, rt.input_spec().max_batch or batch_size)
+        emb = _Embeddings(rt, inp, bs, name, progress)
+        result, found = _compare(name, rt, emb, ref, inp, tol)
+        results.append(result)
+        checks += found
+    return ref, results, checks
+
+
+def _batch_invariance_notes(results: list[ArtifactResult]) -> list[str]:
+    return [
+        f"{r.name} {r.precision}: an input's embedding changes with its batch-mates (max abs "
+        f"{max(r.batch_invariance.values()):.2g} > {BATCH_INVARIANT_MAX_ABS:g})"
+        + (": dynamic int8 quantises activations per batch" if r.precision == "int8-dynamic" else "")
+        + "; build retrieval indexes with a batch-invariant precision (fp32, fp16, static int8)"
+        for r in results
+        if r.batch_invariant is False
+    ]
 
 
 def _compare(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..common.errors import UserError
 from ..common.io import atomic_write_text, prepare_out_dir, read_json
+from ..common.options import AGREEMENT_MARGIN, PARITY_TOLERANCES
 from ..common.schemas import (
     PARITY_FORMAT,
     PARITY_NAME,
@@ -42,7 +43,8 @@ Count = Annotated[int, Range(0, None)]
 
 @dataclass
 class Tolerance:
-    """What parity demands of an artifact; every field has a domain (``check_domains``)."""
+    """What parity demands of an artifact; every field has a domain (values given by a user are checked as
+    ParityOptions, with their messages)."""
 
     min_cosine: Annotated[float, Range(-1.0, 1.0)]  # per tower, every row
     min_agreement: Fraction | None = None  # top-1 agreement with PyTorch on confident queries
@@ -52,29 +54,11 @@ class Tolerance:
     max_task_drop: Annotated[float, Range(0.0, 100.0)] | None = None
     # Agreement counts only queries whose reference top-1 beats its runner-up by more than this (cosine units);
     # closer ones are near-ties that tiny numeric differences flip, for better or worse.
-    agreement_margin: Annotated[float, Range(0.0, 2.0)] = 0.01
+    agreement_margin: Annotated[float, Range(0.0, 2.0)] = AGREEMENT_MARGIN
     confidence: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.95  # of the task intervals
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def check_domains(self) -> None:
-        """One clear error per value outside its domain, in the CLI's words (e.g. --min-cosine 7, or agreement
-        given in percent); the same domains as the field types, which guard files."""
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise UserError(f"--min-cosine must be a cosine similarity in [-1, 1], got {self.min_cosine:g}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            pct = 1 < self.min_agreement <= 100
-            hint = f" (write {self.min_agreement / 100:g} for {self.min_agreement:g}%)" if pct else ""
-            raise UserError(f"--min-agreement must be a fraction in [0, 1]{hint}, got {self.min_agreement:g}")
-        if self.max_abs is not None and not (self.max_abs >= 0 and math.isfinite(self.max_abs)):
-            raise UserError(f"--max-abs must be a finite number >= 0, got {self.max_abs:g}")
-        if self.max_task_drop is not None and not 0.0 <= self.max_task_drop <= 100.0:
-            raise UserError(f"--max-task-drop is in accuracy points, from 0 to 100, got {self.max_task_drop:g}")
-        if not 0.0 <= self.agreement_margin <= 2.0:
-            raise UserError(f"--agreement-margin is a cosine-similarity gap in [0, 2], got {self.agreement_margin:g}")
-        if not 0.0 < self.confidence < 1.0:
-            raise UserError(f"confidence must be in (0, 1), got {self.confidence:g}")
 
 
 def output_names() -> list[str]:
@@ -83,15 +67,8 @@ def output_names() -> list[str]:
 
 
 # Embedding checks for every precision; task checks (points of R@1 / zero-shot top-1 that may be lost, and only
-# when the loss is significant) and confident-query agreement for the lossy ones. The numbers and why:
-# docs/EXPORT.md, "Parity".
-DEFAULT_TOLERANCES = {
-    "fp32": Tolerance(0.9999, max_task_drop=0.5),
-    "fp16": Tolerance(0.999, max_task_drop=1.0),
-    "int8": Tolerance(0.99, 0.97, max_task_drop=2.0),
-    "int8-dynamic": Tolerance(0.99, 0.97, max_task_drop=2.0),
-    "fp8": Tolerance(0.99, 0.97, max_task_drop=2.0),  # the same gates as int8
-}
+# when the loss is significant) and confident-query agreement for the lossy ones: common/options.py's table.
+DEFAULT_TOLERANCES = {precision: Tolerance(**gates) for precision, gates in PARITY_TOLERANCES.items()}
 BATCH_INVARIANT_MAX_ABS = 1e-5  # embeddings at batch 1 and batch N closer than this count as batch-invariant
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import click
 import pytest
@@ -15,12 +16,22 @@ from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.common.options import BenchOptions, ExportOptions, resolve_options
 from tinyclip_edge.compress.recipe import BenchCfg, ExportCfg, load_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Flags that are no option of the schema, and why: where the output goes, how it is shown, per-call targets,
 # and the engine build (--format engine; build_engines takes those itself).
 EXPORT_CLI_ONLY = {"fmt", "out", "quiet", "precision", "batch", "workspace", "dla", "timing_cache"}
 BENCH_CLI_ONLY = {"out", "quiet"}
 # Fields only a recipe has: what the pipeline exports and times, and its parity step.
-EXPORT_RECIPE_ONLY = {"precisions", "models", "parity", "parity_data", "parity_count", "on_parity_failure"}
+EXPORT_RECIPE_ONLY = {
+    "precisions",
+    "models",
+    "parity",
+    "parity_data",
+    "parity_count",
+    "parity_options",
+    "on_parity_failure",
+}
 BENCH_RECIPE_ONLY = {"precisions"}
 
 
@@ -99,3 +110,69 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert r.exit_code == 1 and "option '--seconds' must be a number > 0, got -1.0" in r.output
     r = CliRunner().invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "b"), "--opset", "21"])
     assert r.exit_code == 1 and "exporter torchscript writes opset 20 at most, got opset 21" in r.output
+
+
+# ------------------------------------------------------------------ parity (issue 19)
+PARITY_CLI_ONLY = {"reference", "teacher", "data", "count", "out", "quiet"}  # what and where, per call
+
+
+def test_every_parity_option_has_a_flag_with_the_same_default_and_every_flag_an_option():
+    from tinyclip_edge.cli.export import parity_cmd
+    from tinyclip_edge.common.options import ParityOptions
+
+    flags, fields = _flags(parity_cmd), {f.name for f in dataclasses.fields(ParityOptions)}
+    assert fields - set(flags) == set() and set(flags) - fields == PARITY_CLI_ONLY
+    for name in fields:
+        assert flags[name].default == getattr(ParityOptions(), name), name
+
+
+def test_parity_defaults_are_one_table_rendered_into_the_help_and_the_docs():
+    from tinyclip_edge.cli.export import parity_cmd
+    from tinyclip_edge.common.options import PARITY_TOLERANCES, parity_table, tolerance_defaults
+    from tinyclip_edge.export.bundle import VERIFY_MIN_COSINE
+    from tinyclip_edge.export.report import DEFAULT_TOLERANCES
+
+    assert {p: t.min_cosine for p, t in DEFAULT_TOLERANCES.items()} == {
+        p: g["min_cosine"] for p, g in PARITY_TOLERANCES.items()
+    }
+    assert VERIFY_MIN_COSINE == PARITY_TOLERANCES["fp32"]["min_cosine"]
+    help_text = {p.name: p.help for p in parity_cmd.params if isinstance(p, click.Option)}
+    assert tolerance_defaults("max_task_drop") == "fp32 0.5, fp16 1, int8/int8-dynamic/fp8 2"
+    assert tolerance_defaults("max_task_drop") in help_text["max_task_drop"]
+    assert "fp32/fp16 not checked, int8/int8-dynamic/fp8 0.97" in help_text["min_agreement"]
+    docs = (ROOT / "docs" / "EXPORT.md").read_text()
+    assert parity_table() in docs, "docs/EXPORT.md's table of the checks differs from common/options.py's"
+    # positive control: a changed gate no longer matches the docs
+    changed = {**PARITY_TOLERANCES, "fp16": {**PARITY_TOLERANCES["fp16"], "min_cosine": 0.998}}
+    import tinyclip_edge.common.options as options
+
+    original = options.PARITY_TOLERANCES
+    try:
+        options.PARITY_TOLERANCES = changed
+        assert options.parity_table() not in docs
+    finally:
+        options.PARITY_TOLERANCES = original
+
+
+def test_a_recipe_sets_parity_tolerances_with_the_cli_domains(tmp_path):
+    recipe = load_recipe("quickstart", ["export.parity_options.min_cosine=0.995", "export.parity_options.batch_size=8"])
+    assert recipe.export.parity_options.min_cosine == 0.995 and recipe.export.parity_options.batch_size == 8
+    with pytest.raises(
+        UserError, match=r"'export\.parity_options\.min_agreement' must be a number in \[0, 1\], got 97"
+    ):
+        load_recipe("quickstart", ["export.parity_options.min_agreement=97"])
+    with pytest.raises(UserError, match=r"unknown recipe key 'export\.parity_options\.min_cos'"):
+        load_recipe("quickstart", ["export.parity_options.min_cos=0.9"])
+
+
+def test_the_parity_api_takes_options_and_keyword_fields(tmp_path, tiny_model_dir):
+    from tinyclip_edge.common.options import ParityOptions
+    from tinyclip_edge.export import export_bundle, run_parity
+
+    bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
+    report = run_parity(bundle, ParityOptions(min_cosine=0.5), max_task_drop=3.0, data=None, progress=False)
+    assert report.tolerance.min_cosine == 0.5 and report.tolerance.max_task_drop == 3.0
+    with pytest.raises(UserError, match=r"parity option 'min_cosine' must be a number in \[-1, 1\], got 7"):
+        run_parity(bundle, min_cosine=7, data=None, progress=False)
+    with pytest.raises(TypeError, match="not a field of ParityOptions"):
+        run_parity(bundle, min_cos=0.5, data=None, progress=False)

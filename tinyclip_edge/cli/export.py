@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
-from ..common.options import ExportOptions, cli_name
+from ..common.options import AGREEMENT_MARGIN, ExportOptions, ParityOptions, cli_name, tolerance_defaults
 from ..common.typed import from_dict
 
 _FORMAT_HELP = (
@@ -244,34 +244,48 @@ def _engine(
     click.echo(f"\n{len(engines)} engine(s) written into {bundle}")
 
 
+_PARITY = ParityOptions()  # flag defaults come from the option schema, so they cannot differ
+
+
 @click.command("parity")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--reference", help="PyTorch model to compare with (default: the bundle's source)")
 @click.option("--teacher", help="teacher model dir or open_clip spec, for the compression view")
 @click.option("--data", help="image-caption data (e.g. scenes:val or a CSV); without it, random tensors")
 @click.option("--count", type=int, default=256, show_default=True, help="pairs to read from --data")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--min-cosine", type=float, help="override the per-tower min cosine, in [-1, 1] (default by precision)")
+@click.option("--batch-size", type=int, default=_PARITY.batch_size, show_default=True)
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=_PARITY.min_cosine,
+    help=f"override the per-tower min cosine, in [-1, 1] (default: {tolerance_defaults('min_cosine')})",
+)
 @click.option(
     "--min-agreement",
     type=float,
-    help="override the top-1 agreement threshold on confident queries, a fraction in [0, 1] (default: int8 0.97)",
+    default=_PARITY.min_agreement,
+    help="override the top-1 agreement threshold on confident queries, a fraction in [0, 1] "
+    f"(default: {tolerance_defaults('min_agreement')})",
 )
-@click.option("--max-abs", type=float, help="also require max abs error <= this")
+@click.option("--max-abs", type=float, default=_PARITY.max_abs, help="also require max abs error <= this")
 @click.option(
     "--max-task-drop",
     type=float,
-    help="points of R@1 / zero-shot top-1 an artifact may significantly lose (default: fp32 0.5, fp16 1, int8 2)",
+    default=_PARITY.max_task_drop,
+    help="points of R@1 / zero-shot top-1 an artifact may significantly lose "
+    f"(default: {tolerance_defaults('max_task_drop')})",
 )
 @click.option(
     "--agreement-margin",
     type=float,
+    default=_PARITY.agreement_margin,
     help="agreement counts queries whose reference top-1 beats the "
-    "runner-up by more than this cosine gap (default 0.01)",
+    f"runner-up by more than this cosine gap (default {AGREEMENT_MARGIN:g})",
 )
-@click.option("--device", default="cpu", show_default=True, help="ONNX Runtime device: cpu | cuda | tensorrt")
+@click.option("--device", default=_PARITY.device, show_default=True, help="ONNX Runtime device: cpu | cuda | tensorrt")
 @click.option(
     "--provider",
+    default=_PARITY.provider,
     help="ONNX Runtime execution provider to run the ONNX graphs with (default "
     "CPUExecutionProvider, or what --device picks); overrides --device",
 )
@@ -285,16 +299,9 @@ def parity_cmd(
     teacher: str | None,
     data: str | None,
     count: int,
-    batch_size: int,
-    min_cosine: float | None,
-    min_agreement: float | None,
-    max_abs: float | None,
-    max_task_drop: float | None,
-    agreement_margin: float | None,
-    device: str,
-    provider: str | None,
     out: Path | None,
     quiet: bool,
+    **flags: Any,
 ) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
     from ..common.io import prepare_out_dir
@@ -302,24 +309,13 @@ def parity_cmd(
     from ..export import run_parity
     from ..export.report import output_names
 
+    ParityOptions(**flags).validate_fields("")  # domains first, in the flags' words (click made them numbers)
+    options = from_dict(ParityOptions, flags, label="option", key_format=cli_name)
     _builtin_teachers(reference, teacher)
     if out is not None or Path(bundle).is_dir():  # before the work (a bad BUNDLE gets run_parity's own message)
         prepare_out_dir(out or bundle, output_names(), "parity report", create=False)
     report = run_parity(
-        bundle,
-        reference=reference,
-        teacher=teacher,
-        data=data,
-        count=count,
-        batch_size=batch_size,
-        min_cosine=min_cosine,
-        min_agreement=min_agreement,
-        max_abs=max_abs,
-        max_task_drop=max_task_drop,
-        agreement_margin=agreement_margin,
-        device=device,
-        provider=provider,
-        progress=not quiet,
+        bundle, options, reference=reference, teacher=teacher, data=data, count=count, progress=not quiet
     )
     out = out or bundle
     try:

@@ -93,6 +93,7 @@ def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
                 continue
             rep = run_parity(
                 bundle,
+                cfg.parity_options,
                 reference=model_dir,
                 teacher=teacher if name != "teacher" else None,
                 data=cfg.parity_data or recipe.eval.data or "scenes:val",

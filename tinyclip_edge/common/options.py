@@ -12,6 +12,7 @@ This module is a leaf: the core, ``export`` and ``runtimes`` all import it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -85,6 +86,96 @@ class BenchOptions:
             raise UserError(f"{path + '.' if path else ''}batches must list at least one batch size")
         if len(set(self.batches)) != len(self.batches):  # a cell timed twice, and a speed-up taken from the copy
             raise UserError(f"{path + '.' if path else ''}batches lists a batch size twice: {self.batches}")
+
+
+# The parity gates by bundle precision: the one table. export/report.py makes Tolerances of it, the export's
+# own graph check uses fp32's min cosine, and the parity flags' help and docs/EXPORT.md's table are rendered
+# from it (tests/test_options.py). The numbers and why: docs/EXPORT.md, "Parity".
+PARITY_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"min_cosine": 0.9999, "max_task_drop": 0.5},
+    "fp16": {"min_cosine": 0.999, "max_task_drop": 1.0},
+    "int8": {"min_cosine": 0.99, "min_agreement": 0.97, "max_task_drop": 2.0},
+    "int8-dynamic": {"min_cosine": 0.99, "min_agreement": 0.97, "max_task_drop": 2.0},
+    "fp8": {"min_cosine": 0.99, "min_agreement": 0.97, "max_task_drop": 2.0},  # the same gates as int8
+}
+AGREEMENT_MARGIN = 0.01  # cosine gap: agreement counts queries whose top-1 beats the runner-up by more
+
+
+def tolerance_defaults(key: str) -> str:
+    """A tolerance's defaults by precision, for help texts: 'fp32 0.9999, fp16 0.999, int8/int8-dynamic/fp8 0.99'."""
+    by_value: dict[str, list[str]] = {}
+    for precision, gates in PARITY_TOLERANCES.items():
+        value = gates.get(key)
+        by_value.setdefault("not checked" if value is None else f"{value:g}", []).append(precision)
+    return ", ".join(f"{'/'.join(ps)} {v}" for v, ps in by_value.items())
+
+
+def parity_table() -> str:
+    """docs/EXPORT.md's table of the checks, rendered from PARITY_TOLERANCES (precisions with equal gates
+    share a row)."""
+    rows: dict[tuple, list[str]] = {}
+    for precision, gates in PARITY_TOLERANCES.items():
+        key = (gates["min_cosine"], gates.get("max_task_drop"), gates.get("min_agreement"))
+        rows.setdefault(key, []).append(precision)
+    lines = [
+        "| precision | min cosine (each row, each tower) | task checks: may lose (points) "
+        "| agreement on confident queries |",
+        "|---|---|---|---|",
+    ]
+    for (cos, drop, agree), precisions in rows.items():
+        agreement = "not checked" if agree is None else f"{agree:g}"
+        lines.append(f"| {', '.join(precisions)} | {cos:g} | {drop:g} | {agreement} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class ParityOptions:
+    """How a bundle is checked against PyTorch: the tolerances (None: the bundle precision's gate in
+    PARITY_TOLERANCES) and how its artifacts run. What is checked, on which data and how many pairs, is per
+    call (``parity BUNDLE --data --count``; a recipe's ``export.parity_data`` / ``parity_count``)."""
+
+    min_cosine: Annotated[float, Range(-1, 1)] | None = None  # per tower, every row: a cosine similarity
+    # top-1 agreement with PyTorch on confident queries, a fraction (not percent)
+    min_agreement: Annotated[float, Range(0, 1)] | None = None
+    max_abs: Annotated[float, Range(0, None)] | None = None  # largest absolute difference allowed (off by default)
+    # points of R@1 / zero-shot top-1 an artifact may significantly lose
+    max_task_drop: Annotated[float, Range(0, 100)] | None = None
+    # agreement counts queries whose reference top-1 beats the runner-up by more than this cosine gap
+    agreement_margin: Annotated[float, Range(0, 2)] | None = None
+    batch_size: Annotated[int, Range(1, None)] = 32  # pairs per call
+    device: str = "cpu"  # ONNX Runtime device: cpu | cuda | tensorrt
+    provider: str | None = None  # an ONNX Runtime execution provider; overrides device
+
+    def validate_fields(self, path: str) -> None:
+        """One clear error per value outside its domain, in the caller's words (the CLI's --min-cosine at the
+        top level, a recipe's export.parity_options.min_cosine); agreement given in percent gets a hint. The
+        field types hold the same domains (for files and the recipe table); `parity` runs this first, so its
+        messages say what a flag means."""
+
+        def name(key: str) -> str:
+            return f"{path}.{key}" if path else cli_name(key)
+
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise UserError(f"{name('min_cosine')} must be a cosine similarity in [-1, 1], got {self.min_cosine:g}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            pct = 1 < self.min_agreement <= 100
+            hint = f" (write {self.min_agreement / 100:g} for {self.min_agreement:g}%)" if pct else ""
+            raise UserError(f"{name('min_agreement')} must be a fraction in [0, 1]{hint}, got {self.min_agreement:g}")
+        if self.max_abs is not None and not (self.max_abs >= 0 and math.isfinite(self.max_abs)):
+            raise UserError(f"{name('max_abs')} must be a finite number >= 0, got {self.max_abs:g}")
+        if self.max_task_drop is not None and not 0.0 <= self.max_task_drop <= 100.0:
+            raise UserError(f"{name('max_task_drop')} is in accuracy points, from 0 to 100, got {self.max_task_drop:g}")
+        if self.agreement_margin is not None and not 0.0 <= self.agreement_margin <= 2.0:
+            raise UserError(
+                f"{name('agreement_margin')} is a cosine-similarity gap in [0, 2], got {self.agreement_margin:g}"
+            )
+        if self.batch_size < 1:
+            raise UserError(f"{name('batch_size')} must be positive, got {self.batch_size}")
+
+    def tolerance_overrides(self) -> dict[str, float]:
+        """The tolerances this asks for instead of the precision's defaults."""
+        keys = ("min_cosine", "min_agreement", "max_abs", "max_task_drop", "agreement_margin")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 OptionsT = TypeVar("OptionsT")

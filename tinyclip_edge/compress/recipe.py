@@ -21,7 +21,7 @@ import yaml
 from ..common import typed
 from ..common.devices import DEVICE, require_device
 from ..common.errors import UserError, closest
-from ..common.options import MAX_BATCH, BenchOptions, ExportOptions
+from ..common.options import MAX_BATCH, BenchOptions, ExportOptions, ParityOptions
 from ..common.typed import POSITIVE_INT, Pattern, Range
 from ..common.typed import join_key as _at
 from ..common.vocab import ExportPrecision
@@ -209,6 +209,9 @@ class ExportCfg(ExportOptions):
     parity: bool = True
     parity_data: str | None = None  # default: eval.data
     parity_count: POSITIVE_INT = 256  # pairs read for parity, >= 1
+    # the parity tolerances (null: the precision's defaults) and how the artifacts run: `tinyclip-edge parity`'s
+    # options, same names (min_cosine, min_agreement, max_abs, max_task_drop, agreement_margin, batch_size, ...)
+    parity_options: ParityOptions = field(default_factory=ParityOptions)
     on_parity_failure: Literal["error", "warn"] = "error"  # error (non-zero exit) | warn (report it, go on)
 
     def validate_fields(self, path: str) -> None:
