@@ -32,10 +32,10 @@ FORMATS = {"full-range": False, "reduce-range": True}  # -> export.precision.RED
 
 
 def _package(model: str):
-    from tinyclip_edge.export.source import resolve_source
+    from tinyclip_edge.models.resolve import resolve_model
 
     if Path(model).is_dir():
-        return resolve_source(model).package
+        return resolve_model(model, what="model").package
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_package, pruned_shape
 

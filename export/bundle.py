@@ -34,6 +34,7 @@ from ..common.schemas import (
 from ..common.tokenizers import export_tokenizer
 from ..common.typed import check_value
 from ..common.vocab import TOWERS, ExportPrecision
+from ..models.resolve import ResolvedModel, resolve_model
 from ..runtimes.pyt import placed_model
 from .graphs import (
     EXTERNAL_DATA_THRESHOLD,
@@ -48,7 +49,6 @@ from .graphs import (
 )
 from .precision import QuantOptions, quantize, to_fp16
 from .reader import write_reader
-from .source import Source, resolve_source
 
 DEFAULT_CALIB_COUNT = ExportOptions.calib_count
 # the fresh fp32 graph against PyTorch: fp32's parity gate (common/options.py)
@@ -68,7 +68,7 @@ def check_export_options(precision: str, opts: ExportOptions, towers: Sequence[s
         raise UserError(f"unknown tower(s) {bad or '(none)'}; choose from {', '.join(TOWERS)}")
 
 
-def _check_out(out: Path, source: Source) -> None:
+def _check_out(out: Path, source: ResolvedModel) -> None:
     if source.kind == "model_dir" and out.resolve() == Path(source.spec):
         raise UserError("--out is the model directory itself; choose a different directory for the bundle")
     # re-exporting replaces the whole directory: only what the old manifest lists, unchanged, may go
@@ -160,7 +160,7 @@ def export_bundle(
     towers = tuple(towers)
     opts = resolve_options(ExportOptions, options, option_fields, "export option")
     check_export_options(precision, opts, towers)
-    src = resolve_source(source)
+    src = resolve_model(source, what="model")
     out = Path(out)
     _check_out(out, src)
     pkg = src.package

@@ -26,8 +26,8 @@ from ..common.errors import UserError
 from ..common.integrity import check_replaceable, is_sha256, sha256_file
 from ..common.io import atomic_path, atomic_write_json, save_safetensors
 from ..common.tokenizers import WordTokenizer, describe_bpe, tokenizer_from_config
+from ..models.resolve import resolve_model
 from ..runtimes.pyt import placed_model
-from .source import resolve_source
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -152,7 +152,7 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
     """Write `source` (model dir, open_clip spec or ClipPackage) as an open_clip local-dir folder at `out`."""
     from ..models.openclip import NotConvertible, open_clip_config, to_open_clip
 
-    src = resolve_source(source)
+    src = resolve_model(source, what="model")
     out = Path(out)
     _check_out(out, src.spec)
     pkg = src.package

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from ..common import embeddings as M
 from ..common.errors import UserError
 from ..common.options import ParityOptions, resolve_options
+from ..common.schemas import BundleManifest
+from ..models.resolve import resolve_model
 from ..runtimes import Runtime, open_runtime
-from ..runtimes.bundle import BundleManifest, read_manifest
 from ..runtimes.host import probe_host
 from .report import (
     BATCH_INVARIANT_MAX_ABS,
@@ -188,8 +189,6 @@ def _load_inputs(
 
 def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, str, bool]:
     """(ClipPackage, its name, whether its weights are the bundle's source weights)."""
-    from .source import resolve_source
-
     given = reference
     if reference is None:
         src = manifest.source
@@ -198,7 +197,7 @@ def _resolve_reference(reference: Any, manifest: BundleManifest) -> tuple[Any, s
         reference = src.spec
         if src.kind == "model_dir" and not Path(reference).exists():
             raise UserError(f"the bundle's source model {reference} no longer exists; pass --reference MODEL_DIR")
-    ref = resolve_source(reference)
+    ref = resolve_model(reference, what="model")
     same = ref.sha256 == manifest.source.sha256
     if not same and given is None:
         why = (
@@ -340,7 +339,7 @@ def run_parity(
     """
     opts = resolve_options(ParityOptions, options, overrides, "parity option")
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    manifest = BundleManifest.read(bundle)
     tol = replace(DEFAULT_TOLERANCES.get(manifest.precision, DEFAULT_TOLERANCES["fp32"]), **opts.tolerance_overrides())
     if count < 1:
         raise UserError("--count and --batch-size must be positive")
@@ -400,9 +399,7 @@ def run_parity(
 def _resolve_teacher(teacher: Any) -> tuple[Any, str | None]:
     if teacher is None:
         return None, None
-    from .source import resolve_source
-
-    t = resolve_source(teacher)
+    t = resolve_model(teacher, what="model")
     return t.package, t.spec
 
 

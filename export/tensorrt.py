@@ -42,7 +42,6 @@ from ..common.schemas import (
     EngineSidecar,
 )
 from ..common.vocab import ENGINE_PRECISIONS, TOWERS
-from ..runtimes.bundle import read_manifest, tower_file, write_manifest
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
 from .trt_caps import TrtCaps, probe
 
@@ -78,7 +77,7 @@ def build_engines(
     ``calib``/``calib_count``/``calib_cache`` only matter for implicit int8 from an fp32 bundle (TensorRT proper).
     """
     bundle = Path(bundle_dir)
-    manifest = read_manifest(bundle)
+    manifest = BundleManifest.read(bundle)
     batch = _check_batch(batch)
     _check_towers(towers, manifest, bundle)
     _check_workspace(workspace_mb)
@@ -178,7 +177,7 @@ def _check_towers(towers: tuple[str, ...], manifest: BundleManifest, bundle: Pat
     for t in towers:
         if t not in TOWERS:
             raise UserError(f"unknown tower {t!r}; choose image or text")
-        tower_file(bundle, manifest, t)
+        manifest.tower_path(bundle, t)
 
 
 def _plan(
@@ -296,7 +295,7 @@ class _Job:
     calibrator: Any = field(default=None, init=False)  # the current tower's, when calibrating
 
     def build(self, tower: str) -> dict[str, Any]:
-        onnx_path = tower_file(self.bundle, self.manifest, tower)
+        onnx_path = self.manifest.tower_path(self.bundle, tower)
         logger = self.lib.logger("ERROR")
         builder, network, parser = self._parse(onnx_path, logger)
         inputs, outputs = _io(network), _io(network, outputs=True)
@@ -524,4 +523,4 @@ def _record_in_manifest(bundle: Path, manifest: BundleManifest, entries: list[di
         manifest.record_file(bundle, e["engine"] + SIDECAR_SUFFIX)
         if (bundle / f"{e['tower']}.calib.cache").is_file():  # TensorRT's int8 calibration, written into the bundle
             manifest.record_file(bundle, f"{e['tower']}.calib.cache")
-    write_manifest(bundle, manifest)
+    manifest.write(bundle)

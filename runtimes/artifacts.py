@@ -15,7 +15,6 @@ from ..common.errors import UserError
 from ..common.schemas import WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
 from ..common.vocab import TOWERS
 from .base import KIND_BACKENDS, Runtime, artifact_kind
-from .bundle import read_manifest
 
 
 @dataclass
@@ -146,7 +145,7 @@ def _engine_info(path: Path, name: str | None = None) -> ArtifactInfo:
 
 
 def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
-    manifest = read_manifest(path)
+    manifest = BundleManifest.read(path)
     if backend == "trt":
         engines = bundle_engines(path, manifest)
         parts = [_engine_info(manifest.engine_path(path, t)) for t in engines]
@@ -178,7 +177,7 @@ def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
 
 def bundle_engines(path: Path, manifest: BundleManifest | None = None) -> dict[str, Any]:
     """The manifest's engine entries (tower -> EngineEntry); an error when none were built."""
-    engines = (manifest or read_manifest(path)).engines
+    engines = (manifest or BundleManifest.read(path)).engines
     if not engines:
         raise UserError(
             f"{path} has no TensorRT engines; build them on this device with "

@@ -18,10 +18,9 @@ import numpy as np
 
 from ..common.errors import MissingDependency, UserError
 from ..common.integrity import check_onnx_external_data
-from ..common.schemas import BundleManifest
+from ..common.schemas import BundleManifest, is_bundle
 from ..common.vocab import TOWERS
 from .base import InputSpec, Runtime, RuntimeInputError, register_backend
-from .bundle import is_bundle, read_manifest, tower_file
 from .host import warn_isa_mismatch_once
 
 SHORT_PROVIDERS = {
@@ -278,9 +277,9 @@ def open_onnxrt(
     )
     manifest: BundleManifest | None = None
     if path.is_dir() or is_bundle(path):
-        manifest = read_manifest(path)
+        manifest = BundleManifest.read(path)
         wanted = towers or tuple(t for t in TOWERS if t in manifest.towers)
-        sessions = {t: create_session(tower_file(path, manifest, t), **opts) for t in wanted}
+        sessions = {t: create_session(manifest.tower_path(path, t), **opts) for t in wanted}
         base_dir, name = path, path.name
     elif path.suffix == ".onnx" and path.is_file():
         sess = create_session(path, **opts)

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.schemas import ENGINE_SUFFIXES, EngineSidecar
+from ..common.schemas import ENGINE_SUFFIXES, BundleManifest, EngineSidecar, is_bundle
 from ..common.vocab import TOWERS
 from .artifacts import bundle_engines, read_sidecar
 from .base import InputSpec, Runtime, register_backend
-from .bundle import is_bundle, read_manifest
 from .trtlib import TrtLib, dtype_name, load_tensorrt
 
 _TOWER_OF_INPUT = {"images": "image", "tokens": "text"}
@@ -195,7 +194,7 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
         t = side.tower if side else tower or "unknown"
         found = {t: (path, side)}
     elif is_bundle(path):
-        manifest = read_manifest(path)
+        manifest = BundleManifest.read(path)
         engines = bundle_engines(path, manifest)
         found = {t: (manifest.engine_path(path, t), read_sidecar(manifest.engine_path(path, t))) for t in engines}
     else:

@@ -16,6 +16,8 @@ from _interop_helpers import bpe_package
 from PIL import Image
 from test_interop_preprocess import make_image
 
+from tinyclip_edge.common.schemas import BundleManifest
+
 pytest.importorskip("onnxruntime")
 
 CAPTIONS = [
@@ -282,7 +284,6 @@ def test_an_edited_manifest_is_refused_by_the_reader_and_the_runtime(bundles, tm
 def test_a_manifest_that_drops_its_runtime_record_is_refused(bundles, tmp_path: Path) -> None:
     from tinyclip_edge.common.clip_bundle import Bundle
     from tinyclip_edge.common.errors import UserError
-    from tinyclip_edge.runtimes.bundle import read_manifest
 
     bundle = _copy(bundles["words"], tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -291,7 +292,7 @@ def test_a_manifest_that_drops_its_runtime_record_is_refused(bundles, tmp_path: 
     with pytest.raises(ValueError, match="lacks runtime.json"):
         Bundle(bundle)
     with pytest.raises(UserError, match="lacks runtime.json"):
-        read_manifest(bundle)
+        BundleManifest.read(bundle)
 
 
 def _shuffle_merges(path: Path) -> None:
@@ -409,7 +410,6 @@ def test_format_2_bundles_are_still_read(bundles, tmp_path: Path) -> None:
     """Bundles exported before runtime.json (format 2) open in the toolkit and the reader, unchecked mirror and
     all (docs/FORMATS.md says so); the same edit on format 3 is refused (the positive control above)."""
     from tinyclip_edge.common.clip_bundle import Bundle
-    from tinyclip_edge.runtimes.bundle import read_manifest
 
     bundle = _copy(bundles["words"], tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -417,7 +417,7 @@ def test_format_2_bundles_are_still_read(bundles, tmp_path: Path) -> None:
     del manifest["files"]["runtime.json"]
     (bundle / "runtime.json").unlink()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert read_manifest(bundle).format_version == 2
+    assert BundleManifest.read(bundle).format_version == 2
     np.testing.assert_array_equal(
         Bundle(bundle).tokenize("a red circle"), Bundle(bundles["words"]).tokenize("a red circle")
     )

@@ -156,11 +156,10 @@ def test_local_dir_with_safetensors_loads(tmp_path):
 def test_one_resolver_for_model_dirs(tiny_model_dir):
     from tinyclip_edge.common.integrity import sha256_file
     from tinyclip_edge.compress.teacher import resolve_teacher
-    from tinyclip_edge.export.source import resolve_source
 
     got = resolve.resolve_model(tiny_model_dir)
     assert got.kind == "model_dir" and got.sha256 == sha256_file(tiny_model_dir / "model.safetensors")
-    assert resolve_source(tiny_model_dir).sha256 == got.sha256
+    assert resolve.resolve_model(tiny_model_dir, what="model").sha256 == got.sha256
     assert resolve_teacher(str(tiny_model_dir)).shape == got.package.shape
 
 

@@ -13,6 +13,7 @@ import pytest
 from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, reseal, unsupported_onnx
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.schemas import BundleManifest
 from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
 from tinyclip_edge.export.trt_caps import probe
 from tinyclip_edge.runtimes.artifacts import inspect_artifact
@@ -272,10 +273,9 @@ def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precisio
     """fp16 / QDQ bundles keep LayerNorm, softmax and reductions in fp32: a strongly typed network keeps every
     tensor's ONNX type, where a weakly typed one with the FP16 flag lets TensorRT run them in fp16."""
     bundle = copy_bundle(bundles[precision], tmp_path / precision)
-    from tinyclip_edge.runtimes.bundle import read_manifest
 
     lib = load_tensorrt()
-    manifest = read_manifest(bundle)
+    manifest = BundleManifest.read(bundle)
     caps = probe(lib)
     plan = _plan(caps, precision, None, None, None)
     assert plan.strongly_typed and plan.flags == []
@@ -307,10 +307,9 @@ def test_tensorrt_proper_uses_strong_typing_where_it_has_it():
 
 def test_calibration_data_is_read_and_checked_before_building(bundles):
     from tinyclip_edge.export.calibrator import calibration_batches
-    from tinyclip_edge.runtimes.bundle import read_manifest
 
     bundle = bundles["fp32"]
-    manifest = read_manifest(bundle)
+    manifest = BundleManifest.read(bundle)
     context = json.loads((bundle / "manifest.json").read_text())["context_length"]
     image = {"name": "images", "dtype": "float32", "shape": [-1, 3, 32, 32]}
     text = {"name": "tokens", "dtype": "int32", "shape": [-1, context]}

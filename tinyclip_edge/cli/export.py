@@ -151,9 +151,9 @@ def export_cmd(
         exporter=exporter,
     )
     bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
-    from ..runtimes.bundle import read_manifest
+    from ..common.schemas import BundleManifest
 
-    m = read_manifest(bundle)
+    m = BundleManifest.read(bundle)
     rows = []
     for tower, t in m.to_dict()["towers"].items():
         d = m.precision_details.get(tower, {})
@@ -207,9 +207,9 @@ def _engine(
     calib: str | None,
     calib_count: int,
 ) -> None:
-    from ..runtimes.bundle import read_manifest
+    from ..common.schemas import BundleManifest
 
-    read_manifest(bundle)  # a clear error when SOURCE is not a bundle
+    BundleManifest.read(bundle)  # a clear error when SOURCE is not a bundle
     try:
         from ..export.tensorrt import build_engines
     except ModuleNotFoundError as e:
