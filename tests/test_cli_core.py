@@ -229,3 +229,22 @@ def test_quickstart_refuses_a_run_dir_override_it_would_ignore(tmp_path):
     r = invoke("quickstart", f"run_dir={tmp_path / 'x'}")
     assert_one_line_error(r, "--run-dir DIR, not from a run_dir=DIR override")
     assert not (tmp_path / "x").exists()
+
+
+def test_every_command_that_writes_a_run_takes_the_same_options(tmp_path, teacher_dir, monkeypatch):
+    from click.testing import CliRunner
+    from conftest import FAST_QUICKSTART
+
+    from tinyclip_edge.cli import main
+    from tinyclip_edge.cli.train import compress, run_cmd
+
+    def params(cmd):
+        return [(p.name, p.opts, getattr(p, "help", None)) for p in cmd.params]
+
+    assert params(run_cmd) == params(compress) and "run_dir" in dict((n, o) for n, o, _ in params(run_cmd))
+    monkeypatch.chdir(tmp_path)  # the default run directory would be ./runs/quickstart
+    out = tmp_path / "elsewhere"
+    args = ["run", "quickstart", "--run-dir", str(out), f"teacher={teacher_dir}", *FAST_QUICKSTART]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "recipe.yaml").is_file() and not (tmp_path / "runs").exists()

@@ -64,19 +64,32 @@ def _recipe_for(
     return load_recipe(recipe, [*overrides, *extra])
 
 
+def _run_options(fn: click.Command) -> click.Command:
+    """The arguments and options of every command that writes a run (compress, run): same names, same meaning."""
+    fn = _opt_ins(fn)
+    for deco in reversed(
+        [
+            click.argument("recipe", required=False),
+            click.argument("overrides", nargs=-1),
+            click.option(
+                "--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME."
+            ),
+            click.option(
+                "--resume",
+                "resume_dir",
+                type=click.Path(file_okay=False),
+                help="Continue the run in this directory (uses the recipe saved there).",
+            ),
+            click.option("--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
 @_command
 @click.command()
-@click.argument("recipe", required=False)
-@click.argument("overrides", nargs=-1)
-@click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
-@click.option(
-    "--resume",
-    "resume_dir",
-    type=click.Path(file_okay=False),
-    help="Continue the run in this directory (uses the recipe saved there).",
-)
-@click.option("--run-dir", help="Where to write the run (default: runs/<recipe name>).")
-@_opt_ins
+@_run_options
 def compress(
     recipe: str | None,
     overrides: tuple[str, ...],
@@ -127,21 +140,13 @@ def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
 
 @_command
 @click.command("run")
-@click.argument("recipe", required=False)
-@click.argument("overrides", nargs=-1)
-@click.option("--teacher", help="Teacher: open_clip NAME[:TAG|:CKPT], hf-hub:ID, a model directory, or builtin:NAME.")
-@click.option(
-    "--resume",
-    "resume_dir",
-    type=click.Path(file_okay=False),
-    help="Continue the run in this directory (uses the recipe saved there).",
-)
-@_opt_ins
+@_run_options
 def run_cmd(
     recipe: str | None,
     overrides: tuple[str, ...],
     teacher: str | None,
     resume_dir: str | None,
+    run_dir: str | None,
     allow_remote_data: bool,
     trust_detector: bool,
 ) -> None:
@@ -151,7 +156,7 @@ def run_cmd(
 
     _logging()
     with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
-        rec = _recipe_for(recipe, overrides, teacher, resume_dir, None)
+        rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
         result = run_recipe(rec, resume=bool(resume_dir), new_lr=bool(resume_dir))
     click.echo(
         f"done: report in {result.run.run_dir / 'report.md'}"
