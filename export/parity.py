@@ -343,10 +343,7 @@ def run_parity(
     tol = replace(DEFAULT_TOLERANCES.get(manifest.precision, DEFAULT_TOLERANCES["fp32"]), **opts.tolerance_overrides())
     if count < 1:
         raise UserError("--count and --batch-size must be positive")
-    if opts.provider is not None:
-        if providers is not None:
-            raise UserError("pass either provider or providers, not both")
-        providers = _resolve_provider(opts.provider)
+    providers = _providers(opts.provider, providers)
     ref_pkg, ref_name, same_weights = _resolve_reference(reference, manifest)
     _check_front_end(manifest, ref_pkg, ref_name)
     teacher_pkg, teacher_name = _resolve_teacher(teacher)
@@ -377,23 +374,16 @@ def run_parity(
         notes.append("no --data: random inputs, so embeddings only (no retrieval, zero-shot or teacher view)")
     quality, warnings = _data_quality(inp)
     notes += warnings + _batch_invariance_notes(results)
-    return ParityReport(
-        str(bundle),
-        manifest.precision,
-        ref_name,
-        data_name,
-        n,
-        manifest.normalized,
-        tol,
-        _tasks(ref, inp, None),
-        results,
-        checks,
-        teacher_view,
-        skipped,
-        notes,
-        quality,
-        host=probe_host(),
-    )
+    head = (str(bundle), manifest.precision, ref_name, data_name, n, manifest.normalized, tol, _tasks(ref, inp, None))
+    return ParityReport(*head, results, checks, teacher_view, skipped, notes, quality, host=probe_host())
+
+
+def _providers(provider: str | None, providers: list[str] | None) -> list[str] | None:
+    if provider is None:
+        return providers
+    if providers is not None:
+        raise UserError("pass either provider or providers, not both")
+    return _resolve_provider(provider)
 
 
 def _resolve_teacher(teacher: Any) -> tuple[Any, str | None]:

@@ -36,3 +36,65 @@ def test_the_gate_fails_on_bad_code(tmp_path):
     (tmp_path / "bad.py").write_text("import os\nx = {'a':1}\n")
     assert _ruff("check", "--no-cache", ".", cwd=tmp_path).returncode != 0
     assert _ruff("format", "--no-cache", "--check", ".", cwd=tmp_path).returncode != 0
+
+
+# ------------------------------------------------------------------ function length (issue 19)
+MAX_FUNCTION_LINES = 60  # def line to last line; a longer function is split into named steps
+# The functions still over it, to be split; the list may only shrink (a function split below the limit must
+# leave it, and no other function may join it).
+LONG_FUNCTIONS = {
+    "benchmarks/compression.py::main",
+    "benchmarks/data_cpu.py::main",
+    "benchmarks/int8_isa.py::main",
+    "benchmarks/int8_patch_embedding.py::main",
+    "benchmarks/objectives.py::main",
+    "benchmarks/throughput.py::run_config",
+    "benchmarks/train_throughput.py::main",
+    "export/bundle.py::export_bundle",
+    "export/fp8.py::quantize_fp8",
+    "export/open_clip_dir.py::export_open_clip",
+    "export/tensorrt.py::build_engines",
+    "runtimes/bench.py::run_bench",
+    "tinyclip_edge/cli/export.py::export_cmd",
+    "tinyclip_edge/common/typed.py::check_value",
+    "tinyclip_edge/compress/runner.py::__init__",
+    "tinyclip_edge/compress/runner.py::batches",
+    "tinyclip_edge/compress/runner.py::run_stage",
+    "tinyclip_edge/compress/teacher_cache.py::build_teacher_cache",
+    "tinyclip_edge/compress/trainer.py::nonfinite_cause",
+    "tinyclip_edge/compress/trainer.py::train_stage",
+    "tinyclip_edge/data/build.py::build_shards",
+    "tinyclip_edge/data/regions.py::detect_regions",
+}
+
+
+def long_functions(root: Path, folders: tuple[str, ...]) -> dict[str, int]:
+    """'path::name' -> lines, for every function longer than MAX_FUNCTION_LINES under root/folders."""
+    import ast
+
+    out = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        out[f"{path.relative_to(root).as_posix()}::{node.name}"] = lines
+    return out
+
+
+def test_no_function_joins_the_long_ones_and_split_ones_leave_the_list():
+    found = long_functions(ROOT, ("tinyclip_edge", "export", "runtimes", "benchmarks"))
+    new = {k: v for k, v in found.items() if k not in LONG_FUNCTIONS}
+    assert not new, f"functions over {MAX_FUNCTION_LINES} lines: {new}; split them into named steps"
+    assert not LONG_FUNCTIONS - set(found), (
+        f"now short enough, remove from LONG_FUNCTIONS: {LONG_FUNCTIONS - set(found)}"
+    )
+
+
+def test_the_length_check_counts_a_function_one_line_over(tmp_path):
+    # positive control: 61 lines are found, 60 are not
+    body = "\n".join(f"    x{i} = {i}" for i in range(59))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(f"def long():\n{body}\n    return 0\n\n\ndef short():\n{body}\n")
+    assert long_functions(tmp_path, ("pkg",)) == {"pkg/m.py::long": 61}
