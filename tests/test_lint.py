@@ -62,7 +62,6 @@ LONG_FUNCTIONS = {
     "tinyclip_edge/compress/runner.py::run_stage",
     "tinyclip_edge/compress/teacher_cache.py::build_teacher_cache",
     "tinyclip_edge/compress/trainer.py::nonfinite_cause",
-    "tinyclip_edge/compress/trainer.py::train_stage",
     "tinyclip_edge/data/build.py::build_shards",
     "tinyclip_edge/data/regions.py::detect_regions",
 }

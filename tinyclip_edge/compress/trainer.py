@@ -476,173 +476,228 @@ def train_stage(
     workers: int = 0,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
-    # what one micro-batch needs, bounded before anything is allocated (the runner checks every stage earlier)
-    check_step_memory(task.shape, cfg, device, dist.world_size())
-    if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
-        t_dim = teacher_embed_dim(teacher)
-        task.objective = Objective(losses, task.shape.embed_dim, t_dim)
-    task.to(device).train()
-    net = dist.wrap(task, device)  # DDP under torchrun; net(images, ids, step) runs task.forward
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    optimizers = task.optimizers(cfg, device)
-    state = TrainState()
-    if resume is not None:
-        opt_state, state = resume
-        for o, s in zip(optimizers, opt_state["optimizers"]):
-            base = [g["base_lr"] for g in o.param_groups]
-            o.load_state_dict(s)
-            # the recipe's learning rates, not the checkpoint's: `--resume` may lower them (the same on a plain resume)
-            for g, lr in zip(o.param_groups, base):
-                g["base_lr"] = lr
-    accum = cfg.grad_accum
-    amp = autocast_for(device, cfg.precision)
-    main = dist.is_main()  # rank 0 alone logs and checkpoints
-    if main:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        trim_metrics(metrics_path, label, state.step)
-    loader = batch_loader(batches, state.step * accum, cfg.steps * accum, workers, pin_memory=device.type == "cuda")
-    net, teacher_fwd = step_functions(net, task, teacher, cfg, device, label)  # eager, or torch.compile'd
-    # in a log file (CI, nohup) a bar redrawn every step would bury everything else
-    bar = tqdm(
-        total=cfg.steps,
-        initial=state.step,
-        desc=label,
-        unit="step",
-        dynamic_ncols=True,
-        leave=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30,
-        disable=not main,
-    )
-    t0, samples0 = time.perf_counter(), state.samples
-    # appended in place, so opened through open_inside: never through a link out of the run directory
-    log_file = os.fdopen(open_inside(metrics_path.parent, metrics_path), "a", encoding="utf-8") if main else None
-    updated = False  # whether this process has applied an optimiser step (divergence before one is not the lr)
-    with _StopFlag() as stop, log_file or open(os.devnull, "a", encoding="utf-8") as mlog:
+    """Train `task` for the stage's steps (from `resume`'s step): per step, the learning rate, grad_accum
+    micro-batches, one optimiser update, the task's own after-step work, a metrics line and a checkpoint
+    every so often. A stop (Ctrl-C, SIGTERM, any rank's) checkpoints and raises Interrupted."""
+    run = _Loop(task, teacher, batches, cfg, losses, device, ckpt_dir, label, resume, workers)
+    state, metrics = run.state, run.open_metrics(metrics_path)  # data workers start before the stop handler
+    with _StopFlag() as stop, metrics as mlog:
         while state.step < cfg.steps:
             step = state.step
-            at_start = (state.samples, state.skipped)
-            for o in optimizers:
-                for g in o.param_groups:  # masks and Lagrange multipliers keep a constant rate
-                    g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, cfg))
-            logs: dict[str, float] = {}
-            n_micro, synced = 0, False
-            abandoned = False
-            for micro in range(accum):
-                if micro and stop.set and dist.world_size() == 1:
-                    abandoned = True  # a stop between micro-batches: drop the step, keep the last whole one
-                    break
-                batch = next(loader)
-                # global counts, so every rank skips (or not) the same micro-batches; and any rank's stop
-                n, skipped, stops = dist.all_sum(len(batch["images"]), batch["skipped"], int(stop.set))
-                if micro and stops:
-                    abandoned = True
-                    break
-                state.skipped += skipped
-                if batch["skipped"]:
-                    log.warning(
-                        "skipped %d unreadable image(s) (e.g. %s); %d so far",
-                        batch["skipped"],
-                        batch["skip_examples"][0],
-                        state.skipped,
-                    )
-                if n < 2:  # a contrastive batch needs at least two pairs
-                    continue
-                # uint8 batches are normalised here, on the device; any Dataset of float batches works too
-                images = to_device_images(batch["images"], getattr(batches, "preprocess", None), device)
-                ids = batch["ids"].to(device, non_blocking=True)
-                last = micro == accum - 1  # DDP all-reduces the accumulated gradients in the last backward only
-                with dist.no_sync(net) if not last else nullcontext():
-                    cached = (
-                        tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
-                        if "teacher_image" in batch
-                        else None
-                    )
-                    loss, part = step_loss(
-                        net,
-                        teacher_fwd,
-                        losses,
-                        images,
-                        ids,
-                        step,
-                        amp,
-                        cached,
-                        micro,
-                        task.objective,
-                        batch if task.wants_batch else None,
-                    )
-                    if not torch.isfinite(loss):
-                        what, fix = nonfinite_cause(
-                            task, teacher, batch, images, ids, part, losses, step, micro, updated
-                        )
-                        raise _diverged(label, what, step, ckpt_dir, fix)
-                    (loss / accum).backward()
-                synced |= last
-                n_micro += 1
-                state.samples += n
-                for k, v in part.items():
-                    logs[k] = logs.get(k, 0.0) + v
-            if abandoned:
-                for o in optimizers:
-                    o.zero_grad(set_to_none=True)
-                state.samples, state.skipped = at_start
-                if main:
-                    save_checkpoint(ckpt_dir, task, optimizers, state)
-                bar.close()
-                raise Interrupted(
-                    f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; continue with --resume"
-                )
-            if n_micro and not synced:  # the window's last micro-batch was empty everywhere
-                dist.average_gradients(list(task.parameters()))
-            if n_micro:
-                # the step's gradient and logged values are means over the micro-batches that ran: a skipped
-                # one (fewer than two readable pairs) must not shrink them (each backward above used 1/accum)
-                logs = {k: v / n_micro for k, v in logs.items()}
-                if n_micro < accum:
-                    _rescale_grads(optimizers, accum / n_micro)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(task.clip_parameters(), cfg.grad_clip)
-                for o in optimizers:
-                    try:
-                        o.step()
-                    except RuntimeError as e:  # Adam raises this when lr/moments leave float32's range
-                        if "overflow" not in str(e):
-                            raise
-                        raise _diverged(label, f"an optimiser step overflowed ({e})", step, ckpt_dir) from None
-                updated = True
-            for o in optimizers:
-                o.zero_grad(set_to_none=True)
+            run.set_lr(step)
+            logs, n_micro, synced = run.accumulate(step, stop)
+            logs = run.update(logs, n_micro, synced, step)
             logs.update(task.after_step(step))
             bad = task.check_finite()
             if bad:
                 raise _diverged(label, bad, step, ckpt_dir)
             state.step += 1
-            bar.update(1)
-            if main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
-                rate = (state.samples - samples0) / max(1e-9, time.perf_counter() - t0)
-                rec = {
-                    "stage": label,
-                    "step": state.step,
-                    "lr": optimizers[0].param_groups[0]["lr"],
-                    "samples": state.samples,
-                    "elapsed_s": round(time.perf_counter() - t0, 3),
-                    "samples_per_s": round(rate, 1),
-                    "skipped": state.skipped,
-                    **{k: round(v, 5) for k, v in logs.items()},
-                }
-                mlog.write(json.dumps(rec) + "\n")
-                mlog.flush()
-                bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
+            run.bar.update(1)
+            if run.main and (state.step % cfg.log_every == 0 or state.step == cfg.steps):
+                run.log(mlog, logs)
             # a stop asked of any rank stops all of them at this same step (one tiny all-reduce)
             stopping = dist.all_sum(int(stop.set))[0] > 0 if dist.world_size() > 1 else stop.set
-            if main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stopping):
-                save_checkpoint(ckpt_dir, task, optimizers, state)
+            if run.main and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stopping):
+                save_checkpoint(ckpt_dir, task, run.optimizers, state)
             if on_step is not None:
                 on_step(state)
             if stopping:
-                bar.close()
-                raise Interrupted(
-                    f"interrupted: {label} checkpointed at step {state.step}/{cfg.steps}; continue with --resume"
+                run.interrupted()
+    run.bar.close()
+    return state
+
+
+class _Loop:
+    """train_stage's state and the steps it reads as one line each: setup, the learning rate, a step's
+    micro-batches, the optimiser update, a metrics line, an interruption."""
+
+    def __init__(
+        self,
+        task: StageTask,
+        teacher: ClipModel | None,
+        batches: TrainBatches,
+        cfg: StageCfg,
+        losses: list[LossSpec],
+        device: torch.device,
+        ckpt_dir: Path,
+        label: str,
+        resume: tuple[dict[str, Any], TrainState] | None,
+        workers: int,
+    ) -> None:
+        # what one micro-batch needs, bounded before anything is allocated (the runner checks every stage earlier)
+        check_step_memory(task.shape, cfg, device, dist.world_size())
+        if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
+            task.objective = Objective(losses, task.shape.embed_dim, teacher_embed_dim(teacher))
+        task.to(device).train()
+        net = dist.wrap(task, device)  # DDP under torchrun; net(images, ids, step) runs task.forward
+        if teacher is not None:
+            teacher.to(device).eval().requires_grad_(False)
+        self.task, self.teacher, self.batches, self.cfg, self.losses = task, teacher, batches, cfg, losses
+        self.device, self.ckpt_dir, self.label = device, ckpt_dir, label
+        self.optimizers = task.optimizers(cfg, device)
+        self.state = _restore(self.optimizers, resume)
+        self.amp = autocast_for(device, cfg.precision)
+        self.main = dist.is_main()  # rank 0 alone logs and checkpoints
+        self.workers = workers
+        self.net, self.teacher_fwd = net, None
+        self.updated = False  # whether this process has applied an optimiser step (divergence before one is not the lr)
+
+    def open_metrics(self, metrics_path: Path) -> Any:
+        """Trim the metrics log to this stage's step, start the batches, the compiled step and the bar, and open
+        the log for appending (through open_inside: never through a link out of the run directory)."""
+        cfg, state = self.cfg, self.state
+        if self.main:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            trim_metrics(metrics_path, self.label, state.step)
+        accum, pin = cfg.grad_accum, self.device.type == "cuda"
+        self.loader = batch_loader(self.batches, state.step * accum, cfg.steps * accum, self.workers, pin_memory=pin)
+        # eager, or torch.compile'd
+        self.net, self.teacher_fwd = step_functions(self.net, self.task, self.teacher, cfg, self.device, self.label)
+        # in a log file (CI, nohup) a bar redrawn every step would bury everything else
+        self.bar = tqdm(
+            total=cfg.steps,
+            initial=state.step,
+            desc=self.label,
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
+            disable=not self.main,
+        )
+        self.t0, self.samples0 = time.perf_counter(), state.samples
+        if self.main:
+            return os.fdopen(open_inside(metrics_path.parent, metrics_path), "a", encoding="utf-8")
+        return open(os.devnull, "a", encoding="utf-8")
+
+    def set_lr(self, step: int) -> None:
+        for o in self.optimizers:
+            for g in o.param_groups:  # masks and Lagrange multipliers keep a constant rate
+                g["lr"] = g["base_lr"] * (1.0 if g.get("constant_lr") else lr_at(step, self.cfg))
+
+    def accumulate(self, step: int, stop: _StopFlag) -> tuple[dict[str, float], int, bool]:
+        """One step's micro-batches, forward and backward: (summed logs, micro-batches that ran, whether DDP
+        all-reduced). A stop between micro-batches drops the step and keeps the last whole one."""
+        state, accum = self.state, self.cfg.grad_accum
+        at_start = (state.samples, state.skipped)
+        logs: dict[str, float] = {}
+        n_micro, synced = 0, False
+        for micro in range(accum):
+            if micro and stop.set and dist.world_size() == 1:
+                self.abandon(at_start)
+            batch = next(self.loader)
+            # global counts, so every rank skips (or not) the same micro-batches; and any rank's stop
+            n, skipped, stops = dist.all_sum(len(batch["images"]), batch["skipped"], int(stop.set))
+            if micro and stops:
+                self.abandon(at_start)
+            state.skipped += skipped
+            if batch["skipped"]:
+                log.warning(
+                    "skipped %d unreadable image(s) (e.g. %s); %d so far",
+                    batch["skipped"],
+                    batch["skip_examples"][0],
+                    state.skipped,
                 )
-    bar.close()
+            if n < 2:  # a contrastive batch needs at least two pairs
+                continue
+            last = micro == accum - 1  # DDP all-reduces the accumulated gradients in the last backward only
+            part = self.micro_step(batch, step, micro, last)
+            synced |= last
+            n_micro += 1
+            state.samples += n
+            for k, v in part.items():
+                logs[k] = logs.get(k, 0.0) + v
+        return logs, n_micro, synced
+
+    def micro_step(self, batch: dict[str, Any], step: int, micro: int, last: bool) -> dict[str, float]:
+        """Forward and backward of one micro-batch (1/grad_accum of the step's gradient); its logged terms."""
+        device, task = self.device, self.task
+        # uint8 batches are normalised here, on the device; any Dataset of float batches works too
+        images = to_device_images(batch["images"], getattr(self.batches, "preprocess", None), device)
+        ids = batch["ids"].to(device, non_blocking=True)
+        with dist.no_sync(self.net) if not last else nullcontext():
+            cached = (
+                tuple(batch[k].to(device) for k in ("teacher_image", "teacher_text", "teacher_logit_scale"))
+                if "teacher_image" in batch
+                else None
+            )
+            wants = batch if task.wants_batch else None
+            args = (self.losses, images, ids, step, self.amp, cached, micro, task.objective, wants)
+            loss, part = step_loss(self.net, self.teacher_fwd, *args)
+            if not torch.isfinite(loss):
+                what, fix = nonfinite_cause(
+                    task, self.teacher, batch, images, ids, part, self.losses, step, micro, self.updated
+                )
+                raise _diverged(self.label, what, step, self.ckpt_dir, fix)
+            (loss / self.cfg.grad_accum).backward()
+        return part
+
+    def update(self, logs: dict[str, float], n_micro: int, synced: bool, step: int) -> dict[str, float]:
+        """The optimiser update from the micro-batches that ran; the step's logs as means over them."""
+        task, accum = self.task, self.cfg.grad_accum
+        if n_micro and not synced:  # the window's last micro-batch was empty everywhere
+            dist.average_gradients(list(task.parameters()))
+        if n_micro:
+            # the step's gradient and logged values are means over the micro-batches that ran: a skipped
+            # one (fewer than two readable pairs) must not shrink them (each backward above used 1/accum)
+            logs = {k: v / n_micro for k, v in logs.items()}
+            if n_micro < accum:
+                _rescale_grads(self.optimizers, accum / n_micro)
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(task.clip_parameters(), self.cfg.grad_clip)
+            for o in self.optimizers:
+                try:
+                    o.step()
+                except RuntimeError as e:  # Adam raises this when lr/moments leave float32's range
+                    if "overflow" not in str(e):
+                        raise
+                    raise _diverged(self.label, f"an optimiser step overflowed ({e})", step, self.ckpt_dir) from None
+            self.updated = True
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        return logs
+
+    def log(self, mlog: Any, logs: dict[str, float]) -> None:
+        state = self.state
+        rate = (state.samples - self.samples0) / max(1e-9, time.perf_counter() - self.t0)
+        rec = {
+            "stage": self.label,
+            "step": state.step,
+            "lr": self.optimizers[0].param_groups[0]["lr"],
+            "samples": state.samples,
+            "elapsed_s": round(time.perf_counter() - self.t0, 3),
+            "samples_per_s": round(rate, 1),
+            "skipped": state.skipped,
+            **{k: round(v, 5) for k, v in logs.items()},
+        }
+        mlog.write(json.dumps(rec) + "\n")
+        mlog.flush()
+        self.bar.set_postfix(loss=f"{logs.get('total', float('nan')):.4f}", sps=f"{rate:.0f}")
+
+    def abandon(self, at_start: tuple[int, int]) -> None:
+        """A stop inside a step: forget its partial gradients and counts, checkpoint the last whole step."""
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        self.state.samples, self.state.skipped = at_start
+        if self.main:
+            save_checkpoint(self.ckpt_dir, self.task, self.optimizers, self.state)
+        self.interrupted()
+
+    def interrupted(self) -> None:
+        self.bar.close()
+        raise Interrupted(
+            f"interrupted: {self.label} checkpointed at step {self.state.step}/{self.cfg.steps}; continue with --resume"
+        )
+
+
+def _restore(optimizers: list[torch.optim.Optimizer], resume: tuple[dict[str, Any], TrainState] | None) -> TrainState:
+    """The train state to start from, with the optimisers' moments loaded from a checkpoint when resuming."""
+    if resume is None:
+        return TrainState()
+    opt_state, state = resume
+    for o, s in zip(optimizers, opt_state["optimizers"]):
+        base = [g["base_lr"] for g in o.param_groups]
+        o.load_state_dict(s)
+        # the recipe's learning rates, not the checkpoint's: `--resume` may lower them (the same on a plain resume)
+        for g, lr in zip(o.param_groups, base):
+            g["base_lr"] = lr
     return state
