@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -90,28 +93,28 @@ def _run_options(fn: click.Command) -> click.Command:
 @_command
 @click.command()
 @_run_options
-def compress(
-    recipe: str | None,
-    overrides: tuple[str, ...],
-    teacher: str | None,
-    resume_dir: str | None,
-    run_dir: str | None,
-    allow_remote_data: bool,
-    trust_detector: bool,
-) -> None:
+def compress(**opts: Any) -> None:
     """Compress a teacher with RECIPE (a YAML file or a packaged recipe name), stage by stage.
 
     OVERRIDES are dotted key=value pairs, e.g. stages.0.steps=200 data.train=pairs.csv.
     """
     from ..compress.runner import run_compress
+
+    with _recipe_to_run(opts) as (rec, resume):
+        result = run_compress(rec, resume=resume, new_lr=resume)
+    if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
+        click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
+
+
+@contextmanager
+def _recipe_to_run(opts: dict[str, Any]) -> Iterator[tuple[Any, bool]]:
+    """(the recipe a run command's options name, whether it resumes), inside the data opt-ins it was given."""
     from ..data.optin import opted_in
 
     _logging()
-    with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
-        rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
-        result = run_compress(rec, resume=bool(resume_dir), new_lr=bool(resume_dir))
-    if dist.env_rank() == 0:  # under torchrun, one line from rank 0, not one per process
-        click.echo(f"done: students in {', '.join(str(p) for p in result.stage_dirs)}")
+    with opted_in(remote_data=opts["allow_remote_data"], trust_detector=opts["trust_detector"]):
+        rec = _recipe_for(opts["recipe"], opts["overrides"], opts["teacher"], opts["resume_dir"], opts["run_dir"])
+        yield rec, bool(opts["resume_dir"])
 
 
 @_command
@@ -141,23 +144,12 @@ def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
 @_command
 @click.command("run")
 @_run_options
-def run_cmd(
-    recipe: str | None,
-    overrides: tuple[str, ...],
-    teacher: str | None,
-    resume_dir: str | None,
-    run_dir: str | None,
-    allow_remote_data: bool,
-    trust_detector: bool,
-) -> None:
+def run_cmd(**opts: Any) -> None:
     """Run RECIPE end to end: compress, then export / parity / bench when the recipe has those sections."""
-    from ..data.optin import opted_in
     from .pipeline import run_recipe
 
-    _logging()
-    with opted_in(remote_data=allow_remote_data, trust_detector=trust_detector):
-        rec = _recipe_for(recipe, overrides, teacher, resume_dir, run_dir)
-        result = run_recipe(rec, resume=bool(resume_dir), new_lr=bool(resume_dir))
+    with _recipe_to_run(opts) as (rec, resume):
+        result = run_recipe(rec, resume=resume, new_lr=resume)
     click.echo(
         f"done: report in {result.run.run_dir / 'report.md'}"
         + (f"; {len(result.bundles)} bundles in {result.run.run_dir / 'export'}" if result.bundles else "")
