@@ -308,11 +308,11 @@ def _artifact_runtimes(
     bundle: Path, manifest: BundleManifest, device: str, providers: list[str] | None, skipped: list[dict[str, str]]
 ) -> list[tuple[str, Runtime]]:
     out: list[tuple[str, Runtime]] = [
-        ("onnxrt", open_runtime(bundle, backend="onnxrt", device=device, providers=providers))
+        ("onnxrt", open_runtime(bundle, backend="onnxrt", device=device, providers=providers, manifest=manifest))
     ]
     if manifest.engines:
         try:
-            out.append(("trt", open_runtime(bundle, backend="trt", device="cuda")))
+            out.append(("trt", open_runtime(bundle, backend="trt", device="cuda", manifest=manifest)))
         except UserError as e:  # no TensorRT runtime or no suitable GPU here: say so in the report
             skipped.append({"artifact": "trt", "reason": str(e)})
     return out

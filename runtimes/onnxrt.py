@@ -264,8 +264,10 @@ def open_onnxrt(
     allow_fallback: bool = False,
     optimization: str = "all",
     towers: tuple[str, ...] | None = None,
+    manifest: BundleManifest | None = None,
 ) -> OnnxRuntime:
-    """Open a bundle directory or one .onnx graph with ONNX Runtime."""
+    """Open a bundle directory or one .onnx graph with ONNX Runtime. `manifest`: the bundle's, when the caller
+    has read (and verified) it already: a command reads a manifest once."""
     path = Path(target)
     opts = dict(
         providers=providers,
@@ -275,9 +277,8 @@ def open_onnxrt(
         allow_fallback=allow_fallback,
         optimization=optimization,
     )
-    manifest: BundleManifest | None = None
     if path.is_dir() or is_bundle(path):
-        manifest = BundleManifest.read(path)
+        manifest = manifest or BundleManifest.read(path)
         wanted = towers or tuple(t for t in TOWERS if t in manifest.towers)
         sessions = {t: create_session(manifest.tower_path(path, t), **opts) for t in wanted}
         base_dir, name = path, path.name

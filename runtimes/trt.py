@@ -184,8 +184,11 @@ def _dtype_str(torch_dtype: Any) -> str:
     return str(torch_dtype).replace("torch.", "")
 
 
-def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[str, tuple[Path, EngineSidecar | None]]:
-    """tower -> (engine path, sidecar or None) for an engine file or a bundle with engines."""
+def engine_files(
+    target: str | os.PathLike, tower: str | None = None, manifest: BundleManifest | None = None
+) -> dict[str, tuple[Path, EngineSidecar | None]]:
+    """tower -> (engine path, sidecar or None) for an engine file or a bundle with engines (`manifest`: the
+    bundle's, when the caller has read it already)."""
     path = Path(target)
     if not path.exists():
         raise UserError(f"engine not found: {path}")
@@ -194,7 +197,7 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
         t = side.tower if side else tower or "unknown"
         found = {t: (path, side)}
     elif is_bundle(path):
-        manifest = BundleManifest.read(path)
+        manifest = manifest or BundleManifest.read(path)
         engines = bundle_engines(path, manifest)
         found = {t: (manifest.engine_path(path, t), read_sidecar(manifest.engine_path(path, t))) for t in engines}
     else:
@@ -208,14 +211,20 @@ def engine_files(target: str | os.PathLike, tower: str | None = None) -> dict[st
 
 @register_backend("trt")
 def open_trt(
-    target: Any, *, device: str = "cuda", precision: str | None = None, tower: str | None = None, **options: Any
+    target: Any,
+    *,
+    device: str = "cuda",
+    precision: str | None = None,
+    tower: str | None = None,
+    manifest: BundleManifest | None = None,
+    **options: Any,
 ) -> TrtRuntime:
     if options:
         raise UserError(
             f"the trt backend takes no options {sorted(options)}; precision and batch range are "
             "fixed when the engine is built"
         )
-    files = engine_files(target, tower)
+    files = engine_files(target, tower, manifest)
     sidecars = {t: s for t, (_, s) in files.items() if s}
     built = {s.precision for s in sidecars.values()}
     if precision is not None and built and precision not in built:
