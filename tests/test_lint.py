@@ -59,7 +59,6 @@ LONG_FUNCTIONS = {
     "tinyclip_edge/common/typed.py::check_value",
     "tinyclip_edge/compress/runner.py::__init__",
     "tinyclip_edge/compress/runner.py::batches",
-    "tinyclip_edge/compress/runner.py::run_stage",
     "tinyclip_edge/compress/teacher_cache.py::build_teacher_cache",
     "tinyclip_edge/compress/trainer.py::nonfinite_cause",
     "tinyclip_edge/data/build.py::build_shards",

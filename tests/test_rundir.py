@@ -357,9 +357,11 @@ TRAIN = textwrap.dedent("""
 
 
 def test_sigterm_checkpoints_like_ctrl_c_and_resume_reaches_the_same_weights(tmp_path, teacher_dir):
-    """Every run in its own fresh process: the same torch settings (threads) for all three, so bit-equality holds."""
+    """Every run in its own fresh process: the same torch settings (threads) for all three, so bit-equality holds
+    (pinned: `auto` would read the machine's load, which another job can change between the three starts)."""
     args = [
         *FAST,
+        "cpu_threads=1",
         "stages.0.steps=30",
         "stages.0.checkpoint_every=1000",
         "stages.0.log_every=1",

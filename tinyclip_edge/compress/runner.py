@@ -424,113 +424,143 @@ class Run:
             log.info("%s: done, skipping", st.name)
             return load_model_dir(out_dir)
         phases = method.phases(st)
-        seed = self.recipe.seed + index
         micro = st.batch_size // st.grad_accum
-        ctx = StageContext(
-            st, index, source, original, teacher, seed, lambda: self._calib(source, st, micro), self.recipe
-        )
+        calib = lambda: self._calib(source, st, micro)  # noqa: E731  (built on first use)
+        ctx = StageContext(st, index, source, original, teacher, self.recipe.seed + index, calib, self.recipe)
+        pkg, carry, start, totals = self._saved_phases(st, phases, source)
+        resume, start = self._checkpointed_phase(st, phases, start, carry)
+        for i, ph in enumerate(phases[start:], start):
+            if ph.build is not None:
+                ph.build(ctx, carry)
+            else:
+                self._train_phase(ph, ctx, carry, resume, totals, micro)
+                resume = None
+            last = i == len(phases) - 1
+            name = st.name if last else (ph.output(st) if ph.output else None)
+            if name is not None:
+                path = out_dir if last else self.layout.stage(name)
+                pkg = self._save_phase(method, st, name, path, carry, source, totals, last)
+        return pkg
+
+    def _saved_phases(
+        self, st: StageCfg, phases: list[Any], source: ClipPackage
+    ) -> tuple[ClipPackage, Carry, int, dict[str, int]]:
+        """(the last saved phase's model, the carry from it, the phase to start at, what saved phases trained)."""
         pkg, carry, start = source, Carry(source.model), 0
-        done = {"steps": 0, "samples": 0, "skipped_images": 0}  # what saved phases trained already
+        done = {"steps": 0, "samples": 0, "skipped_images": 0}
         for i, ph in enumerate(phases):  # resume after the last phase whose model directory is saved
             name = ph.output(st) if ph.output else None
             if name and self.state["stages"].get(name) == "done" and is_model_dir(self.layout.stage(name)):
                 pkg = load_model_dir(self.layout.stage(name))
                 carry, start = Carry(pkg.model), i + 1
                 done = {k: int(pkg.provenance.get(k) or 0) for k in ("steps", "samples", "skipped_images")}
-        resume = None
+        return pkg, carry, start, dict(done)
+
+    def _checkpointed_phase(
+        self, st: StageCfg, phases: list[Any], start: int, carry: Carry
+    ) -> tuple[tuple[dict[str, Any], Any] | None, int]:
+        """(optimiser and train state to resume from, the phase to start at): the next train phase's
+        checkpoint, if it has one (its task goes into the carry)."""
         nxt = next((i for i in range(start, len(phases)) if phases[i].train is not None), None)
-        if nxt is not None and read_checkpoint_meta(self._ckpt(phases[nxt].train(st))) is not None:
-            sub = phases[nxt].train(st)
-            ckpt = self._ckpt(sub)
-            carry.task, opt_state, tstate = load_checkpoint(ckpt, sub)
-            resume, start = (opt_state, tstate), nxt
-            written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
-            if dist.is_main():
+        if nxt is None or read_checkpoint_meta(self._ckpt(phases[nxt].train(st))) is None:
+            return None, start
+        sub = phases[nxt].train(st)
+        ckpt = self._ckpt(sub)
+        carry.task, opt_state, tstate = load_checkpoint(ckpt, sub)
+        written_by = (read_checkpoint_meta(ckpt) or {}).get("world_size", 1)
+        if dist.is_main():
+            log.warning(
+                "%s: resuming from step %d (%d global samples; phase %s)",
+                sub.name,
+                tstate.step,
+                tstate.samples,
+                phases[nxt].name,
+            )
+            if written_by != dist.world_size():
                 log.warning(
-                    "%s: resuming from step %d (%d global samples; phase %s)",
+                    "%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
+                    "global batch and the data position counts global samples, so training continues "
+                    "from the same place (CSV/COCO/scenes data: with the very same batches)",
                     sub.name,
-                    tstate.step,
-                    tstate.samples,
-                    phases[nxt].name,
+                    written_by,
+                    dist.world_size(),
                 )
-                if written_by != dist.world_size():
-                    log.warning(
-                        "%s: the checkpoint was written by %d process(es), this run has %d: batch_size is the "
-                        "global batch and the data position counts global samples, so training continues "
-                        "from the same place (CSV/COCO/scenes data: with the very same batches)",
-                        sub.name,
-                        written_by,
-                        dist.world_size(),
-                    )
-        totals = dict(done)
-        for i, ph in enumerate(phases[start:], start):
-            if ph.build is not None:
-                ph.build(ctx, carry)
-            else:
-                assert ph.train is not None and ph.task is not None
-                sub = ph.train(st)
-                if carry.task is None:
-                    carry.task = ph.task(ctx, carry)
-                workers = self.workers
-                cache = self.teacher_cache(st, teacher, source)
-                batches = self.batches(
-                    source,
-                    self.recipe.data.train,
-                    micro,
-                    self.recipe.seed + 7 * index,
-                    cache,
-                    train=True,
-                    workers=workers,
-                )
-                # marked only once the data opened: a run that failed before training can be started over
-                self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
-                self._save_state()
-                tstate = train_stage(
-                    carry.task,
-                    teacher.model if teacher and cache is None else None,
-                    batches,
-                    sub,
-                    parse_losses(sub.losses),
-                    device=self.device,
-                    ckpt_dir=self._ckpt(sub),
-                    metrics_path=self.layout.metrics,
-                    label=sub.name,
-                    resume=resume,
-                    workers=workers,
-                    on_step=self.on_step,
-                )
-                resume = None
-                totals["steps"] += tstate.step
-                totals["samples"] += tstate.samples
-                totals["skipped_images"] += tstate.skipped
-                carry.notes.setdefault("checkpoints", []).append(self._ckpt(sub))
-                if ph.finalize:
-                    carry.model, carry.task = carry.task.finalize().cpu().eval(), None
-            last = i == len(phases) - 1
-            name = st.name if last else (ph.output(st) if ph.output else None)
-            if name is None:
-                continue
-            path = out_dir if last else self.layout.stage(name)
-            prov = {
-                "teacher": self.recipe.teacher or None,
-                "recipe": self.recipe.name,
-                "stage": name,
-                "method": st.method,
-                **totals,
-                **(method.provenance(st) if last else {}),
-            }
-            out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
-            self.state["stages"][name] = "done"
+        return (opt_state, tstate), nxt
 
-            def save(out_pkg: ClipPackage = out_pkg, path: Path = path, done_ckpts: list = done_ckpts) -> None:
-                method.save(out_pkg, path)  # rank 0 writes; every rank reads it back below
-                self._save_state()
-                for ckpt in done_ckpts:  # a saved model directory supersedes its checkpoints
-                    shutil.rmtree(ckpt, ignore_errors=True)
+    def _train_phase(
+        self,
+        ph: Any,
+        ctx: StageContext,
+        carry: Carry,
+        resume: tuple[dict[str, Any], Any] | None,
+        totals: dict[str, int],
+        micro: int,
+    ) -> None:
+        st, teacher, source = ctx.st, ctx.teacher, ctx.source
+        assert ph.train is not None and ph.task is not None
+        sub = ph.train(st)
+        if carry.task is None:
+            carry.task = ph.task(ctx, carry)
+        cache = self.teacher_cache(st, teacher, source)
+        seed = self.recipe.seed + 7 * ctx.index
+        batches = self.batches(source, self.recipe.data.train, micro, seed, cache, train=True, workers=self.workers)
+        # marked only once the data opened: a run that failed before training can be started over
+        self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
+        self._save_state()
+        tstate = train_stage(
+            carry.task,
+            teacher.model if teacher and cache is None else None,
+            batches,
+            sub,
+            parse_losses(sub.losses),
+            device=self.device,
+            ckpt_dir=self._ckpt(sub),
+            metrics_path=self.layout.metrics,
+            label=sub.name,
+            resume=resume,
+            workers=self.workers,
+            on_step=self.on_step,
+        )
+        totals["steps"] += tstate.step
+        totals["samples"] += tstate.samples
+        totals["skipped_images"] += tstate.skipped
+        carry.notes.setdefault("checkpoints", []).append(self._ckpt(sub))
+        if ph.finalize:
+            carry.model, carry.task = carry.task.finalize().cpu().eval(), None
 
-            dist.run_on_main(save)
-            pkg = load_model_dir(path)
-            carry.model = pkg.model  # later phases start from exactly what was saved
+    def _save_phase(
+        self,
+        method: Any,
+        st: StageCfg,
+        name: str,
+        path: Path,
+        carry: Carry,
+        source: ClipPackage,
+        totals: dict[str, int],
+        last: bool,
+    ) -> ClipPackage:
+        """Save the carry's model as `name` (rank 0 writes, every rank reads it back), mark it done and drop
+        the checkpoints it supersedes; later phases start from exactly what was saved."""
+        prov = {
+            "teacher": self.recipe.teacher or None,
+            "recipe": self.recipe.name,
+            "stage": name,
+            "method": st.method,
+            **totals,
+            **(method.provenance(st) if last else {}),
+        }
+        out_pkg, done_ckpts = source.with_model(carry.model, **prov), carry.notes.pop("checkpoints", [])
+        self.state["stages"][name] = "done"
+
+        def save() -> None:
+            method.save(out_pkg, path)  # rank 0 writes; every rank reads it back below
+            self._save_state()
+            for ckpt in done_ckpts:  # a saved model directory supersedes its checkpoints
+                shutil.rmtree(ckpt, ignore_errors=True)
+
+        dist.run_on_main(save)
+        pkg = load_model_dir(path)
+        carry.model = pkg.model
         return pkg
 
     def _ckpt(self, sub: StageCfg) -> Path:
