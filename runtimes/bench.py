@@ -84,48 +84,92 @@ def run_bench(
     o = resolve_options(BenchOptions, options, option_fields, "bench option")
     if not targets:
         raise UserError("nothing to benchmark: pass one or more artifacts (model dirs, bundles, engines)")
-    batches, tower, device, seconds, warmup, end_to_end = (
-        o.batches,
-        o.tower,
-        o.device,
-        o.seconds,
-        o.warmup,
-        o.end_to_end,
-    )
-    backend, threads, precision, power, power_interval_ms = (
-        o.backend,
-        o.threads,
-        o.precision,
-        o.power,
-        o.power_interval_ms,
-    )
-    towers = TOWERS if tower == "both" else (tower,)
-    iters = DEFAULT_ITERS if o.iters is None and seconds is None else o.iters
-    picked = [split_backend(t, backend) for t in targets]
+    towers = TOWERS if o.tower == "both" else (o.tower,)
+    iters = DEFAULT_ITERS if o.iters is None and o.seconds is None else o.iters
+    picked = [split_backend(t, o.backend) for t in targets]
     targets = [t for t, _ in picked]
+    infos = _checked_artifacts(picked, towers, o)
+    if out_dir is not None:  # before the timing, not after it; creates nothing yet
+        prepare_out_dir(out_dir, output_names(), "bench report", create=False)
+    _set_threads(o.threads)
+    report = _new_report(o, iters, infos, load_average)
+    use_power = TegraStats.available() if o.power is None else o.power
+    if use_power and not TegraStats.available():
+        raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")
+    idle_w = _time_all(report, infos, targets, towers, o, iters, use_power, progress)
+    if idle_w is not None:
+        report.settings["idle_power_w"] = idle_w
+    report.add_speedups()
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
+
+
+def _time_all(
+    report: BenchReport,
+    infos: list[Any],
+    targets: list[Any],
+    towers: tuple[str, ...],
+    o: BenchOptions,
+    iters: int | None,
+    use_power: bool,
+    progress: bool,
+) -> float | None:
+    """Open every artifact (memory measured), time every tower x batch cell into `report.rows`, energy too
+    where tegrastats runs; the idle power it measured first, if any."""
+    cuda = o.device.startswith("cuda")
+    with ExitStack() as stack:
+        _preload({i.backend for i in infos})
+        probe = MemoryProbe()
+        gpu = DeviceMemory(o.device) if cuda else None
+        first_run = (towers, max(o.batches))
+        entries = [
+            _open(stack, info, t, o.device, o.precision, o.threads, probe, gpu, first_run)
+            for info, t in zip(infos, targets)
+        ]
+        sampler = stack.enter_context(TegraStats(o.power_interval_ms)) if use_power else None
+        idle_w = _idle_power(sampler)
+        timer = Timer(cuda)
+        for t in towers:
+            for b in o.batches:
+                calls = [_call(e.runtime, t, b, o.end_to_end, o.device) for e in entries]
+                report.rows += _run_cell(entries, calls, t, b, timer, probe, iters, o.seconds, o.warmup, progress)
+                if sampler is not None:
+                    _add_energy(report.rows[-len(entries) :], calls, b, sampler, idle_w, o.power_interval_ms)
+        report.artifacts = [
+            {**e.info.to_dict(), "open_mb": e.open_mb, "gpu_memory_mb": e.gpu_mb, "runtime": e.runtime.describe()}
+            for e in entries
+        ]
+    return idle_w
+
+
+def _checked_artifacts(picked: list[tuple[Any, str | None]], towers: tuple[str, ...], o: BenchOptions) -> list[Any]:
+    """What each target holds, checked against the towers, batches and device asked for before anything opens."""
     infos = [inspect_artifact(t, b) for t, b in picked]
     _name_uniquely(infos)
     for info in infos:
         for t in towers:
-            info.check(t, list(batches))
-        if info.backend == "trt" and not device.startswith("cuda"):
+            info.check(t, list(o.batches))
+        if info.backend == "trt" and not o.device.startswith("cuda"):
             raise UserError(f"{info.name} is a TensorRT engine; engines run on a CUDA GPU: pass --device cuda")
-    cuda = device.startswith("cuda")
-    _check_device(device)  # after the artifacts are verified (their errors say more), before any is opened
-    if out_dir is not None:  # before the timing, not after it; creates nothing yet
-        prepare_out_dir(out_dir, output_names(), "bench report", create=False)
-    _set_threads(threads)
+    _check_device(o.device)  # after the artifacts are verified (their errors say more), before any is opened
+    return infos
+
+
+def _new_report(o: BenchOptions, iters: int | None, infos: list[Any], load_average: float | None) -> BenchReport:
+    """An empty report with the settings, the machine's conditions and their warnings (printed once)."""
+    cuda = o.device.startswith("cuda")
     settings = {
-        "batches": list(batches),
-        "tower": tower,
-        "device": device,
+        "batches": list(o.batches),
+        "tower": o.tower,
+        "device": o.device,
         "iters": iters,
-        "seconds": seconds,
-        "warmup": warmup,
-        "end_to_end": end_to_end,
-        "backend": backend,
-        "threads": threads,
-        "precision": precision,
+        "seconds": o.seconds,
+        "warmup": o.warmup,
+        "end_to_end": o.end_to_end,
+        "backend": o.backend,
+        "threads": o.threads,
+        "precision": o.precision,
         "timer": "cuda-events" if cuda else "perf_counter",
         "memory": "process RSS: growth when opened + peak above that while warming up",
         "gpu_memory": (
@@ -133,9 +177,9 @@ def run_bench(
             if cuda
             else None
         ),
-        "e2e_image_size": list(E2E_IMAGE_SIZE) if end_to_end else None,
+        "e2e_image_size": list(E2E_IMAGE_SIZE) if o.end_to_end else None,
     }
-    machine, warnings = machine_conditions(load_average, threads, device)
+    machine, warnings = machine_conditions(load_average, o.threads, o.device)
     settings["machine"] = machine
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -145,37 +189,7 @@ def run_bench(
         for i in infos
         if i.backend == "onnxrt" and i.kind == "bundle" and not cuda
     ]
-    report = BenchReport(device_facts(device), settings, notes=list(warnings) + [m for m in isa if m])
-    use_power = TegraStats.available() if power is None else power
-    if use_power and not TegraStats.available():
-        raise UserError("--power needs tegrastats (a Jetson); it is not on PATH")
-    with ExitStack() as stack:
-        _preload({i.backend for i in infos})
-        probe = MemoryProbe()
-        gpu = DeviceMemory(device) if cuda else None
-        first_run = (towers, max(batches))
-        entries = [
-            _open(stack, info, t, device, precision, threads, probe, gpu, first_run) for info, t in zip(infos, targets)
-        ]
-        sampler = stack.enter_context(TegraStats(power_interval_ms)) if use_power else None
-        idle_w = _idle_power(sampler)
-        timer = Timer(cuda)
-        for t in towers:
-            for b in batches:
-                calls = [_call(e.runtime, t, b, end_to_end, device) for e in entries]
-                report.rows += _run_cell(entries, calls, t, b, timer, probe, iters, seconds, warmup, progress)
-                if sampler is not None:
-                    _add_energy(report.rows[-len(entries) :], calls, b, sampler, idle_w, power_interval_ms)
-        report.artifacts = [
-            {**e.info.to_dict(), "open_mb": e.open_mb, "gpu_memory_mb": e.gpu_mb, "runtime": e.runtime.describe()}
-            for e in entries
-        ]
-    if idle_w is not None:
-        report.settings["idle_power_w"] = idle_w
-    report.add_speedups()
-    if out_dir is not None:
-        report.save(out_dir)
-    return report
+    return BenchReport(device_facts(o.device), settings, notes=list(warnings) + [m for m in isa if m])
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -54,7 +54,6 @@ LONG_FUNCTIONS = {
     "export/fp8.py::quantize_fp8",
     "export/open_clip_dir.py::export_open_clip",
     "export/tensorrt.py::build_engines",
-    "runtimes/bench.py::run_bench",
     "tinyclip_edge/cli/export.py::export_cmd",
     "tinyclip_edge/common/typed.py::check_value",
     "tinyclip_edge/compress/runner.py::__init__",
