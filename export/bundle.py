@@ -170,8 +170,34 @@ def export_bundle(
         if opts.calib and (precision.startswith("int8") or precision == "fp8")
         else ({}, None)
     )
+    manifest = _new_manifest(src, model, pkg, precision, opts, calib_info)
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            work = tmp / ".work"
+            work.mkdir()
+            manifest["tokenizer"] = _bundle_tokenizer(pkg.tokenizer_cfg, tmp)
+            write_reader(tmp)
+            steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
+            for tower in towers:
+                args = (model, tower, tmp, work, manifest, opts, calib_inputs.get(tower))
+                _export_tower(*args, verify, external_data_threshold, steps, progress)
+            steps.close()
+            shutil.rmtree(work)
+            manifest["opset"] = manifest["towers"][towers[0]]["opset"]
+            atomic_write_json(tmp / PREPROCESS_NAME, manifest["preprocess"])
+            _write_manifest(tmp, manifest)
+    except OSError as e:
+        raise UserError(f"cannot write the bundle to {out}: {e.strerror or e}") from None
+    return out
+
+
+def _new_manifest(
+    src: Any, model: Any, pkg: Any, precision: str, opts: ExportOptions, calib_info: Any
+) -> dict[str, Any]:
+    """The bundle's manifest before its towers are written (they add their entries)."""
     shape = model.shape
-    manifest: dict[str, Any] = {
+    return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "toolkit_version": __version__,
@@ -191,47 +217,41 @@ def export_bundle(
         "exporter": _exporter_info(opts.exporter),
         "params": model.num_params(),
     }
-    try:
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
-            work = tmp / ".work"
-            work.mkdir()
-            manifest["tokenizer"] = _bundle_tokenizer(pkg.tokenizer_cfg, tmp)
-            write_reader(tmp)
-            steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
-            for tower in towers:
-                fp32 = work / f"{tower}.fp32.onnx"
-                steps.set_postfix_str(f"{tower}: torch -> onnx")
-                export_tower(model, tower, fp32, opset=opts.opset, normalize=not opts.raw, exporter=opts.exporter)
-                check_graph(fp32)
-                verified = _verify(model, tower, fp32, not opts.raw) if verify else None
-                steps.update()
-                steps.set_postfix_str(f"{tower}: {precision}")
-                graph, details = _convert(
-                    fp32,
-                    work,
-                    tower,
-                    precision,
-                    calib_inputs.get(tower),
-                    QuantOptions(opts.int8_keep, opts.int8_min_cosine, opts.calib_method),
-                    progress,
-                )
-                steps.update()
-                steps.set_postfix_str(f"{tower}: save + check")
-                manifest["towers"][tower] = _finish(
-                    graph, tmp / f"{tower}.onnx", manifest, tower, external_data_threshold, verified
-                )
-                if details:
-                    manifest["precision_details"][tower] = details
-                steps.update()
-            steps.close()
-            shutil.rmtree(work)
-            manifest["opset"] = manifest["towers"][towers[0]]["opset"]
-            atomic_write_json(tmp / PREPROCESS_NAME, manifest["preprocess"])
-            _write_manifest(tmp, manifest)
-    except OSError as e:
-        raise UserError(f"cannot write the bundle to {out}: {e.strerror or e}") from None
-    return out
+
+
+def _export_tower(
+    model: Any,
+    tower: str,
+    tmp: Path,
+    work: Path,
+    manifest: dict[str, Any],
+    opts: ExportOptions,
+    calib: Any,
+    verify: bool,
+    external_data_threshold: int,
+    steps: Any,
+    progress: bool,
+) -> None:
+    """One tower: torch -> fp32 ONNX (checked, and against PyTorch when `verify`), the precision's conversion,
+    the saved graph and its manifest entry."""
+    precision = manifest["precision"]
+    fp32 = work / f"{tower}.fp32.onnx"
+    steps.set_postfix_str(f"{tower}: torch -> onnx")
+    export_tower(model, tower, fp32, opset=opts.opset, normalize=not opts.raw, exporter=opts.exporter)
+    check_graph(fp32)
+    verified = _verify(model, tower, fp32, not opts.raw) if verify else None
+    steps.update()
+    steps.set_postfix_str(f"{tower}: {precision}")
+    quant = QuantOptions(opts.int8_keep, opts.int8_min_cosine, opts.calib_method)
+    graph, details = _convert(fp32, work, tower, precision, calib, quant, progress)
+    steps.update()
+    steps.set_postfix_str(f"{tower}: save + check")
+    manifest["towers"][tower] = _finish(
+        graph, tmp / f"{tower}.onnx", manifest, tower, external_data_threshold, verified
+    )
+    if details:
+        manifest["precision_details"][tower] = details
+    steps.update()
 
 
 def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:

@@ -50,7 +50,6 @@ LONG_FUNCTIONS = {
     "benchmarks/objectives.py::main",
     "benchmarks/throughput.py::run_config",
     "benchmarks/train_throughput.py::main",
-    "export/bundle.py::export_bundle",
     "export/fp8.py::quantize_fp8",
     "export/open_clip_dir.py::export_open_clip",
     "export/tensorrt.py::build_engines",
