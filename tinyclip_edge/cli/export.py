@@ -151,6 +151,11 @@ def export_cmd(
         exporter=exporter,
     )
     bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
+    _print_bundle(bundle)
+
+
+def _print_bundle(bundle: Path) -> None:
+    """The written bundle as a table: each tower's file, inputs, outputs, size and what its precision did."""
     from ..common.schemas import BundleManifest
 
     m = BundleManifest.read(bundle)

@@ -170,31 +170,9 @@ class Run:
         self.recipe = recipe = validate_recipe(recipe)  # every value checked as at load (compress/recipe.py)
         check_world_split(recipe)
         entries = run_entries(recipe)
-        state_file = self.dir / RUN_STATE
-        old = read_json(state_file, "run state") if state_file.is_file() else None
-        if old is not None and not (isinstance(old, dict) and isinstance(old.get("stages", {}), dict)):
-            raise UserError(
-                f"{state_file} is not a tinyclip-edge run state (changed by hand?); restore it, or start "
-                "over in another run_dir"
-            )
-        if resume and old is None:
-            raise UserError(
-                f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
-                f"`tinyclip-edge compress RECIPE run_dir={self.dir}`"
-            )
+        old = self._old_state(resume)
         started = self._saved_work(old)
-        if started and not resume and dist.elastic_restart():
-            if dist.is_main():
-                log.warning(
-                    "%s: torchrun restart %d of this command: resuming the run from its last checkpoint",
-                    self.dir,
-                    dist.elastic_restart(),
-                )
-            resume = True
-        if started and not resume:
-            raise UserError(
-                f"{self.dir} already holds a run; continue it with --resume {self.dir} or pick another run_dir=..."
-            )
+        resume = self._resuming(started, resume)
         self.device = dist.local_device(resolve_device(recipe.device))
         self._check_shard_split()  # before anything is written: a refused split leaves the directory as it was
         if started:
@@ -203,28 +181,8 @@ class Run:
             if changed:  # new learning rates on --resume: the record of the run says so
                 self.state.setdefault("resumed_with_new_lr", []).append(changed)
         else:
-            if old is not None:
-                log.warning(
-                    "%s: the previous attempt saved no work (no stage done, no checkpoint); starting again", self.dir
-                )
-            elif self.layout.marker() is None:
-                foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
-                if foreign:
-                    raise UserError(
-                        f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
-                        "write there and a run would overwrite; choose an empty or new run_dir"
-                    )
-            # the teacher copy is kept only if it came from the same teacher spec (see teacher())
-            self.state = {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
-        recorded = self.state.get("cpu_threads") if started else None
-        choice = apply_cpu_threads(
-            recipe.cpu_threads,
-            self.device.type,
-            announce=dist.is_main(),
-            resumed=recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None,
-        )
-        if choice is not None:  # a resume takes the same count: float sums, and so the weights, depend on it
-            self.state["cpu_threads"] = choice.threads
+            self.state = self._fresh_state(old, entries)
+        self._choose_threads(started)
         baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
 
         def write() -> None:
@@ -237,6 +195,68 @@ class Run:
 
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
         dist.run_on_main(write)
+
+    def _old_state(self, resume: bool) -> dict[str, Any] | None:
+        """The run state a previous attempt left in the run directory, checked; None for a new directory."""
+        state_file = self.dir / RUN_STATE
+        old = read_json(state_file, "run state") if state_file.is_file() else None
+        if old is not None and not (isinstance(old, dict) and isinstance(old.get("stages", {}), dict)):
+            raise UserError(
+                f"{state_file} is not a tinyclip-edge run state (changed by hand?); restore it, or start "
+                "over in another run_dir"
+            )
+        if resume and old is None:
+            raise UserError(
+                f"--resume: {self.dir} holds no run (no {RUN_STATE}); start one with "
+                f"`tinyclip-edge compress RECIPE run_dir={self.dir}`"
+            )
+        return old
+
+    def _resuming(self, started: bool, resume: bool) -> bool:
+        """Whether this run continues the saved one: asked for, or a torchrun restart; a run started without
+        --resume where saved work exists is refused."""
+        if started and not resume and dist.elastic_restart():
+            if dist.is_main():
+                log.warning(
+                    "%s: torchrun restart %d of this command: resuming the run from its last checkpoint",
+                    self.dir,
+                    dist.elastic_restart(),
+                )
+            resume = True
+        if started and not resume:
+            raise UserError(
+                f"{self.dir} already holds a run; continue it with --resume {self.dir} or pick another run_dir=..."
+            )
+        return resume
+
+    def _fresh_state(self, old: dict[str, Any] | None, entries: list[str]) -> dict[str, Any]:
+        """The state of a run that starts (again) from nothing; refuses a directory holding what others wrote."""
+        if old is not None:
+            log.warning(
+                "%s: the previous attempt saved no work (no stage done, no checkpoint); starting again", self.dir
+            )
+        elif self.layout.marker() is None:
+            foreign = self.layout.foreign_entries([*LAYOUT_ENTRIES, *entries])
+            if foreign:
+                raise UserError(
+                    f"{self.dir} already holds {', '.join(sorted(foreign))}, which tinyclip-edge did not "
+                    "write there and a run would overwrite; choose an empty or new run_dir"
+                )
+        # the teacher copy is kept only if it came from the same teacher spec (see teacher())
+        return {"stages": {}, **({"teacher": old["teacher"]} if old and "teacher" in old else {})}
+
+    def _choose_threads(self, started: bool) -> None:
+        """The CPU thread count (recorded: a resume takes the same count, since float sums, and so the weights,
+        depend on it)."""
+        recorded = self.state.get("cpu_threads") if started else None
+        choice = apply_cpu_threads(
+            self.recipe.cpu_threads,
+            self.device.type,
+            announce=dist.is_main(),
+            resumed=recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else None,
+        )
+        if choice is not None:
+            self.state["cpu_threads"] = choice.threads
 
     def _saved_work(self, old: dict[str, Any] | None) -> bool:
         """Whether the run in the directory saved anything a new attempt would lose: a stage (or phase) done,
