@@ -55,7 +55,6 @@ LONG_FUNCTIONS = {
     "export/tensorrt.py::build_engines",
     "tinyclip_edge/common/typed.py::check_value",
     "tinyclip_edge/compress/runner.py::batches",
-    "tinyclip_edge/compress/teacher_cache.py::build_teacher_cache",
     "tinyclip_edge/compress/trainer.py::nonfinite_cause",
     "tinyclip_edge/data/build.py::build_shards",
     "tinyclip_edge/data/regions.py::detect_regions",

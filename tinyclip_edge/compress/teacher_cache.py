@@ -26,7 +26,7 @@ from ..data.limits import CACHE_BATCH
 from ..data.shards import Unusable, check_shards, decode_sample, expand_shards, shard_digests
 from ..data.staging import check_new_out, staging_dir
 from ..data.teacher_cache import CACHE_FORMAT, CACHE_META, CACHE_VERSION, sample_id
-from ..models import ClipPackage
+from ..models import ClipModel, ClipPackage
 from ..models.resolve import weights_digest
 
 log = logging.getLogger("tinyclip_edge")
@@ -44,7 +44,6 @@ def build_teacher_cache(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    import webdataset as wds
     from tqdm.auto import tqdm
 
     lo, hi = CACHE_BATCH
@@ -61,67 +60,18 @@ def build_teacher_cache(
         )
     digests = shard_digests(urls)
     model = teacher.model.to(device).eval()
-    tok, pre = teacher.tokenizer(), teacher.preprocess
-    meta = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "teacher": teacher_spec,
-        "teacher_hash": weights_digest(teacher.model),
-        "data_hash": hashlib.sha256("".join(digests).encode()).hexdigest(),
-        "aug_seed": aug_seed,
-        "embed_dim": teacher.shape.embed_dim,
-        "logit_scale": float(model.logit_scale.exp()),
-        "preprocess": pre.to_dict(),
-        "tokenizer": teacher.tokenizer_cfg,
-        "shards": [],
-        "samples": 0,
-        "unusable": 0,
-    }
+    tok = teacher.tokenizer()
+    meta = _new_meta(teacher, teacher_spec, digests, aug_seed, model)
     examples: list[str] = []
     with staging_dir(out) as tmp:
         bar = tqdm(desc="cache-teacher", unit="pair", disable=not progress, mininterval=0.5)
-
-        def embed(pending: list[tuple[np.ndarray, str]], img_rows: list, txt_rows: list) -> None:
-            if not pending:
-                return
-            images = torch.from_numpy(np.stack([p[0] for p in pending])).to(device)
-            ids = torch.from_numpy(tok([p[1] for p in pending])).to(device)
-            i, t, _ = model(images, ids)
-            img_rows.append(i.float().cpu())
-            txt_rows.append(t.float().cpu())
-            bar.update(len(pending))
-            pending.clear()
-
+        embedder = _Embedder(model, tok, teacher.preprocess, device, batch_size, aug_seed, bar)
         done: dict[str, int] = {}  # the same shard bytes twice (copies in two folders): embedded once
         for url, digest in zip(urls, digests):
-            if digest in done:
-                meta["shards"].append({"name": Path(url).name, "sha256": digest, "samples": done[digest]})
-                meta["samples"] += done[digest]
-                continue
-            keys, img_rows, txt_rows, pending = [], [], [], []
-            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
-                try:
-                    image, caption, _, _ = decode_sample(sample)
-                except Unusable as e:  # the trainer skips it too; the cache simply has no row for it
-                    meta["unusable"] += 1
-                    if len(examples) < 3:
-                        examples.append(f"{url}:{sample.get('__key__')}: {e}")
-                    continue
-                sid = sample_id(digest, sample["__key__"])
-                keys.append(sample["__key__"])
-                pending.append((pre(fixed_crop(image, aug_seed, sid)), caption))
-                if len(pending) == batch_size:
-                    embed(pending, img_rows, txt_rows)
-            embed(pending, img_rows, txt_rows)
-            dim = meta["embed_dim"]
-            tensors = {
-                "image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
-                "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim),
-            }
-            save_safetensors(tensors, tmp / f"{digest}.safetensors", metadata={"keys": json.dumps(keys)})
-            done[digest] = len(keys)
-            meta["shards"].append({"name": Path(url).name, "sha256": digest, "samples": len(keys)})
-            meta["samples"] += len(keys)
+            if digest not in done:
+                done[digest] = embedder.shard(url, digest, tmp, meta, examples)
+            meta["shards"].append({"name": Path(url).name, "sha256": digest, "samples": done[digest]})
+            meta["samples"] += done[digest]
         bar.close()
         if meta["samples"] == 0:
             raise UserError(
@@ -132,3 +82,76 @@ def build_teacher_cache(
     if meta["unusable"]:
         log.warning("skipped %d unusable sample(s) (e.g. %s)", meta["unusable"], examples[0])
     return meta
+
+
+def _new_meta(
+    teacher: ClipPackage, teacher_spec: str, digests: list[str], aug_seed: int | None, model: ClipModel
+) -> dict[str, Any]:
+    """The cache's meta.json before any shard: what it was made from (teacher, data, augmentation)."""
+    return {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "teacher": teacher_spec,
+        "teacher_hash": weights_digest(teacher.model),
+        "data_hash": hashlib.sha256("".join(digests).encode()).hexdigest(),
+        "aug_seed": aug_seed,
+        "embed_dim": teacher.shape.embed_dim,
+        "logit_scale": float(model.logit_scale.exp()),
+        "preprocess": teacher.preprocess.to_dict(),
+        "tokenizer": teacher.tokenizer_cfg,
+        "shards": [],
+        "samples": 0,
+        "unusable": 0,
+    }
+
+
+class _Embedder:
+    """The teacher's embeddings of one shard's samples, in batches, saved as <digest>.safetensors."""
+
+    def __init__(
+        self, model: ClipModel, tok: Any, pre: Any, device: Any, batch_size: int, aug_seed: int | None, bar: Any
+    ) -> None:
+        self.model, self.tok, self.pre, self.device = model, tok, pre, device
+        self.batch_size, self.aug_seed, self.bar = batch_size, aug_seed, bar
+
+    def embed(self, pending: list[tuple[np.ndarray, str]], img_rows: list, txt_rows: list) -> None:
+        if not pending:
+            return
+        images = torch.from_numpy(np.stack([p[0] for p in pending])).to(self.device)
+        ids = torch.from_numpy(self.tok([p[1] for p in pending])).to(self.device)
+        i, t, _ = self.model(images, ids)
+        img_rows.append(i.float().cpu())
+        txt_rows.append(t.float().cpu())
+        self.bar.update(len(pending))
+        pending.clear()
+
+    @torch.no_grad()
+    def shard(self, url: str, digest: str, tmp: Path, meta: dict[str, Any], examples: list[str]) -> int:
+        """Embed and save one shard; the number of usable samples (unusable ones are counted in `meta`)."""
+        import webdataset as wds
+
+        keys: list[str] = []
+        img_rows: list = []
+        txt_rows: list = []
+        pending: list[tuple[np.ndarray, str]] = []
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            try:
+                image, caption, _, _ = decode_sample(sample)
+            except Unusable as e:  # the trainer skips it too; the cache simply has no row for it
+                meta["unusable"] += 1
+                if len(examples) < 3:
+                    examples.append(f"{url}:{sample.get('__key__')}: {e}")
+                continue
+            sid = sample_id(digest, sample["__key__"])
+            keys.append(sample["__key__"])
+            pending.append((self.pre(fixed_crop(image, self.aug_seed, sid)), caption))
+            if len(pending) == self.batch_size:
+                self.embed(pending, img_rows, txt_rows)
+        self.embed(pending, img_rows, txt_rows)
+        dim = meta["embed_dim"]
+        tensors = {
+            "image": torch.cat(img_rows) if img_rows else torch.zeros(0, dim),
+            "text": torch.cat(txt_rows) if txt_rows else torch.zeros(0, dim),
+        }
+        save_safetensors(tensors, tmp / f"{digest}.safetensors", metadata={"keys": json.dumps(keys)})
+        return len(keys)
