@@ -56,7 +56,6 @@ LONG_FUNCTIONS = {
     "tinyclip_edge/common/typed.py::check_value",
     "tinyclip_edge/compress/runner.py::batches",
     "tinyclip_edge/compress/trainer.py::nonfinite_cause",
-    "tinyclip_edge/data/build.py::build_shards",
     "tinyclip_edge/data/regions.py::detect_regions",
 }
 

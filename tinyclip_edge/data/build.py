@@ -93,9 +93,6 @@ def build_shards(
     image_root: str | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    import webdataset as wds
-    from tqdm.auto import tqdm
-
     if shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of samples, not {shard_size}")
     lo, hi = IMAGE_SIZES
@@ -115,56 +112,69 @@ def build_shards(
         raise UserError(f"'{spec}' is unlimited; give a size, e.g. {spec}:10000")
     report = BuildReport(out)
     with staging_dir(out) as tmp:
-        with wds.ShardWriter(
-            str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0
-        ) as sink:
-            for i in tqdm(
-                range(len(src)),
-                desc=f"data build {Path(spec).name or spec}",
-                unit="pair",
-                disable=not progress,
-                mininterval=0.5,
-            ):
-                try:
-                    data, ext, caption, _key, meta = _sample(src, i)
-                except UnreadableImage as e:
-                    report.skipped += 1
-                    if len(report.skip_examples) < 3:
-                        report.skip_examples.append(str(e))
-                    continue
-                sink.write(
-                    {
-                        "__key__": f"{report.samples:09d}",
-                        ext: data,
-                        "txt": caption.encode("utf-8"),
-                        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                    }
-                )
-                report.samples += 1
+        _write_samples(src, spec, tmp, shard_size, report, progress)
         if report.samples == 0:
             raise UserError(
                 f"no readable image in {spec} ({report.skipped} skipped, e.g. "
                 f"{report.skip_examples[0] if report.skip_examples else 'none listed'}); nothing written"
             )
-        tars = sorted(tmp.glob("*.tar"))
-        counts = [min(shard_size, report.samples - k * shard_size) for k in range(len(tars))]
-        report.shards = [
-            {"name": t.name, "samples": c, "sha256": sha256_file(t, cached=False)} for t, c in zip(tars, counts)
-        ]
-        report.data_hash = hashlib.sha256("".join(s["sha256"] for s in report.shards).encode()).hexdigest()
-        atomic_write_json(
-            tmp / MANIFEST,
-            {
-                "format": FORMAT,
-                "version": 1,
-                "source": spec,
-                "samples": report.samples,
-                "skipped": report.skipped,
-                "shard_size": shard_size,
-                "data_hash": report.data_hash,
-                "shards": report.shards,
-            },
-        )
+        _write_manifest(spec, tmp, shard_size, report)
     if report.skipped:
         log.warning("skipped %d unreadable image(s) (e.g. %s)", report.skipped, report.skip_examples[0])
     return report
+
+
+def _write_samples(src: Any, spec: str, tmp: Path, shard_size: int, report: BuildReport, progress: bool) -> None:
+    """Every readable pair of `src` into tar shards of `shard_size` samples (unreadable ones counted)."""
+    import webdataset as wds
+    from tqdm.auto import tqdm
+
+    with wds.ShardWriter(
+        str(tmp / "%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0
+    ) as sink:
+        for i in tqdm(
+            range(len(src)),
+            desc=f"data build {Path(spec).name or spec}",
+            unit="pair",
+            disable=not progress,
+            mininterval=0.5,
+        ):
+            try:
+                data, ext, caption, _key, meta = _sample(src, i)
+            except UnreadableImage as e:
+                report.skipped += 1
+                if len(report.skip_examples) < 3:
+                    report.skip_examples.append(str(e))
+                continue
+            sink.write(
+                {
+                    "__key__": f"{report.samples:09d}",
+                    ext: data,
+                    "txt": caption.encode("utf-8"),
+                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                }
+            )
+            report.samples += 1
+
+
+def _write_manifest(spec: str, tmp: Path, shard_size: int, report: BuildReport) -> None:
+    """The shards' digests into `report` and the folder's manifest."""
+    tars = sorted(tmp.glob("*.tar"))
+    counts = [min(shard_size, report.samples - k * shard_size) for k in range(len(tars))]
+    report.shards = [
+        {"name": t.name, "samples": c, "sha256": sha256_file(t, cached=False)} for t, c in zip(tars, counts)
+    ]
+    report.data_hash = hashlib.sha256("".join(s["sha256"] for s in report.shards).encode()).hexdigest()
+    atomic_write_json(
+        tmp / MANIFEST,
+        {
+            "format": FORMAT,
+            "version": 1,
+            "source": spec,
+            "samples": report.samples,
+            "skipped": report.skipped,
+            "shard_size": shard_size,
+            "data_hash": report.data_hash,
+            "shards": report.shards,
+        },
+    )
