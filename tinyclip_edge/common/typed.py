@@ -141,14 +141,7 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
     """``value`` coerced to ``tp`` (int-valued floats to int, numeric strings to float), or a UserError."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
-        base, *meta = typing.get_args(tp)
-        out = check_value(value, base, path, label)
-        for m in meta:
-            if isinstance(m, Range) and out is not None and not m.contains(out):
-                raise _fail(label, path, f"{describe_type(base)} {m.describe()}", value)
-            if isinstance(m, Pattern) and out is not None and not m.matches(out):
-                raise _fail(label, path, m.describe(), value)
-        return out
+        return _check_annotated(value, tp, path, label)
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) or value not in choices:  # True == 1 must not pass for Literal[1]
@@ -157,50 +150,74 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
             raise UserError(f"{label} {_q(path)} must be one of {', '.join(names)}, got {value!r}{hint}")
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _fail(label, path, describe_type(tp), value)
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return check_value(value, a, path, label)
-            except UserError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        # the one branch of the value's own kind (a number for `ratio | mapping`) says what is wrong best
-        same_kind = [e for a, e in zip([a for a in args if a is not type(None)], errors) if _same_kind(value, a)]
-        if len(same_kind) == 1:
-            raise same_kind[0]
+        return _check_union(value, tp, path, label)
+    if dataclasses.is_dataclass(tp) or origin in (list, dict) or tp is dict:
+        return _check_container(value, tp, origin, path, label)
+    if tp is Any:
+        return value
+    if value is None:
         raise _fail(label, path, describe_type(tp), value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _fail(label, path, "a mapping", value)
-        return from_dict(tp, value, path, label)
+    if tp in (bool, int, float, str):
+        return _check_scalar(value, tp, path, label)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise _fail(label, path, describe_type(tp), value)
+    return value
+
+
+def _check_annotated(value: Any, tp: Any, path: str, label: str) -> Any:
+    base, *meta = typing.get_args(tp)
+    out = check_value(value, base, path, label)
+    for m in meta:
+        if isinstance(m, Range) and out is not None and not m.contains(out):
+            raise _fail(label, path, f"{describe_type(base)} {m.describe()}", value)
+        if isinstance(m, Pattern) and out is not None and not m.matches(out):
+            raise _fail(label, path, m.describe(), value)
+    return out
+
+
+def _check_union(value: Any, tp: Any, path: str, label: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _fail(label, path, describe_type(tp), value)
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return check_value(value, a, path, label)
+        except UserError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    # the one branch of the value's own kind (a number for `ratio | mapping`) says what is wrong best
+    same_kind = [e for a, e in zip([a for a in args if a is not type(None)], errors) if _same_kind(value, a)]
+    if len(same_kind) == 1:
+        raise same_kind[0]
+    raise _fail(label, path, describe_type(tp), value)
+
+
+def _check_container(value: Any, tp: Any, origin: Any, path: str, label: str) -> Any:
+    """A dataclass (from a mapping), a list or a mapping, item by item."""
     if origin is list:
         if not isinstance(value, list):
             raise _fail(label, path, describe_type(tp), value)
         (item,) = typing.get_args(tp) or (Any,)
         return [check_value(v, item, f"{path}.{i}", label) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(label, path, "a mapping", value)
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        return {
-            check_value(k, kt, f"{path}.{k}", label): check_value(v, vt, f"{path}.{k}", label) for k, v in value.items()
-        }
-    if tp is Any:
-        return value
+    if not isinstance(value, dict):
+        raise _fail(label, path, "a mapping", value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path, label)
     if tp is dict:
-        if not isinstance(value, dict):
-            raise _fail(label, path, "a mapping", value)
         return value
-    if value is None:
-        raise _fail(label, path, describe_type(tp), value)
+    kt, vt = typing.get_args(tp) or (Any, Any)
+    return {
+        check_value(k, kt, f"{path}.{k}", label): check_value(v, vt, f"{path}.{k}", label) for k, v in value.items()
+    }
+
+
+def _check_scalar(value: Any, tp: type, path: str, label: str) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise _fail(label, path, "true or false", value)
@@ -226,13 +243,9 @@ def check_value(value: Any, tp: Any, path: str, label: str = "value") -> Any:
         if not math.isfinite(value):
             raise _fail(label, path, "a finite number", value)
         return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise _fail(label, path, "a string", value)
-        return str(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise _fail(label, path, describe_type(tp), value)
-    return value
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # str
+        raise _fail(label, path, "a string", value)
+    return str(value)
 
 
 def from_dict(
