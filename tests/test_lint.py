@@ -53,8 +53,6 @@ LONG_FUNCTIONS = {
     "export/fp8.py::quantize_fp8",
     "export/open_clip_dir.py::export_open_clip",
     "export/tensorrt.py::build_engines",
-    "tinyclip_edge/compress/runner.py::batches",
-    "tinyclip_edge/compress/trainer.py::nonfinite_cause",
     "tinyclip_edge/data/regions.py::detect_regions",
 }
 

@@ -360,20 +360,7 @@ class Run:
             return ShardBatches(
                 spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size(), cache=cache
             )
-        src = open_source(
-            spec,
-            image_size=ref.preprocess.image_size,
-            csv_image_key=d.csv_image_key,
-            csv_caption_key=d.csv_caption_key,
-            csv_separator=d.csv_separator,
-            image_root=d.image_root,
-        )
-        check_readable(src)
-        check_readable(src)
-        if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
-            from .regions import region_source
-
-            src = region_source(src, self.recipe.dclip, self.dir)
+        src = self._pair_source(spec, ref)
         if train and d.prerender:  # uint8 arrays rendered once, held on the training device (data/arrays.py)
             if self.recipe.dclip is not None:
                 raise UserError(
@@ -403,6 +390,24 @@ class Run:
             dist.world_size(),
             uint8=train and on_device,
         )
+
+    def _pair_source(self, spec: str, ref: ClipPackage) -> Any:
+        """The recipe's pairs from `spec` (CSV/COCO/scenes), checked readable, with regions for DCLIP."""
+        d = self.recipe.data
+        src = open_source(
+            spec,
+            image_size=ref.preprocess.image_size,
+            csv_image_key=d.csv_image_key,
+            csv_caption_key=d.csv_caption_key,
+            csv_separator=d.csv_separator,
+            image_root=d.image_root,
+        )
+        check_readable(src)
+        if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
+            from .regions import region_source
+
+            src = region_source(src, self.recipe.dclip, self.dir)
+        return src
 
     def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
         """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""

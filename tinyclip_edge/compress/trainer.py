@@ -298,6 +298,11 @@ def nonfinite_cause(
         if not updated:  # no optimiser step ran in this process yet: the starting weights themselves
             return what + " before any update of this run", "check the stage's starting model (its checkpoint)"
         return what, LOWER_LR
+    return _nonfinite_term(part, losses)
+
+
+def _nonfinite_term(part: dict[str, float], losses: list[LossSpec]) -> tuple[str, str]:
+    """nonfinite_cause's last suspects, on finite inputs and outputs: a loss term, a weight, the task's terms."""
     for spec in losses:
         raw = {k: v for k, v in part.items() if k == spec.name or k.startswith(spec.name + "/")}
         bad = [k for k, v in raw.items() if not math.isfinite(v)]
