@@ -84,26 +84,9 @@ def build_engines(
     lib = load_tensorrt()
     caps = probe(lib)
     plan = _plan(caps, manifest.precision, precision, dla_core, calib)  # every refusal comes before any build
-    if timing_cache is not None and lib.is_rtx:
-        print(
-            "note: TensorRT for RTX ignores timing caches (it compiles kernels just in time on the GPU, "
-            "with its own runtime cache); --timing-cache is not used"
-        )
-        timing_cache = None
-    job = _Job(
-        lib,
-        caps,
-        bundle,
-        manifest,
-        plan,
-        batch,
-        workspace_mb,
-        dla_core,
-        _TimingCache(Path(timing_cache)) if timing_cache else None,
-        calib,
-        calib_count,
-        Path(calib_cache) if calib_cache else None,
-    )
+    timing = _timing_cache(timing_cache, lib)
+    cache_file = Path(calib_cache) if calib_cache else None
+    job = _Job(lib, caps, bundle, manifest, plan, batch, workspace_mb, dla_core, timing, calib, calib_count, cache_file)
     if dla_core is not None and batch[0] != batch[2] and verbose:
         print(
             "note: DLA runs static shapes only; with a dynamic batch range most layers fall back to the GPU. "
@@ -122,6 +105,16 @@ def build_engines(
         job.cache.save()
     _record_in_manifest(bundle, manifest, entries)
     return entries
+
+
+def _timing_cache(path: Path | None, lib: TrtLib) -> _TimingCache | None:
+    if path is not None and lib.is_rtx:
+        print(
+            "note: TensorRT for RTX ignores timing caches (it compiles kernels just in time on the GPU, "
+            "with its own runtime cache); --timing-cache is not used"
+        )
+        return None
+    return _TimingCache(Path(path)) if path else None
 
 
 # ---------------------------------------------------------------------------------------------- checks
