@@ -52,7 +52,6 @@ LONG_FUNCTIONS = {
     "benchmarks/train_throughput.py::main",
     "export/fp8.py::quantize_fp8",
     "export/open_clip_dir.py::export_open_clip",
-    "tinyclip_edge/data/regions.py::detect_regions",
 }
 
 

@@ -327,6 +327,17 @@ class DetectionReport:
         )
 
 
+def _distinct_images(source: PairSource) -> list[int]:
+    """The indices to read: one per image where a source has several captions per image (COCO)."""
+    rows = getattr(source, "rows", None)
+    if rows is None:
+        return list(range(len(source)))
+    first: dict[str, int] = {}
+    for i, (path, _) in enumerate(rows):
+        first.setdefault(path, i)
+    return sorted(first.values())
+
+
 def detect_regions(
     source: PairSource,
     detector: str,
@@ -353,15 +364,8 @@ def detect_regions(
     root = (cache or cache_dir() / "detections") / sha256_file(detector)[:16]
     root.mkdir(parents=True, exist_ok=True)
     rep, lines, stats = DetectionReport(), [], ReadStats()
-    indices: list[int] = list(range(len(source)))
-    rows = getattr(source, "rows", None)
-    if rows is not None:  # several captions per image (COCO): read and detect each image once
-        first: dict[str, int] = {}
-        for i, (path, _) in enumerate(rows):
-            first.setdefault(path, i)
-        indices = sorted(first.values())
     seen: set[str] = set()
-    for pair in read_pairs(source, indices, stats, progress=progress, desc="detecting regions"):
+    for pair in read_pairs(source, _distinct_images(source), stats, progress=progress, desc="detecting regions"):
         if pair.key in seen:
             continue
         seen.add(pair.key)
