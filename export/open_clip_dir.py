@@ -148,6 +148,18 @@ def _verify(folder: Path, model: Any, pre: Any, seed: int = 0) -> float:
     return diff
 
 
+def _padding_note(padded: dict[str, Any]) -> str:
+    widths = "; ".join(
+        f"{t}: heads {p['heads']} -> {p['padded_heads']}, mlp {p['mlp']} -> {p['padded_mlp']}"
+        for t, p in padded.items()
+    )
+    return (
+        f"per-layer widths zero-padded to the widest layer ({widths}): the embeddings are the same, "
+        "but open_clip runs the padded widths, so this student's speed-up is lost in open_clip; use "
+        "an ONNX bundle (--format onnx) to keep it"
+    )
+
+
 def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -> OpenClipExport:
     """Write `source` (model dir, open_clip spec or ClipPackage) as an open_clip local-dir folder at `out`."""
     from ..models.openclip import NotConvertible, open_clip_config, to_open_clip
@@ -179,17 +191,7 @@ def export_open_clip(source: Any, out: str | os.PathLike, verify: bool = True) -
     }
     if own_tokenizer is not None:
         config["tinyclip_edge"]["tokenizer"] = own_tokenizer
-    notes = []
-    if padded:
-        widths = "; ".join(
-            f"{t}: heads {p['heads']} -> {p['padded_heads']}, mlp {p['mlp']} -> {p['padded_mlp']}"
-            for t, p in padded.items()
-        )
-        notes.append(
-            f"per-layer widths zero-padded to the widest layer ({widths}): the embeddings are the same, "
-            "but open_clip runs the padded widths, so this student's speed-up is lost in open_clip; use "
-            "an ONNX bundle (--format onnx) to keep it"
-        )
+    notes = [_padding_note(padded)] if padded else []
     if tok_note:
         notes.append(tok_note)
         config["tinyclip_edge"]["note"] = tok_note

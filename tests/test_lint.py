@@ -51,7 +51,6 @@ LONG_FUNCTIONS = {
     "benchmarks/throughput.py::run_config",
     "benchmarks/train_throughput.py::main",
     "export/fp8.py::quantize_fp8",
-    "export/open_clip_dir.py::export_open_clip",
 }
 
 
