@@ -32,7 +32,6 @@ E4M3_MAX = 448.0
 
 def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray | None) -> dict[str, Any]:
     """Write the FP8 Q/DQ graph of one tower to `out`; return what the manifest records about it."""
-    import ml_dtypes  # an onnx dependency (its float8 types)
     import onnx
 
     if data is None or len(data) == 0:
@@ -57,29 +56,9 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
         ]
         dequantized[tensor] = f"{tensor}_dq"
     for node in targets:
-        w = onnx.numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        axis = _output_axis(node, w)
-        peak = np.maximum(np.abs(w).max(axis=1 - axis), 1e-12)  # one amax per output channel
-        scale = (peak / E4M3_MAX).astype(np.float32)
-        shaped = scale[None, :] if axis == 1 else scale[:, None]
-        w8 = np.clip(w / shaped, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-        name = f"{node.input[1]}_fp8"
-        graph.initializer.extend(
-            [
-                onnx.numpy_helper.from_array(w8, name),
-                onnx.numpy_helper.from_array(scale, f"{name}_scale"),
-                onnx.helper.make_tensor(
-                    f"{name}_zero", onnx.TensorProto.FLOAT8E4M3FN, [len(scale)], [0.0] * len(scale)
-                ),
-            ]
-        )
-        q_nodes.append(
-            onnx.helper.make_node(
-                "DequantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_dq"], axis=axis
-            )
-        )
+        q_nodes.append(_fp8_weight(graph, node, weights[node.input[1]]))
         node.input[0] = dequantized[node.input[0]]
-        node.input[1] = f"{name}_dq"
+        node.input[1] = f"{node.input[1]}_fp8_dq"
     _insert_before_consumers(graph, q_nodes)
     _drop_unused_initializers(graph)
     onnx.save_model(model, str(out))
@@ -102,6 +81,29 @@ def quantize_fp8(fp32: Path, out: Path, work: Path, tower: str, data: np.ndarray
             "target_min_cosine": None,
         }
     return details
+
+
+def _fp8_weight(graph: Any, node: Any, weight: Any) -> Any:
+    """The node's weight as fp8 e4m3 with one scale per output channel (amax), added to the graph; the
+    DequantizeLinear node that gives it back as float (output ``<weight>_fp8_dq``)."""
+    import ml_dtypes  # an onnx dependency (its float8 types)
+    import onnx
+
+    w = onnx.numpy_helper.to_array(weight).astype(np.float32)
+    axis = _output_axis(node, w)
+    peak = np.maximum(np.abs(w).max(axis=1 - axis), 1e-12)  # one amax per output channel
+    scale = (peak / E4M3_MAX).astype(np.float32)
+    shaped = scale[None, :] if axis == 1 else scale[:, None]
+    w8 = np.clip(w / shaped, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+    name = f"{node.input[1]}_fp8"
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(w8, name),
+            onnx.numpy_helper.from_array(scale, f"{name}_scale"),
+            onnx.helper.make_tensor(f"{name}_zero", onnx.TensorProto.FLOAT8E4M3FN, [len(scale)], [0.0] * len(scale)),
+        ]
+    )
+    return onnx.helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_dq"], axis=axis)
 
 
 def _output_axis(node: Any, w: np.ndarray) -> int:

@@ -50,7 +50,6 @@ LONG_FUNCTIONS = {
     "benchmarks/objectives.py::main",
     "benchmarks/throughput.py::run_config",
     "benchmarks/train_throughput.py::main",
-    "export/fp8.py::quantize_fp8",
 }
 
 
