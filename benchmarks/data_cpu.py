@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         "samples_per_call": n,
     }
     rows: list[tuple[str, str, str]] = []  # (what, value, note)
+    for part in (_scenes, _loader_batches, _prerender, _workers, _teacher_forward):
+        part(res, rows, n, a)
+    _write(res, rows, a)
 
+
+def _scenes(res: dict[str, Any], rows: list[tuple[str, str, str]], n: int, a: argparse.Namespace) -> None:
     # ---- scenes: generation (Python) and rendering (PIL), per sample
     for size in (32, 224):
         t = timed(
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
+
+def _loader_batches(res: dict[str, Any], rows: list[tuple[str, str, str]], n: int, a: argparse.Namespace) -> None:
     # ---- a whole batch as the loader builds it: host float normalisation vs uint8 (normalised on the device)
     for size in (32, 224):
         pre = Preprocess.from_dict(sc.preprocess_config(size))
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
+
+def _prerender(res: dict[str, Any], rows: list[tuple[str, str, str]], n: int, a: argparse.Namespace) -> None:
     # ---- pre-rendering N pairs once, and a batch from the pre-rendered arrays
     size = 224
     pre = Preprocess.from_dict(sc.preprocess_config(size))
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
 
+
+def _workers(res: dict[str, Any], rows: list[tuple[str, str, str]], n: int, a: argparse.Namespace) -> None:
     # ---- DataLoader overhead: the same batches with 0 and 2 worker processes (start-up included)
     small = TrainBatches(
         open_source("scenes:train", image_size=32),
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
+
+def _teacher_forward(res: dict[str, Any], rows: list[tuple[str, str, str]], n: int, a: argparse.Namespace) -> None:
     # ---- the frozen teacher's forward: inference_mode vs no_grad (1 thread: two threads on a loaded 2-core
     # machine made the comparison swing either way by 20-50% between runs)
     torch.set_num_threads(1)
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
 
+
+def _write(res: dict[str, Any], rows: list[tuple[str, str, str]], a: argparse.Namespace) -> None:
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     res["rows"] = [{"what": w, "value": v, "note": note} for w, v, note in rows]
     a.out.mkdir(parents=True, exist_ok=True)
