@@ -70,7 +70,7 @@ def _judge(name: str, precision: str, got: dict, ref: dict, inp, n_classes: int)
     """Parity's checks of one run (export/parity.py's own code) on the inputs both runs saw."""
     from tinyclip_edge.common import embeddings as M
     from tinyclip_edge.export.parity import _against_reference, _Embeddings
-    from tinyclip_edge.export.report import DEFAULT_TOLERANCES, Check
+    from tinyclip_edge.export.parity_report import DEFAULT_TOLERANCES, Check
 
     def emb(d):
         e = object.__new__(_Embeddings)  # embeddings computed elsewhere (under qemu): no runtime to open here

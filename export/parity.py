@@ -27,7 +27,7 @@ from ..common.schemas import BundleManifest
 from ..models.resolve import resolve_model
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.host import probe_host
-from .report import (
+from .parity_report import (
     BATCH_INVARIANT_MAX_ABS,
     DEFAULT_TOLERANCES,
     ArtifactResult,

@@ -33,10 +33,10 @@ from ..common.threads import usable_cores
 from ..common.vocab import TOWERS
 from .artifacts import ArtifactInfo, inspect_artifact
 from .base import BACKEND_MODULES, Runtime, open_runtime
+from .bench_report import BenchReport, latency_stats, output_names
 from .devices import device_facts
 from .host import warn_isa_mismatch_once
 from .measure import DeviceMemory, MemoryProbe, Timer
-from .report import BenchReport, latency_stats, output_names
 from .tegrastats import TegraStats
 
 TOWER_CHOICES: tuple[str, ...] = typing.get_args(Tower)

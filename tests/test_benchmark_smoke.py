@@ -80,7 +80,7 @@ def test_objectives_benchmark_tiny_writes_table_json_and_plot(tmp_path):
 def test_export_precisions_tiny_writes_table_and_readable_parity_reports(tmp_path):
     from conftest import make_package
 
-    from tinyclip_edge.export.report import ParityReport
+    from tinyclip_edge.export.parity_report import ParityReport
     from tinyclip_edge.models import save_model_dir
 
     model = save_model_dir(make_package(jitter=0.02), tmp_path / "model")

@@ -126,7 +126,7 @@ def teacher_fp8(trained_teacher_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fp8_bundle_passes_parity_with_int8_gates(teacher_fp8):
-    from tinyclip_edge.export.report import DEFAULT_TOLERANCES
+    from tinyclip_edge.export.parity_report import DEFAULT_TOLERANCES
 
     assert DEFAULT_TOLERANCES["fp8"] == DEFAULT_TOLERANCES["int8"]
     report = run_parity(teacher_fp8, data=DATA, progress=False)

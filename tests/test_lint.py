@@ -44,7 +44,6 @@ MAX_FUNCTION_LINES = 60  # def line to last line; a longer function is split int
 # leave it, and no other function may join it).
 LONG_FUNCTIONS = {
     "benchmarks/compression.py::main",
-    "benchmarks/data_cpu.py::main",
     "benchmarks/int8_isa.py::main",
     "benchmarks/int8_patch_embedding.py::main",
     "benchmarks/objectives.py::main",

@@ -130,7 +130,7 @@ def test_parity_defaults_are_one_table_rendered_into_the_help_and_the_docs():
     from tinyclip_edge.cli.export import parity_cmd
     from tinyclip_edge.common.options import PARITY_TOLERANCES, parity_table, tolerance_defaults
     from tinyclip_edge.export.bundle import VERIFY_MIN_COSINE
-    from tinyclip_edge.export.report import DEFAULT_TOLERANCES
+    from tinyclip_edge.export.parity_report import DEFAULT_TOLERANCES
 
     assert {p: t.min_cosine for p, t in DEFAULT_TOLERANCES.items()} == {
         p: g["min_cosine"] for p, g in PARITY_TOLERANCES.items()

@@ -139,7 +139,7 @@ def test_paired_delta_counts_gains_and_losses():
 
 
 def test_task_check_fails_only_on_significant_drops_beyond_tolerance():
-    from tinyclip_edge.export.report import Check
+    from tinyclip_edge.export.parity_report import Check
 
     def delta(gains, losses, n=256):
         ref = np.zeros(n, bool)

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.export.report import ParityReport
-from tinyclip_edge.runtimes.report import BenchReport
+from tinyclip_edge.export.parity_report import ParityReport
+from tinyclip_edge.runtimes.bench_report import BenchReport
 
 
 @pytest.fixture(scope="module")

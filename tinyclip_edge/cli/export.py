@@ -312,7 +312,7 @@ def parity_cmd(
     from ..common.io import prepare_out_dir
     from ..common.schemas import PARITY_NAME
     from ..export import run_parity
-    from ..export.report import output_names
+    from ..export.parity_report import output_names
 
     ParityOptions(**flags).validate_fields("")  # domains first, in the flags' words (click made them numbers)
     options = from_dict(ParityOptions, flags, label="option", key_format=cli_name)

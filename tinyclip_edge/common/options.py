@@ -88,7 +88,7 @@ class BenchOptions:
             raise UserError(f"{path + '.' if path else ''}batches lists a batch size twice: {self.batches}")
 
 
-# The parity gates by bundle precision: the one table. export/report.py makes Tolerances of it, the export's
+# The parity gates by bundle precision: the one table. export/parity_report.py makes Tolerances of it, the export's
 # own graph check uses fp32's min cosine, and the parity flags' help and docs/EXPORT.md's table are rendered
 # from it (tests/test_options.py). The numbers and why: docs/EXPORT.md, "Parity".
 PARITY_TOLERANCES: dict[str, dict[str, float]] = {

@@ -5,7 +5,7 @@
 - ``BundleManifest``: an export bundle's ``manifest.json``.
 - ``EngineSidecar``: the ``<tower>.engine.json`` next to a TensorRT engine.
 - The two reports build on ``VersionedFile`` beside the code that renders them (their file names and formats are
-  defined here): ``export.report.ParityReport`` (``parity.json``) and ``runtimes.report.BenchReport``
+  defined here): ``export.parity_report.ParityReport`` (``parity.json``) and ``runtimes.bench_report.BenchReport``
   (``bench.json``). Their ``read`` checks types and ranges and that derived fields (a verdict, a speed-up)
   agree with the numbers they are derived from, so an edited or corrupt report is an error, not a wrong table.
 

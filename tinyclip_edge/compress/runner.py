@@ -404,7 +404,7 @@ class Run:
         )
         check_readable(src)
         if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
-            from .regions import region_source
+            from .stages.dclip.regions import region_source
 
             src = region_source(src, self.recipe.dclip, self.dir)
         return src
@@ -623,7 +623,7 @@ class Run:
         if self.recipe.baselines.scratch:
             result.baseline_dirs = self.run_baselines(reference, result.stage_dirs)
         if self.recipe.eval.data and dist.is_main():  # rank 0 alone evaluates; the others are done
-            from .report import write_report
+            from .run_report import write_report
 
             result.report = write_report(self, result)
         return result

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..common.errors import UserError
-from ..data.regions import RegionSource, detect_regions, fallback_count, read_coco_instances, read_regions_jsonl
-from ..data.sources import PairSource, ScenesSource
-from .rundir import REGIONS_FILE, RunLayout
-from .stages.dclip.config import DclipCfg
+from ....common.errors import UserError
+from ....data.regions import RegionSource, detect_regions, fallback_count, read_coco_instances, read_regions_jsonl
+from ....data.sources import PairSource, ScenesSource
+from ...rundir import REGIONS_FILE, RunLayout
+from .config import DclipCfg
 
 log = logging.getLogger("tinyclip_edge")
 MODES = ("boxes", "grid", "yolo")
