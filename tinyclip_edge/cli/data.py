@@ -83,8 +83,8 @@ def cache_teacher(teacher: str, shards: str, out: str, aug_seed: int | None, bat
     """Store TEACHER's embeddings of every sample of SHARDS (a folder or brace pattern of .tar files) in OUT;
     a stage with teacher_cache=OUT then reads them instead of running the teacher."""
     from ..common.devices import check_device
+    from ..compress.cache_teacher import build_teacher_cache
     from ..compress.teacher import resolve_teacher
-    from ..compress.teacher_cache import build_teacher_cache
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     check_device(device)  # before the teacher is resolved (which may train a built-in one)

@@ -1,5 +1,5 @@
 """Reading a teacher-embedding cache (MobileCLIP's "reinforced data"): a stage that reads it never runs
-its teacher. ``tinyclip-edge data cache-teacher`` writes it (compress/teacher_cache.py).
+its teacher. ``tinyclip-edge data cache-teacher`` writes it (compress/cache_teacher.py).
 
 Layout of a cache folder (version 2):
     cache.json              format, version, teacher (spec and hash), data hash, augmentation seed, logit

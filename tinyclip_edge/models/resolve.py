@@ -63,7 +63,7 @@ class ResolvedModel:
 
 def weights_digest(model: Any) -> str:
     """sha256 over a model's parameter names, shapes, dtypes and values: identifies its weights where there is
-    no weights file to hash (random init, in memory) and keys the teacher cache (compress/teacher_cache.py).
+    no weights file to hash (random init, in memory) and keys the teacher cache (compress/cache_teacher.py).
     Any dtype, bf16 included (the bytes are read as uint8)."""
     import torch
 

@@ -1,4 +1,4 @@
-"""Writing a teacher-embedding cache: ``tinyclip-edge data cache-teacher TEACHER SHARDS --out DIR``.
+"""Writing a teacher-embedding cache (the reader is data/teacher_cache.py): ``tinyclip-edge data cache-teacher TEACHER SHARDS --out DIR``.
 
 Every sample of every shard, in order, gets the teacher's normalised image embedding (of the sample's
 fixed augmentation for ``--aug-seed``; none by default) and text embedding, computed with the teacher's
