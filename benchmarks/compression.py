@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,53 +116,55 @@ def main() -> None:
     for name, (question, plan) in experiments(args.steps).items():
         if args.only and name not in args.only:
             continue
-        per_seed = []
-        for seed in range(args.seeds):
-            rd = work / f"{name.replace(' ', '_').replace('%', 'pct').replace('>', '')}-seed{seed}"
-            recipe = load_recipe(
-                {
-                    "name": name,
-                    "teacher": str(teacher_dir),
-                    "run_dir": str(rd),
-                    "seed": seed,
-                    "device": args.device,
-                    "stages": [stage(m, t, n, args.batch, args.lr) for m, t, n in plan],
-                    "eval": {"data": args.val},
-                }
-            )
-            if (rd / "run.json").is_file():
-                res = run_compress(recipe, resume=True).report
-            else:
-                res = run_compress(recipe).report
-            student = res["students"][-1]
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "R@1": r1(student),
-                    "i2t_R@1": student["i2t"]["R@1"],
-                    "t2i_R@1": student["t2i"]["R@1"],
-                    "zero_shot_top1": student["zero_shot"]["top1"],
-                    "compositional": student["compositional_acc"],
-                    "params": student["params"]["total"],
-                    "teacher_R@1": r1(res["teacher"]),
-                }
-            )
+        per_seed = [one_run(name, plan, seed, args, work, teacher_dir) for seed in range(args.seeds)]
         results[name] = {"question": question, "stages": plan, "runs": per_seed}
-        vals = [p["R@1"] for p in per_seed]
-        rows.append(
-            {
-                "question": question,
-                "student": name,
-                "params": f"{per_seed[0]['params']:,}",
-                "total steps": sum(n for _, _, n in plan),
-                "R@1 (mean)": f"{statistics.mean(vals):.1f}"
-                + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""),
-                "zero-shot top1": f"{statistics.mean(p['zero_shot_top1'] for p in per_seed):.1f}",
-                "compositional": f"{statistics.mean(p['compositional'] for p in per_seed):.1f}",
-            }
-        )
+        rows.append(table_row(question, name, plan, per_seed))
 
         write(args, out, results, rows, teacher, t0)  # after every experiment: a killed run keeps its results
+
+
+def one_run(name: str, plan: Any, seed: int, args: argparse.Namespace, work: Path, teacher_dir: Path) -> dict:
+    """One experiment for `seed` (continued when its run exists): the last student's metrics."""
+    rd = work / f"{name.replace(' ', '_').replace('%', 'pct').replace('>', '')}-seed{seed}"
+    recipe = load_recipe(
+        {
+            "name": name,
+            "teacher": str(teacher_dir),
+            "run_dir": str(rd),
+            "seed": seed,
+            "device": args.device,
+            "stages": [stage(m, t, n, args.batch, args.lr) for m, t, n in plan],
+            "eval": {"data": args.val},
+        }
+    )
+    if (rd / "run.json").is_file():
+        res = run_compress(recipe, resume=True).report
+    else:
+        res = run_compress(recipe).report
+    student = res["students"][-1]
+    return {
+        "seed": seed,
+        "R@1": r1(student),
+        "i2t_R@1": student["i2t"]["R@1"],
+        "t2i_R@1": student["t2i"]["R@1"],
+        "zero_shot_top1": student["zero_shot"]["top1"],
+        "compositional": student["compositional_acc"],
+        "params": student["params"]["total"],
+        "teacher_R@1": r1(res["teacher"]),
+    }
+
+
+def table_row(question: str, name: str, plan: Any, per_seed: list[dict]) -> dict:
+    vals = [p["R@1"] for p in per_seed]
+    return {
+        "question": question,
+        "student": name,
+        "params": f"{per_seed[0]['params']:,}",
+        "total steps": sum(n for _, _, n in plan),
+        "R@1 (mean)": f"{statistics.mean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""),
+        "zero-shot top1": f"{statistics.mean(p['zero_shot_top1'] for p in per_seed):.1f}",
+        "compositional": f"{statistics.mean(p['compositional'] for p in per_seed):.1f}",
+    }
 
 
 def main_b32(args: argparse.Namespace, out: Path) -> None:

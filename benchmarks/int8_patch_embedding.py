@@ -22,22 +22,43 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--calib", type=int, default=64, help="calibration images (a quarter is held out)")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+def _measure(graphs: dict[str, Path], images: np.ndarray, held: np.ndarray, threads: int, iters: int) -> list[dict]:
+    """Each graph's size, batch-1 latency (interleaved rounds, rotating who goes first) and min cosine vs fp32."""
+    from tinyclip_edge.common.embeddings import row_cosine
+    from tinyclip_edge.runtimes.onnxrt import create_session, run_session
 
+    sessions = {k: create_session(p, intra_op_threads=threads, inter_op_threads=1) for k, p in graphs.items()}
+    ref = run_session(sessions["fp32"], held)
+    x = images[:1]
+    for s in sessions.values():  # warm-up
+        for _ in range(3):
+            run_session(s, x)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for r in range(iters):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            t0 = time.perf_counter()
+            run_session(sessions[name], x)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for name, path in graphs.items():
+        cos = row_cosine(run_session(sessions[name], held), ref)
+        rows.append(
+            {
+                "graph": name,
+                "MB": round(path.stat().st_size / 1e6, 2),
+                "p50_ms": round(float(np.median(times[name])), 2),
+                "min_cosine_vs_fp32": round(float(cos.min()), 5),
+            }
+        )
+    return rows
+
+
+def _graphs(args: argparse.Namespace) -> tuple[dict[str, Path], np.ndarray, np.ndarray]:
+    """The random image tower as fp32 ONNX and quantized both ways; the calibration images and the held-out ones."""
     import torch
 
-    from tinyclip_edge.common.embeddings import row_cosine
     from tinyclip_edge.common.preprocess import Preprocess
     from tinyclip_edge.data import scenes
     from tinyclip_edge.export import export_bundle
@@ -46,7 +67,6 @@ def main() -> None:
     from tinyclip_edge.export.quant_plan import holdout_count
     from tinyclip_edge.models import ClipModel, ClipPackage
     from tinyclip_edge.models.presets import uniform_shape
-    from tinyclip_edge.runtimes.onnxrt import create_session, run_session
 
     torch.manual_seed(0)
     shape = uniform_shape(
@@ -82,31 +102,24 @@ def main() -> None:
             progress=False,
         )
         graphs[name] = path
-    sessions = {k: create_session(p, intra_op_threads=args.threads, inter_op_threads=1) for k, p in graphs.items()}
-    ref = run_session(sessions["fp32"], held)
-    x = images[:1]
-    for s in sessions.values():  # warm-up
-        for _ in range(3):
-            run_session(s, x)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
-    for r in range(args.iters):  # interleaved rounds, rotating who goes first
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
-            t0 = time.perf_counter()
-            run_session(sessions[name], x)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    rows = []
-    for name, path in graphs.items():
-        cos = row_cosine(run_session(sessions[name], held), ref)
-        rows.append(
-            {
-                "graph": name,
-                "MB": round(path.stat().st_size / 1e6, 2),
-                "p50_ms": round(float(np.median(times[name])), 2),
-                "min_cosine_vs_fp32": round(float(cos.min()), 5),
-            }
-        )
+    return graphs, images, held
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--patch", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=64, help="calibration images (a quarter is held out)")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    graphs, images, held = _graphs(args)
+    rows = _measure(graphs, images, held, args.threads, args.iters)
     result = {
         "shape": {
             "width": args.width,

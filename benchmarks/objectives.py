@@ -144,40 +144,33 @@ def main() -> None:
         for name in OBJECTIVES:
             if args.only and name not in args.only:
                 continue
-            runs = []
-            for seed in range(args.seeds):
-                rd = work / f"{int(target * 100)}pct-{name.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
-                report = rd / "report.json"
-                if not report.is_file():
-                    recipe = load_recipe(
-                        {
-                            "name": name,
-                            "teacher": str(teacher_dir),
-                            "run_dir": str(rd),
-                            "seed": seed,
-                            "device": args.device,
-                            "stages": stages(name, target, args),
-                            "eval": {"data": args.val},
-                            **(
-                                {"dclip": {"regions": "boxes", "max_regions": 3, "max_spans": 3}}
-                                if name == "DCLIP hybrid"
-                                else {}
-                            ),
-                        }
-                    )
-                    run_compress(recipe, resume=(rd / "run.json").is_file())
-                rep = json.loads(report.read_text())
-                student = next(s for s in rep["students"] if s["name"] == "student")
-                runs.append(
-                    {
-                        "seed": seed,
-                        **metrics(student),
-                        "teacher": metrics(rep["teacher"]),
-                        "seconds": run_seconds(rd, rep),
-                    }
-                )
+            runs = [one_run(name, target, seed, args, work, teacher_dir) for seed in range(args.seeds)]
             results.setdefault(f"{int(target * 100)}%", {})[name] = runs
             write(args, out, results, teacher, t0)  # after every objective: a killed run keeps its results
+
+
+def one_run(name: str, target: float, seed: int, args: argparse.Namespace, work: Path, teacher_dir: Path) -> dict:
+    """One objective's student at `target` for `seed` (reused when its report exists): its metrics."""
+    rd = work / f"{int(target * 100)}pct-{name.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
+    report = rd / "report.json"
+    if not report.is_file():
+        dclip = {"dclip": {"regions": "boxes", "max_regions": 3, "max_spans": 3}} if name == "DCLIP hybrid" else {}
+        recipe = load_recipe(
+            {
+                "name": name,
+                "teacher": str(teacher_dir),
+                "run_dir": str(rd),
+                "seed": seed,
+                "device": args.device,
+                "stages": stages(name, target, args),
+                "eval": {"data": args.val},
+                **dclip,
+            }
+        )
+        run_compress(recipe, resume=(rd / "run.json").is_file())
+    rep = json.loads(report.read_text())
+    student = next(s for s in rep["students"] if s["name"] == "student")
+    return {"seed": seed, **metrics(student), "teacher": metrics(rep["teacher"]), "seconds": run_seconds(rd, rep)}
 
 
 def write(args: argparse.Namespace, out: Path, results: dict, teacher, t0: float) -> None:

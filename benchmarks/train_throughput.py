@@ -16,6 +16,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,17 +29,8 @@ from tinyclip_edge.models import ClipModel, ClipPackage, save_model_dir
 from tinyclip_edge.models.presets import vit_b_32_shape
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--precision", default="auto")
-    args = ap.parse_args()
-    work = args.out / "throughput-run"
-    shape = vit_b_32_shape()
+def _recipe(args: argparse.Namespace, work: Path, shape: Any) -> Any:
+    """The packaged ViT-B/32 -> 50% recipe on a random ViT-B/32-shaped teacher and the scenes data."""
     teacher = ClipPackage(
         ClipModel(shape),
         Preprocess.from_dict(scenes.preprocess_config(224)),
@@ -46,7 +38,7 @@ def main() -> None:
         {"teacher": "ViT-B/32 shape, random weights"},
     )
     tdir = save_model_dir(teacher, work / "teacher-model")
-    recipe = load_recipe(
+    return load_recipe(
         "vit-b-32-to-50pct",
         [
             f"run_dir={work / 'run'}",
@@ -62,6 +54,20 @@ def main() -> None:
             f"stages.0.precision={args.precision}",
         ],
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args()
+    work = args.out / "throughput-run"
+    shape = vit_b_32_shape()
+    recipe = _recipe(args, work, shape)
     t0 = time.perf_counter()
     run_compress(recipe)
     wall = time.perf_counter() - t0
@@ -70,7 +76,10 @@ def main() -> None:
     windows = [
         (b["samples"] - a["samples"]) / max(1e-9, b["elapsed_s"] - a["elapsed_s"]) for a, b in zip(logs, logs[1:])
     ]
-    steady = statistics.median(windows[1:]) if len(windows) > 2 else windows[-1]
+    if len(windows) > 2:
+        steady = statistics.median(windows[1:])
+    else:  # too few logging windows (a short run): the last one, or the whole run's rate
+        steady = windows[-1] if windows else logs[-1]["samples"] / max(1e-9, logs[-1]["elapsed_s"])
     res = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,

@@ -43,12 +43,8 @@ MAX_FUNCTION_LINES = 60  # def line to last line; a longer function is split int
 # The functions still over it, to be split; the list may only shrink (a function split below the limit must
 # leave it, and no other function may join it).
 LONG_FUNCTIONS = {
-    "benchmarks/compression.py::main",
     "benchmarks/int8_isa.py::main",
-    "benchmarks/int8_patch_embedding.py::main",
-    "benchmarks/objectives.py::main",
     "benchmarks/throughput.py::run_config",
-    "benchmarks/train_throughput.py::main",
 }
 
 
