@@ -202,7 +202,7 @@ def summarise_profile(prof: Any, wall_s: float, steps: int, device: torch.device
 # ---------------------------------------------------------------------------------------------- one configuration
 def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
     execution, teacher_kind, data = cfg
-    device, teacher = env["device"], env["teacher"]
+    device = env["device"]
     warm, timed, prof_steps = a.warmup, a.steps, a.profile_steps
     # + a profiler warm-up step, + one trailing step so the final checkpoint's write is not profiled (the tiny
     # smoke run skips both: 3 steps per configuration)
@@ -215,19 +215,7 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
         compile=execution != "eager",
         compile_mode="reduce-overhead" if execution == "cudagraphs" else "default",
     )
-    if data == "prerendered":
-        batches = env["pool"]
-    else:
-        src = open_source("scenes:train", image_size=env["pre"].image_size)
-        batches = TrainBatches(src, env["pre"], env["tok"], a.batch, seed=0, uint8=data == "render-cpu-uint8")
-    t_model: nn.Module
-    if teacher_kind == "cached":
-        if data != "prerendered":
-            raise SystemExit("the cached-teacher stand-in needs prerendered data")
-        t_model = env["cached"]
-        t_model.calls = 0
-    else:
-        t_model = teacher
+    batches, t_model = _data_and_teacher(data, teacher_kind, a, env)
     torch.manual_seed(0)  # the same student init in every configuration: comparable loss curves
     task = DistillTask(ClipModel(env["student_shape"]))
     marks: dict[str, float] = {}
@@ -264,6 +252,43 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
             on_step=on_step,
         )
     wall = time.perf_counter() - t0
+    res = _result(cfg, a, env, prof, marks, run_dir, wall)
+    del task, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # each configuration compiles from scratch
+    return res
+
+
+def _data_and_teacher(data: str, teacher_kind: str, a: argparse.Namespace, env: dict[str, Any]) -> tuple[Any, Any]:
+    """The configuration's batches (pre-rendered, or rendered on the CPU as float or uint8) and teacher (live, or
+    the cached-embedding stand-in)."""
+    if data == "prerendered":
+        batches = env["pool"]
+    else:
+        src = open_source("scenes:train", image_size=env["pre"].image_size)
+        batches = TrainBatches(src, env["pre"], env["tok"], a.batch, seed=0, uint8=data == "render-cpu-uint8")
+    if teacher_kind != "cached":
+        return batches, env["teacher"]
+    if data != "prerendered":
+        raise SystemExit("the cached-teacher stand-in needs prerendered data")
+    env["cached"].calls = 0
+    return batches, env["cached"]
+
+
+def _result(
+    cfg: tuple[str, str, str],
+    a: argparse.Namespace,
+    env: dict[str, Any],
+    prof: Any,
+    marks: dict[str, float],
+    run_dir: Path,
+    wall: float,
+) -> dict[str, Any]:
+    """Throughput between the timing marks, MFU against the measured peak, the profile's verdict and losses."""
+    execution, teacher_kind, data = cfg
+    device, warm, timed, prof_steps = env["device"], a.warmup, a.steps, a.profile_steps
+    t_prof0 = warm + timed + (0 if a.tiny else 1)
     dt = marks[str(warm + timed)] - marks[str(warm)]
     sps = a.batch * timed / dt
     flops = distill_step_flops(
@@ -276,7 +301,7 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
     )
     atomic_write_text(a.work / f"profile-{name_of(cfg).replace('/', '_')}.txt", table)
     losses = [json.loads(x)["total"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    res = {
+    return {
         "name": name_of(cfg),
         "execution": execution,
         "teacher": teacher_kind,
@@ -290,11 +315,6 @@ def run_config(cfg: tuple[str, str, str], a: argparse.Namespace, env: dict[str, 
         "wall_s": wall,
         "profile": summary,
     }
-    del task, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()  # each configuration compiles from scratch
-    return res
 
 
 # ---------------------------------------------------------------------------------------------- output

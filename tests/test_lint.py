@@ -44,7 +44,6 @@ MAX_FUNCTION_LINES = 60  # def line to last line; a longer function is split int
 # leave it, and no other function may join it).
 LONG_FUNCTIONS = {
     "benchmarks/int8_isa.py::main",
-    "benchmarks/throughput.py::run_config",
 }
 
 
