@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,53 +155,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from tinyclip_edge.export import export_bundle
-    from tinyclip_edge.export import precision as P
-    from tinyclip_edge.export.bundle import _calibration
-    from tinyclip_edge.export.data import load_pairs
-    from tinyclip_edge.export.parity import _Inputs
-    from tinyclip_edge.runtimes import open_runtime
-
     qemu = shutil.which("qemu-x86_64")
     pkg = _package(args.model)
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
-    export_bundle(pkg, out / "fp32", progress=False)
-    pairs = load_pairs(args.data, args.count, pkg.preprocess, progress=False)
-    tok = pkg.tokenizer()
-    prompts = [t.format(c) for c in pairs.class_names for t in pairs.templates]
-    n = min(args.qemu_count, len(pairs))
-    feeds = {
-        "image": pairs.images,
-        "text": tok(pairs.captions).astype(np.int32),
-        "prompts": tok(prompts).astype(np.int32),
-    }
-    for k, v in feeds.items():
-        np.save(out / f"{k}.npy", v)
-        np.save(out / f"{k}.qemu.npy", v if k == "prompts" else v[:n])
-    with open_runtime(pkg, backend="pyt", normalize=True) as rt:
-        ref = {"image": np.concatenate([rt.encode_image(pairs.images[i : i + 32]) for i in range(0, len(pairs), 32)])}
-        ref["text"] = np.concatenate([rt.encode_text(feeds["text"][i : i + 32]) for i in range(0, len(pairs), 32)])
-        ref["prompts"] = rt.encode_text(feeds["prompts"])
-    calib, _ = _calibration(pkg, args.calib, args.calib_count, ("image", "text"), False)
-    graphs = {}
-    for fmt, reduce in FORMATS.items():
-        P.REDUCE_RANGE = reduce
-        for precision in ("int8", "int8-dynamic"):
-            for tower in ("image", "text"):
-                d = out / f"{fmt}-{precision}"
-                d.mkdir(exist_ok=True)
-                P.quantize(
-                    out / "fp32" / f"{tower}.onnx",
-                    d / f"{tower}.onnx",
-                    d,
-                    tower,
-                    precision,
-                    calib[tower],
-                    P.QuantOptions(),
-                    progress=False,
-                )
-            graphs[fmt, precision] = d
+    pairs, feeds, ref, n = _prepare(pkg, args, out)
+    graphs = _quantize_all(pkg, args, out)
     for where in ("native", "avx2") if qemu else ("native",):
         suffix = "" if where == "native" else ".qemu"
         runs = [
@@ -210,25 +170,7 @@ def main() -> None:
             if not (k == "prompts" and where == "avx2" and args.no_qemu_zero_shot)
         ]
         _run(out / f"{where}.json", runs, qemu if where == "avx2" else None)
-
-    def inputs(m):
-        return _Inputs(pairs.images[:m], feeds["text"][:m], pairs.labels[:m], feeds["prompts"], len(pairs.class_names))
-
-    rows = []
-    for (fmt, precision), d in graphs.items():
-        for where in ("native", "avx2") if qemu else ("native",):
-            m = len(pairs) if where == "native" else n
-            got = {k: np.load(f) for k in ("image", "text", "prompts") if (f := d / f"{k}.{where}.npy").is_file()}
-            want = {k: v[:m] if k != "prompts" else v for k, v in ref.items()}
-            row = {"format": fmt, "precision": precision, "cpu": where, "samples": m}
-            row |= _judge(f"{fmt} {precision}", precision, got, want, inputs(m), len(pairs.class_names))
-            if where == "native":
-                row["MB"] = round(sum((d / f"{t}.onnx").stat().st_size for t in ("image", "text")) / 1e6, 2)
-                row |= {
-                    f"{t} ms": round(_latency(d / f"{t}.onnx", feeds[t], args.iters, args.threads), 2)
-                    for t in ("image", "text")
-                }
-            rows.append(row)
+    rows = _rows(graphs, pairs, feeds, ref, n, args, qemu)
     accumulator = {
         fmt: _accumulator(graphs[fmt, "int8-dynamic"] / "text.onnx", out / "text.qemu.npy", out, qemu)
         for fmt in FORMATS
@@ -251,6 +193,85 @@ def main() -> None:
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+
+
+def _prepare(pkg: Any, args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, np.ndarray], dict, int]:
+    """The fp32 bundle, the inputs saved for the workers (all, and the first qemu-count for qemu) and the
+    PyTorch reference embeddings."""
+    from tinyclip_edge.export import export_bundle
+    from tinyclip_edge.export.data import load_pairs
+    from tinyclip_edge.runtimes import open_runtime
+
+    export_bundle(pkg, out / "fp32", progress=False)
+    pairs = load_pairs(args.data, args.count, pkg.preprocess, progress=False)
+    tok = pkg.tokenizer()
+    prompts = [t.format(c) for c in pairs.class_names for t in pairs.templates]
+    n = min(args.qemu_count, len(pairs))
+    feeds = {
+        "image": pairs.images,
+        "text": tok(pairs.captions).astype(np.int32),
+        "prompts": tok(prompts).astype(np.int32),
+    }
+    for k, v in feeds.items():
+        np.save(out / f"{k}.npy", v)
+        np.save(out / f"{k}.qemu.npy", v if k == "prompts" else v[:n])
+    with open_runtime(pkg, backend="pyt", normalize=True) as rt:
+        ref = {"image": np.concatenate([rt.encode_image(pairs.images[i : i + 32]) for i in range(0, len(pairs), 32)])}
+        ref["text"] = np.concatenate([rt.encode_text(feeds["text"][i : i + 32]) for i in range(0, len(pairs), 32)])
+        ref["prompts"] = rt.encode_text(feeds["prompts"])
+    return pairs, feeds, ref, n
+
+
+def _quantize_all(pkg: Any, args: argparse.Namespace, out: Path) -> dict[tuple[str, str], Path]:
+    """Each weight format x int8 precision, both towers quantized from the fp32 bundle: (format, precision) -> folder."""
+    from tinyclip_edge.export import precision as P
+    from tinyclip_edge.export.bundle import _calibration
+
+    calib, _ = _calibration(pkg, args.calib, args.calib_count, ("image", "text"), False)
+    graphs = {}
+    for fmt, reduce in FORMATS.items():
+        P.REDUCE_RANGE = reduce
+        for precision in ("int8", "int8-dynamic"):
+            for tower in ("image", "text"):
+                d = out / f"{fmt}-{precision}"
+                d.mkdir(exist_ok=True)
+                P.quantize(
+                    out / "fp32" / f"{tower}.onnx",
+                    d / f"{tower}.onnx",
+                    d,
+                    tower,
+                    precision,
+                    calib[tower],
+                    P.QuantOptions(),
+                    progress=False,
+                )
+            graphs[fmt, precision] = d
+    return graphs
+
+
+def _rows(graphs: dict, pairs: Any, feeds: dict, ref: dict, n: int, args: argparse.Namespace, qemu: Any) -> list[dict]:
+    """The verdict of each graph on each CPU (native, and the AVX2 emulation), with size and latency natively."""
+    from tinyclip_edge.export.parity import _Inputs
+
+    def inputs(m: int) -> Any:
+        return _Inputs(pairs.images[:m], feeds["text"][:m], pairs.labels[:m], feeds["prompts"], len(pairs.class_names))
+
+    rows = []
+    for (fmt, precision), d in graphs.items():
+        for where in ("native", "avx2") if qemu else ("native",):
+            m = len(pairs) if where == "native" else n
+            got = {k: np.load(f) for k in ("image", "text", "prompts") if (f := d / f"{k}.{where}.npy").is_file()}
+            want = {k: v[:m] if k != "prompts" else v for k, v in ref.items()}
+            row = {"format": fmt, "precision": precision, "cpu": where, "samples": m}
+            row |= _judge(f"{fmt} {precision}", precision, got, want, inputs(m), len(pairs.class_names))
+            if where == "native":
+                row["MB"] = round(sum((d / f"{t}.onnx").stat().st_size for t in ("image", "text")) / 1e6, 2)
+                row |= {
+                    f"{t} ms": round(_latency(d / f"{t}.onnx", feeds[t], args.iters, args.threads), 2)
+                    for t in ("image", "text")
+                }
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
