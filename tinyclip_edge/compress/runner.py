@@ -25,18 +25,14 @@ from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json
 from ..common.preprocess import Preprocess
 from ..common.threads import apply_cpu_threads
-from ..data import check_readable, open_source
 from ..data import scenes as scenes_data
-from ..data.arrays import PrerenderedBatches
-from ..data.batches import TrainBatches
-from ..data.shards import ShardBatches, check_reader_split, check_shards, data_hash, expand_shards, is_shard_spec
-from ..data.teacher_cache import TeacherCache
 from ..losses.registry import parse_losses
 from ..models import ClipModel, ClipPackage, ClipShape, is_model_dir, load_model_dir, save_model_dir
 from ..models.presets import PRESETS, preset_shape
 from ..models.resolve import resolve_model
 from .chain import chain_note, plan_chain
 from .recipe import Recipe, StageCfg, dump_recipe, load_recipe, validate_recipe
+from .run_data import RunData
 from .rundir import (
     CHECKPOINTS_DIR,
     LAYOUT_ENTRIES,
@@ -174,7 +170,8 @@ class Run:
         started = self._saved_work(old)
         resume = self._resuming(started, resume)
         self.device = dist.local_device(resolve_device(recipe.device))
-        self._check_shard_split()  # before anything is written: a refused split leaves the directory as it was
+        self.data = RunData(recipe, self.device, self.dir)
+        self.data.check_shard_split()  # before anything is written: a refused split leaves the directory as it was
         if started:
             changed = self._check_same_recipe(new_lr)
             self.state = old
@@ -276,19 +273,6 @@ class Run:
                 return True
         return False
 
-    @property
-    def workers(self) -> int:
-        d = self.recipe.data.workers
-        return d if d is not None else (6 if self.device.type == "cuda" else 0)
-
-    def _check_shard_split(self) -> None:
-        """Shards must feed every reader, evenly over the processes (`data.shards.check_reader_split`), checked
-        here before the run writes anything; the data loader checks the same again."""
-        spec = self.recipe.data.train
-        if is_shard_spec(spec):
-            urls, _ = check_shards(expand_shards(spec))
-            check_reader_split(len(urls), dist.world_size(), self.workers)
-
     def _check_same_recipe(self, new_lr: bool = False) -> list[str]:
         """Refuse a recipe that differs from the saved one beyond what a resume may change; return the
         learning-rate changes an explicit --resume brought (`new_lr`), as 'key: old → new'."""
@@ -339,100 +323,6 @@ class Run:
         self.state["teacher"] = spec
         return load_model_dir(tdir)
 
-    def batches(
-        self,
-        ref: ClipPackage,
-        spec: str,
-        batch_size: int,
-        seed: int,
-        cache: TeacherCache | None = None,
-        *,
-        train: bool = False,
-        workers: int = 0,
-    ) -> TrainBatches:
-        d = self.recipe.data
-        if is_shard_spec(spec) and train and d.prerender:
-            raise UserError(
-                "data.prerender reads a CSV/COCO/scenes source into memory; shards stream instead: "
-                "drop data.prerender (or set it to null) for shard data"
-            )
-        if is_shard_spec(spec):  # WebDataset shards: streamed, split per rank and per worker
-            return ShardBatches(
-                spec, ref.preprocess, ref.tokenizer(), batch_size, seed, dist.rank(), dist.world_size(), cache=cache
-            )
-        src = self._pair_source(spec, ref)
-        if train and d.prerender:  # uint8 arrays rendered once, held on the training device (data/arrays.py)
-            if self.recipe.dclip is not None:
-                raise UserError(
-                    "data.prerender keeps pixels and captions only, but DCLIP needs each pair's regions; "
-                    "drop data.prerender for a recipe with dclip:"
-                )
-            return PrerenderedBatches(
-                src,
-                ref.preprocess,
-                ref.tokenizer(),
-                batch_size,
-                seed,
-                size=d.prerender,
-                device=self.device,
-                workers=workers,
-                rank=dist.rank(),
-                world=dist.world_size(),
-            )
-        on_device = d.normalize_on == "device" or (d.normalize_on == "auto" and self.device.type == "cuda")
-        return TrainBatches(
-            src,
-            ref.preprocess,
-            ref.tokenizer(),
-            batch_size,
-            seed,
-            dist.rank(),
-            dist.world_size(),
-            uint8=train and on_device,
-        )
-
-    def _pair_source(self, spec: str, ref: ClipPackage) -> Any:
-        """The recipe's pairs from `spec` (CSV/COCO/scenes), checked readable, with regions for DCLIP."""
-        d = self.recipe.data
-        src = open_source(
-            spec,
-            image_size=ref.preprocess.image_size,
-            csv_image_key=d.csv_image_key,
-            csv_caption_key=d.csv_caption_key,
-            csv_separator=d.csv_separator,
-            image_root=d.image_root,
-        )
-        check_readable(src)
-        if self.recipe.dclip is not None:  # DCLIP: every pair carries its regions (meta teacher and its students)
-            from .stages.dclip.regions import region_source
-
-            src = region_source(src, self.recipe.dclip, self.dir)
-        return src
-
-    def teacher_cache(self, st: StageCfg, teacher: ClipPackage | None, ref: ClipPackage) -> TeacherCache | None:
-        """The stage's teacher-embedding cache, checked against its teacher, data and preprocessing."""
-        if not st.teacher_cache or st.teacher == "none":  # scratch baselines train without any teacher
-            return None
-        from ..models.resolve import weights_digest
-
-        if not is_shard_spec(self.recipe.data.train):
-            raise UserError(
-                f"stage {st.name}: teacher_cache needs data.train to be the shards it was made from "
-                f"(e.g. 'shards/{{000000..000099}}.tar'), not {self.recipe.data.train}"
-            )
-        if teacher is None:
-            raise UserError(f"stage {st.name}: teacher_cache needs the stage's teacher to check the cache against")
-        cache = TeacherCache.open(st.teacher_cache)
-        urls, _ = check_shards(expand_shards(self.recipe.data.train))
-        cache.check(
-            weights_digest(teacher.model),
-            data_hash(urls),
-            ref.preprocess.to_dict(),
-            ref.tokenizer_cfg,
-            embed_dim=teacher.shape.embed_dim,
-        )
-        return cache
-
     def run_stage(
         self,
         st: StageCfg,
@@ -450,7 +340,7 @@ class Run:
             return load_model_dir(out_dir)
         phases = method.phases(st)
         micro = st.batch_size // st.grad_accum
-        calib = lambda: self._calib(source, st, micro)  # noqa: E731  (built on first use)
+        calib = lambda: self.data.calib(source, st, micro)  # noqa: E731  (built on first use)
         ctx = StageContext(st, index, source, original, teacher, self.recipe.seed + index, calib, self.recipe)
         pkg, carry, start, totals = self._saved_phases(st, phases, source)
         resume, start = self._checkpointed_phase(st, phases, start, carry)
@@ -526,9 +416,11 @@ class Run:
         sub = ph.train(st)
         if carry.task is None:
             carry.task = ph.task(ctx, carry)
-        cache = self.teacher_cache(st, teacher, source)
+        cache = self.data.teacher_cache(st, teacher, source)
         seed = self.recipe.seed + 7 * ctx.index
-        batches = self.batches(source, self.recipe.data.train, micro, seed, cache, train=True, workers=self.workers)
+        batches = self.data.batches(
+            source, self.recipe.data.train, micro, seed, cache, train=True, workers=self.data.workers
+        )
         # marked only once the data opened: a run that failed before training can be started over
         self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
         self._save_state()
@@ -543,7 +435,7 @@ class Run:
             metrics_path=self.layout.metrics,
             label=sub.name,
             resume=resume,
-            workers=self.workers,
+            workers=self.data.workers,
             on_step=self.on_step,
         )
         totals["steps"] += tstate.step
@@ -590,16 +482,6 @@ class Run:
 
     def _ckpt(self, sub: StageCfg) -> Path:
         return self.layout.checkpoint(str(sub.name))
-
-    def _calib(self, source: ClipPackage, st: StageCfg, micro: int) -> list[dict]:
-        n = get_method(st.method).calib_batches(st)
-        if not n:
-            return []
-        cb = self.batches(
-            source, self.recipe.data.calib or self.recipe.data.train, min(64, micro), self.recipe.seed + 1_000_003
-        )
-        cb.rank, cb.world = 0, 1  # every rank ranks importance on the same (whole) batches
-        return [cb[i] for i in range(n)]
 
     def execute(self) -> RunResult:
         original = self.teacher()
