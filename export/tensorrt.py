@@ -71,13 +71,15 @@ def build_engines(
     calib_count: int = 256,
     calib_cache: Path | None = None,
     verbose: bool = True,
+    manifest: BundleManifest | None = None,
 ) -> list[dict]:
     """Build ``<tower>.engine`` + ``<tower>.engine.json`` in the bundle for each tower; return their sidecars.
 
     ``calib``/``calib_count``/``calib_cache`` only matter for implicit int8 from an fp32 bundle (TensorRT proper).
+    `manifest`: the bundle's, when the caller has read (and verified) it already.
     """
     bundle = Path(bundle_dir)
-    manifest = BundleManifest.read(bundle)
+    manifest = manifest or BundleManifest.read(bundle)
     batch = _check_batch(batch)
     _check_towers(towers, manifest, bundle)
     _check_workspace(workspace_mb)

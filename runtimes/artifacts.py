@@ -28,6 +28,7 @@ class ArtifactInfo:
     files: list[Path] = field(default_factory=list)  # what the runtime loads (for size on disk)
     params: dict[str, int] | None = None  # image / text / total when known
     precision: str | None = None
+    manifest: BundleManifest | None = None  # a bundle's, read and verified once: the runtime opens with it
 
     @property
     def size_bytes(self) -> int:
@@ -159,6 +160,7 @@ def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
             [f for p in parts for f in p.files],
             manifest.tower_params(),
             manifest.precision,
+            manifest,
         )
     files = [manifest.tower_path(path, t) for t in manifest.towers]
     files += [path / e.external_data for e in manifest.towers.values() if e.external_data]
@@ -172,6 +174,7 @@ def _bundle_info(path: Path, backend: str) -> ArtifactInfo:
         files,
         manifest.tower_params(),
         manifest.precision,
+        manifest,
     )
 
 

@@ -300,7 +300,9 @@ def _open(
     one model-only run per tower at the largest batch (the same measurement for every backend)."""
     if isinstance(target, Runtime):  # opened by the caller with its own options; the caller closes it
         return _Entry(info, target, None)
-    options = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
+    options: dict[str, Any] = {"intra_op_threads": threads} if threads and info.backend == "onnxrt" else {}
+    if info.manifest is not None:  # a bundle: inspected (and verified) already, not read again
+        options["manifest"] = info.manifest
     probe.mark()
     before = gpu.used_mb() if gpu is not None else None
     rt = stack.enter_context(open_runtime(target, backend=info.backend, device=device, precision=precision, **options))

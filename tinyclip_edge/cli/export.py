@@ -214,7 +214,7 @@ def _engine(
 ) -> None:
     from ..common.schemas import BundleManifest
 
-    BundleManifest.read(bundle)  # a clear error when SOURCE is not a bundle
+    manifest = BundleManifest.read(bundle)  # a clear error when SOURCE is not a bundle, before TensorRT loads
     try:
         from ..export.tensorrt import build_engines
     except ModuleNotFoundError as e:
@@ -232,6 +232,7 @@ def _engine(
         workspace_mb=workspace,
         dla_core=dla,
         timing_cache=timing_cache,
+        manifest=manifest,
         **extra,
     )
     rows = []
