@@ -181,3 +181,19 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
         ],
     )
     return run_compress(recipe).stage_dirs[0]
+
+
+@pytest.fixture
+def manifest_reads(monkeypatch):
+    """The bundle manifests read (and verified) during the test, in order: BundleManifest.read still runs,
+    counted (the "a command reads a manifest once" tests)."""
+    from tinyclip_edge.common.schemas import BundleManifest
+
+    real, reads = BundleManifest.read.__func__, []
+
+    def counted(cls, *args, **kwargs):
+        reads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BundleManifest, "read", classmethod(counted))
+    return reads

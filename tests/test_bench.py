@@ -283,19 +283,12 @@ def test_cli_bench_warns_on_a_busy_machine(artifacts, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "o" / "bench.json").read_text())["settings"]["machine"]["overloaded"] is True
 
 
-def test_a_bench_reads_and_verifies_each_bundle_manifest_once(tmp_path, tiny_model_dir, monkeypatch):
-    from tinyclip_edge.common.schemas import BundleManifest
+def test_a_bench_reads_and_verifies_each_bundle_manifest_once(tmp_path, tiny_model_dir, manifest_reads):
     from tinyclip_edge.export import export_bundle
     from tinyclip_edge.runtimes.bench import run_bench
 
     bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
-    real, reads = BundleManifest.read.__func__, []
-
-    def counted(cls, *args, **kwargs):
-        reads.append(args[0])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(BundleManifest, "read", classmethod(counted))
+    reads = manifest_reads
     run_bench([bundle], iters=2, warmup=0, progress=False)
     assert len(reads) == 1
     # positive control: a runtime opened on its own reads the manifest itself

@@ -244,18 +244,11 @@ def test_cli_parity_provider_runs_and_is_reported(tmp_path, tiny_model_dir):
     assert json.loads((bundle / "parity.json").read_text())["artifacts"][0]["provider"] == "CPUExecutionProvider"
 
 
-def test_a_parity_call_reads_and_verifies_the_manifest_once(tmp_path, tiny_model_dir, monkeypatch):
-    from tinyclip_edge.common.schemas import BundleManifest
+def test_a_parity_call_reads_and_verifies_the_manifest_once(tmp_path, tiny_model_dir, manifest_reads):
     from tinyclip_edge.runtimes import open_runtime
 
     bundle = export_bundle(tiny_model_dir, tmp_path / "b", progress=False)
-    real, reads = BundleManifest.read.__func__, []
-
-    def counted(cls, *args, **kwargs):
-        reads.append(args[0])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(BundleManifest, "read", classmethod(counted))
+    reads = manifest_reads
     run_parity(bundle, data=None, progress=False)
     assert len(reads) == 1
     # positive control: a runtime opened without the manifest reads it itself

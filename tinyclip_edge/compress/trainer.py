@@ -516,19 +516,8 @@ class _Loop:
     """train_stage's state and the steps it reads as one line each: setup, the learning rate, a step's
     micro-batches, the optimiser update, a metrics line, an interruption."""
 
-    def __init__(
-        self,
-        task: StageTask,
-        teacher: ClipModel | None,
-        batches: TrainBatches,
-        cfg: StageCfg,
-        losses: list[LossSpec],
-        device: torch.device,
-        ckpt_dir: Path,
-        label: str,
-        resume: tuple[dict[str, Any], TrainState] | None,
-        workers: int,
-    ) -> None:
+    def __init__(self, task, teacher, batches, cfg, losses, device, ckpt_dir, label, resume, workers) -> None:  # noqa: ANN001
+        """train_stage's arguments (typed there)."""
         # what one micro-batch needs, bounded before anything is allocated (the runner checks every stage earlier)
         check_step_memory(task.shape, cfg, device, dist.world_size())
         if task.objective is None:  # a fresh stage; a resumed one brought its objective from the checkpoint
