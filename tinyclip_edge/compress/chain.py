@@ -51,15 +51,20 @@ def _target(st: Any) -> Any:
     return st.target
 
 
-def plan_chain(teacher: ClipShape, stages: list[Any]) -> list[StagePlan]:
-    """One StagePlan per stage (empty where the stage is not planned). `stages` are StageCfg objects."""
-    plans = [StagePlan() for _ in stages]
-    # the chain: the leading run of planned stages (a later explicit or scratch stage ends it)
+def _leading_chain(stages: list[Any]) -> list[int]:
+    """The chain: the indices of the leading run of planned stages (a later explicit or scratch stage ends it)."""
     chain: list[int] = []
     for i, st in enumerate(stages):
         if not _planned(st):
             break
         chain.append(i)
+    return chain
+
+
+def plan_chain(teacher: ClipShape, stages: list[Any]) -> list[StagePlan]:
+    """One StagePlan per stage (empty where the stage is not planned). `stages` are StageCfg objects."""
+    plans = [StagePlan() for _ in stages]
+    chain = _leading_chain(stages)
     manual = [i for i in chain if stages[i].method == "inherit"]
     if not manual:
         return plans  # nothing to size: learned masks decide every shape
@@ -113,11 +118,7 @@ CHAIN_EVIDENCE = (
 def chain_note(stages: list[Any]) -> str | None:
     """One line for a recipe that compresses through a chain (two or more planned stages, each cutting the
     previous student): what we measured against chains, and the one-shot recipe to run instead."""
-    chain = []
-    for st in stages:
-        if not _planned(st):
-            break
-        chain.append(st)
+    chain = [stages[i] for i in _leading_chain(stages)]
     if len(chain) < 2:
         return None
     steps = sum(st.steps for st in chain)
