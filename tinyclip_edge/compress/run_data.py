@@ -46,8 +46,9 @@ class RunData:
         cache: TeacherCache | None = None,
         *,
         train: bool = False,
-        workers: int = 0,
     ) -> TrainBatches:
+        """A stage's batches from `spec`; `train`: the training batches (pre-rendered with the run's data
+        workers when data.prerender asks, uint8 to normalise on the device), else calibration batches."""
         d = self.recipe.data
         if is_shard_spec(spec) and train and d.prerender:
             raise UserError(
@@ -73,7 +74,7 @@ class RunData:
                 seed,
                 size=d.prerender,
                 device=self.device,
-                workers=workers,
+                workers=self.workers,
                 rank=dist.rank(),
                 world=dist.world_size(),
             )

@@ -418,9 +418,7 @@ class Run:
             carry.task = ph.task(ctx, carry)
         cache = self.data.teacher_cache(st, teacher, source)
         seed = self.recipe.seed + 7 * ctx.index
-        batches = self.data.batches(
-            source, self.recipe.data.train, micro, seed, cache, train=True, workers=self.data.workers
-        )
+        batches = self.data.batches(source, self.recipe.data.train, micro, seed, cache, train=True)
         # marked only once the data opened: a run that failed before training can be started over
         self.state["stages"][str(sub.name)] = "running"  # the train phase's label: its checkpoint's name
         self._save_state()
