@@ -485,7 +485,7 @@ def train_stage(
     micro-batches, one optimiser update, the task's own after-step work, a metrics line and a checkpoint
     every so often. A stop (Ctrl-C, SIGTERM, any rank's) checkpoints and raises Interrupted."""
     run = _Loop(task, teacher, batches, cfg, losses, device, ckpt_dir, label, resume, workers)
-    state, metrics = run.state, run.open_metrics(metrics_path)  # data workers start before the stop handler
+    state, metrics = run.state, run.start(metrics_path)  # data workers start before the stop handler
     with _StopFlag() as stop, metrics as mlog:
         while state.step < cfg.steps:
             step = state.step
@@ -536,7 +536,7 @@ class _Loop:
         self.net, self.teacher_fwd = net, None
         self.updated = False  # whether this process has applied an optimiser step (divergence before one is not the lr)
 
-    def open_metrics(self, metrics_path: Path) -> Any:
+    def start(self, metrics_path: Path) -> Any:
         """Trim the metrics log to this stage's step, start the batches, the compiled step and the bar, and open
         the log for appending (through open_inside: never through a link out of the run directory)."""
         cfg, state = self.cfg, self.state
