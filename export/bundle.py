@@ -180,8 +180,10 @@ def export_bundle(
             write_reader(tmp)
             steps = tqdm(total=len(towers) * 3, desc="export", unit="step", disable=not progress, leave=False)
             for tower in towers:
-                args = (model, tower, tmp, work, manifest, opts, calib_inputs.get(tower))
-                _export_tower(*args, verify, external_data_threshold, steps, progress)
+                calib = calib_inputs.get(tower)
+                _export_tower(
+                    model, tower, tmp, work, manifest, opts, calib, verify, external_data_threshold, steps, progress
+                )
             steps.close()
             shutil.rmtree(work)
             manifest["opset"] = manifest["towers"][towers[0]]["opset"]
