@@ -47,7 +47,19 @@ FORMATS = {
         "engine",
         "TensorRT engines built from an ONNX bundle, written into it",
         "bundle",
-        frozenset({"precision", "batch", "workspace", "dla", "timing-cache", "calib", "calib-count"}),
+        frozenset(
+            {
+                "precision",
+                "batch-profile",
+                "batch",
+                "workspace",
+                "dla",
+                "timing-cache",
+                "calib",
+                "calib-count",
+                "calib-cache",
+            }
+        ),
         ENGINE_PRECISIONS,
     ),
     "open_clip": Format(
@@ -74,14 +86,15 @@ def check_options(fmt: Format, given: set[str]) -> None:
         raise UserError(f"--{option} is not an option of --format {fmt.name}{where}")
 
 
-def parse_batch(text: str) -> tuple[int, int, int]:
-    """'1,8,32' -> (min, opt, max); a single 'N' means a fixed batch N."""
+def parse_batch_profile(text: str) -> list[int]:
+    """'1,8,32' -> [min, opt, max]; a single 'N' means a fixed batch N. Their order and limits are
+    EngineOptions' to check."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise UserError(f"--batch must be MIN,OPT,MAX integers (e.g. 1,8,32), not '{text}'") from None
+        raise UserError(f"--batch-profile must be MIN,OPT,MAX integers (e.g. 1,8,32), not '{text}'") from None
     if len(values) == 1:
         values *= 3
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
-        raise UserError(f"--batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX (e.g. 1,8,32), not '{text}'")
-    return values[0], values[1], values[2]
+    if len(values) != 3:
+        raise UserError(f"--batch-profile must be MIN,OPT,MAX: three integers (e.g. 1,8,32), not '{text}'")
+    return values

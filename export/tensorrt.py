@@ -24,6 +24,7 @@ import hashlib
 import os
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,10 @@ from .. import __version__
 from ..common.errors import UserError
 from ..common.integrity import check_onnx_external_data, sha256_file
 from ..common.io import atomic_path, atomic_write_bytes
+from ..common.options import EngineOptions, engine_flag_name, resolve_options
 from ..common.schemas import (
     ENGINE_FORMAT,
     ENGINE_VERSION,
-    MAX_BATCH,
     SIDECAR_SUFFIX,
     BundleManifest,
     EngineEntry,
@@ -60,39 +61,38 @@ class _Plan:
 
 def build_engines(
     bundle_dir: str | Path,
+    options: EngineOptions | None = None,
     *,
     precision: str | None = None,
-    batch: tuple[int, int, int] = (1, 8, 32),
-    workspace_mb: int | None = None,
-    dla_core: int | None = None,
-    timing_cache: Path | None = None,
     towers: tuple[str, ...] = TOWERS,
-    calib: str | None = None,
-    calib_count: int = 256,
-    calib_cache: Path | None = None,
     verbose: bool = True,
     manifest: BundleManifest | None = None,
+    **fields: Any,
 ) -> list[dict]:
     """Build ``<tower>.engine`` + ``<tower>.engine.json`` in the bundle for each tower; return their sidecars.
 
-    ``calib``/``calib_count``/``calib_cache`` only matter for implicit int8 from an fp32 bundle (TensorRT proper).
-    `manifest`: the bundle's, when the caller has read (and verified) it already.
+    ``options`` (an ``EngineOptions``; its fields may also be given as keywords, ``batch_profile=(1, 8, 32)``) say
+    how: the profile, workspace, DLA core, timing cache and, for implicit int8 from an fp32 bundle (TensorRT
+    proper), the calibration. ``precision`` defaults to the bundle's. ``manifest``: the bundle's, when the caller
+    has read (and verified) it already. ``batch=`` is the old name of ``batch_profile`` (deprecated).
     """
+    if "batch" in fields:
+        warnings.warn("build_engines(batch=...) is deprecated; use batch_profile=", DeprecationWarning, stacklevel=2)
+        fields["batch_profile"] = fields.pop("batch")
+    opts = resolve_options(EngineOptions, options, fields, key_format=engine_flag_name)
     bundle = Path(bundle_dir)
     manifest = manifest or BundleManifest.read(bundle)
-    batch = _check_batch(batch)
     _check_towers(towers, manifest, bundle)
-    _check_workspace(workspace_mb)
+    _check_workspace(opts.workspace_mb)
     lib = load_tensorrt()
     caps = probe(lib)
-    plan = _plan(caps, manifest.precision, precision, dla_core, calib)  # every refusal comes before any build
-    timing = _timing_cache(timing_cache, lib)
-    cache_file = Path(calib_cache) if calib_cache else None
-    job = _Job(lib, caps, bundle, manifest, plan, batch, workspace_mb, dla_core, timing, calib, calib_count, cache_file)
-    if dla_core is not None and batch[0] != batch[2] and verbose:
+    plan = _plan(caps, manifest.precision, precision, opts.dla_core, opts.calib)  # every refusal before any build
+    job = _Job(lib, caps, bundle, manifest, plan, opts, _timing_cache(opts.timing_cache, lib))
+    lo, _, hi = opts.profile
+    if opts.dla_core is not None and lo != hi and verbose:
         print(
             "note: DLA runs static shapes only; with a dynamic batch range most layers fall back to the GPU. "
-            "Build DLA engines with one batch size, e.g. --batch 1,1,1"
+            "Build DLA engines with one batch size, e.g. --batch-profile 1,1,1"
         )
     entries = []
     for tower in towers:
@@ -109,7 +109,30 @@ def build_engines(
     return entries
 
 
-def _timing_cache(path: Path | None, lib: TrtLib) -> _TimingCache | None:
+def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions) -> list[dict] | None:
+    """The sidecars of the bundle's engines when both towers have one in the bundle's precision, built with
+    ``options``' profile, workspace and DLA core by the TensorRT loaded here (so a resumed run skips them);
+    else None. Each engine is checked against its recorded digest."""
+    bundle = Path(bundle_dir)
+    manifest = BundleManifest.read(bundle)
+    lib = load_tensorrt()
+    sidecars = []
+    for tower in TOWERS:
+        entry = manifest.engines.get(tower)
+        if entry is None or entry.precision != manifest.precision or entry.library_version != lib.version:
+            return None
+        found = EngineSidecar.read(bundle / entry.file)
+        if found is None:
+            return None
+        sidecar = found.to_dict()
+        built = (sidecar["profile"], sidecar["flags"]["workspace_mb"], sidecar["flags"]["dla_core"])
+        if built != (dict(zip(("min", "opt", "max"), options.profile)), options.workspace_mb, options.dla_core):
+            return None
+        sidecars.append(sidecar)
+    return sidecars
+
+
+def _timing_cache(path: str | None, lib: TrtLib) -> _TimingCache | None:
     if path is not None and lib.is_rtx:
         print(
             "note: TensorRT for RTX ignores timing caches (it compiles kernels just in time on the GPU, "
@@ -120,21 +143,6 @@ def _timing_cache(path: Path | None, lib: TrtLib) -> _TimingCache | None:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_batch(batch: Any) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(b) for b in batch)
-    except (TypeError, ValueError):
-        raise UserError(f"--batch needs three integers min,opt,max (e.g. 1,8,32), got {batch!r}") from None
-    if not 1 <= lo <= opt <= hi:
-        raise UserError(f"--batch must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
-    if hi > MAX_BATCH:
-        raise UserError(
-            f"--batch max {hi} is above the limit of {MAX_BATCH}; engines for edge devices use batches "
-            "of a few dozen at most (e.g. --batch 1,8,32)"
-        )
-    return lo, opt, hi
-
-
 def _physical_memory_mb() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
@@ -142,11 +150,10 @@ def _physical_memory_mb() -> int | None:
         return None
 
 
-def _check_workspace(workspace_mb: Any) -> None:
+def _check_workspace(workspace_mb: int | None) -> None:
+    """This machine's side of --workspace (EngineOptions checked that it is a positive number)."""
     if workspace_mb is None:
         return
-    if isinstance(workspace_mb, bool) or not isinstance(workspace_mb, int) or workspace_mb <= 0:
-        raise UserError(f"--workspace must be a positive number of MiB, got {workspace_mb}")
     total = _physical_memory_mb()
     if total is not None and workspace_mb > total:
         raise UserError(
@@ -162,7 +169,7 @@ def _check_volume(tower: str, name: str, shape: list[int]) -> None:
     if volume > MAX_ELEMENTS:
         raise UserError(
             f"{tower} graph: input {name} at the largest batch would be {'x'.join(map(str, shape))} = "
-            f"{volume} elements, above TensorRT's limit of {MAX_ELEMENTS}; lower the max of --batch"
+            f"{volume} elements, above TensorRT's limit of {MAX_ELEMENTS}; lower the max of --batch-profile"
         )
 
 
@@ -280,14 +287,25 @@ class _Job:
     bundle: Path
     manifest: BundleManifest
     plan: _Plan
-    batch: tuple[int, int, int]
-    workspace_mb: int | None
-    dla_core: int | None
+    options: EngineOptions
     cache: _TimingCache | None
-    calib: str | None
-    calib_count: int
-    calib_cache: Path | None
     calibrator: Any = field(default=None, init=False)  # the current tower's, when calibrating
+
+    @property
+    def batch(self) -> tuple[int, int, int]:
+        return self.options.profile
+
+    @property
+    def workspace_mb(self) -> int | None:
+        return self.options.workspace_mb
+
+    @property
+    def dla_core(self) -> int | None:
+        return self.options.dla_core
+
+    @property
+    def calib_cache(self) -> Path | None:
+        return Path(self.options.calib_cache) if self.options.calib_cache else None
 
     def build(self, tower: str) -> dict[str, Any]:
         onnx_path = self.manifest.tower_path(self.bundle, tower)
@@ -370,8 +388,8 @@ class _Job:
                 inputs[0],
                 self.manifest,
                 self.bundle,
-                self.calib,
-                self.calib_count,
+                self.options.calib,
+                self.options.calib_count,
                 batch=self.batch[1],
                 cache_file=self.calib_cache or self.bundle / f"{tower}.calib.cache",
             )
@@ -413,7 +431,7 @@ class _Job:
                 "dla_core": self.dla_core,
                 "gpu_fallback": self.dla_core is not None,
                 "timing_cache": str(self.cache.path) if self.cache else None,
-                "calibration": self.calib if self.plan.mode == "calibrated-int8" else None,
+                "calibration": self.options.calib if self.plan.mode == "calibrated-int8" else None,
             },
             "trtexec": self.command(onnx_path.name, engine, inputs),
             "toolkit_version": __version__,

@@ -46,7 +46,7 @@ class ArtifactInfo:
             what = "engine optimization profile" if self.backend == "trt" else "graph"
             raise UserError(
                 f"batch {bad[0]} is outside {self.name}'s {tower} {what} ({lo}..{hi}); pass batches in "
-                f"that range or rebuild the engine with a wider --batch min,opt,max"
+                f"that range or rebuild the engine with a wider --batch-profile MIN,OPT,MAX"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from tinyclip_edge.common.schemas import BundleManifest, EngineSidecar
 
 COMMANDS = {
     "bench": lambda b, out: ["bench", b, "--iters", "2", "--warmup", "0", "--out", out / "bench", "--quiet"],
-    "engine": lambda b, out: ["export", b, "--format", "engine", "--batch", "1,1,2"],
+    "engine": lambda b, out: ["export", b, "--format", "engine", "--batch-profile", "1,1,2"],
     "parity": lambda b, out: ["parity", b, "--count", "4", "--out", out / "parity", "--quiet"],
 }
 
@@ -327,7 +327,7 @@ def engines(bundles, tmp_path_factory) -> Path:
     from tinyclip_edge.export.tensorrt import build_engines
 
     bundle = copy_bundle(bundles["student"], tmp_path_factory.mktemp("eng") / "b")
-    build_engines(bundle, batch=(1, 2, 4), verbose=False)
+    build_engines(bundle, batch_profile=(1, 2, 4), verbose=False)
     return bundle
 
 
@@ -372,8 +372,8 @@ def test_malformed_sidecar(engines, tmp_path, field, value, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch", "1,8,99999999"], "--batch max 99999999 is above the limit of 4096"),
-        (["--batch", "99999999"], "above the limit of 4096"),
+        (["--batch-profile", "1,8,99999999"], "--batch-profile max 99999999 is above the limit of 4096"),
+        (["--batch-profile", "99999999"], "above the limit of 4096"),
         (["--workspace", str(1 << 40)], "is more than this machine's"),
     ],
 )

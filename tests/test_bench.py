@@ -29,7 +29,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     model_dir = save_model_dir(make_package(jitter=0.02), root / "student")
     fp32 = export_tiny(model_dir, root / "student-fp32")
     engines = copy_bundle(fp32, root / "student-engines")
-    build_engines(engines, batch=(1, 2, 4), verbose=False)
+    build_engines(engines, batch_profile=(1, 2, 4), verbose=False)
     return {"model": model_dir, "fp32": fp32, "engines": engines}
 
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from tinyclip_edge.cli import main
+from tinyclip_edge.common.errors import UserError
 from tinyclip_edge.models import save_model_dir
 
 TINY = [
@@ -197,6 +198,36 @@ def test_run_command_compresses_exports_checks_and_benches(tmp_path, teacher_dir
     r = invoke("run", "--resume", run)  # nothing to redo: bundles from the same weights are kept
     assert r.exit_code == 0, r.output
     assert (run / "export" / "teacher-fp32" / "manifest.json").stat().st_mtime == mtime
+
+
+def test_run_builds_engines_of_the_exports_and_keeps_them_on_resume(tmp_path, teacher_dir):
+    pytest.importorskip("tensorrt_rtx", reason="needs a TensorRT builder (tensorrt-rtx builds on CPU)")
+    run = tmp_path / "run"
+    args = ["run", "quickstart", *TINY, f"run_dir={run}", "export.parity=false", "bench=null", "export.models=last"]
+    r = invoke(*args, "engines={batch_profile: [1, 2, 4]}", "--teacher", teacher_dir)
+    assert r.exit_code == 0, r.output
+    bundle = run / "export" / "stage-2-fp32"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["engines"]) == {"image", "text"} and manifest["engines"]["image"]["profile"]["max"] == 4
+    assert json.loads((run / "export" / "stage-2-int8-dynamic" / "manifest.json").read_text())["engines"] == {}
+    rows = json.loads((run / "report.json").read_text())["engines"]
+    assert [(row["bundle"], row["tower"]) for row in rows] == [("stage-2-fp32", "image"), ("stage-2-fp32", "text")]
+    assert "## TensorRT engines" in (run / "report.md").read_text()
+    mtime = (bundle / "image.engine").stat().st_mtime_ns
+    r = invoke("run", "--resume", run)  # the same profile and library: the engines are kept
+    assert r.exit_code == 0 and "engines stage-2-fp32" not in r.output, r.output
+    assert (bundle / "image.engine").stat().st_mtime_ns == mtime
+    # what resume asks (positive controls: another profile, workspace or DLA core, or a damaged engine, rebuild)
+    from tinyclip_edge.common.options import EngineOptions
+    from tinyclip_edge.export.tensorrt import engines_up_to_date
+
+    assert [e["tower"] for e in engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]))] == ["image", "text"]
+    for changed in ({"batch_profile": [1, 1, 2]}, {"workspace_mb": 64}, {"dla_core": 0}):
+        assert engines_up_to_date(bundle, EngineOptions(**{"batch_profile": [1, 2, 4], **changed})) is None
+    data = (bundle / "text.engine").read_bytes()
+    (bundle / "text.engine").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(UserError, match="text.engine"):  # a damaged engine is an error, never kept
+        engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]))
 
 
 def test_run_fails_on_parity_failure_when_asked(tmp_path, teacher_dir):

@@ -52,7 +52,7 @@ def test_engine_format_builds_into_the_bundle(tmp_path, tiny_model_dir):
     pytest.importorskip("tensorrt_rtx", reason="needs a TensorRT builder (tensorrt-rtx builds on CPU)")
     out = tmp_path / "b16"
     assert _run("export", tiny_model_dir, "--out", out, "--precision", "fp16", "--quiet").exit_code == 0
-    r = _run("export", out, "--format", "engine", "--batch", "1,2,4", "--workspace", "256")
+    r = _run("export", out, "--format", "engine", "--batch-profile", "1,2,4", "--workspace", "256")
     assert r.exit_code == 0, r.output
     assert "image.engine" in r.output and "1/2/4" in r.output and "2 engine(s) written" in r.output
     m = json.loads((out / "manifest.json").read_text())
@@ -64,6 +64,18 @@ def test_engine_format_builds_into_the_bundle(tmp_path, tiny_model_dir):
     if not torch.cuda.is_available():  # engines cannot run here: parity says so and checks the ONNX graphs
         assert r.exit_code == 0 and report["skipped"][0]["artifact"] == "trt"
         assert [a["name"] for a in report["artifacts"]] == ["onnxrt"]
+    r = _run("export", out, "--format", "engine", "--batch", "1,1,2", "--precision", "fp16")  # the old flag's name
+    assert r.exit_code == 0 and "warning: export --batch is deprecated" in r.output and "1/1/2" in r.output
+
+
+def test_old_batch_flag_warns_and_is_never_given_beside_the_new_one(tiny_model_dir):
+    r = _run("export", tiny_model_dir, "--format", "engine", "--batch", "8,1,32")
+    assert "warning: export --batch is deprecated and will be removed; use --batch-profile MIN,OPT,MAX" in r.output
+    assert _error_line(r) == "Error: --batch-profile must satisfy 1 <= MIN <= OPT <= MAX, got 8,1,32"
+    r = _run("export", tiny_model_dir, "--format", "engine", "--batch", "1,1,1", "--batch-profile", "1,2,4")
+    assert _error_line(r) == "Error: --batch is the old name of --batch-profile; pass only --batch-profile"
+    r = _run("export", tiny_model_dir, "--format", "onnx", "--batch", "1,1,1")
+    assert "--batch is not an option of --format onnx (it applies to --format engine)" in _error_line(r)
 
 
 def test_parity_failing_tolerance_exits_nonzero(tmp_path, tiny_model_dir):
@@ -119,7 +131,10 @@ def test_onnx_options_rejected_for_engine_and_bad_engine_input(tmp_path, tiny_mo
     line = _error_line(_run("export", tiny_model_dir, "--format", "engine", "--opset", "18"))
     assert "--opset is not an option of --format engine (it applies to --format onnx)" in line
     assert "not an export bundle" in _error_line(_run("export", tiny_model_dir, "--format", "engine"))
-    assert "MIN <= OPT <= MAX" in _error_line(_run("export", tiny_model_dir, "--format", "engine", "--batch", "8,1,32"))
+    line = _error_line(_run("export", tiny_model_dir, "--format", "engine", "--batch-profile", "8,1,32"))
+    assert line == "Error: --batch-profile must satisfy 1 <= MIN <= OPT <= MAX, got 8,1,32"
+    line = _error_line(_run("export", tiny_model_dir, "--format", "engine", "--batch-profile", "1,8"))
+    assert line == "Error: --batch-profile must be MIN,OPT,MAX: three integers (e.g. 1,8,32), not '1,8'"
     assert "unknown format 'onx'" in _error_line(_run("export", tiny_model_dir, "--format", "onx"))
     assert "int8-dynamic is not available for --format engine" in _error_line(
         _run("export", tiny_model_dir, "--format", "engine", "--precision", "int8-dynamic")

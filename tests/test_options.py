@@ -13,14 +13,15 @@ import pytest
 from tinyclip_edge.cli.bench import bench as bench_cmd
 from tinyclip_edge.cli.export import export_cmd
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.common.options import BenchOptions, ExportOptions, resolve_options
-from tinyclip_edge.compress.recipe import BenchCfg, ExportCfg, load_recipe
+from tinyclip_edge.common.options import BenchOptions, EngineOptions, ExportOptions, resolve_options
+from tinyclip_edge.compress.recipe import BenchCfg, EnginesCfg, ExportCfg, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Flags that are no option of the schema, and why: where the output goes, how it is shown, per-call targets,
-# and the engine build (--format engine; build_engines takes those itself).
-EXPORT_CLI_ONLY = {"fmt", "out", "quiet", "precision", "batch", "workspace", "dla", "timing_cache"}
+# and --batch (the deprecated name of --batch-profile). `export` takes two schemas: --format onnx's ExportOptions
+# and --format engine's EngineOptions, which share --calib and --calib-count.
+EXPORT_CLI_ONLY = {"fmt", "out", "quiet", "precision", "old_batch"}
 BENCH_CLI_ONLY = {"out", "quiet"}
 # Fields only a recipe has: what the pipeline exports and times, and its parity step.
 EXPORT_RECIPE_ONLY = {
@@ -33,6 +34,7 @@ EXPORT_RECIPE_ONLY = {
     "on_parity_failure",
 }
 BENCH_RECIPE_ONLY = {"precisions"}
+ENGINES_RECIPE_ONLY = {"precisions"}
 
 
 def _flags(cmd: click.Command) -> dict[str, click.Option]:
@@ -40,26 +42,30 @@ def _flags(cmd: click.Command) -> dict[str, click.Option]:
 
 
 @pytest.mark.parametrize(
-    "cmd, schema, cli_only", [(export_cmd, ExportOptions, EXPORT_CLI_ONLY), (bench_cmd, BenchOptions, BENCH_CLI_ONLY)]
+    "cmd, schemas, cli_only",
+    [(export_cmd, (ExportOptions, EngineOptions), EXPORT_CLI_ONLY), (bench_cmd, (BenchOptions,), BENCH_CLI_ONLY)],
 )
-def test_every_option_has_a_flag_with_the_same_default_and_every_flag_an_option(cmd, schema, cli_only):
-    flags, fields = _flags(cmd), {f.name: f for f in dataclasses.fields(schema)}
-    assert set(fields) - set(flags) == set(), "options without a flag"
-    assert set(flags) - set(fields) == cli_only, "flags that are neither options nor listed as CLI-only"
-    defaults = schema()
-    for name in fields:
-        default = flags[name].default
-        if name == "batches":  # --batch is text: "1" or "1,8"
-            default = [int(b) for b in default.split(",")]
-        if name == "int8_keep":
-            assert default == defaults.int8_keep
-            continue
-        assert default == getattr(defaults, name), f"--{name}: flag default {default!r} != schema's"
+def test_every_option_has_a_flag_with_the_same_default_and_every_flag_an_option(cmd, schemas, cli_only):
+    flags = _flags(cmd)
+    for schema in schemas:
+        fields, defaults = {f.name for f in dataclasses.fields(schema)}, schema()
+        assert fields - set(flags) == set(), "options without a flag"
+        for name in fields:
+            default = flags[name].default
+            if name in ("batches", "batch_profile"):  # comma-separated text: "1" or "1,8"
+                default = [int(b) for b in default.split(",")]
+            assert default == getattr(defaults, name), f"--{name}: flag default {default!r} != {schema.__name__}'s"
+    every_field = {f.name for schema in schemas for f in dataclasses.fields(schema)}
+    assert set(flags) - every_field == cli_only, "flags that are neither options nor listed as CLI-only"
 
 
 @pytest.mark.parametrize(
     "section, schema, recipe_only",
-    [(ExportCfg, ExportOptions, EXPORT_RECIPE_ONLY), (BenchCfg, BenchOptions, BENCH_RECIPE_ONLY)],
+    [
+        (ExportCfg, ExportOptions, EXPORT_RECIPE_ONLY),
+        (BenchCfg, BenchOptions, BENCH_RECIPE_ONLY),
+        (EnginesCfg, EngineOptions, ENGINES_RECIPE_ONLY),
+    ],
 )
 def test_recipe_sections_are_the_option_schemas_plus_pipeline_fields(section, schema, recipe_only):
     assert issubclass(section, schema)

@@ -120,6 +120,25 @@ CASES = [
     ("bench.backend=trt", "bench.backend: the pipeline times ONNX bundles", "bench.backend=onnxrt"),
     ("bench.iters=1", "'bench.iters' must be an integer >= 2, got 1", "bench.iters=2"),
     (
+        "engines={batch_profile: [8, 1, 32]}",
+        "engines.batch_profile must satisfy 1 <= MIN <= OPT <= MAX, got 8,1,32",
+        "engines={batch_profile: [1, 8, 32]}",
+    ),
+    (
+        "engines={batch_profile: [1, 8]}",
+        "engines.batch_profile needs three integers",
+        "engines={batch_profile: [1, 1, 1]}",
+    ),
+    ("engines={dla_core: -1}", "'engines.dla_core' must be an integer >= 0, got -1", "engines={dla_core: 0}"),
+    (
+        "engines={workspace_mb: 0}",
+        "'engines.workspace_mb' must be an integer >= 1, got 0",
+        "engines={workspace_mb: 64}",
+    ),
+    ("engines={calib: scenes:calib}", "engines.calib: the pipeline builds each engine in its bundle's", "engines={}"),
+    ("engines={precisions: [fp16]}", "engines.precisions ['fp16'] are not exported", "engines={precisions: [fp32]}"),
+    ("engines={precisions: [int8-dynamic]}", "'engines.precisions.0' must be one of", "engines={precisions: null}"),
+    (
         "baselines.scratch_loss=affinity",
         "'baselines.scratch_loss' must be one of clip, got 'affinity'",
         "baselines.scratch_loss=clip",

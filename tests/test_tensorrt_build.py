@@ -13,6 +13,7 @@ import pytest
 from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, reseal, unsupported_onnx
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.options import EngineOptions
 from tinyclip_edge.common.schemas import BundleManifest
 from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
 from tinyclip_edge.export.trt_caps import probe
@@ -51,7 +52,7 @@ _ONNX_DTYPE = {
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engines_for_both_towers(bundles, tmp_path, precision):
     bundle = copy_bundle(bundles[precision], tmp_path / precision)
-    entries = build_engines(bundle, batch=(1, 4, 16), workspace_mb=256)
+    entries = build_engines(bundle, batch_profile=(1, 4, 16), workspace_mb=256)
     lib = load_tensorrt()
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert [e["tower"] for e in entries] == ["image", "text"]
@@ -97,7 +98,7 @@ def test_build_prints_the_equivalent_command(bundles, tmp_path, capsys):
 
 def test_int8_engine_from_qdq_bundle(bundles, tmp_path):
     bundle = copy_bundle(bundles["int8"], tmp_path / "int8")
-    entries = build_engines(bundle, batch=(1, 2, 8))
+    entries = build_engines(bundle, batch_profile=(1, 2, 8))
     assert {e["build_mode"] for e in entries} == {"explicit-int8"}
     assert all((bundle / e["engine"]).stat().st_size > 0 for e in entries)
 
@@ -135,11 +136,15 @@ def test_no_tensorrt_library_says_how_to_get_one(bundles, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(batch=(4, 2, 8)), "1 <= min <= opt <= max"),
-        (dict(batch=(0, 1, 1)), "1 <= min <= opt <= max"),
-        (dict(batch=("a", 1, 2)), "three integers"),
+        (dict(batch_profile=(4, 2, 8)), "--batch-profile must satisfy 1 <= MIN <= OPT <= MAX, got 4,2,8"),
+        (dict(batch_profile=(0, 1, 1)), "1 <= MIN <= OPT <= MAX"),
+        (dict(batch_profile=(1, 2)), "--batch-profile needs three integers MIN,OPT,MAX"),
+        (dict(batch_profile=("a", 1, 2)), "option '--batch-profile.0' must be an integer, got 'a'"),
+        (dict(batch_profile=(1, 8, 5000)), "--batch-profile max 5000 is above the limit of 4096"),
+        (dict(dla_core=-1), "option '--dla' must be an integer >= 0, got -1"),
+        (dict(calib_count=0), "option '--calib-count' must be an integer >= 1"),
         (dict(towers=("audio",)), "unknown tower 'audio'"),
-        (dict(workspace_mb=0), "--workspace must be a positive"),
+        (dict(workspace_mb=0), "option '--workspace' must be an integer >= 1, got 0"),
         (dict(precision="int4"), "unknown precision 'int4'"),
     ],
 )
@@ -215,7 +220,8 @@ def test_tensorrt_proper_plans():
 
 def _job(caps, plan, dla=None, workspace=None, calib=None):
     lib = TrtLib(None, caps.name, caps.version)
-    return _Job(lib, caps, Path("b"), {}, plan, (1, 8, 32), workspace, dla, None, calib, 64, None)
+    options = EngineOptions(workspace_mb=workspace, dla_core=dla, calib=calib, calib_count=64)
+    return _Job(lib, caps, Path("b"), {}, plan, options, None)
 
 
 def test_tensorrt_proper_command_line():
@@ -246,7 +252,7 @@ def test_engine_matches_onnxruntime(bundles, tmp_path, precision, min_cos):
     from tinyclip_edge.runtimes import open_runtime
 
     bundle = copy_bundle(bundles[precision], tmp_path / precision)
-    build_engines(bundle, batch=(1, 4, 8))
+    build_engines(bundle, batch_profile=(1, 4, 8))
     rng = np.random.default_rng(0)
     with open_runtime(bundle, backend="onnxrt") as ref, open_runtime(bundle, backend="trt", device="cuda") as rt:
         images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
@@ -279,10 +285,10 @@ def test_bundle_precision_engines_are_strongly_typed(bundles, tmp_path, precisio
     caps = probe(lib)
     plan = _plan(caps, precision, None, None, None)
     assert plan.strongly_typed and plan.flags == []
-    job = _Job(lib, caps, bundle, manifest, plan, (1, 2, 4), None, None, None, None, 0, None)
+    job = _Job(lib, caps, bundle, manifest, plan, EngineOptions(batch_profile=[1, 2, 4]), None)
     _builder, network, _parser = job._parse(bundle / "text.onnx", lib.logger("ERROR"))
     assert network.get_flag(lib.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    entries = build_engines(bundle, batch=(1, 2, 4), verbose=False)
+    entries = build_engines(bundle, batch_profile=(1, 2, 4), verbose=False)
     for e in entries:
         assert e["flags"]["strongly_typed"] is True and e["flags"]["network_flags"] == ["STRONGLY_TYPED"]
         assert e["flags"]["builder_flags"] == [] and (bundle / e["engine"]).stat().st_size > 1000
@@ -334,3 +340,15 @@ def test_dla_core_from_the_sidecar_is_applied_at_run_time():
     assert int(engine_runtime(lib, lib.logger("ERROR"), None).DLA_core) == -1  # GPU engines: no DLA core set
     with pytest.raises(UserError, match="built for DLA core 1, but .* has no DLA"):
         engine_runtime(lib, lib.logger("ERROR"), 1)  # never silently run a DLA engine elsewhere
+
+
+def test_the_api_takes_engine_options_and_the_old_batch_keyword_with_a_warning(bundles, tmp_path):
+    bundle = copy_bundle(bundles["fp32"], tmp_path / "b")
+    options = EngineOptions(batch_profile=[1, 4, 8], workspace_mb=128)
+    [entry] = build_engines(bundle, options, batch_profile=(1, 2, 2), towers=("text",), verbose=False)  # keywords win
+    assert entry["profile"] == {"min": 1, "opt": 2, "max": 2} and entry["flags"]["workspace_mb"] == 128
+    with pytest.warns(DeprecationWarning, match="use batch_profile="):
+        [entry] = build_engines(bundle, batch=(1, 1, 2), towers=("text",), timing_cache=tmp_path / "t", verbose=False)
+    assert entry["profile"] == {"min": 1, "opt": 1, "max": 2}  # a Path is a valid timing_cache too
+    with pytest.raises(TypeError, match="not a field of EngineOptions"):
+        build_engines(bundle, batch_size=4)

@@ -126,7 +126,7 @@ def test_every_combination_builds_or_is_refused_in_one_line_before_building(bund
                             dla_core=dla,
                             towers=("text",),
                             verbose=False,
-                            batch=(1, 1, 1) if dla is not None else (1, 2, 4),
+                            batch_profile=(1, 1, 1) if dla is not None else (1, 2, 4),
                         )
                     except UserError as e:
                         msg = str(e)
@@ -165,7 +165,7 @@ def test_tensorrt11_builds_qdq_and_fp16_bundles_strongly_typed(bundles, tmp_path
     """Today's main printed `--stronglyTyped`, which trtexec 11 no longer needs (always on) and fp8 was unknown."""
     _use(monkeypatch, "11.4.1")
     bundle = copy_bundle(bundles[bundle_precision], tmp_path / "b")
-    for e in build_engines(bundle, batch=(1, 2, 4), verbose=False):
+    for e in build_engines(bundle, batch_profile=(1, 2, 4), verbose=False):
         assert e["flags"]["strongly_typed"] and e["flags"]["builder_flags"] == []
         assert _flags(e["trtexec"]) <= TRTEXEC_FLAGS["11"], e["trtexec"]
 
@@ -174,7 +174,7 @@ def test_tensorrt11_dla_is_strongly_typed_from_an_fp16_bundle(bundles, tmp_path,
     """Today's main: `AttributeError: FP16` (DLA always built weakly typed with the FP16 flag)."""
     _use(monkeypatch, "11.4.1", dla_cores=2)
     bundle = copy_bundle(bundles["fp16"], tmp_path / "dla")
-    [entry] = build_engines(bundle, dla_core=1, batch=(1, 1, 1), towers=("image",), verbose=False)
+    [entry] = build_engines(bundle, dla_core=1, batch_profile=(1, 1, 1), towers=("image",), verbose=False)
     assert entry["flags"]["strongly_typed"] and entry["flags"]["builder_flags"] == []
     assert entry["flags"]["dla_core"] == 1 and "--useDLACore=1" in entry["trtexec"]
     assert _flags(entry["trtexec"]) <= TRTEXEC_FLAGS["11"]
@@ -193,7 +193,7 @@ def test_tensorrt10_builds_fp8_bundles_strongly_typed(bundles, tmp_path, monkeyp
     """Today's main: "unknown precision 'fp8'"."""
     _use(monkeypatch, "10.3.0")
     bundle = copy_bundle(bundles["fp8"], tmp_path / "fp8")
-    for e in build_engines(bundle, batch=(1, 2, 4), verbose=False):
+    for e in build_engines(bundle, batch_profile=(1, 2, 4), verbose=False):
         assert e["build_mode"] == "explicit-fp8" and e["precision"] == "fp8"
         assert "--stronglyTyped" in e["trtexec"] and "--fp8" not in e["trtexec"]
     with pytest.raises(UserError, match="fp8 bundle builds only fp8 engines"):
@@ -220,7 +220,7 @@ def test_tensorrt86_refuses_fp8_naming_the_missing_capability(bundles, monkeypat
 def test_tensorrt86_builds_weakly_typed_with_explicit_batch(bundles, tmp_path, monkeypatch):
     _use(monkeypatch, "8.6.1")
     bundle = copy_bundle(bundles["int8"], tmp_path / "int8")
-    for e in build_engines(bundle, batch=(1, 2, 4), verbose=False):
+    for e in build_engines(bundle, batch_profile=(1, 2, 4), verbose=False):
         assert e["build_mode"] == "explicit-int8" and e["flags"]["builder_flags"] == ["INT8", "FP16"]
         assert not e["flags"]["strongly_typed"] and _flags(e["trtexec"]) <= TRTEXEC_FLAGS["8.6"]
 
@@ -231,7 +231,7 @@ def test_rtx_builds_an_fp8_engine_from_an_fp8_bundle(bundles, tmp_path):
     if not lib.is_rtx:
         pytest.skip("checks the TensorRT-RTX builder")
     bundle = copy_bundle(bundles["fp8"], tmp_path / "fp8")
-    entries = build_engines(bundle, batch=(1, 2, 4), verbose=False)
+    entries = build_engines(bundle, batch_profile=(1, 2, 4), verbose=False)
     assert {e["build_mode"] for e in entries} == {"explicit-fp8"}
     assert all(e["flags"]["strongly_typed"] and (bundle / e["engine"]).stat().st_size > 1000 for e in entries)
     with pytest.raises(UserError, match="export a bundle with --precision fp8 --calib DATA"):

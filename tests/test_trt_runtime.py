@@ -23,7 +23,7 @@ def engines(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("trt-rt")
     bundle = export_tiny(save_model_dir(make_package(), root / "m"), root / "bundle")
-    build_engines(bundle, batch=(1, 2, 4), verbose=False)
+    build_engines(bundle, batch_profile=(1, 2, 4), verbose=False)
     return bundle
 
 

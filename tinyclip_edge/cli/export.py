@@ -8,7 +8,15 @@ from typing import Any
 import click
 
 from ..common.errors import UserError
-from ..common.options import AGREEMENT_MARGIN, ExportOptions, ParityOptions, cli_name, tolerance_defaults
+from ..common.options import (
+    AGREEMENT_MARGIN,
+    EngineOptions,
+    ExportOptions,
+    ParityOptions,
+    cli_name,
+    engine_flag_name,
+    tolerance_defaults,
+)
 from ..common.typed import from_dict
 
 _FORMAT_HELP = (
@@ -31,6 +39,11 @@ def export_options(**flags: Any) -> ExportOptions:
     return from_dict(ExportOptions, flags, label="option", key_format=cli_name)
 
 
+def engine_options(**flags: Any) -> EngineOptions:
+    """The engine build options from the command's flags, checked by the schema (errors name the flag)."""
+    return from_dict(EngineOptions, flags, label="option", key_format=engine_flag_name)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -48,7 +61,9 @@ def _io(spec: list[dict[str, Any]]) -> str:
     return ", ".join(f"{s['name']} {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in spec)
 
 
-_EXPORT = ExportOptions()  # flag defaults come from the option schema, so they cannot differ
+_EXPORT = ExportOptions()  # flag defaults come from the option schemas, so they cannot differ
+_ENGINE = EngineOptions()
+assert _ENGINE.calib_count == _EXPORT.calib_count and _ENGINE.calib == _EXPORT.calib  # one --calib(-count) for both
 
 
 @click.command("export")
@@ -93,10 +108,21 @@ _EXPORT = ExportOptions()  # flag defaults come from the option schema, so they 
     show_default=True,
     help="[onnx] torchscript (opset <= 20) | dynamo (opset >= 18)",
 )
-@click.option("--batch", default="1,8,32", show_default=True, help="[engine] optimisation profile MIN,OPT,MAX")
-@click.option("--workspace", type=int, help="[engine] builder workspace limit in MB")
-@click.option("--dla", type=int, help="[engine] DLA core (Jetson)")
-@click.option("--timing-cache", type=click.Path(path_type=Path), help="[engine] timing cache file (read and updated)")
+@click.option(
+    "--batch-profile",
+    default=",".join(map(str, _ENGINE.batch_profile)),
+    show_default=True,
+    help="[engine] optimisation profile MIN,OPT,MAX (one N: a fixed batch); bench's --batch lists sizes to time",
+)
+@click.option("--batch", "old_batch", hidden=True, help="[engine] the old name of --batch-profile (deprecated)")
+@click.option("--workspace", "workspace_mb", type=int, default=_ENGINE.workspace_mb, help="[engine] workspace in MiB")
+@click.option("--dla", "dla_core", type=int, default=_ENGINE.dla_core, help="[engine] DLA core (Jetson)")
+@click.option("--timing-cache", default=_ENGINE.timing_cache, help="[engine] timing cache file (read and updated)")
+@click.option(
+    "--calib-cache",
+    default=_ENGINE.calib_cache,
+    help="[engine] int8 calibration cache file (default: <tower>.calib.cache in the bundle)",
+)
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.pass_context
 def export_cmd(
@@ -113,14 +139,13 @@ def export_cmd(
     int8_keep: str,
     int8_min_cosine: float,
     exporter: str,
-    batch: str,
-    workspace: int | None,
-    dla: int | None,
-    timing_cache: Path | None,
+    batch_profile: str,
+    old_batch: str | None,
     quiet: bool,
+    **engine_flags: Any,
 ) -> None:
     """Export SOURCE: a model directory / open_clip spec (--format onnx) or a bundle (--format engine)."""
-    from ..export.formats import check_options, get_format, parse_batch
+    from ..export.formats import check_options, get_format, parse_batch_profile
 
     f = get_format(fmt)
     check_options(f, _given(ctx) - {"format", "quiet"})
@@ -129,7 +154,9 @@ def export_cmd(
             f"--precision {precision} is not available for --format {fmt}; choose from {', '.join(f.precisions)}"
         )
     if fmt == "engine":
-        _engine(Path(source), precision, parse_batch(batch), workspace, dla, timing_cache, calib, calib_count)
+        profile = parse_batch_profile(_renamed_batch(ctx, batch_profile, old_batch))
+        options = engine_options(batch_profile=profile, calib=calib, calib_count=calib_count, **engine_flags)
+        _engine(Path(source), precision, options)
         return
     if out is None:
         raise UserError(f"--format {fmt} needs --out DIR (the directory to write)")
@@ -152,6 +179,20 @@ def export_cmd(
     )
     bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
     _print_bundle(bundle)
+
+
+def _renamed_batch(ctx: click.Context, batch_profile: str, old_batch: str | None) -> str:
+    """--batch is --batch-profile's old name: still read, with a warning, because bench's --batch lists sizes."""
+    if old_batch is None:
+        return batch_profile
+    if "batch-profile" in _given(ctx):
+        raise UserError("--batch is the old name of --batch-profile; pass only --batch-profile")
+    click.echo(
+        "warning: export --batch is deprecated and will be removed; use --batch-profile MIN,OPT,MAX "
+        "(bench's --batch lists the sizes to time)",
+        err=True,
+    )
+    return old_batch
 
 
 def _print_bundle(bundle: Path) -> None:
@@ -202,16 +243,7 @@ def _open_clip(source: str, out: Path) -> None:
 _ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "profile", "MiB", "build_seconds"]
 
 
-def _engine(
-    bundle: Path,
-    precision: str | None,
-    batch: tuple[int, int, int],
-    workspace: int | None,
-    dla: int | None,
-    timing_cache: Path | None,
-    calib: str | None,
-    calib_count: int,
-) -> None:
+def _engine(bundle: Path, precision: str | None, options: EngineOptions) -> None:
     from ..common.schemas import BundleManifest
 
     manifest = BundleManifest.read(bundle)  # a clear error when SOURCE is not a bundle, before TensorRT loads
@@ -223,18 +255,7 @@ def _engine(
         raise UserError(
             "TensorRT engine building is not part of this installation (tinyclip_edge.export.tensorrt is missing)"
         ) from None
-    # calibration is only for implicit int8 from an fp32 bundle (TensorRT proper); passed only when given
-    extra = {"calib": calib, "calib_count": calib_count} if calib else {}
-    engines = build_engines(
-        bundle,
-        precision=precision,
-        batch=batch,
-        workspace_mb=workspace,
-        dla_core=dla,
-        timing_cache=timing_cache,
-        manifest=manifest,
-        **extra,
-    )
+    engines = build_engines(bundle, options, precision=precision, manifest=manifest)
     rows = []
     for e in engines:
         row = dict(e)

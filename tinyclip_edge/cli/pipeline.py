@@ -1,8 +1,9 @@
-"""The whole path in one call: compress -> export (ONNX) -> parity -> bench, as a recipe asks.
+"""The whole path in one call: compress -> export (ONNX) -> parity -> engines -> bench, as a recipe asks.
 
 This is wiring, so it lives with the CLI: the compression core never imports `export` or `runtimes`.
 Every step is resumable: finished stages are skipped by the runner, and a bundle whose manifest
-records the same source weights is not exported again.
+records the same source weights is not exported again, nor are engines the manifest lists for the same profile
+and library built again.
 """
 
 from __future__ import annotations
@@ -139,12 +140,53 @@ def _parity_row(key: str, rep: Any) -> dict[str, Any]:
     return row
 
 
+def _bundles_of(result: PipelineResult, precisions: list[str]) -> dict[str, Path]:
+    """The exported bundles of these precisions ("student-int8" is int8; "student-int8-dynamic" is not)."""
+    return {k: p for k, p in result.bundles.items() if any(k.endswith(f"-{x}") for x in precisions)}
+
+
+def engines(recipe: Recipe, result: PipelineResult) -> None:
+    """TensorRT engines for the exported bundles, each in its bundle's precision (the `engines:` section)."""
+    from ..common.vocab import ENGINE_PRECISIONS
+    from ..export.tensorrt import build_engines, engines_up_to_date
+
+    cfg = recipe.engines
+    keep = cfg.precisions or [p for p in recipe.export.precisions if p in ENGINE_PRECISIONS]
+    rows = []
+    for key, bundle in _bundles_of(result, keep).items():
+        entries = engines_up_to_date(bundle, cfg)
+        if entries is None:
+            click.echo(f"engines {key}", err=True)
+            entries = build_engines(bundle, cfg, verbose=False)  # the section IS an EngineOptions (plus precisions)
+        rows += [_engine_row(key, e) for e in entries]
+    if not rows:
+        raise UserError("engines: no exported bundle TensorRT builds (int8-dynamic is ONNX Runtime's); fix precisions")
+    _add_to_report(
+        result.run.run_dir,
+        "engines",
+        rows,
+        "## TensorRT engines",
+        f"Built into each bundle with profile {'/'.join(map(str, cfg.batch_profile))} (min/opt/max batch); "
+        "each engine's build flags and the equivalent command are in its `<tower>.engine.json`.",
+        rows,
+    )
+
+
+def _engine_row(key: str, e: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "bundle": key,
+        "tower": e["tower"],
+        "library": f"{e['library']} {e['library_version']}",
+        "precision": e["precision"],
+        "MiB": round(e["size_bytes"] / 2**20, 2),
+    }
+
+
 def bench(recipe: Recipe, result: PipelineResult) -> None:
     from ..runtimes.bench import run_bench
 
     cfg = recipe.bench
-    keep = set(cfg.precisions or recipe.export.precisions)
-    targets = [str(p) for k, p in result.bundles.items() if any(k.endswith(f"-{x}") for x in keep)]
+    targets = [str(p) for p in _bundles_of(result, cfg.precisions or recipe.export.precisions).values()]
     if not targets:
         raise UserError("bench: no exported bundles to time; add an export: section or fix bench.precisions")
     # the section IS a BenchOptions (plus `precisions`, which run_bench ignores)
@@ -205,6 +247,10 @@ def preflight(recipe: Recipe) -> None:
     )
     if needs_ort and importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")
+    if recipe.engines is not None:
+        from ..runtimes.trtlib import load_tensorrt
+
+        load_tensorrt()  # says how to install TensorRT (JetPack, tinyclip-edge[rtx]) when it is missing
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, new_lr: bool = False) -> PipelineResult:
@@ -222,6 +268,8 @@ def _run_recipe(recipe: Recipe, resume: bool, new_lr: bool = False) -> PipelineR
         return result
     if recipe.export is not None:
         result = export_and_check(recipe, run)
+    if recipe.engines is not None:  # the recipe's schema guarantees an export: section beside it
+        engines(recipe, result)
     if recipe.bench is not None:  # the recipe's schema guarantees an export: section beside it
         bench(recipe, result)
     if result.parity_failed:

@@ -1,8 +1,10 @@
-"""The options of an ONNX export and of a benchmark: one schema each, shared by every way to ask for them.
+"""The options of an ONNX export, an engine build, a parity check and a benchmark: one schema each, shared by
+every way to ask for them.
 
-``tinyclip-edge export`` / ``bench`` build these from their flags, a recipe's ``export:`` / ``bench:``
-sections are subclasses of them (adding what only the pipeline needs: which models and precisions), and
-the Python API (``export_bundle``, ``run_bench``) takes them (or their fields as keyword arguments). All three
+``tinyclip-edge export`` (``--format onnx`` / ``engine``), ``parity`` and ``bench`` build these from their flags,
+a recipe's ``export:`` / ``engines:`` / ``bench:`` sections are subclasses of them (adding what only the pipeline
+needs: which models and precisions) and ``export.parity_options`` is one, and the Python API (``export_bundle``,
+``build_engines``, ``run_parity``, ``run_bench``) takes them (or their fields as keyword arguments). All three
 validate through ``typed`` with the same types and ranges, so they cannot drift (tests/test_options.py
 checks that every field has a click flag, and every flag a field, with the same default).
 
@@ -33,6 +35,7 @@ DYNAMO_MIN_OPSET = 18
 Tower = Literal["image", "text", "both"]
 Backend = Literal["pyt", "onnxrt", "trt"]
 MAX_BATCH = 65536  # a batch above this is a typo (CLIP towers at that batch need >100 GB of activations)
+ENGINE_MAX_BATCH = 4096  # engine optimisation profiles: edge engines use a few dozen at most
 
 
 @dataclass
@@ -86,6 +89,51 @@ class BenchOptions:
             raise UserError(f"{path + '.' if path else ''}batches must list at least one batch size")
         if len(set(self.batches)) != len(self.batches):  # a cell timed twice, and a speed-up taken from the copy
             raise UserError(f"{path + '.' if path else ''}batches lists a batch size twice: {self.batches}")
+
+
+@dataclass
+class EngineOptions:
+    """How to build TensorRT engines from a bundle (which bundle, precision and towers are per call).
+
+    The profile's rules are checked by ``validate_fields`` in the caller's words (``--batch-profile`` on the CLI
+    and in the API, ``engines.batch_profile`` in a recipe), so every door gives the same message."""
+
+    batch_profile: list[int] = field(default_factory=lambda: [1, 8, 32])  # MIN, OPT, MAX batch of the profile
+    workspace_mb: Annotated[int, Range(1, None)] | None = None  # builder workspace in MiB, >= 1 (None: the device's)
+    dla_core: Annotated[int, Range(0, None)] | None = None  # DLA core (Jetson), >= 0; DLA runs fp16 / int8
+    timing_cache: str | None = None  # timing cache file, read and updated (TensorRT proper)
+    calib: str | None = None  # implicit int8 from an fp32 bundle only (TensorRT 8.6-10.x): calibration data
+    calib_count: Annotated[int, Range(1, None)] = 512  # calibration images, >= 1
+    calib_cache: str | None = None  # calibration cache file (default: <tower>.calib.cache in the bundle)
+
+    def validate_fields(self, path: str) -> None:
+        def name(key: str) -> str:
+            return f"{path}.{key}" if path else engine_flag_name(key)
+
+        profile = name("batch_profile")
+        if len(self.batch_profile) != 3:
+            raise UserError(f"{profile} needs three integers MIN,OPT,MAX (e.g. 1,8,32), got {self.batch_profile}")
+        lo, opt, hi = self.batch_profile
+        if not 1 <= lo <= opt <= hi:
+            raise UserError(f"{profile} must satisfy 1 <= MIN <= OPT <= MAX, got {lo},{opt},{hi}")
+        if hi > ENGINE_MAX_BATCH:
+            raise UserError(
+                f"{profile} max {hi} is above the limit of {ENGINE_MAX_BATCH}; engines for edge devices use "
+                f"batches of a few dozen at most (e.g. {profile} 1,8,32)"
+            )
+
+    @property
+    def profile(self) -> tuple[int, int, int]:
+        lo, opt, hi = self.batch_profile
+        return lo, opt, hi
+
+
+# How the CLI names an engine option where the flag is not the field's name.
+ENGINE_FLAGS = {"batch_profile": "--batch-profile", "workspace_mb": "--workspace", "dla_core": "--dla"}
+
+
+def engine_flag_name(key: str) -> str:
+    return ENGINE_FLAGS.get(key, cli_name(key))
 
 
 # The parity gates by bundle precision: the one table. export/parity_report.py makes Tolerances of it, the export's

@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from .errors import UserError
 from .integrity import inside, is_sha256, verify_sha256
 from .io import atomic_write_json, read_json
+from .options import ENGINE_MAX_BATCH
 from .typed import Range, from_dict
 from .vocab import TOWERS, EnginePrecision, ExportPrecision, Tower
 
@@ -59,7 +60,6 @@ RUNTIME_FIELDS = ("precision", "normalized", "embed_dim", "image_size", "context
 MAX_IMAGE_SIZE = 8192
 MAX_CONTEXT = 8192
 MAX_DIM = 1 << 16
-MAX_BATCH = 4096  # engine optimisation profiles
 
 Dim = Annotated[int, Range(1, MAX_DIM)]
 Count = Annotated[int, Range(0, None)]
@@ -137,9 +137,9 @@ class FileEntry:
 
 @dataclass
 class Profile:
-    min: Annotated[int, Range(1, MAX_BATCH)]
-    opt: Annotated[int, Range(1, MAX_BATCH)]
-    max: Annotated[int, Range(1, MAX_BATCH)]
+    min: Annotated[int, Range(1, ENGINE_MAX_BATCH)]
+    opt: Annotated[int, Range(1, ENGINE_MAX_BATCH)]
+    max: Annotated[int, Range(1, ENGINE_MAX_BATCH)]
 
     def validate_fields(self, path: str) -> None:
         if not self.min <= self.opt <= self.max:

@@ -25,6 +25,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Annotated, Any, Literal, Union
 
 from .errors import UserError, closest
@@ -288,13 +289,16 @@ def validate(
     obj: Any, cls: type | None = None, label: str = "key", key_format: Callable[[str], str] | None = None
 ) -> Any:
     """A checked copy of dataclass instance ``obj`` (as ``cls``, default its own class: a subclass instance
-    checked as its base keeps only the base's fields). Tuples become lists, so ``batches=(1, 8)`` passes."""
+    checked as its base keeps only the base's fields). Tuples become lists, so ``batches=(1, 8)`` passes, and
+    paths strings."""
     cls = cls or type(obj)
     data = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(cls) if f.init}
     return from_dict(cls, data, "", label, key_format)
 
 
 def _plain(v: Any) -> Any:
+    if isinstance(v, PurePath):  # a path option is a string in files; the API may hand over a Path
+        return str(v)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
     if isinstance(v, (list, tuple)):

@@ -21,10 +21,10 @@ import yaml
 from ..common import typed
 from ..common.devices import DEVICE, require_device
 from ..common.errors import UserError, closest
-from ..common.options import MAX_BATCH, BenchOptions, ExportOptions, ParityOptions
+from ..common.options import MAX_BATCH, BenchOptions, EngineOptions, ExportOptions, ParityOptions
 from ..common.typed import POSITIVE_INT, Pattern, Range
 from ..common.typed import join_key as _at
-from ..common.vocab import ExportPrecision
+from ..common.vocab import EnginePrecision, ExportPrecision
 from ..common.yamlfile import load_yaml
 from ..data.sources import CSV_CAPTION_KEY, CSV_IMAGE_KEY, check_spec
 from ..losses.registry import parse_losses, teacher_free_losses
@@ -244,6 +244,26 @@ class BenchCfg(BenchOptions):
 
 
 @dataclass
+class EnginesCfg(EngineOptions):
+    """After export and parity: TensorRT engines for the exported bundles, written into them (needs TensorRT or
+    TensorRT for RTX here; engines belong to the GPU and library that build them, so run this where they run).
+
+    An ``EngineOptions`` (the options of ``tinyclip-edge export --format engine``) plus which bundles. Each engine
+    has its bundle's precision, so the pipeline never calibrates (``calib`` is for the CLI's implicit int8)."""
+
+    precisions: list[EnginePrecision] | None = None  # which exported bundles get engines; default all but int8-dynamic
+
+    def validate_fields(self, path: str) -> None:
+        super().validate_fields(path)
+        if self.calib is not None:
+            raise UserError(
+                f"{_at(path, 'calib')}: the pipeline builds each engine in its bundle's own precision, which needs "
+                "no calibration; remove it (implicit int8 from an fp32 bundle: tinyclip-edge export BUNDLE "
+                "--format engine --precision int8 --calib DATA)"
+            )
+
+
+@dataclass
 class DistributedCfg:
     """Only read under torchrun (several processes); see README "Many GPUs"."""
 
@@ -268,6 +288,7 @@ class Recipe:
     eval: EvalCfg = field(default_factory=EvalCfg)
     baselines: BaselinesCfg = field(default_factory=BaselinesCfg)
     export: ExportCfg | None = None  # optional: export + parity after compressing (`tinyclip-edge run`)
+    engines: EnginesCfg | None = None  # optional: TensorRT engines of the exports (`tinyclip-edge run`)
     bench: BenchCfg | None = None  # optional: benchmark the exports (`tinyclip-edge run`)
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     dclip: DclipCfg | None = None  # optional: regions + meta-teacher settings (method: dclip-meta)
@@ -294,16 +315,23 @@ class Recipe:
                     "(names are directories of the run: they must differ, also in letter case)"
                 )
             seen[st.name.lower()] = i
-        if self.bench is not None:
-            if self.export is None:
-                raise UserError("a bench: section needs an export: section (it times the exported bundles)")
-            missing = [p for p in self.bench.precisions or () if p not in self.export.precisions]
-            if missing:
-                raise UserError(
-                    f"bench.precisions {missing} are not exported; add them to export.precisions "
-                    f"({', '.join(self.export.precisions)})"
-                )
+        self._check_uses_exports("bench", "times")
+        self._check_uses_exports("engines", "builds engines from")
         require_device(self.device, "device")
+
+    def _check_uses_exports(self, key: str, does: str) -> None:
+        """A section that works on the exported bundles needs them, and only asks for precisions exported."""
+        section = getattr(self, key)
+        if section is None:
+            return
+        if self.export is None:
+            raise UserError(f"a {key}: section needs an export: section (it {does} the exported bundles)")
+        missing = [p for p in section.precisions or () if p not in self.export.precisions]
+        if missing:
+            raise UserError(
+                f"{key}.precisions {missing} are not exported; add them to export.precisions "
+                f"({', '.join(self.export.precisions)})"
+            )
 
 
 # --------------------------------------------------------------------------- dict -> dataclass
