@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from tinyclip_edge.common.formats.bundle import BundleManifest
 from tinyclip_edge.common.io import atomic_write_json, atomic_write_text
-from tinyclip_edge.common.schemas import BundleManifest
 from tinyclip_edge.export import export_bundle, run_parity
 
 

@@ -18,10 +18,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..common.errors import UserError
-from ..common.integrity import check_replaceable, sha256_file
-from ..common.io import atomic_path, atomic_write_json
-from ..common.options import PARITY_TOLERANCES, ExportOptions, resolve_options
-from ..common.schemas import (
+from ..common.formats.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     MANIFEST_NAME,
@@ -30,7 +27,11 @@ from ..common.schemas import (
     BundleManifest,
     bundle_record,
     is_bundle,
+    write_reader,
 )
+from ..common.integrity import check_replaceable, sha256_file
+from ..common.io import atomic_path, atomic_write_json
+from ..common.options import PARITY_TOLERANCES, ExportOptions, resolve_options
 from ..common.tokenizers import export_tokenizer
 from ..common.typed import check_value
 from ..common.vocab import TOWERS, ExportPrecision
@@ -48,7 +49,6 @@ from .graphs import (
     tower_module,
 )
 from .precision import QuantOptions, quantize, to_fp16
-from .reader import write_reader
 
 DEFAULT_CALIB_COUNT = ExportOptions.calib_count
 # the fresh fp32 graph against PyTorch: fp32's parity gate (common/options.py)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import UserError
+from ..common.formats.bundle import BundleManifest
 from ..common.io import atomic_write_bytes
-from ..common.schemas import BundleManifest
 from ..runtimes.trtlib import TrtLib
 
 

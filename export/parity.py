@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from ..common import embeddings as M
 from ..common.errors import UserError
+from ..common.formats.bundle import BundleManifest
 from ..common.options import ParityOptions, resolve_options
-from ..common.schemas import BundleManifest
 from ..models.resolve import resolve_model
 from ..runtimes import Runtime, open_runtime
 from ..runtimes.host import probe_host

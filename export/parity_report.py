@@ -16,17 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..common.errors import UserError
+from ..common.formats.base import VersionedFile, in_file
+from ..common.formats.bundle import PARITY_NAME, is_bundle, record_in_bundle
 from ..common.io import atomic_write_text, prepare_out_dir, read_json
 from ..common.options import AGREEMENT_MARGIN, PARITY_TOLERANCES
-from ..common.schemas import (
-    PARITY_FORMAT,
-    PARITY_NAME,
-    PARITY_VERSION,
-    VersionedFile,
-    in_file,
-    is_bundle,
-    record_in_bundle,
-)
 from ..common.typed import Range
 from ..common.vocab import TOWERS, Tower
 from ..common.vocab import ExportPrecision as Precision
@@ -34,6 +27,8 @@ from ..runtimes.host import HostInfo
 
 if TYPE_CHECKING:
     from ..common.embeddings import PairedDelta
+
+PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 2  # 2: + host
 
 Fraction = Annotated[float, Range(0.0, 1.0)]
 Points = Annotated[float, Range(-100.0, 100.0)]

@@ -31,17 +31,11 @@ from typing import Any
 
 from .. import __version__
 from ..common.errors import UserError
+from ..common.formats.bundle import BundleManifest, EngineEntry
+from ..common.formats.engine import ENGINE_FORMAT, ENGINE_VERSION, SIDECAR_SUFFIX, EngineSidecar
 from ..common.integrity import check_onnx_external_data, sha256_file
 from ..common.io import atomic_path, atomic_write_bytes
 from ..common.options import EngineOptions, engine_flag_name, resolve_options
-from ..common.schemas import (
-    ENGINE_FORMAT,
-    ENGINE_VERSION,
-    SIDECAR_SUFFIX,
-    BundleManifest,
-    EngineEntry,
-    EngineSidecar,
-)
 from ..common.vocab import ENGINE_PRECISIONS, TOWERS
 from ..runtimes.trtlib import TrtLib, dtype_name, load_tensorrt
 from .trt_caps import TrtCaps, probe

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.schemas import WEIGHTS_NAME, BundleManifest, EngineSidecar, ModelConfig
+from ..common.formats.bundle import BundleManifest
+from ..common.formats.engine import EngineSidecar
+from ..common.formats.model_dir import WEIGHTS_NAME, ModelConfig
 from ..common.vocab import TOWERS
 from .base import KIND_BACKENDS, Runtime, artifact_kind
 

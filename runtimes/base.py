@@ -199,7 +199,9 @@ def artifact_kind(target: str | os.PathLike) -> str:
     """The one decision of what an artifact path is (a key of KIND_BACKENDS), from its name and metadata
     files alone: .engine/.plan, a bundle (manifest.json), a model directory (config.json), an .onnx file."""
     p = Path(target)
-    from ..common.schemas import CONFIG_NAME, ENGINE_SUFFIXES, MANIFEST_NAME
+    from ..common.formats.bundle import MANIFEST_NAME
+    from ..common.formats.engine import ENGINE_SUFFIXES
+    from ..common.formats.model_dir import CONFIG_NAME
 
     if p.suffix in ENGINE_SUFFIXES:
         return "engine"

@@ -21,10 +21,13 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 
 from ..common.errors import UserError
+from ..common.formats.base import VersionedFile, in_file
 from ..common.io import atomic_path, atomic_write_json, atomic_write_text, prepare_out_dir, read_json
-from ..common.schemas import BENCH_FORMAT, BENCH_STEM, BENCH_VERSION, VersionedFile, in_file
 from ..common.typed import Range, from_dict
 from ..common.vocab import Tower
+
+BENCH_STEM = "bench"  # bench.json, .csv, .md, .png
+BENCH_FORMAT, BENCH_VERSION = "tinyclip-edge/bench", 1
 
 Ms = Annotated[float, Range(0.0, None)]
 NonNegative = Annotated[float, Range(0.0, None)]

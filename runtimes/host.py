@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..common.errors import UserError
+from ..common.formats.bundle import PARITY_NAME
 from ..common.io import read_json
-from ..common.schemas import PARITY_NAME
 from ..common.typed import from_dict
 
 IsaClass = Literal[

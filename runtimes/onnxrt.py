@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import MissingDependency, UserError
+from ..common.formats.bundle import BundleManifest, is_bundle
 from ..common.integrity import check_onnx_external_data
-from ..common.schemas import BundleManifest, is_bundle
 from ..common.vocab import TOWERS
 from .base import InputSpec, Runtime, RuntimeInputError, register_backend
 from .host import warn_isa_mismatch_once

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.schemas import ENGINE_SUFFIXES, BundleManifest, EngineSidecar, is_bundle
+from ..common.formats.bundle import BundleManifest, is_bundle
+from ..common.formats.engine import ENGINE_SUFFIXES, EngineSidecar
 from ..common.vocab import TOWERS
 from .artifacts import bundle_engines, read_sidecar
 from .base import InputSpec, Runtime, register_backend

@@ -24,8 +24,8 @@ def copy_bundle(bundle: Path, dest: Path) -> Path:
 def reseal(bundle: Path) -> Path:
     """Record the current digests of a bundle's files in its manifest, as an export of these very files would:
     for tests of what happens *after* the integrity check (a parser error, a corrupt graph)."""
+    from tinyclip_edge.common.formats.bundle import BundleManifest
     from tinyclip_edge.common.integrity import sha256_file
-    from tinyclip_edge.common.schemas import BundleManifest
 
     m = BundleManifest.read(bundle, verify=False)
     for name in m.files:

@@ -187,7 +187,7 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
 def manifest_reads(monkeypatch):
     """The bundle manifests read (and verified) during the test, in order: BundleManifest.read still runs,
     counted (the "a command reads a manifest once" tests)."""
-    from tinyclip_edge.common.schemas import BundleManifest
+    from tinyclip_edge.common.formats.bundle import BundleManifest
 
     real, reads = BundleManifest.read.__func__, []
 

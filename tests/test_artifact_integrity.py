@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from tinyclip_edge.cli import main
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.formats.bundle import BundleManifest
+from tinyclip_edge.common.formats.engine import EngineSidecar
 from tinyclip_edge.common.integrity import inside, sha256_file
-from tinyclip_edge.common.schemas import BundleManifest, EngineSidecar
 
 COMMANDS = {
     "bench": lambda b, out: ["bench", b, "--iters", "2", "--warmup", "0", "--out", out / "bench", "--quiet"],

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from tinyclip_edge.common.errors import UserError
-from tinyclip_edge.common.schemas import PARITY_NAME
+from tinyclip_edge.common.formats.bundle import PARITY_NAME
 from tinyclip_edge.export import ParityReport, export_bundle, run_parity
 from tinyclip_edge.runtimes import host as H
 from tinyclip_edge.runtimes import open_runtime

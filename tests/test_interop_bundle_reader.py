@@ -16,7 +16,7 @@ from _interop_helpers import bpe_package
 from PIL import Image
 from test_interop_preprocess import make_image
 
-from tinyclip_edge.common.schemas import BundleManifest
+from tinyclip_edge.common.formats.bundle import BundleManifest
 
 pytest.importorskip("onnxruntime")
 
@@ -125,7 +125,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_every_bundle_carries_the_reader_and_a_complete_tokenizer_description(bundles) -> None:
-    from tinyclip_edge.common import clip_bundle
+    from tinyclip_edge.common.formats import clip_bundle
 
     source = Path(clip_bundle.__file__).read_bytes()
     for bundle in bundles.values():
@@ -214,7 +214,7 @@ def _rewrite(bundle: Path, edit=None, rehash: tuple[str, ...] = ()) -> None:
     digests of `rehash` (and of runtime.json) recomputed, so only checks beyond the digests can catch it."""
     import hashlib
 
-    from tinyclip_edge.common.schemas import RUNTIME_FIELDS, RUNTIME_NAME
+    from tinyclip_edge.common.formats.bundle import RUNTIME_FIELDS, RUNTIME_NAME
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     if edit is not None:
@@ -235,7 +235,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_a_tokenizer_mismatch_is_caught_positive_control(bundles, tmp_path: Path) -> None:
     """The reader's BPE is compared for real: a manifest whose ids disagree with the merges file is refused."""
-    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.common.formats.clip_bundle import Bundle
 
     broken = _copy(bundles["bpe"], tmp_path / "broken")
     _rewrite(broken, lambda m: m["tokenizer"].update(eot_id=49000))
@@ -263,8 +263,8 @@ def _swap_words(manifest: dict) -> None:
 def test_an_edited_manifest_is_refused_by_the_reader_and_the_runtime(bundles, tmp_path: Path, edit, field) -> None:
     """The word vocabulary (and every manifest field that changes what runs) is mirrored in the digest-checked
     runtime.json: swapping "red" and "blue" in manifest.json is an error, not a model that reads red as blue."""
-    from tinyclip_edge.common.clip_bundle import Bundle, WordTokens
     from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.common.formats.clip_bundle import Bundle, WordTokens
     from tinyclip_edge.runtimes import open_runtime
 
     bundle = _copy(bundles["words"], tmp_path / "b")
@@ -282,8 +282,8 @@ def test_an_edited_manifest_is_refused_by_the_reader_and_the_runtime(bundles, tm
 
 
 def test_a_manifest_that_drops_its_runtime_record_is_refused(bundles, tmp_path: Path) -> None:
-    from tinyclip_edge.common.clip_bundle import Bundle
     from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.common.formats.clip_bundle import Bundle
 
     bundle = _copy(bundles["words"], tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -308,7 +308,7 @@ def _shuffle_merges(path: Path) -> None:
 def test_the_reader_verifies_every_recorded_digest(bundles, tmp_path: Path) -> None:
     """What the toolkit verifies, the reader verifies: a shuffled merges file, a changed graph or
     preprocess.json, a missing file are refused before anything runs."""
-    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.common.formats.clip_bundle import Bundle
 
     bundle = _copy(bundles["bpe"], tmp_path / "b")
     Bundle(bundle)  # intact: opens
@@ -335,8 +335,8 @@ def test_a_gzip_bomb_is_refused_in_bounded_memory(bundles, tmp_path: Path) -> No
     import gzip
     import tracemalloc
 
-    from tinyclip_edge.common.clip_bundle import MAX_MERGES_BYTES, Bundle
     from tinyclip_edge.common.errors import UserError
+    from tinyclip_edge.common.formats.clip_bundle import MAX_MERGES_BYTES, Bundle
     from tinyclip_edge.common.tokenizers import BpeTokenizer
 
     bundle = _copy(bundles["bpe"], tmp_path / "b")
@@ -397,19 +397,19 @@ def test_reader_command_line_errors_are_one_line(bundles, tmp_path: Path) -> Non
 
 def test_the_reader_names_files_as_the_toolkit_does() -> None:
     """clip_bundle.py stands alone, so it repeats the schema's names; they must not drift apart."""
-    from tinyclip_edge.common import clip_bundle, schemas
+    from tinyclip_edge.common.formats import bundle, clip_bundle
 
-    assert clip_bundle.MANIFEST == schemas.MANIFEST_NAME
-    assert clip_bundle.PREPROCESS_NAME == schemas.PREPROCESS_NAME
-    assert clip_bundle.RUNTIME_NAME == schemas.RUNTIME_NAME
-    assert clip_bundle.RUNTIME_FIELDS == schemas.RUNTIME_FIELDS
-    assert clip_bundle.READS_UP_TO == schemas.BUNDLE_VERSION
+    assert clip_bundle.MANIFEST == bundle.MANIFEST_NAME
+    assert clip_bundle.PREPROCESS_NAME == bundle.PREPROCESS_NAME
+    assert clip_bundle.RUNTIME_NAME == bundle.RUNTIME_NAME
+    assert clip_bundle.RUNTIME_FIELDS == bundle.RUNTIME_FIELDS
+    assert clip_bundle.READS_UP_TO == bundle.BUNDLE_VERSION
 
 
 def test_format_2_bundles_are_still_read(bundles, tmp_path: Path) -> None:
     """Bundles exported before runtime.json (format 2) open in the toolkit and the reader, unchecked mirror and
     all (docs/FORMATS.md says so); the same edit on format 3 is refused (the positive control above)."""
-    from tinyclip_edge.common.clip_bundle import Bundle
+    from tinyclip_edge.common.formats.clip_bundle import Bundle
 
     bundle = _copy(bundles["words"], tmp_path / "b")
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tinyclip_edge.common.schemas import BundleManifest
+from tinyclip_edge.common.formats.bundle import BundleManifest
 from tinyclip_edge.export import export_bundle, run_parity
 
 DATA = "scenes:val:256"

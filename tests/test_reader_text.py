@@ -16,7 +16,7 @@ import pytest
 from ftfy.badness import is_bad
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-from tinyclip_edge.common import clip_bundle as cb
+from tinyclip_edge.common.formats import clip_bundle as cb
 
 SURROGATES = range(0xD800, 0xE000)
 EVERY_CODE_POINT = [c for c in range(sys.maxunicode + 1)]

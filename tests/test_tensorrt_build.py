@@ -13,8 +13,8 @@ import pytest
 from _edge_helpers import copy_bundle, export_tiny, requires_engine_execution, reseal, unsupported_onnx
 
 from tinyclip_edge.common.errors import UserError
+from tinyclip_edge.common.formats.bundle import BundleManifest
 from tinyclip_edge.common.options import EngineOptions
-from tinyclip_edge.common.schemas import BundleManifest
 from tinyclip_edge.export.tensorrt import _Job, _plan, build_engines
 from tinyclip_edge.export.trt_caps import probe
 from tinyclip_edge.runtimes.artifacts import inspect_artifact

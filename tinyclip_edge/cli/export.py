@@ -197,7 +197,7 @@ def _renamed_batch(ctx: click.Context, batch_profile: str, old_batch: str | None
 
 def _print_bundle(bundle: Path) -> None:
     """The written bundle as a table: each tower's file, inputs, outputs, size and what its precision did."""
-    from ..common.schemas import BundleManifest
+    from ..common.formats.bundle import BundleManifest
 
     m = BundleManifest.read(bundle)
     rows = []
@@ -244,7 +244,7 @@ _ENGINE_COLUMNS = ["tower", "engine", "library", "precision", "build_mode", "pro
 
 
 def _engine(bundle: Path, precision: str | None, options: EngineOptions) -> None:
-    from ..common.schemas import BundleManifest
+    from ..common.formats.bundle import BundleManifest
 
     manifest = BundleManifest.read(bundle)  # a clear error when SOURCE is not a bundle, before TensorRT loads
     try:
@@ -331,8 +331,8 @@ def parity_cmd(
     **flags: Any,
 ) -> None:
     """Check every artifact of BUNDLE against PyTorch; exit 1 when a check fails."""
+    from ..common.formats.bundle import PARITY_NAME
     from ..common.io import prepare_out_dir
-    from ..common.schemas import PARITY_NAME
     from ..export import run_parity
     from ..export.parity_report import output_names
 

@@ -45,8 +45,9 @@ def _models(recipe: Recipe, run: RunResult) -> dict[str, Path]:
 
 def _up_to_date(bundle: Path, model_dir: Path) -> bool:
     """A finished bundle exported from these exact weights (resume skips it)."""
+    from ..common.formats.bundle import BundleManifest, is_bundle
+    from ..common.formats.model_dir import WEIGHTS_NAME
     from ..common.integrity import sha256_file
-    from ..common.schemas import WEIGHTS_NAME, BundleManifest, is_bundle
 
     if not is_bundle(bundle):
         return False

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import clip_bundle
+from .formats import clip_bundle
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -99,7 +99,7 @@ class BpeTokenizer:
         if clean not in CLEAN_MODES:
             raise UserError(f"unknown BPE clean mode {clean!r}; choose from {', '.join(CLEAN_MODES)}")
         self.file, self.context_length, self.vocab_size, self.clean = file, context_length, vocab_size, clean
-        from .clip_bundle import ReaderError, read_merges
+        from .formats.clip_bundle import ReaderError, read_merges
 
         try:  # open_clip decompresses the whole file: bound it first, as the standalone reader does
             read_merges(file)
@@ -198,7 +198,7 @@ class OpenClipTokenizer:
 
 def tokenizer_from_config(cfg: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Tokenizer:
     """Rebuild a tokenizer; `base_dir` resolves relative vocabulary files (an export bundle's directory)."""
-    from .schemas import check_tokenizer
+    from .formats.base import check_tokenizer
 
     check_tokenizer(cfg, "tokenizer")
     kind = cfg.get("kind")

@@ -1,6 +1,6 @@
 """The project's shared names, each defined once: the two towers and the precisions of each artifact.
 
-Schemas (common/schemas.py), options (common/options.py), the exporter, the engine builder and the runtimes
+Formats (common/formats/), options (common/options.py), the exporter, the engine builder and the runtimes
 import these; a ``Literal`` is the type a typed field checks, its tuple the list a message or a loop uses."""
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ import torch
 
 from .. import __version__
 from ..common.errors import UserError
+from ..common.formats.base import in_file
+from ..common.formats.model_dir import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, is_model_dir
 from ..common.io import atomic_path, open_for_reading, save_safetensors
 from ..common.preprocess import Preprocess
-from ..common.schemas import CONFIG_NAME, MODEL_FORMAT, MODEL_VERSION, WEIGHTS_NAME, ModelConfig, in_file, is_model_dir
 from ..common.tokenizers import Tokenizer, tokenizer_from_config
 from ..common.typed import from_dict
 from .clip import ClipModel
@@ -82,7 +83,7 @@ def save_model_dir(pkg: ClipPackage, path: str | os.PathLike) -> Path:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """The model directory's validated ``config.json`` (see ``common.schemas.ModelConfig``)."""
+    """The model directory's validated ``config.json`` (see ``common.formats.model_dir.ModelConfig``)."""
     return ModelConfig.read(path)
 
 

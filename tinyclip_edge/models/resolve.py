@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError, closest
+from ..common.formats.bundle import is_bundle
+from ..common.formats.model_dir import CONFIG_NAME, WEIGHTS_NAME, is_model_dir
 from ..common.integrity import sha256_file
-from ..common.schemas import CONFIG_NAME, WEIGHTS_NAME, is_bundle, is_model_dir
 from .package import ClipPackage, load_model_dir
 
 BUILTIN_PREFIX = "builtin:"

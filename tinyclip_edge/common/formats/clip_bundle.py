@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 READER_NAME = "clip_bundle.py"
-# as tinyclip_edge.common.schemas names them (this file stands alone, so it repeats them; a test compares)
+# as tinyclip_edge.common.formats.bundle names them (this file stands alone, so it repeats them; a test compares)
 MANIFEST = "manifest.json"
 PREPROCESS_NAME = "preprocess.json"
 RUNTIME_NAME = "runtime.json"
