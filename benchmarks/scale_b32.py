@@ -26,7 +26,8 @@ from typing import Any
 
 from tinyclip_edge.common.io import atomic_write_json, read_json
 from tinyclip_edge.compress.recipe import load_recipe
-from tinyclip_edge.compress.runner import RUN_STATE, run_compress
+from tinyclip_edge.compress.rundir import STATE_FILE
+from tinyclip_edge.compress.runner import run_compress
 from tinyclip_edge.compress.shapes import shape_for_ratio
 from tinyclip_edge.compress.trainer import load_checkpoint, read_checkpoint_meta
 from tinyclip_edge.evaluation import evaluate
@@ -100,7 +101,7 @@ def _slug(name: str) -> str:
 
 
 def _stage_in_progress(run_dir: Path) -> str | None:
-    state = read_json(run_dir / RUN_STATE, "run state") if (run_dir / RUN_STATE).is_file() else {"stages": {}}
+    state = read_json(run_dir / STATE_FILE, "run state") if (run_dir / STATE_FILE).is_file() else {"stages": {}}
     running = [n for n, v in state["stages"].items() if v == "running"]
     return running[-1] if running else None
 
@@ -124,7 +125,7 @@ def run_in_pieces(
                 raise _Pause
 
         try:
-            result = run_compress(rec, resume=(run_dir / RUN_STATE).is_file(), on_step=hook)
+            result = run_compress(rec, resume=(run_dir / STATE_FILE).is_file(), on_step=hook)
             return result.report or {}
         except _Pause:
             name = _stage_in_progress(run_dir)

@@ -93,7 +93,7 @@ def test_a_resumed_run_keeps_the_count_it_started_with():
 def test_run_state_records_the_count_and_resume_reuses_it(tmp_path, teacher_dir, monkeypatch):
     import json
 
-    from tinyclip_edge.compress import runner
+    from tinyclip_edge.compress import run_state
     from tinyclip_edge.compress.runner import run_compress
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -102,11 +102,11 @@ def test_run_state_records_the_count_and_resume_reuses_it(tmp_path, teacher_dir,
     args = ["baselines.scratch=false", "eval.data=null", "stages.0.steps=1", "stages.0.batch_size=4"]
     args += ["stages.1.steps=1", "stages.1.batch_size=4", "device=cpu", f"run_dir={run}", f"teacher={teacher_dir}"]
     try:
-        monkeypatch.setattr(runner, "apply_cpu_threads", _fixed_auto(1))
+        monkeypatch.setattr(run_state, "apply_cpu_threads", _fixed_auto(1))
         run_compress(load_recipe("quickstart", args))
         assert json.loads((run / "run.json").read_text())["cpu_threads"] == 1
         seen = []
-        monkeypatch.setattr(runner, "apply_cpu_threads", _fixed_auto(2, seen))  # today's load would say 2
+        monkeypatch.setattr(run_state, "apply_cpu_threads", _fixed_auto(2, seen))  # today's load would say 2
         run_compress(load_recipe("quickstart", args), resume=True)
         assert seen == [1]  # the resume asked for the recorded count
     finally:

@@ -46,13 +46,13 @@ def _recipe_for(
     """The recipe of a new run (RECIPE + overrides), or the one saved in a run being resumed with the
     overrides given (the runner refuses any but the learning rates: `rundir.RESUME_MAY_CHANGE`)."""
     from ..compress.recipe import load_recipe
-    from ..compress.runner import RUN_STATE
+    from ..compress.rundir import STATE_FILE
 
     if resume_dir:
         saved = Path(resume_dir) / "recipe.yaml"
-        if not (Path(resume_dir) / RUN_STATE).is_file() or not saved.is_file():
+        if not (Path(resume_dir) / STATE_FILE).is_file() or not saved.is_file():
             raise UserError(
-                f"--resume: {resume_dir} holds no run (no {RUN_STATE}); "
+                f"--resume: {resume_dir} holds no run (no {STATE_FILE}); "
                 "start one with `tinyclip-edge compress RECIPE run_dir=DIR`"
             )
         if recipe and "=" in recipe:  # `--resume DIR stages.0.lr=1e-4`: click took the override for RECIPE
