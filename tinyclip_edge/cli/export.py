@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -131,18 +132,10 @@ def export_cmd(
     fmt: str,
     out: Path | None,
     precision: str | None,
-    opset: int,
-    raw: bool,
-    calib: str | None,
-    calib_count: int,
-    calib_method: str,
-    int8_keep: str,
-    int8_min_cosine: float,
-    exporter: str,
     batch_profile: str,
     old_batch: str | None,
     quiet: bool,
-    **engine_flags: Any,
+    **flags: Any,
 ) -> None:
     """Export SOURCE: a model directory / open_clip spec (--format onnx) or a bundle (--format engine)."""
     from ..export.formats import check_options, get_format, parse_batch_profile
@@ -155,8 +148,7 @@ def export_cmd(
         )
     if fmt == "engine":
         profile = parse_batch_profile(_renamed_batch(ctx, batch_profile, old_batch))
-        options = engine_options(batch_profile=profile, calib=calib, calib_count=calib_count, **engine_flags)
-        _engine(Path(source), precision, options)
+        _engine(Path(source), precision, engine_options(batch_profile=profile, **_fields_of(EngineOptions, flags)))
         return
     if out is None:
         raise UserError(f"--format {fmt} needs --out DIR (the directory to write)")
@@ -166,19 +158,20 @@ def export_cmd(
         return
     from ..export import export_bundle
 
-    keep: Any = int8_keep if int8_keep in ("auto", "none") else [k.strip() for k in int8_keep.split(",") if k.strip()]
-    options = export_options(
-        opset=opset,
-        raw=raw,
-        calib=calib,
-        calib_count=calib_count,
-        calib_method=calib_method,
-        int8_keep=keep,
-        int8_min_cosine=int8_min_cosine,
-        exporter=exporter,
+    onnx = _fields_of(ExportOptions, flags)
+    keep = onnx["int8_keep"]
+    if keep not in ("auto", "none"):  # the flag is text: auto, none or comma-separated node-name parts
+        onnx["int8_keep"] = [k.strip() for k in keep.split(",") if k.strip()]
+    bundle = export_bundle(
+        source, out, precision=precision or "fp32", options=export_options(**onnx), progress=not quiet
     )
-    bundle = export_bundle(source, out, precision=precision or "fp32", options=options, progress=not quiet)
     _print_bundle(bundle)
+
+
+def _fields_of(schema: type, flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags that are fields of `schema` (export takes two: ExportOptions and EngineOptions)."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return {k: v for k, v in flags.items() if k in names}
 
 
 def _renamed_batch(ctx: click.Context, batch_profile: str, old_batch: str | None) -> str:
