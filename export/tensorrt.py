@@ -103,6 +103,19 @@ def build_engines(
     return entries
 
 
+def check_buildable(options: EngineOptions, bundle_precisions: list[str]) -> None:
+    """Refuse now what ``build_engines`` would refuse for bundles of these precisions with this TensorRT (a DLA
+    on a library without one, fp8 on one without FP8 Q/DQ ...): a run checks its ``engines:`` section before it
+    compresses, not after hours of training."""
+    _check_workspace(options.workspace_mb)
+    caps = probe(load_tensorrt())
+    for precision in bundle_precisions:
+        try:
+            _plan(caps, precision, None, options.dla_core, options.calib)
+        except UserError as e:  # its words are the CLI's (--dla ...): say which section and bundles it is about
+            raise UserError(f"engines: for the {precision} bundles: {e}") from None
+
+
 def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions) -> list[dict] | None:
     """The sidecars of the bundle's engines when both towers have one in the bundle's precision, built with
     ``options``' profile, workspace and DLA core by the TensorRT loaded here (so a resumed run skips them);

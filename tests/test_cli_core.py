@@ -230,6 +230,19 @@ def test_run_builds_engines_of_the_exports_and_keeps_them_on_resume(tmp_path, te
         engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]))
 
 
+def test_run_refuses_engines_this_tensorrt_cannot_build_before_compressing(tmp_path, teacher_dir):
+    pytest.importorskip("tensorrt_rtx", reason="needs a TensorRT builder (tensorrt-rtx builds on CPU)")
+    from tinyclip_edge.runtimes.trtlib import load_tensorrt
+
+    if not load_tensorrt().is_rtx:
+        pytest.skip("TensorRT proper may have a DLA; this checks TensorRT-RTX's refusal")
+    run = tmp_path / "run"
+    args = ["run", "quickstart", *TINY, f"run_dir={run}", "bench=null", "--teacher", teacher_dir]
+    r = invoke(*args[:-2], "engines={dla_core: 0, batch_profile: [1, 1, 1]}", *args[-2:])
+    assert_one_line_error(r, "engines: for the fp32 bundles: DLA needs TensorRT proper")
+    assert not run.exists()  # refused before the run directory was made
+
+
 def test_run_fails_on_parity_failure_when_asked(tmp_path, teacher_dir):
     r = invoke(
         "run",

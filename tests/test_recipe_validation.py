@@ -160,6 +160,14 @@ def test_bad_recipe_value_is_one_line_and_exit_1(tmp_path, bad, message, good):
     load_recipe("quickstart", [f"run_dir={run_dir}", good])  # positive control: the nearest valid value loads
 
 
+def test_an_engines_section_needs_an_export_tensorrt_builds():
+    with pytest.raises(UserError, match=r"engines: export.precisions \['int8-dynamic'\] has none TensorRT builds"):
+        load_recipe("quickstart", ["engines={}", "export.precisions=[int8-dynamic]"])
+    with pytest.raises(UserError, match="an engines: section needs an export: section"):
+        load_recipe("quickstart", ["engines={}", "export=null", "bench=null"])
+    load_recipe("quickstart", ["engines={}", "export.precisions=[int8-dynamic, fp16]"])  # positive control
+
+
 def test_warmup_must_be_a_fraction_or_fewer_steps_than_the_stage():
     with pytest.raises(
         UserError,

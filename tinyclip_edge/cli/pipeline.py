@@ -19,6 +19,7 @@ import click
 from ..common import dist
 from ..common.errors import UserError
 from ..common.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temps
+from ..common.vocab import ENGINE_PRECISIONS
 from ..compress.recipe import Recipe, load_recipe
 from ..compress.rundir import BENCH_DIR, EXPORT_DIR, REPORT_JSON, REPORT_MD, STATE_FILE, RunLayout, run_lock
 from ..compress.runner import RunResult, run_compress
@@ -148,20 +149,16 @@ def _bundles_of(result: PipelineResult, precisions: list[str]) -> dict[str, Path
 
 def engines(recipe: Recipe, result: PipelineResult) -> None:
     """TensorRT engines for the exported bundles, each in its bundle's precision (the `engines:` section)."""
-    from ..common.vocab import ENGINE_PRECISIONS
     from ..export.tensorrt import build_engines, engines_up_to_date
 
     cfg = recipe.engines
-    keep = cfg.precisions or [p for p in recipe.export.precisions if p in ENGINE_PRECISIONS]
     rows = []
-    for key, bundle in _bundles_of(result, keep).items():
+    for key, bundle in _bundles_of(result, _engine_precisions(recipe)).items():
         entries = engines_up_to_date(bundle, cfg)
         if entries is None:
             click.echo(f"engines {key}", err=True)
             entries = build_engines(bundle, cfg, verbose=False)  # the section IS an EngineOptions (plus precisions)
         rows += [_engine_row(key, e) for e in entries]
-    if not rows:
-        raise UserError("engines: no exported bundle TensorRT builds (int8-dynamic is ONNX Runtime's); fix precisions")
     _add_to_report(
         result.run.run_dir,
         "engines",
@@ -171,6 +168,11 @@ def engines(recipe: Recipe, result: PipelineResult) -> None:
         "each engine's build flags and the equivalent command are in its `<tower>.engine.json`.",
         rows,
     )
+
+
+def _engine_precisions(recipe: Recipe) -> list[str]:
+    """The exported precisions that get engines (the recipe's schema guarantees at least one)."""
+    return recipe.engines.precisions or [p for p in recipe.export.precisions if p in ENGINE_PRECISIONS]
 
 
 def _engine_row(key: str, e: dict[str, Any]) -> dict[str, Any]:
@@ -248,10 +250,10 @@ def preflight(recipe: Recipe) -> None:
     )
     if needs_ort and importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependency("onnxruntime", "cpu", "the recipe's export: parity / int8 and bench: sections")
-    if recipe.engines is not None:
-        from ..runtimes.trtlib import load_tensorrt
+    if recipe.engines is not None:  # TensorRT must be here (its error says how to install it) and build these
+        from ..export.tensorrt import check_buildable
 
-        load_tensorrt()  # says how to install TensorRT (JetPack, tinyclip-edge[rtx]) when it is missing
+        check_buildable(recipe.engines, _engine_precisions(recipe))
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, new_lr: bool = False) -> PipelineResult:

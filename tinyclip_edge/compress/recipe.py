@@ -24,7 +24,7 @@ from ..common.errors import UserError, closest
 from ..common.options import MAX_BATCH, BenchOptions, EngineOptions, ExportOptions, ParityOptions
 from ..common.typed import POSITIVE_INT, Pattern, Range
 from ..common.typed import join_key as _at
-from ..common.vocab import EnginePrecision, ExportPrecision
+from ..common.vocab import ENGINE_PRECISIONS, EnginePrecision, ExportPrecision
 from ..common.yamlfile import load_yaml
 from ..data.sources import CSV_CAPTION_KEY, CSV_IMAGE_KEY, check_spec
 from ..losses.registry import parse_losses, teacher_free_losses
@@ -317,6 +317,11 @@ class Recipe:
             seen[st.name.lower()] = i
         self._check_uses_exports("bench", "times")
         self._check_uses_exports("engines", "builds engines from")
+        if self.engines is not None and not any(p in ENGINE_PRECISIONS for p in self.export.precisions):
+            raise UserError(
+                f"engines: export.precisions {self.export.precisions} has none TensorRT builds (int8-dynamic is "
+                "ONNX Runtime's); add fp32, fp16, int8 or fp8 to export.precisions"
+            )
         require_device(self.device, "device")
 
     def _check_uses_exports(self, key: str, does: str) -> None:
@@ -325,7 +330,8 @@ class Recipe:
         if section is None:
             return
         if self.export is None:
-            raise UserError(f"a {key}: section needs an export: section (it {does} the exported bundles)")
+            article = "an" if key[0] in "aeiou" else "a"
+            raise UserError(f"{article} {key}: section needs an export: section (it {does} the exported bundles)")
         missing = [p for p in section.precisions or () if p not in self.export.precisions]
         if missing:
             raise UserError(
