@@ -225,7 +225,7 @@ def _prepare(pkg: Any, args: argparse.Namespace, out: Path) -> tuple[Any, dict[s
 def _quantize_all(pkg: Any, args: argparse.Namespace, out: Path) -> dict[tuple[str, str], Path]:
     """Each weight format x int8 precision, both towers quantized from the fp32 bundle: (format, precision) -> folder."""
     from tinyclip_edge.export import precision as P
-    from tinyclip_edge.export.bundle import _calibration
+    from tinyclip_edge.export.exporter import _calibration
 
     calib, _ = _calibration(pkg, args.calib, args.calib_count, ("image", "text"), False)
     graphs = {}

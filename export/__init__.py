@@ -5,7 +5,7 @@ Entry points: ``export_bundle`` (bundle.py) and ``run_parity`` (parity.py). This
 """
 
 from ..common.options import ExportOptions
-from .bundle import DEFAULT_CALIB_COUNT, export_bundle
+from .exporter import DEFAULT_CALIB_COUNT, export_bundle
 from .parity import run_parity
 from .parity_report import DEFAULT_TOLERANCES, ParityReport, Tolerance
 from .precision import PRECISIONS

@@ -136,7 +136,7 @@ def test_common_is_a_leaf():
 
 
 def test_runtimes_run_a_bundle_without_the_training_core(tmp_path, tiny_model_dir):
-    from tinyclip_edge.export.bundle import export_bundle
+    from tinyclip_edge.export.exporter import export_bundle
 
     bundle = export_bundle(tiny_model_dir, tmp_path / "bundle", progress=False)
     code = (

@@ -135,7 +135,7 @@ def test_every_parity_option_has_a_flag_with_the_same_default_and_every_flag_an_
 def test_parity_defaults_are_one_table_rendered_into_the_help_and_the_docs():
     from tinyclip_edge.cli.export import parity_cmd
     from tinyclip_edge.common.options import PARITY_TOLERANCES, parity_table, tolerance_defaults
-    from tinyclip_edge.export.bundle import VERIFY_MIN_COSINE
+    from tinyclip_edge.export.exporter import VERIFY_MIN_COSINE
     from tinyclip_edge.export.parity_report import DEFAULT_TOLERANCES
 
     assert {p: t.min_cosine for p, t in DEFAULT_TOLERANCES.items()} == {

@@ -69,7 +69,7 @@ def _calib_spec(recipe: Recipe) -> str:
 
 
 def export_and_check(recipe: Recipe, run: RunResult) -> PipelineResult:
-    from ..export.bundle import export_bundle
+    from ..export.exporter import export_bundle
     from ..export.parity import run_parity
 
     cfg, out = recipe.export, PipelineResult(run)

@@ -1,6 +1,6 @@
 """The export bundle: ``manifest.json`` (``BundleManifest``), the graphs it binds by digest, ``runtime.json`` and
 ``preprocess.json``, the tokenizer, engines built into it, the parity report, and ``clip_bundle.py`` (the standalone
-reader every bundle carries: ``formats/clip_bundle.py``, copied verbatim by ``write_reader``). ``export/bundle.py``
+reader every bundle carries: ``formats/clip_bundle.py``, copied verbatim by ``write_reader``). ``export/exporter.py``
 is the exporter that fills a bundle through this module; the runtimes and the standalone reader read it."""
 
 from __future__ import annotations
