@@ -131,8 +131,8 @@ def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions) -> list[d
         found = EngineSidecar.read(bundle / entry.file)
         if found is None:
             return None
-        sidecar = found.to_dict()
-        built = (sidecar["profile"], sidecar["flags"]["workspace_mb"], sidecar["flags"]["dla_core"])
+        sidecar, flags = found.to_dict(), found.flags
+        built = (sidecar["profile"], flags.get("workspace_mb"), flags.get("dla_core"))  # flags: free-form
         if built != (dict(zip(("min", "opt", "max"), options.profile)), options.workspace_mb, options.dla_core):
             return None
         sidecars.append(sidecar)
