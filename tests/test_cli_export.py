@@ -121,7 +121,16 @@ def test_missing_model_dir(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("option", [["--dla", "0"], ["--workspace", "2048"], ["--timing-cache", "t.cache"]])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--dla", "0"],
+        ["--workspace", "2048"],
+        ["--timing-cache", "t.cache"],
+        ["--calib-cache", "c.cache"],
+        ["--batch-profile", "1,2,4"],
+    ],
+)
 def test_engine_options_rejected_for_onnx(tmp_path, tiny_model_dir, option):
     line = _error_line(_run("export", tiny_model_dir, "--format", "onnx", "--out", tmp_path / "b", *option))
     assert line == f"Error: {option[0]} is not an option of --format onnx (it applies to --format engine)"

@@ -136,6 +136,11 @@ CASES = [
         "engines={workspace_mb: 64}",
     ),
     ("engines={calib: scenes:calib}", "engines.calib: the pipeline builds each engine in its bundle's", "engines={}"),
+    (
+        "engines={calib_cache: c.cache}",
+        "engines.calib_cache: the pipeline builds each engine in its bundle's own precision",
+        "engines={calib_cache: null}",
+    ),
     ("engines={precisions: [fp16]}", "engines.precisions ['fp16'] are not exported", "engines={precisions: [fp32]}"),
     ("engines={precisions: [int8-dynamic]}", "'engines.precisions.0' must be one of", "engines={precisions: null}"),
     (

@@ -143,6 +143,7 @@ def test_no_tensorrt_library_says_how_to_get_one(bundles, monkeypatch):
         (dict(batch_profile=(1, 8, 5000)), "--batch-profile max 5000 is above the limit of 4096"),
         (dict(dla_core=-1), "option '--dla' must be an integer >= 0, got -1"),
         (dict(calib_count=0), "option '--calib-count' must be an integer >= 1"),
+        (dict(calib_cache="c.cache"), "--calib-cache is the cache of an int8 calibration, which only --calib starts"),
         (dict(towers=("audio",)), "unknown tower 'audio'"),
         (dict(workspace_mb=0), "option '--workspace' must be an integer >= 1, got 0"),
         (dict(precision="int4"), "unknown precision 'int4'"),

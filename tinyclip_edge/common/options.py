@@ -121,6 +121,11 @@ class EngineOptions:
                 f"{profile} max {hi} is above the limit of {ENGINE_MAX_BATCH}; engines for edge devices use "
                 f"batches of a few dozen at most (e.g. {profile} 1,8,32)"
             )
+        if self.calib_cache is not None and self.calib is None:
+            raise UserError(
+                f"{name('calib_cache')} is the cache of an int8 calibration, which only {name('calib')} starts; "
+                f"drop {name('calib_cache')} or add {name('calib')} DATA"
+            )
 
     @property
     def profile(self) -> tuple[int, int, int]:

@@ -254,13 +254,14 @@ class EnginesCfg(EngineOptions):
     precisions: list[EnginePrecision] | None = None  # which exported bundles get engines; default all but int8-dynamic
 
     def validate_fields(self, path: str) -> None:
+        for key in ("calib", "calib_cache"):  # before EngineOptions' rules, which would ask for a calib
+            if getattr(self, key) is not None:
+                raise UserError(
+                    f"{_at(path, key)}: the pipeline builds each engine in its bundle's own precision, which needs "
+                    "no calibration; remove it (implicit int8 from an fp32 bundle: tinyclip-edge export BUNDLE "
+                    "--format engine --precision int8 --calib DATA)"
+                )
         super().validate_fields(path)
-        if self.calib is not None:
-            raise UserError(
-                f"{_at(path, 'calib')}: the pipeline builds each engine in its bundle's own precision, which needs "
-                "no calibration; remove it (implicit int8 from an fp32 bundle: tinyclip-edge export BUNDLE "
-                "--format engine --precision int8 --calib DATA)"
-            )
 
 
 @dataclass
