@@ -145,7 +145,7 @@ def quickstart(overrides: tuple[str, ...], run_dir: str, resume: bool) -> None:
 @click.command("run")
 @_run_options
 def run_cmd(**opts: Any) -> None:
-    """Run RECIPE end to end: compress, then export / parity / bench when the recipe has those sections."""
+    """Run RECIPE end to end: compress, then export / parity / engines / bench when the recipe has those sections."""
     from .pipeline import run_recipe
 
     with _recipe_to_run(opts) as (rec, resume):
