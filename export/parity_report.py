@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..common.errors import UserError
-from ..common.formats.base import VersionedFile, in_file
+from ..common.formats.base import Count, VersionedFile, in_file
 from ..common.formats.bundle import PARITY_NAME, is_bundle, record_in_bundle
 from ..common.io import atomic_write_text, prepare_out_dir, read_json
 from ..common.options import AGREEMENT_MARGIN, PARITY_TOLERANCES
@@ -33,7 +33,6 @@ PARITY_FORMAT, PARITY_VERSION = "tinyclip-edge/parity", 2  # 2: + host
 Fraction = Annotated[float, Range(0.0, 1.0)]
 Points = Annotated[float, Range(-100.0, 100.0)]
 NonNegative = Annotated[float, Range(0.0, None)]
-Count = Annotated[int, Range(0, None)]
 
 
 @dataclass
