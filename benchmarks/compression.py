@@ -137,10 +137,7 @@ def one_run(name: str, plan: Any, seed: int, args: argparse.Namespace, work: Pat
             "eval": {"data": args.val},
         }
     )
-    if (rd / "run.json").is_file():
-        res = run_compress(recipe, resume=True).report
-    else:
-        res = run_compress(recipe).report
+    res = run_compress(recipe, resume=(rd / "run.json").is_file()).report
     student = res["students"][-1]
     return {
         "seed": seed,

@@ -116,12 +116,12 @@ def check_buildable(options: EngineOptions, bundle_precisions: list[str]) -> Non
             raise UserError(f"engines: for the {precision} bundles: {e}") from None
 
 
-def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions) -> list[dict] | None:
+def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions, manifest: BundleManifest) -> list[dict] | None:
     """The sidecars of the bundle's engines when both towers have one in the bundle's precision, built with
     ``options``' profile, workspace and DLA core by the TensorRT loaded here (so a resumed run skips them);
-    else None. Each engine is checked against its recorded digest."""
+    else None. `manifest`: the bundle's, read (and verified) by the caller; each engine is checked against its
+    recorded digest."""
     bundle = Path(bundle_dir)
-    manifest = BundleManifest.read(bundle)
     lib = load_tensorrt()
     sidecars = []
     for tower in TOWERS:
@@ -131,11 +131,11 @@ def engines_up_to_date(bundle_dir: str | Path, options: EngineOptions) -> list[d
         found = EngineSidecar.read(bundle / entry.file)
         if found is None:
             return None
-        sidecar, flags = found.to_dict(), found.flags
-        built = (sidecar["profile"], flags.get("workspace_mb"), flags.get("dla_core"))  # flags: free-form
-        if built != (dict(zip(("min", "opt", "max"), options.profile)), options.workspace_mb, options.dla_core):
+        p, flags = found.profile, found.flags  # flags: free-form
+        built = ((p.min, p.opt, p.max), flags.get("workspace_mb"), flags.get("dla_core"))
+        if built != (options.profile, options.workspace_mb, options.dla_core):
             return None
-        sidecars.append(sidecar)
+        sidecars.append(found.to_dict())
     return sidecars
 
 

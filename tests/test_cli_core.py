@@ -218,16 +218,19 @@ def test_run_builds_engines_of_the_exports_and_keeps_them_on_resume(tmp_path, te
     assert r.exit_code == 0 and "engines stage-2-fp32" not in r.output, r.output
     assert (bundle / "image.engine").stat().st_mtime_ns == mtime
     # what resume asks (positive controls: another profile, workspace or DLA core, or a damaged engine, rebuild)
+    from tinyclip_edge.common.formats.bundle import BundleManifest
     from tinyclip_edge.common.options import EngineOptions
     from tinyclip_edge.export.tensorrt import engines_up_to_date
 
-    assert [e["tower"] for e in engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]))] == ["image", "text"]
+    manifest = BundleManifest.read(bundle)
+    kept = engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]), manifest)
+    assert [e["tower"] for e in kept] == ["image", "text"]
     for changed in ({"batch_profile": [1, 1, 2]}, {"workspace_mb": 64}, {"dla_core": 0}):
-        assert engines_up_to_date(bundle, EngineOptions(**{"batch_profile": [1, 2, 4], **changed})) is None
+        assert engines_up_to_date(bundle, EngineOptions(**{"batch_profile": [1, 2, 4], **changed}), manifest) is None
     data = (bundle / "text.engine").read_bytes()
-    (bundle / "text.engine").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    (bundle / "text.engine").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # after the manifest was read
     with pytest.raises(UserError, match="text.engine"):  # a damaged engine is an error, never kept
-        engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]))
+        engines_up_to_date(bundle, EngineOptions(batch_profile=[1, 2, 4]), manifest)
 
 
 def test_run_refuses_engines_this_tensorrt_cannot_build_before_compressing(tmp_path, teacher_dir):

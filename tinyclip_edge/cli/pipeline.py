@@ -149,15 +149,18 @@ def _bundles_of(result: PipelineResult, precisions: list[str]) -> dict[str, Path
 
 def engines(recipe: Recipe, result: PipelineResult) -> None:
     """TensorRT engines for the exported bundles, each in its bundle's precision (the `engines:` section)."""
+    from ..common.formats.bundle import BundleManifest
     from ..export.tensorrt import build_engines, engines_up_to_date
 
     cfg = recipe.engines
     rows = []
     for key, bundle in _bundles_of(result, _engine_precisions(recipe)).items():
-        entries = engines_up_to_date(bundle, cfg)
+        manifest = BundleManifest.read(bundle)  # once for both: the check and the build
+        entries = engines_up_to_date(bundle, cfg, manifest)
         if entries is None:
             click.echo(f"engines {key}", err=True)
-            entries = build_engines(bundle, cfg, verbose=False)  # the section IS an EngineOptions (plus precisions)
+            # the section IS an EngineOptions (plus precisions, which build_engines ignores)
+            entries = build_engines(bundle, cfg, manifest=manifest, verbose=False)
         rows += [_engine_row(key, e) for e in entries]
     _add_to_report(
         result.run.run_dir,

@@ -133,8 +133,8 @@ class EngineOptions:
         return lo, opt, hi
 
 
-# How the CLI names an engine option where the flag is not the field's name.
-ENGINE_FLAGS = {"batch_profile": "--batch-profile", "workspace_mb": "--workspace", "dla_core": "--dla"}
+# How the CLI names an engine option where the flag is not the field's name (cli_name spells the others).
+ENGINE_FLAGS = {"workspace_mb": "--workspace", "dla_core": "--dla"}
 
 
 def engine_flag_name(key: str) -> str:

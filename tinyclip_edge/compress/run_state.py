@@ -30,15 +30,15 @@ log = logging.getLogger("tinyclip_edge")
 
 
 class RunState:
-    """``run.json`` of one run directory: read and checked on creation (``started``: it saved work; ``resume``:
-    this command continues it), then ``settle`` adopts it (the same recipe) or starts a fresh one."""
+    """``run.json`` of one run directory: read and checked on creation (``started``: it saved work, which this
+    command may only continue), then ``settle`` adopts it (the same recipe) or starts a fresh one."""
 
     def __init__(self, run_dir: Path, resume: bool):
         self.dir = Path(run_dir)
         self.layout = RunLayout(self.dir)
         self.old = self._old_state(resume)
         self.started = self._saved_work(self.old)
-        self.resume = self._resuming(self.started, resume)
+        self._check_resuming(self.started, resume)
         self.data: dict[str, Any] = {}
 
     def settle(self, recipe: Recipe, new_lr: bool, entries: list[str]) -> None:
@@ -81,9 +81,9 @@ class RunState:
             )
         return old
 
-    def _resuming(self, started: bool, resume: bool) -> bool:
-        """Whether this run continues the saved one: asked for, or a torchrun restart; a run started without
-        --resume where saved work exists is refused."""
+    def _check_resuming(self, started: bool, resume: bool) -> None:
+        """A run that saved work is continued only when asked (--resume) or by a torchrun restart; a run
+        started without --resume where saved work exists is refused."""
         if started and not resume and dist.elastic_restart():
             if dist.is_main():
                 log.warning(
@@ -96,7 +96,6 @@ class RunState:
             raise UserError(
                 f"{self.dir} already holds a run; continue it with --resume {self.dir} or pick another run_dir=..."
             )
-        return resume
 
     def _fresh_state(self, old: dict[str, Any] | None, entries: list[str]) -> dict[str, Any]:
         """The state of a run that starts (again) from nothing; refuses a directory holding what others wrote."""

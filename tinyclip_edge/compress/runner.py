@@ -163,11 +163,15 @@ class Run:
         self.data = RunData(recipe, self.device, self.dir)
         self.data.check_shard_split()  # before anything is written: a refused split leaves the directory as it was
         self.record.settle(recipe, new_lr, entries)
-        self.state = self.record.data  # the record's dict, updated in place and saved by _save_state
         self.record.choose_threads(recipe.cpu_threads, self.device.type)
         baselines = [f"scratch-{st.name}" for st in recipe.stages] if recipe.baselines.scratch else []
         dist.barrier()  # every rank has checked the directory before rank 0 writes into it
         dist.run_on_main(lambda: self.record.write(recipe, [*entries, *baselines]))
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """run.json's contents (the record's, updated in place and saved by _save_state)."""
+        return self.record.data
 
     def _save_state(self) -> None:
         self.record.save()

@@ -17,7 +17,6 @@ from ..integrity import inside, verify_sha256
 from ..io import atomic_write_json, read_json
 from ..typed import Range
 from ..vocab import TOWERS, EnginePrecision, ExportPrecision
-from . import clip_bundle
 from .base import (
     MAX_CONTEXT,
     MAX_IMAGE_SIZE,
@@ -293,6 +292,8 @@ def is_bundle(path: str | os.PathLike) -> bool:
 
 def write_reader(bundle_dir: str | os.PathLike) -> Path:
     """Copy the standalone reader into `bundle_dir` (a bundle being written in a temporary directory)."""
+    from . import clip_bundle  # only the exporter needs its source; readers of the format need not load it
+
     target = Path(bundle_dir) / clip_bundle.READER_NAME
     shutil.copyfile(Path(clip_bundle.__file__), target)
     return target
